@@ -1,0 +1,124 @@
+"""CLI: `featx extract`, `featx info`, `featx layers`."""
+from __future__ import annotations
+
+import click
+
+from ..pooling import POOLINGS, TOKEN_POOLINGS
+from ..runtime import DEVICE_CHOICES, PRECISIONS
+from .common import echo_json
+
+
+@click.command("extract")
+@click.argument("data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Store to create or extend (.h5).")
+@click.option("-b", "--backbone", default="resnet50", show_default=True, help="torchvision model name (featx layers --list).")
+@click.option("-w", "--weights", default="DEFAULT", show_default=True,
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a local .pth file, or 'none' (random init).")
+@click.option("-l", "--layer", "taps", multiple=True, help="Tap (graph node) to store; repeat for several. Default: the penultimate layer.")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True, help="How 4-D feature maps become rows.")
+@click.option("--token-pool", type=click.Choice(TOKEN_POOLINGS), default="cls", show_default=True, help="Transformer token outputs: class token or mean of tokens.")
+@click.option("--image-size", type=click.IntRange(min=8), help="Center-crop size (default: the weights' preset).")
+@click.option("--resize", type=click.IntRange(min=8), help="Shorter-side resize before the crop (default: keeps the preset's ratio).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype of the rows.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Undecodable images: record in /failed and go on, or stop.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with another config (the old one stays until the new one is sealed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extract_cmd(data, output, backbone, weights, taps, pooling, token_pool, image_size, resize, batch_size, workers,
+                device, precision, dtype, on_error, overwrite, as_json, quiet):
+    """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
+
+    DATA is an ImageFolder (root/<class>/<img>, optionally root/{train,val,test}/<class>/<img>), a CSV of
+    path,label, a text list of image paths, or 'digits' (scikit-learn's bundled digits, offline).
+    """
+    from ..extract import extract
+
+    result = extract(
+        data, output, backbone=backbone, weights=weights, taps=list(taps) or None, pooling=pooling,
+        token_pool=token_pool, image_size=image_size, resize=resize, batch_size=batch_size, workers=workers,
+        device=device, precision=precision, dtype=dtype, on_error=on_error, overwrite=overwrite,
+        progress=not quiet and not as_json, log=lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        echo_json({
+            "store": str(result.store_path), "items": result.n_items, "computed": result.n_computed,
+            "reused": result.n_reused, "failed": result.n_failed, "seconds": round(result.seconds, 3),
+            "images_per_second": round(result.images_per_second, 2), "bytes": result.store_bytes,
+            "failures": [{"path": p, "reason": r} for p, r in result.failed],
+        })
+        return
+    for path, reason in result.failed[:10]:
+        click.echo(f"failed: {path}: {reason}", err=True)
+    if len(result.failed) > 10:
+        click.echo(f"... and {len(result.failed) - 10} more (featx info {result.store_path} --failed)", err=True)
+    click.echo(result.summary())
+
+
+@click.command("info")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--failed", "show_failed", is_flag=True, help="List every file that could not be decoded.")
+def info_cmd(store, as_json, show_failed):
+    """Show what is inside STORE and how it was made."""
+    from ..store import open_store
+
+    with open_store(store) as st:
+        summary = st.summary()
+        failed = st.failed
+    if as_json:
+        summary["failures"] = [{"path": p, "reason": r} for p, r in failed]
+        echo_json(summary)
+        return
+    cfg = summary["config"]
+    transform = cfg.get("transform", {})
+    click.echo(f"store      {summary['path']}  ({summary['bytes'] / 1e6:.1f} MB, schema {summary['schema']}, featx {summary['featx_version']}, created {summary['created']})")
+    click.echo(f"backbone   {cfg.get('backbone')}  weights {cfg.get('weights')}  sha256 {str(cfg.get('weights_sha256'))[:16]}")
+    click.echo(f"transform  resize {transform.get('resize')} crop {transform.get('crop')} {transform.get('interpolation')}  "
+               f"pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
+    click.echo(f"items      {summary['items']} ({summary['task']}), failed {summary['failed']}")
+    click.echo("splits     " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
+    if summary["classes"]:
+        click.echo("classes    " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
+    for tap, meta in summary["taps"].items():
+        click.echo(f"tap        {tap}  {tuple(meta['shape'])}  {meta['dtype']}")
+    if show_failed:
+        for path, reason in failed:
+            click.echo(f"failed     {path}: {reason}")
+
+
+@click.command("layers")
+@click.argument("backbone", required=False)
+@click.option("--list", "list_models", is_flag=True, help="List every backbone name.")
+@click.option("--all", "include_all", is_flag=True, help="Every graph node, not only the usual taps.")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
+@click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True)
+@click.option("-n", "--images", type=click.IntRange(min=1), help="Estimate the store size for this many images.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def layers_cmd(backbone, list_models, include_all, image_size, pooling, images, dtype, as_json):
+    """Show the taps of BACKBONE with output shapes and bytes per image after pooling."""
+    from ..backbones import check_backbone, list_backbones, load_backbone
+    from ..errors import FeatxError
+    from ..layers import describe_layers, format_layers_table
+
+    if list_models:
+        names = list_backbones()
+        echo_json(names) if as_json else click.echo("\n".join(names))
+        return
+    if not backbone:
+        raise FeatxError("featx layers: give a BACKBONE name, or --list to see them all")
+    check_backbone(backbone)
+    model = load_backbone(backbone, "none").model
+    infos = describe_layers(model, image_size=image_size, pooling=pooling, include_all=include_all)
+    if as_json:
+        echo_json([{"name": i.name, "shape": list(i.shape), "pooled_dim": i.pooled_dim,
+                    "bytes_per_image": i.bytes_per_image, "usual": i.usual} for i in infos])
+        return
+    click.echo(format_layers_table(infos, n_images=images, dtype=dtype))
+
+
+COMMANDS = [extract_cmd, info_cmd, layers_cmd]

@@ -1,0 +1,243 @@
+"""Crash-safe, incremental writing of one store.
+
+HDF5 files are not crash-safe while open for writing, so the final store is never open for writing during a run:
+
+* ``<store>.parts/`` holds this run's work. The folder is also the lock: one writer at a time (``flock``, which
+  the kernel drops when a process dies, even under ``kill -9``).
+* Each computed batch becomes a small segment file written as ``*.tmp`` and renamed into place when complete, so a
+  kill loses at most the batch in flight, and the next run finds every committed segment.
+* Sealing writes the new store inside the parts folder and renames it over the final path (atomic), then removes
+  the parts folder. A kill at any instant leaves either the old store or the new one, both complete.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import FeatxError
+from .store import KEY_DTYPE, create_features, create_items, open_store, publish, read_rows, set_root_attrs
+
+SEGMENT_GLOB = "seg-*.h5"
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Where the features of one content key already are: a file (the old store or a segment) and a row."""
+
+    file: Path
+    row: int
+
+
+@dataclass
+class SealPlan:
+    """Everything the sealed store holds besides features, in output row order."""
+
+    keys: list[str]
+    paths: list[str]
+    splits: list[str]
+    classes: list[str]
+    labels: np.ndarray | None
+    targets: np.ndarray | None
+    failed: list[tuple[str, str]]
+
+
+def describe_config(config: dict) -> str:
+    """A short one-line identity of a config for error messages."""
+    fields = ("backbone", "weights", "taps", "pooling", "token_pool", "transform", "precision", "dtype")
+    parts = []
+    for name in fields:
+        value = config.get(name)
+        if isinstance(value, dict):
+            value = "{}x{}".format(value.get("resize"), value.get("crop"))
+        elif isinstance(value, list):
+            value = ",".join(map(str, value))
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+class StoreWriter:
+    """Lock a store path, collect committed segments, and seal them with the old store into a new one."""
+
+    def __init__(self, output: Path, config: dict, config_key: str, overwrite: bool = False):
+        self.output = Path(output)
+        self.parts = self.output.with_name(self.output.name + ".parts")
+        self.config = config
+        self.config_key = config_key
+        self.overwrite = overwrite
+        self._lock_fd: int | None = None
+        self._counter = 0
+        self.available: dict[str, RowSource] = {}
+        self.old_store_matches = False
+
+    # -- lock ----------------------------------------------------------------------------------------------------
+    def __enter__(self) -> "StoreWriter":
+        self._acquire_lock()
+        try:
+            self._load_existing()
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        for _ in range(20):
+            self.parts.mkdir(exist_ok=True)
+            fd = os.open(self.parts, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FeatxError(
+                    f"{self.output} is being written by another featx process (lock {self.parts}): wait for it to finish"
+                ) from None
+            try:
+                same_folder = os.stat(self.parts).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_folder = False
+            if same_folder:
+                self._lock_fd = fd
+                return
+            os.close(fd)  # another run sealed and removed the folder between mkdir and flock: take the new one
+        raise FeatxError(f"could not lock {self.parts}: it keeps being removed by another process")
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- what is already computed ---------------------------------------------------------------------------------
+    def _load_existing(self) -> None:
+        for stale in self.parts.glob("*.tmp"):
+            stale.unlink()
+        segments = sorted(self.parts.glob(SEGMENT_GLOB))
+        if self.overwrite:
+            for seg in segments:
+                seg.unlink()
+            return
+        if self.output.exists():
+            self._index_old_store()
+        for seg in segments:
+            self._index_segment(seg)
+
+    def _index_old_store(self) -> None:
+        with open_store(self.output) as old:
+            if old.config_key != self.config_key:
+                raise FeatxError(
+                    f"{self.output} was made with another config ({describe_config(old.config)}); this run asks for "
+                    f"({describe_config(self.config)}): choose another -o, or pass --overwrite to replace it"
+                )
+            for row, key in enumerate(old.keys):
+                self.available.setdefault(key, RowSource(self.output, row))
+        self.old_store_matches = True
+
+    def _index_segment(self, seg: Path) -> None:
+        try:
+            with h5py.File(seg, "r", locking=False) as h5:
+                seg_key = str(h5.attrs.get("config_key", ""))
+                keys = [k.decode("ascii") for k in h5["key"][...]]
+        except (OSError, KeyError) as err:  # renamed into place only when complete, so this is outside damage
+            raise FeatxError(f"{seg}: unreadable segment of an unfinished run ({err}); delete it to recompute its rows") from err
+        if seg_key != self.config_key:
+            raise FeatxError(
+                f"{self.parts} holds an unfinished run with another config; rerun it with the same options to "
+                f"finish it, or pass --overwrite to discard it"
+            )
+        for row, key in enumerate(keys):
+            self.available.setdefault(key, RowSource(seg, row))
+
+    # -- committing ----------------------------------------------------------------------------------------------
+    def commit(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
+        """Write one batch of computed rows as a segment, atomically; after this returns a kill loses nothing of it."""
+        if not keys:
+            return
+        self._counter += 1
+        name = f"seg-{time.time_ns():020d}-{os.getpid()}-{self._counter:06d}"
+        tmp = self.parts / f"{name}.tmp"
+        final = self.parts / f"{name}.h5"
+        with h5py.File(tmp, "w", locking=False) as h5:
+            h5.attrs["config_key"] = self.config_key
+            h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
+            for tap, arr in features.items():
+                h5.create_dataset(tap, data=arr)
+        publish(tmp, final)
+        for row, key in enumerate(keys):
+            self.available.setdefault(key, RowSource(final, row))
+
+    # -- sealing -------------------------------------------------------------------------------------------------
+    def is_unchanged(self, plan: SealPlan) -> bool:
+        """True when the old store already holds exactly this plan and nothing new was committed."""
+        if not self.old_store_matches or any(self.parts.glob(SEGMENT_GLOB)):
+            return False
+        with open_store(self.output) as old:
+            same_labels = (
+                np.array_equal(old.targets, plan.targets)
+                if plan.targets is not None
+                else old.targets is None and np.array_equal(old.labels, plan.labels)
+            )
+            return (
+                same_labels
+                and list(old.keys) == plan.keys
+                and list(old.paths) == plan.paths
+                and list(old.splits) == plan.splits
+                and old.classes == plan.classes
+                and [tuple(f) for f in old.failed] == plan.failed
+            )
+
+    def seal(self, plan: SealPlan, taps: list[str]) -> None:
+        """Write the final store from the old store and the segments, rename it into place, drop the parts."""
+        sources: dict[Path, list[tuple[int, int]]] = {}
+        for dest, key in enumerate(plan.keys):
+            loc = self.available[key]
+            sources.setdefault(loc.file, []).append((loc.row, dest))
+        tmp = self.parts / "sealing.tmp"
+        with h5py.File(tmp, "w", locking=False) as h5:
+            set_root_attrs(h5, self.config, self.config_key)
+            create_items(
+                h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
+                targets=plan.targets, classes=plan.classes, failed=plan.failed,
+            )
+            self._copy_features(h5, sources, taps, len(plan.keys))
+        publish(tmp, self.output)
+        self._remove_parts()
+
+    def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
+        for tap in taps:
+            out = None
+            for file, pairs in sources.items():
+                with h5py.File(file, "r", locking=False) as src_h5:
+                    src = src_h5["features"][tap] if file == self.output else src_h5[tap]
+                    if out is None:
+                        out = create_features(h5, tap, (n_rows, *src.shape[1:]), src.dtype)
+                    copy_rows(src, out, np.asarray(pairs, dtype=np.int64))
+            if out is None:
+                create_features(h5, tap, (0, 0), np.float32)
+
+    def _remove_parts(self) -> None:
+        for child in self.parts.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        self.parts.rmdir()
+
+
+def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk: int = 4096) -> None:
+    """Copy src rows to out rows given (src_row, dest_row) pairs, in bounded-memory chunks of contiguous writes."""
+    pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        values = read_rows(src, part[:, 0])
+        dest = part[:, 1]
+        breaks = np.flatnonzero(np.diff(dest) != 1) + 1
+        for run in np.split(np.arange(len(dest)), breaks):
+            out[dest[run[0]] : dest[run[-1]] + 1] = values[run]
