@@ -1,0 +1,106 @@
+"""Extraction throughput on real JPEGs: featx extract vs the documents' loop vs the model's pure forward.
+
+Prints, measured side by side in one run:
+  a/b  featx extract end to end (decode, resize, forward, pool, crash-safe store)  /  the loop the source documents
+       write (PIL + transforms.Resize + ToTensor, fp32, batch 16, no workers, model called on each batch)
+  a/c  featx end to end  /  the model's pure forward on pre-made tensors at featx's precision (upper bound)
+  rerun/first  an unchanged rerun of `featx extract` on the same output  /  the first run
+Targets on a 2-core CPU: a/b >= 2.5, a/c >= 0.8, rerun <= 0.05.
+
+    python benchmarks/extract_throughput.py [--data ../shared/data/dogs_vs_cats] [--limit 400]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+import featx
+from featx.runtime import resolve_runtime
+from featx.sources import load_source
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dogs_vs_cats"
+
+
+def subset_list(data: Path, limit: int | None, folder: Path) -> Path:
+    """A text list of the dataset's images (all, or the first `limit` in source order)."""
+    items = load_source(str(data)).items[:limit]
+    listing = folder / "images.txt"
+    listing.write_text("\n".join(item.path for item in items))
+    return listing
+
+
+def documents_loop(paths: list[str], batch_size: int = 16) -> float:
+    """The source documents' feature loop; returns images per second."""
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.eval()
+    tf = transforms.Compose([
+        transforms.Resize((224, 224)), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    start = time.perf_counter()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(paths), batch_size):
+            batch = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
+            feats.append(model(batch))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def pure_forward(n_images: int, batch_size: int) -> float:
+    """The model alone on pre-made tensors at featx's precision and memory format; images per second."""
+    runtime = resolve_runtime("auto", "auto")
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model = model.eval().to(runtime.device)
+    x = torch.randn(batch_size, 3, 224, 224, device=runtime.device)
+    if runtime.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), runtime.autocast():
+        model(x)
+        start = time.perf_counter()
+        done = 0
+        while done < n_images:
+            model(x)
+            done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = subset_list(args.data, args.limit, Path(tmp))
+        paths = listing.read_text().splitlines()
+        out = Path(tmp) / "bench.h5"
+        opts = dict(backbone="resnet18", weights="none", taps=["avgpool"], batch_size=args.batch_size)
+        first = featx.extract(str(listing), out, **opts)
+        rerun = featx.extract(str(listing), out, **opts)
+        a = first.n_items / first.seconds
+        b = documents_loop(paths)
+        c = pure_forward(len(paths), args.batch_size)
+
+    print(f"data: {args.data} ({len(paths)} JPEGs), resnet18, 224 px, -w none, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, featx precision {first.config['precision']}")
+    print(f"(a) featx extract end to end : {a:7.1f} img/s  ({first.seconds:.2f} s, forward-only phase {first.images_per_second:.1f} img/s)")
+    print(f"(b) documents' loop (fp32)    : {b:7.1f} img/s")
+    print(f"(c) pure forward, featx prec. : {c:7.1f} img/s")
+    print(f"a/b = {a / b:.2f}   (target >= 2.5)")
+    print(f"a/c = {a / c:.2f}   (target >= 0.8)")
+    print(f"rerun/first = {rerun.seconds:.3f} s / {first.seconds:.2f} s = {rerun.seconds / first.seconds:.3f}   (target <= 0.05)")
+
+
+if __name__ == "__main__":
+    main()

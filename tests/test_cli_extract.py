@@ -1,0 +1,96 @@
+"""`featx extract`, `info` and `layers` through click's runner: output, JSON, exit codes and one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from imagegen import make_image_folder
+
+FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=3)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_extract_info_round_trip(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    res = run("extract", folder, "-o", out, "-l", "layer1", "-l", "avgpool", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "6 images" in res.output and "6 computed" in res.output and "img/s" in res.output
+    res = run("info", out, "--json")
+    info = json.loads(res.output)
+    assert info["items"] == 6 and info["classes"] == {"ants": 3, "bees": 3}
+    assert info["taps"]["avgpool"]["shape"] == [512]
+    text = run("info", out).output
+    assert "resnet18" in text and "layer1" in text
+
+
+def test_extract_json_and_rerun(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    first = json.loads(run("extract", folder, "-o", out, "--json", *FAST).output)
+    second = json.loads(run("extract", folder, "-o", out, "--json", *FAST).output)
+    assert (first["computed"], second["computed"], second["reused"]) == (6, 0, 6)
+
+
+def test_layers_table_and_list():
+    res = run("layers", "resnet18", "--image-size", "64", "-n", "1000")
+    assert res.exit_code == 0, res.output
+    assert "layer4" in res.output and "penultimate" in res.output
+    names = run("layers", "--list").output.split()
+    assert "resnet50" in names and "vit_b_16" in names
+
+
+def _error_line(res):
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("featx: error:"), res.output
+    return lines[0]
+
+
+def test_bad_input_one_line_exit_2(folder, tmp_path, monkeypatch):
+    out = tmp_path / "s.h5"
+    assert "nope" in _error_line(run("extract", tmp_path / "nope", "-o", out, *FAST))
+    (tmp_path / "empty").mkdir()
+    assert "empty" in _error_line(run("extract", tmp_path / "empty", "-o", out, *FAST))
+    assert "resnet50" in _error_line(run("extract", folder, "-o", out, *FAST, "-b", "resnet5"))
+    assert "layer1" in _error_line(run("extract", folder, "-o", out, *FAST, "-l", "layer9"))
+    monkeypatch.setenv("FEATX_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    line = _error_line(run("extract", folder, "-o", out, *FAST, "-w", "IMAGENET1K_V1"))
+    assert ".pth" in line and "-w" in line
+
+
+def test_existing_store_with_other_config_keeps_rows(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    run("extract", folder, "-o", out, *FAST)
+    before = out.read_bytes()
+    line = _error_line(run("extract", folder, "-o", out, *FAST, "--pooling", "max"))
+    assert "--overwrite" in line and "pooling=avg" in line and "pooling=max" in line
+    assert out.read_bytes() == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder(folder, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "not writable" in _error_line(run("extract", folder, "-o", locked / "s.h5", *FAST))
+
+
+def test_output_is_a_folder(folder, tmp_path):
+    assert "folder" in _error_line(run("extract", folder, "-o", tmp_path, *FAST))
+
+
+def test_info_on_garbage(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(os.urandom(2000))
+    assert "bad.h5" in _error_line(run("info", bad))

@@ -1,0 +1,189 @@
+"""The extraction engine: correctness against a hand-written forward pass, cache semantics, failures, options."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from featx.errors import FeatxError
+from featx.extract import extract, extract_options_from_config
+from featx.store import open_store
+from imagegen import make_image, make_image_folder
+
+FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=3, splits={"train": 3, "val": 2})
+
+
+def test_extract_writes_schema_rows(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    result = extract(folder, out, taps=["layer2", "avgpool"], **FAST)
+    assert (result.n_items, result.n_computed, result.n_failed, result.sealed) == (10, 10, 0, True)
+    with open_store(out) as st:
+        assert st.classes == ["ants", "bees"]
+        assert sorted(st.taps) == ["avgpool", "layer2"]
+        assert st.features("avgpool").shape == (10, 512) and st.features("layer2").shape == (10, 128)
+        assert list(st.splits).count("val") == 4
+        assert st.labels.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+        assert st.paths[0] == "train/ants/ants_000.png"
+        assert st.config["weights"] == "none" and st.config["transform"]["crop"] == 32
+        assert st.config["precision"] in ("bf16", "fp32")
+
+
+def _reference_rows(paths, tap, pooling_fn):
+    """What the documents' loop computes: torchvision transforms, fp32, the model called on the batch."""
+    torch.manual_seed(0)  # the same seeded init featx uses for -w none
+    model = torchvision.models.resnet18().eval()
+    tf = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(37), torchvision.transforms.CenterCrop(32), torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    body = torchvision.models.feature_extraction.create_feature_extractor(model, {tap: tap})
+    with torch.no_grad():
+        return pooling_fn(body(x)[tap]).numpy()
+
+
+@pytest.mark.parametrize("pooling, fn", [("avg", lambda t: t.mean((2, 3))), ("max", lambda t: t.amax((2, 3)))])
+def test_rows_match_hand_written_forward(folder, tmp_path, pooling, fn):
+    out = tmp_path / "s.h5"
+    extract(folder, out, taps=["layer3"], pooling=pooling, precision="fp32", **FAST)
+    with open_store(out) as st:
+        paths = [folder / p for p in st.paths]
+        got = st.features("layer3")
+    np.testing.assert_allclose(got, _reference_rows(paths, "layer3", fn), rtol=1e-3, atol=1e-4)
+
+
+def test_pooling_shapes(folder, tmp_path):
+    shapes = {}
+    for pooling in ("avgmax", "gem", "flatten", "none"):
+        out = tmp_path / f"{pooling}.h5"
+        extract(folder, out, taps=["layer4"], pooling=pooling, **FAST)
+        with open_store(out) as st:
+            shapes[pooling] = st.features("layer4").shape[1:]
+    assert shapes == {"avgmax": (1024,), "gem": (512,), "flatten": (512,), "none": (512, 1, 1)}
+
+
+def test_rerun_computes_only_new_changed_and_drops_removed(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    extract(folder, out, **FAST)
+    with open_store(out) as st:
+        before = dict(zip(st.paths, st.features("flatten")))
+    again = extract(folder, out, **FAST)
+    assert (again.n_computed, again.n_reused, again.sealed) == (0, 10, False)
+
+    (folder / "train/ants/ants_000.png").rename(folder / "train/ants/renamed.png")
+    (folder / "train/bees/bees_000.png").unlink()
+    make_image(folder / "train/bees/new.png", 1, seed=999, size=(32, 24))
+    make_image(folder / "val/ants/ants_000.png", 0, seed=12345, size=(32, 24))  # same name, new content
+    res = extract(folder, out, **FAST)
+    assert (res.n_items, res.n_computed) == (10, 2)
+    with open_store(out) as st:
+        after = dict(zip(st.paths, st.features("flatten")))
+    assert "train/bees/bees_000.png" not in after
+    np.testing.assert_array_equal(after["train/ants/renamed.png"], before["train/ants/ants_000.png"])
+    assert not np.allclose(after["val/ants/ants_000.png"], before["val/ants/ants_000.png"])
+    assert not (tmp_path / "s.h5.parts").exists()
+
+
+def test_cached_rows_equal_fresh_run(folder, tmp_path):
+    extract(folder, tmp_path / "a.h5", **FAST)
+    shutil.rmtree(folder / "val")
+    extract(folder, tmp_path / "b.h5", **FAST)
+    make_image_folder(tmp_path / "data", per_class=3, splits={"train": 3, "val": 2})
+    extract(folder, tmp_path / "b.h5", **FAST)
+    with open_store(tmp_path / "a.h5") as a, open_store(tmp_path / "b.h5") as b:
+        assert list(a.paths) == list(b.paths)
+        np.testing.assert_array_equal(a.features("flatten"), b.features("flatten"))
+
+
+def test_workers_and_batch_size_do_not_change_rows(folder, tmp_path):
+    extract(folder, tmp_path / "a.h5", **FAST)
+    extract(folder, tmp_path / "b.h5", **{**FAST, "workers": 2, "batch_size": 3})
+    with open_store(tmp_path / "a.h5") as a, open_store(tmp_path / "b.h5") as b:
+        np.testing.assert_allclose(a.features("flatten"), b.features("flatten"), rtol=1e-2, atol=1e-3)
+
+
+def test_broken_files_are_recorded_and_run_goes_on(folder, tmp_path):
+    (folder / "train/ants/empty.jpg").write_bytes(b"")
+    (folder / "train/ants/text.jpg").write_text("not an image")
+    res = extract(folder, tmp_path / "s.h5", **FAST)
+    assert (res.n_items, res.n_failed) == (10, 2)
+    with open_store(tmp_path / "s.h5") as st:
+        failed = dict(st.failed)
+    assert set(failed) == {"train/ants/empty.jpg", "train/ants/text.jpg"}
+    assert "empty" in failed["train/ants/empty.jpg"]
+    with pytest.raises(FeatxError, match="text.jpg|empty.jpg"):
+        extract(folder, tmp_path / "t.h5", on_error="fail", **FAST)
+
+
+def test_fail_stop_keeps_committed_batches(folder, tmp_path):
+    (folder / "val/bees/zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "s.h5"
+    with pytest.raises(FeatxError):
+        extract(folder, out, on_error="fail", **{**FAST, "batch_size": 2})
+    assert list((tmp_path / "s.h5.parts").glob("seg-*.h5"))
+    res = extract(folder, out, **{**FAST, "batch_size": 2})
+    assert res.n_reused >= 8 and res.n_items == 10 and res.n_failed == 1
+
+
+def test_config_mismatch_is_refused_then_overwritten(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    extract(folder, out, **FAST)
+    with pytest.raises(FeatxError, match="another config") as err:
+        extract(folder, out, **{**FAST, "image_size": 40})
+    assert "\n" not in str(err.value) and "32" in str(err.value) and "40" in str(err.value)
+    extract(folder, out, overwrite=True, **{**FAST, "image_size": 40})
+    with open_store(out) as st:
+        assert st.config["transform"]["crop"] == 40
+
+
+def test_float16_storage_and_options_round_trip(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    res = extract(folder, out, dtype="float16", taps=["layer1"], **FAST)
+    with open_store(out) as st:
+        assert st.feature_dtype("layer1") == np.float16 and st.features("layer1").dtype == np.float32
+    opts = extract_options_from_config(res.config)
+    assert opts["image_size"] == 32 and opts["taps"] == ["layer1"] and opts["dtype"] == "float16"
+    again = extract(folder, out, workers=0, batch_size=4, **opts)
+    assert again.n_computed == 0
+
+
+def test_csv_regression_and_unlabelled_list(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    (data / "targets.csv").write_text("path,label\n" + "".join(f"{f},{i * 0.5}\n" for i, f in enumerate(files)))
+    extract(data / "targets.csv", tmp_path / "r.h5", **FAST)
+    with open_store(tmp_path / "r.h5") as st:
+        assert st.targets.tolist() == [i * 0.5 for i in range(6)]
+    (data / "list.txt").write_text("\n".join(files))
+    extract(data / "list.txt", tmp_path / "u.h5", **FAST)
+    with open_store(tmp_path / "u.h5") as st:
+        assert (st.labels == -1).all() and len(st) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(data="missing-folder"), "missing-folder"),
+        (dict(backbone="resnet5"), "resnet50"),
+        (dict(taps=["layer9"]), "layer9"),
+        (dict(pooling="median"), "--pooling"),
+        (dict(batch_size=0), "--batch-size"),
+        (dict(precision="fp8"), "--precision"),
+        (dict(device="tpu"), "--device"),
+    ],
+)
+def test_bad_options_are_one_line_errors(folder, tmp_path, kwargs, match):
+    args = {**FAST, **kwargs}
+    data = args.pop("data", folder)
+    with pytest.raises(FeatxError, match=match) as err:
+        extract(data, tmp_path / "s.h5", **args)
+    assert "\n" not in str(err.value)
