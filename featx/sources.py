@@ -1,0 +1,488 @@
+"""Data sources: find images and their labels, decode them robustly, and key them by content.
+
+`load_source(spec)` turns an ImageFolder tree (optionally split into train/val/test), a CSV of `path,label[,split]`,
+a text list of paths, or the built-in offline `digits` dataset into a `Source`: a root folder, its `Item`s in a
+deterministic order, the class names and the task. `decode_image` opens any file PIL understands and normalises it
+to a fully loaded RGB image, or raises `DecodeError` with a one-line reason. `content_key` is the cache key of a row.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import FeatxError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
+SPLITS = ("train", "val", "test")
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own MAX_IMAGE_PIXELS, applied per call instead of through PIL's global
+DIGITS_SPEC = "digits"
+DIGITS_FOLDER = "digits-v1"
+EXPECTED_SOURCE = "expected a folder, a .csv of path,label, a .txt list of image paths, or 'digits'"
+_SPLIT_ORDER = {name: rank for rank, name in enumerate((*SPLITS, ""))}
+_HASH_BLOCK = 1 << 20
+_WHITE = (255, 255, 255, 255)
+# What PIL raises on bad input (its plugins are not consistent about it); every one of them becomes a DecodeError.
+_PIL_FAILURES = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a source: where it is, and what is known about it."""
+
+    path: str  # absolute file path
+    relpath: str  # path relative to Source.root, '/'-separated (absolute when the file lies outside the root)
+    label: int  # class index, -1 when unlabelled
+    target: float  # regression target, nan when the task is not regression
+    split: str  # 'train' | 'val' | 'test' | '' (no split given)
+
+
+@dataclass
+class Source:
+    """A loaded data source: items sorted by split (train, val, test, none), class, then relpath."""
+
+    root: str
+    items: list[Item]
+    classes: list[str]
+    task: str  # 'classification' | 'regression' | 'unlabelled'
+    description: str
+
+
+class DecodeError(Exception):
+    """An image file that cannot be decoded; str(err) is the one-line reason stored in the store's /failed/reason."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# load_source
+
+
+def load_source(spec) -> Source:
+    """Load a data source: a folder (ImageFolder, split ImageFolder or flat), a .csv, a .txt list, or 'digits'.
+
+    Raises FeatxError (one line) for a missing path, a folder without images, an unsupported file type, or a
+    malformed list.
+    """
+    if spec == DIGITS_SPEC:
+        root = _digits_root()
+        return _load_folder(root, f"built-in digits {root}{os.sep}")
+    display = os.fspath(spec)
+    if not os.path.exists(display):
+        raise FeatxError(f"data source {display} does not exist ({EXPECTED_SOURCE})")
+    if os.path.isdir(display):
+        return _load_folder(display, f"ImageFolder {display.rstrip(os.sep)}{os.sep}")
+    suffix = os.path.splitext(display)[1].lower()
+    if suffix == ".csv":
+        return _load_table(display, "CSV", _read_csv_rows(display))
+    if suffix == ".txt":
+        return _load_table(display, "list", _read_list_rows(display))
+    raise FeatxError(f"data source {display}: unsupported file type {suffix or '(none)'} ({EXPECTED_SOURCE})")
+
+
+def _make_source(root: str, items: list[Item], classes: list[str], task: str, kind: str) -> Source:
+    """A Source with its items in the canonical order and a one-line description."""
+    items = sorted(items, key=lambda it: (_SPLIT_ORDER[it.split], it.label, it.relpath))
+    return Source(root, items, classes, task, f"{kind} ({_summary(items, classes, task)})")
+
+
+def _summary(items: list[Item], classes: list[str], task: str) -> str:
+    """'2 classes, 398 images, splits train 245 / val 153' and the like."""
+    if task == "unlabelled":
+        parts = [f"{len(items)} unlabelled images"]
+    else:
+        parts = ["regression" if task == "regression" else f"{len(classes)} classes", f"{len(items)} images"]
+        unlabelled = sum(1 for it in items if it.label < 0 and math.isnan(it.target))
+        if unlabelled:
+            parts.append(f"{unlabelled} unlabelled")
+    splits = Counter(it.split for it in items if it.split)
+    if splits:
+        parts.append("splits " + " / ".join(f"{name} {splits[name]}" for name in SPLITS if name in splits))
+    return ", ".join(parts)
+
+
+def _relpath(path: str, root: str) -> str:
+    """`path` relative to `root`, '/'-separated; the absolute path when it lies outside the root."""
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        rel = path
+    return rel.replace(os.sep, "/")
+
+
+# ---- folders
+
+
+def _load_folder(folder: str, kind: str) -> Source:
+    """ImageFolder `root/<class>/...`, split layout `root/{train,val,test}/<class>/...`, or a flat folder.
+
+    Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items.
+    """
+    root = os.path.abspath(folder)
+    splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
+    levels = splits or {"": root}
+    found = {split: _scan_level(path, ancestors={os.path.realpath(root)}) for split, path in levels.items()}
+    classes = sorted({name for by_class, _ in found.values() for name in by_class})
+    index = {name: i for i, name in enumerate(classes)}
+    items = []
+    for split, (by_class, loose) in found.items():
+        items += [_item(p, root, -1, split) for p in loose]
+        items += [_item(p, root, index[name], split) for name, paths in by_class.items() for p in paths]
+    if not items:
+        raise FeatxError(
+            f"no images found in {folder}: expected ImageFolder root/<class>/<image> (optionally under "
+            f"root/train, root/val, root/test) or a flat folder of images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind)
+
+
+def _item(path: str, root: str, label: int, split: str) -> Item:
+    """An Item for an image file found under `root`."""
+    return Item(path, _relpath(path, root), label, math.nan, split)
+
+
+def _scan_level(folder: str, ancestors: set[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Images of each class subfolder of `folder` (classes without images left out), and images lying in `folder`."""
+    ancestors = ancestors | {os.path.realpath(folder)}
+    by_class, loose = {}, []
+    for entry in _entries(folder):
+        if entry.is_dir():
+            images = _walk_images(entry.path, set(ancestors))
+            if images:
+                by_class[entry.name] = images
+        elif _is_image_file(entry):
+            loose.append(entry.path)
+    return by_class, loose
+
+
+def _walk_images(folder: str, visited: set[str]) -> list[str]:
+    """Image files under `folder`, recursively, following symlinks but never re-entering a folder already visited."""
+    real = os.path.realpath(folder)
+    if real in visited:
+        return []
+    visited.add(real)
+    images = []
+    for entry in _entries(folder):
+        if entry.is_dir():
+            images += _walk_images(entry.path, visited)
+        elif _is_image_file(entry):
+            images.append(entry.path)
+    return images
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """The non-hidden entries of a folder."""
+    try:
+        with os.scandir(folder) as it:
+            return [entry for entry in it if not entry.name.startswith(".")]
+    except OSError as err:
+        raise FeatxError(f"cannot read folder {folder}: {err.strerror or err}") from None
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    """A regular file (or a link to one) with an image extension, in any letter case."""
+    return os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+
+
+# ---- CSV and text lists
+
+
+class _Row(NamedTuple):
+    """One data row of a CSV or list file, fields stripped."""
+
+    line: int
+    path: str
+    label: str
+    split: str
+
+
+def _read_csv_rows(path: str) -> list[_Row]:
+    """Rows of `path,label[,split]` (header row optional, blank rows skipped)."""
+    rows = []
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        try:
+            for fields in reader:
+                fields = [field.strip() for field in fields]
+                if not any(fields):
+                    continue
+                if not rows and _is_header(fields):
+                    continue
+                rows.append(_csv_row(path, reader.line_num, fields))
+        except csv.Error as err:
+            raise FeatxError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+        except UnicodeDecodeError:
+            raise FeatxError(f"{path} is not a UTF-8 text file: expected rows of path,label[,split]") from None
+    return rows
+
+
+def _is_header(fields: list[str]) -> bool:
+    """Whether the first row names columns: first field 'path', or second field 'label' / 'target'."""
+    first = fields[0].lower()
+    second = fields[1].lower() if len(fields) > 1 else ""
+    return first == "path" or second in ("label", "target")
+
+
+def _csv_row(path: str, line: int, fields: list[str]) -> _Row:
+    """Validate one CSV row: a non-empty path, an optional label, an optional split (train / val / test)."""
+    if len(fields) > 3 or not fields[0]:
+        shown = ",".join(fields)
+        raise FeatxError(f"{path} line {line}: malformed row {shown!r}: expected path,label[,split]")
+    image, label, split = (fields + ["", ""])[:3]
+    if split.lower() not in _SPLIT_ORDER:
+        raise FeatxError(f"{path} line {line}: split {split!r}: expected one of {', '.join(SPLITS)} or empty")
+    return _Row(line, image, label, split.lower())
+
+
+def _read_list_rows(path: str) -> list[_Row]:
+    """One image path per line; blank lines and '#' comments skipped."""
+    with _open_text(path) as f:
+        try:
+            lines = [(number, text.strip()) for number, text in enumerate(f, start=1)]
+        except UnicodeDecodeError:
+            raise FeatxError(f"{path} is not a UTF-8 text file: expected one image path per line") from None
+    return [_Row(number, text, "", "") for number, text in lines if text and not text.startswith("#")]
+
+
+def _open_text(path: str):
+    """Open a UTF-8 text file (a BOM is skipped), with a FeatxError when it cannot be read."""
+    try:
+        return open(path, newline="", encoding="utf-8-sig")
+    except OSError as err:
+        raise FeatxError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _load_table(path: str, kind: str, rows: list[_Row]) -> Source:
+    """A Source from CSV / list rows: paths relative to the file's folder, labels interpreted as a whole."""
+    if not rows:
+        expected = "rows of path,label[,split]" if kind == "CSV" else "one image path per line"
+        raise FeatxError(f"{path} is empty: expected {expected}")
+    root = os.path.dirname(os.path.abspath(path))
+    files = [os.path.normpath(os.path.join(root, row.path)) for row in rows]
+    _check_files_exist(path, rows, files)
+    task, classes, labels, targets = _interpret_labels([row.label for row in rows])
+    items = [
+        Item(file, _relpath(file, root), label, target, row.split)
+        for row, file, label, target in zip(rows, files, labels, targets)
+    ]
+    return _make_source(root, items, classes, task, f"{kind} {path}")
+
+
+def _check_files_exist(path: str, rows: list[_Row], files: list[str]) -> None:
+    """FeatxError naming the first row whose image file is missing (and how many more are)."""
+    missing = [(row, file) for row, file in zip(rows, files) if not os.path.isfile(file)]
+    if missing:
+        row, file = missing[0]
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise FeatxError(f"{path} line {row.line}: image {row.path} not found (looked for {file}){more}")
+
+
+def _interpret_labels(values: list[str]) -> tuple[str, list[str], list[int], list[float]]:
+    """(task, classes, label per row, target per row) from the raw label fields; empty fields are unlabelled rows.
+
+    All integers -> classification with classes sorted numerically; else all numbers -> regression; else strings
+    -> classification with classes sorted; no label at all -> unlabelled.
+    """
+    given = [v for v in values if v]
+    if not given:
+        return "unlabelled", [], [-1] * len(values), [math.nan] * len(values)
+    if _all_parse(given, int):
+        canonical, order = (lambda v: str(int(v))), int
+    elif _all_parse(given, float):
+        return "regression", [], [-1] * len(values), [float(v) if v else math.nan for v in values]
+    else:
+        canonical, order = str, None
+    classes = sorted({canonical(v) for v in given}, key=order)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index[canonical(v)] if v else -1 for v in values]
+    return "classification", classes, labels, [math.nan] * len(values)
+
+
+def _all_parse(values: list[str], kind: type) -> bool:
+    """Whether every value parses as `kind` (int or float)."""
+    try:
+        for value in values:
+            kind(value)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- digits
+
+
+def _digits_root() -> str:
+    """The materialized digits dataset folder (split ImageFolder), written on first use."""
+    cache = Path(os.environ.get("FEATX_CACHE") or Path.home() / ".cache" / "featx")
+    final = cache / DIGITS_FOLDER
+    if not final.is_dir():
+        try:
+            _materialize_digits(cache, final)
+        except OSError as err:
+            raise FeatxError(f"cannot write the digits dataset under {cache}: {err} (set FEATX_CACHE)") from None
+    return str(final)
+
+
+def _materialize_digits(cache: Path, final: Path) -> None:
+    """Write scikit-learn's digits as 32x32 grayscale PNGs, {train,val}/<digit>/<index>.png, every 5th image in val.
+
+    Built in a private temporary folder and renamed into place, so a concurrent run or a kill never leaves a partial
+    dataset where `final` is; when another process wins the race its copy is kept.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{DIGITS_FOLDER}.partial-", dir=cache))
+    try:
+        for index, (pixels, digit) in enumerate(zip(digits.images, digits.target)):
+            folder = partial / ("val" if index % 5 == 4 else "train") / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            gray = np.round(pixels * (255 / 16)).astype(np.uint8)
+            Image.fromarray(gray).resize((32, 32), Image.Resampling.NEAREST).save(folder / f"{index}.png")
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# content keys and decoding
+
+
+def content_key(path) -> str:
+    """sha256 hex digest of the file's bytes, read in 1 MiB blocks (OSError when the file cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file into a fully loaded RGB PIL image, whatever its format, mode, orientation or extension.
+
+    `min_size`: when the file is a JPEG, let libjpeg decode at a reduced scale that keeps both sides >= min_size.
+    `max_pixels`: reject images whose header claims more pixels than this, before any pixel is decoded.
+    Raises DecodeError with a one-line reason for files that cannot be read or decoded.
+    """
+    try:
+        fp = open(path, "rb")
+    except OSError as err:
+        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+    with fp:
+        image = _identify(fp, os.fspath(path))
+        _check_pixels(image.size, max_pixels)
+        try:
+            image = _load(image, min_size)
+        except _PIL_FAILURES as err:
+            raise DecodeError(f"truncated or corrupt image data: {_one_line(err)}") from None
+    try:
+        return _to_rgb(image)
+    except _PIL_FAILURES as err:
+        raise DecodeError(f"cannot convert a {image.mode} image to RGB: {_one_line(err)}") from None
+
+
+def _identify(fp: BinaryIO, filename: str) -> ImageFile.ImageFile:
+    """Open the image with the PIL plugin that accepts its first bytes (the extension is ignored).
+
+    This is Image.open's own detection loop minus its check against PIL's global MAX_IMAGE_PIXELS: decode_image
+    applies its own per-call limit instead.
+    """
+    try:
+        prefix = fp.read(16)
+    except OSError as err:
+        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+    if not prefix:
+        raise DecodeError("empty file (0 bytes)")
+    Image.init()
+    header_error = None
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept(prefix) if accept else None
+        if accept and (not accepted or isinstance(accepted, str)):
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, filename)
+        except _PIL_FAILURES as err:
+            if accepted:  # the format's signature matched, so this is a broken file of that format
+                header_error = header_error or f"{fmt} header: {_one_line(err)}"
+    if header_error:
+        raise DecodeError(f"truncated or corrupt image data: {header_error}")
+    raise DecodeError("not a recognised image format")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """The decompression-bomb guard: DecodeError when width * height exceeds `max_pixels`."""
+    width, height = size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image too large: {width} x {height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "(decompression-bomb guard)"
+        )
+
+
+def _load(image: ImageFile.ImageFile, min_size: int | None) -> Image.Image:
+    """Decode the first frame (JPEGs at a reduced scale when `min_size` allows) and apply the EXIF orientation."""
+    image.seek(0)
+    if min_size:
+        image.draft("RGB", (min_size, min_size))  # a no-op for formats other than JPEG
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB image: high bit-depth gray scaled to 8 bits, transparency composited onto white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        gray = np.clip(np.asarray(image), 0, 65535) >> 8
+        image = Image.fromarray(gray.astype(np.uint8))
+    elif image.mode == "F":
+        gray = np.clip(np.nan_to_num(np.asarray(image)), 0, 255)
+        image = Image.fromarray(gray.astype(np.uint8))
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, _WHITE)
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line of text (its type name when it has no message)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hold-out split
+
+
+def stratified_holdout(labels, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask, True = held out: about `fraction` of each class, chosen at random with `seed`.
+
+    Every class with at least 2 items keeps at least one item on each side; a class with one item stays in train.
+    """
+    if not 0 < fraction < 1:
+        raise FeatxError(f"hold-out fraction {fraction!r}: expected a number strictly between 0 and 1")
+    labels = np.asarray(labels)
+    held = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        if len(members) < 2:
+            continue
+        count = min(max(int(round(len(members) * fraction)), 1), len(members) - 1)
+        held[rng.choice(members, size=count, replace=False)] = True
+    return held
