@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,10 +159,9 @@ def _check_output(output: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FeatxError(f"-o {output}: cannot create folder {parent} ({err.strerror})") from err
-    probe = parent / f".featx-write-test-{id(output)}"
-    try:
-        probe.touch()
-        probe.unlink()
+    try:  # a nameless file where the OS allows it (O_TMPFILE), so that a kill here leaves nothing behind
+        with tempfile.TemporaryFile(dir=parent):
+            pass
     except OSError as err:
         raise FeatxError(f"-o {output}: folder {parent} is not writable ({err.strerror})") from err
 
@@ -202,7 +202,8 @@ class _FeatureRunner:
 
 
 def _commit_error(err: OSError, writer: StoreWriter) -> FeatxError:
-    what = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else err.strerror
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file size limit reached"}.get(err.errno, err.strerror or str(err))
     return FeatxError(
         f"cannot write to {writer.parts} ({what}): the batches committed so far are kept; free space and run the "
         f"same command again to resume"

@@ -15,8 +15,10 @@ No pickles: strings are HDF5 string types, the config is JSON text. Any HDF5 rea
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +55,74 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+class _WriteGuard:
+    """The file under an HDF5 file being created, for h5py's file-object driver: the first failed write (no space
+    left, a file size limit) is kept and later writes are dropped.
+
+    libhdf5 cannot close a file whose writes fail: it raises from close, keeps the file open, prints tracebacks and
+    can crash the interpreter at exit. Behind this guard every write succeeds as far as libhdf5 knows, the file
+    closes cleanly, and `create_h5` raises the kept error afterwards.
+    """
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += self._file.write(view[done:])
+            except OSError as err:
+                self.error = err
+        return len(view)
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as err:
+                self.error = err
+        return size
+
+    def read(self, size=-1) -> bytes:
+        return self._file.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self._file.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def create_h5(path: Path):
+    """A new HDF5 file open for writing at `path`. A write that fails (no space left, file size limit) is raised
+    as one OSError once the file is closed, instead of breaking libhdf5 (see _WriteGuard)."""
+    guard = _WriteGuard(path)
+    try:
+        try:
+            with h5py.File(guard, "w", locking=False) as h5:
+                yield h5
+        except Exception:
+            if guard.error is None:
+                raise
+        if guard.error is not None:
+            raise OSError(guard.error.errno, guard.error.strerror, str(path))
+    finally:
+        guard.close()
 
 
 def _write_strings(group: h5py.Group, name: str, values) -> None:
@@ -114,7 +184,7 @@ def write_store(
     labels = [-1] * n if labels is None and targets is None else labels
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as h5:
+        with create_h5(tmp) as h5:
             set_root_attrs(h5, config, config_key or config_fingerprint(config))
             create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
                          classes=classes, failed=failed)
@@ -135,7 +205,97 @@ def config_fingerprint(config: dict) -> str:
 
 
 def _strings(ds) -> np.ndarray:
+    _expect(ds, "strings", h5py.check_string_dtype(ds.dtype) is not None)
     return np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in ds[...]], dtype=object)
+
+
+def _expect(ds, what: str, ok: bool) -> None:
+    """A damaged-store error unless `ds` is a 1-D dataset of the expected type (libhdf5 can crash reading a
+    damaged variable-length type, so types are checked before any value is read)."""
+    if not ok or len(ds.shape) != 1:
+        raise FeatxError(f"{ds.file.filename}: damaged featx store ({ds.name} holds {ds.dtype} {ds.shape}, expected 1-D {what})")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+
+
+def _check_string_heaps(h5: h5py.File, path: Path) -> None:
+    """Refuse the damage libhdf5 does not survive when it reads variable-length strings.
+
+    Variable-length strings (paths, splits, classes, failures, the config attributes) are references into global
+    heap collections, and libhdf5 trusts both: a heap object with index 0 and size 0 (zeroed or damaged bytes)
+    makes it walk its collection forever, and a reference with a damaged length makes it allocate up to 4 GiB
+    before it notices. So before any string is read, every collection is walked the way libhdf5 walks it
+    (collections start with 'GCOL' and lie outside the datasets' raw data, mostly feature rows, which need no
+    search), and every reference of a contiguous string dataset must point into one of them.
+    """
+    raw: list[tuple[int, int]] = []
+    strings: list[tuple[str, int, int]] = []
+
+    def visit(_name, obj):
+        if isinstance(obj, h5py.Dataset):
+            offset = obj.id.get_offset()
+            if offset is not None:
+                raw.append((offset, offset + obj.id.get_storage_size()))
+                info = h5py.check_string_dtype(obj.dtype)
+                if info is not None and info.length is None:
+                    strings.append((obj.name, offset, obj.id.get_storage_size()))
+            elif obj.chunks is not None:
+                obj.id.chunk_iter(lambda chunk: raw.append((chunk.byte_offset, chunk.byte_offset + chunk.size)))
+
+    h5.visititems(visit)
+    plist = h5.id.get_create_plist()
+    addr_size, len_size = plist.get_sizes()
+    base = plist.get_userblock()
+    formats = {4: "I", 8: "Q"}
+    if addr_size not in formats or len_size not in formats:
+        return
+    header = 8 + len_size  # collection: 'GCOL', version, 3 reserved bytes, size; a heap object header is as long
+    collections: dict[int, int] = {}  # address (as references hold it) -> size
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        start = 0
+        for lo, hi in [*sorted(raw), (file_size, file_size)]:
+            if lo > start:
+                f.seek(start)
+                gap = f.read(lo - start)
+                found = gap.find(b"GCOL")
+                while found >= 0:
+                    size = _walk_heap_collection(f, start + found, file_size, header, "<" + formats[len_size], path)
+                    if size is not None:
+                        collections[start + found - base] = size
+                    found = gap.find(b"GCOL", found + 4)
+            start = max(start, hi)
+        reference = struct.Struct("<I" + formats[addr_size] + "I")  # length, collection address, object index
+        for name, offset, nbytes in strings:
+            f.seek(offset)
+            refs = f.read(nbytes)
+            for length, address, _ in reference.iter_unpack(refs[: len(refs) - len(refs) % reference.size]):
+                if (length or address) and length > collections.get(address, -1):
+                    raise FeatxError(f"{path}: damaged featx store (a string of {name} points outside its heap)")
+
+
+def _walk_heap_collection(f, address: int, file_size: int, header: int, size_format: str, path: Path) -> int | None:
+    """Walk the objects of the collection at `address` as libhdf5 does: its size, None when libhdf5 would refuse
+    to read it anyway, FeatxError where the walk cannot advance."""
+    f.seek(address)
+    head = f.read(header)
+    if len(head) < header or head[4] != 1:
+        return None
+    (size,) = struct.unpack_from(size_format, head, 8)
+    if size > file_size - address:
+        return None
+    heap = head + f.read(size - header)
+    pos = header
+    while pos + header <= size:
+        (index,) = struct.unpack_from("<H", heap, pos)
+        (obj_size,) = struct.unpack_from(size_format, heap, pos + 8)
+        step = header + -(-obj_size // 8) * 8 if index else obj_size
+        if step == 0:
+            raise FeatxError(f"{path}: damaged featx store (global heap collection at byte {address} is corrupt)")
+        pos += step
+    return size
 
 
 class Store:
@@ -145,14 +305,21 @@ class Store:
         self.path = path
         self._h5 = h5
         try:
+            self.schema = int(h5.attrs.get("featx_schema", 0))
+            self.featx_version = str(h5.attrs.get("featx_version", ""))
+            self.created = str(h5.attrs.get("created", ""))
             self.config: dict = json.loads(h5.attrs.get("config", "{}"))
             self.config_key: str = str(h5.attrs.get("config_key", ""))
             items = h5["items"]
+            _expect(items["key"], "ASCII keys", items["key"].dtype.kind == "S")
             self.keys = np.array([k.decode("ascii") for k in items["key"][...]], dtype=object)
             self.paths = _strings(items["path"])
             self.splits = _strings(items["split"]) if "split" in items else np.full(len(self.keys), "", dtype=object)
+            if "target" in items:
+                _expect(items["target"], "float targets", items["target"].dtype.kind in "fiu")
             self.targets = items["target"][...].astype(np.float64) if "target" in items else None
             if "label" in items:
+                _expect(items["label"], "integer labels", items["label"].dtype.kind in "iu")
                 self.labels = items["label"][...].astype(np.int64)
             else:
                 self.labels = np.full(len(self.keys), -1, dtype=np.int64)
@@ -161,11 +328,24 @@ class Store:
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
             )
-        except (KeyError, ValueError, OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FeatxError(f"{path}: damaged featx store ({err})") from err
-        for tap in self.taps:
-            if h5["features"][tap].shape[0] != len(self.keys):
-                raise FeatxError(f"{path}: damaged featx store (/features/{tap} has {h5['features'][tap].shape[0]} rows, /items/key has {len(self.keys)})")
+            n = len(self.keys)
+            lengths = {"/items/path": len(self.paths), "/items/split": len(self.splits), "/items/label": len(self.labels)}
+            if self.targets is not None:
+                lengths["/items/target"] = len(self.targets)
+            for name, length in lengths.items():
+                if length != n:
+                    raise FeatxError(f"{path}: damaged featx store ({name} has {length} rows, /items/key has {n})")
+            rows = {}
+            for tap in self.taps:
+                ds = h5["features"][tap]
+                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu" or len(ds.shape) < 1:
+                    raise FeatxError(f"{path}: damaged featx store (/features/{tap} is not an array of numbers)")
+                rows[tap] = ds.shape[0]
+        except (KeyError, ValueError, OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FeatxError(f"{path}: damaged featx store ({_first_line(err)})") from err
+        for tap, count in rows.items():
+            if count != len(self.keys):
+                raise FeatxError(f"{path}: damaged featx store (/features/{tap} has {count} rows, /items/key has {len(self.keys)})")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -182,7 +362,16 @@ class Store:
     def _dataset(self, tap: str) -> h5py.Dataset:
         if tap not in self.taps:
             raise FeatxError(f"tap {tap!r} is not in {self.path}: it holds {', '.join(self.taps) or 'no features'}")
-        return self._h5["features"][tap]
+        with self._reading(tap):
+            return self._h5["features"][tap]
+
+    @contextlib.contextmanager
+    def _reading(self, tap: str):
+        """Damaged feature data (a bad chunk, a truncated file) as a one-line FeatxError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            raise FeatxError(f"{self.path}: damaged featx store (reading /features/{tap}: {_first_line(err)})") from err
 
     def feature_shape(self, tap: str) -> tuple[int, ...]:
         """Per-row shape of a tap's features."""
@@ -194,22 +383,25 @@ class Store:
     def features(self, tap: str, rows=None) -> np.ndarray:
         """Rows of a tap as float32: all of them, a slice, or an index array (any order, repeats allowed)."""
         ds = self._dataset(tap)
-        if rows is None:
-            data = ds[...]
-        elif isinstance(rows, slice):
-            data = ds[rows]
-        else:
-            rows = np.asarray(rows)
-            if rows.dtype == bool:
-                rows = np.flatnonzero(rows)
-            data = read_rows(ds, rows)
+        with self._reading(tap):
+            if rows is None:
+                data = ds[...]
+            elif isinstance(rows, slice):
+                data = ds[rows]
+            else:
+                rows = np.asarray(rows)
+                if rows.dtype == bool:
+                    rows = np.flatnonzero(rows)
+                data = read_rows(ds, rows)
         return data.astype(np.float32, copy=False)
 
     def iter_features(self, tap: str, chunk_rows: int = 65536):
         """Yield (start, float32 array) over a tap in row chunks, for data larger than memory."""
         ds = self._dataset(tap)
         for start in range(0, ds.shape[0], chunk_rows):
-            yield start, ds[start : start + chunk_rows].astype(np.float32, copy=False)
+            with self._reading(tap):
+                block = ds[start : start + chunk_rows]
+            yield start, block.astype(np.float32, copy=False)
 
     def summary(self) -> dict:
         """What `featx info` shows: counts, classes, splits, taps, failures, size, config."""
@@ -217,9 +409,9 @@ class Store:
         split_names, split_counts = np.unique(self.splits.astype(str), return_counts=True)
         return {
             "path": str(self.path),
-            "schema": int(self._h5.attrs.get("featx_schema", 0)),
-            "featx_version": str(self._h5.attrs.get("featx_version", "")),
-            "created": str(self._h5.attrs.get("created", "")),
+            "schema": self.schema,
+            "featx_version": self.featx_version,
+            "created": self.created,
             "items": len(self),
             "classes": {c: int((labelled == i).sum()) for i, c in enumerate(self.classes)},
             "task": "regression" if self.targets is not None else ("classification" if len(labelled) else "unlabelled"),
@@ -259,6 +451,7 @@ def open_store(path) -> Store:
     except OSError as err:
         raise FeatxError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:120]})") from err
     try:
+        _check_string_heaps(h5, path)
         schema = h5.attrs.get("featx_schema")
         if schema is None or "items" not in h5:
             raise FeatxError(f"{path}: not a featx store (no featx_schema attribute; for other HDF5/NPZ files use --x/--y)")
@@ -272,4 +465,4 @@ def open_store(path) -> Store:
         raise
     except Exception as err:  # h5py raises many types on damaged files
         h5.close()
-        raise FeatxError(f"{path}: damaged featx store ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from err
+        raise FeatxError(f"{path}: damaged featx store ({type(err).__name__}: {_first_line(err)})") from err

@@ -22,7 +22,9 @@ import h5py
 import numpy as np
 
 from .errors import FeatxError
-from .store import KEY_DTYPE, create_features, create_items, open_store, publish, read_rows, set_root_attrs
+from .store import (
+    KEY_DTYPE, create_features, create_h5, create_items, open_store, publish, read_rows, set_root_attrs,
+)
 
 SEGMENT_GLOB = "seg-*.h5"
 
@@ -91,8 +93,13 @@ class StoreWriter:
 
     def _acquire_lock(self) -> None:
         for _ in range(20):
-            self.parts.mkdir(exist_ok=True)
-            fd = os.open(self.parts, os.O_RDONLY)
+            try:
+                self.parts.mkdir(exist_ok=True)
+                fd = os.open(self.parts, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed by a run that sealed just now: make it again
+            except OSError as err:
+                raise FeatxError(f"cannot create the lock folder {self.parts} ({err.strerror})") from err
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -164,12 +171,16 @@ class StoreWriter:
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{self._counter:06d}"
         tmp = self.parts / f"{name}.tmp"
         final = self.parts / f"{name}.h5"
-        with h5py.File(tmp, "w", locking=False) as h5:
-            h5.attrs["config_key"] = self.config_key
-            h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
-            for tap, arr in features.items():
-                h5.create_dataset(tap, data=arr)
-        publish(tmp, final)
+        try:
+            with create_h5(tmp) as h5:
+                h5.attrs["config_key"] = self.config_key
+                h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
+                for tap, arr in features.items():
+                    h5.create_dataset(tap, data=arr)
+            publish(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk gets its space back
+            raise
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(final, row))
 
@@ -200,14 +211,18 @@ class StoreWriter:
             loc = self.available[key]
             sources.setdefault(loc.file, []).append((loc.row, dest))
         tmp = self.parts / "sealing.tmp"
-        with h5py.File(tmp, "w", locking=False) as h5:
-            set_root_attrs(h5, self.config, self.config_key)
-            create_items(
-                h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
-                targets=plan.targets, classes=plan.classes, failed=plan.failed,
-            )
-            self._copy_features(h5, sources, taps, len(plan.keys))
-        publish(tmp, self.output)
+        try:
+            with create_h5(tmp) as h5:
+                set_root_attrs(h5, self.config, self.config_key)
+                create_items(
+                    h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
+                    targets=plan.targets, classes=plan.classes, failed=plan.failed,
+                )
+                self._copy_features(h5, sources, taps, len(plan.keys))
+            publish(tmp, self.output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # the old store and the segments stay; a full disk gets its space back
+            raise
         self._remove_parts()
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
@@ -231,8 +246,11 @@ class StoreWriter:
         self.parts.rmdir()
 
 
-def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk: int = 4096) -> None:
-    """Copy src rows to out rows given (src_row, dest_row) pairs, in bounded-memory chunks of contiguous writes."""
+def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk_bytes: int = 16 << 20) -> None:
+    """Copy src rows to out rows given (src_row, dest_row) pairs, in bounded-memory chunks of contiguous writes:
+    at most 4096 rows and about `chunk_bytes` of them at a time (rows of unpooled maps can be megabytes each)."""
+    row_bytes = max(1, int(np.prod(src.shape[1:], dtype=np.int64)) * src.dtype.itemsize)
+    chunk = int(min(4096, max(1, chunk_bytes // row_bytes)))
     pairs = pairs[np.argsort(pairs[:, 1], kind="stable")]
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]

@@ -10,7 +10,7 @@ from .common import echo_json
 
 @click.command("extract")
 @click.argument("data")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Store to create or extend (.h5).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Store to create or extend (.h5).")
 @click.option("-b", "--backbone", default="resnet50", show_default=True, help="torchvision model name (featx layers --list).")
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a local .pth file, or 'none' (random init).")
@@ -59,7 +59,7 @@ def extract_cmd(data, output, backbone, weights, taps, pooling, token_pool, imag
 
 
 @click.command("info")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--failed", "show_failed", is_flag=True, help="List every file that could not be decoded.")
 def info_cmd(store, as_json, show_failed):

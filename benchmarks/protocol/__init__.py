@@ -1,0 +1,1 @@
+"""Helpers of `benchmarks/probe_vs_finetune.py`: data subsets, the methods, the seed comparison, the report."""

@@ -1,0 +1,86 @@
+"""CLI: `featx finetune` (a thin wrapper over featx.finetune)."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import FeatxError
+from ..finetune.data import AUGMENT_HELP, AUGMENTS
+from ..finetune.freezing import FREEZE_HELP
+from ..finetune.heads import HEAD_HELP
+from ..finetune.optim import OPTIMIZERS, SCHEDULES, WARMUP_HELP
+from ..runtime import DEVICE_CHOICES, PRECISIONS
+from .common import echo_json
+
+
+@click.command("finetune")
+@click.argument("data")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder to write (config, metrics, checkpoints, model.pt).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder after its last completed epoch (same options).")
+@click.option("--overwrite", is_flag=True, help="Start a new run in a folder that holds one (its files are replaced when the first epoch completes).")
+@click.option("-b", "--backbone", default="resnet50", show_default=True, help="torchvision model name (featx layers --list).")
+@click.option("-w", "--weights", default="DEFAULT", show_default=True,
+              help="torchvision weights name, a local .pth (partial loading, with a report), a finetuned RUN/model.pt, or 'none'.")
+@click.option("--head", default="linear", show_default=True, help=f"New head: {HEAD_HELP}.")
+@click.option("--freeze", multiple=True, help=f"What stays fixed: {FREEZE_HELP}. Default: none.")
+@click.option("--unfreeze-at", type=click.IntRange(min=2), help="Epoch from which every parameter trains.")
+@click.option("--train-bn", is_flag=True, help="Frozen BatchNorm layers still update their running statistics.")
+@click.option("--init-head", type=click.Path(exists=True, file_okay=False), help="Start the head from a linear head folder of `featx fit-head` (probe, then finetune).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
+@click.option("--lr", type=float, help="Learning rate of the head (default: 0.01 sgd, 1e-3 adam/adamw).")
+@click.option("--backbone-lr", type=float, help="Learning rate of the backbone (default: --lr).")
+@click.option("--momentum", type=float, help="SGD momentum or Adam beta1 (default 0.9).")
+@click.option("--weight-decay", type=float, help="Default: 1e-4 sgd, 0 adam, 1e-2 adamw.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True, help="Per-step learning-rate schedule.")
+@click.option("--warmup", default="0", show_default=True, help=f"Linear warmup: {WARMUP_HELP}.")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--augment", type=click.Choice(AUGMENTS), default="default", show_default=True, help=AUGMENT_HELP + ".")
+@click.option("--image-size", type=click.IntRange(min=8), help="Training crop and eval center crop (default: the weights' preset).")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), help="Held-out fraction when DATA has no val split (default 0.2; 0: no validation).")
+@click.option("--early-stop", type=click.IntRange(min=1), metavar="PATIENCE", help="Stop after this many epochs without a val accuracy gain.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, head, freeze, unfreeze_at, train_bn, init_head,
+                 optimizer, lr, backbone_lr, momentum, weight_decay, schedule, warmup, label_smoothing, epochs,
+                 batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, as_json,
+                 quiet):
+    """Finetune BACKBONE with a new head on DATA into the run folder -o (or continue one with --resume).
+
+    DATA is an ImageFolder (root/<class>/<img>, or root/train/... + root/val/...), a CSV of path,label[,split],
+    or 'digits'. Each epoch prints its losses and accuracies and writes checkpoint.pt atomically; model.pt holds the
+    best epoch by val accuracy and works as -w for extract, fit-head and finetune.
+    """
+    from ..finetune import finetune
+
+    if resume_dir and output and os.path.abspath(resume_dir) != os.path.abspath(output):
+        raise FeatxError(f"--resume {resume_dir} and -o {output}: give one run folder")
+    if not (resume_dir or output):
+        raise FeatxError("featx finetune: give the run folder with -o RUN_DIR (or --resume RUN_DIR)")
+    log = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    result = finetune(
+        data, resume_dir or output, backbone=backbone, weights=weights, head=head, freeze=list(freeze) or "none",
+        unfreeze_at=unfreeze_at, train_bn=train_bn, init_head=init_head, optimizer=optimizer, lr=lr,
+        backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
+        label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
+        image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed, precision=precision,
+        device=device, workers=workers, resume=bool(resume_dir), overwrite=overwrite,
+        progress=not quiet and not as_json, log=log,
+    )
+    if as_json:
+        echo_json({
+            "run_dir": str(result.run_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,
+            "best_val_acc": result.best_val_acc, "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 3), "history": result.history,
+        })
+        return
+    click.echo(result.summary())
+
+
+COMMANDS = [finetune_cmd]

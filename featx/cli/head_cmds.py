@@ -1,0 +1,138 @@
+"""CLI: `featx fit-head`, `featx predict`, `featx evaluate` (thin wrappers over featx.heads)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+import click
+
+from ..heads.cv import DEFAULT_GRID
+from ..heads.estimators import HEAD_TYPES, NORMALIZERS
+from .common import echo_json, warn
+
+HEAD_HELP = "; ".join(f"{name}: {head.help}" for name, head in HEAD_TYPES.items())
+GRID_DEFAULTS = "; ".join(
+    f"{name}: {head.default_grid if isinstance(head.default_grid, str) else ','.join(map(str, head.default_grid))}"
+    for name, head in HEAD_TYPES.items() if head.default_grid != DEFAULT_GRID
+)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show Python warnings raised by the API as `featx: warning: ...` lines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *args, **kwargs: warn(str(message))
+        yield
+
+
+def _feature_keys(f):
+    f = click.option("--y", "y_key", metavar="KEY", help="Foreign HDF5/NPZ file: the label vector.")(f)
+    return click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ file: the 2-D feature array.")(f)
+
+
+@click.command("fit-head")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("-l", "--layer", "tap", help="Tap whose rows train the head (default: the store's only tap).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Head folder to write (atomically).")
+@click.option("--head", "kind", type=click.Choice(list(HEAD_TYPES)), help=f"Default: logistic, or ridge for float targets. {HEAD_HELP}.")
+@click.option("--normalize", type=click.Choice(NORMALIZERS), default="standard", show_default=True, help="Preprocessing of the rows.")
+@click.option("--grid", help=f"C values: LO:HI (per decade, then refined), a list 0.1,1,10, or one value (no CV). Default: {DEFAULT_GRID} ({GRID_DEFAULTS}).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds (fewer when a class is rarer).")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True, help="Held-out fraction for the metrics when the store has no 'val' split.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--jobs", "n_jobs", type=int, default=-1, show_default=True, help="Parallel cross-validation jobs (-1: all cores).")
+@_feature_keys
+@click.option("--epochs", type=click.IntRange(min=1), help="sgd / mlp passes over the rows (default: sgd 5, mlp about 500 steps).")
+@click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time (sgd streams the store in such chunks).")
+@click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write confusion_matrix.png and cv_curve.png.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing head folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight, val_split, seed, n_jobs, x_key, y_key,
+                 epochs, hidden, dropout, chunk_rows, joblib_export, plots, overwrite, as_json):
+    """Fit a head on the rows of STORE (a featx store, or any HDF5/NPZ file with --x/--y) and save it to -o.
+
+    C is chosen by stratified k-fold cross-validation; the head is refit on all training rows ('train' split, or
+    all labelled rows less --val-split) and measured on the held-out rows.
+    """
+    from ..heads import fit_head
+    from ..heads.metrics import metrics_table
+
+    with _warnings_as_lines():
+        head = fit_head(
+            store, tap, output, head=kind, normalize=normalize, grid=grid, folds=folds,
+            class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
+            n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, chunk_rows=chunk_rows,
+            joblib=joblib_export, plots=plots, overwrite=overwrite,
+        )
+    if as_json:
+        echo_json({"path": str(head.path), **head.metrics})
+        return
+    click.echo(metrics_table(head.metrics))
+    click.echo(f"head written to {head.path}")
+
+
+@click.command("predict")
+@click.argument("head", type=click.Path())
+@click.argument("data")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="CSV file to write (default: stdout).")
+@click.option("--json", "as_json", is_flag=True, help="JSON records instead of CSV.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Only the k most likely classes per row.")
+@click.option("--store", type=click.Path(dir_okay=False), help="Store for the images' features (default: HEAD/cache/).")
+@click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
+@click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
+@click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_size, device, workers, quiet):
+    """Predict with HEAD (a head folder) on DATA: images (extracted with the head's backbone, weights and tap,
+    through a cache) or a feature file (.h5 store made with the same extractor, or HDF5/NPZ with --x)."""
+    from ..heads import predict
+
+    with _warnings_as_lines():
+        result = predict(head, data, store=store, x=x_key, trust=trust, batch_size=batch_size, device=device,
+                         workers=workers, progress=not quiet,
+                         log=lambda line: click.echo(line, err=True))
+    for path, reason in result.failed:
+        warn(f"not predicted: {path}: {reason}")
+    if as_json and output:
+        Path(output).write_text(json.dumps(result.records(top_k), indent=2) + "\n", encoding="utf-8")
+    elif as_json:
+        echo_json(result.records(top_k))
+    else:
+        with click.open_file(output or "-", "w", encoding="utf-8") as file:
+            result.write_csv(file, top_k)
+    if output:
+        click.echo(f"{len(result)} predictions written to {output}", err=True)
+
+
+@click.command("evaluate")
+@click.argument("head", type=click.Path())
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--split", help="Only rows of this split (train, val, test).")
+@click.option("-l", "--layer", "tap", help="Tap to read (default: the head's).")
+@_feature_keys
+@click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate_cmd(head, store, split, tap, x_key, y_key, trust, as_json):
+    """Measure HEAD on the labelled rows of STORE (or of one --split): accuracy, balanced accuracy, macro F1,
+    per-class precision/recall/F1 and the confusion matrix; R², MAE and RMSE for regression."""
+    from ..heads import evaluate
+    from ..heads.metrics import metrics_table
+
+    with _warnings_as_lines():
+        metrics = evaluate(head, store, split=split, tap=tap, x=x_key, y=y_key, trust=trust)
+    if as_json:
+        echo_json(metrics)
+    else:
+        click.echo(metrics_table(metrics))
+
+
+COMMANDS = [fit_head_cmd, predict_cmd, evaluate_cmd]

@@ -1,0 +1,26 @@
+"""Finetuning (GitHub issue #4): a torchvision backbone with a new head, trained end to end or in part.
+
+    options.py     the training options, checked, with defaults
+    heads.py       the new head (linear or MLP) put where the architecture's classifier is
+    probe.py       warm start of the head from a linear head fitted by `featx fit-head`
+    freezing.py    --freeze strategies, frozen BatchNorm layers, the trainable/frozen table
+    optim.py       optimizer with backbone / head learning rates, schedules with warmup
+    data.py        train / val split, augmentation, loaders with a seed-determined order
+    loop.py        one training epoch, one validation pass
+    train.py       the epoch loop: unfreeze, save, early stop, resume state
+    checkpoint.py  the run folder: atomic files, RNG states, the lock
+    report.py      metrics rows, the epoch summary line, curves.png
+    api.py         finetune() and its FinetuneResult
+"""
+from __future__ import annotations
+
+__all__ = ["finetune", "FinetuneResult"]
+
+
+def __getattr__(name: str):
+    """Import the training stack on first use, so that the CLI's option tables load without it."""
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'featx.finetune' has no attribute {name!r}")

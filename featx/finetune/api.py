@@ -1,0 +1,275 @@
+"""`finetune`: a torchvision backbone with a new head, trained on an image source into a run folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .. import __version__
+from ..backbones import Backbone, classifier_path, load_backbone
+from ..errors import FeatxError
+from ..runtime import Runtime, default_workers, prepare_model, resolve_runtime
+from ..sources import load_source
+from .checkpoint import CHECKPOINT, RunDir, seed_everything
+from .data import Splits, make_loader, split_items
+from .freezing import freeze_table, frozen_parameters, set_frozen
+from .heads import parse_head, replace_classifier
+from .optim import build_optimizer, build_scheduler, warmup_steps
+from .options import TrainOptions
+from .probe import check_probe_features, init_from_probe
+from .train import Trainer
+
+# Config fields recorded for provenance; every other field must be the same when a run is resumed.
+PROVENANCE = ("device", "workers", "source", "weights_path", "featx_version", "torch", "torchvision")
+
+
+@dataclass
+class FinetuneResult:
+    """What a `finetune` call did: the run folder, the best and the last epoch's metrics, the time it took."""
+
+    run_dir: Path
+    epochs: int  # epochs completed
+    best_epoch: int
+    best_val_acc: float | None  # None without validation
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    seconds: float
+    stopped_early: bool
+    history: list[dict] = field(repr=False)
+
+    def summary(self) -> str:
+        best = f"best val acc {self.best_val_acc:.4f} at epoch {self.best_epoch}" if self.best_val_acc is not None \
+            else "no validation"
+        early = " (stopped early)" if self.stopped_early else ""
+        return f"{self.epochs} epochs{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
+
+
+def finetune(
+    data,
+    output,
+    *,
+    backbone: str = "resnet50",
+    weights: str = "DEFAULT",
+    head: str = "linear",
+    freeze="none",
+    unfreeze_at: int | None = None,
+    train_bn: bool = False,
+    init_head=None,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    backbone_lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    schedule: str = "cosine",
+    warmup="0",
+    label_smoothing: float = 0.0,
+    epochs: int = 10,
+    batch_size: int = 32,
+    augment: str = "default",
+    image_size: int | None = None,
+    val_split: float | None = None,
+    early_stop: int | None = None,
+    seed: int = 0,
+    precision: str = "auto",
+    device: str = "auto",
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    log=None,
+) -> FinetuneResult:
+    """Finetune `backbone` with a new head on `data` (ImageFolder / CSV / 'digits') into the run folder `output`.
+
+    head: 'linear' or 'mlp:HIDDEN[,DROPOUT]'. freeze: a strategy or a list of them ('none', 'backbone',
+    'until:LAYER', 'loaded', parameter-name patterns); unfreeze_at: the epoch from which everything trains.
+    init_head: a head folder written by `featx fit-head` whose linear head starts the new head. Validation is the
+    data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
+    or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
+    `resume` continues the run in `output` after its last completed epoch (with the same settings); `overwrite`
+    starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
+    """
+    started = time.perf_counter()
+    log = log or (lambda line: None)
+    opts = TrainOptions(
+        head=head, freeze=freeze, unfreeze_at=unfreeze_at, train_bn=train_bn, optimizer=optimizer, lr=lr,
+        backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
+        label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
+        image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed,
+    ).resolved()
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise FeatxError(f"--workers {workers!r}: expected 0 or more")
+    run = RunDir(output)
+    checkpoint = run.prepare(resume, overwrite)
+    try:
+        trainer = _trainer(data, backbone, weights, init_head, opts, resolve_runtime(device, precision), workers, run,
+                           progress, log)
+        if checkpoint is not None:
+            _check_same_config(checkpoint["config"], trainer.config, run.path)
+            trainer.load_state_dict(checkpoint)
+            log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
+        elif not (run / CHECKPOINT).exists():
+            run.write_config(trainer.config)
+        with _out_of_memory_as_error(opts.batch_size, trainer.runtime):
+            trainer.fit()
+    finally:
+        run.release()
+    return _result(trainer, run.path, time.perf_counter() - started)
+
+
+def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
+             progress: bool, log) -> Trainer:
+    """Load the data and the model, freeze, and build the loaders, optimizer and schedule of a run."""
+    source = load_source(data)
+    splits = split_items(source, opts.val_split, opts.seed)
+    if opts.batch_size > len(splits.train):
+        raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training images")
+    log(f"data: {source.description}; validation: {splits.how}")
+    bb = load_backbone(backbone, weights)
+    if bb.load_report is not None:
+        log(bb.load_report.summary())
+    spec = bb.transform.with_sizes(opts.image_size)
+    seed_everything(opts.seed)
+    model, head_path = _model(bb, splits, opts, spec, init_head, log)
+    frozen = frozen_parameters(model, opts.freeze, head_path, _loaded_parameters(bb, weights))
+    set_frozen(model, frozen)
+    log(freeze_table(model))
+    model = prepare_model(model, runtime)
+
+    workers = default_workers() if workers is None else workers
+    loader_args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda)
+    train_loader = make_loader(splits.train, spec, opts.augment, train=True, **loader_args)
+    val_loader = make_loader(splits.val, spec, "none", train=False, **loader_args) if splits.val else None
+    optimizer = build_optimizer(model, head_path, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
+                                opts.weight_decay)
+    total_steps = opts.epochs * len(train_loader)
+    scheduler = build_scheduler(optimizer, opts.schedule, total_steps,
+                                warmup_steps(opts.warmup, len(train_loader), total_steps))
+    config = _config(data, bb, weights, init_head, opts, splits, source.description, spec, runtime, head_path, workers)
+    meta = {
+        "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": opts.head,
+        "classifier": head_path, "transform": spec.to_dict(), "weights_id": bb.weights_id,
+        "weights_sha256": bb.weights_sha256, "featx_version": __version__,
+    }
+    return Trainer(
+        model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
+        criterion=nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing), train_loader=train_loader,
+        val_loader=val_loader, spec=spec, runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at,
+        train_bn=opts.train_bn, epochs=opts.epochs, early_stop=opts.early_stop, run=run, config=config,
+        model_meta=meta, progress=progress, log=log,
+    )
+
+
+def _model(bb: Backbone, splits: Splits, opts: TrainOptions, spec, init_head, log) -> tuple[nn.Module, str]:
+    """The backbone with its classifier replaced by the new head (warm-started from a probe when asked)."""
+    model = bb.model
+    _dry_run(model, bb.name, spec.crop)
+    head_path = classifier_path(model)
+    probe = None
+    if init_head is not None:
+        from ..heads import load_head
+
+        probe = load_head(init_head)
+        check_probe_features(probe, bb, spec.crop)
+    new_head = replace_classifier(model, head_path, parse_head(opts.head), len(splits.classes))
+    if probe is not None:
+        init_from_probe(new_head, probe, splits.classes)
+        log(f"head {head_path} initialised from the probe {probe.path}")
+    return model, head_path
+
+
+def _loaded_parameters(bb: Backbone, weights: str) -> set[str] | None:
+    """Parameter names that came from the weights: the load report's matches, every parameter for torchvision
+    weights, None for -w none."""
+    if bb.load_report is not None:
+        return set(bb.load_report.matched)
+    if str(weights).strip().lower() == "none":
+        return None
+    return {name for name, _ in bb.model.named_parameters()}
+
+
+def _dry_run(model: nn.Module, name: str, size: int) -> None:
+    """Fail fast, before any image is decoded, when the model cannot take this input size."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, size, size))
+    except RuntimeError as err:
+        raise FeatxError(
+            f"backbone {name} cannot run on {size}x{size} inputs ({str(err).splitlines()[0][:150]}): check --image-size"
+        ) from err
+
+
+def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: Splits, description: str, spec,
+            runtime: Runtime, head_path: str, workers: int) -> dict:
+    """config.json: what decides the run's numbers (compared on resume), plus provenance (PROVENANCE)."""
+    config = {
+        "data": os.path.abspath(data) if os.path.exists(str(data)) else str(data),
+        "source": description,
+        "classes": splits.classes,
+        "n_train": len(splits.train),
+        "n_val": len(splits.val),
+        "backbone": bb.name,
+        "weights": bb.weights_id,
+        "weights_sha256": bb.weights_sha256,
+        "weights_path": os.path.abspath(weights) if os.path.isfile(str(weights)) else None,
+        "init_head": os.path.abspath(init_head) if init_head is not None else None,
+        **opts.to_dict(),
+        "classifier": head_path,
+        "transform": spec.to_dict(),
+        "precision": runtime.precision,
+        "device": str(runtime.device),
+        "workers": workers,
+        "featx_version": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    return json.loads(json.dumps(config))
+
+
+def _check_same_config(old: dict, new: dict, path: Path) -> None:
+    """FeatxError naming the settings that differ between the run being resumed and this call."""
+    differ = [key for key in {**old, **new} if key not in PROVENANCE and old.get(key) != new.get(key)]
+    if differ:
+        shown = "; ".join(f"{key} {_short(old.get(key))} there, {_short(new.get(key))} now" for key in differ[:4])
+        raise FeatxError(
+            f"--resume {path}: that run was made with other settings ({shown}): rerun with the options in "
+            f"{path / 'config.json'}, or pass --overwrite to start a new run"
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(batch_size: int, runtime: Runtime):
+    """Turn an out-of-memory error into a one-line FeatxError that says which batch size to try."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+            raise FeatxError(
+                f"out of memory on {runtime.device} at --batch-size {batch_size}: try --batch-size "
+                f"{max(1, batch_size // 2)}"
+            ) from None
+        raise
+
+
+def _result(trainer: Trainer, run_dir: Path, seconds: float) -> FinetuneResult:
+    best, last = trainer.best, trainer.history[-1]
+    return FinetuneResult(
+        run_dir=run_dir, epochs=len(trainer.history), best_epoch=best["epoch"], best_val_acc=best["val_acc"],
+        train_loss=last["train_loss"], train_acc=last["train_acc"], val_loss=last["val_loss"],
+        val_acc=last["val_acc"], seconds=seconds, stopped_early=trainer.stopped_early, history=trainer.history,
+    )

@@ -1,0 +1,153 @@
+"""The run folder's files, written atomically, and the RNG states a resumed run needs.
+
+    config.json      the run's options and data (a resume must match it)
+    checkpoint.pt    model, optimizer, scheduler, scaler, epoch, RNG states, history: rewritten every epoch
+    model.pt         best epoch by val accuracy (the last one without validation); last.pt: the last epoch
+    metrics.jsonl    one JSON line per epoch;  curves.png: loss and accuracy per epoch
+
+Everything is written to a temporary file and renamed into place, so a kill at any instant leaves either the old
+file or the new one. model.pt / last.pt are `{"model": state_dict, "featx": {...}}` with plain tensors and JSON
+values only, readable with torch.load(weights_only=True) and as `-w` by extract, fit-head and finetune.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FeatxError
+
+CONFIG, CHECKPOINT, MODEL, LAST, METRICS, CURVES = (
+    "config.json", "checkpoint.pt", "model.pt", "last.pt", "metrics.jsonl", "curves.png"
+)
+LOCK = ".featx-finetune.lock"
+FORMAT = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, and rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_torch(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors (no channels_last strides, no device)."""
+    return {name: t.detach().to("cpu", memory_format=torch.contiguous_format).clone()
+            for name, t in model.state_dict().items()}
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunDir:
+    """A run folder: its paths, the rules for starting or resuming in it, and a lock against a second writer."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def prepare(self, resume: bool, overwrite: bool) -> dict | None:
+        """Create and lock the folder; return the checkpoint to resume from (None: start at epoch 1).
+
+        A new run refuses a folder holding a checkpoint unless `overwrite` (the old files stay until the new run
+        completes its first epoch); `resume` needs the folder to exist.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise FeatxError(f"-o {self.path}: is a file, expected a run folder")
+        if resume and not self.path.is_dir():
+            raise FeatxError(f"--resume {self.path}: no such run folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FeatxError(f"-o {self.path}: cannot create the run folder ({err.strerror})") from err
+        self._lock()
+        has_checkpoint = (self / CHECKPOINT).is_file()
+        if has_checkpoint and not resume and not overwrite:
+            raise FeatxError(
+                f"-o {self.path}: holds a run already ({CHECKPOINT}); pass --resume {self.path} to continue it, or "
+                f"--overwrite to start a new one"
+            )
+        return load_checkpoint(self / CHECKPOINT) if resume and has_checkpoint else None
+
+    def _lock(self) -> None:
+        fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FeatxError(f"{self.path} is being written by another featx finetune process: wait for it") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def write_config(self, config: dict) -> None:
+        save_text(json.dumps(config, indent=2) + "\n", self / CONFIG)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        save_text("".join(json.dumps(row) + "\n" for row in history), self / METRICS)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by featx finetune (weights_only: no code runs), FeatxError when damaged."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
+        raise FeatxError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0][:120]})") from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise FeatxError(f"{path}: not a featx finetune checkpoint (format {FORMAT})")
+    return checkpoint

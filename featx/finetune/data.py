@@ -1,0 +1,164 @@
+"""Training and validation data: the split, the augmentation, and loaders whose order depends only on the seed.
+
+Workers decode and crop images into uint8 tensors; the batch is normalized on the model's device. Every random
+choice (the epoch's order, each image's crop and flip) is drawn from (seed, epoch) in the main process, so a
+resumed run sees exactly the data an uninterrupted one does, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import FeatxError
+from ..preprocess import INTERPOLATIONS, EvalTransform, TransformSpec, to_uint8_tensor
+from ..sources import DecodeError, Item, Source, decode_image, stratified_holdout
+
+AUGMENTS = ("default", "flip", "none")
+AUGMENT_HELP = "default: random resized crop + horizontal flip; flip: the eval crop + flip; none: the eval crop"
+DEFAULT_VAL_SPLIT = 0.2
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class Splits:
+    """Training and validation items of a classification source."""
+
+    train: list[Item]
+    val: list[Item]
+    classes: list[str]
+    how: str  # where the validation items come from, for the log
+
+
+def split_items(source: Source, val_split: float | None, seed: int) -> Splits:
+    """Train / val items: the source's 'val' split, else a stratified `val_split` hold-out of the training items
+    (0.2 by default, 0 for no validation). Unlabelled items and the 'test' split are left out."""
+    if source.task != "classification":
+        raise FeatxError(f"finetune needs class labels, but {source.description} is {source.task}")
+    labelled = [item for item in source.items if item.label >= 0 and item.split != "test"]
+    val = [item for item in labelled if item.split == "val"]
+    train = [item for item in labelled if item.split != "val"]
+    if val:
+        if val_split:
+            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} images)")
+        how = f"the data's val split ({len(val)} images)"
+    else:
+        fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
+        if not 0 <= fraction < 1:
+            raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+        if fraction:
+            held = stratified_holdout([item.label for item in train], fraction, seed)
+            val = [item for item, h in zip(train, held) if h]
+            train = [item for item, h in zip(train, held) if not h]
+        how = f"{fraction:.0%} of the training images held out ({len(val)})" if val else "none (--val-split 0)"
+    if len({item.label for item in train}) < 2:
+        raise FeatxError(f"finetune needs training images of at least 2 classes; {source.description}")
+    return Splits(train, val, list(source.classes), how)
+
+
+def random_resized_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng`."""
+    area = width * height
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    ratio = width / height  # fallback: the central crop of the closest allowed aspect ratio
+    w, h = width, height
+    if ratio < RATIO[0]:
+        h = int(round(width / RATIO[0]))
+    elif ratio > RATIO[1]:
+        w = int(round(height * RATIO[1]))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class TrainTransform:
+    """--augment on a PIL image -> uint8 (3, crop, crop) tensor; the randomness comes from the `rng` argument."""
+
+    def __init__(self, spec: TransformSpec, augment: str):
+        self.spec = spec
+        self.augment = augment
+        self.eval = EvalTransform(spec)
+        self.min_size = spec.crop if augment == "default" else spec.resize
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.augment == "default":
+            box = random_resized_box(*img.size, rng)
+            x = to_uint8_tensor(img.resize((self.spec.crop,) * 2, INTERPOLATIONS[self.spec.interpolation], box=box))
+        else:
+            x = self.eval(img)
+        if self.augment != "none" and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+class ImageDataset(Dataset):
+    """(uint8 image, label, decoded ok) for a key (index, seed); an undecodable file gives a zero image and False."""
+
+    def __init__(self, items: list[Item], transform: TrainTransform):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        item = self.items[index]
+        try:
+            img = decode_image(item.path, min_size=self.transform.min_size)
+            return self.transform(img, random.Random(seed)), item.label, True
+        except DecodeError:
+            crop = self.transform.spec.crop
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), item.label, False
+
+
+class EpochSampler(Sampler):
+    """Yields (index, augmentation seed) pairs drawn from (seed, epoch) alone; call set_epoch before each epoch."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        seeds = rng.integers(0, 2**63 - 1, size=self.n)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def make_loader(items: list[Item], spec: TransformSpec, augment: str, *, train: bool, batch_size: int, workers: int,
+                seed: int, pin_memory: bool) -> DataLoader:
+    """A loader of (uint8 images, labels, ok) batches; training batches are shuffled per epoch and full-size.
+
+    `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform).
+    """
+    dataset = ImageDataset(items, TrainTransform(spec, augment))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(items), seed, shuffle=train),
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # worker base seeds: keeps the global RNG untouched
+    )

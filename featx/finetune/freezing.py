@@ -1,0 +1,122 @@
+"""Which parameters train: the --freeze strategies, BatchNorm modes, and the trainable/frozen table.
+
+Strategies (several --freeze values are combined, frozen = union):
+    none            every parameter trains
+    backbone        only the new head trains (the fixed feature extractor)
+    until:LAYER     every parameter registered up to and including module LAYER (dotted names work) is frozen
+    loaded          what came from the weights file is frozen; new modules (the head, unmatched layers) train
+    PATTERN         parameter names matching an fnmatch pattern ('layer1.*', 'conv1*') are frozen
+
+Freezing sets requires_grad only: every parameter stays in the optimizer, so --unfreeze-at changes neither the
+param groups, the scheduler nor the optimizer state.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+
+from torch import nn
+
+from ..errors import FeatxError
+
+FREEZE_HELP = "none | backbone | until:LAYER | loaded | a parameter-name pattern such as 'layer1.*' (repeatable)"
+
+
+def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] | None) -> set[str]:
+    """Names of the parameters that the --freeze `specs` freeze.
+
+    `head_path` is the dotted name of the new head (never frozen by 'backbone' or 'loaded'); `loaded` holds the
+    parameter names that came from the weights file, None when nothing was loaded (-w none).
+    """
+    specs = [str(s).strip() for s in specs] or ["none"]
+    if "none" in specs and len(specs) > 1:
+        raise FeatxError(f"--freeze none cannot be combined with {', '.join(s for s in specs if s != 'none')}")
+    names = [name for name, _ in model.named_parameters()]
+    in_head = {name for name in names if _inside(name, head_path)}
+    frozen: set[str] = set()
+    for spec in specs:
+        if spec == "none":
+            continue
+        if spec == "backbone":
+            frozen |= set(names) - in_head
+        elif spec == "loaded":
+            if loaded is None:
+                raise FeatxError("--freeze loaded: -w none loads no weights, so nothing would be frozen")
+            frozen |= (set(names) & loaded) - in_head
+        elif spec.startswith("until:"):
+            frozen |= _until(model, spec[len("until:"):].strip())
+        else:
+            frozen |= _matching(model, spec, names)
+    if frozen and len(frozen) == len(names):
+        raise FeatxError(f"--freeze {' '.join(specs)} freezes every parameter: nothing would train")
+    return frozen
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _until(model: nn.Module, layer: str) -> set[str]:
+    """Parameters of every module up to and including `layer`, in registration (pre-order) order."""
+    frozen, reached = set(), False
+    for name, module in model.named_modules():
+        inside = _inside(name, layer)
+        if reached and not inside:
+            return frozen
+        reached = reached or inside
+        frozen |= {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
+    if not reached:
+        raise FeatxError(f"--freeze until:{layer}: no module named {layer!r}; {_module_names(model)}")
+    return frozen
+
+
+def _matching(model: nn.Module, pattern: str, names: list[str]) -> set[str]:
+    matched = {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+    if not matched:
+        raise FeatxError(
+            f"--freeze {pattern!r}: no parameter name matches (names look like {names[0]}); expected "
+            f"{FREEZE_HELP}; {_module_names(model)}"
+        )
+    return matched
+
+
+def _module_names(model: nn.Module) -> str:
+    return "top-level modules: " + ", ".join(name for name, _ in model.named_children())
+
+
+def set_frozen(model: nn.Module, frozen: set[str]) -> None:
+    """requires_grad False for the `frozen` parameter names, True for the rest."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+
+
+def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers whose parameters are all frozen (those keep eval mode, i.e. fixed statistics)."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def train_mode(model: nn.Module, train_bn: bool) -> None:
+    """model.train(), except frozen BatchNorm layers (unless `train_bn`), whose running statistics stay fixed."""
+    model.train()
+    if not train_bn:
+        for module in frozen_batchnorms(model):
+            module.eval()
+
+
+def freeze_table(model: nn.Module) -> str:
+    """Trainable and frozen parameter counts per top-level module, with a total line."""
+    trainable, frozen, order = Counter(), Counter(), {}
+    for name, param in model.named_parameters():
+        top = name.split(".", 1)[0]
+        order.setdefault(top, len(order))
+        (trainable if param.requires_grad else frozen)[top] += param.numel()
+    rows = [(top, trainable[top], frozen[top]) for top in order]
+    rows.append(("total", sum(trainable.values()), sum(frozen.values())))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}"]
+    lines += [f"{top:<{width}}  {t:>12,}  {f:>12,}" for top, t, f in rows]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""One epoch of training and one pass of validation: the loop the documents write, at the runtime's precision."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..preprocess import TransformSpec, normalize_batch
+from ..runtime import Runtime
+
+
+@dataclass
+class PassStats:
+    """Mean loss and accuracy over the images of one pass, its duration and the undecodable images skipped."""
+
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+    skipped: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Totals:
+    """Loss and correct counts summed on the device (no host sync per batch)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.images = self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss_sum.detach()
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.images += len(labels)
+
+    def stats(self) -> PassStats:
+        n = max(self.images, 1)
+        return PassStats(self.loss.item() / n, self.correct.item() / n, self.images,
+                         time.perf_counter() - self.started, self.skipped)
+
+
+def _batch(batch, spec: TransformSpec, runtime: Runtime, totals: _Totals):
+    """Normalized images and labels on the device, undecodable images dropped (None when none is left)."""
+    images, labels, ok = batch
+    if not ok.all():
+        totals.skipped += int((~ok).sum())
+        images, labels = images[ok], labels[ok]
+        if not len(labels):
+            return None
+    x = normalize_batch(images, spec, runtime.device, runtime.channels_last)
+    return x, labels.to(runtime.device, non_blocking=True)
+
+
+def _logits(output) -> torch.Tensor:
+    """The main logits (GoogLeNet / Inception return (logits, aux...) tuples in training mode)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler, scaler: torch.amp.GradScaler, spec: TransformSpec, runtime: Runtime, desc: str,
+                progress: bool) -> PassStats:
+    """One pass over `loader` with an optimizer and scheduler step per batch (the model is in training mode)."""
+    totals = _Totals(runtime.device)
+    bar = tqdm(total=len(loader) * loader.batch_size, desc=desc, unit="img", leave=False,
+               disable=None if progress else True)
+    with bar:
+        for batch in loader:
+            moved = _batch(batch, spec, runtime, totals)
+            if moved is not None:
+                x, y = moved
+                with runtime.autocast():
+                    logits = _logits(model(x))
+                loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                totals.add(loss * len(y), logits, y)
+            scheduler.step()
+            bar.update(len(batch[1]))
+    return totals.stats()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime: Runtime) -> PassStats:
+    """Mean cross-entropy and accuracy of `model` (in eval mode) over `loader`."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = _Totals(runtime.device)
+    for batch in loader:
+        moved = _batch(batch, spec, runtime, totals)
+        if moved is not None:
+            x, y = moved
+            with runtime.autocast():
+                logits = model(x)
+            totals.add(criterion(logits.float(), y), logits, y)
+    return totals.stats()

@@ -1,0 +1,127 @@
+"""The epoch loop: freeze / unfreeze, train, validate, save the run folder, stop early; and its checkpoint state."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..preprocess import TransformSpec
+from ..runtime import Runtime
+from .checkpoint import (
+    CHECKPOINT, CURVES, FORMAT, LAST, MODEL, RunDir, cpu_state_dict, rng_state, save_torch, set_rng_state,
+)
+from .freezing import set_frozen, train_mode
+from .loop import evaluate, train_epoch
+from .report import epoch_row, summary_line, write_curves
+
+
+@dataclass
+class Trainer:
+    """A model ready to train with its optimizer, schedule and loaders, and the run folder it reports to."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    spec: TransformSpec
+    runtime: Runtime
+    frozen: set[str]
+    unfreeze_at: int | None
+    train_bn: bool
+    epochs: int
+    early_stop: int | None
+    run: RunDir
+    config: dict
+    model_meta: dict
+    progress: bool = False
+    log: Callable[[str], None] = print
+    history: list[dict] = field(default_factory=list)
+
+    # ---- where the run stands, derived from the history alone ----------------------------------------------------
+    @property
+    def best(self) -> dict | None:
+        """The best epoch's row: highest val accuracy (the earliest on ties), the last epoch without validation."""
+        if not self.history:
+            return None
+        if self.val_loader is None:
+            return self.history[-1]
+        return max(self.history, key=lambda row: (row["val_acc"], -row["epoch"]))
+
+    @property
+    def stopped_early(self) -> bool:
+        if not (self.early_stop and self.history and self.val_loader is not None):
+            return False
+        last = self.history[-1]["epoch"]
+        return last < self.epochs and last - self.best["epoch"] >= self.early_stop
+
+    # ---- training --------------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train the epochs not done yet (all of them, or those after the checkpoint's), unless stopped early."""
+        for epoch in range(len(self.history) + 1, self.epochs + 1):
+            if self.stopped_early:
+                self.log(f"early stop: no val accuracy gain in {self.early_stop} epochs (best: epoch {self.best['epoch']})")
+                return
+            self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> None:
+        unfrozen = self.unfreeze_at is not None and epoch >= self.unfreeze_at
+        set_frozen(self.model, set() if unfrozen else self.frozen)
+        if unfrozen and epoch == self.unfreeze_at:
+            self.log(f"epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--unfreeze-at)")
+        train_mode(self.model, self.train_bn)
+        lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        self.train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train = train_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.scheduler, self.scaler,
+                            self.spec, self.runtime, f"epoch {epoch}/{self.epochs}", self.progress)
+        val = evaluate(self.model, self.val_loader, self.spec, self.runtime) if self.val_loader is not None else None
+        row = epoch_row(epoch, train, val, lrs, time.perf_counter() - started)
+        self.history.append(row)
+        self._save(epoch)
+        self.log(summary_line(row, self.epochs))
+        if row["skipped_images"]:
+            self.log(f"featx: warning: {row['skipped_images']} undecodable images skipped in epoch {epoch}")
+
+    # ---- the run folder --------------------------------------------------------------------------------------------
+    def _save(self, epoch: int) -> None:
+        """model.pt (when this epoch is the best), last.pt, checkpoint.pt, then config, metrics and curves."""
+        state = cpu_state_dict(self.model)
+        row = self.history[-1]
+        weights = {"model": state, "featx": {**self.model_meta, "epoch": epoch, "val_acc": row["val_acc"]}}
+        if self.best["epoch"] == epoch:
+            save_torch(weights, self.run / MODEL)
+        save_torch(weights, self.run / LAST)
+        save_torch(self.state_dict(state, epoch), self.run / CHECKPOINT)
+        self.run.write_config(self.config)
+        self.run.write_metrics(self.history)
+        write_curves(self.history, self.run / CURVES)
+
+    def state_dict(self, model_state: dict, epoch: int) -> dict:
+        """What a resume needs, in types torch.load(weights_only=True) reads."""
+        return {
+            "format": FORMAT,
+            "epoch": epoch,
+            "model": model_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Continue after the checkpoint's epoch: weights, optimizer, schedule, scaler, RNG states and history."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.history = list(checkpoint["history"])
+        set_rng_state(checkpoint["rng"])

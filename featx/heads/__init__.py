@@ -1,0 +1,35 @@
+"""Heads on stored rows (GitHub issue #3, the small-data path): fit, save without pickles, evaluate, predict.
+
+    data.py         rows, labels and splits from featx stores and foreign HDF5/NPZ files
+    estimators.py   the head types (logistic, ridge, linear-svm, sgd, mlp) and the normalisation step
+    mlp.py          the Linear-ReLU-Dropout-Linear head (torch training, numpy inference)
+    cv.py           choosing C by k-fold cross-validation on a log grid
+    inmemory.py     training on rows in memory: CV folds in parallel, warm starts, refit
+    streaming.py    partial_fit training over store chunks (sgd)
+    model.py        Head (what users hold) and ArrayModel (the pickle-free estimator)
+    persistence.py  the head folder: atomic writes, loading without running code
+    metrics.py      metrics and the printed table;  plots.py  the PNGs
+    api.py          fit_head, evaluate;  prediction.py  predict on images or feature files
+
+The names below are imported on first use, so that `featx --help` does not load scikit-learn.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "fit_head": "api",
+    "evaluate": "api",
+    "load_head": "persistence",
+    "predict": "prediction",
+    "Predictions": "prediction",
+    "Head": "model",
+    "HEAD_TYPES": "estimators",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'featx.heads' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,164 @@
+"""`fit_head` and `evaluate`: the small-data path from stored rows to a fitted, saved and measured head."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FeatxError
+from . import cv
+from .data import Rows, open_rows, train_eval_rows
+from .estimators import CLASS_WEIGHTS, HeadOptions, get_head_type
+from .inmemory import InMemoryFit
+from .metrics import classification_metrics, regression_metrics
+from .model import Head
+from .persistence import atomic_folder, check_output, load_head, save_head
+from .plots import write_plots
+from .streaming import StreamingFit
+
+
+def fit_head(
+    data,
+    tap: str | None = None,
+    output=None,
+    *,
+    head: str | None = None,
+    normalize: str = "standard",
+    grid=None,
+    folds: int = 5,
+    class_weight: str | None = None,
+    val_split: float = 0.2,
+    seed: int = 0,
+    n_jobs: int | None = -1,
+    x: str | None = None,
+    y: str | None = None,
+    epochs: int | None = None,
+    hidden: int = 512,
+    dropout: float = 0.5,
+    chunk_rows: int = 65536,
+    joblib: bool = False,
+    plots: bool = True,
+    overwrite: bool = False,
+) -> Head:
+    """Fit a head on the rows of `tap` in `data` (a featx store, or an HDF5/NPZ file with arrays `x` and `y`).
+
+    head: 'logistic' (default; 'ridge' for float targets), 'ridge', 'linear-svm', 'sgd' (streamed) or 'mlp'.
+    Training rows are split 'train' when the file has splits, else all labelled rows less a stratified `val_split`
+    fraction held out for the metrics. C is chosen by `folds`-fold cross-validation on `grid` ('LO:HI' searched
+    per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
+    training rows. With `output` the head folder is written atomically (`overwrite` replaces a head there;
+    `joblib` adds a model.joblib pickle, `plots` the PNGs). Returns the Head, with its metrics.
+    """
+    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed)
+    if output is not None:
+        check_output(Path(output), overwrite)
+    started = time.perf_counter()
+    with open_rows(data, tap, x, y) as rows:
+        head_type = get_head_type(head, rows.task, str(rows.path))
+        train, held, held_how = train_eval_rows(rows, val_split, seed)
+        y_train, classes = _targets(rows, train)
+        options = HeadOptions(task=rows.task, class_weight=class_weight, seed=seed, epochs=epochs, hidden=hidden,
+                              dropout=dropout)
+        values, refine = cv.parse_grid(head_type.default_grid if grid is None else grid)
+        fit_started = time.perf_counter()
+        trainer_type = StreamingFit if head_type.streaming else InMemoryFit
+        trainer = trainer_type(head_type, options, rows, train, y_train, len(classes or ()), normalize, chunk_rows,
+                               n_jobs)
+        result = None
+        if len(values) > 1:
+            scoring = cv.scoring_for(rows.task, class_weight)
+            trainer.set_folds(cv.make_folds(y_train, folds, classes, seed), scoring)
+            result = cv.search(trainer.score_grid, values, refine, scoring)
+        C = result.best if result else float(values[0])
+        pipeline = trainer.fit(C)
+        fit_seconds = time.perf_counter() - fit_started
+        fitted = Head(
+            pipeline, kind=head_type.name, task=rows.task, model=head_type.model, classes=classes,
+            n_features=rows.n_features, tap=rows.tap, normalize=normalize, link=head_type.link,
+            C=C, config=rows.config, config_key=rows.config_key,
+        )
+        metrics = {
+            "head": head_type.name, "tap": rows.tap, "n_features": rows.n_features, "task": rows.task,
+            "trained_on": str(rows.path), "rows": {"train": len(train), "eval": len(held)}, "C": fitted.C,
+            "cv": result.to_dict() if result else None, "fit_seconds": fit_seconds,
+        }
+        if len(held):
+            metrics.update(evaluated_on=held_how, **_metrics_on(fitted, rows, held, chunk_rows))
+        metrics["total_seconds"] = time.perf_counter() - started
+        fitted.metrics = metrics
+    if output is not None:
+        with atomic_folder(output, overwrite) as folder:
+            save_head(fitted, folder, joblib=joblib)
+            if plots:
+                write_plots(fitted.metrics, folder)
+        fitted.path = Path(output)
+    return fitted
+
+
+def evaluate(head, data, *, split: str | None = None, tap: str | None = None, x: str | None = None,
+             y: str | None = None, trust: bool = False, chunk_rows: int = 65536) -> dict:
+    """Metrics of `head` (a Head or a head folder) on the labelled rows of `data` (a featx store or an HDF5/NPZ
+    file), or on those of one split. Returns the metrics dict (see metrics.py)."""
+    head = head if isinstance(head, Head) else load_head(head, trust=trust)
+    with open_rows(data, tap or head.tap, x, y) as rows:
+        head.check_rows(rows)
+        if (head.task == "regression") != (rows.task == "regression") and rows.task != "unlabelled":
+            raise FeatxError(f"{rows.path} holds {rows.task} data but the head is a {head.task} head")
+        selected = rows.labelled
+        where = "all labelled rows"
+        if split is not None:
+            present = sorted(set(rows.splits[selected]) - {""})
+            selected = selected & (rows.splits == split)
+            if not selected.any():
+                splits = ", ".join(present) or "none"
+                raise FeatxError(f"--split {split}: no labelled rows in {rows.path} (its splits: {splits})")
+            where = f"split {split!r}"
+        if not selected.any():
+            hint = f" ({rows.no_label_hint})" if rows.no_label_hint else ""
+            raise FeatxError(f"{rows.path} has no labels{hint}: evaluate needs labelled rows (predict works on it)")
+        index = np.flatnonzero(selected)
+        return {"head": head.kind, "tap": rows.tap, "data": str(rows.path), "rows": {"eval": len(index)},
+                "evaluated_on": where, **_metrics_on(head, rows, index, chunk_rows)}
+
+
+def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed) -> None:
+    if class_weight not in CLASS_WEIGHTS:
+        raise FeatxError(f"--class-weight {class_weight!r}: expected 'balanced' or none")
+    checks = [
+        ("--jobs", n_jobs, n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0), "a non-zero integer"),
+        ("--chunk-rows", chunk_rows, isinstance(chunk_rows, int) and chunk_rows > 0, "a positive integer"),
+        ("--epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs > 0), "a positive integer"),
+        ("--hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive integer"),
+        ("--dropout", dropout, isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a fraction in [0, 1)"),
+        ("--seed", seed, isinstance(seed, int) and seed >= 0, "an integer of 0 or more"),
+    ]
+    for option, value, ok, expected in checks:
+        if not ok:
+            raise FeatxError(f"{option} {value!r}: expected {expected}")
+
+
+def _targets(rows: Rows, train: np.ndarray):
+    """(y for training, class names) : class indices over the classes present in the training rows."""
+    if rows.task == "regression":
+        return rows.targets[train], None
+    present, y = np.unique(rows.labels[train], return_inverse=True)
+    if len(present) < 2:
+        raise FeatxError(
+            f"{rows.path}: all training rows are of class {rows.classes[present[0]]!r}; a head needs 2 or more classes"
+        )
+    return y.astype(np.int64), [rows.classes[i] for i in present]
+
+
+def _metrics_on(head: Head, rows: Rows, index: np.ndarray, chunk_rows: int) -> dict:
+    """The metrics of `head` on store rows `index`, predicted chunk by chunk."""
+    pred = np.concatenate([head.predict(block) for _, block in rows.iter_chunks(index, chunk_rows)])
+    if head.task == "regression":
+        return regression_metrics(rows.targets[index], pred)
+    true = np.asarray(rows.classes, dtype=object)[rows.labels[index]]
+    labels = [str(c) for c in head.classes_]
+    unknown = sorted(set(true) - set(labels))
+    if unknown:
+        warnings.warn(f"classes the head never saw count as errors: {', '.join(unknown)}", stacklevel=3)
+    return classification_metrics(true, pred, labels + unknown)

@@ -1,0 +1,146 @@
+"""Choosing the regularization strength C by (stratified) k-fold cross-validation on a log grid.
+
+C is the inverse regularization strength of the linear-probe protocols (large C = weak regularization); each head
+maps it onto its own parameter. A 'LO:HI' grid is searched one value per decade, then refined in quarter decades
+around the best value. Scores come from a `score_grid(values) -> (len(values), folds)` callable, so that rows in
+memory (inmemory.py: parallel folds, warm starts along C) and rows streamed from disk (streaming.py) share the search.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import FeatxError
+
+DEFAULT_GRID = "1e-6:1e5"
+REFINE_STEPS = 4  # values per decade when refining
+
+
+@dataclass
+class CVResult:
+    """Scores of every grid value on every fold, and the chosen C."""
+
+    grid: np.ndarray  # sorted C values
+    scores: np.ndarray  # (len(grid), folds)
+    scoring: str
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.scores.mean(axis=1)
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.scores.std(axis=1)
+
+    @property
+    def best(self) -> float:
+        """The C with the highest mean score; among ties (a plateau, e.g. on separable data) the middle one."""
+        mean = self.mean
+        tied = np.flatnonzero(mean >= mean.max() - 1e-12)
+        return float(self.grid[tied[(len(tied) - 1) // 2]])
+
+    def to_dict(self) -> dict:
+        return {
+            "param": "C",
+            "best": self.best,
+            "scoring": self.scoring,
+            "folds": int(self.scores.shape[1]),
+            "grid": self.grid.tolist(),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
+
+
+def parse_grid(grid) -> tuple[np.ndarray, bool]:
+    """(C values, refine?) from 'LO:HI' (one value per decade, then refined), a list of values or one value."""
+    what = f"--grid {grid!r}: expected LO:HI (a log range such as 1e-6:1e5) or positive values such as 0.1,1,10"
+    try:
+        if isinstance(grid, str) and ":" in grid:
+            lo, hi = (float(part) for part in grid.split(":"))
+            if not 0 < lo < hi:
+                raise ValueError
+            values = 10.0 ** np.arange(np.floor(np.log10(lo)), np.ceil(np.log10(hi)) + 0.5)
+            return np.clip(values, lo, hi), True
+        if isinstance(grid, str):
+            grid = grid.split(",")
+        values = np.unique(np.atleast_1d(np.asarray(grid, dtype=np.float64)))
+    except (TypeError, ValueError) as err:
+        raise FeatxError(what) from err
+    if values.size == 0 or not np.all(np.isfinite(values)) or values.min() <= 0:
+        raise FeatxError(what)
+    return values, False
+
+
+def search(score_grid, values: np.ndarray, refine: bool, scoring: str) -> CVResult:
+    """Score `values`, then (when refine) the quarter decades around the best one within the grid's range."""
+    result = CVResult(values, score_grid(values), scoring)
+    if refine and len(values) > 1:
+        best = np.log10(result.best)
+        steps = best + np.arange(-REFINE_STEPS + 1, REFINE_STEPS) / REFINE_STEPS
+        lo, hi = np.log10(values[0]), np.log10(values[-1])
+        extra = 10.0 ** steps[(steps > lo) & (steps < hi) & (steps != best)]
+        extra = extra[~np.isin(extra, values)]
+        if extra.size:
+            grid = np.concatenate([values, extra])
+            order = np.argsort(grid)
+            result = CVResult(grid[order], np.concatenate([result.scores, score_grid(extra)])[order], scoring)
+    return result
+
+
+def make_folds(y: np.ndarray, folds: int, classes: list[str] | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs: stratified for classification (y = class indices), shuffled k-fold for regression.
+
+    When the rarest class has fewer rows than `folds`, fewer folds are used, with a warning.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if not isinstance(folds, int) or folds < 2:
+        raise FeatxError(f"--folds {folds!r}: expected an integer of 2 or more")
+    if classes is None:
+        k = min(folds, len(y))
+        if k < 2:
+            raise FeatxError(f"cross-validation needs at least 2 training rows, got {len(y)}")
+        return list(KFold(k, shuffle=True, random_state=seed).split(y))
+    counts = np.bincount(y, minlength=len(classes))
+    present = np.flatnonzero(counts)
+    rarest = present[np.argmin(counts[present])]
+    k = min(folds, int(counts[rarest]))
+    if k < 2:
+        raise FeatxError(
+            f"class {classes[rarest]!r} has only 1 training row: cross-validation needs 2 or more per class "
+            f"(add rows, or fix C with a single --grid value)"
+        )
+    if k < folds:
+        warnings.warn(
+            f"class {classes[rarest]!r} has only {counts[rarest]} training rows: using {k} cross-validation folds "
+            f"instead of {folds}",
+            stacklevel=2,
+        )
+    return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def scoring_for(task: str, class_weight) -> str:
+    """accuracy for classification (balanced accuracy with balanced class weights), R² for regression."""
+    if task == "regression":
+        return "r2"
+    return "balanced_accuracy" if class_weight == "balanced" else "accuracy"
+
+
+def confusion_score(confusion: np.ndarray, scoring: str) -> float:
+    """accuracy or balanced accuracy (mean recall over the classes present) from a confusion matrix."""
+    if scoring == "accuracy":
+        return float(np.trace(confusion) / max(confusion.sum(), 1))
+    support = confusion.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(confusion)[present] / support[present]))
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, scoring: str, n_classes: int) -> float:
+    if scoring == "r2":
+        from sklearn.metrics import r2_score
+
+        return float(r2_score(y_true, y_pred))
+    confusion = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, -1)
+    return confusion_score(confusion, scoring)

@@ -1,0 +1,158 @@
+"""`predict`: a head applied to images (through the extractor rebuilt from its config, via a cache store) or
+directly to the rows of a feature file (a featx store, or HDF5/NPZ with --x)."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FeatxError
+from .data import open_rows
+from .model import Head
+from .persistence import load_head
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".he5", ".npz")
+
+
+@dataclass
+class Predictions:
+    """One prediction per row: `names` (image paths or row numbers), `predicted` (class names, or values for
+    regression) and `scores` (rows x classes): probabilities when `probabilities`, else decision scores."""
+
+    names: np.ndarray
+    predicted: np.ndarray
+    classes: list[str] | None
+    scores: np.ndarray | None
+    probabilities: bool
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def score_name(self) -> str:
+        return "probability" if self.probabilities else "score"
+
+    def _top(self, i: int, top_k: int):
+        order = np.argsort(-self.scores[i], kind="stable")[:top_k]
+        return [(self.classes[j], float(self.scores[i, j])) for j in order]
+
+    def records(self, top_k: int | None = None) -> list[dict]:
+        """One dict per row: path, predicted, and per-class probabilities (or scores), or the `top_k` best."""
+        _check_top_k(top_k)
+        out = []
+        for i, name in enumerate(self.names):
+            record = {"path": str(name), "predicted": _plain(self.predicted[i])}
+            if self.scores is not None and top_k:
+                record["top_k"] = [{"class": c, self.score_name: s} for c, s in self._top(i, top_k)]
+            elif self.scores is not None:
+                record["probabilities" if self.probabilities else "scores"] = dict(
+                    zip(self.classes, map(float, self.scores[i])))
+            out.append(record)
+        return out
+
+    def write_csv(self, file, top_k: int | None = None) -> None:
+        """CSV: path, predicted, then one column per class (p_<class> or score_<class>), or class_i, p_i pairs."""
+        _check_top_k(top_k)
+        prefix = "p" if self.probabilities else "score"
+        writer = csv.writer(file, lineterminator="\n")
+        header = ["path", "predicted"]
+        if self.scores is not None and top_k:
+            k = min(top_k, len(self.classes))
+            header += [col for r in range(1, k + 1) for col in (f"class_{r}", f"{prefix}_{r}")]
+        elif self.scores is not None:
+            header += [f"{prefix}_{c}" for c in self.classes]
+        writer.writerow(header)
+        for i, name in enumerate(self.names):
+            row = [name, _plain(self.predicted[i])]
+            if self.scores is not None and top_k:
+                row += [v for c, s in self._top(i, top_k) for v in (c, f"{s:.6g}")]
+            elif self.scores is not None:
+                row += [f"{s:.6g}" for s in self.scores[i]]
+            writer.writerow(row)
+
+
+def _check_top_k(top_k) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise FeatxError(f"--top-k {top_k!r}: expected a positive integer")
+
+
+def _plain(value):
+    return float(value) if isinstance(value, (float, np.floating)) else str(value)
+
+
+def is_feature_file(data) -> bool:
+    """Whether DATA names a feature file (.h5/.hdf5/.npz) rather than images."""
+    return Path(str(data)).suffix.lower() in FEATURE_SUFFIXES
+
+
+def predict(head, data, *, store=None, x: str | None = None, trust: bool = False, batch_size: int = 64,
+            device: str = "auto", workers: int | None = None, chunk_rows: int = 65536, progress: bool = False,
+            log=None) -> Predictions:
+    """Apply `head` (a Head or a head folder; a model.joblib only with trust=True) to `data`.
+
+    data is images (ImageFolder, CSV, list: their features are extracted with the head's backbone, weights, tap,
+    pooling and transform into the cache store `store`, by default HEAD_DIR/cache/, so repeated runs compute only
+    new images) or a feature file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
+    """
+    head = head if isinstance(head, Head) else load_head(head, trust=trust)
+    failed = []
+    if is_feature_file(data):
+        path = data
+    else:
+        path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
+    with open_rows(path, head.tap if x is None else None, x) as rows:
+        head.check_rows(rows)
+        parts = [(index, _apply(head, block)) for index, block in rows.iter_chunks(None, chunk_rows)]
+        names = rows.names
+    predicted = np.concatenate([p for _, (p, _) in parts]) if parts else np.empty(0)
+    scores = np.concatenate([s for _, (_, s) in parts]) if parts and head.task != "regression" else None
+    classes = None if head.classes_ is None else [str(c) for c in head.classes_]
+    return Predictions(names, predicted, classes, scores, head.has_proba, failed)
+
+
+def _apply(head: Head, block: np.ndarray):
+    """(predictions, per-class scores) of one block: probabilities, or decision scores (binary: -s, s)."""
+    predicted = head.predict(block)
+    if head.task == "regression":
+        return predicted, None
+    if head.has_proba:
+        return predicted, head.predict_proba(block)
+    scores = head.decision_function(block)
+    return predicted, np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
+
+
+def _extract(head: Head, data, store, batch_size, device, workers, progress, log):
+    """Extract `data` with the head's extractor into the cache store; returns (store path, failed images).
+
+    The weights' sha256 must be the head's: a weights file is checked before any work, and the extracted store's
+    config after (torchvision's cached files)."""
+    from ..backbones import sha256_file
+    from ..extract import extract, extract_options_from_config
+
+    if not head.config:
+        raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
+                         "(.h5/.npz with --x), not images")
+    if store is None:
+        if head.path is None:
+            raise FeatxError("an unsaved head needs store= (a .h5 path for the images' features) to predict on images")
+        store = Path(head.path) / "cache" / f"{(head.config_key or 'features')[:16]}.h5"
+    options = {**extract_options_from_config(head.config), "taps": [head.tap]}
+    weights_file = head.config.get("weights_path")
+    if weights_file and Path(weights_file).is_file():
+        _check_weights(head, weights_file, sha256_file(weights_file))
+    result = extract(data, store, **options, batch_size=batch_size, device=device, workers=workers,
+                     progress=progress, log=log)
+    _check_weights(head, options["weights"], result.config.get("weights_sha256"))
+    return result.store_path, result.failed
+
+
+def _check_weights(head: Head, weights: str, sha256: str | None) -> None:
+    expected = head.config.get("weights_sha256")
+    if sha256 != expected:
+        raise FeatxError(
+            f"weights {weights} have sha256 {str(sha256)[:16]}..., but the head was trained on features of weights "
+            f"with sha256 {str(expected)[:16]}...: use the weights file the head was trained with"
+        )

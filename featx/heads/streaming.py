@@ -1,0 +1,101 @@
+"""Heads trained by streaming the store: chunks of rows go through `partial_fit`, so stores larger than memory train.
+
+Passes over the training rows: one fits the normaliser (and finds NaN/inf rows); cross-validation then trains one
+model per (C, fold) for `epochs` shuffled passes and scores each on its held-out fold in one more pass; the final
+model takes `epochs` passes over all training rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .cv import confusion_score
+from .data import Rows, nonfinite_error
+from .estimators import balanced_weights, make_normalizer
+
+DEFAULT_EPOCHS = 5
+
+
+class StreamingFit:
+    """Streamed training of one head type on store rows `train` (sorted) with class indices `y`."""
+
+    def __init__(self, head_type, options, rows: Rows, train: np.ndarray, y: np.ndarray, n_classes: int,
+                 normalize: str, chunk_rows: int, n_jobs: int | None):
+        if options.class_weight == "balanced":  # partial_fit takes class weights only as a dict
+            options = dataclasses.replace(options, class_weight=balanced_weights(y, n_classes))
+        self.head_type, self.options, self.rows = head_type, options, rows
+        self.train, self.y, self.classes = train, y, np.arange(n_classes)
+        self.chunk_rows, self.n_jobs = chunk_rows, n_jobs
+        self.epochs = options.epochs or DEFAULT_EPOCHS
+        self.normalizer = self._fit_normalizer(make_normalizer(normalize))
+        self.fold_of: np.ndarray | None = None
+        self.scoring = "accuracy"
+
+    def _fit_normalizer(self, normalizer):
+        """One pass: fit the normaliser (stateless ones on a zero row) and refuse NaN/inf rows, all counted."""
+        bad = []
+        if not hasattr(normalizer, "partial_fit"):
+            normalizer.fit(np.zeros((1, self.rows.n_features), dtype=np.float32))
+        for index, block in self.rows.iter_chunks(self.train, self.chunk_rows, check=False):
+            finite = np.isfinite(block).all(axis=1)
+            bad.append(index[~finite])
+            if hasattr(normalizer, "partial_fit") and finite.any():
+                normalizer.partial_fit(block[finite])
+        bad = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
+        if bad.size:
+            raise nonfinite_error(self.rows, bad)
+        return normalizer
+
+    def set_folds(self, folds, scoring: str) -> None:
+        """Use (train, test) position pairs from cv.make_folds for `score_grid`."""
+        self.fold_of = np.empty(len(self.train), dtype=np.int64)
+        for f, (_, test) in enumerate(folds):
+            self.fold_of[test] = f
+        self.scoring = scoring
+
+    def _chunks(self, epoch: int | None):
+        """(positions in `train`, normalised block) per chunk; shuffled differently in every epoch."""
+        seed = None if epoch is None else self.options.seed + epoch
+        for index, block in self.rows.iter_chunks(self.train, self.chunk_rows, seed=seed, check=False):
+            yield np.searchsorted(self.train, index), self.normalizer.transform(block)
+
+    def _update(self, model, X, y) -> None:
+        if len(y):
+            model.partial_fit(X, y, classes=self.classes)
+
+    def score_grid(self, values: np.ndarray) -> np.ndarray:
+        """(len(values), folds) held-out scores, training every (C, fold) model in the same passes (in threads:
+        SGD's inner loop releases the GIL)."""
+        from joblib import Parallel, delayed
+
+        n_folds = int(self.fold_of.max()) + 1
+        sizes = np.bincount(self.fold_of, minlength=n_folds)
+        models = [[self.head_type.build(C, len(self.train) - sizes[f], self.options) for f in range(n_folds)]
+                  for C in values]
+        with Parallel(n_jobs=self.n_jobs, backend="threading") as parallel:
+            for epoch in range(self.epochs):
+                for pos, X in self._chunks(epoch):
+                    parts = [(X[keep], self.y[pos][keep]) for keep in (self.fold_of[pos] != f for f in range(n_folds))]
+                    parallel(delayed(self._update)(per_fold[f], *parts[f])
+                             for per_fold in models for f in range(n_folds))
+        k = len(self.classes)
+        confusion = np.zeros((len(values), n_folds, k, k), dtype=np.int64)
+        for pos, X in self._chunks(None):
+            for f in range(n_folds):
+                held = self.fold_of[pos] == f
+                if held.any():
+                    for g, per_fold in enumerate(models):
+                        np.add.at(confusion[g, f], (self.y[pos][held], per_fold[f].predict(X[held])), 1)
+        return np.array([[confusion_score(confusion[g, f], self.scoring) for f in range(n_folds)]
+                         for g in range(len(values))])
+
+    def fit(self, C: float):
+        """The final model at C on all training rows, as Pipeline([('normalize', ...), ('head', model)])."""
+        from sklearn.pipeline import Pipeline
+
+        model = self.head_type.build(C, len(self.train), self.options)
+        for epoch in range(self.epochs):
+            for pos, X in self._chunks(epoch):
+                self._update(model, X, self.y[pos])
+        return Pipeline([("normalize", self.normalizer), ("head", model)])

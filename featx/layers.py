@@ -1,0 +1,313 @@
+"""Where a backbone can be tapped: its graph nodes, their output shapes, and the usual taps (stages, penultimate).
+
+Taps are the node names of ``torchvision.models.feature_extraction``: a leaf node ('layer1.1.relu_1') or a module
+name ('layer1'), which stands for the last node inside that module. Everything here is derived from the traced
+eval graph and one probe forward pass, never from a table per model family.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs, create_feature_extractor
+from torchvision.ops import Permute
+
+from .errors import FeatxError
+from .pooling import POOLINGS, pooled_shape
+
+REFERENCE_SIZE = 224  # usual taps are decided at the size the models were designed for, whatever --image-size says
+TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+NOT_TAPS = ("placeholder", "get_attr", "output")  # the input image, parameters, the return statement
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+ITEMSIZE = {"float32": 4, "float16": 2}
+MAX_LISTED = 16
+
+
+@dataclass
+class LayerInfo:
+    """One tap: its per-image output shape, and the row it gives after pooling."""
+
+    name: str
+    shape: tuple[int, ...]
+    pooled_dim: int
+    bytes_per_image: int  # at float32
+    usual: str = ""  # '' | 'stage' | 'penultimate' | 'output'
+    channels_last: bool = False  # the shape is (H, W, C) (Swin, ConvNeXt block internals)
+
+
+class _Graph:
+    """The model's eval-mode fx graph, with the node names taps are given by and each node's memory layout."""
+
+    def __init__(self, model: nn.Module):
+        tracer = NodePathTracer(**_set_default_tracer_kwargs(None))
+        was_training = model.training
+        try:
+            graph = tracer.trace(model.eval())
+        finally:
+            model.train(was_training)
+        self.model = model
+        self.name_of: dict[fx.Node, str] = dict(tracer.node_to_qualname)
+        self.node: dict[str, fx.Node] = {name: node for node, name in self.name_of.items()}
+        self.names = list(self.node)
+        self.output = next(node for node in graph.nodes if node.op == "output")
+        self.nhwc = self._layouts(graph)
+
+    def resolve(self, tap: str) -> str | None:
+        """The node a tap stands for: the node of that name, or the last node inside the module of that name."""
+        prefix = tap + "."
+        return next((name for name in reversed(self.names) if name == tap or name.startswith(prefix)), None)
+
+    def taps(self) -> list[str]:
+        """Every node whose output is a layer output (not the input, a parameter, or the return)."""
+        return [name for name in self.names if self.node[name].op not in NOT_TAPS]
+
+    def is_permute(self, name: str) -> bool:
+        return self._permute_dims(self.node[name]) is not None
+
+    def _permute_dims(self, node: fx.Node) -> tuple | None:
+        """The dims of a permute node (method, function or torchvision's Permute module), None for other nodes."""
+        if node.op == "call_module":
+            module = self.model.get_submodule(node.target)
+            return tuple(module.dims) if isinstance(module, Permute) else None
+        if (node.op, node.target) not in (("call_method", "permute"), ("call_function", torch.permute)):
+            return None
+        dims = node.args[1:] or (node.kwargs.get("dims"),)
+        return tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+
+    def _layouts(self, graph: fx.Graph) -> dict[str, bool]:
+        """Node name -> True when its 4-D output is (N, H, W, C): set by NCHW->NHWC permutes, undone by the reverse."""
+        nhwc: dict[fx.Node, bool] = {}
+        for node in graph.nodes:
+            dims = self._permute_dims(node)
+            if dims in (TO_NHWC, TO_NCHW):
+                nhwc[node] = dims == TO_NHWC
+            else:
+                nhwc[node] = next((nhwc[n] for n in node.all_input_nodes if n in nhwc), False)
+        return {self.name_of[node]: flag for node, flag in nhwc.items() if node in self.name_of}
+
+
+def model_label(model: nn.Module) -> str:
+    """The backbone name load_backbone tagged the model with, else its class name."""
+    return getattr(model, "featx_backbone", type(model).__name__)
+
+
+def final_layer(model: nn.Module) -> str | None:
+    """Dotted name of the model's last registered nn.Linear (its classifier), else of its last Conv2d (SqueezeNet)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return (linears or convs or [None])[-1]
+
+
+def valid_taps(model: nn.Module) -> list[str]:
+    """Every eval-mode graph node that can be tapped, in forward order (module names are accepted too)."""
+    return _Graph(model).taps()
+
+
+def is_channels_last(model: nn.Module, tap: str) -> bool:
+    """True when the tap's 4-D output is (N, H, W, C), as in Swin's stages, so pooling must permute it."""
+    graph = _Graph(model)
+    node = graph.resolve(tap)
+    return bool(node and graph.nhwc.get(node, False))
+
+
+def penultimate_node(model: nn.Module) -> str:
+    """The node feeding the final classifier: 'flatten' (resnet), 'classifier.5' (vgg), the class token (vit)."""
+    return _penultimate(_Graph(model), model)
+
+
+def _penultimate(graph: _Graph, model: nn.Module) -> str:
+    head = final_layer(model)
+    node = graph.node.get(head) if head else None
+    if node is None or not node.all_input_nodes:
+        raise FeatxError(f"cannot find the classifier of {model_label(model)}: name the taps with -l")
+    return graph.name_of[node.all_input_nodes[0]]
+
+
+def _output_node(graph: _Graph) -> str | None:
+    """The node whose value the model returns (its logits), when it returns a single tensor."""
+    value = graph.output.args[0]
+    return graph.name_of.get(value) if isinstance(value, fx.Node) else None
+
+
+def _module_rows(model: nn.Module) -> list[str]:
+    """Top-level modules, the blocks of top-level containers ('features.3', 'layer1.0'), and the blocks of a
+    top-level module's only container child (ViT's 'encoder.layers.encoder_layer_3')."""
+    rows = []
+    for name, module in model.named_children():
+        rows.append(name)
+        if isinstance(module, CONTAINERS):
+            rows += [f"{name}.{child}" for child, _ in module.named_children()]
+            continue
+        inner = [(sub, child) for sub, child in module.named_children() if isinstance(child, CONTAINERS)]
+        if len(inner) == 1:
+            sub, child = inner[0]
+            rows += [f"{name}.{sub}.{block}" for block, _ in child.named_children()]
+    return rows
+
+
+def _default_rows(graph: _Graph, model: nn.Module, extra: list[str]) -> dict[str, str]:
+    """Tap name -> node for the module rows plus the `extra` nodes, in forward order; one name per node: an extra
+    node keeps its own name, else the shallowest module name wins ('layer1' over 'layer1.1')."""
+    by_node: dict[str, str] = {}
+    for name in _module_rows(model):
+        node = graph.resolve(name)
+        if node is None or graph.node[node].op in NOT_TAPS:
+            continue
+        if node not in by_node or name.count(".") < by_node[node].count("."):
+            by_node[node] = name
+    by_node.update({node: node for node in extra})
+    order = {name: i for i, name in enumerate(graph.names)}
+    return {by_node[node]: node for node in sorted(by_node, key=order.__getitem__)}
+
+
+def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int, ...]]:
+    """Per-image output shapes of `nodes` on one zeros image of size x size; nodes without a tensor are left out."""
+    fixed = getattr(model, "image_size", None)  # ViT is built for one input size
+    if isinstance(fixed, int) and size != fixed:
+        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
+    extractor = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True).eval()
+    try:
+        with torch.inference_mode():
+            outputs = extractor(torch.zeros(1, 3, size, size))
+    except Exception as err:  # shape asserts, too-small maps: any failure means this size does not fit the model
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:150]
+        raise FeatxError(
+            f"--image-size {size}: {model_label(model)} cannot run on {size}x{size} images ({reason})"
+        ) from err
+    return {
+        name: tuple(out.shape[1:])
+        for name, out in outputs.items()
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 1
+    }
+
+
+def _reference_size(model: nn.Module) -> int:
+    """The input size the architecture is built for (ViT stores it; convnets take 224)."""
+    size = getattr(model, "image_size", REFERENCE_SIZE)
+    return size if isinstance(size, int) else REFERENCE_SIZE
+
+
+def _spatial(shape: tuple[int, ...], nhwc: bool) -> tuple[int, ...]:
+    return shape[:2] if nhwc else shape[1:]
+
+
+def _stages(graph: _Graph, rows: dict[str, str], shapes: dict[str, tuple[int, ...]], penultimate: str) -> list[str]:
+    """Rows before the penultimate node that end a resolution stage: a spatial map whose next row (layout permutes
+    skipped) is a map of another size or no map at all (global pooling); not a map followed by tokens (a ViT patch
+    embedding)."""
+    trunk = list(rows)[: list(rows.values()).index(penultimate) + 1]
+    tensors = [name for name in trunk if rows[name] in shapes and not graph.is_permute(rows[name])]
+    stages = []
+    for name, following in zip(tensors, tensors[1:] + [None]):
+        shape, nhwc = shapes[rows[name]], graph.nhwc.get(rows[name], False)
+        if len(shape) != 3 or math.prod(_spatial(shape, nhwc)) <= 1:
+            continue
+        if following is None:
+            stages.append(name)
+            continue
+        nxt, nxt_nhwc = shapes[rows[following]], graph.nhwc.get(rows[following], False)
+        if len(nxt) == 1 or (len(nxt) == 3 and _spatial(nxt, nxt_nhwc) != _spatial(shape, nhwc)):
+            stages.append(name)
+    return stages
+
+
+def _usual(graph: _Graph, model: nn.Module):
+    """(rows, shapes, node -> mark): the default rows, their shapes at the reference size, and the usual taps."""
+    penultimate = _penultimate(graph, model)
+    output = _output_node(graph)
+    rows = _default_rows(graph, model, [penultimate] + ([output] if output else []))
+    shapes = _probe(model, list(rows.values()), _reference_size(model))
+    marks = {rows[name]: "stage" for name in _stages(graph, rows, shapes, penultimate)}
+    marks[penultimate] = "penultimate"
+    if output:
+        marks[output] = "output"
+    return rows, shapes, marks
+
+
+def usual_taps(model: nn.Module) -> list[str]:
+    """Stage outputs and the penultimate node, in forward order: the taps worth storing."""
+    rows, _, marks = _usual(_Graph(model), model)
+    return [name for name, node in rows.items() if marks.get(node) in ("stage", "penultimate")]
+
+
+def check_taps(model: nn.Module, taps) -> None:
+    """FeatxError unless every tap names a node (or module) of the model, and no two taps name the same node."""
+    graph = _Graph(model)
+    seen: dict[str, str] = {}
+    for tap in taps:
+        node = graph.resolve(tap)
+        if node is None:
+            raise FeatxError(_unknown_tap(graph, model, tap))
+        if node in seen:
+            raise FeatxError(
+                f"-l {seen[node]} and -l {tap} are the same node of {model_label(model)} ({node}): keep one"
+            )
+        seen[node] = tap
+
+
+def _unknown_tap(graph: _Graph, model: nn.Module, tap: str) -> str:
+    label = model_label(model)
+    rows = list(_default_rows(graph, model, []))
+    shown = ", ".join(rows[:MAX_LISTED]) + (", ..." if len(rows) > MAX_LISTED else "")
+    return (
+        f"-l {tap}: unknown tap for {label}; valid taps include {shown} "
+        f"(featx layers {label} --all lists all {len(graph.taps())})"
+    )
+
+
+def describe_layers(
+    model: nn.Module, image_size: int = 224, pooling: str = "avg", include_all: bool = False
+) -> list[LayerInfo]:
+    """The taps of `model` with their output shapes at image_size x image_size and their pooled row sizes.
+
+    By default: top-level modules, stage blocks and the usual taps; `include_all` lists every graph node.
+    """
+    if pooling not in POOLINGS:
+        raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    graph = _Graph(model)
+    rows, shapes, marks = _usual(graph, model)
+    if include_all:
+        rows = {name: name for name in graph.taps()}
+    if include_all or image_size != _reference_size(model):
+        shapes = _probe(model, list(rows.values()), image_size)
+    infos = []
+    for name, node in rows.items():
+        if node not in shapes:
+            continue
+        nhwc = graph.nhwc.get(node, False) and len(shapes[node]) == 3
+        dim = math.prod(pooled_shape(shapes[node], pooling, nhwc))
+        infos.append(LayerInfo(name, shapes[node], dim, dim * ITEMSIZE["float32"], marks.get(node, ""), nhwc))
+    return infos
+
+
+def _human_bytes(n: float) -> str:
+    """2048000 -> '2.0 MB' (decimal units, as extract's summary)."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = 0
+    while n >= 1000 and power < len(units) - 1:
+        n /= 1000
+        power += 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
+
+
+def format_layers_table(infos: list[LayerInfo], n_images: int | None = None, dtype: str = "float32") -> str:
+    """An aligned text table of taps; with `n_images`, the store size those rows take at `dtype`."""
+    if dtype not in ITEMSIZE:
+        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(ITEMSIZE)}")
+    itemsize = ITEMSIZE[dtype]
+    header = ["tap", "output shape", "row dim", f"bytes/image ({dtype})"]
+    if n_images:
+        header.append(f"store for {n_images:,} images")
+    header.append("usual")
+    lines = [header]
+    for info in infos:
+        shape = "x".join(str(s) for s in info.shape) + (" (HWC)" if info.channels_last else "")
+        row_bytes = info.pooled_dim * itemsize
+        cells = [info.name, shape, str(info.pooled_dim), f"{row_bytes:,}"]
+        if n_images:
+            cells.append(_human_bytes(row_bytes * n_images))
+        lines.append(cells + [info.usual])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

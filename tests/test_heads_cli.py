@@ -1,0 +1,106 @@
+"""`featx fit-head`, `featx predict`, `featx evaluate` through the command line, and predict on images: the head's
+extractor is rebuilt from its config and gives the same predictions as the store rows."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featx import fit_head
+from featx.cli import main
+from featx.errors import FeatxError
+from featx.heads import predict
+from heads_support import blob_store, write_rows
+from imagegen import make_image_folder
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fit_predict_evaluate_commands(tmp_path):
+    X, _ = blob_store(tmp_path / "s.h5")
+    fit = run("fit-head", tmp_path / "s.h5", "-l", "avgpool", "-o", tmp_path / "head", "--grid", "0.01:100", "--no-plots")
+    assert fit.exit_code == 0, fit.output
+    assert "5-fold CV accuracy" in fit.output and "accuracy   1.0000" in fit.output and "head written to" in fit.output
+
+    out = run("predict", tmp_path / "head", tmp_path / "s.h5", "-o", tmp_path / "p.csv")
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "p.csv").read_text())))
+    assert list(rows[0]) == ["path", "predicted", "p_ants", "p_bees", "p_wasps"] and len(rows) == 90
+    assert rows[0]["path"] == "img/0000.png" and rows[0]["predicted"] == "ants"
+
+    top = run("predict", tmp_path / "head", tmp_path / "s.h5", "--json", "--top-k", "2")
+    records = json.loads(top.output)
+    assert records[-1]["predicted"] == "wasps" and [c["class"] for c in records[-1]["top_k"]][0] == "wasps"
+    assert len(records[-1]["top_k"]) == 2 and 0.5 < records[-1]["top_k"][0]["probability"] <= 1
+
+    ev = run("evaluate", tmp_path / "head", tmp_path / "s.h5", "--split", "val", "--json")
+    assert ev.exit_code == 0 and json.loads(ev.output)["rows"] == {"eval": 18}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit-head", "{d}/u.h5", "-l", "avgpool", "-o", "{d}/h"], "has no labels: fitting a head needs labelled rows"),
+    (["predict", "{d}/head/model.joblib", "{d}/s.h5"], "model.joblib is a pickle: loading it can run arbitrary code"),
+    (["evaluate", "{d}/nohead", "{d}/s.h5"], "not a featx head folder"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    X, _ = blob_store(tmp_path / "s.h5")
+    write_rows(tmp_path / "u.h5", X)
+    (tmp_path / "nohead").mkdir()
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, joblib=True, plots=False)
+    result = run(*[a.format(d=tmp_path) for a in args])
+    assert result.exit_code == 2 and message in result.output
+    assert result.output.startswith("featx: error: ") and result.output.count("\n") == 1
+
+
+def test_predict_on_images_equals_predict_on_the_store(tmp_path):
+    from featx.extract import extract
+
+    data = make_image_folder(tmp_path / "data", classes=("ants", "bees", "wasps"), per_class=5)
+    extract(data, tmp_path / "s.h5", backbone="resnet18", weights="none", taps=["layer3", "avgpool"],
+            image_size=32, batch_size=8, workers=0)
+    head = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
+    on_images = predict(tmp_path / "head", data, workers=0)
+    on_store = predict(head, tmp_path / "s.h5")
+    assert list(on_images.names) == list(on_store.names) and len(on_images) == 15
+    np.testing.assert_array_equal(on_images.predicted, on_store.predicted)
+    np.testing.assert_allclose(on_images.scores, on_store.scores, rtol=1e-5, atol=1e-6)
+    assert list((tmp_path / "head" / "cache").glob("*.h5"))
+
+    out = run("predict", tmp_path / "head", data, "--workers", "0", "-q")
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[1].split(",")[:2] == [on_store.names[0], on_store.predicted[0]]
+
+
+def test_predict_on_images_refuses_other_weights(tmp_path):
+    blob_store(tmp_path / "s.h5")  # its config claims weights sha256 'aaaa...' for resnet18 / none
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    with pytest.raises(FeatxError, match=r"weights none have sha256 .*, but the head was trained on features of "
+                                         r"weights with sha256 aaaaaaaaaaaaaaaa"):
+        predict(tmp_path / "head", data, workers=0)
+
+
+def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
+    import torch
+    import torchvision
+
+    from featx.extract import extract
+
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    extract(data, tmp_path / "s.h5", backbone="resnet18", weights=str(weights), taps=["avgpool"], image_size=32,
+            workers=0)
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    with pytest.raises(FeatxError, match=r"weights .*w.pth have sha256 .*: use the weights file the head was trained with"):
+        predict(tmp_path / "head", data, workers=0)
+    assert not (tmp_path / "head" / "cache").exists()

@@ -1,0 +1,171 @@
+"""Heads on awkward input: foreign HDF5/NPZ files, bad stores and options (one-line errors), the head folder's
+write rules, metrics and plots."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from featx import evaluate, fit_head, load_head
+from featx.errors import FeatxError
+from featx.heads import predict
+from featx.heads.metrics import classification_metrics, metrics_table
+from heads_support import CONFIG, blob_store, blobs, every_fifth_val, write_rows
+
+
+def test_foreign_npz_with_string_labels(tmp_path):
+    X, y = blobs(60, 5, 2, seed=1)
+    np.savez(tmp_path / "emb.npz", X=X, y=np.array(["cat", "dog"])[y], extra=np.zeros(3))
+    head = fit_head(tmp_path / "emb.npz", output=tmp_path / "head", grid="0.1:10", plots=False)
+    assert list(head.classes_) == ["cat", "dog"] and head.config is None and head.tap == "X"
+    assert head.metrics["evaluated_on"].startswith("stratified 0.2 hold-out") and head.metrics["accuracy"] >= 0.9
+    assert head.metrics["rows"] == {"train": 48, "eval": 12}
+    assert evaluate(tmp_path / "head", tmp_path / "emb.npz")["accuracy"] >= 0.9
+    assert list(predict(tmp_path / "head", tmp_path / "emb.npz").predicted[:2]) == ["cat", "cat"]
+
+
+def test_foreign_hdf5_needs_keys_when_ambiguous(tmp_path):
+    X, y = blobs(60, 5, 2, seed=2)
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["emb/a"], h5["emb/b"], h5["meta/kind"], h5["meta/id"] = X, X[:, :3], y, np.arange(60)
+    with pytest.raises(FeatxError, match=r"which array holds the features\? pass --x KEY .*emb/a \(60, 5\)"):
+        fit_head(tmp_path / "other.h5")
+    with pytest.raises(FeatxError, match=r"has no labels \(pass --y KEY \(vectors of 60 values: meta/id, meta/kind\)\)"):
+        fit_head(tmp_path / "other.h5", x="emb/a")
+    head = fit_head(tmp_path / "other.h5", x="emb/a", y="meta/kind", grid=1.0)
+    assert list(head.classes_) == ["0", "1"] and head.metrics["accuracy"] >= 0.9
+    with pytest.raises(FeatxError, match=r"--y meta/nope: no such array"):
+        fit_head(tmp_path / "other.h5", x="emb/a", y="meta/nope")
+
+
+def test_featx_store_read_as_plain_hdf5(tmp_path):
+    blob_store(tmp_path / "s.h5")
+    head = fit_head(tmp_path / "s.h5", x="features/avgpool", y="items/label", grid=1.0)
+    assert head.config is None and list(head.classes_) == ["0", "1", "2"]
+
+
+def test_unlabelled_store_refuses_fit_but_predicts(tmp_path):
+    X, _ = blob_store(tmp_path / "s.h5")
+    head = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False)
+    write_rows(tmp_path / "u.h5", X)
+    with pytest.raises(FeatxError, match=r"u.h5 has no labels: fitting a head needs labelled rows \(predict works on it\)"):
+        fit_head(tmp_path / "u.h5", "avgpool")
+    with pytest.raises(FeatxError, match="evaluate needs labelled rows"):
+        evaluate(head, tmp_path / "u.h5")
+    result = predict(tmp_path / "head", tmp_path / "u.h5")
+    assert list(result.names[:2]) == ["img/0000.png", "img/0001.png"]
+    np.testing.assert_array_equal(result.predicted, head.predict(X))
+    np.testing.assert_allclose(result.scores, head.predict_proba(X))
+
+
+def test_taps_must_be_named_and_known(tmp_path):
+    blob_store(tmp_path / "s.h5")
+    with pytest.raises(FeatxError, match=r"holds several taps \(avgpool, layer4\): choose one with -l/--layer"):
+        fit_head(tmp_path / "s.h5")
+    with pytest.raises(FeatxError, match=r"-l fc: no such tap in .*s.h5; it holds: avgpool, layer4"):
+        fit_head(tmp_path / "s.h5", "fc")
+
+
+def test_class_problems(tmp_path):
+    X, y = blobs(60, 4, 3)
+    write_rows(tmp_path / "one.h5", X, np.zeros(60, dtype=int), splits=every_fifth_val(60))
+    with pytest.raises(FeatxError, match="all training rows are of class 'ants'; a head needs 2 or more classes"):
+        fit_head(tmp_path / "one.h5", "avgpool")
+    y_rare = np.where(np.arange(60) < 3, 2, y % 2)  # 'wasps' has 3 rows, all for training
+    write_rows(tmp_path / "rare.h5", X, y_rare, splits=["train"] * 60)
+    with pytest.warns(UserWarning, match="class 'wasps' has only 3 training rows: using 3 cross-validation folds"):
+        head = fit_head(tmp_path / "rare.h5", "avgpool", val_split=0, grid="0.1,1")
+    assert head.metrics["cv"]["folds"] == 3
+    y_single = np.where(np.arange(60) == 0, 2, y % 2)
+    write_rows(tmp_path / "single.h5", X, y_single, splits=["train"] * 60)
+    with pytest.raises(FeatxError, match="class 'wasps' has only 1 training row: cross-validation needs 2 or more"):
+        fit_head(tmp_path / "single.h5", "avgpool", val_split=0)
+    assert fit_head(tmp_path / "single.h5", "avgpool", val_split=0, grid=1.0).C == 1.0
+
+
+@pytest.mark.parametrize("kind", ["logistic", "sgd"])
+def test_nan_rows_are_named(tmp_path, kind):
+    X, y = blobs(60, 4, 2)
+    X[[5, 17, 30], 1] = [np.nan, np.inf, np.nan]
+    write_rows(tmp_path / "bad.h5", X, y, splits=["train"] * 60, classes=["a", "b"])
+    with pytest.raises(FeatxError, match=r"\(avgpool\): 3 rows hold NaN or inf values \(rows 5 \(img/0005.png\), "
+                                         r"17 \(img/0017.png\), 30 \(img/0030.png\)\)"):
+        fit_head(tmp_path / "bad.h5", "avgpool", head=kind, val_split=0, chunk_rows=8)
+
+
+def test_store_of_another_extractor_is_refused(tmp_path):
+    X, _ = blob_store(tmp_path / "s.h5")
+    head = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False)
+    write_rows(tmp_path / "other.h5", X, config={**CONFIG, "weights_sha256": "b" * 64})
+    with pytest.raises(FeatxError, match=r"other.h5 was made with weights_sha256 'bbbb.*but the head with 'aaaa"):
+        predict(head, tmp_path / "other.h5")
+    write_rows(tmp_path / "wide.h5", np.hstack([X, X]), config=CONFIG)
+    with pytest.raises(FeatxError, match="has 16 features per row; the head expects 8"):
+        evaluate(head, tmp_path / "wide.h5")
+    with pytest.raises(FeatxError, match=r"features of shape \(2, 3\) given to a head that expects \(rows, 8\)"):
+        head.predict(np.zeros((2, 3)))
+
+
+def test_joblib_needs_trust(tmp_path):
+    blob_store(tmp_path / "s.h5")
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, joblib=True, plots=False)
+    with pytest.raises(FeatxError, match=r"model.joblib is a pickle: loading it can run arbitrary code; pass --trust"):
+        load_head(tmp_path / "head" / "model.joblib")
+    assert load_head(tmp_path / "head" / "model.joblib", trust=True).estimator.__class__.__name__ == "Pipeline"
+
+
+def test_head_folder_write_rules(tmp_path):
+    blob_store(tmp_path / "s.h5")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(FeatxError, match="holds no featx head; choose another -o"):
+        fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    first = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=2.0, plots=False)
+    with pytest.raises(FeatxError, match="holds a head already; pass --overwrite"):
+        fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head")
+    second = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=0.5, overwrite=True, plots=False)
+    assert load_head(tmp_path / "head").C == second.C == 0.5 != first.C
+    with pytest.raises(FeatxError, match="all training rows"):
+        write_rows(tmp_path / "one.h5", *blobs(20, 8, 1))
+        fit_head(tmp_path / "one.h5", "avgpool", tmp_path / "failed")
+    assert not (tmp_path / "failed").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(FeatxError, match="not a featx head folder"):
+        load_head(tmp_path / "notes")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("grid", "1:0.1", r"--grid '1:0.1': expected LO:HI"),
+    ("grid", "a,b", r"--grid 'a,b': expected"),
+    ("grid", -1, r"--grid -1: expected"),
+    ("head", "forest", r"--head 'forest': expected one of logistic, ridge, linear-svm, sgd, mlp"),
+    ("normalize", "minmax", r"--normalize 'minmax': expected one of standard, l2, none"),
+    ("class_weight", "auto", r"--class-weight 'auto': expected 'balanced' or none"),
+    ("val_split", 1.0, r"--val-split 1.0: expected a fraction in \[0, 1\)"),
+    ("folds", 1, r"--folds 1: expected an integer of 2 or more"),
+    ("dropout", 1.5, r"--dropout 1.5: expected a fraction"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, option, value, message):
+    blob_store(tmp_path / "s.h5")
+    with pytest.raises(FeatxError, match=message):
+        fit_head(tmp_path / "s.h5", "avgpool", **{option: value})
+
+
+def test_metrics_values_and_table():
+    true = np.array(["a", "a", "a", "b", "b", "c"], dtype=object)
+    pred = np.array(["a", "a", "b", "b", "b", "a"], dtype=object)
+    m = classification_metrics(true, pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    table = metrics_table({**m, "rows": {"eval": 6}, "evaluated_on": "split 'val'"})
+    assert "accuracy   0.6667" in table and "confusion (rows: true class" in table
+
+
+def test_plots_are_written(tmp_path):
+    blob_store(tmp_path / "s.h5")
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid="0.1:10")
+    for name in ("confusion_matrix.png", "cv_curve.png"):
+        assert (tmp_path / "head" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
