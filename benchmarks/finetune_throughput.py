@@ -6,9 +6,10 @@ the same images for the same number of epochs; the last epoch's training images 
              supports it, normalization on the device
   documents  torchvision ImageFolder + RandomResizedCrop / RandomHorizontalFlip / ToTensor / Normalize on PIL images,
              fp32, no channels_last, no workers, model.train(), loss.backward(), optimizer.step()
-Target on a 2-core CPU: featx / documents >= 1.5.
+Both run on --device (cpu by default). Target on a 2-core CPU: featx / documents >= 1.5.
 
     python benchmarks/finetune_throughput.py [--data ../shared/data/hymenoptera_data] [--epochs 2]
+    python benchmarks/finetune_throughput.py --smoke    # seconds: generated images, 32 px, 1 epoch (checks it runs)
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torchvision import transforms
 
 from featx.finetune import finetune
@@ -28,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hymenoptera_data"
 
 
-def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: int) -> float:
+def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: int, device: str) -> float:
     """The documents' training loop; returns the last epoch's training images per second."""
     tf = transforms.Compose([
         transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -39,6 +42,7 @@ def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: in
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     model.fc = torch.nn.Linear(model.fc.in_features, len(dataset.classes))
+    model = model.to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     speed = 0.0
@@ -46,6 +50,7 @@ def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: in
         model.train()
         seen, start = 0, time.perf_counter()
         for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
             optimizer.zero_grad()
             loss = criterion(model(inputs), labels)
             loss.backward()
@@ -55,12 +60,25 @@ def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: in
     return speed
 
 
-def featx_loop(data: Path, epochs: int, batch_size: int, image_size: int) -> float:
+def featx_loop(data: Path, epochs: int, batch_size: int, image_size: int, device: str) -> float:
     """featx.finetune on the same data; returns the last epoch's training images per second."""
     with tempfile.TemporaryDirectory() as tmp:
         result = finetune(str(data), Path(tmp) / "run", backbone="resnet18", weights="none", epochs=epochs,
-                          batch_size=batch_size, image_size=image_size, optimizer="sgd", lr=0.01, schedule="none")
+                          batch_size=batch_size, image_size=image_size, optimizer="sgd", lr=0.01, schedule="none",
+                          device=device)
     return result.history[-1]["images_per_second"]
+
+
+def write_smoke_data(root: Path, per_class: int = 12, size: int = 48) -> Path:
+    """A tiny train/ + val/ ImageFolder of random JPEGs (2 classes) for --smoke."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.jpg", quality=90)
+    return root
 
 
 def main() -> None:
@@ -69,13 +87,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per loop; the last one is timed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="device of both loops (default: cpu)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="generated images, 32 px, batch 4, 1 epoch: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.data, args.epochs, args.batch_size, args.image_size = write_smoke_data(Path(tmp)), 1, 4, 32
+            run(args)
+        return
+    run(args)
+
+
+def run(args) -> None:
+    """Both loops on args.data, then the ratio."""
     print(f"data {args.data}, resnet18 -w none, batch {args.batch_size}, {args.image_size} px, "
           f"{args.epochs} epochs each, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ours = featx_loop(args.data, args.epochs, args.batch_size, args.image_size)
-    print(f"featx finetune ({resolve_runtime().describe()}, {default_workers()} workers)  {ours:7.1f} img/s")
-    theirs = documents_loop(args.data / "train", args.epochs, args.batch_size, args.image_size)
-    print(f"documents' loop (cpu fp32, no workers)  {theirs:7.1f} img/s")
+    ours = featx_loop(args.data, args.epochs, args.batch_size, args.image_size, args.device)
+    print(f"featx finetune ({resolve_runtime(args.device).describe()}, {default_workers()} workers)  {ours:7.1f} img/s")
+    theirs = documents_loop(args.data / "train", args.epochs, args.batch_size, args.image_size, args.device)
+    print(f"documents' loop ({args.device} fp32, no workers)  {theirs:7.1f} img/s")
     print(f"ratio featx / documents: {ours / theirs:.2f}  (target >= 1.5)")
 
 

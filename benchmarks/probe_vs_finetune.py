@@ -249,8 +249,6 @@ def run_target(target: str, ds: D.Dataset, sizes: list[int], methods: list[str],
 # --------------------------------------------------------------------------------------------------------------------
 def train_source(args, fm: D.Dataset, work: Path, cfg: dict) -> dict:
     """resnet18 from scratch on the source half of fashion_mnist with featx finetune; its model.pt is the -w."""
-    from protocol.methods import run_finetune
-
     src_dir = work / "source"
     model = src_dir / "model.pt"
     info_file = work / "source.json"

@@ -1,29 +1,48 @@
 """featx: frozen-backbone embeddings cached in HDF5, scikit-learn heads on top, torch finetuning when data is large."""
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
 from .errors import FeatxError  # noqa: E402
 
-__all__ = ["FeatxError", "__version__", "extract", "open_store", "fit_head", "load_head", "evaluate", "finetune"]
+# The API functions and the module each one lives in, imported on first use so that `import featx` (and the CLI's
+# --help) loads neither torch nor scikit-learn.
+_FUNCTIONS = {
+    "extract": "featx.extract",
+    "open_store": "featx.store",
+    "fit_head": "featx.heads.api",
+    "load_head": "featx.heads.persistence",
+    "evaluate": "featx.heads.api",
+    "finetune": "featx.finetune.api",
+}
+__all__ = ["FeatxError", "__version__", *_FUNCTIONS]
+
+
+class _Package(types.ModuleType):
+    """featx's module type: `featx.extract` and `featx.finetune` stay the functions after their submodules load.
+
+    Importing a submodule makes Python set it as an attribute of its package (`featx.extract = <module>`), which
+    would hide the function of the same name. That one assignment is ignored here; the submodules stay reachable
+    through `sys.modules` (`from featx.extract import ...`, `importlib.import_module("featx.extract")`).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
 def __getattr__(name: str):
     """Import the heavy modules (torch, sklearn) only when their function is used."""
-    if name == "extract":
-        from .extract import extract
+    if name not in _FUNCTIONS:
+        raise AttributeError(f"module 'featx' has no attribute {name!r}")
+    function = getattr(importlib.import_module(_FUNCTIONS[name]), name)
+    globals()[name] = function  # later look-ups skip this hook
+    return function
 
-        return extract
-    if name == "open_store":
-        from .store import open_store
 
-        return open_store
-    if name in ("fit_head", "load_head", "evaluate"):
-        from . import heads
-
-        return getattr(heads, name)
-    if name == "finetune":
-        from .finetune import finetune
-
-        return finetune
-    raise AttributeError(f"module 'featx' has no attribute {name!r}")
+sys.modules[__name__].__class__ = _Package

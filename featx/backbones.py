@@ -11,6 +11,8 @@ import difflib
 import functools
 import hashlib
 import os
+import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,12 +154,7 @@ def read_weights_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         obj = _torch_load(path)
     except Exception as err:  # torch.load raises many types for foreign files (KeyError, RuntimeError, EOFError...)
-        if "GLOBAL" in str(err):  # the weights-only unpickler met a class or function reference
-            raise FeatxError(
-                f"-w {path}: holds pickled Python objects, not just tensors; featx loads weights with "
-                f"weights_only=True and runs no pickled code: save model.state_dict() instead"
-            ) from err
-        raise FeatxError(f"-w {path}: not a PyTorch weights file ({type(err).__name__}: {str(err)[:100]})") from err
+        raise _load_error(path, err) from None  # torch's own message suggests weights_only=False: never show it
     state_dict, meta = _unwrap(obj)
     if not state_dict:
         raise FeatxError(
@@ -165,6 +162,29 @@ def read_weights_file(path) -> tuple[dict[str, torch.Tensor], dict]:
             f"'model'/'state_dict' entry"
         )
     return state_dict, meta
+
+
+def _load_error(path: Path, err: Exception) -> FeatxError:
+    """One line for a weights file torch.load(weights_only=True) refused: a pickle of other objects, or no weights."""
+    text = str(err)
+    refused = isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text
+    name = re.search(r"GLOBAL ([\w.]+)", text)
+    if name or (refused and _starts_like_pickle(path)):
+        detail = f" (it references the Python object {name.group(1)})" if name else ""
+        return FeatxError(
+            f"-w {path}: not a plain state dict or checkpoint that torch.load(weights_only=True) can read{detail}; "
+            f"featx never unpickles arbitrary objects: save model.state_dict() with torch.save"
+        )
+    if refused:
+        return FeatxError(f"-w {path}: not a PyTorch weights file (neither a torch.save archive nor a pickle)")
+    first_line = (text.strip().splitlines() or [""])[0][:100]
+    return FeatxError(f"-w {path}: not a PyTorch weights file ({type(err).__name__}: {first_line})")
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """Pickles of protocol 2 and later, legacy torch.save files included, start with the PROTO opcode."""
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"
 
 
 def _unwrap(obj) -> tuple[dict[str, torch.Tensor], dict]:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from .choices import POOLINGS, TOKEN_POOLINGS
 from .errors import FeatxError
 
-POOLINGS = ("avg", "max", "avgmax", "gem", "flatten", "none")
-TOKEN_POOLINGS = ("cls", "mean")
 GEM_P = 3.0
 
 

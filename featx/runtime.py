@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import DEVICE_CHOICES, PRECISIONS
 from .errors import FeatxError
 
-DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

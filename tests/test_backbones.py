@@ -34,14 +34,6 @@ SMALL_WEIGHTS = MobileNet_V3_Small_Weights.IMAGENET1K_V1
 SMALL_FILE = os.path.basename(SMALL_WEIGHTS.url)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forward passes are fastest on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
@@ -248,7 +240,7 @@ def test_plain_state_dict_has_no_meta(tmp_path):
         (lambda p: torch.save([1, 2], p), "is not a state dict: expected a dict of tensors or a checkpoint"),
         (lambda p: torch.save({"epoch": 3, "lr": 0.1}, p), "is not a state dict"),
         (lambda p: p.write_text("not weights at all\n"), "not a PyTorch weights file"),
-        (lambda p: p.write_bytes(pickle.dumps([1, 2])), "not a PyTorch weights file"),
+        (lambda p: p.write_bytes(pickle.dumps([1, 2])), "not a plain state dict or checkpoint that torch.load("),
         (lambda p: None, "no such file"),
     ],
 )
@@ -267,6 +259,24 @@ def test_pickled_code_is_never_executed(tmp_path):
     with pytest.raises(FeatxError, match="weights_only=True"):
         read_weights_file(path)
     assert not ran.exists()
+
+
+@pytest.mark.parametrize("write", [
+    lambda p, trap: p.write_bytes(pickle.dumps({"weight": trap})),  # plain pickle.dump, not a zip
+    lambda p, trap: torch.save({"weight": trap}, p, _use_new_zipfile_serialization=False),  # legacy torch.save
+    lambda p, trap: p.write_bytes(pickle.dumps({"weight": trap}, protocol=2)),
+])
+def test_non_zip_pickle_with_objects_is_one_clear_line(tmp_path, write):
+    ran = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    write(path, _Trap(ran))
+    with pytest.raises(FeatxError) as err:
+        read_weights_file(path)
+    message = str(err.value)
+    assert message.startswith(f"-w {path}: not a plain state dict or checkpoint that torch.load(weights_only=True) "
+                              "can read") and "\n" not in message, message
+    assert message.endswith("featx never unpickles arbitrary objects: save model.state_dict() with torch.save")
+    assert "weights_only=False" not in message and not ran.exists()
 
 
 def test_finetuned_file_loads_with_its_head_transform_and_meta(tmp_path):

@@ -94,3 +94,41 @@ def test_info_on_garbage(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(os.urandom(2000))
     assert "bad.h5" in _error_line(run("info", bad))
+
+
+STARTUP = """
+import sys
+from click.testing import CliRunner
+from featx.cli import main
+for args in (["--help"], ["info", {store!r}], ["fit-head", "--help"], ["finetune", "--help"], ["layers", "--help"]):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (args, result.output)
+heavy = sorted({{"torch", "torchvision", "sklearn"}} & set(sys.modules))
+assert not heavy, "importing the CLI loaded " + ", ".join(heavy)
+"""
+
+
+def test_help_and_info_do_not_import_torch(tmp_path):
+    """`featx --help` and `featx info` take a fraction of a second: every command builds its options without torch
+    (the choice lists live in featx/choices.py and featx/finetune/choices.py) and imports the engine when it runs."""
+    import subprocess
+    import sys
+
+    from heads_support import blob_store
+
+    blob_store(tmp_path / "s.h5")
+    code = STARTUP.format(store=str(tmp_path / "s.h5"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("args, names", [
+    (["finetune", "data", "--batch-size", "0"], "--batch-size"),
+    (["extract", "digits", "--pooling", "bogus"], "--pooling"),
+    (["extract"], "DATA"),
+    (["nosuch"], "nosuch"),
+])
+def test_usage_mistakes_are_one_line_naming_the_option(args, names):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and names in result.output and "Usage:" not in result.output

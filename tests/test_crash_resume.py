@@ -63,7 +63,11 @@ def test_second_writer_is_refused_while_first_completes(tmp_path):
     out = tmp_path / "s.h5"
     first = featx("extract", data, "-o", out, *ARGS, wait=False)
     _wait_for_segments(out.with_name("s.h5.parts"), 1, first)
-    second = featx("extract", data, "-o", out, *ARGS)
+    os.kill(first.pid, signal.SIGSTOP)  # hold the first writer mid-run, lock taken, while the second one starts
+    try:
+        second = featx("extract", data, "-o", out, *ARGS)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2
     assert second.stderr.strip().count("\n") == 0 and "another featx process" in second.stderr
     assert first.wait(timeout=300) == 0

@@ -58,6 +58,24 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert result.output.startswith("featx: error: ") and result.output.count("\n") == 1
 
 
+@pytest.mark.parametrize("args,message", [
+    (["fit-head", "{d}", "-o", "{d}/h"], "STORE {d}: is a folder, expected a featx store (.h5) or an HDF5/NPZ"),
+    (["fit-head", "{d}/nope.h5", "-o", "{d}/h"], "STORE {d}/nope.h5: no such file, expected a featx store"),
+    (["evaluate", "{d}/head", "{d}"], "STORE {d}: is a folder, expected a featx store"),
+    (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}"], "-o {d}: is a folder, expected a CSV or JSON file to write"),
+    (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}/no/p.csv"], "-o {d}/no/p.csv: {d}/no does not exist, expected"),
+    (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}/s.h5/p.csv"], "{d}/s.h5 is not a folder, expected a CSV"),
+    (["predict", "{d}/head", "{d}/s.h5", "--store", "{d}"], "--store {d}: is a folder, expected the .h5 store"),
+])
+def test_wrong_kind_of_path_is_one_line_naming_the_option(tmp_path, args, message):
+    """Not click's three-line usage error: one line, exit 2, like every other featx error."""
+    blob_store(tmp_path / "s.h5")
+    fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False)
+    result = run(*[a.format(d=tmp_path) for a in args])
+    assert result.exit_code == 2 and result.output.startswith("featx: error: "), result.output
+    assert message.format(d=tmp_path) in result.output and result.output.count("\n") == 1, result.output
+
+
 def test_predict_on_images_equals_predict_on_the_store(tmp_path):
     from featx.extract import extract
 

@@ -169,3 +169,28 @@ def test_plots_are_written(tmp_path):
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid="0.1:10")
     for name in ("confusion_matrix.png", "cv_curve.png"):
         assert (tmp_path / "head" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_larger_than_memory_are_one_line_pointing_to_sgd(tmp_path, monkeypatch):
+    """An in-memory head on a tap that does not fit: the store, the tap, the bytes and --head sgd, no traceback."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    X, _ = blob_store(tmp_path / "s.h5")  # 72 'train' rows x 8 features
+    real_empty = np.empty
+
+    def empty(shape, *args, **kwargs):
+        if tuple(np.atleast_1d(shape)) == (72, 8):
+            raise MemoryError(f"Unable to allocate 2.25 KiB for an array with shape {shape} and data type float32")
+        return real_empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", empty)
+    args = ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head"), "--no-plots"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == (f"featx: error: {tmp_path / 's.h5'}: tap 'avgpool' does not fit in memory (72 rows x 8 "
+                             "float32 features need 2,304 bytes, 0.0 GB): use --head sgd, which streams the store "
+                             "in chunks\n")
+    streamed = CliRunner().invoke(main, [*args, "--head", "sgd", "--grid", "1"])
+    assert streamed.exit_code == 0, streamed.output

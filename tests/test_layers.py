@@ -20,14 +20,6 @@ from featx.layers import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forward passes are fastest on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def zeros_model(name: str) -> nn.Module:
     """The architecture with all-zero parameters: shapes do not depend on values, and this skips slow inits."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -10,7 +11,8 @@ from ..errors import FeatxError
 
 
 class FeatxGroup(click.Group):
-    """A click group that turns FeatxError (and Ctrl-C) into one line on stderr instead of a traceback."""
+    """A click group that turns FeatxError, click's usage errors (bad option values, missing arguments, unknown
+    commands) and Ctrl-C into one line on stderr instead of a traceback or a usage block."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -18,9 +20,36 @@ class FeatxGroup(click.Group):
         except FeatxError as err:
             click.echo(f"featx: error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            click.echo(f"featx: error: {command}: {err.format_message()} (see {command} --help)", err=True)
+            ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("featx: interrupted (completed work is kept; run the same command again to resume)", err=True)
             ctx.exit(130)
+
+
+class PathParam(click.ParamType):
+    """A file path argument or option whose wrong kind is one line naming the option (exit code 2), like every
+    other featx error, instead of click's usage block. kind 'input': an existing file; 'output': a file to write,
+    in an existing folder. A folder is refused for both."""
+
+    name = "path"
+
+    def __init__(self, kind: str, expected: str):
+        self.kind, self.expected = kind, expected
+
+    def convert(self, value, param, ctx):
+        path = Path(value)
+        where = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {value}"
+        if path.is_dir():
+            raise FeatxError(f"{where}: is a folder, expected {self.expected}")
+        if self.kind == "input" and not path.exists():
+            raise FeatxError(f"{where}: no such file, expected {self.expected}")
+        if self.kind == "output" and not path.parent.is_dir():
+            problem = "is not a folder" if path.parent.exists() else "does not exist"
+            raise FeatxError(f"{where}: {path.parent} {problem}, expected {self.expected} in an existing folder")
+        return str(value)
 
 
 def echo_json(data) -> None:

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..pooling import POOLINGS, TOKEN_POOLINGS
-from ..runtime import DEVICE_CHOICES, PRECISIONS
+from ..choices import DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS
 from .common import echo_json
 
 

@@ -5,12 +5,9 @@ import os
 
 import click
 
+from ..choices import DEVICE_CHOICES, PRECISIONS
 from ..errors import FeatxError
-from ..finetune.data import AUGMENT_HELP, AUGMENTS
-from ..finetune.freezing import FREEZE_HELP
-from ..finetune.heads import HEAD_HELP
-from ..finetune.optim import OPTIMIZERS, SCHEDULES, WARMUP_HELP
-from ..runtime import DEVICE_CHOICES, PRECISIONS
+from ..finetune.choices import AUGMENT_HELP, AUGMENTS, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, WARMUP_HELP
 from .common import echo_json
 
 

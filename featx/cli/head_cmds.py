@@ -10,8 +10,9 @@ import click
 
 from ..heads.cv import DEFAULT_GRID
 from ..heads.estimators import HEAD_TYPES, NORMALIZERS
-from .common import echo_json, warn
+from .common import PathParam, echo_json, warn
 
+FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
 HEAD_HELP = "; ".join(f"{name}: {head.help}" for name, head in HEAD_TYPES.items())
 GRID_DEFAULTS = "; ".join(
     f"{name}: {head.default_grid if isinstance(head.default_grid, str) else ','.join(map(str, head.default_grid))}"
@@ -34,7 +35,7 @@ def _feature_keys(f):
 
 
 @click.command("fit-head")
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=FEATURES_FILE)
 @click.option("-l", "--layer", "tap", help="Tap whose rows train the head (default: the store's only tap).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head folder to write (atomically).")
 @click.option("--head", "kind", type=click.Choice(list(HEAD_TYPES)), help=f"Default: logistic, or ridge for float targets. {HEAD_HELP}.")
@@ -81,10 +82,12 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
 @click.command("predict")
 @click.argument("head", type=click.Path())
 @click.argument("data")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="CSV file to write (default: stdout).")
+@click.option("-o", "--output", type=PathParam("output", "a CSV or JSON file to write"),
+              help="CSV file to write (default: stdout).")
 @click.option("--json", "as_json", is_flag=True, help="JSON records instead of CSV.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Only the k most likely classes per row.")
-@click.option("--store", type=click.Path(dir_okay=False), help="Store for the images' features (default: HEAD/cache/).")
+@click.option("--store", type=PathParam("output", "the .h5 store that caches the images' features"),
+              help="Store for the images' features (default: HEAD/cache/).")
 @click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
 @click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -115,7 +118,7 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
 
 @click.command("evaluate")
 @click.argument("head", type=click.Path())
-@click.argument("store", type=click.Path(dir_okay=False))
+@click.argument("store", type=FEATURES_FILE)
 @click.option("--split", help="Only rows of this split (train, val, test).")
 @click.option("-l", "--layer", "tap", help="Tap to read (default: the head's).")
 @_feature_keys

@@ -1,5 +1,6 @@
 """Finetuning (GitHub issue #4): a torchvision backbone with a new head, trained end to end or in part.
 
+    choices.py     the option lists and help texts (no torch: the CLI's option table loads them)
     options.py     the training options, checked, with defaults
     heads.py       the new head (linear or MLP) put where the architecture's classifier is
     probe.py       warm start of the head from a linear head fitted by `featx fit-head`

@@ -19,7 +19,7 @@ from ..runtime import Runtime, default_workers, prepare_model, resolve_runtime
 from ..sources import load_source
 from .checkpoint import CHECKPOINT, RunDir, seed_everything
 from .data import Splits, make_loader, split_items
-from .freezing import freeze_table, frozen_parameters, set_frozen
+from .freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from .heads import parse_head, replace_classifier
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .options import TrainOptions
@@ -107,18 +107,24 @@ def finetune(
     ).resolved()
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
+    runtime = resolve_runtime(device, precision)
     run = RunDir(output)
     checkpoint = run.prepare(resume, overwrite)
     try:
-        trainer = _trainer(data, backbone, weights, init_head, opts, resolve_runtime(device, precision), workers, run,
-                           progress, log)
-        if checkpoint is not None:
-            _check_same_config(checkpoint["config"], trainer.config, run.path)
-            trainer.load_state_dict(checkpoint)
-            log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
-        elif not (run / CHECKPOINT).exists():
-            run.write_config(trainer.config)
-        with _out_of_memory_as_error(opts.batch_size, trainer.runtime):
+        with _out_of_memory_as_error(opts.batch_size, runtime):
+            setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
+            trainer = _trainer(data, backbone, weights, init_head, opts, runtime, workers, run, progress,
+                               setup_lines.append)
+            if checkpoint is not None:
+                _check_same_config(checkpoint["config"], trainer.config, run.path)
+            for line in setup_lines:
+                log(line)
+            trainer.log = log
+            if checkpoint is not None:
+                trainer.load_state_dict(checkpoint)
+                log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
+            elif not (run / CHECKPOINT).exists():
+                run.write_config(trainer.config)
             trainer.fit()
     finally:
         run.release()
@@ -134,12 +140,16 @@ def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Ru
         raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training images")
     log(f"data: {source.description}; validation: {splits.how}")
     bb = load_backbone(backbone, weights)
-    if bb.load_report is not None:
-        log(bb.load_report.summary())
+    report = bb.load_report
+    if report is not None:
+        log(report.summary())
+        if report.missing or report.unexpected or report.mismatched:
+            log(report.details())
     spec = bb.transform.with_sizes(opts.image_size)
     seed_everything(opts.seed)
-    model, head_path = _model(bb, splits, opts, spec, init_head, log)
-    frozen = frozen_parameters(model, opts.freeze, head_path, _loaded_parameters(bb, weights))
+    loaded = loaded_parameters(bb)
+    model, head_path = build_model(bb, splits.classes, opts.head, spec.crop, init_head, log)
+    frozen = frozen_parameters(model, opts.freeze, head_path, loaded)
     set_frozen(model, frozen)
     log(freeze_table(model))
     model = prepare_model(model, runtime)
@@ -169,32 +179,26 @@ def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Ru
     )
 
 
-def _model(bb: Backbone, splits: Splits, opts: TrainOptions, spec, init_head, log) -> tuple[nn.Module, str]:
-    """The backbone with its classifier replaced by the new head (warm-started from a probe when asked)."""
+def build_model(bb: Backbone, classes: list[str], head: str = "linear", crop: int | None = None, init_head=None,
+                log=None) -> tuple[nn.Module, str]:
+    """`bb.model` with its classifier replaced by a new `head` for `classes` (warm-started from the linear head
+    folder `init_head` when given), checked to run on `crop` px inputs; returns (model, dotted name of the head)."""
+    log = log or (lambda line: None)
+    crop = crop or bb.transform.crop
     model = bb.model
-    _dry_run(model, bb.name, spec.crop)
+    _dry_run(model, bb.name, crop)
     head_path = classifier_path(model)
     probe = None
     if init_head is not None:
         from ..heads import load_head
 
         probe = load_head(init_head)
-        check_probe_features(probe, bb, spec.crop)
-    new_head = replace_classifier(model, head_path, parse_head(opts.head), len(splits.classes))
+        check_probe_features(probe, bb, crop)
+    new_head = replace_classifier(model, head_path, parse_head(head), len(classes))
     if probe is not None:
-        init_from_probe(new_head, probe, splits.classes)
+        init_from_probe(new_head, probe, classes)
         log(f"head {head_path} initialised from the probe {probe.path}")
     return model, head_path
-
-
-def _loaded_parameters(bb: Backbone, weights: str) -> set[str] | None:
-    """Parameter names that came from the weights: the load report's matches, every parameter for torchvision
-    weights, None for -w none."""
-    if bb.load_report is not None:
-        return set(bb.load_report.matched)
-    if str(weights).strip().lower() == "none":
-        return None
-    return {name for name, _ in bb.model.named_parameters()}
 
 
 def _dry_run(model: nn.Module, name: str, size: int) -> None:
@@ -259,10 +263,8 @@ def _out_of_memory_as_error(batch_size: int, runtime: Runtime):
     except RuntimeError as err:
         text = str(err)
         if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-            raise FeatxError(
-                f"out of memory on {runtime.device} at --batch-size {batch_size}: try --batch-size "
-                f"{max(1, batch_size // 2)}"
-            ) from None
+            hint = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --image-size"
+            raise FeatxError(f"out of memory on {runtime.device} at --batch-size {batch_size}: {hint}") from None
         raise
 
 

@@ -6,8 +6,9 @@
     metrics.jsonl    one JSON line per epoch;  curves.png: loss and accuracy per epoch
 
 Everything is written to a temporary file and renamed into place, so a kill at any instant leaves either the old
-file or the new one. model.pt / last.pt are `{"model": state_dict, "featx": {...}}` with plain tensors and JSON
-values only, readable with torch.load(weights_only=True) and as `-w` by extract, fit-head and finetune.
+file or the new one (and maybe the temporary file, which the next run in the folder deletes). model.pt / last.pt
+are `{"model": state_dict, "featx": {...}}` with plain tensors and JSON values only, readable with
+torch.load(weights_only=True) and as `-w` by extract, fit-head and finetune.
 """
 from __future__ import annotations
 
@@ -113,13 +114,18 @@ class RunDir:
         except OSError as err:
             raise FeatxError(f"-o {self.path}: cannot create the run folder ({err.strerror})") from err
         self._lock()
-        has_checkpoint = (self / CHECKPOINT).is_file()
-        if has_checkpoint and not resume and not overwrite:
-            raise FeatxError(
-                f"-o {self.path}: holds a run already ({CHECKPOINT}); pass --resume {self.path} to continue it, or "
-                f"--overwrite to start a new one"
-            )
-        return load_checkpoint(self / CHECKPOINT) if resume and has_checkpoint else None
+        try:
+            self._remove_stale_temporaries()
+            has_checkpoint = (self / CHECKPOINT).is_file()
+            if has_checkpoint and not resume and not overwrite:
+                raise FeatxError(
+                    f"-o {self.path}: holds a run already ({CHECKPOINT}); pass --resume {self.path} to continue it, "
+                    f"or --overwrite to start a new one"
+                )
+            return load_checkpoint(self / CHECKPOINT) if resume and has_checkpoint else None
+        except BaseException:
+            self.release()  # a failed call must not keep the folder locked for the rest of this process
+            raise
 
     def _lock(self) -> None:
         fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -129,6 +135,13 @@ class RunDir:
             os.close(fd)
             raise FeatxError(f"{self.path} is being written by another featx finetune process: wait for it") from None
         self._lock_fd = fd
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the `.<name>.tmp-<pid>` files of atomic_write calls that a kill interrupted (safe: we hold the lock,
+        so no other process of this folder is writing)."""
+        for tmp in self.path.glob(".*.tmp-*"):
+            if tmp.is_file() and tmp.name.rpartition(".tmp-")[2].isdigit():
+                tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -19,8 +19,6 @@ from ..errors import FeatxError
 from ..preprocess import INTERPOLATIONS, EvalTransform, TransformSpec, to_uint8_tensor
 from ..sources import DecodeError, Item, Source, decode_image, stratified_holdout
 
-AUGMENTS = ("default", "flip", "none")
-AUGMENT_HELP = "default: random resized crop + horizontal flip; flip: the eval crop + flip; none: the eval crop"
 DEFAULT_VAL_SPLIT = 0.2
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)

@@ -5,7 +5,8 @@ Strategies (several --freeze values are combined, frozen = union):
     backbone        only the new head trains (the fixed feature extractor)
     until:LAYER     every parameter registered up to and including module LAYER (dotted names work) is frozen
     loaded          what came from the weights file is frozen; new modules (the head, unmatched layers) train
-    PATTERN         parameter names matching an fnmatch pattern ('layer1.*', 'conv1*') are frozen
+    PATTERN         parameter names matching an fnmatch pattern ('layer1.*', 'conv1*') are frozen, and so are the
+                    parameters of modules matching it ('layer1', 'features.0')
 
 Freezing sets requires_grad only: every parameter stays in the optimizer, so --unfreeze-at changes neither the
 param groups, the scheduler nor the optimizer state.
@@ -18,8 +19,7 @@ from collections import Counter
 from torch import nn
 
 from ..errors import FeatxError
-
-FREEZE_HELP = "none | backbone | until:LAYER | loaded | a parameter-name pattern such as 'layer1.*' (repeatable)"
+from .choices import FREEZE_HELP
 
 
 def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] | None) -> set[str]:
@@ -52,12 +52,27 @@ def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] 
     return frozen
 
 
+def loaded_parameters(bb) -> set[str] | None:
+    """Parameter names whose values came from the weights of Backbone `bb`: the load report's matched keys for a
+    weights file, every parameter for torchvision weights, None for -w none. The old classifier's names are in
+    it: frozen_parameters never freezes the new head through 'loaded', even where its shapes match the file's."""
+    if bb.load_report is not None:
+        params = {name for name, _ in bb.model.named_parameters()}
+        return set(bb.load_report.matched) & params
+    if bb.weights_id == "none":
+        return None
+    return {name for name, _ in bb.model.named_parameters()}
+
+
 def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
 def _until(model: nn.Module, layer: str) -> set[str]:
     """Parameters of every module up to and including `layer`, in registration (pre-order) order."""
+    if not layer:
+        example = next((name for name, _ in model.named_children()), "")
+        raise FeatxError(f"--freeze until: needs a module name, e.g. until:{example}; {_module_names(model)}")
     frozen, reached = set(), False
     for name, module in model.named_modules():
         inside = _inside(name, layer)
@@ -66,12 +81,14 @@ def _until(model: nn.Module, layer: str) -> set[str]:
         reached = reached or inside
         frozen |= {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
     if not reached:
-        raise FeatxError(f"--freeze until:{layer}: no module named {layer!r}; {_module_names(model)}")
+        raise FeatxError(f"--freeze until:{layer}: no module named {layer!r}; {_module_names(model, layer)}")
     return frozen
 
 
 def _matching(model: nn.Module, pattern: str, names: list[str]) -> set[str]:
-    matched = {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+    """Parameter names matching the fnmatch `pattern`, or inside modules matching it ('layer1' = 'layer1.*')."""
+    matched = {name for name in names
+               if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")}
     if not matched:
         raise FeatxError(
             f"--freeze {pattern!r}: no parameter name matches (names look like {names[0]}); expected "
@@ -80,8 +97,17 @@ def _matching(model: nn.Module, pattern: str, names: list[str]) -> set[str]:
     return matched
 
 
-def _module_names(model: nn.Module) -> str:
-    return "top-level modules: " + ", ".join(name for name, _ in model.named_children())
+def _module_names(model: nn.Module, near: str = "") -> str:
+    """The module names to choose from: the children of the deepest existing module on the dotted path `near`."""
+    modules = dict(model.named_modules())
+    parent = ""
+    for part in near.split(".")[:-1]:
+        candidate = f"{parent}.{part}" if parent else part
+        if candidate not in modules:
+            break
+        parent = candidate
+    children = ", ".join(f"{parent}.{name}" if parent else name for name, _ in modules[parent].named_children())
+    return f"modules in {parent}: {children}" if parent else f"top-level modules: {children}"
 
 
 def set_frozen(model: nn.Module, frozen: set[str]) -> None:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import FeatxError
-
-HEAD_HELP = "linear, or mlp:HIDDEN[,DROPOUT] (Linear-ReLU-Dropout-Linear, dropout 0.5 by default)"
+from .choices import HEAD_HELP
 
 
 @dataclass(frozen=True)

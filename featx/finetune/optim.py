@@ -14,13 +14,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from ..errors import FeatxError
+from .choices import WARMUP_HELP
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "onecycle", "none")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 1e-2}
 DEFAULT_MOMENTUM = 0.9  # SGD momentum, Adam's beta1
-WARMUP_HELP = "epochs (2, 0.5) or steps (300steps)"
 
 
 def parse_warmup(spec) -> tuple[float, str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import FeatxError
-from .data import AUGMENTS
+from .choices import AUGMENTS, OPTIMIZERS, SCHEDULES
 from .heads import parse_head
-from .optim import DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, SCHEDULES, parse_warmup
+from .optim import DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY, parse_warmup
 
 
 @dataclass(frozen=True)

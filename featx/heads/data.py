@@ -62,13 +62,24 @@ class Rows:
     def read(self, rows: np.ndarray | None = None, chunk_rows: int = 65536) -> np.ndarray:
         """The selected rows (sorted index array, bool mask or None for all) as one float32 (n, D) array."""
         rows = self._index(rows)
-        out = np.empty((len(rows), self.n_features), dtype=np.float32)
-        filled = 0
-        for _, block in self.iter_chunks(rows, chunk_rows, check=False):
-            out[filled : filled + len(block)] = block
-            filled += len(block)
+        try:
+            out = np.empty((len(rows), self.n_features), dtype=np.float32)
+            filled = 0
+            for _, block in self.iter_chunks(rows, chunk_rows, check=False):
+                out[filled : filled + len(block)] = block
+                filled += len(block)
+        except MemoryError:
+            out = None  # free what was allocated before saying so
+            raise FeatxError(self._memory_message(len(rows))) from None
         self.check_finite(out, rows)
         return out
+
+    def _memory_message(self, n: int) -> str:
+        need = n * self.n_features * np.dtype(np.float32).itemsize
+        return (
+            f"{self.path}: tap {self.tap!r} does not fit in memory ({n} rows x {self.n_features} float32 features "
+            f"need {need:,} bytes, {need / 1e9:.1f} GB): use --head sgd, which streams the store in chunks"
+        )
 
     def iter_chunks(self, rows=None, chunk_rows: int = 65536, seed: int | None = None, check: bool = True):
         """Yield (row indices, float32 block) over the selected rows, at most `chunk_rows` rows at a time.

@@ -31,7 +31,7 @@ ARGS = ("-b", "mobilenet_v3_small", "-w", "none", "--epochs", str(EPOCHS), "--ba
         "--workers", "0", "--precision", "fp32", "-q")
 KINDS = ["training", "checkpoint", "startup", "last", "training"]
 COMPARED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
-leftovers: list[str] | None = None  # temporary files the killed runs left behind (see the xfail test below)
+leftovers: list[str] | None = None  # temporary files the killed runs left behind (checked by the last test)
 
 
 def _epochs_done(run: Path) -> int:
@@ -113,8 +113,6 @@ def test_finetune_resumes_after_kills_to_the_uninterrupted_metrics(tmp_path):
     print(f"\nfinetune crash loop: {kills} kills survived ({', '.join(seen)}); leftover temporary files: {leftovers}")
 
 
-@pytest.mark.xfail(strict=True, reason="featx/finetune/checkpoint.py atomic_write: a killed run's .<name>.tmp-<pid> "
-                                       "files are never removed (each is a whole checkpoint); reported in issue #6")
 def test_killed_finetune_leaves_no_temporary_files():
     if leftovers is None:
         pytest.skip("needs the crash loop above")

@@ -195,7 +195,7 @@ def test_every_kind_of_damage_is_one_line_in_info_and_fit_head(tmp_path, good_st
             faulthandler.cancel_dump_traceback_later()
             err = result.stderr.strip()
             if name == "a folder named .h5" and args[0] == "fit-head":  # click's usage error (head_cmds.py)
-                assert result.exit_code == 2 and "is a directory" in err and "Traceback" not in err, result.output
+                assert result.exit_code == 2 and "is a folder" in err and "Traceback" not in err, result.output
                 continue
             assert result.exit_code == 2 and err.startswith("featx: error: ") and "\n" not in err, (name, args, result.output)
     assert time.monotonic() - started < 60

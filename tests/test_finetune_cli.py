@@ -1,0 +1,131 @@
+"""`featx finetune` through the command line: per-epoch lines and the run folder, one-line errors with exit code 2,
+and a finetuned RUN/model.pt as -w of extract (then fit-head and predict on images) and of another finetune."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.store import open_store
+from finetune_support import digest
+from imagegen import make_image_folder
+
+FAST = ("-b", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "3", "--workers", "0", "--precision",
+        "fp32", "--device", "cpu", "-q")
+FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "last.pt", "curves.png")
+
+
+def featx(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch run of the command on 8 tiny images (6 train, 2 val)."""
+    root = tmp_path_factory.mktemp("ftcli")
+    data = make_image_folder(root / "data", per_class=4, size=(20, 20))
+    result = featx("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "-o", root / "run")
+    assert result.exit_code == 0, result.output
+    return data, root / "run", result
+
+
+def test_run_prints_epoch_lines_and_writes_the_run_folder(trained):
+    _, run, result = trained
+    err = result.stderr.splitlines()
+    assert err[0].startswith("data: ImageFolder ") and "validation: 20% of the training images held out (2)" in err[0]
+    header = next(i for i, line in enumerate(err) if line.split()[:3] == ["module", "trainable", "frozen"])
+    assert [line.split()[0] for line in err[header + 1:header + 4]] == ["features", "classifier", "total"]
+    epochs = [line for line in err if line.startswith("Epoch ")]
+    assert len(epochs) == 2 and epochs[0].startswith("Epoch 1/2  train loss ") and " val loss " in epochs[1]
+    assert epochs[1].endswith("img/s")
+    assert "2 epochs in " in result.stdout and f"{run}/model.pt" in result.stdout
+    assert set(FILES) <= {p.name for p in run.iterdir()}
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"] == "mobilenet_v3_small" and config["epochs"] == 2 and config["lr"] == 0.05
+
+
+def test_model_pt_as_weights_of_extract_fit_head_and_predict(trained, tmp_path):
+    data, run, _ = trained
+    weights = run / "model.pt"
+    out = featx("extract", data, "-b", "mobilenet_v3_small", "-w", weights, "--image-size", "16", "--workers", "0",
+                "--precision", "fp32", "--device", "cpu", "-q", "-o", tmp_path / "s.h5")
+    assert out.exit_code == 0, out.output
+    with open_store(tmp_path / "s.h5") as store:
+        assert len(store) == 8 and store.config["weights"] == "file:model.pt"
+    fit = featx("fit-head", tmp_path / "s.h5", "-o", tmp_path / "head", "--grid", "1", "--no-plots")
+    assert fit.exit_code == 0, fit.output
+    predicted = featx("predict", tmp_path / "head", data, "--json")
+    assert predicted.exit_code == 0, predicted.output
+    assert len(json.loads(predicted.stdout)) == 8
+
+
+def test_model_pt_as_weights_of_another_finetune(trained, tmp_path):
+    """The load report: every key matched; --freeze loaded: only the new head trains."""
+    data, run, _ = trained
+    out = featx("finetune", data, "-w", run / "model.pt", "--freeze", "loaded", "--epochs", "1", "--augment", "none",
+                *FAST, "-o", tmp_path / "again")
+    assert out.exit_code == 0, out.output
+    assert "weights model.pt: " in out.stderr and " 0 missing, 0 unexpected, 0 shape-mismatched" in out.stderr
+    total = next(line for line in out.stderr.splitlines() if line.startswith("total"))
+    assert total.split()[1] == f"{1024 * 2 + 2:,}"  # classifier.3, Linear(1024, 2)
+    assert "Epoch 1/1  train loss " in out.stderr and (tmp_path / "again" / "model.pt").is_file()
+
+
+def _not_weights(tmp_path):
+    (tmp_path / "w.pth").write_text("hello")
+    return tmp_path / "w.pth"
+
+
+BAD = [
+    (("--freeze", "until:nope"), "--freeze until:nope: no module named 'nope'; top-level modules: features"),
+    (("--freeze", "nothing*"), "--freeze 'nothing*': no parameter name matches"),
+    (("--lr", "0"), "--lr 0.0: expected a number greater than 0"),
+    (("--backbone-lr", "-1"), "--backbone-lr -1.0"),
+    (("--batch-size", "50"), "--batch-size 50: larger than the 6 training images"),
+    (("-w", _not_weights), "-w "),
+    (("--head", "mlp:x"), "--head 'mlp:x'"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[needle.split(":")[0].split()[0] for _, needle in BAD])
+def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, args, needle):
+    data, run, _ = trained
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    before = digest(run)
+    opts = ("-w", "none", *FAST) if "-w" not in args else FAST
+    out = featx("finetune", data, *opts, *args, "--epochs", "2", "--overwrite", "-o", run)
+    assert out.exit_code == 2, out.output
+    err = out.stderr.strip()
+    assert err.startswith("featx: error: ") and "\n" not in err and needle in err, err
+    assert "Traceback" not in out.output
+    assert digest(run) == before
+
+
+def test_resume_errors(trained, tmp_path):
+    data, run, _ = trained
+    before = digest(run)
+    for args, needle in (
+        (("--resume", run, "--lr", "0.5"),
+         "that run was made with other settings (lr 0.05 there, 0.5 now; backbone_lr"),
+        (("--resume", run, "-o", tmp_path / "other"), "give one run folder"),
+        ((), "give the run folder with -o RUN_DIR"),
+        (("-o", run), "holds a run already"),
+    ):
+        out = featx("finetune", data, "-w", "none", "--epochs", "2", *FAST, *args)
+        err = out.stderr.strip()
+        assert out.exit_code == 2 and err.startswith("featx: error: ") and "\n" not in err and needle in err, err
+    assert digest(run) == before
+
+
+def test_resume_of_the_finished_run_as_json(trained):
+    data, run, _ = trained
+    out = featx("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "--resume", run, "--json")
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["epochs"] == 2 and [row["epoch"] for row in result["history"]] == [1, 2]
+    assert result["run_dir"] == str(run) and not out.stderr
