@@ -26,8 +26,9 @@ class Runtime:
 
     @property
     def channels_last(self) -> bool:
-        """channels_last pays off with reduced precision on CPU and on CUDA tensor cores."""
-        return self.is_cuda or self.precision != "fp32"
+        """channels_last (NHWC) pays off on CUDA tensor cores and on CPUs at every precision: oneDNN's convolutions are
+        NHWC-native (benchmarks/precision_layouts.py measures it per precision)."""
+        return self.device.type in ("cpu", "cuda")
 
     def autocast(self):
         """Context manager for the forward pass at this runtime's precision."""
