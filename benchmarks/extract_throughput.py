@@ -24,6 +24,7 @@ from torchvision import transforms
 import featx
 from featx.runtime import resolve_runtime
 from featx.sources import load_source
+from precision_layouts import images_per_second
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "dogs_vs_cats"
@@ -60,18 +61,8 @@ def pure_forward(n_images: int, batch_size: int) -> float:
     runtime = resolve_runtime("auto", "auto")
     model = torchvision.models.resnet18()
     model.fc = torch.nn.Identity()
-    model = model.eval().to(runtime.device)
-    x = torch.randn(batch_size, 3, 224, 224, device=runtime.device)
-    if runtime.channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), runtime.autocast():
-        model(x)
-        start = time.perf_counter()
-        done = 0
-        while done < n_images:
-            model(x)
-            done += batch_size
-    return done / (time.perf_counter() - start)
+    dtype = None if runtime.precision == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
+    return images_per_second(model.eval(), batch_size, n_images, runtime.channels_last, dtype, runtime.device)
 
 
 def main() -> None:

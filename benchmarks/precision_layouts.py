@@ -17,12 +17,13 @@ import torchvision
 from featx.runtime import resolve_runtime
 
 
-def images_per_second(model, batch_size: int, images: int, channels_last: bool, bf16: bool) -> float:
-    """Inference throughput of `model` on random 224 px batches in one precision and layout."""
+def images_per_second(model, batch_size: int, images: int, channels_last: bool, dtype: torch.dtype | None,
+                      device: torch.device = torch.device("cpu")) -> float:
+    """Inference throughput of `model` on random 224 px batches in one layout, under autocast to `dtype` (None: fp32)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
-    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=layout)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    model = model.to(device, memory_format=layout)
+    x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=layout)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     with torch.inference_mode(), autocast:
         model(x)
         start, done = time.perf_counter(), 0
@@ -46,7 +47,8 @@ def main() -> None:
     for name, channels_last, bf16 in [("fp32 NCHW", False, False), ("fp32 channels_last", True, False),
                                       ("bf16 NCHW", False, True), ("bf16 channels_last", True, True)]:
         count = args.images // 4 if bf16 else args.images
-        rate = images_per_second(model, args.batch_size, max(count, args.batch_size), channels_last, bf16)
+        rate = images_per_second(model, args.batch_size, max(count, args.batch_size), channels_last,
+                                 torch.bfloat16 if bf16 else None)
         base = base or rate
         print(f"{name:20s} {rate:7.1f} img/s   x{rate / base:.2f} vs fp32 NCHW", flush=True)
 

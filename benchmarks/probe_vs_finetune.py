@@ -455,12 +455,8 @@ def readme_section(stem: str, info: dict, records: list[dict], main_taps: dict, 
         lines += ["", f"**{target}**: val accuracy %, (wall seconds per run)", "",
                   "| n/class | " + " | ".join(R.SHORT_LABELS[m] for m in methods) + " |",
                   "|---:|" + "---:|" * len(methods)]
-        for n in sizes:
-            cells = []
-            for m in methods:
-                a = agg.get((target, m, main_tap if m == "probe" else "", n))
-                cells.append(f"{R._cell(a)} ({R._secs(a['seconds'])} s)" if a else "")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += R.table_rows(agg, target, methods, main_tap, sizes,
+                              lambda a: f"{R._cell(a)} ({R._secs(a['seconds'])} s)")
         s = R.summary(agg, target, main_tap)
         cross = s["crossover"].get("finetune")
         lines.append("")

@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# featx's functions are imported from their modules: `featx.extract(...)` works only once per process (see the
-# report of issue #5), the attribute becomes the submodule after the first call.
 from featx.extract import extract
 from featx.heads import evaluate, fit_head
 
@@ -74,7 +72,8 @@ def repeat_csv(src: Path, repeat: int) -> Path:
     return dst
 
 
-def _clean(path: Path) -> None:
+def remove_store(path: Path) -> None:
+    """Remove a store and its in-progress parts folder, if any."""
     for p in (path, path.with_name(path.name + ".parts")):
         if p.is_dir():
             shutil.rmtree(p)
@@ -100,7 +99,7 @@ class Methods:
         """Extract the val images once (all taps) for scoring the probes; decode them once for scoring models."""
         self.val_csv = val_csv
         self.val_store = self.work / "val.h5"
-        _clean(self.val_store)
+        remove_store(self.val_store)
         t0 = time.perf_counter()
         res = extract(str(val_csv), self.val_store, backbone=self.backbone, weights=self.weights,
                             taps=self.taps, image_size=self.image_size, batch_size=self.extract_batch)
@@ -110,7 +109,7 @@ class Methods:
     def probe(self, train_csv: Path, tag: str, seed: int) -> tuple[list[dict], Path]:
         """Extract the subset once (all taps), fit a logistic head per tap; returns records and the main tap's head."""
         store = self.work / f"{tag}.h5"
-        _clean(store)
+        remove_store(store)
         t0 = time.perf_counter()
         res = extract(str(train_csv), store, backbone=self.backbone, weights=self.weights, taps=self.taps,
                             image_size=self.image_size, batch_size=self.extract_batch)

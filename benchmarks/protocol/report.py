@@ -159,6 +159,29 @@ def _secs(x: float) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
+def result_of(agg, target: str, method: str, main_tap: str, n: int) -> dict | None:
+    """The aggregate of one method at one n (the probe's at the main tap), or None when it did not run."""
+    return agg.get((target, method, main_tap if method == "probe" else "", n))
+
+
+def table_rows(agg, target: str, methods: list[str], main_tap: str, sizes: list[int], cell, label=str) -> list[str]:
+    """Markdown rows, one per n: label(n), then cell(aggregate) per method (empty where it did not run)."""
+    rows = []
+    for n in sizes:
+        cells = [cell(a) if (a := result_of(agg, target, m, main_tap, n)) else "" for m in methods]
+        rows.append(f"| {label(n)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def method_series(agg, target: str, main_tap: str):
+    """(method, sizes, aggregates) for each method with results on target, in table order."""
+    for m in METHOD_ORDER:
+        tap = main_tap if m == "probe" else ""
+        sizes = _sizes(agg, target, m, tap)
+        if sizes:
+            yield m, sizes, [agg[(target, m, tap, n)] for n in sizes]
+
+
 def markdown(title: str, info: dict, setup_lines: list[str], records: list[dict], main_taps: dict[str, str],
              extra_sections: list[str] = ()) -> str:
     agg = aggregate(records)
@@ -171,23 +194,17 @@ def markdown(title: str, info: dict, setup_lines: list[str], records: list[dict]
         lines += ["", f"## {target}: accuracy on the held-out val images (%, mean ± sd over seeds)", ""]
         lines.append("| n/class | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |")
         lines.append("|---:|" + "---:|" * len(methods))
-        for n in sizes:
-            cells = []
-            for m in methods:
-                a = agg.get((target, m, main_tap if m == "probe" else "", n))
-                cells.append(_cell(a) if a else "")
-            k = max((agg[(target, m, main_tap if m == "probe" else "", n)]["k"] for m in methods
-                     if (target, m, main_tap if m == "probe" else "", n) in agg), default=1)
-            lines.append(f"| {n}{' (' + str(k) + ' seeds)' if k > 1 else ''} | " + " | ".join(cells) + " |")
+
+        def with_seeds(n, target=target, methods=methods, main_tap=main_tap):
+            k = max((a["k"] for m in methods if (a := result_of(agg, target, m, main_tap, n))), default=1)
+            return f"{n}{' (' + str(k) + ' seeds)' if k > 1 else ''}"
+
+        lines += table_rows(agg, target, methods, main_tap, sizes, _cell, with_seeds)
         lines += ["", f"## {target}: cost per run (wall seconds / images through the backbone)", ""]
         lines.append("| n/class | " + " | ".join(m for m in methods) + " |")
         lines.append("|---:|" + "---:|" * len(methods))
-        for n in sizes:
-            cells = []
-            for m in methods:
-                a = agg.get((target, m, main_tap if m == "probe" else "", n))
-                cells.append(f"{_secs(a['seconds'])} s / {a['images']:,.0f}" if a else "")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += table_rows(agg, target, methods, main_tap, sizes,
+                            lambda a: f"{_secs(a['seconds'])} s / {a['images']:,.0f}")
         taps = sorted({k[2] for k in agg if k[0] == target and k[1] == "probe"}, key=_tap_order)
         if len(taps) > 1:
             lines += ["", f"## {target}: probe accuracy per tap (%, logistic head, C by cross-validation)", ""]
@@ -231,20 +248,10 @@ def plots(prefix: Path, records: list[dict], main_taps: dict[str, str], title: s
 
     fig, axes = plt.subplots(1, len(targets), figsize=(6.2 * len(targets), 4.6), squeeze=False)
     for ax, target in zip(axes[0], targets):
-        main_tap = main_taps.get(target, "avgpool")
-        for m in METHOD_ORDER:
-            tap = main_tap if m == "probe" else ""
-            sizes = _sizes(agg, target, m, tap)
-            if not sizes:
-                continue
-            ys = [100 * agg[(target, m, tap, n)]["acc_mean"] for n in sizes]
-            es = [100 * agg[(target, m, tap, n)]["acc_std"] for n in sizes]
-            ax.errorbar(sizes, ys, yerr=es, marker=MARKERS[m], capsize=3, label=METHOD_LABELS[m])
-        _log_x(ax, _sizes(agg, target))
-        ax.set_xlabel("training images per class (n)")
-        ax.set_ylabel("val accuracy (%)")
-        ax.set_title(target)
-        ax.grid(True, which="both", alpha=0.3)
+        for m, sizes, results in method_series(agg, target, main_taps.get(target, "avgpool")):
+            ax.errorbar(sizes, [100 * a["acc_mean"] for a in results], yerr=[100 * a["acc_std"] for a in results],
+                        marker=MARKERS[m], capsize=3, label=METHOD_LABELS[m])
+        _style_n_axis(ax, _sizes(agg, target), "val accuracy (%)", target)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title}: accuracy vs n (mean ± sd over seeds)")
     fig.tight_layout()
@@ -252,24 +259,12 @@ def plots(prefix: Path, records: list[dict], main_taps: dict[str, str], title: s
 
     fig, axes = plt.subplots(2, len(targets), figsize=(6.2 * len(targets), 8.4), squeeze=False)
     for col, target in enumerate(targets):
-        main_tap = main_taps.get(target, "avgpool")
-        for m in METHOD_ORDER:
-            tap = main_tap if m == "probe" else ""
-            sizes = _sizes(agg, target, m, tap)
-            if not sizes:
-                continue
-            axes[0][col].plot(sizes, [agg[(target, m, tap, n)]["seconds"] for n in sizes], marker=MARKERS[m],
-                              label=METHOD_LABELS[m])
-            axes[1][col].plot(sizes, [agg[(target, m, tap, n)]["images"] for n in sizes], marker=MARKERS[m],
-                              label=METHOD_LABELS[m])
+        for m, sizes, results in method_series(agg, target, main_taps.get(target, "avgpool")):
+            for row, key in ((0, "seconds"), (1, "images")):
+                axes[row][col].plot(sizes, [a[key] for a in results], marker=MARKERS[m], label=METHOD_LABELS[m])
         for row, label in ((0, "wall seconds per run"), (1, "images through the backbone")):
-            ax = axes[row][col]
-            _log_x(ax, _sizes(agg, target))
-            ax.set_yscale("log")
-            ax.set_xlabel("training images per class (n)")
-            ax.set_ylabel(label)
-            ax.set_title(target)
-            ax.grid(True, which="both", alpha=0.3)
+            axes[row][col].set_yscale("log")
+            _style_n_axis(axes[row][col], _sizes(agg, target), label, target)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title}: cost vs n")
     fig.tight_layout()
@@ -285,16 +280,21 @@ def plots(prefix: Path, records: list[dict], main_taps: dict[str, str], title: s
                 ax.errorbar(sizes, [100 * agg[(target, "probe", tap, n)]["acc_mean"] for n in sizes],
                             yerr=[100 * agg[(target, "probe", tap, n)]["acc_std"] for n in sizes], marker="o",
                             capsize=3, label=f"probe @ {tap}")
-            _log_x(ax, _sizes(agg, target, "probe"))
-            ax.set_xlabel("training images per class (n)")
-            ax.set_ylabel("val accuracy (%)")
-            ax.set_title(target)
-            ax.grid(True, which="both", alpha=0.3)
+            _style_n_axis(ax, _sizes(agg, target, "probe"), "val accuracy (%)", target)
             ax.legend(fontsize=8)
         fig.suptitle(f"{title}: probe accuracy per tap")
         fig.tight_layout()
         written.append(_save(fig, prefix.with_name(prefix.name + "-taps.png")))
     return written
+
+
+def _style_n_axis(ax, sizes, ylabel: str, title: str) -> None:
+    """An axis with n per class on a log x axis, labelled and gridded."""
+    _log_x(ax, sizes)
+    ax.set_xlabel("training images per class (n)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _log_x(ax, sizes) -> None:

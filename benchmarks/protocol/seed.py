@@ -18,6 +18,8 @@ from torch import nn, optim
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from .methods import remove_store
+
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -82,23 +84,13 @@ def documents_loop(data_dir: Path, backbone: str, weights: str, epochs: int = 5,
             "images": epochs * (sizes["train"] + sizes["val"]), "n_train": sizes["train"], "n_val": sizes["val"]}
 
 
-def _fresh(store: Path) -> None:
-    import shutil
-
-    for leftover in (store, store.with_name(store.name + ".parts")):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        elif leftover.exists():
-            leftover.unlink()
-
-
 def featx_side(data_dir: Path, backbone: str, weights: str, work: Path, batch_size: int = 64, log=print) -> dict:
     """featx extract (train + val, once) and fit-head; the seconds of each step and the val accuracy."""
     from featx.extract import extract
     from featx.heads import fit_head
 
     store = work / "seed-store.h5"
-    _fresh(store)
+    remove_store(store)
     t0 = time.perf_counter()
     result = extract(str(data_dir), store, backbone=backbone, weights=weights, batch_size=batch_size)
     t_extract = time.perf_counter() - t0
@@ -124,7 +116,7 @@ def featx_anytime(data_dir: Path, backbone: str, weights: str, work: Path, fract
 
     ds = D.image_folder(data_dir)
     store = work / "seed-anytime.h5"
-    _fresh(store)
+    remove_store(store)
     steps, elapsed = [], 0.0
     for frac in fractions:
         train = {c: D.permutation(files, 0)[: max(2, int(round(frac * len(files))))] for c, files in ds.train.items()}
