@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 import tempfile
@@ -265,8 +266,6 @@ def train_source(args, fm: D.Dataset, work: Path, cfg: dict) -> dict:
                 image_size=cfg["image_size"])
     log(f"source: training {cfg['backbone']} from scratch on {n_train} images of {classes} ({epochs} epochs)")
     t0 = time.perf_counter()
-    import shutil
-
     if src_dir.exists():
         shutil.rmtree(src_dir)
     summary = source_finetune(csv_path, src_dir, opts)

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from featx.extract import extract
+from featx.finetune import finetune
 from featx.heads import evaluate, fit_head
-
-FT_METHODS = ("fixed", "finetune", "probe+ft", "scratch")
 
 
 @dataclass
@@ -190,8 +189,6 @@ class Methods:
 
 def run_finetune(data, output, **kw) -> dict:
     """featx.finetune with the benchmark's options; returns a small JSON-able summary of the run."""
-    from featx.finetune import finetune  # not featx.finetune(...): see the report (module attribute shadowing)
-
     kw = {k: v for k, v in kw.items() if v is not None}
     result = finetune(str(data), output, val_split=0.0, **kw)
     return summarize_finetune(result)

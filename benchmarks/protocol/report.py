@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import platform
 from collections import defaultdict
@@ -319,7 +318,3 @@ def fmt_seconds(s: float) -> str:
     if s < 60:
         return f"{s:.1f} s"
     return f"{int(s // 60)} min {int(round(s % 60))} s"
-
-
-def isfinite(x) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))

@@ -18,6 +18,11 @@ from torch import nn, optim
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from featx.extract import extract
+from featx.heads import fit_head
+from featx.runtime import default_workers
+
+from . import data as D
 from .methods import remove_store
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -86,9 +91,6 @@ def documents_loop(data_dir: Path, backbone: str, weights: str, epochs: int = 5,
 
 def featx_side(data_dir: Path, backbone: str, weights: str, work: Path, batch_size: int = 64, log=print) -> dict:
     """featx extract (train + val, once) and fit-head; the seconds of each step and the val accuracy."""
-    from featx.extract import extract
-    from featx.heads import fit_head
-
     store = work / "seed-store.h5"
     remove_store(store)
     t0 = time.perf_counter()
@@ -109,11 +111,6 @@ def featx_anytime(data_dir: Path, backbone: str, weights: str, work: Path, fract
     """featx as an anytime method: the val images plus a growing, nested share of the training images are extracted
     into one store (the cache computes only the new images at each step) and a head is fitted after each step.
     Returns the cumulative seconds and the val accuracy after each step."""
-    from featx.extract import extract
-    from featx.heads import fit_head
-
-    from . import data as D
-
     ds = D.image_folder(data_dir)
     store = work / "seed-anytime.h5"
     remove_store(store)
@@ -134,8 +131,6 @@ def featx_anytime(data_dir: Path, backbone: str, weights: str, work: Path, fract
 
 def run_seed(data_dir: Path, backbone: str, weights: str, work: Path, workers: int | None, log=print) -> dict:
     """Both sides with the same weights. featx runs first, so that it pays for the cold page cache."""
-    from featx.runtime import default_workers
-
     workers = default_workers() if workers is None else workers
     weights_arg = weights
     if weights.lower() == "none":
