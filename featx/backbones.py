@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import os
 import pickle
 import re
@@ -25,8 +24,8 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from .errors import FeatxError
 from .layers import final_layer, model_label
-from .layers import is_channels_last as output_is_channels_last
 from .preprocess import TransformSpec
+from .sources import content_key
 
 OFFLINE_ENV = "FEATX_OFFLINE"
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -43,8 +42,6 @@ __all__ = [
     "list_backbones",
     "load_backbone",
     "load_partial",
-    "load_state_dict_file",
-    "output_is_channels_last",
     "read_weights_file",
     "sha256_file",
 ]
@@ -116,11 +113,7 @@ def check_backbone(name: str) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return content_key(path)
 
 
 def sha256_file(path) -> str:
@@ -197,11 +190,6 @@ def _unwrap(obj) -> tuple[dict[str, torch.Tensor], dict]:
     if tensors and all(k.startswith(PARALLEL_PREFIX) for k in tensors):
         tensors = {k[len(PARALLEL_PREFIX):]: v for k, v in tensors.items()}
     return tensors, meta
-
-
-def load_state_dict_file(path) -> dict[str, torch.Tensor]:
-    """The state dict of a weights file (see read_weights_file)."""
-    return read_weights_file(path)[0]
 
 
 def load_partial(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "state dict") -> LoadReport:

@@ -20,9 +20,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
 from . import __version__
-from .backbones import Backbone, check_backbone, load_backbone, output_is_channels_last
+from .backbones import Backbone, check_backbone, load_backbone
 from .errors import FeatxError
-from .layers import check_taps, penultimate_node
+from .layers import channels_last_taps, check_taps, penultimate_node
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
@@ -174,7 +174,7 @@ class _FeatureRunner:
         self.transform = transform
         self.pooling, self.token_pool, self.dtype = pooling, token_pool, DTYPES[dtype]
         self.taps = list(taps)
-        self.nhwc = {tap: output_is_channels_last(bb.model, tap) for tap in self.taps}
+        self.nhwc = channels_last_taps(bb.model, self.taps)
         extractor = create_feature_extractor(bb.model, return_nodes={tap: tap for tap in self.taps})
         self.model = prepare_model(extractor.eval(), runtime)
         self._dry_run(bb.name)

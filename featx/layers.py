@@ -107,9 +107,14 @@ def valid_taps(model: nn.Module) -> list[str]:
 
 def is_channels_last(model: nn.Module, tap: str) -> bool:
     """True when the tap's 4-D output is (N, H, W, C), as in Swin's stages, so pooling must permute it."""
+    return channels_last_taps(model, [tap])[tap]
+
+
+def channels_last_taps(model: nn.Module, taps) -> dict[str, bool]:
+    """is_channels_last for each of `taps`, from one trace of the model."""
     graph = _Graph(model)
-    node = graph.resolve(tap)
-    return bool(node and graph.nhwc.get(node, False))
+    nodes = {tap: graph.resolve(tap) for tap in taps}
+    return {tap: bool(node and graph.nhwc.get(node, False)) for tap, node in nodes.items()}
 
 
 def penultimate_node(model: nn.Module) -> str:

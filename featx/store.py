@@ -108,21 +108,26 @@ class _WriteGuard:
 
 
 @contextlib.contextmanager
-def create_h5(path: Path):
-    """A new HDF5 file open for writing at `path`. A write that fails (no space left, file size limit) is raised
-    as one OSError once the file is closed, instead of breaking libhdf5 (see _WriteGuard)."""
-    guard = _WriteGuard(path)
+def create_h5(tmp: Path, final: Path):
+    """A new HDF5 file open for writing at `tmp`, published at `final` (see publish) when the block succeeds; `tmp`
+    is removed whatever happens, so a full disk gets its space back. A write that fails (no space left, file size
+    limit) is raised as one OSError once the file is closed, instead of breaking libhdf5 (see _WriteGuard)."""
     try:
+        guard = _WriteGuard(tmp)
         try:
-            with h5py.File(guard, "w", locking=False) as h5:
-                yield h5
-        except Exception:
-            if guard.error is None:
-                raise
-        if guard.error is not None:
-            raise OSError(guard.error.errno, guard.error.strerror, str(path))
+            try:
+                with h5py.File(guard, "w", locking=False) as h5:
+                    yield h5
+            except Exception:
+                if guard.error is None:
+                    raise
+            if guard.error is not None:
+                raise OSError(guard.error.errno, guard.error.strerror, str(tmp))
+        finally:
+            guard.close()
+        publish(tmp, final)
     finally:
-        guard.close()
+        tmp.unlink(missing_ok=True)
 
 
 def _write_strings(group: h5py.Group, name: str, values) -> None:
@@ -183,17 +188,13 @@ def write_store(
     splits = [""] * n if splits is None else splits
     labels = [-1] * n if labels is None and targets is None else labels
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with create_h5(tmp) as h5:
-            set_root_attrs(h5, config, config_key or config_fingerprint(config))
-            create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
-                         classes=classes, failed=failed)
-            for tap, arr in features.items():
-                arr = np.asarray(arr)
-                create_features(h5, tap, arr.shape, arr.dtype)[...] = arr
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with create_h5(tmp, path) as h5:
+        set_root_attrs(h5, config, config_key or config_fingerprint(config))
+        create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
+                     classes=classes, failed=failed)
+        for tap, arr in features.items():
+            arr = np.asarray(arr)
+            create_features(h5, tap, arr.shape, arr.dtype)[...] = arr
     return path
 
 
@@ -328,24 +329,26 @@ class Store:
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
             )
-            n = len(self.keys)
             lengths = {"/items/path": len(self.paths), "/items/split": len(self.splits), "/items/label": len(self.labels)}
             if self.targets is not None:
                 lengths["/items/target"] = len(self.targets)
-            for name, length in lengths.items():
-                if length != n:
-                    raise FeatxError(f"{path}: damaged featx store ({name} has {length} rows, /items/key has {n})")
+            self._check_rows(lengths)
             rows = {}
             for tap in self.taps:
                 ds = h5["features"][tap]
                 if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu" or len(ds.shape) < 1:
                     raise FeatxError(f"{path}: damaged featx store (/features/{tap} is not an array of numbers)")
-                rows[tap] = ds.shape[0]
+                rows[f"/features/{tap}"] = ds.shape[0]
         except (KeyError, ValueError, OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FeatxError(f"{path}: damaged featx store ({_first_line(err)})") from err
-        for tap, count in rows.items():
-            if count != len(self.keys):
-                raise FeatxError(f"{path}: damaged featx store (/features/{tap} has {count} rows, /items/key has {len(self.keys)})")
+        self._check_rows(rows)
+
+    def _check_rows(self, lengths: dict[str, int]) -> None:
+        """A damaged-store error unless every dataset named in `lengths` has as many rows as /items/key."""
+        n = len(self.keys)
+        for name, length in lengths.items():
+            if length != n:
+                raise FeatxError(f"{self.path}: damaged featx store ({name} has {length} rows, /items/key has {n})")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -449,7 +452,7 @@ def open_store(path) -> Store:
     try:
         h5 = h5py.File(path, "r", locking=False)
     except OSError as err:
-        raise FeatxError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:120]})") from err
+        raise FeatxError(f"{path}: not a readable HDF5 file ({_first_line(err)})") from err
     try:
         _check_string_heaps(h5, path)
         schema = h5.attrs.get("featx_schema")

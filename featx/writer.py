@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import FeatxError
 from .store import (
-    KEY_DTYPE, create_features, create_h5, create_items, open_store, publish, read_rows, set_root_attrs,
+    KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, read_rows, set_root_attrs,
 )
 
 SEGMENT_GLOB = "seg-*.h5"
@@ -76,7 +76,7 @@ class StoreWriter:
         self._lock_fd: int | None = None
         self._counter = 0
         self.available: dict[str, RowSource] = {}
-        self.old_store_matches = False
+        self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
 
     # -- lock ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -145,7 +145,7 @@ class StoreWriter:
                 )
             for row, key in enumerate(old.keys):
                 self.available.setdefault(key, RowSource(self.output, row))
-        self.old_store_matches = True
+        self._old = old
 
     def _index_segment(self, seg: Path) -> None:
         try:
@@ -171,38 +171,33 @@ class StoreWriter:
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{self._counter:06d}"
         tmp = self.parts / f"{name}.tmp"
         final = self.parts / f"{name}.h5"
-        try:
-            with create_h5(tmp) as h5:
-                h5.attrs["config_key"] = self.config_key
-                h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
-                for tap, arr in features.items():
-                    h5.create_dataset(tap, data=arr)
-            publish(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk gets its space back
-            raise
+        with create_h5(tmp, final) as h5:
+            h5.attrs["config_key"] = self.config_key
+            h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
+            for tap, arr in features.items():
+                h5.create_dataset(tap, data=arr)
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(final, row))
 
     # -- sealing -------------------------------------------------------------------------------------------------
     def is_unchanged(self, plan: SealPlan) -> bool:
         """True when the old store already holds exactly this plan and nothing new was committed."""
-        if not self.old_store_matches or any(self.parts.glob(SEGMENT_GLOB)):
+        old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
+        if old is None or any(self.parts.glob(SEGMENT_GLOB)):
             return False
-        with open_store(self.output) as old:
-            same_labels = (
-                np.array_equal(old.targets, plan.targets)
-                if plan.targets is not None
-                else old.targets is None and np.array_equal(old.labels, plan.labels)
-            )
-            return (
-                same_labels
-                and list(old.keys) == plan.keys
-                and list(old.paths) == plan.paths
-                and list(old.splits) == plan.splits
-                and old.classes == plan.classes
-                and [tuple(f) for f in old.failed] == plan.failed
-            )
+        same_labels = (
+            np.array_equal(old.targets, plan.targets)
+            if plan.targets is not None
+            else old.targets is None and np.array_equal(old.labels, plan.labels)
+        )
+        return (
+            same_labels
+            and list(old.keys) == plan.keys
+            and list(old.paths) == plan.paths
+            and list(old.splits) == plan.splits
+            and old.classes == plan.classes
+            and [tuple(f) for f in old.failed] == plan.failed
+        )
 
     def seal(self, plan: SealPlan, taps: list[str]) -> None:
         """Write the final store from the old store and the segments, rename it into place, drop the parts."""
@@ -211,18 +206,13 @@ class StoreWriter:
             loc = self.available[key]
             sources.setdefault(loc.file, []).append((loc.row, dest))
         tmp = self.parts / "sealing.tmp"
-        try:
-            with create_h5(tmp) as h5:
-                set_root_attrs(h5, self.config, self.config_key)
-                create_items(
-                    h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
-                    targets=plan.targets, classes=plan.classes, failed=plan.failed,
-                )
-                self._copy_features(h5, sources, taps, len(plan.keys))
-            publish(tmp, self.output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # the old store and the segments stay; a full disk gets its space back
-            raise
+        with create_h5(tmp, self.output) as h5:  # on failure the old store and the segments stay
+            set_root_attrs(h5, self.config, self.config_key)
+            create_items(
+                h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
+                targets=plan.targets, classes=plan.classes, failed=plan.failed,
+            )
+            self._copy_features(h5, sources, taps, len(plan.keys))
         self._remove_parts()
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:

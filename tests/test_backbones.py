@@ -21,12 +21,11 @@ from featx.backbones import (
     list_backbones,
     load_backbone,
     load_partial,
-    load_state_dict_file,
-    output_is_channels_last,
     read_weights_file,
     sha256_file,
 )
 from featx.errors import FeatxError
+from featx.layers import is_channels_last
 from featx.preprocess import TransformSpec
 
 SMALL = "mobilenet_v3_small"
@@ -226,7 +225,7 @@ def test_checkpoints_are_unwrapped_and_dataparallel_prefix_removed(tmp_path, key
     loaded, meta = read_weights_file(path)
     assert list(loaded) == ["weight", "bias"] and torch.equal(loaded["weight"], state["weight"])
     assert meta == {"classes": ["a"]}
-    assert load_state_dict_file(path).keys() == loaded.keys()
+    assert read_weights_file(path)[0].keys() == loaded.keys()
 
 
 def test_plain_state_dict_has_no_meta(tmp_path):
@@ -351,11 +350,11 @@ def test_classifier_path_needs_a_linear_head():
 
 def test_channels_last_outputs_are_found_in_the_graph():
     swin = skeleton("swin_t")
-    assert [output_is_channels_last(swin, t) for t in ("features.0.0", "features.0", "features.3", "norm")] == [
+    assert [is_channels_last(swin, t) for t in ("features.0.0", "features.0", "features.3", "norm")] == [
         False, True, True, True,
     ]
-    assert [output_is_channels_last(swin, t) for t in ("permute", "avgpool", "flatten")] == [False, False, False]
+    assert [is_channels_last(swin, t) for t in ("permute", "avgpool", "flatten")] == [False, False, False]
     convnext = skeleton("convnext_tiny")
-    assert output_is_channels_last(convnext, "features.1.0.block.3")  # between its block's two permutes
-    assert not output_is_channels_last(convnext, "features.1")
-    assert not output_is_channels_last(skeleton("resnet18"), "layer4")
+    assert is_channels_last(convnext, "features.1.0.block.3")  # between its block's two permutes
+    assert not is_channels_last(convnext, "features.1")
+    assert not is_channels_last(skeleton("resnet18"), "layer4")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from pathlib import Path
 
 import click
 
@@ -14,6 +13,7 @@ from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
 HEAD_HELP = "; ".join(f"{name}: {head.help}" for name, head in HEAD_TYPES.items())
+TRUST = click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
 GRID_DEFAULTS = "; ".join(
     f"{name}: {head.default_grid if isinstance(head.default_grid, str) else ','.join(map(str, head.default_grid))}"
     for name, head in HEAD_TYPES.items() if head.default_grid != DEFAULT_GRID
@@ -89,7 +89,7 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
 @click.option("--store", type=PathParam("output", "the .h5 store that caches the images' features"),
               help="Store for the images' features (default: HEAD/cache/).")
 @click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
-@click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
+@TRUST
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
@@ -105,12 +105,10 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
                          log=lambda line: click.echo(line, err=True))
     for path, reason in result.failed:
         warn(f"not predicted: {path}: {reason}")
-    if as_json and output:
-        Path(output).write_text(json.dumps(result.records(top_k), indent=2) + "\n", encoding="utf-8")
-    elif as_json:
-        echo_json(result.records(top_k))
-    else:
-        with click.open_file(output or "-", "w", encoding="utf-8") as file:
+    with click.open_file(output or "-", "w", encoding="utf-8") as file:
+        if as_json:
+            file.write(json.dumps(result.records(top_k), indent=2) + "\n")
+        else:
             result.write_csv(file, top_k)
     if output:
         click.echo(f"{len(result)} predictions written to {output}", err=True)
@@ -122,7 +120,7 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
 @click.option("--split", help="Only rows of this split (train, val, test).")
 @click.option("-l", "--layer", "tap", help="Tap to read (default: the head's).")
 @_feature_keys
-@click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
+@TRUST
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate_cmd(head, store, split, tap, x_key, y_key, trust, as_json):
     """Measure HEAD on the labelled rows of STORE (or of one --split): accuracy, balanced accuracy, macro F1,

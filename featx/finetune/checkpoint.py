@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import FeatxError
+from ..store import publish
 
 CONFIG, CHECKPOINT, MODEL, LAST, METRICS, CURVES = (
     "config.json", "checkpoint.pt", "model.pt", "last.pt", "metrics.jsonl", "curves.png"
@@ -31,20 +32,13 @@ FORMAT = 1
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, and rename over `path`."""
+    """Call write(tmp_path), then fsync it and rename it over `path` durably (store.publish)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_torch(obj, path: Path) -> None:

@@ -32,7 +32,7 @@ def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] 
     if "none" in specs and len(specs) > 1:
         raise FeatxError(f"--freeze none cannot be combined with {', '.join(s for s in specs if s != 'none')}")
     names = [name for name, _ in model.named_parameters()]
-    in_head = {name for name in names if _inside(name, head_path)}
+    in_head = {name for name in names if in_module(name, head_path)}
     frozen: set[str] = set()
     for spec in specs:
         if spec == "none":
@@ -64,7 +64,8 @@ def loaded_parameters(bb) -> set[str] | None:
     return {name for name, _ in bb.model.named_parameters()}
 
 
-def _inside(name: str, prefix: str) -> bool:
+def in_module(name: str, prefix: str) -> bool:
+    """Whether dotted parameter/module `name` is module `prefix` or inside it."""
     return name == prefix or name.startswith(prefix + ".")
 
 
@@ -75,7 +76,7 @@ def _until(model: nn.Module, layer: str) -> set[str]:
         raise FeatxError(f"--freeze until: needs a module name, e.g. until:{example}; {_module_names(model)}")
     frozen, reached = set(), False
     for name, module in model.named_modules():
-        inside = _inside(name, layer)
+        inside = in_module(name, layer)
         if reached and not inside:
             return frozen
         reached = reached or inside

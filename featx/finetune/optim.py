@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from ..errors import FeatxError
 from .choices import WARMUP_HELP
+from .freezing import in_module
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 1e-2}
@@ -44,8 +45,7 @@ def build_optimizer(model: nn.Module, head_path: str, name: str, lr: float, back
     """Two param groups, 'backbone' at `backbone_lr` and 'head' at `lr`, holding every parameter (frozen too)."""
     head, backbone = [], []
     for pname, param in model.named_parameters():
-        inside = pname == head_path or pname.startswith(head_path + ".")
-        (head if inside else backbone).append(param)
+        (head if in_module(pname, head_path) else backbone).append(param)
     groups = [
         {"params": backbone, "lr": backbone_lr, "name": "backbone"},
         {"params": head, "lr": lr, "name": "head"},

@@ -64,13 +64,14 @@ class Trainer:
     # ---- training --------------------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Train the epochs not done yet (all of them, or those after the checkpoint's), unless stopped early."""
-        for epoch in range(len(self.history) + 1, self.epochs + 1):
+        start = len(self.history) + 1
+        for epoch in range(start, self.epochs + 1):
             if self.stopped_early:
                 self.log(f"early stop: no val accuracy gain in {self.early_stop} epochs (best: epoch {self.best['epoch']})")
                 return
-            self._epoch(epoch)
+            self._epoch(epoch, write_config=epoch == start)
 
-    def _epoch(self, epoch: int) -> None:
+    def _epoch(self, epoch: int, write_config: bool) -> None:
         unfrozen = self.unfreeze_at is not None and epoch >= self.unfreeze_at
         set_frozen(self.model, set() if unfrozen else self.frozen)
         if unfrozen and epoch == self.unfreeze_at:
@@ -84,14 +85,15 @@ class Trainer:
         val = evaluate(self.model, self.val_loader, self.spec, self.runtime) if self.val_loader is not None else None
         row = epoch_row(epoch, train, val, lrs, time.perf_counter() - started)
         self.history.append(row)
-        self._save(epoch)
+        self._save(epoch, write_config)
         self.log(summary_line(row, self.epochs))
         if row["skipped_images"]:
             self.log(f"featx: warning: {row['skipped_images']} undecodable images skipped in epoch {epoch}")
 
     # ---- the run folder --------------------------------------------------------------------------------------------
-    def _save(self, epoch: int) -> None:
-        """model.pt (when this epoch is the best), last.pt, checkpoint.pt, then config, metrics and curves."""
+    def _save(self, epoch: int, write_config: bool) -> None:
+        """model.pt (when this epoch is the best), last.pt, checkpoint.pt, then config (once per fit: it does not
+        change between epochs; an --overwrite run replaces the old one here), metrics and curves."""
         state = cpu_state_dict(self.model)
         row = self.history[-1]
         weights = {"model": state, "featx": {**self.model_meta, "epoch": epoch, "val_acc": row["val_acc"]}}
@@ -99,7 +101,8 @@ class Trainer:
             save_torch(weights, self.run / MODEL)
         save_torch(weights, self.run / LAST)
         save_torch(self.state_dict(state, epoch), self.run / CHECKPOINT)
-        self.run.write_config(self.config)
+        if write_config:
+            self.run.write_config(self.config)
         self.run.write_metrics(self.history)
         write_curves(self.history, self.run / CURVES)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import FeatxError
 from . import cv
-from .data import Rows, open_rows, train_eval_rows
+from .data import Rows, no_labels_error, open_rows, train_eval_rows
 from .estimators import CLASS_WEIGHTS, HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
@@ -116,8 +116,7 @@ def evaluate(head, data, *, split: str | None = None, tap: str | None = None, x:
                 raise FeatxError(f"--split {split}: no labelled rows in {rows.path} (its splits: {splits})")
             where = f"split {split!r}"
         if not selected.any():
-            hint = f" ({rows.no_label_hint})" if rows.no_label_hint else ""
-            raise FeatxError(f"{rows.path} has no labels{hint}: evaluate needs labelled rows (predict works on it)")
+            raise no_labels_error(rows, "evaluate")
         index = np.flatnonzero(selected)
         return {"head": head.kind, "tap": rows.tap, "data": str(rows.path), "rows": {"eval": len(index)},
                 "evaluated_on": where, **_metrics_on(head, rows, index, chunk_rows)}

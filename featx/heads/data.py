@@ -140,6 +140,11 @@ def nonfinite_error(rows: Rows, bad: np.ndarray) -> FeatxError:
     )
 
 
+def no_labels_error(rows: Rows, needed_by: str) -> FeatxError:
+    hint = f" ({rows.no_label_hint})" if rows.no_label_hint else ""
+    return FeatxError(f"{rows.path} has no labels{hint}: {needed_by} needs labelled rows (predict works on it)")
+
+
 def open_rows(path, tap: str | None = None, x_key: str | None = None, y_key: str | None = None) -> Rows:
     """Open a featx store (tap = which features) or any HDF5/NPZ file with a 2-D feature array and a label vector.
 
@@ -154,17 +159,18 @@ def open_rows(path, tap: str | None = None, x_key: str | None = None, y_key: str
         raise FeatxError(f"{path}: is a folder, expected a featx store (.h5) or an HDF5/NPZ feature file")
     if path.suffix.lower() == ".npz":
         return _open_npz(path, x_key or tap, y_key)
-    if x_key is None and y_key is None and _is_featx_store(path):
-        return _open_store(path, tap)
-    return _open_hdf5(path, x_key or tap, y_key)
-
-
-def _is_featx_store(path: Path) -> bool:
+    h5 = None
     try:
-        with h5py.File(path, "r", locking=False) as h5:
-            return "featx_schema" in h5.attrs
+        h5 = h5py.File(path, "r", locking=False)
+        is_store = x_key is None and y_key is None and "featx_schema" in h5.attrs
     except OSError as err:
+        if h5 is not None:
+            h5.close()
         raise FeatxError(f"{path}: neither an HDF5 nor an NPZ file ({str(err).splitlines()[0][:100]})") from err
+    if is_store:
+        h5.close()  # open_store opens (and checks) the store itself
+        return _open_store(path, tap)
+    return _open_hdf5(path, h5, x_key or tap, y_key)
 
 
 def _open_store(path: Path, tap: str | None) -> Rows:
@@ -218,11 +224,8 @@ def _open_npz(path: Path, x_key: str | None, y_key: str | None) -> Rows:
     return _foreign_rows(path, x_key, x.shape, lambda rows: x[rows], y, y_key, hint, close=npz.close)
 
 
-def _open_hdf5(path: Path, x_key: str | None, y_key: str | None) -> Rows:
-    try:
-        h5 = h5py.File(path, "r", locking=False)
-    except OSError as err:
-        raise FeatxError(f"{path}: neither an HDF5 nor an NPZ file ({str(err).splitlines()[0][:100]})") from err
+def _open_hdf5(path: Path, h5: h5py.File, x_key: str | None, y_key: str | None) -> Rows:
+    """Rows of a foreign HDF5 file, already open as `h5` (closed here on error, else by Rows.close)."""
     try:
         datasets: dict[str, h5py.Dataset] = {}
 
@@ -324,8 +327,7 @@ def train_eval_rows(rows: Rows, val_split: float = 0.2, seed: int = 0) -> tuple[
         raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
     labelled = rows.labelled
     if not labelled.any():
-        hint = f" ({rows.no_label_hint})" if rows.no_label_hint else ""
-        raise FeatxError(f"{rows.path} has no labels{hint}: fitting a head needs labelled rows (predict works on it)")
+        raise no_labels_error(rows, "fitting a head")
     has_splits = bool((rows.splits != "").any())
     train = labelled & (rows.splits == "train") if has_splits else labelled
     if not train.any():

@@ -11,6 +11,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.extmath import softmax
 
+from .estimators import balanced_weights
+
 TARGET_STEPS = 500  # default epochs: enough for about this many Adam steps, within [MIN_EPOCHS, MAX_EPOCHS]
 MIN_EPOCHS, MAX_EPOCHS = 10, 100
 
@@ -81,12 +83,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
         if self.class_weight is None:
             return None
-        counts = np.bincount(y_index, minlength=k).astype(np.float64)
         if self.class_weight == "balanced":
-            weights = len(y_index) / (k * counts)
+            weights = balanced_weights(y_index, k)  # every class is present: classes_ come from y
         else:
-            weights = np.array([self.class_weight.get(c, 1.0) for c in self.classes_])
-        return torch.as_tensor(weights, dtype=torch.float32)
+            weights = {i: self.class_weight.get(c, 1.0) for i, c in enumerate(self.classes_)}
+        return torch.as_tensor([weights[i] for i in range(k)], dtype=torch.float32)
 
     def decision_function(self, X) -> np.ndarray:
         return mlp_logits(np.asarray(X), self.w1_, self.b1_, self.w2_, self.b2_)

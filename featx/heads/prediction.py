@@ -105,10 +105,10 @@ def predict(head, data, *, store=None, x: str | None = None, trust: bool = False
         path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     with open_rows(path, head.tap if x is None else None, x) as rows:
         head.check_rows(rows)
-        parts = [(index, _apply(head, block)) for index, block in rows.iter_chunks(None, chunk_rows)]
+        parts = [_apply(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
         names = rows.names
-    predicted = np.concatenate([p for _, (p, _) in parts]) if parts else np.empty(0)
-    scores = np.concatenate([s for _, (_, s) in parts]) if parts and head.task != "regression" else None
+    predicted = np.concatenate([p for p, _ in parts]) if parts else np.empty(0)
+    scores = np.concatenate([s for _, s in parts]) if parts and head.task != "regression" else None
     classes = None if head.classes_ is None else [str(c) for c in head.classes_]
     return Predictions(names, predicted, classes, scores, head.has_proba, failed)
 

@@ -76,17 +76,20 @@ class StreamingFit:
         with Parallel(n_jobs=self.n_jobs, backend="threading") as parallel:
             for epoch in range(self.epochs):
                 for pos, X in self._chunks(epoch):
-                    parts = [(X[keep], self.y[pos][keep]) for keep in (self.fold_of[pos] != f for f in range(n_folds))]
+                    y, fold = self.y[pos], self.fold_of[pos]
+                    parts = [(X[keep], y[keep]) for keep in (fold != f for f in range(n_folds))]
                     parallel(delayed(self._update)(per_fold[f], *parts[f])
                              for per_fold in models for f in range(n_folds))
         k = len(self.classes)
         confusion = np.zeros((len(values), n_folds, k, k), dtype=np.int64)
         for pos, X in self._chunks(None):
+            y, fold = self.y[pos], self.fold_of[pos]
             for f in range(n_folds):
-                held = self.fold_of[pos] == f
+                held = fold == f
                 if held.any():
+                    X_held, y_held = X[held], y[held]
                     for g, per_fold in enumerate(models):
-                        np.add.at(confusion[g, f], (self.y[pos][held], per_fold[f].predict(X[held])), 1)
+                        np.add.at(confusion[g, f], (y_held, per_fold[f].predict(X_held)), 1)
         return np.array([[confusion_score(confusion[g, f], self.scoring) for f in range(n_folds)]
                          for g in range(len(values))])
 
