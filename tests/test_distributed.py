@@ -142,3 +142,9 @@ def test_torchrun_ranks_agree_or_fail_together(tmp_path):
 def test_missing_rendezvous_is_one_line(tmp_path):
     (line,) = _ranks([tmp_path], [JOB], world=2, timeout="3")  # rank 1 never comes
     assert line.startswith("error: rank 0/2: no rendezvous with the other ranks at 127.0.0.1:") and "3 s" in line
+
+
+def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(FeatxError, match="WORLD_SIZE=2 is set but MASTER_ADDR/MASTER_PORT are not: launch with torchrun"):
+        distributed.start(Shard(0, 2, 0, "torchrun"), tmp_path, JOB)
