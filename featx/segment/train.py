@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import __version__
-from ..backbones import load_backbone
 from ..errors import FeatxError
 from ..finetune.checkpoint import atomic_write, seed_everything
 from ..finetune.data import DEFAULT_VAL_SPLIT, Splits, loader_for
@@ -166,9 +165,9 @@ def write_preview(model: nn.Module, dataset: PairDataset, spec, runtime, path) -
     atomic_write(path, FigureCanvasAgg(fig).print_png)
 
 
-def segment_trainer(data, backbone, weights, opts, runtime, workers, run, progress, log, *, tap, decoder, binary,
+def segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, *, tap, decoder, binary,
                     num_classes, dice_weight) -> Trainer:
-    """Load the pairs and the truncated model, freeze, and build the loaders, optimizer and schedule of a run."""
+    """Load the pairs, cut the loaded Backbone `bb` at the tap, freeze, and build the loaders, optimizer and schedule of a run."""
     from ..finetune.api import _config
 
     if not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
@@ -181,7 +180,6 @@ def segment_trainer(data, backbone, weights, opts, runtime, workers, run, progre
     if opts.batch_size > len(splits.train):
         raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training pairs")
     log(f"data: {source.description}; validation: {splits.how}")
-    bb = load_backbone(backbone, weights)
     if bb.load_report is not None:
         log(bb.load_report.summary())
     spec = bb.transform.with_sizes(opts.image_size)
