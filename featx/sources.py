@@ -132,7 +132,8 @@ def _load_folder(folder: str, kind: str) -> Source:
     root = os.path.abspath(folder)
     splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
     levels = splits or {"": root}
-    found = {split: _scan_level(path, ancestors={os.path.realpath(root)}) for split, path in levels.items()}
+    found = {split: _without_masks(*_scan_level(path, ancestors={os.path.realpath(root)}))
+             for split, path in levels.items()}
     classes = sorted({name for by_class, _ in found.values() for name in by_class})
     index = {name: i for i, name in enumerate(classes)}
     items = []
@@ -145,6 +146,13 @@ def _load_folder(folder: str, kind: str) -> Source:
             f"root/train, root/val, root/test) or a flat folder of images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind)
+
+
+def _without_masks(by_class: dict[str, list[str]], loose: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """A segmentation level (only images/ and masks/ folders): its images are unlabelled items, its masks none."""
+    if set(by_class) == {"images", "masks"}:
+        return {}, loose + by_class["images"]
+    return by_class, loose
 
 
 def _item(path: str, root: str, label: int, split: str) -> Item:
