@@ -378,7 +378,7 @@ def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
     """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
     (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}."""
     options = extract_options_from_config(config)
-    bb = load_backbone(options["backbone"], options["weights"])
+    bb = load_backbone(options["backbone"], options["weights"], match=options["weights_match"])
     if bb.weights_sha256 != config.get("weights_sha256"):
         raise FeatxError(
             f"weights {options['weights']} have sha256 {str(bb.weights_sha256)[:16]}..., but the rows were computed "
