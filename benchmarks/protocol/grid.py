@@ -46,6 +46,7 @@ class GridConfig:
     max_images: int = 640
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
     scratch_sizes: tuple = ("all",)
+    probe_grid: str = "1e-4:1e2"  # C range of the probes (per decade, then refined by featx)
 
     def load_options(self) -> dict:
         """How featx loads the weights file (extract, finetune): the match mode, when one is set."""
@@ -197,7 +198,7 @@ class Grid:
                 for tap in todo:
                     with Clock() as c:
                         head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{tap}", seed=seed, val_split=0.0,
-                                        n_jobs=1, plots=False, overwrite=True)
+                                        grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True)
                     acc = float(evaluate(head, self.val_store[name], split="val")["accuracy"])
                     self.journal.add({
                         "kind": "cell", "target": name, "method": "probe", "tap": tap, "n": n_value(ds, n),

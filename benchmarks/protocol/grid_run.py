@@ -12,7 +12,7 @@ from .grid import Grid, GridConfig, Journal
 
 DATASETS = ("flower_photos", "dogs_vs_cats", "hymenoptera_data", "fashion_mnist")
 BACKBONE = "timm/tf_efficientnet_lite0"
-TAPS = ("blocks.3", "blocks.5", "global_pool")
+TAPS = ("blocks.2", "blocks.4", "global_pool.flatten")
 SIZES = (5, 10, 20, 50, 100, "all")
 FT_ORDER = ("finetune", "probe+ft", "fixed")
 
@@ -117,7 +117,8 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
               f"({e['precision']})" for e in extracts]
     lines += [
         "",
-        f"Probe (a): `featx fit-head` (logistic, standardized, C by 5-fold CV) on the cell's rows; {cfg.seeds} seeds "
+        f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
+        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; {cfg.seeds} seeds "
         f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "
         f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured. "
