@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -373,7 +374,10 @@ def _materialize_digits(cache: Path, final: Path) -> None:
 
 
 def content_key(path) -> str:
-    """sha256 hex digest of the file's bytes, read in 1 MiB blocks (OSError when the file cannot be read)."""
+    """sha256 hex digest of the file's bytes, read in 1 MiB blocks (OSError when the file cannot be read).
+    `path` may also be the bytes themselves (an upload), which give the key their file would have."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(path).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
@@ -386,14 +390,19 @@ def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MA
 
     `min_size`: when the file is a JPEG, let libjpeg decode at a reduced scale that keeps both sides >= min_size.
     `max_pixels`: reject images whose header claims more pixels than this, before any pixel is decoded.
-    Raises DecodeError with a one-line reason for files that cannot be read or decoded.
+    `path` may also be the file's bytes (an upload). Raises DecodeError with a one-line reason for files that
+    cannot be read or decoded.
     """
-    try:
-        fp = open(path, "rb")
-    except OSError as err:
-        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        fp, name = io.BytesIO(path), ""
+    else:
+        try:
+            fp = open(path, "rb")
+        except OSError as err:
+            raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+        name = os.fspath(path)
     with fp:
-        image = _identify(fp, os.fspath(path))
+        image = _identify(fp, name)
         _check_pixels(image.size, max_pixels)
         try:
             image = _load(image, min_size)
