@@ -1,9 +1,8 @@
 """The backbone cut at a tap, with a decoder whose logits are upsampled to the input size.
 
-`build_segmenter` traces the backbone up to the tap (`featx.layers.feature_extractor`: torchvision's
-create_feature_extractor with the model's tracer settings) and adds the decoder as module `decoder` to that graph,
-so parameter names stay the backbone's own ('layer2.0.conv1.weight'): every --freeze strategy and partial weight
-loading work as in classification.
+`build_segmenter` traces the backbone up to the tap (layers.feature_extractor, with the model's tracer settings)
+and adds the decoder as module `decoder` to that graph, so parameter names stay the backbone's own
+('layer2.0.conv1.weight'): every --freeze strategy and partial weight loading work as in classification.
 
     --decoder conv:W   3x3 conv to W channels, ReLU, 1x1 conv to the classes, bilinear upsample to the input
     --decoder linear   1x1 conv to the classes (a dense linear probe), bilinear upsample
