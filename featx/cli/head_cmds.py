@@ -8,7 +8,8 @@ import warnings
 import click
 
 from ..heads.cv import DEFAULT_GRID
-from ..heads.estimators import HEAD_TYPES, NORMALIZERS
+from ..choices import DEVICE_CHOICES
+from ..heads.estimators import HEAD_TYPES, NORMALIZERS, SOLVERS
 from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
@@ -51,12 +52,14 @@ def _feature_keys(f):
 @click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time (sgd streams the store in such chunks).")
+@click.option("--solver", type=click.Choice(SOLVERS), default="sklearn", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C).")
+@click.option("--device", default="auto", show_default=True, help=f"--solver torch: {DEVICE_CHOICES} (auto: CUDA when present).")
 @click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write confusion_matrix.png and cv_curve.png.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight, val_split, seed, n_jobs, x_key, y_key,
-                 epochs, hidden, dropout, chunk_rows, joblib_export, plots, overwrite, as_json):
+                 epochs, hidden, dropout, chunk_rows, solver, device, joblib_export, plots, overwrite, as_json):
     """Fit a head on the rows of STORE (a featx store, or any HDF5/NPZ file with --x/--y) and save it to -o.
 
     C is chosen by stratified k-fold cross-validation; the head is refit on all training rows ('train' split, or
@@ -70,7 +73,7 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
             store, tap, output, head=kind, normalize=normalize, grid=grid, folds=folds,
             class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
             n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, chunk_rows=chunk_rows,
-            joblib=joblib_export, plots=plots, overwrite=overwrite,
+            solver=solver, device=device, joblib=joblib_export, plots=plots, overwrite=overwrite,
         )
     if as_json:
         echo_json({"path": str(head.path), **head.metrics})
