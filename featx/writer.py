@@ -8,6 +8,8 @@ HDF5 files are not crash-safe while open for writing, so the final store is neve
   kill loses at most the batch in flight, and the next run finds every committed segment.
 * Sealing writes the new store inside the parts folder and renames it over the final path (atomic), then removes
   the parts folder. A kill at any instant leaves either the old store or the new one, both complete.
+* The shards of a split job (torchrun ranks, --num-shards) write at the same time: each holds a shared lock and
+  commits into its own subfolder ``<store>.parts/shard-I-of-K/``; the one that seals takes the lock exclusively.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .store import (
 )
 
 SEGMENT_GLOB = "seg-*.h5"
+LOCK_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,29 @@ def describe_config(config: dict) -> str:
 
 
 class StoreWriter:
-    """Lock a store path, collect committed segments, and seal them with the old store into a new one."""
+    """Lock a store path, collect committed segments, and seal them with the old store into a new one.
 
-    def __init__(self, output: Path, config: dict, config_key: str, overwrite: bool = False):
+    `subfolder` (a shard of a split job): hold the lock shared with the other shards and commit into
+    ``parts/subfolder``; `exclusive()` takes the lock for sealing."""
+
+    def __init__(self, output: Path, config: dict, config_key: str, overwrite: bool = False, subfolder: str | None = None):
         self.output = Path(output)
         self.parts = self.output.with_name(self.output.name + ".parts")
         self.config = config
         self.config_key = config_key
         self.overwrite = overwrite
+        self.segments = self.parts / subfolder if subfolder else self.parts  # where this process commits
+        self._shared = subfolder is not None
         self._lock_fd: int | None = None
         self._counter = 0
+        self._indexed: set[Path] = set()
         self.available: dict[str, RowSource] = {}
         self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
+
+    @property
+    def old(self) -> Store | None:
+        """The old store's metadata (closed), when its config matches this run's."""
+        return self._old
 
     # -- lock ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -92,7 +106,8 @@ class StoreWriter:
         self._release_lock()
 
     def _acquire_lock(self) -> None:
-        for _ in range(20):
+        mode = fcntl.LOCK_SH if self._shared else fcntl.LOCK_EX
+        for _ in range(LOCK_RETRIES):
             try:
                 self.parts.mkdir(exist_ok=True)
                 fd = os.open(self.parts, os.O_RDONLY)
@@ -101,21 +116,30 @@ class StoreWriter:
             except OSError as err:
                 raise FeatxError(f"cannot create the lock folder {self.parts} ({err.strerror})") from err
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 raise FeatxError(
                     f"{self.output} is being written by another featx process (lock {self.parts}): wait for it to finish"
                 ) from None
-            try:
-                same_folder = os.stat(self.parts).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same_folder = False
-            if same_folder:
+            if self._is_locked_folder(fd):
                 self._lock_fd = fd
                 return
             os.close(fd)  # another run sealed and removed the folder between mkdir and flock: take the new one
         raise FeatxError(f"could not lock {self.parts}: it keeps being removed by another process")
+
+    def _is_locked_folder(self, fd: int) -> bool:
+        try:
+            return os.stat(self.parts).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def exclusive(self) -> bool:
+        """Turn the shared lock of a shard into the exclusive one needed to seal, waiting for the other shards to
+        let go of theirs. False when another shard sealed meanwhile (the parts folder is gone)."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._shared = False
+        return self._is_locked_folder(self._lock_fd)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -124,17 +148,26 @@ class StoreWriter:
 
     # -- what is already computed ---------------------------------------------------------------------------------
     def _load_existing(self) -> None:
-        for stale in self.parts.glob("*.tmp"):
+        self.segments.mkdir(exist_ok=True)
+        for stale in (self.segments if self._shared else self.parts).glob("**/*.tmp"):  # only this process writes there
             stale.unlink()
-        segments = sorted(self.parts.glob(SEGMENT_GLOB))
         if self.overwrite:
-            for seg in segments:
+            for seg in self._segment_files():
                 seg.unlink()
             return
         if self.output.exists():
             self._index_old_store()
-        for seg in segments:
-            self._index_segment(seg)
+        self.refresh()
+
+    def _segment_files(self) -> list[Path]:
+        """Committed segments: this run's, and those of every shard of a split job."""
+        return sorted(self.parts.glob(SEGMENT_GLOB)) + sorted(self.parts.glob(f"*/{SEGMENT_GLOB}"))
+
+    def refresh(self) -> None:
+        """Index the segments committed since the last look (by this process or by the other shards)."""
+        for seg in self._segment_files():
+            if seg not in self._indexed:
+                self._index_segment(seg)
 
     def _index_old_store(self) -> None:
         with open_store(self.output) as old:
@@ -161,6 +194,7 @@ class StoreWriter:
             )
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(seg, row))
+        self._indexed.add(seg)
 
     # -- committing ----------------------------------------------------------------------------------------------
     def commit(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
@@ -169,8 +203,8 @@ class StoreWriter:
             return
         self._counter += 1
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{self._counter:06d}"
-        tmp = self.parts / f"{name}.tmp"
-        final = self.parts / f"{name}.h5"
+        tmp = self.segments / f"{name}.tmp"
+        final = self.segments / f"{name}.h5"
         with create_h5(tmp, final) as h5:
             h5.attrs["config_key"] = self.config_key
             h5.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
@@ -178,12 +212,13 @@ class StoreWriter:
                 h5.create_dataset(tap, data=arr)
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(final, row))
+        self._indexed.add(final)
 
     # -- sealing -------------------------------------------------------------------------------------------------
     def is_unchanged(self, plan: SealPlan) -> bool:
         """True when the old store already holds exactly this plan and nothing new was committed."""
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
-        if old is None or any(self.parts.glob(SEGMENT_GLOB)):
+        if old is None or self._segment_files():
             return False
         same_labels = (
             np.array_equal(old.targets, plan.targets)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -167,3 +168,47 @@ def test_writer_refuses_other_config_and_concurrent_writer(tmp_path):
         assert w.available == {}
     with open_store(out) as st:  # --overwrite keeps the old store until a new one is sealed
         assert len(st) == 1
+
+
+def test_shard_writers_share_the_lock_and_the_last_one_seals(tmp_path):
+    out = tmp_path / "s.h5"
+    keys = _keys(4)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    a = StoreWriter(out, CONFIG, "cfg", subfolder="shard-0-of-2").__enter__()
+    b = StoreWriter(out, CONFIG, "cfg", subfolder="shard-1-of-2").__enter__()
+    with pytest.raises(FeatxError, match="being written by another"):
+        StoreWriter(out, CONFIG, "cfg").__enter__()  # a one-process run waits for the shards
+    (a.segments / "seg-in-flight.tmp").write_bytes(b"partial")
+    with StoreWriter(out, CONFIG, "cfg", subfolder="shard-1-of-2"):  # a restarted shard cleans only its own folder
+        pass
+    assert (a.segments / "seg-in-flight.tmp").exists()
+    a.commit(keys[:2], {"t": rows[:2]})
+    b.commit(keys[2:], {"t": rows[2:]})
+    assert set(b.available) == set(keys[2:])
+    a.__exit__(None, None, None)
+    assert b.exclusive()
+    b.refresh()
+    assert set(b.available) == set(keys)
+    b.seal(_plan(keys), ["t"])
+    b.__exit__(None, None, None)
+    with open_store(out) as st:
+        np.testing.assert_array_equal(st.features("t"), rows)
+    assert not out.with_name("s.h5.parts").exists()
+
+
+def test_shard_finds_the_store_sealed_by_another_shard(tmp_path):
+    out = tmp_path / "s.h5"
+    with StoreWriter(out, CONFIG, "cfg", subfolder="shard-0-of-2") as w:
+        shutil.rmtree(w.parts)  # what the shard that sealed first leaves: no parts folder
+        assert not w.exclusive()
+
+
+def test_one_process_run_reuses_segments_of_unfinished_shards(tmp_path):
+    out = tmp_path / "s.h5"
+    with StoreWriter(out, CONFIG, "cfg", subfolder="shard-1-of-3") as w:
+        w.commit(_keys(2), {"t": np.ones((2, 2), np.float32)})
+        (w.segments / "seg-x.tmp").write_bytes(b"partial")
+    with StoreWriter(out, CONFIG, "cfg") as w:
+        assert set(w.available) == set(_keys(2))
+        assert not list(w.parts.glob("**/*.tmp"))
+        assert not w.is_unchanged(_plan(_keys(2)))

@@ -1,4 +1,4 @@
-"""`finetune`: a torchvision backbone with a new head, trained on an image source into a run folder."""
+"""`finetune`: a backbone (torchvision or timm) with a new head, trained on an image source into a run folder."""
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +49,9 @@ class FinetuneResult:
     def summary(self) -> str:
         best = f"best val acc {self.best_val_acc:.4f} at epoch {self.best_epoch}" if self.best_val_acc is not None \
             else "no validation"
+        row = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
+        best += "".join(f", val {key[4:]} {value:.4f}" for key, value in row.items()
+                        if key.startswith("val_") and key not in ("val_loss", "val_acc") and isinstance(value, float))
         early = " (stopped early)" if self.stopped_early else ""
         return f"{self.epochs} epochs{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
 
@@ -59,6 +62,7 @@ def finetune(
     *,
     backbone: str = "resnet50",
     weights: str = "DEFAULT",
+    weights_match: str = "name",
     head: str = "linear",
     freeze="none",
     unfreeze_at: int | None = None,
@@ -86,16 +90,27 @@ def finetune(
     overwrite: bool = False,
     progress: bool = False,
     log=None,
+    task: str = "classify",
+    tap: str | None = None,
+    decoder: str = "conv:256",
+    binary: bool = False,
+    num_classes: int | None = None,
+    dice_weight: float = 0.0,
 ) -> FinetuneResult:
     """Finetune `backbone` with a new head on `data` (ImageFolder / CSV / 'digits') into the run folder `output`.
 
     head: 'linear' or 'mlp:HIDDEN[,DROPOUT]'. freeze: a strategy or a list of them ('none', 'backbone',
     'until:LAYER', 'loaded', parameter-name patterns); unfreeze_at: the epoch from which everything trains.
-    init_head: a head folder written by `featx fit-head` whose linear head starts the new head. Validation is the
-    data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
+    weights_match: pair a weights file's tensors with the model's by key and shape ('name') or by position
+    ('order'). init_head: a head folder written by `featx fit-head` whose linear head starts the new head.
+    Validation is the data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
     `resume` continues the run in `output` after its last completed epoch (with the same settings); `overwrite`
     starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
+
+    task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for
+    ResNets) with a `decoder` ('conv:256' or 'linear'); `binary` masks train one logit with BCE, `num_classes` bounds
+    the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of highest val mean IoU.
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
@@ -107,14 +122,16 @@ def finetune(
     ).resolved()
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
+    build = _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
     runtime = resolve_runtime(device, precision)
+    bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
     run = RunDir(output)
     checkpoint = run.prepare(resume, overwrite)
     try:
         with _out_of_memory_as_error(opts.batch_size, runtime):
             setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
-            trainer = _trainer(data, backbone, weights, init_head, opts, runtime, workers, run, progress,
-                               setup_lines.append)
+            trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
+                            setup_lines.append)
             if checkpoint is not None:
                 _check_same_config(checkpoint["config"], trainer.config, run.path)
             for line in setup_lines:
@@ -131,15 +148,35 @@ def finetune(
     return _result(trainer, run.path, time.perf_counter() - started)
 
 
-def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
+def _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
+    """The function that builds the Trainer of `task`; FeatxError for options of the other task."""
+    if task == "classify":
+        given = [name for name, value, default in (("--tap", tap, None), ("--decoder", decoder, "conv:256"),
+                 ("--binary", binary, False), ("--num-classes", num_classes, None), ("--dice-weight", dice_weight, 0))
+                 if value != default]
+        if given:
+            raise FeatxError(f"{', '.join(given)}: segmentation options, they need --task segment")
+        return _trainer
+    if task != "segment":
+        raise FeatxError(f"--task {task!r}: expected classify or segment")
+    if init_head is not None or head != "linear":
+        raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
+    from ..segment.train import segment_trainer
+
+    def build(data, bb, weights, _init_head, opts, runtime, workers, run, progress, log):
+        return segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, tap=tap,
+                               decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
+    return build
+
+
+def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
              progress: bool, log) -> Trainer:
-    """Load the data and the model, freeze, and build the loaders, optimizer and schedule of a run."""
+    """Load the data, put the new head on the backbone, freeze, and build the loaders, optimizer and schedule."""
     source = load_source(data)
     splits = split_items(source, opts.val_split, opts.seed)
     if opts.batch_size > len(splits.train):
         raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training images")
     log(f"data: {source.description}; validation: {splits.how}")
-    bb = load_backbone(backbone, weights)
     report = bb.load_report
     if report is not None:
         log(report.summary())
@@ -167,7 +204,7 @@ def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Ru
     meta = {
         "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": opts.head,
         "classifier": head_path, "transform": spec.to_dict(), "weights_id": bb.weights_id,
-        "weights_sha256": bb.weights_sha256, "featx_version": __version__,
+        "weights_sha256": bb.weights_sha256, "weights_match": bb.weights_match, "featx_version": __version__,
     }
     return Trainer(
         model=model, optimizer=optimizer, scheduler=scheduler,
@@ -225,6 +262,7 @@ def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: 
         "weights": bb.weights_id,
         "weights_sha256": bb.weights_sha256,
         "weights_path": os.path.abspath(weights) if os.path.isfile(str(weights)) else None,
+        "weights_match": bb.weights_match,
         "init_head": os.path.abspath(init_head) if init_head is not None else None,
         **opts.to_dict(),
         "classifier": head_path,
@@ -235,6 +273,7 @@ def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: 
         "featx_version": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        **bb.versions,
     }
     return json.loads(json.dumps(config))
 
