@@ -79,8 +79,8 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     if task == "segment":
         if not masks:
             raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
-        if solver != "sklearn":
-            raise FeatxError(f"--solver {solver}: the segmentation probe fits with scikit-learn; drop --solver")
+        if solver != "sklearn" or device != "auto":
+            raise FeatxError("--solver, --device: the segmentation probe fits with scikit-learn; drop them")
         from ..segment.probe import fit_dense_probe, segment_table
 
         head = fit_dense_probe(store, masks, output, tap=tap, binary=binary, num_classes=num_classes,
