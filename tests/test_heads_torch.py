@@ -193,3 +193,13 @@ def test_cuda_solution_equals_the_cpu_one(tmp_path):
     assert gpu.C == cpu.C
     a, b = (h.estimator.named_steps["head"].coef_ for h in (cpu, gpu))
     np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), rtol=0)
+
+
+def test_iteration_limit_is_reported_as_not_converged(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchfit, "LBFGS_MAX_ITER", 2)
+    overlapping_store(tmp_path / "s.h5", 3)
+    cv = fit_head(tmp_path / "s.h5", "avgpool", grid=[0.1, 10.0], solver="torch").metrics["cv"]
+    assert cv["not_converged"][0] == 5  # the cold start at the smallest C needs more than 2 iterations
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid=1.0, solver="torch").metrics["converged"] is False
+    monkeypatch.setattr(torchfit, "LBFGS_MAX_ITER", 200)
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid=1.0, solver="torch").metrics["converged"] is True

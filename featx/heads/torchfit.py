@@ -10,10 +10,10 @@ Cross-validation solves the folds together: one parameter block per fold, each f
 its own loss, so that one pass over the rows (in chunks) serves every fold. The sum of the fold objectives is
 separable, so each block's gradient is its fold's own and the stopping rule holds per fold. The folds walk the C
 grid upwards, warm-started from the previous C's solution; the final fit starts from the folds' mean at its C.
+Warm starts reach the same optimum as a cold start, so a score depends on the values scored before it only within
+the stopping tolerance. A solve that stops at the iteration limit counts as not converged (cv.py reports it).
 """
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from .cv import score
 from .estimators import LBFGS_MAX_ITER, balanced_weights, make_normalizer
 
 GRADIENT_TOL = 1e-4  # scikit-learn's default tol: max |gradient| of the scaled objective
+EVALS_PER_ITER = 4  # loss evaluations allowed per iteration on average (line searches)
 
 
 class TorchFit:
@@ -42,6 +43,7 @@ class TorchFit:
         self.y = torch.as_tensor(y, device=device)
         self.fold_of: torch.Tensor | None = None
         self.scoring = "accuracy"
+        self.converged = True  # of the last fit
         self._fold_means: dict[float, tuple] = {}  # C -> the folds' mean solution (W, b) at that C
 
     def set_folds(self, folds, scoring: str) -> None:
@@ -53,38 +55,38 @@ class TorchFit:
             fold_of[test] = f
         self.fold_of, self.scoring = torch.as_tensor(fold_of, device=self.X.device), scoring
 
-    def score_grid(self, values: np.ndarray) -> np.ndarray:
-        """(len(values), folds) held-out scores, the folds solved together along ascending C with warm starts."""
+    def score_grid(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, converged): (len(values), folds) held-out scores, the folds solved together along ascending C
+        with warm starts, and whether each solve stopped before the iteration limit."""
         n_folds = int(self.fold_of.max()) + 1
         weights = self._weights([self.fold_of != f for f in range(n_folds)])
         y_true = self.y.cpu().numpy()
         fold_of = self.fold_of.cpu().numpy()
         scores = np.empty((len(values), n_folds))
+        converged = np.empty((len(values), n_folds), dtype=bool)
         start = None
         for i in np.argsort(values):
             C = float(values[i])
-            W, b, _ = self._solve(C, weights, start)
+            W, b, n_iter = self._solve(C, weights, start)
+            converged[i] = n_iter < LBFGS_MAX_ITER
             start = (W, b)
             self._fold_means[C] = (W.mean(0, keepdim=True), b.mean(0, keepdim=True))
             predicted = self._predict(W, b)
             for f in range(n_folds):
                 held = fold_of == f
                 scores[i, f] = score(y_true[held], predicted[held, f], self.scoring, self.n_classes)
-        return scores
+        return scores, converged
 
     def fit(self, C: float):
-        """The head at C on all training rows, as Pipeline([('normalize', ...), ('head', LogisticRegression)])."""
+        """The head at C on all training rows, as Pipeline([('normalize', ...), ('head', LogisticRegression)]);
+        sets `converged`."""
         import torch
-        from sklearn.exceptions import ConvergenceWarning
         from sklearn.pipeline import Pipeline
 
         C = float(C)
         everything = torch.ones(len(self.y), dtype=torch.bool, device=self.X.device)
         W, b, n_iter = self._solve(C, self._weights([everything]), self._fold_means.get(C))
-        if n_iter >= LBFGS_MAX_ITER:
-            warnings.warn(
-                f"torch L-BFGS reached {LBFGS_MAX_ITER} iterations at C={C:g} before max |gradient| <= "
-                f"{GRADIENT_TOL:g}", ConvergenceWarning, stacklevel=2)
+        self.converged = n_iter < LBFGS_MAX_ITER
         estimator = self.head_type.build(C, len(self.y), self.options)
         estimator.classes_ = np.arange(self.n_classes)
         estimator.coef_ = W[0].double().cpu().numpy()
@@ -118,7 +120,8 @@ class TorchFit:
         return [(start, min(start + self.chunk_rows, len(self.X))) for start in range(0, len(self.X), self.chunk_rows)]
 
     def _solve(self, C: float, weights, start):
-        """(W, b, iterations): per problem (a column of `weights`) the minimiser at C, from `start` or zeros."""
+        """(W, b, iterations): per problem (a column of `weights`) the minimiser at C, from `start` or zeros;
+        LBFGS_MAX_ITER iterations when it stopped before reaching the gradient tolerance."""
         import torch
         import torch.nn.functional as F
 
@@ -144,8 +147,10 @@ class TorchFit:
                 losses = torch.logsumexp(z, dim=2) - z.gather(2, y[:, None, None].expand(-1, problems, 1))[..., 0]
             return (losses * scaled[lo:hi]).sum()
 
-        optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=GRADIENT_TOL,
-                                      tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+        max_eval = EVALS_PER_ITER * LBFGS_MAX_ITER
+        optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=LBFGS_MAX_ITER, max_eval=max_eval,
+                                      tolerance_grad=GRADIENT_TOL, tolerance_change=1e-12, history_size=10,
+                                      line_search_fn="strong_wolfe")
 
         def closure():
             optimizer.zero_grad(set_to_none=False)
@@ -159,7 +164,10 @@ class TorchFit:
             return value + penalty.detach()
 
         optimizer.step(closure)
-        n_iter = int(optimizer.state[W].get("n_iter", 0))
+        state = optimizer.state[W]
+        n_iter = int(state.get("n_iter", 0))
+        if state.get("func_evals", 0) >= max_eval:  # stopped by the evaluation budget: not converged either
+            n_iter = LBFGS_MAX_ITER
         return W.detach(), b.detach(), n_iter
 
     def _predict(self, W, b) -> np.ndarray:
