@@ -114,6 +114,7 @@ def test_json_embeddings(client, made):
     ({"content": b"not an image", "headers": {"content-type": JPEG}}, 422, "not a recognised image format"),
     ({"content": png_claiming(30000, 30000), "headers": {"content-type": "image/png"}}, 422, "decompression-bomb"),
     ({"content": b"", "headers": {"content-type": JPEG}}, 422, "empty"),
+    ({"content": b"vm\n", "headers": {"content-type": "image/png"}}, 422, "not a recognised image format"),
     ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
     ({"files": [("other", ("a.txt", b"x", "text/plain"))]}, 422, "no `file` field"),
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
@@ -228,6 +229,7 @@ def test_cache_store_answers_without_the_backbone(made, tmp_path):
         c.post("/v1/embed", content=new.read_bytes(), headers={"content-type": "image/png"})
     with featx.open_store(cache) as s:  # sealed at shutdown: the old rows plus the new one
         assert len(s) == len(files) + 1 and content_key(new) in set(s.keys)
+    assert not cache.with_name("cache.h5.parts").exists()
 
 
 def _serve(*args):
