@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import featx
+from featx.serve.server import start_process
 from featx.sources import load_source
 
 HERE = Path(__file__).resolve().parent
@@ -49,20 +49,6 @@ def split_data(data: Path, per_class: int, folder: Path) -> tuple[Path, list[byt
     listing = folder / "train.csv"
     listing.write_text("\n".join(f"{it.path},{source.classes[it.label]}" for it in chosen))
     return listing, [Path(it.path).read_bytes() for it in rest]
-
-
-def start_server(*args) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "featx", "serve", *args, "--port", "0"], stderr=subprocess.PIPE,
-                            text=True)
-    url = re.search(r"on (http://[\d.]+:\d+)", proc.stderr.readline()).group(1)
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/healthz").status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("featx serve did not become healthy")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -135,8 +121,8 @@ def main() -> None:
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         runs = {}
         for label, max_batch in (("on", args.max_batch), ("off", 1)):
-            proc, url = start_server(str(tmp / "head"), "--max-batch", str(max_batch), "--max-wait-ms",
-                                     str(args.max_wait_ms), "--cache-items", "1")
+            proc, url = start_process([str(tmp / "head"), "--max-batch", str(max_batch), "--max-wait-ms",
+                                       str(args.max_wait_ms), "--cache-items", "1"])
             try:
                 for c in CONCURRENCY:
                     r = runs[label, c] = measure(url, bodies, REQUESTS[c], c)
@@ -145,7 +131,7 @@ def main() -> None:
                     print(lines[-1], flush=True)
             finally:
                 stop_server(proc)
-        proc, url = start_server(str(tmp / "head"))
+        proc, url = start_process([str(tmp / "head")])
         try:
             hot = bodies[:64]
             asyncio.run(load(url, hot, len(hot), 8))
