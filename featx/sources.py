@@ -127,7 +127,8 @@ def _relpath(path: str, root: str) -> str:
 def _load_folder(folder: str, kind: str) -> Source:
     """ImageFolder `root/<class>/...`, split layout `root/{train,val,test}/<class>/...`, or a flat folder.
 
-    Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items.
+    Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items, and
+    so are the images of a segmentation level (only `images/` and `masks/` folders), whose masks are no items.
     """
     root = os.path.abspath(folder)
     splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
