@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import Backbone, check_backbone, load_backbone
 from .errors import FeatxError
 from .layers import channels_last_taps, check_taps, penultimate_node
@@ -52,10 +52,13 @@ class ExtractResult:
     sealed: bool
     config: dict = field(repr=False)
     failed: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    note: str = ""  # a shard that did not seal: why
 
     def summary(self) -> str:
         size = self.store_bytes / 1e6
         speed = f", {self.images_per_second:.1f} img/s" if self.n_computed else ""
+        if self.note:
+            return f"{self.note}: {self.n_computed} computed, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
         state = "" if self.sealed else " (already up to date)"
         return (
             f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
@@ -228,23 +231,32 @@ def extract(
     dtype: str = "float32",
     on_error: str = "skip",
     overwrite: bool = False,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
     progress: bool = False,
     log=None,
 ) -> ExtractResult:
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
     Only images whose content is not in the store yet are computed; rows of renamed files are reused and rows of
-    removed files dropped. `log` (a callable taking one line) receives notes such as the weights load report.
-    Returns an ExtractResult.
+    removed files dropped. Under torchrun (or with `num_shards`/`shard_index`) this process computes its shard
+    of the missing images, and the last shard to finish seals. `log` (a callable taking one line) receives notes
+    such as the weights load report. Returns an ExtractResult.
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers)
+    shard = distributed.discover(num_shards, shard_index)
+    if shard.is_split and overwrite:
+        raise FeatxError(
+            f"--overwrite: not with several shards ({shard.name}), each would discard the others' work: "
+            f"run one process with --overwrite, or remove the old store first"
+        )
     check_backbone(backbone)
     output = Path(output)
     source = load_source(data)
     _check_output(output)
-    runtime = resolve_runtime(device, precision)
+    runtime = resolve_runtime(shard.device(device), precision)
     bb = load_backbone(backbone, weights)
     if bb.load_report is not None:
         log(bb.load_report.summary())
@@ -253,10 +265,13 @@ def extract(
     transform = bb.transform.with_sizes(image_size, resize)
     config = build_config(bb, taps, pooling, token_pool, transform, runtime.precision, dtype, weights)
     keys = _hash_items(source, progress)
+    job = {"config": identity_key(config), "data": _data_fingerprint(source, keys)}
+    subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
-    with StoreWriter(output, config, identity_key(config), overwrite=overwrite) as writer:
+    with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
+        distributed.start(shard, writer.parts, job)
         n_known = sum(1 for k in keys if k is not None and k in writer.available)
-        todo = _unique_missing(keys, writer.available)
+        todo = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
         failures: dict[str, str] = {}
         compute_seconds = 0.0
         if todo:
@@ -264,8 +279,9 @@ def extract(
             t0 = time.perf_counter()
             _run(source, keys, todo, runner, writer, batch_size, workers, on_error, failures, progress)
             compute_seconds = time.perf_counter() - t0
-        plan = _seal_plan(source, keys, writer.available, failures)
-        sealed = not writer.is_unchanged(plan)
+        note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
+        plan = None if note else _seal_plan(source, keys, writer.available, failures)
+        sealed = plan is not None and not writer.is_unchanged(plan)
         if sealed:
             try:
                 writer.seal(plan, taps)
@@ -274,17 +290,45 @@ def extract(
     n_computed = len(todo) - sum(1 for i in todo if keys[i] in failures)
     return ExtractResult(
         store_path=output,
-        n_items=len(plan.keys),
+        n_items=len(plan.keys) if plan else len(source.items),
         n_computed=n_computed,
         n_reused=n_known,
-        n_failed=len(plan.failed),
+        n_failed=len(plan.failed) if plan else sum(1 for i in todo if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
         store_bytes=output.stat().st_size if output.exists() else 0,
         sealed=sealed,
         config=config,
-        failed=plan.failed,
+        failed=plan.failed if plan else [],
+        note=note,
     )
+
+
+def _data_fingerprint(source: Source, keys: list[str | None]) -> str:
+    """What the sealed store holds besides features (files, contents, labels, splits), for shards to agree on."""
+    rows = [(item.relpath, key, item.label, item.target, item.split) for item, key in zip(source.items, keys)]
+    return config_fingerprint({"rows": rows, "classes": list(source.classes), "task": source.task})
+
+
+def _finish_shard(shard, writer: StoreWriter, job: dict, keys, failures: dict[str, str]) -> str:
+    """Leave this shard's marker; when every shard is done, take the store for sealing and gather every shard's
+    rows and failures into `writer` and `failures`. Returns why this process does not seal, or ''."""
+    reports, waiting = distributed.finish(shard, writer.parts, job, {"failed": failures})
+    if waiting:
+        others = f"shard {waiting[0]} is" if len(waiting) == 1 else f"shards {', '.join(map(str, waiting))} are"
+        return f"{shard.name} of {writer.output} committed, the store is sealed once {others} done"
+    if not writer.exclusive():
+        return f"{shard.name} of {writer.output} committed, sealed by another shard"
+    writer.refresh()
+    for report in reports:
+        failures.update(report["failed"])
+    lost = {shard.owner(k) for k in keys if k is not None and k not in writer.available and k not in failures}
+    if lost:
+        raise FeatxError(
+            f"{writer.parts}: the rows that shards {', '.join(map(str, sorted(lost)))} reported done are not there: "
+            f"the store folder must be one folder that every shard shares (nothing was sealed)"
+        )
+    return ""
 
 
 def _unique_missing(keys: list[str | None], available) -> list[int]:
