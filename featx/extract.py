@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
 from . import __version__, distributed
 from .backbones import Backbone, check_backbone, load_backbone
 from .errors import FeatxError
-from .layers import channels_last_taps, check_taps, penultimate_node
+from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
@@ -33,7 +32,9 @@ from .writer import SealPlan, StoreWriter
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("skip", "fail")
 # Config fields that decide the numbers in a row; versions and timestamps are recorded but do not invalidate a cache.
-IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "taps", "pooling", "token_pool", "transform", "precision", "dtype")
+IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "weights_match", "taps", "pooling", "token_pool", "transform",
+                   "precision", "dtype")
+DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
 MAX_PENDING_WRITES = 4
 
 
@@ -73,6 +74,7 @@ def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSp
         "weights": bb.weights_id,
         "weights_sha256": bb.weights_sha256,
         "weights_path": str(Path(weights_arg).resolve()) if bb.weights_id.startswith("file:") else None,
+        "weights_match": bb.weights_match,
         "taps": list(taps),
         "pooling": pooling,
         "token_pool": token_pool,
@@ -82,11 +84,15 @@ def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSp
         "featx_version": __version__,
         "torch": torch.__version__,
         "torchvision": __import__("torchvision").__version__,
+        **bb.versions,
     }
 
 
 def identity_key(config: dict) -> str:
-    return config_fingerprint({name: config.get(name) for name in IDENTITY_FIELDS})
+    fields = {name: config.get(name) for name in IDENTITY_FIELDS}
+    if fields["weights_match"] in (None, DEFAULT_MATCH):
+        del fields["weights_match"]
+    return config_fingerprint(fields)
 
 
 def extract_options_from_config(config: dict) -> dict:
@@ -95,6 +101,7 @@ def extract_options_from_config(config: dict) -> dict:
     return {
         "backbone": config["backbone"],
         "weights": config.get("weights_path") or config["weights"],
+        "weights_match": config.get("weights_match", DEFAULT_MATCH),
         "taps": list(config["taps"]),
         "pooling": config["pooling"],
         "token_pool": config.get("token_pool", "cls"),
@@ -178,7 +185,7 @@ class _FeatureRunner:
         self.pooling, self.token_pool, self.dtype = pooling, token_pool, DTYPES[dtype]
         self.taps = list(taps)
         self.nhwc = channels_last_taps(bb.model, self.taps)
-        extractor = create_feature_extractor(bb.model, return_nodes={tap: tap for tap in self.taps})
+        extractor = feature_extractor(bb.model, {tap: tap for tap in self.taps})
         self.model = prepare_model(extractor.eval(), runtime)
         self._dry_run(bb.name)
 
@@ -219,6 +226,7 @@ def extract(
     *,
     backbone: str = "resnet50",
     weights: str = "DEFAULT",
+    weights_match: str = DEFAULT_MATCH,
     taps=None,
     pooling: str = "avg",
     token_pool: str = "cls",
@@ -239,7 +247,8 @@ def extract(
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
     Only images whose content is not in the store yet are computed; rows of renamed files are reused and rows of
-    removed files dropped. Under torchrun (or with `num_shards`/`shard_index`) this process computes its shard
+    removed files dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
+    or by position ('order'). Under torchrun (or with `num_shards`/`shard_index`) this process computes its shard
     of the missing images, and the last shard to finish seals. `log` (a callable taking one line) receives notes
     such as the weights load report. Returns an ExtractResult.
     """
@@ -257,7 +266,7 @@ def extract(
     source = load_source(data)
     _check_output(output)
     runtime = resolve_runtime(shard.device(device), precision)
-    bb = load_backbone(backbone, weights)
+    bb = load_backbone(backbone, weights, match=weights_match)
     if bb.load_report is not None:
         log(bb.load_report.summary())
     taps = list(taps) if taps else [penultimate_node(bb.model)]

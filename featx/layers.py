@@ -2,7 +2,8 @@
 
 Taps are the node names of ``torchvision.models.feature_extraction``: a leaf node ('layer1.1.relu_1') or a module
 name ('layer1'), which stands for the last node inside that module. Everything here is derived from the traced
-eval graph and one probe forward pass, never from a table per model family.
+eval graph and one probe forward pass, never from a table per model family. timm models are traced with timm's
+own leaf modules and functions (its dynamic padding, its asserts), which timm registers as not traceable.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class _Graph:
     """The model's eval-mode fx graph, with the node names taps are given by and each node's memory layout."""
 
     def __init__(self, model: nn.Module):
-        tracer = NodePathTracer(**_set_default_tracer_kwargs(None))
+        tracer = NodePathTracer(**_set_default_tracer_kwargs(tracer_kwargs(model)))
         was_training = model.training
         try:
             graph = tracer.trace(model.eval())
@@ -88,13 +89,33 @@ class _Graph:
         return {self.name_of[node]: flag for node, flag in nhwc.items() if node in self.name_of}
 
 
+def tracer_kwargs(model: nn.Module) -> dict | None:
+    """fx tracer settings of a model: timm's not-traceable modules and functions for a timm model, else None."""
+    if not type(model).__module__.startswith("timm."):
+        return None
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+    return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
+
+
+def feature_extractor(model: nn.Module, return_nodes, **kwargs) -> fx.GraphModule:
+    """torchvision's create_feature_extractor with the model's tracer settings (see tracer_kwargs)."""
+    return create_feature_extractor(model, return_nodes=return_nodes, tracer_kwargs=tracer_kwargs(model), **kwargs)
+
+
 def model_label(model: nn.Module) -> str:
     """The backbone name load_backbone tagged the model with, else its class name."""
     return getattr(model, "featx_backbone", type(model).__name__)
 
 
 def final_layer(model: nn.Module) -> str | None:
-    """Dotted name of the model's last registered nn.Linear (its classifier), else of its last Conv2d (SqueezeNet)."""
+    """Dotted name of the model's classifier: what timm's get_classifier() returns, else the last registered
+    nn.Linear, else the last Conv2d (SqueezeNet)."""
+    classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if isinstance(classifier, nn.Module):
+        name = next((name for name, m in model.named_modules() if m is classifier and name), None)
+        if name:
+            return name
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     return (linears or convs or [None])[-1]
@@ -172,7 +193,7 @@ def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int
     fixed = getattr(model, "image_size", None)  # ViT is built for one input size
     if isinstance(fixed, int) and size != fixed:
         raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
-    extractor = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True).eval()
+    extractor = feature_extractor(model, nodes, suppress_diff_warning=True).eval()
     try:
         with torch.inference_mode():
             outputs = extractor(torch.zeros(1, 3, size, size))
@@ -189,8 +210,10 @@ def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int
 
 
 def _reference_size(model: nn.Module) -> int:
-    """The input size the architecture is built for (ViT stores it; convnets take 224)."""
-    size = getattr(model, "image_size", REFERENCE_SIZE)
+    """The input size the architecture is built for (torchvision's ViT stores it, timm's pretrained config gives
+    it; convnets take 224)."""
+    timm_size = getattr(model, "pretrained_cfg", {}).get("input_size")
+    size = getattr(model, "image_size", timm_size[-1] if timm_size else REFERENCE_SIZE)
     return size if isinstance(size, int) else REFERENCE_SIZE
 
 

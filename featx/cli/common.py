@@ -10,6 +10,9 @@ import click
 from ..errors import FeatxError
 
 
+BACKBONE_HELP = "torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers --list."
+
+
 class FeatxGroup(click.Group):
     """A click group that turns FeatxError, click's usage errors (bad option values, missing arguments, unknown
     commands) and Ctrl-C into one line on stderr instead of a traceback or a usage block."""

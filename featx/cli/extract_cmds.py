@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import click
 
-from ..choices import DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS
-from .common import echo_json
+from ..choices import DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES
+from .common import BACKBONE_HELP, echo_json
 
 
 @click.command("extract")
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Store to create or extend (.h5).")
-@click.option("-b", "--backbone", default="resnet50", show_default=True, help="torchvision model name (featx layers --list).")
+@click.option("-b", "--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
-              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), a local .pth file, or 'none' (random init).")
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or timm tag (DEFAULT, in1k, ...), a local .pth/.safetensors file, or 'none' (random init).")
+@click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,
+              help="How a -w FILE's tensors pair with the model's: by key and shape, or by position (a file of the same architecture in another implementation's names).")
 @click.option("-l", "--layer", "taps", multiple=True, help="Tap (graph node) to store; repeat for several. Default: the penultimate layer.")
 @click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True, help="How 4-D feature maps become rows.")
 @click.option("--token-pool", type=click.Choice(TOKEN_POOLINGS), default="cls", show_default=True, help="Transformer token outputs: class token or mean of tokens.")
@@ -29,7 +31,7 @@ from .common import echo_json
 @click.option("--shard-index", type=int, help="Which shard this process computes, 0..num-shards-1; the last shard to finish seals.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_cmd(data, output, backbone, weights, taps, pooling, token_pool, image_size, resize, batch_size, workers,
+def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, token_pool, image_size, resize, batch_size, workers,
                 device, precision, dtype, on_error, overwrite, num_shards, shard_index, as_json, quiet):
     """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
 
@@ -39,7 +41,7 @@ def extract_cmd(data, output, backbone, weights, taps, pooling, token_pool, imag
     from ..extract import extract
 
     result = extract(
-        data, output, backbone=backbone, weights=weights, taps=list(taps) or None, pooling=pooling,
+        data, output, backbone=backbone, weights=weights, weights_match=weights_match, taps=list(taps) or None, pooling=pooling,
         token_pool=token_pool, image_size=image_size, resize=resize, batch_size=batch_size, workers=workers,
         device=device, precision=precision, dtype=dtype, on_error=on_error, overwrite=overwrite,
         num_shards=num_shards, shard_index=shard_index, progress=not quiet and not as_json, log=lambda line: click.echo(line, err=True),
@@ -93,6 +95,9 @@ def info_cmd(store, as_json, show_failed):
 
 @click.command("layers")
 @click.argument("backbone", required=False)
+@click.option("-w", "--weights", default="none", show_default=True, help="Weights to load first (a file shows its load report); the shapes do not depend on them.")
+@click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,
+              help="How a -w FILE's tensors pair with the model's: by key and shape, or by position (a file of the same architecture in another implementation's names).")
 @click.option("--list", "list_models", is_flag=True, help="List every backbone name.")
 @click.option("--all", "include_all", is_flag=True, help="Every graph node, not only the usual taps.")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
@@ -100,7 +105,7 @@ def info_cmd(store, as_json, show_failed):
 @click.option("-n", "--images", type=click.IntRange(min=1), help="Estimate the store size for this many images.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def layers_cmd(backbone, list_models, include_all, image_size, pooling, images, dtype, as_json):
+def layers_cmd(backbone, weights, weights_match, list_models, include_all, image_size, pooling, images, dtype, as_json):
     """Show the taps of BACKBONE with output shapes and bytes per image after pooling."""
     from ..backbones import check_backbone, list_backbones, load_backbone
     from ..errors import FeatxError
@@ -113,7 +118,10 @@ def layers_cmd(backbone, list_models, include_all, image_size, pooling, images, 
     if not backbone:
         raise FeatxError("featx layers: give a BACKBONE name, or --list to see them all")
     check_backbone(backbone)
-    model = load_backbone(backbone, "none").model
+    bb = load_backbone(backbone, weights, match=weights_match)
+    if bb.load_report is not None:
+        click.echo(bb.load_report.summary(), err=True)
+    model = bb.model
     infos = describe_layers(model, image_size=image_size, pooling=pooling, include_all=include_all)
     if as_json:
         echo_json([{"name": i.name, "shape": list(i.shape), "pooled_dim": i.pooled_dim,

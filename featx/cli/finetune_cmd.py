@@ -5,10 +5,10 @@ import os
 
 import click
 
-from ..choices import DEVICE_CHOICES, PRECISIONS
+from ..choices import DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
 from ..errors import FeatxError
 from ..finetune.choices import AUGMENT_HELP, AUGMENTS, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, WARMUP_HELP
-from .common import echo_json
+from .common import BACKBONE_HELP, echo_json
 
 
 @click.command("finetune")
@@ -16,9 +16,11 @@ from .common import echo_json
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder to write (config, metrics, checkpoints, model.pt).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder after its last completed epoch (same options).")
 @click.option("--overwrite", is_flag=True, help="Start a new run in a folder that holds one (its files are replaced when the first epoch completes).")
-@click.option("-b", "--backbone", default="resnet50", show_default=True, help="torchvision model name (featx layers --list).")
+@click.option("-b", "--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
-              help="torchvision weights name, a local .pth (partial loading, with a report), a finetuned RUN/model.pt, or 'none'.")
+              help="torchvision weights name or timm tag, a local .pth/.safetensors (partial loading, with a report), a finetuned RUN/model.pt, or 'none'.")
+@click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,
+              help="How a -w FILE's tensors pair with the model's: by key and shape, or by position (a file of the same architecture in another implementation's names).")
 @click.option("--head", default="linear", show_default=True, help=f"New head: {HEAD_HELP}.")
 @click.option("--freeze", multiple=True, help=f"What stays fixed: {FREEZE_HELP}. Default: none.")
 @click.option("--unfreeze-at", type=click.IntRange(min=2), help="Epoch from which every parameter trains.")
@@ -44,7 +46,7 @@ from .common import echo_json
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, head, freeze, unfreeze_at, train_bn, init_head,
+def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights_match, head, freeze, unfreeze_at, train_bn, init_head,
                  optimizer, lr, backbone_lr, momentum, weight_decay, schedule, warmup, label_smoothing, epochs,
                  batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, as_json,
                  quiet):
@@ -62,7 +64,7 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, head, f
         raise FeatxError("featx finetune: give the run folder with -o RUN_DIR (or --resume RUN_DIR)")
     log = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     result = finetune(
-        data, resume_dir or output, backbone=backbone, weights=weights, head=head, freeze=list(freeze) or "none",
+        data, resume_dir or output, backbone=backbone, weights=weights, weights_match=weights_match, head=head, freeze=list(freeze) or "none",
         unfreeze_at=unfreeze_at, train_bn=train_bn, init_head=init_head, optimizer=optimizer, lr=lr,
         backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
         label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,

@@ -1,4 +1,4 @@
-"""`finetune`: a torchvision backbone with a new head, trained on an image source into a run folder."""
+"""`finetune`: a backbone (torchvision or timm) with a new head, trained on an image source into a run folder."""
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +59,7 @@ def finetune(
     *,
     backbone: str = "resnet50",
     weights: str = "DEFAULT",
+    weights_match: str = "name",
     head: str = "linear",
     freeze="none",
     unfreeze_at: int | None = None,
@@ -91,8 +92,9 @@ def finetune(
 
     head: 'linear' or 'mlp:HIDDEN[,DROPOUT]'. freeze: a strategy or a list of them ('none', 'backbone',
     'until:LAYER', 'loaded', parameter-name patterns); unfreeze_at: the epoch from which everything trains.
-    init_head: a head folder written by `featx fit-head` whose linear head starts the new head. Validation is the
-    data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
+    weights_match: pair a weights file's tensors with the model's by key and shape ('name') or by position
+    ('order'). init_head: a head folder written by `featx fit-head` whose linear head starts the new head.
+    Validation is the data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
     `resume` continues the run in `output` after its last completed epoch (with the same settings); `overwrite`
     starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
@@ -108,12 +110,13 @@ def finetune(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
     runtime = resolve_runtime(device, precision)
+    bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
     run = RunDir(output)
     checkpoint = run.prepare(resume, overwrite)
     try:
         with _out_of_memory_as_error(opts.batch_size, runtime):
             setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
-            trainer = _trainer(data, backbone, weights, init_head, opts, runtime, workers, run, progress,
+            trainer = _trainer(data, bb, weights, init_head, opts, runtime, workers, run, progress,
                                setup_lines.append)
             if checkpoint is not None:
                 _check_same_config(checkpoint["config"], trainer.config, run.path)
@@ -131,15 +134,14 @@ def finetune(
     return _result(trainer, run.path, time.perf_counter() - started)
 
 
-def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
+def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
              progress: bool, log) -> Trainer:
-    """Load the data and the model, freeze, and build the loaders, optimizer and schedule of a run."""
+    """Load the data, put the new head on the backbone, freeze, and build the loaders, optimizer and schedule."""
     source = load_source(data)
     splits = split_items(source, opts.val_split, opts.seed)
     if opts.batch_size > len(splits.train):
         raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training images")
     log(f"data: {source.description}; validation: {splits.how}")
-    bb = load_backbone(backbone, weights)
     report = bb.load_report
     if report is not None:
         log(report.summary())
@@ -167,7 +169,7 @@ def _trainer(data, backbone, weights, init_head, opts: TrainOptions, runtime: Ru
     meta = {
         "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": opts.head,
         "classifier": head_path, "transform": spec.to_dict(), "weights_id": bb.weights_id,
-        "weights_sha256": bb.weights_sha256, "featx_version": __version__,
+        "weights_sha256": bb.weights_sha256, "weights_match": bb.weights_match, "featx_version": __version__,
     }
     return Trainer(
         model=model, optimizer=optimizer, scheduler=scheduler,
@@ -225,6 +227,7 @@ def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: 
         "weights": bb.weights_id,
         "weights_sha256": bb.weights_sha256,
         "weights_path": os.path.abspath(weights) if os.path.isfile(str(weights)) else None,
+        "weights_match": bb.weights_match,
         "init_head": os.path.abspath(init_head) if init_head is not None else None,
         **opts.to_dict(),
         "classifier": head_path,
@@ -235,6 +238,7 @@ def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: 
         "featx_version": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        **bb.versions,
     }
     return json.loads(json.dumps(config))
 

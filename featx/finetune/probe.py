@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from ..errors import FeatxError
-from ..layers import check_taps, is_channels_last, penultimate_node
+from ..layers import check_taps, feature_extractor, is_channels_last, penultimate_node
 from ..pooling import pool
 
 FOLDABLE = ("standard", "none")
@@ -56,10 +55,11 @@ def check_probe_features(head, bb, size: int) -> None:
         raise FeatxError(f"{where}: the head was fitted on a foreign feature file; a featx store is needed to check its tap")
     if config.get("backbone") != bb.name:
         raise FeatxError(f"{where}: fitted on {config.get('backbone')} features, the finetune backbone is {bb.name}")
-    if config.get("weights_sha256") != bb.weights_sha256:
+    if config.get("weights_sha256") != bb.weights_sha256 or config.get("weights_match", "name") != bb.weights_match:
         raise FeatxError(
-            f"{where}: fitted on features of weights {config.get('weights')}, not of the weights being finetuned "
-            f"({bb.weights_id})"
+            f"{where}: fitted on features of weights {config.get('weights')} (--weights-match "
+            f"{config.get('weights_match', 'name')}), not of the weights being finetuned ({bb.weights_id}, "
+            f"--weights-match {bb.weights_match})"
         )
     pooling, token_pool = config.get("pooling", "avg"), config.get("token_pool", "cls")
     check_taps(bb.model, [head.tap])
@@ -74,7 +74,7 @@ def check_probe_features(head, bb, size: int) -> None:
 @torch.no_grad()
 def _same_rows(model: nn.Module, tap: str, pooling: str, token_pool: str, feeds: str, size: int) -> bool:
     """Whether the pooled rows of `tap` equal the classifier's input `feeds` on a seeded random batch."""
-    extractor = create_feature_extractor(model.eval(), return_nodes={feeds: "feeds", tap: "tap"})
+    extractor = feature_extractor(model.eval(), {feeds: "feeds", tap: "tap"})
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     out = extractor(x)
     rows = pool(out["tap"], pooling, token_pool, is_channels_last(model, tap))

@@ -15,7 +15,8 @@ from ..errors import FeatxError
 from .mlp import mlp_logits
 
 # Config fields that decide what a row of a tap means; precision, dtype and versions may differ.
-IDENTITY_FIELDS = ("backbone", "weights_sha256", "pooling", "token_pool", "transform")
+IDENTITY_FIELDS = ("backbone", "weights_sha256", "weights_match", "pooling", "token_pool", "transform")
+FIELD_DEFAULTS = {"weights_match": "name"}  # what configs written before the field existed mean
 ARRAYS = {"linear": ("coef", "intercept"), "mlp": ("w1", "b1", "w2", "b2")}
 
 
@@ -145,7 +146,8 @@ class Head:
         """Refuse features that this head cannot read: another backbone, weights, pooling or transform, or width."""
         if self.config and rows.config:
             for name in IDENTITY_FIELDS:
-                ours, theirs = self.config.get(name), rows.config.get(name)
+                default = FIELD_DEFAULTS.get(name)
+                ours, theirs = self.config.get(name, default), rows.config.get(name, default)
                 if ours != theirs:
                     raise FeatxError(
                         f"{rows.path} was made with {name} {_short(theirs)} but the head with {_short(ours)}: its "

@@ -1,0 +1,189 @@
+"""One factory over the model sources: `load_backbone` builds a model of any source (torchvision names bare,
+`timm/<name>` from timm) with its weights and its eval transform.
+
+`-w` (weights) is one of: the source's pretrained weights (a torchvision weights name such as `DEFAULT` or
+`IMAGENET1K_V2`, a timm tag such as `DEFAULT` or `in1k`), loaded through that library's own cache; a path to a
+local state dict or checkpoint, loaded into a seeded random model by key and shape (`match='name'`) or by position
+(`match='order'`, for a file of the same architecture in another implementation's names); or `none`, the seeded
+random model itself.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..errors import FeatxError
+from ..layers import final_layer, model_label
+from ..preprocess import TransformSpec
+from .weights import (
+    LoadReport,
+    check_weights_match,
+    load_by_order,
+    load_partial,
+    looks_like_path,
+    read_weights_file,
+    sha256_file,
+)
+
+SEED = 0
+SOURCES = {"timm/": "featx.backbones.timm", "": "featx.backbones.torchvision"}  # prefix -> source, longest first
+
+
+@dataclass
+class Backbone:
+    """A model ready for extraction (eval mode, CPU) with where its weights came from and its eval transform."""
+
+    name: str  # 'resnet50' | 'timm/tf_efficientnet_lite0'
+    model: nn.Module
+    weights_id: str  # 'IMAGENET1K_V2' | 'in1k' | 'file:<basename>' | 'none'
+    weights_sha256: str | None
+    transform: TransformSpec
+    load_report: LoadReport | None = None
+    meta: dict = field(default_factory=dict)  # the 'featx' dict of a featx finetune model.pt
+    weights_match: str = "name"  # how a weights file was paired with the model: 'name' | 'order'
+    versions: dict = field(default_factory=dict)  # the model library's version when it is not torchvision
+
+
+def _source(name: str) -> tuple[ModuleType, str]:
+    """(source module, architecture name within it) of a backbone name."""
+    prefix = next(p for p in SOURCES if str(name).startswith(p))
+    return importlib.import_module(SOURCES[prefix]), str(name)[len(prefix):]
+
+
+def list_backbones() -> list[str]:
+    """Every torchvision classification model name and, when timm is installed, every timm name (timm/...), sorted."""
+    names = list(_source("")[0].names())
+    timm_source = _source("timm/")[0]
+    if importlib.util.find_spec("timm") is not None:
+        names += [timm_source.PREFIX + name for name in timm_source.names()]
+    return sorted(names)
+
+
+def check_backbone(name: str) -> None:
+    """FeatxError with the closest names unless `name` is a model of its source (timm: needs timm installed)."""
+    source, arch = _source(name)
+    names = source.names()
+    if arch in names:
+        return
+    close = [source.PREFIX + n for n in difflib.get_close_matches(arch.lower(), names, n=3, cutoff=0.5)]
+    hint = f": did you mean {', '.join(close)}?" if close else ""
+    tag = f" (a pretrained tag goes into -w: -b {source.PREFIX}{arch.partition('.')[0]} -w {arch.partition('.')[2]})" \
+        if source.PREFIX and "." in arch else ""
+    raise FeatxError(f"unknown backbone {name!r}{hint}{tag} (featx layers --list shows all)")
+
+
+def classifier_path(model: nn.Module) -> str:
+    """Dotted name of the final classifier nn.Linear: 'fc', 'classifier.6', 'heads.head', timm's get_classifier()."""
+    name = final_layer(model)
+    if name is None or not isinstance(model.get_submodule(name), nn.Linear):
+        raise FeatxError(
+            f"{model_label(model)} has no nn.Linear classifier "
+            f"(its last layer is {name or 'unknown'}): choose a backbone with a linear head"
+        )
+    return name
+
+
+def _seeded(build):
+    """Run `build()` under torch.manual_seed(SEED) without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return build()
+
+
+def _set_classes(source: ModuleType, model: nn.Module, num_classes: int | None) -> None:
+    """Give the classifier num_classes outputs (seeded, the source's own way) when it has another number."""
+    if num_classes is None:
+        return
+    path = classifier_path(model)
+    if model.get_submodule(path).out_features != num_classes:
+        _seeded(lambda: source.set_classes(model, path, num_classes))
+
+
+def _random_model(source: ModuleType, arch: str, num_classes: int | None) -> nn.Module:
+    """The source's architecture with its own initialisation, seeded so every run gets the same model."""
+    model = _seeded(lambda: source.build(arch))
+    _set_classes(source, model, num_classes)
+    return model
+
+
+def _file_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of the file's classifier when it is a Linear of another size than the model's."""
+    name = final_layer(model)
+    layer = model.get_submodule(name) if name else None
+    weight = state_dict.get(f"{name}.weight")
+    if not isinstance(layer, nn.Linear) or weight is None or weight.dim() != 2:
+        return None
+    rows, cols = weight.shape
+    return rows if cols == layer.in_features and rows != layer.out_features else None
+
+
+def _from_file(source: ModuleType, name: str, arch: str, path: str, num_classes: int | None,
+               match: str) -> Backbone:
+    """A seeded random model with the file's tensors loaded into it, by key and shape or by position."""
+    state_dict, meta = read_weights_file(path)
+    trained_on = meta.get("backbone")
+    if trained_on and trained_on != name:
+        raise FeatxError(f"-w {path}: was trained from backbone {trained_on}, not -b {name}")
+    label = os.path.basename(path)
+    if match == "order":
+        model = _random_model(source, arch, meta.get("num_classes"))  # a featx model.pt has its own classes
+        report = load_by_order(model, state_dict, where=f"-w {path} --weights-match order", source=label)
+        _set_classes(source, model, num_classes)
+    else:
+        model = _random_model(source, arch, num_classes)
+        if num_classes is None:
+            _set_classes(source, model, _file_classes(model, state_dict))
+        report = load_partial(model, state_dict, source=label)
+        if not report.matched:
+            example = next(iter(state_dict))
+            raise FeatxError(
+                f"-w {path}: none of its {len(state_dict)} tensors fit {name} (keys like {example!r}): "
+                f"is it for another backbone? (a file in another implementation's names: --weights-match order)"
+            )
+    transform = _file_transform(path, meta) or source.transform(model)
+    return Backbone(name, model.eval(), f"file:{label}", sha256_file(path), transform, report, meta, match,
+                    source.versions())
+
+
+def _file_transform(path: str, meta: dict) -> TransformSpec | None:
+    """The transform recorded in a featx model.pt, None when there is none."""
+    if not isinstance(meta.get("transform"), dict):
+        return None
+    try:
+        return TransformSpec.from_dict(meta["transform"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise FeatxError(f"-w {path}: its featx 'transform' entry is malformed ({err!r})") from err
+
+
+def load_backbone(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None,
+                  match: str = "name") -> Backbone:
+    """Build backbone `name` (a torchvision name, or timm/<name>) with `weights` (the source's pretrained weights
+    name or tag, a path to a weights file, or 'none'), in eval mode on the CPU. `num_classes` replaces the
+    classifier with a new Linear of that size; by default the classifier has the size the weights give it (a
+    finetuned file's own number of classes). `match` pairs a weights file's tensors with the model's by key and
+    shape ('name') or by position ('order')."""
+    check_weights_match(match)
+    check_backbone(name)
+    source, arch = _source(name)
+    weights = str(weights)
+    if match == "order" and (weights.lower() == "none" or not looks_like_path(weights)):
+        raise FeatxError(f"--weights-match order: pairs the tensors of a weights file (-w FILE), not -w {weights}")
+    if weights.lower() == "none":
+        model = _random_model(source, arch, num_classes).eval()
+        backbone = Backbone(name, model, "none", None, source.transform(model), versions=source.versions())
+    elif looks_like_path(weights):
+        backbone = _from_file(source, name, arch, weights, num_classes, match)
+    else:
+        model, weights_id, path, transform = source.pretrained(arch, weights)
+        _set_classes(source, model, num_classes)
+        backbone = Backbone(name, model.eval(), weights_id, sha256_file(path), transform,
+                            versions=source.versions())
+    backbone.model.featx_backbone = name  # names the model in error messages of featx.layers
+    return backbone

@@ -1,0 +1,119 @@
+"""The torchvision model source: its classification registry, its weights names through torchvision's hub cache,
+and the weights' own eval transform.
+
+Every model source module offers the same functions: `names`, `build`, `transform`, `set_classes`, `pretrained`
+and `versions`; `featx.backbones.factory` picks the source from the backbone's name.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from ..errors import FeatxError
+from ..preprocess import TransformSpec
+from .weights import is_offline, read_weights_file
+
+PREFIX = ""  # torchvision names are given bare: -b resnet50
+
+
+@functools.lru_cache(maxsize=1)
+def names() -> tuple[str, ...]:
+    """Every torchvision classification model name, sorted."""
+    return tuple(sorted(list_models(module=torchvision.models)))
+
+
+def build(name: str) -> nn.Module:
+    """The architecture with torchvision's own initialisation (the factory seeds it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*default weight initialization.*")
+        return get_model(name, weights=None)
+
+
+def transform(model: nn.Module) -> TransformSpec:
+    """The eval transform of a model without torchvision weights: the ImageNet preset."""
+    return TransformSpec()
+
+
+def set_classes(model: nn.Module, path: str, num_classes: int) -> None:
+    """Put a new Linear with `num_classes` outputs where the classifier at dotted `path` is."""
+    old = model.get_submodule(path)
+    model.set_submodule(path, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def versions() -> dict:
+    return {}
+
+
+def _weights_enum(name: str, weights: str):
+    """The torchvision weights member `weights` ('IMAGENET1K_V2', 'DEFAULT', 'ResNet50_Weights.IMAGENET1K_V2')."""
+    enum = get_model_weights(name)
+    qualifier, _, member = weights.rpartition(".")
+    valid = ", ".join(list(enum.__members__) + ["none"])
+    if qualifier and qualifier.lower() != enum.__name__.lower():
+        raise FeatxError(
+            f"-w {weights}: those weights are not for {name} (expected {enum.__name__}.<name>; one of {valid})"
+        )
+    try:
+        return enum[member.upper()]
+    except KeyError:
+        raise FeatxError(
+            f"-w {weights}: not a weights name of {name}: expected one of {valid}, or a path to a weights file"
+        ) from None
+
+
+def hub_file(url: str) -> str:
+    """Where torch.hub (and so torchvision) keeps the file downloaded from `url`."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def ensure_hub_file(what: str, url: str, cache: str = "torchvision's cache") -> str:
+    """Path of the torch.hub cache file of `url`, downloading it as torch.hub does when it is missing and we may;
+    offline, the FeatxError says which file to put where. `what` names the weights ('resnet50 IMAGENET1K_V2'),
+    `cache` the library whose cache it is."""
+    path = hub_file(url)
+    if os.path.isfile(path):
+        return path
+    folder, filename = os.path.split(path)
+    offline = FeatxError(
+        f"weights {what} are not in {cache} and cannot be downloaded (offline?): "
+        f"put {filename} (from {url}) into {folder}/, or pass -w path/to/weights.pth"
+    )
+    if is_offline():
+        raise offline
+    try:
+        os.makedirs(folder, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(filename)
+        torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=False)
+    except Exception as err:  # URLError, timeouts, hash mismatch, read-only cache: all mean "not available"
+        raise offline from err
+    return path
+
+
+def pretrained(name: str, weights_arg: str) -> tuple[nn.Module, str, str, TransformSpec]:
+    """(model, weights id, cached file, eval transform) of torchvision weights from the hub cache."""
+    weights = _weights_enum(name, weights_arg)
+    path = ensure_hub_file(f"{name} {weights.name}", weights.url)
+    read_weights_file(path)  # refuses a cache file with pickled code before torchvision loads it
+    try:
+        model = get_model(name, weights=weights)
+    except RuntimeError as err:
+        raise FeatxError(
+            f"-w {weights_arg}: the cached file {path} does not fit {name} ({str(err).splitlines()[0][:120]}): "
+            f"delete it and download it again"
+        ) from err
+    preset = weights.transforms()
+    spec = TransformSpec(
+        resize=int(preset.resize_size[0]),
+        crop=int(preset.crop_size[0]),
+        mean=tuple(float(v) for v in preset.mean),
+        std=tuple(float(v) for v in preset.std),
+        interpolation=preset.interpolation.value,
+    )
+    return model, weights.name, path, spec
