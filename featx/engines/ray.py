@@ -25,6 +25,7 @@ class ModelSpec:
 
     backbone: str
     weights: str
+    weights_match: str
     taps: tuple[str, ...]
     pooling: str
     token_pool: str
@@ -124,13 +125,13 @@ def _resolve_precision(device: str, precision: str) -> tuple[bool, str]:
 def decode_batch(batch: dict, transform: dict) -> dict:
     """The CPU stage: decode and crop each path to uint8 (3, crop, crop); a broken file gets a zero image and
     its reason, and fails alone."""
-    from ..extract import decode_one
+    from ..extract import CpuDecoder
     from ..preprocess import TransformSpec
 
-    spec = TransformSpec.from_dict(transform)
+    decode = CpuDecoder(TransformSpec.from_dict(transform))
     images, errors = [], []
     for path in batch["path"]:
-        image, reason = decode_one(str(path), spec)
+        image, reason = decode(str(path))
         images.append(image.numpy())
         errors.append(reason)
     return {"index": batch["index"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
@@ -147,7 +148,7 @@ class Embedder:
         from ..preprocess import TransformSpec
         from ..runtime import Runtime
 
-        bb = load_backbone(spec.backbone, spec.weights)
+        bb = load_backbone(spec.backbone, spec.weights, match=spec.weights_match)
         runtime = Runtime(torch.device(device), spec.precision)
         self.runner = FeatureRunner(bb, list(spec.taps), spec.pooling, spec.token_pool,
                                     TransformSpec.from_dict(spec.transform), runtime, spec.dtype)
