@@ -504,3 +504,19 @@ def _seal_plan(source: Source, keys, available, failures: dict[str, str]) -> Sea
         targets=np.array([item.target for item, _ in rows], dtype=np.float64) if regression else None,
         failed=failed,
     )
+
+
+def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
+    """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
+    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}."""
+    options = extract_options_from_config(config)
+    bb = load_backbone(options["backbone"], options["weights"], match=options["weights_match"])
+    if bb.weights_sha256 != config.get("weights_sha256"):
+        raise FeatxError(
+            f"weights {options['weights']} have sha256 {str(bb.weights_sha256)[:16]}..., but the rows were computed "
+            f"with weights of sha256 {str(config.get('weights_sha256'))[:16]}...: use the weights file they were made with"
+        )
+    runtime = resolve_runtime(device, options["precision"])
+    transform = TransformSpec.from_dict(config["transform"])
+    return _FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
+                          options["dtype"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -131,7 +132,8 @@ def _load_folder(folder: str, kind: str) -> Source:
     root = os.path.abspath(folder)
     splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
     levels = splits or {"": root}
-    found = {split: _scan_level(path, ancestors={os.path.realpath(root)}) for split, path in levels.items()}
+    found = {split: _without_masks(*_scan_level(path, ancestors={os.path.realpath(root)}))
+             for split, path in levels.items()}
     classes = sorted({name for by_class, _ in found.values() for name in by_class})
     index = {name: i for i, name in enumerate(classes)}
     items = []
@@ -144,6 +146,13 @@ def _load_folder(folder: str, kind: str) -> Source:
             f"root/train, root/val, root/test) or a flat folder of images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind)
+
+
+def _without_masks(by_class: dict[str, list[str]], loose: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """A segmentation level (only images/ and masks/ folders): its images are unlabelled items, its masks none."""
+    if set(by_class) == {"images", "masks"}:
+        return {}, loose + by_class["images"]
+    return by_class, loose
 
 
 def _item(path: str, root: str, label: int, split: str) -> Item:
@@ -364,7 +373,10 @@ def _materialize_digits(cache: Path, final: Path) -> None:
 
 
 def content_key(path) -> str:
-    """sha256 hex digest of the file's bytes, read in 1 MiB blocks (OSError when the file cannot be read)."""
+    """sha256 hex digest of the file's bytes, read in 1 MiB blocks (OSError when the file cannot be read).
+    `path` may also be the bytes themselves (an upload), which give the key their file would have."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(path).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
@@ -377,14 +389,19 @@ def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MA
 
     `min_size`: when the file is a JPEG, let libjpeg decode at a reduced scale that keeps both sides >= min_size.
     `max_pixels`: reject images whose header claims more pixels than this, before any pixel is decoded.
-    Raises DecodeError with a one-line reason for files that cannot be read or decoded.
+    `path` may also be the file's bytes (an upload). Raises DecodeError with a one-line reason for files that
+    cannot be read or decoded.
     """
-    try:
-        fp = open(path, "rb")
-    except OSError as err:
-        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        fp, name = io.BytesIO(path), ""
+    else:
+        try:
+            fp = open(path, "rb")
+        except OSError as err:
+            raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+        name = os.fspath(path)
     with fp:
-        image = _identify(fp, os.fspath(path))
+        image = _identify(fp, name)
         _check_pixels(image.size, max_pixels)
         try:
             image = _load(image, min_size)

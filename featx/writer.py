@@ -87,6 +87,11 @@ class StoreWriter:
         self.available: dict[str, RowSource] = {}
         self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
 
+    @property
+    def old(self) -> Store | None:
+        """The old store's metadata (closed), when its config matches this run's."""
+        return self._old
+
     # -- lock ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
         self._acquire_lock()

@@ -34,3 +34,15 @@ def make_image_folder(
                 folder = root / split / cls if split else root / cls
                 make_image(folder / f"{cls}_{i:03d}.{ext}", ci, counter, size)
     return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG with valid CRCs whose IHDR claims width x height 8-bit gray pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

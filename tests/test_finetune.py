@@ -351,7 +351,8 @@ def test_early_stop_and_best_epoch():
 
     def state(accs, patience, epochs=10):
         history = [{"epoch": i + 1, "val_acc": acc} for i, acc in enumerate(accs)]
-        trainer = SimpleNamespace(history=history, val_loader=object(), early_stop=patience, epochs=epochs)
+        trainer = SimpleNamespace(history=history, val_loader=object(), early_stop=patience, epochs=epochs,
+                                  score_key="val_acc")
         trainer.best = Trainer.best.fget(trainer)
         return trainer.best["epoch"], Trainer.stopped_early.fget(trainer)
 

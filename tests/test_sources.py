@@ -6,8 +6,6 @@ import io
 import math
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from featx.sources import (
     load_source,
     stratified_holdout,
 )
-from imagegen import make_image, make_image_folder
+from imagegen import make_image, make_image_folder, png_claiming
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -47,16 +45,6 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny, well-formed PNG (valid CRCs) whose IHDR claims width x height 8-bit gray pixels, with one IDAT."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def relpaths(source) -> list[str]:

@@ -7,7 +7,9 @@ import click
 
 from ..choices import DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
 from ..errors import FeatxError
-from ..finetune.choices import AUGMENT_HELP, AUGMENTS, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, WARMUP_HELP
+from ..finetune.choices import (
+    AUGMENT_HELP, AUGMENTS, DECODER_HELP, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS, WARMUP_HELP,
+)
 from .common import BACKBONE_HELP, echo_json
 
 
@@ -44,16 +46,22 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
+@click.option("--task", type=click.Choice(TASKS), default="classify", show_default=True, help="segment: DATA holds image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
+@click.option("--tap", help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map).")
+@click.option("--decoder", default="conv:256", show_default=True, help=f"segment: {DECODER_HELP}.")
+@click.option("--binary", is_flag=True, help="segment: every non-zero mask pixel is foreground (one logit, BCE).")
+@click.option("--num-classes", type=click.IntRange(min=1), help="segment: mask ids are 0 (background) to this (default: the largest id found).")
+@click.option("--dice-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, help="segment: weight of a soft Dice term added to the loss.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights_match, head, freeze, unfreeze_at, train_bn, init_head,
                  optimizer, lr, backbone_lr, momentum, weight_decay, schedule, warmup, label_smoothing, epochs,
-                 batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, as_json,
-                 quiet):
+                 batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, task, tap,
+                 decoder, binary, num_classes, dice_weight, as_json, quiet):
     """Finetune BACKBONE with a new head on DATA into the run folder -o (or continue one with --resume).
 
     DATA is an ImageFolder (root/<class>/<img>, or root/train/... + root/val/...), a CSV of path,label[,split],
-    or 'digits'. Each epoch prints its losses and accuracies and writes checkpoint.pt atomically; model.pt holds the
+    or 'digits' (with --task segment: image + mask pairs, see --task). Each epoch prints its losses and accuracies and writes checkpoint.pt atomically; model.pt holds the
     best epoch by val accuracy and works as -w for extract, fit-head and finetune.
     """
     from ..finetune import finetune
@@ -70,7 +78,8 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
         label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
         image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed, precision=precision,
         device=device, workers=workers, resume=bool(resume_dir), overwrite=overwrite,
-        progress=not quiet and not as_json, log=log,
+        progress=not quiet and not as_json, log=log, task=task, tap=tap, decoder=decoder, binary=binary,
+        num_classes=num_classes, dice_weight=dice_weight,
     )
     if as_json:
         echo_json({

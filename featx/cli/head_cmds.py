@@ -7,11 +7,13 @@ import warnings
 
 import click
 
+from ..errors import FeatxError
 from ..heads.cv import DEFAULT_GRID
 from ..heads.estimators import HEAD_TYPES, NORMALIZERS
 from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
+PREDICTIONS_FILE = PathParam("output", "a CSV or JSON file to write")
 HEAD_HELP = "; ".join(f"{name}: {head.help}" for name, head in HEAD_TYPES.items())
 TRUST = click.option("--trust", is_flag=True, help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
 GRID_DEFAULTS = "; ".join(
@@ -54,9 +56,15 @@ def _feature_keys(f):
 @click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write confusion_matrix.png and cv_curve.png.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head folder.")
+@click.option("--task", type=click.Choice(["classify", "segment"]), default="classify", show_default=True, help="segment: a per-pixel linear head on the maps of a --pooling none store, against --masks.")
+@click.option("--masks", help="segment: the image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
+@click.option("--binary", is_flag=True, help="segment: every non-zero mask pixel is foreground.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="segment: mask ids are 0 (background) to this (default: the largest id found).")
+@click.option("--pixels-per-image", type=click.IntRange(min=1), default=256, show_default=True, help="segment: labelled pixels drawn from each training image for the fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight, val_split, seed, n_jobs, x_key, y_key,
-                 epochs, hidden, dropout, chunk_rows, joblib_export, plots, overwrite, as_json):
+                 epochs, hidden, dropout, chunk_rows, joblib_export, plots, overwrite, task, masks, binary, num_classes,
+                 pixels_per_image, as_json):
     """Fit a head on the rows of STORE (a featx store, or any HDF5/NPZ file with --x/--y) and save it to -o.
 
     C is chosen by stratified k-fold cross-validation; the head is refit on all training rows ('train' split, or
@@ -65,6 +73,19 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     from ..heads import fit_head
     from ..heads.metrics import metrics_table
 
+    if task == "segment":
+        if not masks:
+            raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
+        from ..segment.probe import fit_dense_probe, segment_table
+
+        head = fit_dense_probe(store, masks, output, tap=tap, binary=binary, num_classes=num_classes,
+                               pixels_per_image=pixels_per_image, grid=grid, folds=folds, normalize=normalize,
+                               val_split=val_split, seed=seed, n_jobs=n_jobs, overwrite=overwrite)
+        click.echo(json.dumps({"path": str(head.path), **head.metrics}, indent=2) if as_json else
+                   f"{segment_table(head.metrics)}\nhead written to {head.path}")
+        return
+    if masks or binary or num_classes:
+        raise FeatxError("--masks, --binary, --num-classes: segmentation options, they need --task segment")
     with _warnings_as_lines():
         head = fit_head(
             store, tap, output, head=kind, normalize=normalize, grid=grid, folds=folds,
@@ -82,8 +103,8 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
 @click.command("predict")
 @click.argument("head", type=click.Path())
 @click.argument("data")
-@click.option("-o", "--output", type=PathParam("output", "a CSV or JSON file to write"),
-              help="CSV file to write (default: stdout).")
+@click.option("-o", "--output", type=click.Path(),
+              help="CSV file to write (default: stdout); for a segmentation head, the folder of mask PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="JSON records instead of CSV.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Only the k most likely classes per row.")
 @click.option("--store", type=PathParam("output", "the .h5 store that caches the images' features"),
@@ -98,7 +119,20 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
     """Predict with HEAD (a head folder) on DATA: images (extracted with the head's backbone, weights and tap,
     through a cache) or a feature file (.h5 store made with the same extractor, or HDF5/NPZ with --x)."""
     from ..heads import predict
+    from ..segment.probe import is_segment_head, predict_dense
 
+    if is_segment_head(head):
+        if not output:
+            raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
+        written = predict_dense(head, data, output, store=store, batch_size=batch_size, device=device,
+                                workers=workers, progress=not quiet, log=lambda line: click.echo(line, err=True))
+        for path, reason in written["failed"]:
+            warn(f"not predicted: {path}: {reason}")
+        click.echo(f"{written['written']} masks written to {output}", err=True)
+        return
+    if output:
+        param = next(p for p in click.get_current_context().command.params if p.name == "output")
+        PREDICTIONS_FILE.convert(output, param, click.get_current_context())
     with _warnings_as_lines():
         result = predict(head, data, store=store, x=x_key, trust=trust, batch_size=batch_size, device=device,
                          workers=workers, progress=not quiet,
@@ -120,14 +154,24 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
 @click.option("--split", help="Only rows of this split (train, val, test).")
 @click.option("-l", "--layer", "tap", help="Tap to read (default: the head's).")
 @_feature_keys
+@click.option("--masks", help="Segmentation head: the image + mask pairs of the store's images.")
 @TRUST
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate_cmd(head, store, split, tap, x_key, y_key, trust, as_json):
+def evaluate_cmd(head, store, split, tap, x_key, y_key, masks, trust, as_json):
     """Measure HEAD on the labelled rows of STORE (or of one --split): accuracy, balanced accuracy, macro F1,
     per-class precision/recall/F1 and the confusion matrix; R², MAE and RMSE for regression."""
     from ..heads import evaluate
     from ..heads.metrics import metrics_table
+    from ..segment.probe import evaluate_dense, is_segment_head, segment_table
 
+    if is_segment_head(head):
+        if not masks:
+            raise FeatxError(f"{head} is a segmentation head: give the store's masks with --masks MASKS")
+        metrics = evaluate_dense(head, store, masks, split=split)
+        click.echo(json.dumps(metrics, indent=2) if as_json else segment_table(metrics))
+        return
+    if masks:
+        raise FeatxError(f"--masks: {head} is not a segmentation head (fit one with fit-head --task segment)")
     with _warnings_as_lines():
         metrics = evaluate(head, store, split=split, tap=tap, x=x_key, y=y_key, trust=trust)
     if as_json:

@@ -49,6 +49,9 @@ class FinetuneResult:
     def summary(self) -> str:
         best = f"best val acc {self.best_val_acc:.4f} at epoch {self.best_epoch}" if self.best_val_acc is not None \
             else "no validation"
+        row = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
+        best += "".join(f", val {key[4:]} {value:.4f}" for key, value in row.items()
+                        if key.startswith("val_") and key not in ("val_loss", "val_acc") and isinstance(value, float))
         early = " (stopped early)" if self.stopped_early else ""
         return f"{self.epochs} epochs{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
 
@@ -87,6 +90,12 @@ def finetune(
     overwrite: bool = False,
     progress: bool = False,
     log=None,
+    task: str = "classify",
+    tap: str | None = None,
+    decoder: str = "conv:256",
+    binary: bool = False,
+    num_classes: int | None = None,
+    dice_weight: float = 0.0,
 ) -> FinetuneResult:
     """Finetune `backbone` with a new head on `data` (ImageFolder / CSV / 'digits') into the run folder `output`.
 
@@ -98,6 +107,10 @@ def finetune(
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
     `resume` continues the run in `output` after its last completed epoch (with the same settings); `overwrite`
     starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
+
+    task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for
+    ResNets) with a `decoder` ('conv:256' or 'linear'); `binary` masks train one logit with BCE, `num_classes` bounds
+    the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of highest val mean IoU.
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
@@ -109,6 +122,7 @@ def finetune(
     ).resolved()
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
+    build = _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
     runtime = resolve_runtime(device, precision)
     bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
     run = RunDir(output)
@@ -116,8 +130,8 @@ def finetune(
     try:
         with _out_of_memory_as_error(opts.batch_size, runtime):
             setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
-            trainer = _trainer(data, bb, weights, init_head, opts, runtime, workers, run, progress,
-                               setup_lines.append)
+            trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
+                            setup_lines.append)
             if checkpoint is not None:
                 _check_same_config(checkpoint["config"], trainer.config, run.path)
             for line in setup_lines:
@@ -132,6 +146,27 @@ def finetune(
     finally:
         run.release()
     return _result(trainer, run.path, time.perf_counter() - started)
+
+
+def _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
+    """The function that builds the Trainer of `task`; FeatxError for options of the other task."""
+    if task == "classify":
+        given = [name for name, value, default in (("--tap", tap, None), ("--decoder", decoder, "conv:256"),
+                 ("--binary", binary, False), ("--num-classes", num_classes, None), ("--dice-weight", dice_weight, 0))
+                 if value != default]
+        if given:
+            raise FeatxError(f"{', '.join(given)}: segmentation options, they need --task segment")
+        return _trainer
+    if task != "segment":
+        raise FeatxError(f"--task {task!r}: expected classify or segment")
+    if init_head is not None or head != "linear":
+        raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
+    from ..segment.train import segment_trainer
+
+    def build(data, bb, weights, _init_head, opts, runtime, workers, run, progress, log):
+        return segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, tap=tap,
+                               decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
+    return build
 
 
 def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,

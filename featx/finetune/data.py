@@ -148,11 +148,18 @@ def make_loader(items: list[Item], spec: TransformSpec, augment: str, *, train: 
 
     `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform).
     """
-    dataset = ImageDataset(items, TrainTransform(spec, augment))
+    return loader_for(ImageDataset(items, TrainTransform(spec, augment)), train=train, batch_size=batch_size,
+                      workers=workers, seed=seed, pin_memory=pin_memory)
+
+
+def loader_for(dataset: Dataset, *, train: bool, batch_size: int, workers: int, seed: int,
+               pin_memory: bool) -> DataLoader:
+    """A DataLoader over `dataset` (keys (index, augmentation seed) from EpochSampler); training batches are
+    shuffled per epoch and full-size."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(items), seed, shuffle=train),
+        sampler=EpochSampler(len(dataset), seed, shuffle=train),
         drop_last=train,
         num_workers=workers,
         pin_memory=pin_memory,

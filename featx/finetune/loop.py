@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,13 +15,15 @@ from ..runtime import Runtime
 
 @dataclass
 class PassStats:
-    """Mean loss and accuracy over the images of one pass, its duration and the undecodable images skipped."""
+    """Mean loss and accuracy over the images of one pass, its duration and the undecodable images skipped; `extra`
+    holds a task's further metrics (segmentation: miou, dice), logged as train_<name> / val_<name>."""
 
     loss: float
     acc: float
     images: int
     seconds: float
     skipped: int
+    extra: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -67,9 +69,10 @@ def _logits(output) -> torch.Tensor:
 
 def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, spec: TransformSpec, runtime: Runtime, desc: str,
-                progress: bool) -> PassStats:
-    """One pass over `loader` with an optimizer and scheduler step per batch (the model is in training mode)."""
-    totals = _Totals(runtime.device)
+                progress: bool, make_totals=None) -> PassStats:
+    """One pass over `loader` with an optimizer and scheduler step per batch (the model is in training mode).
+    `make_totals(device)` gives the metric totals (default: loss and accuracy of class labels)."""
+    totals = (make_totals or _Totals)(runtime.device)
     bar = tqdm(total=len(loader) * loader.batch_size, desc=desc, unit="img", leave=False,
                disable=None if progress else True)
     with bar:
@@ -91,11 +94,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, opti
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime: Runtime) -> PassStats:
-    """Mean cross-entropy and accuracy of `model` (in eval mode) over `loader`."""
+def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime: Runtime, criterion=None,
+             make_totals=None) -> PassStats:
+    """Mean loss (`criterion` summed over a batch; default cross-entropy) and accuracy of `model` (in eval mode)
+    over `loader`; `make_totals` as for train_epoch."""
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    totals = _Totals(runtime.device)
+    criterion = criterion or nn.CrossEntropyLoss(reduction="sum")
+    totals = (make_totals or _Totals)(runtime.device)
     for batch in loader:
         moved = _batch(batch, spec, runtime, totals)
         if moved is not None:

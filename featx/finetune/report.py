@@ -20,12 +20,16 @@ def epoch_row(epoch: int, train: PassStats, val: PassStats | None, lrs: dict[str
         "seconds": round(seconds, 3),
         "images_per_second": round(train.images_per_second, 2),
         "skipped_images": train.skipped + (val.skipped if val else 0),
+        **{f"train_{name}": value for name, value in train.extra.items()},
+        **{f"val_{name}": value for name, value in (val.extra if val else {}).items()},
     }
 
 
 def summary_line(row: dict, epochs: int) -> str:
     """'Epoch 3/10  train loss 0.41 acc 0.87  val loss 0.38 acc 0.90  12.3s 210 img/s'."""
     val = f"  val loss {row['val_loss']:.4g} acc {row['val_acc']:.4f}" if row["val_acc"] is not None else ""
+    val += "".join(f" {key[4:]} {value:.4f}" for key, value in row.items()
+                   if key.startswith("val_") and key not in ("val_loss", "val_acc") and isinstance(value, float))
     return (
         f"Epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4g} acc {row['train_acc']:.4f}{val}  "
         f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"

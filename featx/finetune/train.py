@@ -43,16 +43,20 @@ class Trainer:
     progress: bool = False
     log: Callable[[str], None] = print
     history: list[dict] = field(default_factory=list)
+    make_totals: Callable | None = None  # the metric totals of a pass (loop.train_epoch); None: class accuracy
+    val_criterion: nn.Module | None = None  # validation loss summed over a batch; None: cross-entropy
+    score_key: str = "val_acc"  # the metric that decides the best epoch (model.pt)
 
     # ---- where the run stands, derived from the history alone ----------------------------------------------------
     @property
     def best(self) -> dict | None:
-        """The best epoch's row: highest val accuracy (the earliest on ties), the last epoch without validation."""
+        """The best epoch's row: highest `score_key` (val accuracy; the earliest on ties), the last epoch without
+        validation."""
         if not self.history:
             return None
         if self.val_loader is None:
             return self.history[-1]
-        return max(self.history, key=lambda row: (row["val_acc"], -row["epoch"]))
+        return max(self.history, key=lambda row: (row[self.score_key], -row["epoch"]))
 
     @property
     def stopped_early(self) -> bool:
@@ -81,8 +85,9 @@ class Trainer:
         self.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         train = train_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.scheduler, self.scaler,
-                            self.spec, self.runtime, f"epoch {epoch}/{self.epochs}", self.progress)
-        val = evaluate(self.model, self.val_loader, self.spec, self.runtime) if self.val_loader is not None else None
+                            self.spec, self.runtime, f"epoch {epoch}/{self.epochs}", self.progress, self.make_totals)
+        val = evaluate(self.model, self.val_loader, self.spec, self.runtime, self.val_criterion,
+                       self.make_totals) if self.val_loader is not None else None
         row = epoch_row(epoch, train, val, lrs, time.perf_counter() - started)
         self.history.append(row)
         self._save(epoch, write_config)

@@ -82,7 +82,7 @@ def fit_head(
         metrics = {
             "head": head_type.name, "tap": rows.tap, "n_features": rows.n_features, "task": rows.task,
             "trained_on": str(rows.path), "rows": {"train": len(train), "eval": len(held)}, "C": fitted.C,
-            "cv": result.to_dict() if result else None, "fit_seconds": fit_seconds,
+            "cv": result.to_dict() if result else None, "converged": trainer.converged, "fit_seconds": fit_seconds,
         }
         if len(held):
             metrics.update(evaluated_on=held_how, **_metrics_on(fitted, rows, held, chunk_rows))

@@ -105,7 +105,7 @@ def predict(head, data, *, store=None, x: str | None = None, trust: bool = False
         path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     with open_rows(path, head.tap if x is None else None, x) as rows:
         head.check_rows(rows)
-        parts = [_apply(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
+        parts = [apply_head(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
         names = rows.names
     predicted = np.concatenate([p for p, _ in parts]) if parts else np.empty(0)
     scores = np.concatenate([s for _, s in parts]) if parts and head.task != "regression" else None
@@ -113,7 +113,7 @@ def predict(head, data, *, store=None, x: str | None = None, trust: bool = False
     return Predictions(names, predicted, classes, scores, head.has_proba, failed)
 
 
-def _apply(head: Head, block: np.ndarray):
+def apply_head(head: Head, block: np.ndarray):
     """(predictions, per-class scores) of one block: probabilities, or decision scores (binary: -s, s)."""
     predicted = head.predict(block)
     if head.task == "regression":

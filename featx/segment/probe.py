@@ -1,0 +1,300 @@
+"""The dense probe: a per-pixel linear head on cached (N, C, H, W) maps (`featx extract --pooling none`).
+
+Each store row is matched to its mask by the image's content key, and the mask goes through the store's own
+transform (resize the shorter side with nearest, center crop) and then to the map's size. `pixels_per_image`
+labelled pixels of each training image are drawn (seeded) and the heads' machinery fits a logistic regression on
+them, C chosen by cross-validation with folds grouped by image (no image on both sides of a fold). The head folder
+is an ordinary pickle-free head (head.json + weights.npz) plus segment.json (the class ids). Predictions are the
+head's scores per map cell, upsampled bilinearly to the crop and mapped back to each image's own size (pixels
+outside the center crop are background), so `extract --resize R --image-size S` with S at least the longer side
+after the resize sees every pixel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import FeatxError
+from ..preprocess import TransformSpec, resize_shorter_side
+from ..sources import content_key
+from ..store import open_store
+from .metrics import summarize
+from .source import IGNORE, load_mask_source, read_mask
+from .transforms import eval_mask, mask_image
+
+SEGMENT_FILE = "segment.json"
+FORMAT = 1
+PIXELS_PER_IMAGE = 256
+CHUNK_IMAGES = 64
+
+
+def is_segment_head(path) -> bool:
+    return (Path(path) / SEGMENT_FILE).is_file()
+
+
+def _map_tap(store, tap: str | None) -> tuple[str, tuple[int, ...]]:
+    """The tap to read and its (C, h, w) shape; FeatxError for pooled rows."""
+    from ..heads.data import _choose_tap
+
+    tap = _choose_tap(store, tap)
+    shape = tuple(store.feature_shape(tap))
+    if len(shape) != 3:
+        raise FeatxError(f"{store.path}: tap {tap} holds {shape} rows per image (pooling "
+                         f"{store.config.get('pooling')}); a segmentation head needs maps: featx extract --pooling none")
+    return tap, shape
+
+
+def _row_masks(store, masks, binary: bool, num_classes: int | None, rows: np.ndarray, spec: TransformSpec):
+    """(MaskSource, {row: crop-sized int64 mask}) for store `rows`; FeatxError naming an image without a mask."""
+    source = load_mask_source(masks, binary=binary, num_classes=num_classes)
+    by_key = {content_key(pair.image): pair for pair in source.pairs}
+    out = {}
+    for row in rows:
+        pair = by_key.get(store.keys[row])
+        if pair is None:
+            raise FeatxError(f"{masks}: no mask for {store.paths[row]} (row {row} of {store.path}); expected a mask "
+                             f"for every image of the store")
+        out[int(row)] = np.asarray(eval_mask(mask_image(read_mask(pair.mask, binary)), spec), dtype=np.int64)
+    return source, out
+
+
+def _at(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A crop-sized mask at the map's size (nearest)."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8), "L").resize((w, h), Image.Resampling.NEAREST),
+                      dtype=np.int64)
+
+
+def _rows_of(store, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(training rows, held-out rows, how): splits 'train'/'val' of the store, else a seeded image hold-out."""
+    splits = np.asarray(store.splits, dtype=str)
+    if (splits == "val").any():
+        return np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val"), "split 'val'"
+    rows = np.flatnonzero(splits != "test")
+    if not 0 <= val_split < 1:
+        raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+    held = np.random.default_rng(seed).permutation(len(rows))[: int(round(val_split * len(rows)))]
+    keep = np.ones(len(rows), dtype=bool)
+    keep[held] = False
+    return rows[keep], np.sort(rows[~keep]), f"{val_split:g} of the images held out (seed {seed})"
+
+
+def _pixels(store, tap, rows, masks, shape, per_image: int, seed: int):
+    """(X (n, C), ids (n,), image index (n,)): up to `per_image` labelled cells of each image, drawn seeded."""
+    channels, h, w = shape
+    rng = np.random.default_rng(seed)
+    xs, ys, groups = [], [], []
+    for start in range(0, len(rows), CHUNK_IMAGES):
+        chunk = rows[start : start + CHUNK_IMAGES]
+        maps = store.features(tap, chunk)
+        for k, row in enumerate(chunk):
+            ids = _at(masks[int(row)], h, w).reshape(-1)
+            cells = np.flatnonzero(ids != IGNORE)
+            cells = rng.choice(cells, size=min(per_image, len(cells)), replace=False) if len(cells) else cells
+            xs.append(maps[k].reshape(channels, -1)[:, cells].T)
+            ys.append(ids[cells])
+            groups.append(np.full(len(cells), row))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(groups)
+
+
+def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, binary: bool = False,
+                    num_classes: int | None = None, pixels_per_image: int = PIXELS_PER_IMAGE, grid=None,
+                    folds: int = 5, normalize: str = "standard", val_split: float = 0.2, seed: int = 0,
+                    n_jobs: int | None = -1, overwrite: bool = False):
+    """Fit a per-pixel logistic regression on the maps of `tap` in the featx store `store_path`, against the masks
+    of `masks` (a masks folder or CSV, see featx.segment.source). Returns the Head; with `output` it is saved."""
+    from ..heads import cv
+    from ..heads.data import Rows
+    from ..heads.estimators import HeadOptions, get_head_type
+    from ..heads.inmemory import InMemoryFit
+    from ..heads.model import Head
+    from ..heads.persistence import atomic_folder, check_output, save_head
+
+    if isinstance(pixels_per_image, bool) or not isinstance(pixels_per_image, int) or pixels_per_image < 1:
+        raise FeatxError(f"--pixels-per-image {pixels_per_image!r}: expected a positive integer")
+    if output is not None:
+        check_output(Path(output), overwrite)
+    started = time.perf_counter()
+    with open_store(store_path) as store:
+        tap, shape = _map_tap(store, tap)
+        spec = TransformSpec.from_dict(store.config["transform"])
+        train, held, how = _rows_of(store, val_split, seed)
+        if not len(train):
+            raise FeatxError(f"{store.path}: no training rows (split 'train', or rows without a split)")
+        source, masks_by_row = _row_masks(store, masks, binary, num_classes, np.concatenate([train, held]), spec)
+        X, y, groups = _pixels(store, tap, train, masks_by_row, shape, pixels_per_image, seed)
+        present, y_index = np.unique(y, return_inverse=True)
+        if len(present) < 2:
+            raise FeatxError(f"{masks}: every sampled training pixel is of class {source.classes[present[0]]!r}; a "
+                             f"segmentation head needs 2 or more classes")
+        names = [source.classes[i] for i in present]
+        head_type = get_head_type("logistic", "classification", str(store.path))
+        rows = Rows(path=Path(store.path), tap=tap, n_rows=len(X), n_features=shape[0], labels=y_index,
+                    classes=names, targets=None, splits=np.full(len(X), "train"), names=np.arange(len(X)).astype(str),
+                    config=dict(store.config), config_key=store.config_key, _read_index=lambda index: X[index],
+                    _close=lambda: None)
+        fit_started = time.perf_counter()
+        trainer = InMemoryFit(head_type, HeadOptions(seed=seed), rows, np.arange(len(X)), y_index, len(names),
+                              normalize, len(X), n_jobs)
+        values, refine = cv.parse_grid(head_type.default_grid if grid is None else grid)
+        result = None
+        if len(values) > 1:
+            trainer.set_folds(_group_folds(groups, folds), "accuracy")
+            result = cv.search(trainer.score_grid, values, refine, "accuracy")
+        C = result.best if result else float(values[0])
+        head = Head(trainer.fit(C), kind=head_type.name, task="segmentation", model="linear", classes=names,
+                    n_features=shape[0], tap=tap, normalize=normalize, link=head_type.link, C=C,
+                    config=dict(store.config), config_key=store.config_key)
+        segment = {"featx_segment": FORMAT, "classes": source.classes, "binary": bool(binary),
+                   "num_classes": source.num_classes, "masks": os.path.abspath(masks)}
+        head.segment = segment
+        head.metrics = {
+            "head": head_type.name, "task": "segmentation", "tap": tap, "map_shape": list(shape),
+            "trained_on": str(store.path), "masks": segment["masks"], "pixels_per_image": pixels_per_image,
+            "rows": {"train": len(train), "eval": len(held)}, "fit_pixels": len(X), "C": C,
+            "cv": result.to_dict() if result else None, "converged": trainer.converged,
+            "fit_seconds": time.perf_counter() - fit_started,
+        }
+        if len(held):
+            matrix = _confusion(head, store, tap, held, masks_by_row, spec, source.classes)
+            head.metrics.update(evaluated_on=how, **summarize(matrix, source.classes))
+        head.metrics["total_seconds"] = time.perf_counter() - started
+    if output is not None:
+        with atomic_folder(output, overwrite) as folder:
+            save_head(head, folder)
+            (folder / SEGMENT_FILE).write_text(json.dumps(segment, indent=2))
+        head.path = Path(output)
+    return head
+
+
+def _group_folds(groups: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions with every image's pixels on one side."""
+    from sklearn.model_selection import GroupKFold
+
+    n = min(folds, len(np.unique(groups)))
+    if n < 2:
+        raise FeatxError("cross-validation of a segmentation head needs 2 or more training images")
+    return list(GroupKFold(n_splits=n).split(groups, groups=groups))
+
+
+def load_segment_head(path):
+    """A segment head folder: the Head (from its arrays) with `.segment` (segment.json) attached."""
+    from ..heads.persistence import load_head
+
+    head = load_head(path)
+    try:
+        head.segment = json.loads((Path(path) / SEGMENT_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise FeatxError(f"{Path(path) / SEGMENT_FILE}: unreadable segmentation head description ({err})") from err
+    return head
+
+
+def crop_ids(head, maps: np.ndarray, crop: int) -> np.ndarray:
+    """Class ids (n, crop, crop) of maps (n, C, h, w): the head's scores per cell, upsampled bilinearly."""
+    import torch
+    import torch.nn.functional as F
+
+    n, channels, h, w = maps.shape
+    scores = head.decision_function(maps.transpose(0, 2, 3, 1).reshape(-1, channels))
+    scores = scores.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+    up = F.interpolate(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)), size=(crop, crop),
+                       mode="bilinear", align_corners=False)
+    index = (up[:, 0] > 0).long() if up.shape[1] == 1 else up.argmax(1)
+    ids = np.asarray([head.segment["classes"].index(str(c)) for c in head.classes_], dtype=np.int64)
+    return ids[index.numpy()]
+
+
+def _confusion(head, store, tap, rows, masks_by_row, spec: TransformSpec, classes) -> np.ndarray:
+    k = len(classes)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    for start in range(0, len(rows), CHUNK_IMAGES):
+        chunk = rows[start : start + CHUNK_IMAGES]
+        predicted = crop_ids(head, store.features(tap, chunk), spec.crop)
+        for row, pred in zip(chunk, predicted):
+            true = masks_by_row[int(row)]
+            keep = true != IGNORE
+            matrix += np.bincount(true[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
+    return matrix
+
+
+def evaluate_dense(head, store_path, masks, *, split: str | None = None) -> dict:
+    """pixel_acc, miou, dice, per-class IoU of a segment head on the rows of a store (or of one split)."""
+    head = head if hasattr(head, "segment") else load_segment_head(head)
+    with open_store(store_path) as store:
+        tap, shape = _map_tap(store, head.tap)
+        _check_store(head, store, tap, shape[0])
+        spec = TransformSpec.from_dict(store.config["transform"])
+        splits = np.asarray(store.splits, dtype=str)
+        rows = np.flatnonzero(splits == split) if split else np.arange(len(store))
+        if not len(rows):
+            raise FeatxError(f"--split {split}: no rows in {store.path} (its splits: "
+                             f"{', '.join(sorted(set(splits) - {''})) or 'none'})")
+        _, masks_by_row = _row_masks(store, masks, head.segment["binary"], head.segment["num_classes"], rows, spec)
+        matrix = _confusion(head, store, tap, rows, masks_by_row, spec, head.segment["classes"])
+    return {"head": head.kind, "task": "segmentation", "tap": tap, "data": str(store_path), "masks": str(masks),
+            "rows": {"eval": len(rows)}, "evaluated_on": f"split {split!r}" if split else "all rows",
+            **summarize(matrix, head.segment["classes"])}
+
+
+def _check_store(head, store, tap: str, channels: int) -> None:
+    """The head's check of an extractor, on the store's config and the map's per-cell width."""
+    from types import SimpleNamespace
+
+    head.check_rows(SimpleNamespace(config=dict(store.config), path=store.path, n_features=channels,
+                                    describe=lambda: f"{store.path} ({tap}, per map cell)"))
+
+
+def predict_dense(head, data, output, *, store=None, batch_size: int = 64, device: str = "auto",
+                  workers: int | None = None, progress: bool = False, log=None) -> dict:
+    """Mask PNGs (mode L, class ids, each image's own size) of `data` (images, or a masks folder's images) in the
+    folder `output`, named after the images (`<relpath without extension>.png`). Returns {written, failed}."""
+    from ..heads.prediction import _extract
+    from ..sources import load_source
+
+    from ..heads.prediction import is_feature_file
+
+    head = head if hasattr(head, "segment") else load_segment_head(head)
+    if is_feature_file(data):
+        raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
+                         f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
+    store_path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
+    paths = {item.relpath: item.path for item in load_source(data).items}
+    output = Path(output)
+    written = 0
+    with open_store(store_path) as st:
+        tap, shape = _map_tap(st, head.tap)
+        _check_store(head, st, tap, shape[0])
+        spec = TransformSpec.from_dict(st.config["transform"])
+        for start in range(0, len(st), CHUNK_IMAGES):
+            rows = np.arange(start, min(start + CHUNK_IMAGES, len(st)))
+            for row, ids in zip(rows, crop_ids(head, st.features(tap, rows), spec.crop)):
+                relpath = st.paths[row]
+                with Image.open(paths[relpath]) as img:
+                    size = img.size
+                target = output / (os.path.splitext(relpath)[0] + ".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                uncrop(ids, size, spec).save(target)
+                written += 1
+    return {"written": written, "output": str(output), "failed": failed}
+
+
+def uncrop(ids: np.ndarray, size: tuple[int, int], spec: TransformSpec) -> Image.Image:
+    """Crop-sized ids back to an image of `size`: undo the center crop (background outside it), then the resize."""
+    resized = resize_shorter_side(Image.new("L", size), spec.resize, "nearest").size
+    left, top = int(round((resized[0] - spec.crop) / 2.0)), int(round((resized[1] - spec.crop) / 2.0))
+    canvas = Image.new("L", resized, 0)
+    canvas.paste(Image.fromarray(ids.astype(np.uint8), "L"), (left, top))
+    return canvas.resize(size, Image.Resampling.NEAREST)
+
+
+def segment_table(metrics: dict) -> str:
+    """pixel accuracy, mean IoU, Dice and the per-class IoU as a few aligned lines."""
+    lines = [f"{name:<16}{metrics[key]:.4f}" for name, key in
+             (("pixel accuracy", "pixel_acc"), ("mean IoU", "miou"), ("Dice", "dice")) if key in metrics]
+    lines += [f"IoU {cls:<12}{'-' if v is None else f'{v:.4f}'}" for cls, v in metrics.get("iou", {}).items()]
+    where = metrics.get("evaluated_on")
+    return "\n".join(([f"evaluated on {where} ({metrics['rows']['eval']} images)"] if where else []) + lines)

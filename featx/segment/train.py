@@ -1,0 +1,224 @@
+"""`featx finetune --task segment`: pairs, loss, metric totals and the trainer of a segmentation run.
+
+The run reuses classification's machinery whole: TrainOptions, freezing, optimizer and schedule, RunDir with its
+checkpoints and --resume, metrics.jsonl and curves.png. What differs is here: the loss (cross-entropy, or BCE on
+one logit for binary masks, plus `dice_weight` x soft Dice), per-epoch pixel accuracy / mean IoU / Dice, the best
+epoch by val mean IoU, and predictions.png (a few val images with the true and the predicted masks of model.pt).
+"""
+from __future__ import annotations
+
+import functools
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import __version__
+from ..errors import FeatxError
+from ..finetune.checkpoint import atomic_write, seed_everything
+from ..finetune.data import DEFAULT_VAL_SPLIT, Splits, loader_for
+from ..finetune.freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
+from ..finetune.loop import PassStats
+from ..finetune.optim import build_optimizer, build_scheduler, warmup_steps
+from ..finetune.train import Trainer
+from ..preprocess import normalize_batch
+from ..sources import DecodeError, decode_image
+from .metrics import confusion, predicted_ids, summarize
+from .model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
+from .source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
+from .transforms import JointTransform, mask_image
+
+PREVIEW = "predictions.png"
+PREVIEW_IMAGES = 4
+
+
+class SegmentLoss(nn.Module):
+    """Mean cross-entropy over pixels (BCE on one logit for binary masks) plus `dice_weight` x (1 - soft Dice of
+    the foreground classes); IGNORE pixels count nowhere. reduction 'sum' multiplies by the batch size."""
+
+    def __init__(self, dice_weight: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        self.dice_weight, self.reduction = float(dice_weight), reduction
+
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        valid = masks != IGNORE
+        if logits.shape[1] == 1:
+            target = (masks > 0).float()
+            per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
+            loss = per_pixel[valid].sum() / valid.sum().clamp(min=1)
+            probs, onehot = torch.sigmoid(logits[:, 0])[:, None], target[:, None]
+        else:
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE)
+            probs = torch.softmax(logits, 1)[:, 1:]
+            onehot = F.one_hot(torch.where(valid, masks, 0), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+        if self.dice_weight:
+            weight = valid[:, None].float()
+            inter = (probs * onehot * weight).sum((0, 2, 3))
+            total = ((probs + onehot) * weight).sum((0, 2, 3))
+            loss = loss + self.dice_weight * (1 - ((2 * inter + 1) / (total + 1)).mean())
+        return loss * len(masks) if self.reduction == "sum" else loss
+
+
+class SegmentTotals:
+    """Loss and the pixel confusion matrix of one pass, summed on the device (the loop's _Totals interface)."""
+
+    def __init__(self, device: torch.device, classes: list[str]):
+        self.classes = classes
+        self.loss = torch.zeros((), device=device)
+        self.matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
+        self.images = self.skipped = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor) -> None:
+        self.loss += loss_sum.detach()
+        self.matrix += confusion(masks, predicted_ids(logits.detach()), len(self.classes))
+        self.images += len(masks)
+
+    def stats(self) -> PassStats:
+        metrics = summarize(self.matrix.cpu().numpy(), self.classes)
+        return PassStats(self.loss.item() / max(self.images, 1), metrics["pixel_acc"], self.images,
+                         time.perf_counter() - self.started, self.skipped,
+                         extra={"miou": metrics["miou"], "dice": metrics["dice"]})
+
+
+class PairDataset(Dataset):
+    """(uint8 image, int64 mask, decoded ok) for a key (index, seed); a pair that cannot be decoded, or whose
+    decoded sizes differ, gives a zero image, an IGNORE mask and False."""
+
+    def __init__(self, pairs: list[MaskPair], transform: JointTransform, binary: bool):
+        self.pairs, self.transform, self.binary = pairs, transform, binary
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        pair = self.pairs[index]
+        try:
+            img = decode_image(pair.image)
+            ids = read_mask(pair.mask, self.binary)
+            if (ids.shape[1], ids.shape[0]) != img.size:
+                raise DecodeError("decoded image and mask sizes differ")
+            x, y = self.transform(img, mask_image(ids), random.Random(seed))
+            return x, y, True
+        except DecodeError:
+            crop = self.transform.spec.crop
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), torch.full((crop, crop), IGNORE), False
+
+
+def split_pairs(source: MaskSource, val_split: float | None, seed: int) -> Splits:
+    """Train / val pairs: the data's val split, else a seeded `val_split` fraction (0.2 by default) of the images."""
+    train = [p for p in source.pairs if p.split not in ("val", "test")]
+    val = [p for p in source.pairs if p.split == "val"]
+    if val:
+        if val_split:
+            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} pairs)")
+        how = f"the data's val split ({len(val)} pairs)"
+    else:
+        fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
+        held = set(np.random.default_rng(seed).permutation(len(train))[: int(round(fraction * len(train)))].tolist())
+        val = [p for i, p in enumerate(train) if i in held]
+        train = [p for i, p in enumerate(train) if i not in held]
+        how = f"{fraction:.0%} of the training pairs held out ({len(val)})" if val else "none (--val-split 0)"
+    if not train:
+        raise FeatxError(f"{source.description}: no training pairs")
+    return Splits(train, val, source.classes, how)
+
+
+class SegmentTrainer(Trainer):
+    """Trainer that also writes predictions.png whenever model.pt is written."""
+
+    def _save(self, epoch: int, write_config: bool) -> None:
+        super()._save(epoch, write_config)
+        if self.val_loader is not None and self.best["epoch"] == epoch:
+            write_preview(self.model, self.val_loader.dataset, self.spec, self.runtime, self.run / PREVIEW)
+
+
+@torch.inference_mode()
+def write_preview(model: nn.Module, dataset: PairDataset, spec, runtime, path) -> None:
+    """A PNG of the first val images (eval transform) with their true and predicted masks, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    samples = [dataset[(i, 0)] for i in range(min(PREVIEW_IMAGES, len(dataset)))]
+    images = torch.stack([x for x, _, _ in samples])
+    was_training = model.training
+    model.eval()
+    with runtime.autocast():
+        logits = model(normalize_batch(images, spec, runtime.device, runtime.channels_last))
+    model.train(was_training)
+    predicted = predicted_ids(logits.float()).cpu()
+    fig = Figure(figsize=(7.5, 2.5 * len(samples)), dpi=80, layout="constrained")
+    axes = fig.subplots(len(samples), 3, squeeze=False)
+    vmax = max(2, int(logits.shape[1]))
+    for row, ((x, y, _), pred) in enumerate(zip(samples, predicted)):
+        shown = np.where(y.numpy() == IGNORE, np.nan, y.numpy())
+        panels = (("image", x.permute(1, 2, 0).numpy()), ("true mask", shown), ("predicted", pred.numpy()))
+        for ax, (title, value) in zip(axes[row], panels):
+            ax.imshow(value, **({} if value.ndim == 3 else {"vmin": 0, "vmax": vmax - 1, "cmap": "viridis"}))
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    atomic_write(path, FigureCanvasAgg(fig).print_png)
+
+
+def segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, *, tap, decoder, binary,
+                    num_classes, dice_weight) -> Trainer:
+    """Load the pairs, cut the loaded Backbone `bb` at the tap, freeze, and build the loaders, optimizer and schedule of a run."""
+    from ..finetune.api import _config
+
+    if not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
+        raise FeatxError(f"--dice-weight {dice_weight!r}: expected a number of 0 or more")
+    spec_decoder = parse_decoder(decoder)
+    source = load_mask_source(data, binary=binary, num_classes=num_classes)
+    for relpath, reason in source.failed:
+        log(f"featx: warning: pair left out: {relpath}: {reason}")
+    splits = split_pairs(source, opts.val_split, opts.seed)
+    if opts.batch_size > len(splits.train):
+        raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training pairs")
+    log(f"data: {source.description}; validation: {splits.how}")
+    if bb.load_report is not None:
+        log(bb.load_report.summary())
+    spec = bb.transform.with_sizes(opts.image_size)
+    seed_everything(opts.seed)
+    loaded = loaded_parameters(bb)
+    tap = tap or default_tap(bb.model)
+    model = build_segmenter(bb.model, tap, spec_decoder, source.n_outputs, spec.crop, bb.name)
+    frozen = frozen_parameters(model, opts.freeze, HEAD_NAME, loaded)
+    set_frozen(model, frozen)
+    log(f"tap {tap}, decoder {spec_decoder}, {source.n_outputs} output channel(s)")
+    log(freeze_table(model))
+    from ..runtime import default_workers, prepare_model
+
+    model = prepare_model(model, runtime)
+    workers = default_workers() if workers is None else workers
+    args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda)
+    train_loader = loader_for(PairDataset(splits.train, JointTransform(spec, opts.augment), binary), train=True, **args)
+    val_loader = loader_for(PairDataset(splits.val, JointTransform(spec, "none"), binary), train=False,
+                            **args) if splits.val else None
+    optimizer = build_optimizer(model, HEAD_NAME, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
+                                opts.weight_decay)
+    total_steps = opts.epochs * len(train_loader)
+    scheduler = build_scheduler(optimizer, opts.schedule, total_steps,
+                                warmup_steps(opts.warmup, len(train_loader), total_steps))
+    segment = {"task": "segment", "tap": tap, "decoder": str(spec_decoder), "binary": bool(binary),
+               "num_classes": source.num_classes, "dice_weight": float(dice_weight)}
+    config = {**_config(data, bb, weights, None, opts, splits, source.description, spec, runtime, HEAD_NAME,
+                        workers), **segment}
+    meta = {
+        "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": str(spec_decoder),
+        "classifier": HEAD_NAME, "transform": spec.to_dict(), "weights_id": bb.weights_id,
+        "weights_sha256": bb.weights_sha256, "featx_version": __version__, **segment,
+    }
+    return SegmentTrainer(
+        model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
+        criterion=SegmentLoss(dice_weight), train_loader=train_loader, val_loader=val_loader, spec=spec,
+        runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at, train_bn=opts.train_bn, epochs=opts.epochs,
+        early_stop=opts.early_stop, run=run, config=config, model_meta=meta, progress=progress, log=log,
+        make_totals=functools.partial(SegmentTotals, classes=splits.classes),
+        val_criterion=SegmentLoss(dice_weight, reduction="sum"), score_key="val_miou",
+    )

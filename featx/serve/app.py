@@ -1,0 +1,327 @@
+"""The HTTP routes (FastAPI; OpenAPI at /docs). Every refusal is JSON {"detail": "one line"} with a 4xx status;
+an unexpected fault is a 500 whose body holds no traceback."""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import FeatxError
+from ..heads.prediction import Predictions, apply_head
+from .errors import ServiceError
+from .service import Service, Upload
+from .training import metrics_summary
+
+log = logging.getLogger("featx.serve")
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+def create_app(service: Service, on_failure=None) -> FastAPI:
+    """The app for `service`. Its lifespan loads the extractors in the background (/healthz is 503 meanwhile;
+    `on_failure(message)` is called if that fails) and, at shutdown, drains the batchers and seals the cache."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import asyncio
+
+        async def start():
+            await run_in_threadpool(service.start)
+            if service.failure and on_failure is not None:
+                on_failure(service.failure)
+
+        task = asyncio.get_running_loop().create_task(start())
+        try:
+            yield
+        finally:
+            await task
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(title="featx serve", version=__version__, lifespan=lifespan,
+                  description="Fitted featx heads and the embedding cache behind one HTTP endpoint.")
+    app.add_middleware(BodyLimit, max_bytes=service.options.max_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    _error_handlers(app)
+    auth = _auth(service.options.api_key)
+
+    @app.get("/healthz", summary="200 once every extractor is loaded, 503 before")
+    async def healthz():
+        if service.failure:
+            return JSONResponse({"status": "failed", "detail": service.failure}, status_code=503)
+        if not service.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "heads": service.registry.names(), "extractors": len(service.engine.extractors)}
+
+    @app.get("/metrics", dependencies=[auth], summary="Prometheus metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/heads", dependencies=[auth], summary="The served heads")
+    async def heads():
+        return {"heads": [_describe(s) for s in service.registry.all()]}
+
+    @app.post("/v1/heads/{name}/predict", dependencies=[auth], summary="Predict images or embeddings")
+    async def predict(name: str, request: Request, top_k: int | None = Query(None, ge=1)):
+        """Images as multipart `file` fields or a raw image body, or JSON {"embeddings": [[...], ...]}."""
+        _ready(service)
+        served = service.head(name)
+        head = served.head
+        if _content_type(request) == "application/json":
+            X, keys, cached = _embeddings_json(await _json(request), head.n_features_in_), None, None
+        else:
+            uploads = await _uploads(request)
+            embedded = await service.embed(await service.extractor_for(served), uploads)
+            X = np.stack([np.asarray(e.rows[head.tap], dtype=np.float32) for e in embedded])
+            keys, cached = [e.key for e in embedded], [e.cached for e in embedded]
+        predicted, scores = apply_head(head, X)
+        classes = None if head.classes_ is None else [str(c) for c in head.classes_]
+        names = np.array(keys if keys else [str(i) for i in range(len(X))], dtype=object)
+        preds = Predictions(names, predicted, classes, scores, head.has_proba)
+        tops = preds.records(top_k) if top_k and scores is not None else None
+        results = []
+        for i, record in enumerate(preds.records()):
+            record.pop("path")
+            if keys:
+                record = {"sha256": keys[i], "cached": cached[i], **record}
+            if tops:
+                record["top_k"] = tops[i]["top_k"]
+            results.append(record)
+        return {"head": served.name, "results": results}
+
+    @app.post("/v1/embed", dependencies=[auth], summary="Stored-row embeddings of images")
+    async def embed(request: Request, tap: str | None = None, head: str | None = None):
+        """The rows `featx extract` stores for these images with the head's extractor (?head= picks it when the
+        heads use several; ?tap= one of its taps, by default the head's own or the extractor's last)."""
+        _ready(service)
+        served = service.head(head) if head else None
+        extractor = await service.extractor_for(served) if served else service.only_extractor("/v1/embed")
+        tap = tap or (served.head.tap if served else extractor.taps[-1])
+        if tap not in extractor.taps:
+            raise ServiceError(422, f"tap {tap!r}: this extractor computes {', '.join(extractor.taps)}")
+        embedded = await service.embed(extractor, await _uploads(request))
+        return {"backbone": extractor.config["backbone"], "tap": tap, "results": [
+            {"sha256": e.key, "cached": e.cached, "embedding": np.asarray(e.rows[tap]).tolist()} for e in embedded]}
+
+    @app.post("/v1/admin/reload", dependencies=[auth], summary="Read every head folder again")
+    async def reload():
+        try:
+            names = await run_in_threadpool(service.registry.reload)
+        except FeatxError as err:
+            raise ServiceError(422, f"reload refused, the loaded heads keep serving: {err}") from None
+        return {"heads": names}
+
+    @app.post("/v1/heads", dependencies=[auth], status_code=202, summary="Fit a head on cached rows (background)")
+    async def train(request: Request):
+        """JSON {"name", "head", "like": an existing head whose extractor and tap to use, "tap", "options",
+        "examples": [{"sha256" or "image_base64", "label"}, ...]} -> the job (GET /v1/jobs/{id})."""
+        _ready(service)
+        if service.trainer is None:
+            raise ServiceError(403, "training through the service is off: start featx serve with --allow-training")
+        spec = await _json(request)
+        name, kind, options = spec.get("name"), spec.get("head"), spec.get("options") or {}
+        if not isinstance(options, dict):
+            raise ServiceError(422, "options: expected a JSON object of fit-head options")
+        service.trainer.check_request(name, kind, options)
+        like = service.head(spec["like"]) if spec.get("like") else None
+        extractor = await service.extractor_for(like) if like else service.only_extractor("POST /v1/heads")
+        tap = spec.get("tap") or (like.head.tap if like else extractor.taps[-1])
+        if tap not in extractor.taps:
+            raise ServiceError(422, f"tap {tap!r}: this extractor computes {', '.join(extractor.taps)}")
+        keys, labels, rows = await _examples(service, extractor, spec.get("examples"), tap)
+        job = service.trainer.start(name, kind, options, extractor.config, extractor.key, tap, keys, labels, rows)
+        return job.to_dict()
+
+    @app.get("/v1/jobs/{job_id}", dependencies=[auth], summary="A fit's state and metrics")
+    async def job(job_id: str):
+        found = service.trainer.jobs.get(job_id) if service.trainer else None
+        if found is None:
+            raise ServiceError(404, f"no job {job_id!r}")
+        return found.to_dict()
+
+    return app
+
+
+def _describe(served) -> dict:
+    head, config = served.head, served.head.config or {}
+    return {
+        "name": served.name, "kind": head.kind, "task": head.task, "tap": head.tap,
+        "classes": None if head.classes_ is None else [str(c) for c in head.classes_],
+        "n_features": head.n_features_in_, "backbone": config.get("backbone"), "weights": config.get("weights"),
+        "weights_sha256": config.get("weights_sha256"), "path": str(served.source),
+        "metrics": metrics_summary(head.metrics),
+    }
+
+
+def _ready(service: Service) -> None:
+    if not service.ready:
+        raise ServiceError(503, service.failure or "the models are still loading: retry when /healthz answers 200")
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as err:
+        raise ServiceError(422, f"request body: not valid JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise ServiceError(422, "request body: expected a JSON object")
+    return body
+
+
+async def _uploads(request: Request) -> list[Upload]:
+    """The images of a request: multipart `file` fields, or the raw body with an image content type."""
+    kind = _content_type(request)
+    if kind == "multipart/form-data":
+        form = await request.form()
+        files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if not files:
+            raise ServiceError(422, "multipart body: no `file` field with an image")
+        return [Upload(f"file {i} ({f.filename})", await f.read()) for i, f in enumerate(files)]
+    if kind.startswith(IMAGE_TYPES):
+        body = await request.body()
+        if not body:
+            raise ServiceError(422, "request body: empty, expected an image")
+        return [Upload("request body", body)]
+    raise ServiceError(415, f"content type {kind or 'none'!r}: expected multipart/form-data with `file` fields, "
+                            "an image/* body, or application/json embeddings")
+
+
+def _embeddings_json(body: dict, width: int) -> np.ndarray:
+    """JSON {"embeddings": [[...], ...]} as float32 rows of the head's width."""
+    try:
+        X = np.asarray(body["embeddings"], dtype=np.float32)
+    except KeyError:
+        raise ServiceError(422, 'JSON body: expected {"embeddings": [[...], ...]}') from None
+    except (TypeError, ValueError):
+        raise ServiceError(422, "embeddings: expected a list of equal-length lists of numbers") from None
+    if X.ndim != 2 or X.shape[1] != width or len(X) == 0:
+        raise ServiceError(422, f"embeddings of shape {X.shape}: the head expects (rows, {width})")
+    if not np.isfinite(X).all():
+        raise ServiceError(422, "embeddings: NaN or infinite values")
+    return X
+
+
+async def _examples(service: Service, extractor, examples, tap: str):
+    """(keys, labels, rows of `tap`) of the labelled examples: sha256 keys in the cache, or base64 images."""
+    if not isinstance(examples, list) or not examples:
+        raise ServiceError(422, 'examples: expected a list of {"sha256" or "image_base64", "label"}')
+    keys, labels, rows, uploads = [], [], [], {}
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict) or "label" not in example:
+            raise ServiceError(422, f"examples[{i}]: expected an object with a label")
+        if "image_base64" in example:
+            try:
+                uploads[i] = Upload(f"examples[{i}]", base64.b64decode(example["image_base64"], validate=True))
+            except (binascii.Error, TypeError, ValueError):
+                raise ServiceError(422, f"examples[{i}].image_base64: not valid base64") from None
+        keys.append(example.get("sha256"))
+        labels.append(str(example["label"]))
+    embedded = dict(zip(uploads, await service.embed(extractor, list(uploads.values())))) if uploads else {}
+    for i, key in enumerate(keys):
+        if i in embedded:
+            keys[i], found = embedded[i].key, embedded[i].rows
+        else:
+            found = service.cache.get(extractor.key, key) if isinstance(key, str) else None
+            if found is None:
+                raise ServiceError(422, f"examples[{i}].sha256 {str(key)[:16]}...: not in the cache or store; "
+                                        "upload the image (image_base64) or embed it first")
+        rows.append(np.asarray(found[tap], dtype=np.float32))
+    return keys, labels, np.stack(rows)
+
+
+def _auth(api_key: str | None):
+    """A dependency requiring `Authorization: Bearer <key>` when the server has a key."""
+    bearer = HTTPBearer(auto_error=False)
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return Depends(check)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FeatxError)
+    async def featx_error(request: Request, err: FeatxError):
+        return JSONResponse({"detail": str(err)}, status_code=getattr(err, "status", 422))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception):
+        log.error("internal error on %s: %s", request.url.path, err, exc_info=err)
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every response by route and status, and times it."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_request(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is a 413, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body over the limit of {self.max_bytes} bytes (--max-bytes)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": self._too_large().detail}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def receiving():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, receiving, send)

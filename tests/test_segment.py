@@ -1,0 +1,268 @@
+"""Segmentation: masks source and its bad input, decoder on a truncated backbone, metrics, loss, finetune --task
+segment (files, resume, freezing) and the dense probe on cached maps (fit-head, evaluate, predict) on generated
+pairs with random-init backbones."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featx
+from featx.backbones import load_backbone
+from featx.errors import FeatxError
+from featx.finetune.checkpoint import load_checkpoint
+from featx.segment.metrics import confusion, summarize
+from featx.segment.model import build_segmenter, default_tap, parse_decoder
+from featx.segment.probe import fit_dense_probe, load_segment_head
+from featx.segment.source import IGNORE, load_mask_source
+from featx.segment.train import SegmentLoss
+from featx.sources import load_source
+from maskgen import make_mask_folder, make_pair
+
+FAST = dict(backbone="resnet18", weights="none", image_size=64, batch_size=4, workers=0, precision="fp32",
+            device="cpu", task="segment", decoder="conv:8", epochs=2, augment="default")
+COMPARED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_miou", "val_dice", "train_miou")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mask_folder(tmp_path_factory.mktemp("seg") / "data", instances=True)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+# ---- the masks source ---------------------------------------------------------------------------------------------
+
+def test_layouts_binary_and_inferred_classes(data, tmp_path):
+    source = load_mask_source(data)
+    assert len(source.pairs) == 12 and {p.split for p in source.pairs} == {"train", "val"}
+    assert source.num_classes == max(int(np.asarray(Image.open(p.mask)).max()) for p in source.pairs) >= 2
+    binary = load_mask_source(data, binary=True)
+    assert binary.classes == ["background", "foreground"] and binary.n_outputs == 1
+    flat = make_mask_folder(tmp_path / "flat", splits={"": 3}, n_classes=2)
+    assert [p.split for p in load_mask_source(flat).pairs] == ["", "", ""]
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,mask,split\n" + "".join(f"flat/images/p00{i}.png,flat/masks/p00{i}.png,train\n"
+                                                  for i in range(3)))
+    assert len(load_mask_source(csv, num_classes=2).pairs) == 3
+    # extract sees the images of a masks folder, not its masks
+    images = load_source(data)
+    assert len(images.items) == 12 and all("/images/" in item.relpath for item in images.items)
+
+
+def _copy(data, tmp_path):
+    import shutil
+
+    return shutil.copytree(data, tmp_path / "data")
+
+
+def test_missing_mask_names_the_image(data, tmp_path):
+    root = _copy(data, tmp_path)
+    (root / "train" / "masks" / "p002.png").unlink()
+    with pytest.raises(FeatxError, match=r"p002\.png: no mask for this image .*1 of 8 images"):
+        load_mask_source(root)
+
+
+def test_mask_of_another_size_names_the_file(data, tmp_path):
+    root = _copy(data, tmp_path)
+    Image.new("L", (10, 10)).save(root / "val" / "masks" / "p001.png")
+    with pytest.raises(FeatxError, match=r"masks/p001\.png: mask is 10x10 but its image .* is 48x40"):
+        load_mask_source(root)
+
+
+def test_values_above_num_classes_and_colour_masks(data, tmp_path):
+    with pytest.raises(FeatxError, match=r"mask value \d+ is above .*--num-classes 1 allows ids 0\.\.1"):
+        load_mask_source(data, num_classes=1)
+    root = _copy(data, tmp_path)
+    colours = np.zeros((40, 48, 3), dtype=np.uint8)
+    colours[5:10, 5:10] = (200, 10, 10)
+    Image.fromarray(colours, "RGB").save(root / "train" / "masks" / "p000.png")
+    with pytest.raises(FeatxError, match=r"p000\.png: an RGB colour mask where class ids are expected"):
+        load_mask_source(root, binary=True)
+    grey = np.repeat(np.asarray(Image.open(data / "train" / "masks" / "p000.png"))[..., None], 3, axis=2)
+    Image.fromarray(grey, "RGB").save(root / "train" / "masks" / "p000.png")  # ids saved as grey RGB: accepted
+    assert len(load_mask_source(root, binary=True).pairs) == 12
+
+
+def test_an_undecodable_mask_leaves_its_pair_out(data, tmp_path):
+    root = _copy(data, tmp_path)
+    (root / "train" / "masks" / "p003.png").write_bytes(b"not a png")
+    source = load_mask_source(root, binary=True)
+    assert len(source.pairs) == 11 and source.failed[0][0] == "train/images/p003.png"
+
+
+def test_cli_bad_input_is_one_line_exit_2(data, tmp_path):
+    root = _copy(data, tmp_path)
+    (root / "val" / "masks" / "p000.png").unlink()
+    out = _cli("finetune", root, "--task", "segment", "-b", "resnet18", "-w", "none", "-o", tmp_path / "run")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "p000.png: no mask" in out.stderr
+    out = _cli("finetune", data, "--task", "segment", "--num-classes", "1", "-b", "resnet18", "-w", "none",
+               "-o", tmp_path / "run2")
+    assert out.returncode == 2 and "above the class ids expected" in out.stderr and out.stderr.count("\n") == 1
+    out = _cli("finetune", data, "--tap", "layer3", "-b", "resnet18", "-w", "none", "-o", tmp_path / "run3")
+    assert out.returncode == 2 and "need --task segment" in out.stderr
+
+
+# ---- model, metrics, loss ---------------------------------------------------------------------------------------
+
+def test_decoder_shapes_names_and_taps():
+    model = load_backbone("resnet18", "none").model
+    assert default_tap(model) == "layer4"
+    net = build_segmenter(model, "layer3", parse_decoder("conv:16"), 3, 64, "resnet18")
+    assert net(torch.zeros(2, 3, 64, 80)).shape == (2, 3, 64, 80)
+    names = [n for n, _ in net.named_parameters()]
+    assert names[0] == "conv1.weight" and not any(n.startswith("layer4") for n in names)
+    assert [n for n in names if n.startswith("decoder")] == ["decoder.conv.weight", "decoder.conv.bias",
+                                                              "decoder.classify.weight", "decoder.classify.bias"]
+    linear = build_segmenter(model, "layer2", parse_decoder("linear"), 1, 64, "resnet18")
+    assert [n for n, _ in linear.decoder.named_parameters()] == ["classify.weight", "classify.bias"]
+    with pytest.raises(FeatxError, match=r"--tap x: too shallow for the decoder"):
+        build_segmenter(model, "x", parse_decoder("linear"), 1, 64, "resnet18")
+    with pytest.raises(FeatxError, match=r"--tap flatten: gives \(512,\) per image, not a spatial map"):
+        build_segmenter(model, "flatten", parse_decoder("linear"), 1, 64, "resnet18")
+    with pytest.raises(FeatxError, match=r"map is 1x1 at 32x32 inputs, too coarse"):
+        build_segmenter(model, "layer4", parse_decoder("linear"), 1, 32, "resnet18")
+    with pytest.raises(FeatxError, match=r"--decoder 'conv'"):
+        parse_decoder("conv")
+
+
+def test_metrics_from_a_known_confusion():
+    true = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    matrix = confusion(true, pred, 3)
+    assert matrix.sum() == 7 and matrix[0, 0] == 2 and matrix[2, 0] == 1
+    m = summarize(matrix.numpy(), ["background", "1", "2"])
+    assert m["pixel_acc"] == pytest.approx(5 / 7)
+    assert m["iou"] == pytest.approx({"background": 2 / 4, "1": 2 / 3, "2": 1 / 2})
+    assert m["miou"] == pytest.approx((2 / 4 + 2 / 3 + 1 / 2) / 3)
+    assert m["dice"] == pytest.approx((2 * 2 / 5 + 2 * 1 / 3) / 2)
+
+
+def test_loss_ignores_padding_and_dice_rewards_overlap():
+    masks = torch.tensor([[[0, 1], [1, IGNORE]]])
+    good = torch.tensor([[[[-5.0, 5.0], [5.0, 0.0]]]])
+    assert SegmentLoss()(good, masks) < SegmentLoss()(-good, masks)
+    changed = good.clone()
+    changed[..., 1, 1] = -100.0  # only the IGNORE pixel differs
+    assert SegmentLoss(1.0)(changed, masks) == pytest.approx(SegmentLoss(1.0)(good, masks).item())
+    assert SegmentLoss(1.0)(good, masks) > SegmentLoss()(good, masks)
+    multi = torch.zeros(1, 3, 2, 2)
+    assert SegmentLoss(0.5)(multi, torch.tensor([[[0, 1], [2, IGNORE]]])).item() > 0
+
+
+# ---- finetune --task segment --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clean_run(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("clean") / "run"
+    return run, featx.finetune(data, run, binary=True, freeze="until:layer2", dice_weight=0.5, **FAST)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_epoch_1(line: str) -> None:
+    if line.startswith("Epoch 1/"):
+        raise _Stop
+
+
+def test_run_folder_metrics_and_preview(clean_run):
+    run, result = clean_run
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "last.pt", "curves.png",
+            "predictions.png"} <= names
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= row[k] <= 1 for row in rows for k in ("val_acc", "val_miou", "val_dice"))
+    best = max(rows, key=lambda r: (r["val_miou"], -r["epoch"]))
+    assert result.best_epoch == best["epoch"] and "val miou" in result.summary()
+    weights = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert weights["featx"]["task"] == "segment" and weights["featx"]["classes"] == ["background", "foreground"]
+    assert weights["model"]["decoder.classify.weight"].shape[0] == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["tap"] == "layer4" and config["decoder"] == "conv:8" and config["binary"] is True
+    assert Image.open(run / "predictions.png").size[0] > 100
+
+
+def test_freezing_keeps_the_frozen_layers(clean_run):
+    run, _ = clean_run
+    initial = build_segmenter(load_backbone("resnet18", "none").model, "layer4", parse_decoder("conv:8"), 1, 64,
+                              "resnet18").state_dict()
+    final = load_checkpoint(run / "checkpoint.pt")["model"]
+    assert torch.equal(final["layer2.1.conv2.weight"], initial["layer2.1.conv2.weight"])
+    assert torch.equal(final["bn1.running_mean"], initial["bn1.running_mean"])
+    assert not torch.equal(final["layer3.0.conv1.weight"], initial["layer3.0.conv1.weight"])
+
+
+def test_resume_equals_an_uninterrupted_run(data, clean_run, tmp_path):
+    run, clean = clean_run
+    with pytest.raises(_Stop):
+        featx.finetune(data, tmp_path / "run", binary=True, freeze="until:layer2", dice_weight=0.5, **FAST,
+                       log=_stop_after_epoch_1)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    result = featx.finetune(data, tmp_path / "run", binary=True, freeze="until:layer2", dice_weight=0.5, **FAST,
+                            resume=True)
+    for got, want in zip(result.history, clean.history):
+        assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}
+    with pytest.raises(FeatxError, match=r"--resume .*decoder"):
+        featx.finetune(data, tmp_path / "run", binary=True, freeze="until:layer2", dice_weight=0.5,
+                       **{**FAST, "decoder": "linear"}, resume=True)
+
+
+def test_multiclass_cross_entropy_run(tmp_path):
+    data = make_mask_folder(tmp_path / "multi", splits={"train": 6}, n_classes=2)
+    result = featx.finetune(data, tmp_path / "run", **{**FAST, "decoder": "linear", "epochs": 1}, tap="layer3",
+                            val_split=0.34, freeze="backbone", optimizer="adam")
+    row = result.history[0]
+    assert row["val_miou"] is not None and json.loads((tmp_path / "run" / "config.json").read_text())["num_classes"] == 2
+    weights = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    assert weights["decoder.classify.weight"].shape == (3, 256, 1, 1)
+
+
+# ---- the dense probe on cached maps ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def maps(data, tmp_path_factory):
+    store = tmp_path_factory.mktemp("maps") / "maps.h5"
+    featx.extract(data, store, backbone="resnet18", weights="none", taps=["layer2"], pooling="none", image_size=64,
+                  workers=0, precision="fp32", device="cpu")
+    return store
+
+
+def test_dense_probe_fit_save_evaluate_predict(data, maps, tmp_path):
+    head = fit_dense_probe(maps, data, tmp_path / "head", binary=True, grid="0.01,1,100", pixels_per_image=64)
+    assert head.metrics["rows"] == {"train": 8, "eval": 4} and head.metrics["fit_pixels"] == 8 * 64
+    assert head.metrics["miou"] > 0.6  # colour separates the rectangles even through random features
+    assert json.loads((tmp_path / "head" / "head.json").read_text())["task"] == "segmentation"
+    loaded = load_segment_head(tmp_path / "head")
+    assert loaded.segment["classes"] == ["background", "foreground"]
+
+    out = _cli("evaluate", tmp_path / "head", maps, "--masks", data, "--split", "val", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["miou"] == pytest.approx(head.metrics["miou"])
+
+    out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "-q")
+    assert out.returncode == 0, out.stderr
+    predicted = np.asarray(Image.open(tmp_path / "pred" / "val" / "images" / "p000.png"))
+    truth = np.asarray(Image.open(data / "val" / "masks" / "p000.png")) > 0
+    assert predicted.shape == truth.shape and (predicted == truth).mean() > 0.8
+
+
+def test_dense_probe_bad_input(data, maps, tmp_path):
+    pooled = tmp_path / "pooled.h5"
+    featx.extract(data, pooled, backbone="resnet18", weights="none", taps=["layer2"], image_size=64, workers=0,
+                  precision="fp32", device="cpu")
+    with pytest.raises(FeatxError, match=r"a segmentation head needs maps: featx extract --pooling none"):
+        fit_dense_probe(pooled, data, binary=True)
+    other = make_mask_folder(tmp_path / "other", seed=7)
+    with pytest.raises(FeatxError, match=r"no mask for train/images/p000\.png \(row 0 of"):
+        fit_dense_probe(maps, other, binary=True)
+    out = _cli("fit-head", maps, "--task", "segment", "-o", tmp_path / "h")
+    assert out.returncode == 2 and "--masks MASKS" in out.stderr
