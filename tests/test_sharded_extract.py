@@ -133,8 +133,8 @@ def _rank_pid(segments: Path, proc, timeout=120.0) -> int:
 
 @pytest.mark.slow
 def test_killed_rank_then_rerun_completes(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=30, size=(80, 60))
-    args = ["extract", data, "-o", tmp_path / "tr.h5", *CLI, "--image-size", "64"]
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=20, size=(80, 60))
+    args = ["extract", data, "-o", tmp_path / "tr.h5", *CLI, "--image-size", "64", "--batch-size", "2"]
     assert featx(*args[:3], tmp_path / "one.h5", *args[4:]).returncode == 0
     run = featx(*args, launcher=TORCHRUN, wait=False)
     os.kill(_rank_pid(tmp_path / "tr.h5.parts/shard-1-of-2", run), signal.SIGKILL)
