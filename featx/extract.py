@@ -331,6 +331,8 @@ def extract(
                     writer.seal(plan, taps)
                 except OSError as err:
                     raise _commit_error(err, writer) from err
+            elif plan is not None and shard.is_split:
+                writer.remove_parts()  # the shards' markers of a run that found nothing to add
     n_computed = len(todo) - sum(1 for i in todo if keys[i] in failures)
     return ExtractResult(
         store_path=output,

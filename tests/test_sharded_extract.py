@@ -52,6 +52,10 @@ def test_shards_one_after_another_equal_one_process(folder, tmp_path):
     assert not (tmp_path / "split.h5.parts").exists()
     again = extract(folder, out, **FAST)
     assert not again.sealed and again.n_computed == 0
+    assert extract(folder, out, num_shards=2, shard_index=0, **FAST).n_computed == 0
+    again = extract(folder, out, num_shards=2, shard_index=1, **FAST)
+    assert not again.sealed and "already up to date" in again.summary()
+    assert not (tmp_path / "split.h5.parts").exists()  # nothing to add: the shards leave nothing behind
 
 
 def test_one_process_run_finishes_an_unfinished_split(folder, tmp_path):
