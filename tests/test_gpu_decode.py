@@ -17,7 +17,6 @@ from featx.store import open_store
 from imagegen import make_image_folder
 
 SPEC = TransformSpec(resize=40, crop=32)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _photo(path, size=(64, 48), mode="RGB", orientation=None, fmt="JPEG"):
@@ -123,7 +122,6 @@ def test_decode_gpu_needs_cuda(monkeypatch):
 
 
 @pytest.mark.cuda
-@needs_cuda
 def test_gpu_decode_on_cuda_agrees_with_cpu_decode(files, tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=6, size=(96, 72), ext="jpg")
     (data / "ants/broken.jpg").write_bytes(_undecodable(open(files["rgb"], "rb").read()))
