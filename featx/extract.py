@@ -508,7 +508,7 @@ def _seal_plan(source: Source, keys, available, failures: dict[str, str]) -> Sea
     )
 
 
-def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
+def runner_from_config(config: dict, device: str = "auto") -> FeatureRunner:
     """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
     (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}."""
     options = extract_options_from_config(config)
@@ -520,5 +520,5 @@ def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
         )
     runtime = resolve_runtime(device, options["precision"])
     transform = TransformSpec.from_dict(config["transform"])
-    return _FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
-                          options["dtype"])
+    return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
+                         options["dtype"])
