@@ -148,6 +148,23 @@ def test_pretrained_tag_missing_offline_names_the_file_and_folder(hf_cache):
     assert f"{hf_cache}/models--timm--test_efficientnet.r160_in1k/" in msg
 
 
+def test_a_failed_download_is_the_same_one_line(hf_cache, monkeypatch):
+    import featx.backbones.timm as source
+
+    create = timm.create_model
+
+    def no_network(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.delenv("FEATX_OFFLINE")
+    monkeypatch.setattr(source, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(timm, "create_model", no_network)
+    with pytest.raises(FeatxError, match="r160_in1k are not in timm's Hugging Face cache and cannot be downloaded"):
+        load_backbone(NAME, "DEFAULT")
+
+
 def test_pretrained_tag_from_the_cache_and_unknown_tags(hf_cache):
     from safetensors.torch import save_file
 
