@@ -8,6 +8,7 @@ seals them into the store at shutdown. A kill leaves the old store plus committe
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -98,7 +99,10 @@ class StoreBacking:
             h5.close()
         try:
             if any(self._writer.parts.glob("seg-*.h5")):
-                self._writer.seal(self._plan(), self.taps)
+                self._writer.seal(self._plan(), self.taps)  # removes the parts folder
+            else:
+                with contextlib.suppress(OSError):
+                    self._writer.parts.rmdir()  # nothing new: drop the lock folder, as sealing does
         finally:
             self._writer.__exit__(None, None, None)
 
