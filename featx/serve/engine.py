@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 
-import numpy as np
 import torch
 
 from ..extract import identity_key, runner_from_config
@@ -131,7 +130,3 @@ class Engine:
             extractor.close()
         self.decode_pool.shutdown(wait=True)
 
-
-def rows_array(rows: list[Rows], tap: str) -> np.ndarray:
-    """The rows of one tap, stacked."""
-    return np.stack([r[tap] for r in rows])
