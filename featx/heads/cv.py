@@ -4,8 +4,9 @@ C is the inverse regularization strength of the linear-probe protocols (large C 
 maps it onto its own parameter. A 'LO:HI' grid is searched one value per decade, then refined in quarter decades
 around the best value. Scores come from a `score_grid(values) -> (scores, converged)` callable (two
 (len(values), folds) arrays), so that rows in memory (inmemory.py: parallel folds) and rows streamed from disk
-(streaming.py) share the search. Every (C, fold) score is a function of C and the fold alone, never of the values
-scored before it, so a refined value scores the same as it would have in the decade pass. Among equal mean scores
+(streaming.py) share the search. inmemory.py fits every (C, fold) from scratch, so there a score is a function of
+C and the fold alone, never of the values scored before it: a refined value scores as it would in the decade pass
+(torchfit.py warm-starts along C instead). Among equal mean scores
 the smallest C (the strongest regularisation) wins, and fits that stopped at their solver's iteration limit are
 counted per C.
 """

@@ -14,6 +14,7 @@ from ..errors import FeatxError
 from .cv import DEFAULT_GRID
 
 NORMALIZERS = ("standard", "l2", "none")
+SOLVERS = ("sklearn", "torch")
 CLASS_WEIGHTS = (None, "balanced")
 LBFGS_MAX_ITER = 200
 SVM_MAX_ITER = 2000
@@ -29,6 +30,7 @@ class HeadOptions:
     epochs: int | None = None
     hidden: int = 512
     dropout: float = 0.5
+    device: str = "auto"  # where --solver torch runs
 
 
 @dataclass(frozen=True)
