@@ -50,9 +50,11 @@ def run_grid(args, work: Path, stem: str, log) -> None:
         grid.extract(name)
         grid.probe_cells(name)
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
-    for method in FT_ORDER:
-        for name in names:
-            grid.finetune_cells(name, method)
+    for method in FT_ORDER:  # per method, n by n across the datasets: a cut-short grid still covers every dataset
+        for n in cfg.ft_order:
+            for name in names:
+                if n in cfg.sizes:
+                    grid.finetune_cells(name, method, [n])
             write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
     for name in names:
         grid.finetune_cells(name, "scratch", cfg.scratch_sizes)
@@ -113,8 +115,10 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         "Extraction, once per dataset (train pool + val, every tap in one pass); each probe cell is charged these "
         "seconds per image times its own training images, plus its own fit:",
     ]
-    lines += [f"- {e['target']}: {e['images']} images in {e['seconds']:.0f} s wall / {e['cpu_seconds']:.0f} s CPU "
-              f"({e['precision']})" for e in extracts]
+    lines += [f"- {e['target']}: {e['images']} images"
+              + (f" ({e['computed']} computed by this run: it resumed an interrupted extraction)"
+                 if e.get("computed", e["images"]) != e["images"] else "")
+              + f" in {e['seconds']:.0f} s wall / {e['cpu_seconds']:.0f} s CPU ({e['precision']})" for e in extracts]
     lines += [
         "",
         f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
@@ -126,8 +130,9 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         "",
         "Budget of a finetuning run (images through the backbone), tuned per dataset and method on a split of the "
         f"training pool ({cfg.tune_n}/class to train, up to {cfg.tune_holdout}/class held out; never the scoring "
-        f"set): one run of {cfg.tune_epochs} epochs with validation after each, budget = best epoch x tuning-set "
-        f"size, clamped to [{cfg.min_images}, {cfg.max_images}] images at 224 px; (d) uses (c)'s budget, (e) too. A run "
+        f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each, budget = best epoch x "
+        f"tuning-set size, clamped to [{cfg.min_images}, {cfg.max_images}] images at 224 px; (b), (d) and (e) use "
+        "(c)'s budget (one tuning run per dataset is what the CPU affords). A run "
         "with N <= budget makes ceil(budget / N) passes over its N images.",
     ]
     lines += [f"- {t['target']} {t['method']}: hold-out accuracy per epoch "
