@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--tag", default=f"advise-{time.strftime('%Y-%m-%d')}")
     args = p.parse_args(argv)
-    from featx.advise import measure_costs, recommend
+    from featx.advise import Choice, measure_costs, recommend
     from featx.backbones import load_backbone
 
     warnings.filterwarnings("ignore")
@@ -45,36 +46,47 @@ def main(argv=None) -> None:
     cfg = grid["config"]
     winners = {(w["target"], w["n"]): w for w in grid["winners"]}
     extracts = {e["target"]: e for e in grid["extract"]}
+    if len(extracts) < 4:
+        extracts = {r["target"]: r for r in map(json.loads, (args.work / "journal.jsonl").read_text().splitlines())
+                    if r["kind"] == "extract"}
     bb = load_backbone(cfg["backbone"], cfg["weights"], match=cfg["weights_match"] or "name")
+    cache_file = args.work / "advice-cache.json"  # advice per cell, kept so that a rerun only re-joins the grid
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rows_out, costs_by_size = [], {}
     for name in extracts:
         ds = D.image_folder(args.shared_data / name)
         size = cfg["image_size"].get(name) or bb.transform.crop
-        if size not in costs_by_size:
-            costs_by_size[size] = measure_costs(bb.model, size)
         rows = Rows(args.work / name / "all.h5", cfg["taps"])
-        per_image = extracts[name]["seconds"] / extracts[name]["images"]
+        per_image = extracts[name]["seconds"] / max(1, extracts[name].get("computed", extracts[name]["images"]))
         for n in cfg["sizes"]:
             nv = n_value(ds, n)
+            key = f"{name}/{nv}"
+            if key not in cache:
+                files = cell_files(ds, n, 0)
+                store = rows.store(args.work / name / "advise-cell.h5", files, "train")
+                if size not in costs_by_size:
+                    costs_by_size[size] = measure_costs(bb.model, size)
+                costs = {**costs_by_size[size], "extract_seconds": per_image * D.count(files)}
+                t0 = time.perf_counter()
+                advice = recommend(store, per_class_full=nv, costs=costs)
+                cache[key] = {"choice": asdict(advice.recommendation), "signal": advice.signal,
+                              "curves": advice.curves, "seconds": time.perf_counter() - t0}
+                cache_file.write_text(json.dumps(cache, default=str))
+            cached = cache[key]
+            choice, signal, seconds = Choice(**cached["choice"]), cached["signal"], cached["seconds"]
             if (name, nv) not in winners:
                 continue
-            files = cell_files(ds, n, 0)
-            store = rows.store(args.work / name / "advise-cell.h5", files, "train")
-            costs = {**costs_by_size[size], "extract_seconds": per_image * D.count(files)}
-            t0 = time.perf_counter()
-            advice = recommend(store, per_class_full=nv, costs=costs)
-            seconds = time.perf_counter() - t0
             w = winners[(name, nv)]
-            label = advised_label(advice.recommendation)
+            label = advised_label(choice)
             acc = w["acc"].get(label) if label else None
             right = acc is not None and acc >= w["acc"][w["best"]] - 0.01
-            rows_out.append({"target": name, "n": nv, "advice": label or advice.recommendation.method,
+            rows_out.append({"target": name, "n": nv, "advice": label or choice.method,
                              "advised_acc": acc, "best": w["best"], "best_acc": w["acc"][w["best"]],
-                             "within": w["within"], "right": right, "signal": advice.signal,
-                             "expected_accuracy": advice.recommendation.expected_accuracy,
+                             "within": w["within"], "right": right, "signal": signal,
+                             "expected_accuracy": choice.expected_accuracy,
                              "advise_seconds": seconds, "methods_measured": sorted(w["acc"])})
             print(f"{name} n={nv}: advice {rows_out[-1]['advice']} ({'right' if right else 'WRONG'}; best "
-                  f"{w['best']} {100 * w['acc'][w['best']]:.1f} %), gap {100 * advice.signal['gap']:+.1f}", flush=True)
+                  f"{w['best']} {100 * w['acc'][w['best']]:.1f} %), gap {100 * signal['gap']:+.1f}", flush=True)
     agree = sum(r["right"] for r in rows_out) / max(1, len(rows_out))
     args.out.mkdir(parents=True, exist_ok=True)
     info = R.machine_info()

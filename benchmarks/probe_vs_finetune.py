@@ -103,6 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--taps", default=None, help="grid: comma-separated taps (two stage outputs and the pre-logits)")
     p.add_argument("--datasets", default=None, help="grid: comma-separated datasets under --shared-data")
     p.add_argument("--budget-minutes", type=float, default=45.0, help="grid: wall-clock budget of the whole grid")
+    p.add_argument("--report-only", action="store_true", help="grid: rewrite the outputs from the journal in --work")
     p.add_argument("--reduced-size", default="fashion_mnist=112",
                    help="grid: resolution of every method per dataset where the preset is too dear (name=px,...)")
     p.add_argument("--rebuild", type=Path, default=None,

@@ -42,6 +42,13 @@ def run_grid(args, work: Path, stem: str, log) -> None:
     names = args.datasets.split(",") if args.datasets else list(DATASETS)
     datasets = {n: D.image_folder(args.shared_data / n) for n in names}
     journal = Journal(work / "journal.jsonl")
+    if args.report_only:
+        seconds = sum(r.get("seconds", 0.0) for r in journal.records if r["kind"] in ("extract", "tune")) + sum(
+            r["seconds"] - (r.get("detail") or {}).get("extract_seconds_charged", 0.0)
+            for r in journal.records if r["kind"] == "cell")
+        write_outputs(args.out, stem, cfg, R.machine_info(), journal, seconds)
+        log(f"rewrote the outputs of {work} from its journal")
+        return
     grid = Grid(cfg, datasets, work, journal, t_start + 60 * args.budget_minutes, log)
     info = R.machine_info()
     log(f"grid: {', '.join(names)}; {cfg.backbone} with {cfg.weights} (--weights-match {cfg.weights_match}); "
@@ -86,14 +93,16 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
     if not cells:
         return
     prefix = out / stem
-    skipped = [r for r in journal.records if r["kind"] == "skipped"]
+    done = {(r["target"], r["method"], r["n"], r["seed"]) for r in cells}
+    skipped = list({(r["target"], r["method"], r["n"], r["seed"]): r for r in journal.records
+                    if r["kind"] == "skipped" and (r["target"], r["method"], r["n"], r["seed"]) not in done}.values())
     extracts = [r for r in journal.records if r["kind"] == "extract"]
     tuned = [r for r in journal.records if r["kind"] == "tune"]
     R.write_csv(prefix.with_suffix(".csv"), cells)
     main_taps = {r["target"]: cfg.main_tap for r in cells}
     title = f"Probe vs finetune, {cfg.backbone} with ImageNet weights"
     pngs = R.plots(prefix, cells, main_taps, title)
-    setup = setup_lines(cfg, extracts, tuned, skipped, seconds)
+    setup = setup_lines(cfg, extracts, tuned, skipped, seconds) + missing_lines(cfg, journal, cells)
     extra = cpu_table(cells, cfg.main_tap) + win_lines(winners(cells)) + ["", "## Plots", ""] + [f"![{p.stem}]({p.name})"
                                                                                    for p in pngs]
     prefix.with_suffix(".md").write_text(R.markdown(title, info, setup, cells, main_taps, extra))
@@ -105,7 +114,7 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
 
 def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]:
     lines = [
-        f"Grid time so far: {R.fmt_seconds(seconds)} of wall time on a 2-core machine shared with other jobs (so wall "
+        f"Grid time: {R.fmt_seconds(seconds)} of wall time (its steps summed) on a 2-core machine shared with other jobs (so wall "
         "seconds are upper bounds; CPU seconds, below, are this process's and its workers').",
         "",
         f"Backbone `{cfg.backbone}`, weights `{Path(cfg.weights).name}` loaded with `--weights-match "
@@ -122,7 +131,8 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
     lines += [
         "",
         f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
-        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; {cfg.seeds} seeds "
+        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; "
+        f"{cfg.seeds} seeds "
         f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "
         f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured. "
@@ -152,6 +162,25 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         lines += ["", "**Cells not run** (the grid's wall-clock budget):"]
         lines += [f"- {s['target']} {s['method']} n={s['n']} seed {s['seed']}: {s['why']}" for s in skipped]
     return lines
+
+
+def missing_lines(cfg: GridConfig, journal: Journal, cells) -> list[str]:
+    """The planned cells with no result (neither run nor journalled as skipped), said plainly."""
+    n_all = {r["target"]: r["n"] for r in cells if r.get("all")}
+    have = {(r["target"], r["method"], r["n"]) for r in cells}
+    skipped = {(r["target"], r["method"], r["n"]) for r in journal.records if r["kind"] == "skipped"}
+    planned = [(t, m, n) for t in dict.fromkeys(r["target"] for r in cells) for m in FT_ORDER + ("scratch",)
+               for n in (cfg.scratch_sizes if m == "scratch" else cfg.sizes)]
+    missing = [(t, m, n) for t, m, n in planned
+               if (t, m, n_all.get(t) if n == "all" else n) not in have | skipped]
+    if not missing:
+        return []
+    by = {}
+    for t, m, n in missing:
+        by.setdefault((t, m), []).append(str(n))
+    return ["", f"**Not run: {len(missing)} planned finetuning cells** (the grid was stopped when its wall-clock "
+            "window closed; on this shared machine the extraction and the probes took the whole window):"] + \
+        [f"- {t} {R.SHORT_LABELS[m]}: n = {', '.join(ns)}" for (t, m), ns in by.items()]
 
 
 def cpu_table(cells, main_tap: str) -> list[str]:
