@@ -110,7 +110,9 @@ def extract_options_from_config(config: dict) -> dict:
 
 
 class _DecodeDataset(Dataset):
-    """Decodes and crops one image per index; a broken file yields a zero image and its reason instead of raising."""
+    """Decodes and crops one image per index into uint8 HWC pixels (contiguous, so the collated batch is a
+    channels_last NCHW tensor after a free permute); a broken file yields a zero image and its reason instead of
+    raising."""
 
     def __init__(self, paths: list[str], transform: TransformSpec):
         self.paths = paths
@@ -123,10 +125,10 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             img = decode_image(self.paths[index], min_size=self.min_size)
-            return index, self.transform(img), ""
+            return index, self.transform(img).permute(1, 2, 0), ""
         except DecodeError as err:
             crop = self.transform.spec.crop
-            return index, torch.zeros(3, crop, crop, dtype=torch.uint8), str(err) or "undecodable image"
+            return index, torch.zeros(crop, crop, 3, dtype=torch.uint8), str(err) or "undecodable image"
 
 
 def _hash_items(source: Source, progress: bool) -> list[str | None]:
@@ -332,7 +334,7 @@ def _run(source, keys, todo, runner, writer, batch_size, workers, on_error, fail
                             raise FeatxError(f"{item.path}: {reason} (--on-error fail; rerun resumes after the last batch)")
                         failures[keys[todo[j]]] = reason
                 if ok.any():
-                    rows = runner(batch[ok])
+                    rows = runner((batch if ok.all() else batch[ok]).permute(0, 3, 1, 2))
                     batch_keys = [keys[todo[j]] for j in indices[ok].tolist()]
                     pending.append(io.submit(writer.commit, batch_keys, rows))
                 pending = _drain(pending, writer, MAX_PENDING_WRITES)
