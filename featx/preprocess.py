@@ -61,8 +61,8 @@ class TransformSpec:
         return TransformSpec(new_resize, crop, self.mean, self.std, self.interpolation)
 
 
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to `size`, as torchvision computes it."""
+def shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing so that the shorter side is `size`, rounded as torchvision does."""
     if width <= height:
         return size, max(1, int(size * height / width))
     return max(1, int(size * width / height)), size
@@ -77,7 +77,7 @@ def resize_shorter_side(x: torch.Tensor, size: int, interpolation: str) -> torch
     """Resize a uint8 (3, H, W) tensor so that its shorter side is `size`, antialiased (torch's uint8 kernels,
     several times faster than PIL's resize and within one grey level of it)."""
     height, width = x.shape[-2:]
-    new_w, new_h = resized_size(width, height, size)
+    new_w, new_h = shorter_side_to(width, height, size)
     if (new_w, new_h) == (width, height):
         return x
     return TF.resize(x, [new_h, new_w], interpolation=TV_INTERPOLATIONS[interpolation], antialias=True)

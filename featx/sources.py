@@ -127,7 +127,8 @@ def _relpath(path: str, root: str) -> str:
 def _load_folder(folder: str, kind: str) -> Source:
     """ImageFolder `root/<class>/...`, split layout `root/{train,val,test}/<class>/...`, or a flat folder.
 
-    Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items.
+    Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items, and
+    so are the images of a segmentation level (only `images/` and `masks/` folders), whose masks are no items.
     """
     root = os.path.abspath(folder)
     splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
@@ -429,7 +430,10 @@ def _identify(fp: BinaryIO, filename: str) -> ImageFile.ImageFile:
     header_error = None
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
-        accepted = accept(prefix) if accept else None
+        try:
+            accepted = accept(prefix) if accept else None
+        except _PIL_FAILURES:  # some signature checks unpack more bytes than a tiny file has
+            continue
         if accept and (not accepted or isinstance(accepted, str)):
             continue
         fp.seek(0)

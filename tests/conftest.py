@@ -1,4 +1,4 @@
-"""Shared by every test: torch runs on one intra-op thread.
+"""Shared by every test: torch runs on one intra-op thread, and tests marked `cuda` skip without a CUDA device.
 
 Tiny tensors are fastest on one thread, and several times faster on a busy machine, where idle OpenMP threads spin
 for a core. The reliability suite keeps torch's default, because it compares in-process runs with real `featx`
@@ -19,3 +19,15 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in cuda_tests:
+            item.add_marker(skip)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import socket
@@ -114,6 +115,7 @@ def test_json_embeddings(client, made):
     ({"content": b"not an image", "headers": {"content-type": JPEG}}, 422, "not a recognised image format"),
     ({"content": png_claiming(30000, 30000), "headers": {"content-type": "image/png"}}, 422, "decompression-bomb"),
     ({"content": b"", "headers": {"content-type": JPEG}}, 422, "empty"),
+    ({"content": b"vm\n", "headers": {"content-type": "image/png"}}, 422, "not a recognised image format"),
     ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
     ({"files": [("other", ("a.txt", b"x", "text/plain"))]}, 422, "no `file` field"),
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
@@ -137,6 +139,8 @@ def test_heads_listing_and_metrics(client):
     (head,) = client.get("/v1/heads").json()["heads"]
     assert (head["name"], head["classes"], head["tap"], head["backbone"]) == (
         "colours", ["blue", "green", "red"], "avgpool", "resnet18")
+    assert "/v1/heads/{name}/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
     text = client.get("/metrics").text
     for name in ("featx_serve_requests_total", "featx_serve_request_seconds_bucket", "featx_serve_batch_size_bucket",
                  "featx_serve_cache_total", "featx_serve_images_per_second"):
@@ -149,6 +153,8 @@ def test_body_limit_and_api_key(made, monkeypatch):
     with running(heads=[str(made[3])], max_bytes=len(image) - 1, api_key_env="SERVE_TEST_KEY") as c:
         raw = {"content": image, "headers": {"content-type": JPEG, "authorization": "Bearer s3cret"}}
         assert c.post("/v1/heads/colours/predict", **raw).status_code == 413
+        chunked = c.post("/v1/heads/colours/predict", content=iter([image[:100], image[100:]]), headers=raw["headers"])
+        assert chunked.status_code == 413 and "--max-bytes" in chunked.json()["detail"]
         assert c.get("/v1/heads").status_code == 401
         assert c.get("/v1/heads", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/v1/heads", headers={"authorization": "Bearer s3cret"}).status_code == 200
@@ -158,12 +164,15 @@ def test_a_bad_image_fails_only_its_own_request(made):
     import httpx
 
     service = Service(ServeOptions(heads=[str(made[3])], max_batch=16, max_wait_ms=300).checked())
-    service.start()
     files = image_files(made[1])[:6]
 
     async def run():
-        transport = httpx.ASGITransport(app=create_app(service))
+        transport = httpx.ASGITransport(app=create_app(service))  # no lifespan: the test starts the service
         async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
+            assert (await c.get("/healthz")).status_code == 503  # before the extractors are loaded
+            early = await c.post("/v1/heads/colours/predict", content=b"x", headers={"content-type": JPEG})
+            assert early.status_code == 503 and "still loading" in early.json()["detail"]
+            await asyncio.get_running_loop().run_in_executor(None, service.start)
             bodies = [f.read_bytes() for f in files[:3]] + [b"broken"] + [f.read_bytes() for f in files[3:]]
             return await asyncio.gather(*(c.post("/v1/heads/colours/predict", content=b,
                                                  headers={"content-type": JPEG}) for b in bodies))
@@ -197,8 +206,9 @@ def test_training_through_the_service(made, tmp_path):
     with running(heads=[str(head)], heads_dir=str(tmp_path / "heads"), allow_training=True) as c:
         embedded = c.post("/v1/embed", files=_files(files)).json()["results"]
         labels = ["warm" if f.parent.name == "red" else "cold" for f in files]
-        spec = {"name": "warmth", "like": "colours", "options": {"grid": "1", "val_split": 0},
-                "examples": [{"sha256": e["sha256"], "label": lab} for e, lab in zip(embedded, labels)]}
+        examples = [{"sha256": e["sha256"], "label": lab} for e, lab in zip(embedded, labels)]
+        examples[0] = {"image_base64": base64.b64encode(files[0].read_bytes()).decode(), "label": labels[0]}
+        spec = {"name": "warmth", "like": "colours", "options": {"grid": "1", "val_split": 0}, "examples": examples}
         job = c.post("/v1/heads", json=spec)
         assert job.status_code == 202, job.text
         for _ in range(300):
@@ -213,6 +223,8 @@ def test_training_through_the_service(made, tmp_path):
         bad = c.post("/v1/heads", json={**spec, "examples": [{"sha256": "0" * 64, "label": "x"}]})
         assert bad.status_code == 422 and "not in the cache" in bad.json()["detail"]
         assert c.post("/v1/heads", json={**spec, "name": "colours"}).status_code == 409
+        broken = c.post("/v1/heads", json={**spec, "examples": [{"image_base64": "bm90IGFuIGltYWdl", "label": "x"}]})
+        assert broken.status_code == 422 and broken.json()["detail"].startswith("examples[0]: not a recognised")
 
 
 def test_cache_store_answers_without_the_backbone(made, tmp_path):
@@ -228,6 +240,7 @@ def test_cache_store_answers_without_the_backbone(made, tmp_path):
         c.post("/v1/embed", content=new.read_bytes(), headers={"content-type": "image/png"})
     with featx.open_store(cache) as s:  # sealed at shutdown: the old rows plus the new one
         assert len(s) == len(files) + 1 and content_key(new) in set(s.keys)
+    assert not cache.with_name("cache.h5.parts").exists()
 
 
 def _serve(*args):
@@ -257,3 +270,12 @@ def test_start_up_errors_are_one_line(made, tmp_path):
             result = _serve(*args)
             assert result.exit_code == 2, (args, result.output)
             assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_without_the_extra_one_line_names_it(made, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    result = _serve(str(made[3]))
+    assert result.exit_code == 2 and "pip install 'featx[serve]'" in result.output and "uvicorn" in result.output

@@ -419,6 +419,7 @@ def truncated_jpeg() -> bytes:
     [
         ("empty.jpg", b"", "empty file (0 bytes)"),
         ("text.jpg", b"hello, I am a text file\n" * 4, "not a recognised image format"),
+        ("three-bytes.bmp", b"vm\n", "not a recognised image format"),
         ("random.png", np.random.default_rng(1).bytes(4096), "not a recognised image format"),
         ("header.png", b"\x89PNG\r\n\x1a\n", "truncated or corrupt image data: PNG header"),
         ("cut.jpg", truncated_jpeg(), "truncated or corrupt image data: image file is truncated"),

@@ -61,6 +61,8 @@ def test_timm_names_are_listed_and_checked_with_close_names():
         check_backbone("timm/test_efficientnt")
     with pytest.raises(FeatxError, match=r"a pretrained tag goes into -w: -b timm/test_efficientnet -w r160_in1k"):
         check_backbone("timm/test_efficientnet.r160_in1k")
+    with pytest.raises(FeatxError, match=r"unknown backbone 'test_efficientnet': it is a timm model, -b timm/test_eff"):
+        check_backbone("test_efficientnet")
 
 
 def test_random_timm_backbone_is_seeded_with_the_pretrained_config_transform():
@@ -146,6 +148,23 @@ def test_pretrained_tag_missing_offline_names_the_file_and_folder(hf_cache):
     assert "\n" not in msg and "weights timm/test_efficientnet r160_in1k are not in timm's Hugging Face cache" in msg
     assert "https://huggingface.co/timm/test_efficientnet.r160_in1k" in msg and "-w path/to/model.safetensors" in msg
     assert f"{hf_cache}/models--timm--test_efficientnet.r160_in1k/" in msg
+
+
+def test_a_failed_download_is_the_same_one_line(hf_cache, monkeypatch):
+    import featx.backbones.timm as source
+
+    create = timm.create_model
+
+    def no_network(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.delenv("FEATX_OFFLINE")
+    monkeypatch.setattr(source, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(timm, "create_model", no_network)
+    with pytest.raises(FeatxError, match="r160_in1k are not in timm's Hugging Face cache and cannot be downloaded"):
+        load_backbone(NAME, "DEFAULT")
 
 
 def test_pretrained_tag_from_the_cache_and_unknown_tags(hf_cache):

@@ -8,7 +8,10 @@ naming `pip install featx[timm]`. Same functions as `featx.backbones.torchvision
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import socket
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -111,15 +114,38 @@ def _offline_hf(what: str, cfg) -> FeatxError:
     )
 
 
+def _hub_reachable() -> bool:
+    """False when downloads from the hub are off (FEATX_OFFLINE, HF_HUB_OFFLINE) or its host does not resolve."""
+    from huggingface_hub import constants
+
+    if is_offline() or constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _download(what: str, cfg, timm) -> None:
+    """Let timm fetch the weights into its cache, its hub client's retry messages silenced: a failure is one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        timm.create_model(f"{cfg.architecture}.{cfg.tag}", pretrained=True)
+    except Exception as err:  # network, hub or hash errors: all mean "not available"
+        raise _offline_hf(what, cfg) from err
+    finally:
+        logger.setLevel(level)
+
+
 def _cached_file(what: str, cfg, timm) -> str:
     """The weights file of a pretrained config in timm's caches, downloaded by timm when missing and allowed."""
     if cfg.hf_hub_id:
         path = _cached_hf_file(cfg)
-        if path is None and not is_offline():
-            try:
-                timm.create_model(f"{cfg.architecture}.{cfg.tag}", pretrained=True)  # fills timm's cache
-            except Exception as err:  # network, hub or hash errors: all mean "not available"
-                raise _offline_hf(what, cfg) from err
+        if path is None and _hub_reachable():
+            _download(what, cfg, timm)
             path = _cached_hf_file(cfg)
         if path is None:
             raise _offline_hf(what, cfg)

@@ -7,9 +7,10 @@ import warnings
 
 import click
 
+from ..choices import DEVICE_CHOICES
 from ..errors import FeatxError
 from ..heads.cv import DEFAULT_GRID
-from ..heads.estimators import HEAD_TYPES, NORMALIZERS
+from ..heads.estimators import HEAD_TYPES, NORMALIZERS, SOLVERS
 from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
@@ -53,6 +54,8 @@ def _feature_keys(f):
 @click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time (sgd streams the store in such chunks).")
+@click.option("--solver", type=click.Choice(SOLVERS), default="sklearn", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C).")
+@click.option("--device", default="auto", show_default=True, help=f"--solver torch: {DEVICE_CHOICES} (auto: CUDA when present).")
 @click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write confusion_matrix.png and cv_curve.png.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing head folder.")
@@ -63,8 +66,8 @@ def _feature_keys(f):
 @click.option("--pixels-per-image", type=click.IntRange(min=1), default=256, show_default=True, help="segment: labelled pixels drawn from each training image for the fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight, val_split, seed, n_jobs, x_key, y_key,
-                 epochs, hidden, dropout, chunk_rows, joblib_export, plots, overwrite, task, masks, binary, num_classes,
-                 pixels_per_image, as_json):
+                 epochs, hidden, dropout, chunk_rows, solver, device, joblib_export, plots, overwrite, task, masks,
+                 binary, num_classes, pixels_per_image, as_json):
     """Fit a head on the rows of STORE (a featx store, or any HDF5/NPZ file with --x/--y) and save it to -o.
 
     C is chosen by stratified k-fold cross-validation; the head is refit on all training rows ('train' split, or
@@ -76,6 +79,8 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     if task == "segment":
         if not masks:
             raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
+        if solver != "sklearn" or device != "auto":
+            raise FeatxError("--solver, --device: the segmentation probe fits with scikit-learn; drop them")
         from ..segment.probe import fit_dense_probe, segment_table
 
         head = fit_dense_probe(store, masks, output, tap=tap, binary=binary, num_classes=num_classes,
@@ -91,7 +96,7 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
             store, tap, output, head=kind, normalize=normalize, grid=grid, folds=folds,
             class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
             n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, chunk_rows=chunk_rows,
-            joblib=joblib_export, plots=plots, overwrite=overwrite,
+            solver=solver, device=device, joblib=joblib_export, plots=plots, overwrite=overwrite,
         )
     if as_json:
         echo_json({"path": str(head.path), **head.metrics})

@@ -4,8 +4,9 @@
     estimators.py   the head types (logistic, ridge, linear-svm, sgd, mlp) and the normalisation step
     mlp.py          the Linear-ReLU-Dropout-Linear head (torch training, numpy inference)
     cv.py           choosing C by k-fold cross-validation on a log grid
-    inmemory.py     training on rows in memory: CV folds in parallel, warm starts, refit
+    inmemory.py     training on rows in memory: CV folds in parallel, convergence recorded, refit
     streaming.py    partial_fit training over store chunks (sgd)
+    torchfit.py     the logistic head by full-batch L-BFGS in torch on the CPU or CUDA (--solver torch)
     model.py        Head (what users hold) and ArrayModel (the pickle-free estimator)
     persistence.py  the head folder: atomic writes, loading without running code
     metrics.py      metrics and the printed table;  plots.py  the PNGs

@@ -10,13 +10,14 @@ import numpy as np
 from ..errors import FeatxError
 from . import cv
 from .data import Rows, no_labels_error, open_rows, train_eval_rows
-from .estimators import CLASS_WEIGHTS, HeadOptions, get_head_type
+from .estimators import CLASS_WEIGHTS, SOLVERS, HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
 from .model import Head
 from .persistence import atomic_folder, check_output, load_head, save_head
 from .plots import write_plots
 from .streaming import StreamingFit
+from .torchfit import TorchFit
 
 
 def fit_head(
@@ -38,6 +39,8 @@ def fit_head(
     hidden: int = 512,
     dropout: float = 0.5,
     chunk_rows: int = 65536,
+    solver: str = "sklearn",
+    device: str = "auto",
     joblib: bool = False,
     plots: bool = True,
     overwrite: bool = False,
@@ -48,22 +51,25 @@ def fit_head(
     Training rows are split 'train' when the file has splits, else all labelled rows less a stratified `val_split`
     fraction held out for the metrics. C is chosen by `folds`-fold cross-validation on `grid` ('LO:HI' searched
     per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
-    training rows. With `output` the head folder is written atomically (`overwrite` replaces a head there;
+    training rows. solver 'torch' fits the logistic head by full-batch L-BFGS in torch on `device` (cpu, cuda,
+    cuda:N; auto: CUDA when present), minimising scikit-learn's objective at the same C. With `output` the head folder is written atomically (`overwrite` replaces a head there;
     `joblib` adds a model.joblib pickle, `plots` the PNGs). Returns the Head, with its metrics.
     """
-    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed)
+    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device)
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
     with open_rows(data, tap, x, y) as rows:
         head_type = get_head_type(head, rows.task, str(rows.path))
+        if solver == "torch" and head_type.name != "logistic":
+            raise FeatxError(f"--solver torch: only the logistic head has a torch solver, not --head {head_type.name}")
         train, held, held_how = train_eval_rows(rows, val_split, seed)
         y_train, classes = _targets(rows, train)
         options = HeadOptions(task=rows.task, class_weight=class_weight, seed=seed, epochs=epochs, hidden=hidden,
-                              dropout=dropout)
+                              dropout=dropout, device=device)
         values, refine = cv.parse_grid(head_type.default_grid if grid is None else grid)
         fit_started = time.perf_counter()
-        trainer_type = StreamingFit if head_type.streaming else InMemoryFit
+        trainer_type = TorchFit if solver == "torch" else StreamingFit if head_type.streaming else InMemoryFit
         trainer = trainer_type(head_type, options, rows, train, y_train, len(classes or ()), normalize, chunk_rows,
                                n_jobs)
         result = None
@@ -82,7 +88,8 @@ def fit_head(
         metrics = {
             "head": head_type.name, "tap": rows.tap, "n_features": rows.n_features, "task": rows.task,
             "trained_on": str(rows.path), "rows": {"train": len(train), "eval": len(held)}, "C": fitted.C,
-            "cv": result.to_dict() if result else None, "fit_seconds": fit_seconds,
+            "cv": result.to_dict() if result else None, "converged": trainer.converged, "fit_seconds": fit_seconds,
+            "solver": solver,
         }
         if len(held):
             metrics.update(evaluated_on=held_how, **_metrics_on(fitted, rows, held, chunk_rows))
@@ -122,9 +129,13 @@ def evaluate(head, data, *, split: str | None = None, tap: str | None = None, x:
                 "evaluated_on": where, **_metrics_on(head, rows, index, chunk_rows)}
 
 
-def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed) -> None:
+def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device) -> None:
     if class_weight not in CLASS_WEIGHTS:
         raise FeatxError(f"--class-weight {class_weight!r}: expected 'balanced' or none")
+    if solver not in SOLVERS:
+        raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
+    if solver == "sklearn" and str(device).strip().lower() != "auto":
+        raise FeatxError(f"--device {device}: only --solver torch runs on a device; add --solver torch")
     checks = [
         ("--jobs", n_jobs, n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0), "a non-zero integer"),
         ("--chunk-rows", chunk_rows, isinstance(chunk_rows, int) and chunk_rows > 0, "a positive integer"),

@@ -2,8 +2,13 @@
 
 C is the inverse regularization strength of the linear-probe protocols (large C = weak regularization); each head
 maps it onto its own parameter. A 'LO:HI' grid is searched one value per decade, then refined in quarter decades
-around the best value. Scores come from a `score_grid(values) -> (len(values), folds)` callable, so that rows in
-memory (inmemory.py: parallel folds, warm starts along C) and rows streamed from disk (streaming.py) share the search.
+around the best value. Scores come from a `score_grid(values) -> (scores, converged)` callable (two
+(len(values), folds) arrays), so that rows in memory (inmemory.py: parallel folds) and rows streamed from disk
+(streaming.py) share the search. inmemory.py fits every (C, fold) from scratch, so there a score is a function of
+C and the fold alone, never of the values scored before it: a refined value scores as it would in the decade pass
+(torchfit.py warm-starts along C instead). Among equal mean scores
+the smallest C (the strongest regularisation) wins, and fits that stopped at their solver's iteration limit are
+counted per C.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class CVResult:
     grid: np.ndarray  # sorted C values
     scores: np.ndarray  # (len(grid), folds)
     scoring: str
+    converged: np.ndarray  # (len(grid), folds) bool: False where the solver stopped at its iteration limit
 
     @property
     def mean(self) -> np.ndarray:
@@ -35,11 +41,16 @@ class CVResult:
         return self.scores.std(axis=1)
 
     @property
+    def not_converged(self) -> np.ndarray:
+        """Per C, how many folds' fits stopped at the solver's iteration limit."""
+        return (~self.converged).sum(axis=1)
+
+    @property
     def best(self) -> float:
-        """The C with the highest mean score; among ties (a plateau, e.g. on separable data) the middle one."""
+        """The C with the highest mean score; among ties (a plateau, e.g. on separable data) the smallest, the
+        strongest regularisation."""
         mean = self.mean
-        tied = np.flatnonzero(mean >= mean.max() - 1e-12)
-        return float(self.grid[tied[(len(tied) - 1) // 2]])
+        return float(self.grid[np.flatnonzero(mean >= mean.max() - 1e-12)[0]])
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +61,7 @@ class CVResult:
             "grid": self.grid.tolist(),
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
+            "not_converged": self.not_converged.tolist(),
         }
 
 
@@ -75,7 +87,8 @@ def parse_grid(grid) -> tuple[np.ndarray, bool]:
 
 def search(score_grid, values: np.ndarray, refine: bool, scoring: str) -> CVResult:
     """Score `values`, then (when refine) the quarter decades around the best one within the grid's range."""
-    result = CVResult(values, score_grid(values), scoring)
+    scores, converged = score_grid(values)
+    result = CVResult(values, scores, scoring, converged)
     if refine and len(values) > 1:
         best = np.log10(result.best)
         steps = best + np.arange(-REFINE_STEPS + 1, REFINE_STEPS) / REFINE_STEPS
@@ -85,7 +98,9 @@ def search(score_grid, values: np.ndarray, refine: bool, scoring: str) -> CVResu
         if extra.size:
             grid = np.concatenate([values, extra])
             order = np.argsort(grid)
-            result = CVResult(grid[order], np.concatenate([result.scores, score_grid(extra)])[order], scoring)
+            scores, converged = score_grid(extra)
+            result = CVResult(grid[order], np.concatenate([result.scores, scores])[order], scoring,
+                              np.concatenate([result.converged, converged])[order])
     return result
 
 

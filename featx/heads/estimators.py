@@ -14,6 +14,7 @@ from ..errors import FeatxError
 from .cv import DEFAULT_GRID
 
 NORMALIZERS = ("standard", "l2", "none")
+SOLVERS = ("sklearn", "torch")
 CLASS_WEIGHTS = (None, "balanced")
 LBFGS_MAX_ITER = 200
 SVM_MAX_ITER = 2000
@@ -29,23 +30,21 @@ class HeadOptions:
     epochs: int | None = None
     hidden: int = 512
     dropout: float = 0.5
+    device: str = "auto"  # where --solver torch runs
 
 
 @dataclass(frozen=True)
 class HeadType:
     """One `--head` choice.
 
-    build(C, rows, options) makes an unfitted estimator; strength(C, rows) gives the parameters that C sets, so a
-    warm-startable estimator can walk the C path with set_params. link is how scores become probabilities
+    build(C, rows, options) makes an unfitted estimator. link is how scores become probabilities
     ('softmax', 'ovr' = normalised one-vs-rest sigmoids, None = no probabilities).
     """
 
     name: str
     build: Callable
-    strength: Callable[[float, int], dict]
     tasks: tuple[str, ...] = ("classification",)
     link: str | None = None
-    warm_start: bool = False
     streaming: bool = False
     default_grid: object = DEFAULT_GRID
     model: str = "linear"
@@ -55,7 +54,7 @@ class HeadType:
 def _logistic(C, rows, options):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, class_weight=options.class_weight, max_iter=LBFGS_MAX_ITER, warm_start=True)
+    return LogisticRegression(C=C, class_weight=options.class_weight, max_iter=LBFGS_MAX_ITER)
 
 
 def _ridge(C, rows, options):
@@ -94,21 +93,16 @@ def _mlp(C, rows, options):
                    class_weight=options.class_weight, seed=options.seed)
 
 
-def _c_strength(C, rows):
-    return {"C": C}
-
-
 HEAD_TYPES = {
     head.name: head
     for head in (
-        HeadType("logistic", _logistic, _c_strength, link="softmax", warm_start=True,
-                 help="multinomial logistic regression (lbfgs, warm starts along C)"),
-        HeadType("ridge", _ridge, _ridge_strength, tasks=("classification", "regression"),
+        HeadType("logistic", _logistic, link="softmax", help="multinomial logistic regression (lbfgs)"),
+        HeadType("ridge", _ridge, tasks=("classification", "regression"),
                  help="ridge classifier, or ridge regression for float targets"),
-        HeadType("linear-svm", _linear_svm, _c_strength, help="linear SVM (liblinear, squared hinge)"),
-        HeadType("sgd", _sgd, _sgd_strength, link="ovr", streaming=True, default_grid="1e-4:1e3",
+        HeadType("linear-svm", _linear_svm, help="linear SVM (liblinear, squared hinge)"),
+        HeadType("sgd", _sgd, link="ovr", streaming=True, default_grid="1e-4:1e3",
                  help="logistic loss by SGD, streamed from the store in chunks (partial_fit)"),
-        HeadType("mlp", _mlp, _c_strength, link="softmax", default_grid=(0.01, 1.0, 100.0), model="mlp",
+        HeadType("mlp", _mlp, link="softmax", default_grid=(0.01, 1.0, 100.0), model="mlp",
                  help="Linear-ReLU-Dropout-Linear trained with Adam (torch)"),
     )
 }

@@ -1,5 +1,6 @@
-"""Heads trained on rows held in memory: normalised once, cross-validated in parallel with joblib (one job per fold
-walking C upwards with warm starts where the head supports them, else one job per (fold, C)), refit on all rows."""
+"""Heads trained on rows held in memory: normalised once, cross-validated in parallel with joblib (one job per
+fold), refit on all rows. Every fit starts from scratch, so a (C, fold) score does not depend on the values fitted
+before it, and a fit that stops at its solver's iteration limit (a ConvergenceWarning) is recorded, not hidden."""
 from __future__ import annotations
 
 import contextlib
@@ -24,34 +25,34 @@ class InMemoryFit:
         self.n_jobs = n_jobs
         self.folds: list = []
         self.scoring = "accuracy"
+        self.converged = True  # of the last fit
 
     def set_folds(self, folds, scoring: str) -> None:
         """Use (train, test) position pairs from cv.make_folds for `score_grid`."""
         self.folds, self.scoring = folds, scoring
 
-    def score_grid(self, values: np.ndarray) -> np.ndarray:
-        """(len(values), folds) held-out scores."""
+    def score_grid(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, converged): (len(values), folds) held-out scores, and whether each fit converged."""
         from joblib import Parallel, delayed
 
-        step = len(values) if self.head_type.warm_start else 1
-        jobs = [(start, f) for start in range(0, len(values), step) for f in range(len(self.folds))]
         small = self.X.size * len(self.folds) < SMALL_WORK
         args = (self.head_type, self.options, self.X, self.y, self.scoring, self.n_classes)
         with _one_blas_thread(small):
             paths = Parallel(n_jobs=1 if small else self.n_jobs)(
-                delayed(_fold_path)(*args, *self.folds[f], values[start : start + step]) for start, f in jobs
+                delayed(_fold_path)(*args, train, test, values) for train, test in self.folds
             )
-        scores = np.empty((len(values), len(self.folds)))
-        for (start, f), path in zip(jobs, paths):
-            scores[start : start + step, f] = path
-        return scores
+        scores = np.array([[score for score, _ in path] for path in paths]).T
+        converged = np.array([[ok for _, ok in path] for path in paths], dtype=bool).T
+        return scores, converged
 
     def fit(self, C: float):
-        """The head at C on all training rows, as Pipeline([('normalize', ...), ('head', estimator)])."""
+        """The head at C on all training rows, as Pipeline([('normalize', ...), ('head', estimator)]); sets
+        `converged` to whether its solver converged."""
         from sklearn.pipeline import Pipeline
 
         with _one_blas_thread(self.X.size < SMALL_WORK):
-            estimator = self.head_type.build(C, len(self.y), self.options).fit(self.X, self.y)
+            estimator = self.head_type.build(C, len(self.y), self.options)
+            self.converged = _fit(estimator, self.X, self.y)
         return Pipeline([("normalize", self.normalizer), ("head", estimator)])
 
 
@@ -61,20 +62,23 @@ def _one_blas_thread(small: bool):
     return threadpool_limits(1) if small else contextlib.nullcontext()
 
 
-def _fold_path(head_type, options, X, y, scoring, n_classes, train, test, values) -> list[float]:
-    """Held-out scores of one fold along ascending C values."""
+def _fit(estimator, X, y) -> bool:
+    """Fit `estimator`; False when its solver stopped at its iteration limit (a ConvergenceWarning)."""
     from sklearn import config_context
     from sklearn.exceptions import ConvergenceWarning
 
+    with warnings.catch_warnings(record=True) as caught, config_context(assume_finite=True):
+        warnings.simplefilter("always", ConvergenceWarning)
+        estimator.fit(X, y)
+    return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def _fold_path(head_type, options, X, y, scoring, n_classes, train, test, values) -> list[tuple[float, bool]]:
+    """(held-out score, converged) of one fold at each C, every fit from scratch."""
     X_train, y_train, X_test, y_test = X[train], y[train], X[test], y[test]
-    scores, estimator = [], None
-    with warnings.catch_warnings(), config_context(assume_finite=True):
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for C in values:
-            if estimator is None or not head_type.warm_start:
-                estimator = head_type.build(C, len(train), options)
-            else:
-                estimator.set_params(**head_type.strength(C, len(train)))
-            estimator.fit(X_train, y_train)
-            scores.append(score(y_test, estimator.predict(X_test), scoring, n_classes))
-    return scores
+    path = []
+    for C in values:
+        estimator = head_type.build(C, len(train), options)
+        converged = _fit(estimator, X_train, y_train)
+        path.append((score(y_test, estimator.predict(X_test), scoring, n_classes), converged))
+    return path

@@ -60,6 +60,7 @@ def metrics_table(metrics: dict) -> str:
         )
     elif "C" in metrics:
         lines.append(f"C          {metrics['C']:.3g}  (given, no cross-validation)")
+    lines += _convergence(metrics)
     if not metrics.get("rows", {}).get("eval"):
         lines.append("evaluated  no rows held out")
         return "\n".join(lines)
@@ -78,6 +79,21 @@ def metrics_table(metrics: dict) -> str:
     if len(metrics["classes"]) <= MAX_CONFUSION_CLASSES:
         lines += ["", _confusion(metrics)]
     return "\n".join(lines)
+
+
+def _convergence(metrics: dict) -> list[str]:
+    """Lines on fits that stopped at their solver's iteration limit: in the CV grid, and the final refit."""
+    lines = []
+    cv = metrics.get("cv") or {}
+    failed = [(C, n) for C, n in zip(cv.get("grid", []), cv.get("not_converged", [])) if n]
+    if failed:
+        shown = ", ".join(f"{C:.3g} ({n}/{cv['folds']} folds)" for C, n in failed[:6])
+        more = f" and {len(failed) - 6} more" if len(failed) > 6 else ""
+        lines.append(f"warning    not converged in CV at C = {shown}{more}: those scores depend on the iteration "
+                     f"limit")
+    if metrics.get("converged") is False:
+        lines.append(f"warning    the final fit at C = {metrics['C']:.3g} did not converge (iteration limit reached)")
+    return lines
 
 
 def _per_class(metrics: dict) -> str:

@@ -30,6 +30,7 @@ class StreamingFit:
         self.epochs = options.epochs or DEFAULT_EPOCHS
         self.normalizer = self._fit_normalizer(make_normalizer(normalize))
         self.fold_of: np.ndarray | None = None
+        self.converged = True  # a fixed number of epochs: there is no convergence criterion to miss
         self.scoring = "accuracy"
 
     def _fit_normalizer(self, normalizer):
@@ -64,9 +65,9 @@ class StreamingFit:
         if len(y):
             model.partial_fit(X, y, classes=self.classes)
 
-    def score_grid(self, values: np.ndarray) -> np.ndarray:
-        """(len(values), folds) held-out scores, training every (C, fold) model in the same passes (in threads:
-        SGD's inner loop releases the GIL)."""
+    def score_grid(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, converged): (len(values), folds) held-out scores, training every (C, fold) model in the same
+        passes (in threads: SGD's inner loop releases the GIL), and all True (a fixed number of epochs)."""
         from joblib import Parallel, delayed
 
         n_folds = int(self.fold_of.max()) + 1
@@ -90,8 +91,9 @@ class StreamingFit:
                     X_held, y_held = X[held], y[held]
                     for g, per_fold in enumerate(models):
                         np.add.at(confusion[g, f], (y_held, per_fold[f].predict(X_held)), 1)
-        return np.array([[confusion_score(confusion[g, f], self.scoring) for f in range(n_folds)]
-                         for g in range(len(values))])
+        scores = np.array([[confusion_score(confusion[g, f], self.scoring) for f in range(n_folds)]
+                           for g in range(len(values))])
+        return scores, np.ones(scores.shape, dtype=bool)
 
     def fit(self, C: float):
         """The final model at C on all training rows, as Pipeline([('normalize', ...), ('head', model)])."""

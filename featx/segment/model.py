@@ -1,8 +1,8 @@
 """The backbone cut at a tap, with a decoder whose logits are upsampled to the input size.
 
-`build_segmenter` traces the backbone up to the tap (torchvision's create_feature_extractor) and adds the decoder
-as module `decoder` to that graph, so parameter names stay the backbone's own ('layer2.0.conv1.weight'): every
---freeze strategy and partial weight loading work as in classification.
+`build_segmenter` traces the backbone up to the tap (layers.feature_extractor, with the model's tracer settings)
+and adds the decoder as module `decoder` to that graph, so parameter names stay the backbone's own
+('layer2.0.conv1.weight'): every --freeze strategy and partial weight loading work as in classification.
 
     --decoder conv:W   3x3 conv to W channels, ReLU, 1x1 conv to the classes, bilinear upsample to the input
     --decoder linear   1x1 conv to the classes (a dense linear probe), bilinear upsample
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from ..errors import FeatxError
 from ..finetune.choices import DECODER_HELP
-from ..layers import channels_last_taps, check_taps, describe_layers
+from ..layers import channels_last_taps, check_taps, describe_layers, feature_extractor
 
 HEAD_NAME = "decoder"
 
@@ -77,10 +76,13 @@ def default_tap(model: nn.Module) -> str:
 
 def build_segmenter(model: nn.Module, tap: str, spec: DecoderSpec, n_out: int, crop: int, name: str) -> nn.Module:
     """`model` up to `tap` plus a Decoder named 'decoder', as one fx GraphModule returning (B, n_out, H, W)."""
-    check_taps(model, [tap])
+    try:
+        check_taps(model, [tap])
+    except FeatxError as err:  # the same message, naming this command's option
+        raise FeatxError(str(err).replace(f"-l {tap}:", f"--tap {tap}:", 1)) from None
     if channels_last_taps(model, [tap])[tap]:
         raise FeatxError(f"--tap {tap}: its output is (N, H, W, C); the decoder needs an (N, C, H, W) map")
-    trunk = create_feature_extractor(model, return_nodes={tap: "map"})
+    trunk = feature_extractor(model, {tap: "map"})
     if not any(True for _ in trunk.parameters()):
         raise FeatxError(f"--tap {tap}: too shallow for the decoder, no layer of {name} runs before it; choose a "
                          f"deeper tap such as {default_tap(model)}")

@@ -156,7 +156,8 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
             "head": head_type.name, "task": "segmentation", "tap": tap, "map_shape": list(shape),
             "trained_on": str(store.path), "masks": segment["masks"], "pixels_per_image": pixels_per_image,
             "rows": {"train": len(train), "eval": len(held)}, "fit_pixels": len(X), "C": C,
-            "cv": result.to_dict() if result else None, "fit_seconds": time.perf_counter() - fit_started,
+            "cv": result.to_dict() if result else None, "converged": trainer.converged,
+            "fit_seconds": time.perf_counter() - fit_started,
         }
         if len(held):
             matrix = _confusion(head, store, tap, held, masks_by_row, spec, source.classes)

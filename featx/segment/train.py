@@ -15,12 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from .. import __version__
 from ..errors import FeatxError
 from ..finetune.checkpoint import atomic_write, seed_everything
-from ..finetune.data import DEFAULT_VAL_SPLIT, Splits, loader_for
+from ..finetune.data import DEFAULT_VAL_SPLIT, ImageDataset, Splits, loader_for
 from ..finetune.freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from ..finetune.loop import PassStats
 from ..finetune.optim import build_optimizer, build_scheduler, warmup_steps
@@ -85,19 +84,17 @@ class SegmentTotals:
                          extra={"miou": metrics["miou"], "dice": metrics["dice"]})
 
 
-class PairDataset(Dataset):
+class PairDataset(ImageDataset):
     """(uint8 image, int64 mask, decoded ok) for a key (index, seed); a pair that cannot be decoded, or whose
     decoded sizes differ, gives a zero image, an IGNORE mask and False."""
 
     def __init__(self, pairs: list[MaskPair], transform: JointTransform, binary: bool):
-        self.pairs, self.transform, self.binary = pairs, transform, binary
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+        super().__init__(pairs, transform)
+        self.binary = binary
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        pair = self.pairs[index]
+        pair = self.items[index]
         try:
             img = decode_image(pair.image)
             ids = read_mask(pair.mask, self.binary)

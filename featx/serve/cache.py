@@ -8,6 +8,7 @@ seals them into the store at shutdown. A kill leaves the old store plus committe
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -98,14 +99,18 @@ class StoreBacking:
             h5.close()
         try:
             if any(self._writer.parts.glob("seg-*.h5")):
-                self._writer.seal(self._plan(), self.taps)
+                self._writer.seal(self._plan(), self.taps)  # removes the parts folder
+            else:
+                with contextlib.suppress(OSError):
+                    self._writer.parts.rmdir()  # nothing new: drop the lock folder, as sealing does
         finally:
             self._writer.__exit__(None, None, None)
 
     def _plan(self) -> SealPlan:
-        """The old store's rows as they were, then every committed new row as an unlabelled upload."""
+        """The old store's rows as they were, then every row in a segment (this run's, or a killed run's) as an
+        unlabelled upload."""
         old = self._writer.old
-        new = [key for key in self._new if key in self._writer.available]
+        new = [key for key, where in self._writer.available.items() if where.file != self.path]
         keys = (list(old.keys) if old else []) + new
         regression = old is not None and old.targets is not None
         labels = None if regression else np.concatenate(

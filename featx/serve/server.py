@@ -68,3 +68,30 @@ def serve(options: ServeOptions, log=None) -> None:
         server.run(sockets=[sock])
     if failures:
         raise FeatxError(failures[0])
+
+
+def start_process(args: list[str], timeout_s: float = 120.0, env: dict | None = None):
+    """Run `featx serve ARGS --port 0` in a child process (for scripts, benchmarks and tests): returns the
+    subprocess.Popen (stderr piped, text) and the base URL once /healthz answers 200."""
+    import re
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "featx", "serve", *args, "--port", "0"], stderr=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stderr.readline()
+    match = re.search(r" on (http://\S+):(\d+) ", line)
+    deadline = time.monotonic() + timeout_s
+    while match and proc.poll() is None and time.monotonic() < deadline:
+        url = f"{match.group(1)}:{match.group(2)}"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    return proc, url
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise FeatxError(f"featx serve did not become ready: {(line + proc.stderr.read()).strip()[-300:]}")

@@ -1,0 +1,216 @@
+"""The logistic head by full-batch L-BFGS in torch, on the CPU or a CUDA device (`fit-head --solver torch`).
+
+It minimises scikit-learn's LogisticRegression objective, C * sum_i s_i loss_i + ||W||^2 / 2 (intercept not
+penalised, s_i the class weights), divided by sum_i s_i as scikit-learn's lbfgs does, and stops by the same rule
+(max |gradient| <= 1e-4, at most 200 iterations), so its coefficients are scikit-learn's at the same C. Two classes
+take one logit (binomial loss) and more the multinomial loss, as in scikit-learn.
+
+The training rows are read from the store in chunks straight into one float32 device tensor and normalised there.
+Cross-validation solves the folds together: one parameter block per fold, each fold's held-out rows weighted 0 in
+its own loss, so that one pass over the rows (in chunks) serves every fold. The sum of the fold objectives is
+separable, so each block's gradient is its fold's own and the stopping rule holds per fold. The folds walk the C
+grid upwards, warm-started from the previous C's solution; the final fit starts from the folds' mean at its C.
+Warm starts reach the same optimum as a cold start, so a score depends on the values scored before it only within
+the stopping tolerance. A solve that stops at the iteration limit counts as not converged (cv.py reports it).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FeatxError
+from .cv import score
+from .estimators import LBFGS_MAX_ITER, balanced_weights, make_normalizer
+
+GRADIENT_TOL = 1e-4  # scikit-learn's default tol: max |gradient| of the scaled objective
+EVALS_PER_ITER = 4  # loss evaluations allowed per iteration on average (line searches)
+
+
+class TorchFit:
+    """Torch L-BFGS training of the logistic head on store rows `train` (sorted) with class indices `y`."""
+
+    def __init__(self, head_type, options, rows, train: np.ndarray, y: np.ndarray, n_classes: int, normalize: str,
+                 chunk_rows: int, n_jobs: int | None):
+        import torch
+
+        from ..runtime import resolve_device
+
+        self.head_type, self.options = head_type, options
+        self.n_classes, self.chunk_rows = n_classes, chunk_rows
+        device = resolve_device(options.device)
+        if device.type not in ("cpu", "cuda"):
+            raise FeatxError(f"--device {options.device}: --solver torch runs on cpu or cuda")
+        self.normalizer, self.X = _rows_on_device(rows, train, normalize, chunk_rows, device)
+        self.y = torch.as_tensor(y, device=device)
+        self.fold_of: torch.Tensor | None = None
+        self.scoring = "accuracy"
+        self.converged = True  # of the last fit
+        self._fold_means: dict[float, tuple] = {}  # C -> the folds' mean solution (W, b) at that C
+
+    def set_folds(self, folds, scoring: str) -> None:
+        """Use (train, test) position pairs from cv.make_folds for `score_grid`."""
+        import torch
+
+        fold_of = np.empty(len(self.y), dtype=np.int64)
+        for f, (_, test) in enumerate(folds):
+            fold_of[test] = f
+        self.fold_of, self.scoring = torch.as_tensor(fold_of, device=self.X.device), scoring
+
+    def score_grid(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, converged): (len(values), folds) held-out scores, the folds solved together along ascending C
+        with warm starts, and whether each solve stopped before the iteration limit."""
+        n_folds = int(self.fold_of.max()) + 1
+        weights = self._weights([self.fold_of != f for f in range(n_folds)])
+        y_true = self.y.cpu().numpy()
+        fold_of = self.fold_of.cpu().numpy()
+        scores = np.empty((len(values), n_folds))
+        converged = np.empty((len(values), n_folds), dtype=bool)
+        start = None
+        for i in np.argsort(values):
+            C = float(values[i])
+            W, b, n_iter = self._solve(C, weights, start)
+            converged[i] = n_iter < LBFGS_MAX_ITER
+            start = (W, b)
+            self._fold_means[C] = (W.mean(0, keepdim=True), b.mean(0, keepdim=True))
+            predicted = self._predict(W, b)
+            for f in range(n_folds):
+                held = fold_of == f
+                scores[i, f] = score(y_true[held], predicted[held, f], self.scoring, self.n_classes)
+        return scores, converged
+
+    def fit(self, C: float):
+        """The head at C on all training rows, as Pipeline([('normalize', ...), ('head', LogisticRegression)]);
+        sets `converged`."""
+        import torch
+        from sklearn.pipeline import Pipeline
+
+        C = float(C)
+        everything = torch.ones(len(self.y), dtype=torch.bool, device=self.X.device)
+        W, b, n_iter = self._solve(C, self._weights([everything]), self._fold_means.get(C))
+        self.converged = n_iter < LBFGS_MAX_ITER
+        estimator = self.head_type.build(C, len(self.y), self.options)
+        estimator.classes_ = np.arange(self.n_classes)
+        estimator.coef_ = W[0].double().cpu().numpy()
+        estimator.intercept_ = b[0].double().cpu().numpy()
+        estimator.n_features_in_ = self.X.shape[1]
+        estimator.n_iter_ = np.array([n_iter], dtype=np.int32)
+        return Pipeline([("normalize", self.normalizer), ("head", estimator)])
+
+    def _weights(self, masks):
+        """(rows, problems) float32 row weights: each problem's rows, times their 'balanced' class weights (counted
+        on that problem's rows) when asked, divided by the problem's total so each loss is a weighted mean."""
+        import torch
+
+        columns = []
+        for mask in masks:
+            weight = mask.to(torch.float32)
+            if self.options.class_weight == "balanced":
+                table = balanced_weights(self.y[mask].cpu().numpy(), self.n_classes)
+                per_class = torch.tensor([table.get(k, 0.0) for k in range(self.n_classes)], device=self.X.device)
+                weight = weight * per_class[self.y]
+            columns.append(weight)
+        weights = torch.stack(columns, dim=1)
+        return weights, weights.sum(0)
+
+    def _logits(self, W, b, start: int, stop: int):
+        """(rows, problems, outputs) logits of rows start:stop under every problem's parameters."""
+        problems, outputs, d = W.shape
+        return self.X[start:stop].matmul(W.reshape(-1, d).T).add_(b.reshape(-1)).view(-1, problems, outputs)
+
+    def _chunks(self):
+        return [(start, min(start + self.chunk_rows, len(self.X))) for start in range(0, len(self.X), self.chunk_rows)]
+
+    def _solve(self, C: float, weights, start):
+        """(W, b, iterations): per problem (a column of `weights`) the minimiser at C, from `start` or zeros;
+        LBFGS_MAX_ITER iterations when it stopped before reaching the gradient tolerance."""
+        import torch
+        import torch.nn.functional as F
+
+        weights, totals = weights
+        problems = weights.shape[1]
+        outputs = 1 if self.n_classes == 2 else self.n_classes
+        if start is None:
+            W = self.X.new_zeros((problems, outputs, self.X.shape[1]))
+            b = self.X.new_zeros((problems, outputs))
+        else:
+            W, b = (t.expand(problems, *t.shape[1:]).clone() for t in start)
+        W.requires_grad_(True)
+        b.requires_grad_(True)
+        scaled = weights / totals
+
+        def chunk_loss(lo, hi):
+            z = self._logits(W, b, lo, hi)
+            y = self.y[lo:hi]
+            if outputs == 1:
+                target = y.to(z.dtype)[:, None].expand(-1, problems)
+                losses = F.binary_cross_entropy_with_logits(z[..., 0], target, reduction="none")
+            else:
+                losses = torch.logsumexp(z, dim=2) - z.gather(2, y[:, None, None].expand(-1, problems, 1))[..., 0]
+            return (losses * scaled[lo:hi]).sum()
+
+        max_eval = EVALS_PER_ITER * LBFGS_MAX_ITER
+        optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=LBFGS_MAX_ITER, max_eval=max_eval,
+                                      tolerance_grad=GRADIENT_TOL, tolerance_change=1e-12, history_size=10,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad(set_to_none=False)
+            value = 0.0
+            for lo, hi in self._chunks():
+                part = chunk_loss(lo, hi)
+                part.backward()
+                value += part.detach()
+            penalty = ((W * W).sum((1, 2)) / (2.0 * C * totals)).sum()
+            penalty.backward()
+            return value + penalty.detach()
+
+        optimizer.step(closure)
+        state = optimizer.state[W]
+        n_iter = int(state.get("n_iter", 0))
+        if state.get("func_evals", 0) >= max_eval:  # stopped by the evaluation budget: not converged either
+            n_iter = LBFGS_MAX_ITER
+        return W.detach(), b.detach(), n_iter
+
+    def _predict(self, W, b) -> np.ndarray:
+        """(rows, problems) class indices: the sign of the one logit, or the largest of K."""
+        import torch
+
+        with torch.no_grad():
+            parts = []
+            for lo, hi in self._chunks():
+                z = self._logits(W, b, lo, hi)
+                parts.append((z[..., 0] > 0).long() if z.shape[2] == 1 else z.argmax(2))
+        return torch.cat(parts).cpu().numpy()
+
+
+def _rows_on_device(rows, train: np.ndarray, normalize: str, chunk_rows: int, device):
+    """(fitted normalizer, normalised float32 rows on `device`), read from the store `chunk_rows` at a time."""
+    import torch
+
+    normalizer = make_normalizer(normalize)
+    stateless = not hasattr(normalizer, "partial_fit")
+    if stateless:
+        normalizer.fit(np.zeros((1, rows.n_features), dtype=np.float32))
+    try:
+        X = torch.empty((len(train), rows.n_features), dtype=torch.float32, device=device)
+        filled = 0
+        for _, block in rows.iter_chunks(train, chunk_rows):
+            if not stateless:
+                normalizer.partial_fit(block)
+            X[filled : filled + len(block)] = torch.from_numpy(block).to(device)
+            filled += len(block)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        need = len(train) * rows.n_features * 4
+        raise FeatxError(
+            f"{rows.describe()}: {len(train)} rows x {rows.n_features} float32 features ({need / 1e9:.1f} GB) do "
+            f"not fit on {device}: use --solver sklearn or --head sgd"
+        ) from None
+    if normalize == "standard":
+        X -= torch.as_tensor(normalizer.mean_, dtype=X.dtype, device=device)
+        X /= torch.as_tensor(normalizer.scale_, dtype=X.dtype, device=device)
+    elif normalize == "l2":  # Normalizer's arithmetic: zero rows stay zero
+        norms = torch.linalg.vector_norm(X, dim=1)
+        norms[norms == 0] = 1.0
+        X /= norms[:, None]
+    return normalizer, X
