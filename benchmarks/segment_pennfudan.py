@@ -98,6 +98,23 @@ def run_finetune(data, work: Path, model: dict, size: dict, tap: str, method: st
             "per_epoch_wall_s": clock.wall / epochs}
 
 
+def table(report: dict) -> str:
+    """The report as a markdown table with its settings line."""
+    lines = [
+        f"Penn-Fudan val ({report['part']}), binary person vs background: {report['backbone']} "
+        f"({report['weights']}), tap {report['tap']}, {report['image_size']} px, {report['epochs']} epochs for the "
+        f"finetunes, {report['threads']} threads, CPU {report['cpu_capability']}",
+        "",
+        "| method | val mIoU | val Dice | pixel acc | wall s | CPU s | wall / probe |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"probe": "dense probe (extract once + fit-head --task segment)",
+             "decoder": "decoder conv:256, frozen backbone", "finetune": "decoder conv:256 + full finetune"}
+    lines += [f"| {names[r['method']]} | {r['miou']:.3f} | {r['dice']:.3f} | {r['pixel_acc']:.3f} | {r['wall_s']:.1f} | "
+              f"{r['cpu_s']:.1f} | {r['wall_vs_probe']:.2f}x |" for r in report["rows"]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("accuracy", "timing"), default="accuracy")
@@ -136,9 +153,11 @@ def main() -> None:
         for row in rows:
             row["wall_vs_probe"] = row["wall_s"] / probe["wall_s"]
         print(json.dumps(report, indent=2))
+        print(table(report))
         if not args.smoke:
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / f"segment-{DATE}-{args.part}.json").write_text(json.dumps(report, indent=2) + "\n")
+            (RESULTS / f"segment-{DATE}-{args.part}.md").write_text(table(report) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -55,16 +55,19 @@ class TransformSpec:
         return TransformSpec(new_resize, crop, self.mean, self.std, self.interpolation)
 
 
+def shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing so that the shorter side is `size`, rounded as torchvision does."""
+    if width <= height:
+        return size, max(1, int(size * height / width))
+    return max(1, int(size * width / height)), size
+
+
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     """Resize so that the shorter side is `size` (antialiased, as torchvision does on PIL images)."""
     width, height = img.size
     if min(width, height) == size:
         return img
-    if width <= height:
-        new_w, new_h = size, max(1, int(size * height / width))
-    else:
-        new_w, new_h = max(1, int(size * width / height)), size
-    return img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
+    return img.resize(shorter_side_to(width, height, size), INTERPOLATIONS[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

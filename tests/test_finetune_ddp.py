@@ -156,6 +156,18 @@ def test_frozen_batch_norm_makes_two_ranks_equal_one_process(data, tmp_path):
         assert a[key] == pytest.approx(b[key], abs=FROZEN_TOL), key
 
 
+@pytest.mark.slow
+def test_unfreezing_under_ddp_agrees_with_one_process(data, tmp_path):
+    """--unfreeze-at makes more parameters trainable: the DDP module is rebuilt so that their gradients are
+    averaged too (one process and two ranks still agree in the unfrozen epoch)."""
+    args = ["--epochs", "2", "--freeze", "until:layer3", "--unfreeze-at", "2", *COMMON]
+    assert _run([data, "-o", tmp_path / "one", *args]).returncode == 0
+    two = _run([data, "-o", tmp_path / "two", *args], torchrun=True)
+    assert two.returncode == 0, two.stderr
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= LOSS_TOL and abs(a["val_loss"] - b["val_loss"]) <= LOSS_TOL
+
+
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker of `rank` among the launcher's children."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()

@@ -108,6 +108,9 @@ def test_cli_bad_input_is_one_line_exit_2(data, tmp_path):
     assert out.returncode == 2 and "above the class ids expected" in out.stderr and out.stderr.count("\n") == 1
     out = _cli("finetune", data, "--tap", "layer3", "-b", "resnet18", "-w", "none", "-o", tmp_path / "run3")
     assert out.returncode == 2 and "need --task segment" in out.stderr
+    out = _cli("finetune", data, "--task", "segment", "--binary", "--tap", "x", "-b", "resnet18", "-w", "none",
+               "--image-size", "64", "--batch-size", "4", "-o", tmp_path / "run4")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--tap x: too shallow for the decoder" in out.stderr
 
 
 # ---- model, metrics, loss ---------------------------------------------------------------------------------------
@@ -129,6 +132,8 @@ def test_decoder_shapes_names_and_taps():
         build_segmenter(model, "flatten", parse_decoder("linear"), 1, 64, "resnet18")
     with pytest.raises(FeatxError, match=r"map is 1x1 at 32x32 inputs, too coarse"):
         build_segmenter(model, "layer4", parse_decoder("linear"), 1, 32, "resnet18")
+    with pytest.raises(FeatxError, match=r"--tap layer9: unknown tap for resnet18"):
+        build_segmenter(model, "layer9", parse_decoder("linear"), 1, 64, "resnet18")
     with pytest.raises(FeatxError, match=r"--decoder 'conv'"):
         parse_decoder("conv")
 

@@ -76,7 +76,10 @@ def default_tap(model: nn.Module) -> str:
 
 def build_segmenter(model: nn.Module, tap: str, spec: DecoderSpec, n_out: int, crop: int, name: str) -> nn.Module:
     """`model` up to `tap` plus a Decoder named 'decoder', as one fx GraphModule returning (B, n_out, H, W)."""
-    check_taps(model, [tap])
+    try:
+        check_taps(model, [tap])
+    except FeatxError as err:  # the same message, naming this command's option
+        raise FeatxError(str(err).replace(f"-l {tap}:", f"--tap {tap}:", 1)) from None
     if channels_last_taps(model, [tap])[tap]:
         raise FeatxError(f"--tap {tap}: its output is (N, H, W, C); the decoder needs an (N, C, H, W) map")
     trunk = feature_extractor(model, {tap: "map"})
