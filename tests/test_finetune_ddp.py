@@ -232,7 +232,7 @@ def test_ranks_disagreeing_on_the_run_is_one_line(data, tmp_path):
                                        *COMMON[:-3], "--lr", "0.001" if rank == 0 else "0.01", "-q"])
     for code, stderr in results:
         assert code == 2
-        assert _one_line(stderr).startswith("featx: error: rank 1 disagrees with rank 0 on the run (lr differ)")
+        assert _one_line(stderr).startswith("featx: error: rank 1 disagrees with rank 0 on the run (backbone_lr, lr differ)")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
