@@ -232,7 +232,8 @@ def test_ranks_disagreeing_on_the_run_is_one_line(data, tmp_path):
                                        *COMMON[:-3], "--lr", "0.001" if rank == 0 else "0.01", "-q"])
     for code, stderr in results:
         assert code == 2
-        assert _one_line(stderr).startswith("featx: error: rank 1 disagrees with rank 0 on the run (backbone_lr, lr differ)")
+        line = _one_line(stderr)
+        assert line.startswith("featx: error: rank 1 disagrees with rank 0 on the run (backbone_lr, lr differ)")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -241,8 +242,8 @@ def test_batch_size_not_divisible_by_the_ranks_is_one_line(data, tmp_path):
     args = [data, "-o", tmp_path / "run", "--epochs", "1", *COMMON, "--batch-size", "7"]
     for code, stderr in _two_ranks(lambda rank: args):
         assert code == 2
-        assert _one_line(stderr) == ("featx: error: --batch-size 7: not divisible by the 2 ranks (WORLD_SIZE); the "
-                                     "global batch is split evenly between them")
+        assert _one_line(stderr) == ("featx: error: --batch-size 7: not divisible by the 2 ranks (WORLD_SIZE); "
+                                     "the global batch is split evenly between them")
 
 
 def test_world_size_without_a_reachable_rendezvous_is_one_line(data, tmp_path):

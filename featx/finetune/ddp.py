@@ -52,14 +52,16 @@ class RankSampler(Sampler):
         if self.batch is None:
             return iter(pairs[self.rank :: self.world])
         share = self.batch // self.world
-        starts = range(0, len(pairs) - self.batch + 1, self.batch)
-        return iter([pair for start in starts for pair in pairs[start + self.rank * share : start + (self.rank + 1) * share]])
+        mine = []
+        for start in range(0, len(pairs) - self.batch + 1, self.batch):
+            mine.extend(pairs[start + self.rank * share : start + (self.rank + 1) * share])
+        return iter(mine)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the batch of every rank together (differentiable
-    all-reduces of the per-channel sums, then of the centred squares), with BatchNorm's arithmetic: biased variance to normalise, unbiased for
-    the running estimate. In eval mode, or outside a process group, it is BatchNorm2d."""
+    all-reduces of the per-channel sums, then of the centred squares), with BatchNorm's arithmetic: biased variance
+    to normalise, unbiased for the running estimate. In eval mode, or outside a process group, it is BatchNorm2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.distributed.is_initialized()):
