@@ -67,7 +67,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["offline", "seed", "all"], default="offline")
+    p.add_argument("--part", choices=["offline", "seed", "grid", "all"], default="offline")
     p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED, help="folder holding the offline datasets")
     p.add_argument("--weights", help="pretrained protocol: torchvision weights name (IMAGENET1K_V1) or a .pth file")
     p.add_argument("--data", type=Path, help="pretrained protocol: an ImageFolder to run methods (a)-(d) on")
@@ -92,10 +92,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings to check the pipeline end to end")
     p.add_argument("--seed-data", type=Path, default=None, help="seed part: ImageFolder (default dogs_vs_cats)")
     p.add_argument("--workers", type=int, default=None, help="seed part: decode workers on both sides")
+    p.add_argument("--weights-match", default=None, help="grid, seed: how the weights file pairs with the model")
+    p.add_argument("--taps", default=None, help="grid: comma-separated taps (two stage outputs and the pre-logits)")
+    p.add_argument("--datasets", default=None, help="grid: comma-separated datasets under --shared-data")
+    p.add_argument("--budget-minutes", type=float, default=45.0, help="grid: wall-clock budget of the whole grid")
+    p.add_argument("--reduced-size", default="fashion_mnist=112",
+                   help="grid: resolution of every method per dataset where the preset is too dear (name=px,...)")
     p.add_argument("--rebuild", type=Path, default=None,
                    help="rewrite the .md/.csv/.png/-readme.md of a finished run from its results .json (no training)")
     args = p.parse_args(argv)
-    if (args.weights is None) != (args.data is None) and args.part != "seed":
+    if (args.weights is None) != (args.data is None) and args.part in ("offline", "all"):
         p.error("the pretrained protocol needs both --weights and --data")
     return args
 
@@ -505,12 +511,14 @@ def pretrained(args, work: Path, stem: str) -> None:
 
 
 def seed_part(args, work: Path, stem: str) -> None:
+    from protocol.grid_run import BACKBONE, default_weights
     from protocol.seed import run_seed, seed_markdown
 
     info = R.machine_info()
     data = args.seed_data or args.shared_data / "dogs_vs_cats"
-    weights = args.weights or "none"
-    res = run_seed(data, args.backbone or "resnet50", weights, work, args.workers, log=log)
+    weights = args.weights or default_weights()
+    match = args.weights_match or ("order" if args.weights is None else "name")
+    res = run_seed(data, args.backbone or BACKBONE, weights, match, work, log=log)
     res["machine"] = info
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -536,6 +544,10 @@ def main(argv=None) -> None:
         work = args.work.resolve()
         work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.part == "grid":
+            from protocol.grid_run import run_grid
+
+            run_grid(args, work / "grid", args.tag or f"grid-{date}", log)
         if args.part in ("offline", "all"):
             if args.weights:
                 protocol = f"pretrained-{args.data.resolve().name}"
