@@ -73,19 +73,30 @@ def pixels(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def resize_shorter_side(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """Resize a uint8 (3, H, W) tensor so that its shorter side is `size`, antialiased (torch's uint8 kernels,
-    several times faster than PIL's resize and within one grey level of it)."""
+def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize a PIL image so that the shorter side is `size` (antialiased, as torchvision does on PIL images)."""
+    width, height = img.size
+    if min(width, height) == size:
+        return img
+    return img.resize(shorter_side_to(width, height, size), INTERPOLATIONS[interpolation])
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Center crop a PIL image to size x size, padding with black when it is smaller (like torchvision)."""
+    width, height = img.size
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def resize_pixels(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """resize_shorter_side for a uint8 (3, H, W) tensor, with torch's antialiased uint8 kernels: several times
+    faster than PIL's resize, and within one grey level of it."""
     height, width = x.shape[-2:]
     new_w, new_h = shorter_side_to(width, height, size)
     if (new_w, new_h) == (width, height):
         return x
     return TF.resize(x, [new_h, new_w], interpolation=TV_INTERPOLATIONS[interpolation], antialias=True)
-
-
-def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Center crop to size x size, padding with black when the image is smaller (like torchvision)."""
-    return TF.center_crop(x, [size, size])
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -102,8 +113,8 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         x = pixels(img) if isinstance(img, Image.Image) else img
-        x = resize_shorter_side(x, self.spec.resize, self.spec.interpolation)
-        return center_crop(x, self.spec.crop).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        x = TF.center_crop(resize_pixels(x, self.spec.resize, self.spec.interpolation), [self.spec.crop] * 2)
+        return x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def normalize_batch(
