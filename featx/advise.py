@@ -34,6 +34,7 @@ DEFAULT_BUDGET_SHARE = 0.05  # of one estimated full finetune (featx finetune's 
 FINETUNE_EPOCHS = 10
 CURVE_GRID = (0.01, 0.1, 1.0, 10.0)  # C values of the curve's probes (no refinement: many small fits)
 HOLDOUT = 0.25
+MAX_CURVE_PER_CLASS = 256  # the curve stops here; beyond, its slope extrapolates (fits grow with the rows)
 MAX_DOUBLINGS = 2  # the curve is extrapolated at most this many doublings of the data beyond its last point
 DECODE_FACTOR = 1.3  # extraction = forward passes plus decoding, measured on the model alone
 SCHEMA = 1
@@ -195,7 +196,9 @@ def advise(data, *, backbone: str = "resnet50", weights: str = "DEFAULT", weight
     take = min(max(counts.values()), affordable)
     with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
         spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
-        log(f"extracting {min(take, per_class)}+ images per class at taps {', '.join(taps)} into {store}")
+        part = "all images" if take >= max(counts.values()) else \
+            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
+        log(f"extracting {part} at taps {', '.join(taps)} into {store}")
         result = extract(spec, store, backbone=backbone, weights=weights, weights_match=weights_match, taps=taps,
                          image_size=image_size, log=log)
     costs = {**costs, "extract_seconds": result.seconds, "full_finetune_seconds": full_ft}
@@ -235,7 +238,8 @@ def _subset_csv(source, per_class: int, seed: int, folder: Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = None) -> tuple[dict, dict]:
     """Probe accuracy on held-out rows per tap and class-balanced n per class (nested subsets; 3 seeds below 8
-    per class). Held out: the store's 'val' rows, else a stratified quarter of its labelled rows. Past `deadline`
+    per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows, else a stratified quarter of its
+    labelled rows. Past `deadline`
     (time.perf_counter()) the curve jumps to its last point (every training row). Returns (curves, info)."""
     from .heads import evaluate, fit_head
     from .store import open_store
@@ -257,7 +261,7 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
     train = labelled & ~val & (splits != "test")
     pools = {c: np.random.default_rng(seed + 1).permutation(np.flatnonzero(train & (labels == c)))
              for c in np.unique(labels[labelled])}
-    n_max = min(len(p) for p in pools.values())
+    n_max = min(MAX_CURVE_PER_CLASS, min(len(p) for p in pools.values()))
     if n_max < 2:
         raise FeatxError(f"{store}: fewer than 2 training rows in a class after the hold-out; advise needs more images")
     sizes = sorted({*(2 ** i for i in range(1, int(math.log2(n_max)) + 1)), n_max})
@@ -311,7 +315,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
         warnings.simplefilter("ignore")  # "fewer folds than asked" at 2 per class: expected on a learning curve
         curves, info = learning_curves(store, taps, seed, deadline)
     penultimate = taps[-1]
-    final = {t: c[-1]["acc"] for t, c in curves.items()}
+    # Each tap's accuracy over the curve's last two points: one hold-out point alone swings by several points.
+    final = {t: float(np.mean([p["acc"] for p in c[-2:]])) for t, c in curves.items()}
     shallow = {t: a for t, a in final.items() if t != penultimate}
     best_shallow = max(shallow, key=shallow.get) if shallow else None
     gap = final[penultimate] - (shallow[best_shallow] if shallow else 0.0)

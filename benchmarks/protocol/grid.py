@@ -39,9 +39,9 @@ class GridConfig:
     batch: int = 16
     lr: dict = field(default_factory=lambda: {"fixed": 1e-3, "finetune": 1e-4, "probe+ft": 1e-4, "scratch": 1e-3})
     image_size: dict = field(default_factory=dict)  # dataset -> resolution of every method where the preset is too dear
-    tune_n: int = 20
-    tune_holdout: int = 20
-    tune_epochs: int = 6
+    tune_n: int = 10
+    tune_holdout: int = 10
+    tune_epochs: int = 4
     min_images: int = 160  # budget bounds at the preset's 224 px, scaled by (224 / size)^2 at a smaller size
     max_images: int = 640
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
@@ -165,19 +165,21 @@ class Grid:
         wdir.mkdir(parents=True, exist_ok=True)
         store = wdir / "all.h5"
         done = self.journal.find(kind="extract", target=name)
-        if not done or not store.exists():
-            remove_store(store)
+        if not done or not store.exists():  # featx extract resumes an interrupted extraction from its parts
             csv = D.write_csv(wdir / "all.csv", {"train": ds.train, "val": ds.val})
             with Clock() as c:
                 res = extract(str(csv), store, backbone=self.cfg.backbone, weights=self.cfg.weights,
                               taps=self.cfg.taps, batch_size=64, **self.cfg.load_options(),
                               image_size=self.cfg.image_size.get(name))
-            done = [self.journal.add({"kind": "extract", "target": name, "images": res.n_items, "seconds": c.wall,
+            done = [self.journal.add({"kind": "extract", "target": name, "images": res.n_items,
+                                      "computed": res.n_computed, "seconds": c.wall,
                                       "cpu_seconds": c.cpu, "precision": res.config["precision"],
                                       "transform": res.config.get("transform")})]
             self.log(f"{name}: extracted {res.n_items} images in {c.wall:.0f} s wall / {c.cpu:.0f} s CPU")
-        self.per_image[name] = done[-1]["seconds"] / done[-1]["images"]
-        self.per_image_cpu[name] = done[-1]["cpu_seconds"] / done[-1]["images"]
+        # Seconds per image of the images this run computed (an interrupted extraction resumes from its parts).
+        computed = max(1, done[-1].get("computed", done[-1]["images"]))
+        self.per_image[name] = done[-1]["seconds"] / computed
+        self.per_image_cpu[name] = done[-1]["cpu_seconds"] / computed
         self.rows[name] = Rows(store, self.cfg.taps)
         self.val_store[name] = self.rows[name].store(wdir / "val.h5", ds.val, "val")
 
@@ -219,7 +221,7 @@ class Grid:
         """Budget (images per run) of `method` on `name`: one run on a tuning subset of the training pool with
         validation after every epoch on other pool images; the budget is the epoch count with the best hold-out
         accuracy (the earliest of ties) times the subset's size, clamped to [min_images, max_images]."""
-        key = "finetune" if method == "probe+ft" else method  # (d) trains like (c); it shares (c)'s budget
+        key = "finetune"  # (b), (d) and (e) share (c)'s budget: one tuning run per dataset is what the CPU affords
         found = self.journal.find(kind="tune", target=name, method=key)
         if found:
             return found[-1]
@@ -261,15 +263,14 @@ class Grid:
         for n in sizes:
             for seed in range(cfg.ft_seeds):
                 nv = n_value(ds, n)
-                if self.journal.find(kind="cell", target=name, method=method, n=nv, seed=seed) or \
-                        self.journal.find(kind="skipped", target=name, method=method, n=nv, seed=seed):
-                    continue
+                if self.journal.find(kind="cell", target=name, method=method, n=nv, seed=seed):
+                    continue  # (a cell skipped by an earlier run's budget is tried again)
                 files = cell_files(ds, n, seed)
                 n_train = D.count(files)
                 if self.left() < 60:
                     self._skip(name, method, nv, seed, n_train, "the grid's wall-clock budget ran out")
                     continue
-                tuned = self.tune(name, method if method != "scratch" else "finetune")
+                tuned = self.tune(name, method)
                 expected = self.estimate(name, method, n_train, tuned["budget_images"])
                 if expected > self.left():
                     self._skip(name, method, nv, seed, n_train,

@@ -42,6 +42,13 @@ def run_grid(args, work: Path, stem: str, log) -> None:
     names = args.datasets.split(",") if args.datasets else list(DATASETS)
     datasets = {n: D.image_folder(args.shared_data / n) for n in names}
     journal = Journal(work / "journal.jsonl")
+    if args.report_only:
+        seconds = sum(r.get("seconds", 0.0) for r in journal.records if r["kind"] in ("extract", "tune")) + sum(
+            r["seconds"] - (r.get("detail") or {}).get("extract_seconds_charged", 0.0)
+            for r in journal.records if r["kind"] == "cell")
+        write_outputs(args.out, stem, cfg, R.machine_info(), journal, seconds)
+        log(f"rewrote the outputs of {work} from its journal")
+        return
     grid = Grid(cfg, datasets, work, journal, t_start + 60 * args.budget_minutes, log)
     info = R.machine_info()
     log(f"grid: {', '.join(names)}; {cfg.backbone} with {cfg.weights} (--weights-match {cfg.weights_match}); "
@@ -50,9 +57,11 @@ def run_grid(args, work: Path, stem: str, log) -> None:
         grid.extract(name)
         grid.probe_cells(name)
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
-    for method in FT_ORDER:
-        for name in names:
-            grid.finetune_cells(name, method)
+    for method in FT_ORDER:  # per method, n by n across the datasets: a cut-short grid still covers every dataset
+        for n in cfg.ft_order:
+            for name in names:
+                if n in cfg.sizes:
+                    grid.finetune_cells(name, method, [n])
             write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
     for name in names:
         grid.finetune_cells(name, "scratch", cfg.scratch_sizes)
@@ -84,14 +93,16 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
     if not cells:
         return
     prefix = out / stem
-    skipped = [r for r in journal.records if r["kind"] == "skipped"]
+    done = {(r["target"], r["method"], r["n"], r["seed"]) for r in cells}
+    skipped = list({(r["target"], r["method"], r["n"], r["seed"]): r for r in journal.records
+                    if r["kind"] == "skipped" and (r["target"], r["method"], r["n"], r["seed"]) not in done}.values())
     extracts = [r for r in journal.records if r["kind"] == "extract"]
     tuned = [r for r in journal.records if r["kind"] == "tune"]
     R.write_csv(prefix.with_suffix(".csv"), cells)
     main_taps = {r["target"]: cfg.main_tap for r in cells}
     title = f"Probe vs finetune, {cfg.backbone} with ImageNet weights"
     pngs = R.plots(prefix, cells, main_taps, title)
-    setup = setup_lines(cfg, extracts, tuned, skipped, seconds)
+    setup = setup_lines(cfg, extracts, tuned, skipped, seconds) + missing_lines(cfg, journal, cells)
     extra = cpu_table(cells, cfg.main_tap) + win_lines(winners(cells)) + ["", "## Plots", ""] + [f"![{p.stem}]({p.name})"
                                                                                    for p in pngs]
     prefix.with_suffix(".md").write_text(R.markdown(title, info, setup, cells, main_taps, extra))
@@ -103,7 +114,7 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
 
 def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]:
     lines = [
-        f"Grid time so far: {R.fmt_seconds(seconds)} of wall time on a 2-core machine shared with other jobs (so wall "
+        f"Grid time: {R.fmt_seconds(seconds)} of wall time (its steps summed) on a 2-core machine shared with other jobs (so wall "
         "seconds are upper bounds; CPU seconds, below, are this process's and its workers').",
         "",
         f"Backbone `{cfg.backbone}`, weights `{Path(cfg.weights).name}` loaded with `--weights-match "
@@ -113,12 +124,15 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         "Extraction, once per dataset (train pool + val, every tap in one pass); each probe cell is charged these "
         "seconds per image times its own training images, plus its own fit:",
     ]
-    lines += [f"- {e['target']}: {e['images']} images in {e['seconds']:.0f} s wall / {e['cpu_seconds']:.0f} s CPU "
-              f"({e['precision']})" for e in extracts]
+    lines += [f"- {e['target']}: {e['images']} images"
+              + (f" ({e['computed']} computed by this run: it resumed an interrupted extraction)"
+                 if e.get("computed", e["images"]) != e["images"] else "")
+              + f" in {e['seconds']:.0f} s wall / {e['cpu_seconds']:.0f} s CPU ({e['precision']})" for e in extracts]
     lines += [
         "",
         f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
-        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; {cfg.seeds} seeds "
+        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; "
+        f"{cfg.seeds} seeds "
         f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "
         f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured. "
@@ -126,8 +140,9 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         "",
         "Budget of a finetuning run (images through the backbone), tuned per dataset and method on a split of the "
         f"training pool ({cfg.tune_n}/class to train, up to {cfg.tune_holdout}/class held out; never the scoring "
-        f"set): one run of {cfg.tune_epochs} epochs with validation after each, budget = best epoch x tuning-set "
-        f"size, clamped to [{cfg.min_images}, {cfg.max_images}] images at 224 px; (d) uses (c)'s budget, (e) too. A run "
+        f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each, budget = best epoch x "
+        f"tuning-set size, clamped to [{cfg.min_images}, {cfg.max_images}] images at 224 px; (b), (d) and (e) use "
+        "(c)'s budget (one tuning run per dataset is what the CPU affords). A run "
         "with N <= budget makes ceil(budget / N) passes over its N images.",
     ]
     lines += [f"- {t['target']} {t['method']}: hold-out accuracy per epoch "
@@ -147,6 +162,25 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         lines += ["", "**Cells not run** (the grid's wall-clock budget):"]
         lines += [f"- {s['target']} {s['method']} n={s['n']} seed {s['seed']}: {s['why']}" for s in skipped]
     return lines
+
+
+def missing_lines(cfg: GridConfig, journal: Journal, cells) -> list[str]:
+    """The planned cells with no result (neither run nor journalled as skipped), said plainly."""
+    n_all = {r["target"]: r["n"] for r in cells if r.get("all")}
+    have = {(r["target"], r["method"], r["n"]) for r in cells}
+    skipped = {(r["target"], r["method"], r["n"]) for r in journal.records if r["kind"] == "skipped"}
+    planned = [(t, m, n) for t in dict.fromkeys(r["target"] for r in cells) for m in FT_ORDER + ("scratch",)
+               for n in (cfg.scratch_sizes if m == "scratch" else cfg.sizes)]
+    missing = [(t, m, n) for t, m, n in planned
+               if (t, m, n_all.get(t) if n == "all" else n) not in have | skipped]
+    if not missing:
+        return []
+    by = {}
+    for t, m, n in missing:
+        by.setdefault((t, m), []).append(str(n))
+    return ["", f"**Not run: {len(missing)} planned finetuning cells** (the grid was stopped when its wall-clock "
+            "window closed; on this shared machine the extraction and the probes took the whole window):"] + \
+        [f"- {t} {R.SHORT_LABELS[m]}: n = {', '.join(ns)}" for (t, m), ns in by.items()]
 
 
 def cpu_table(cells, main_tap: str) -> list[str]:

@@ -219,7 +219,7 @@ def seed_markdown(res: dict, machine: str) -> str:
     else:
         lines.append(f"The loop never reaches featx's accuracy ({100 * fx['acc']:.1f} %) within its "
                      f"{loop['epochs']} epochs.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).replace(res["weights"], "$WEIGHTS") + f"\n\n`$WEIGHTS` = `{res['weights']}`.\n"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["loop"]:
