@@ -122,7 +122,7 @@ def main() -> None:
         extract_ips = result.images_per_second
         print(f"featx extract: {result.n_computed} images, {extract_ips:.1f} img/s", flush=True)
         featx.fit_head(tmp / "train.h5", "avgpool", tmp / "head", grid="1", plots=False, n_jobs=1)
-        lines += [f"featx extract: {result.n_computed} images, {extract_ips:.1f} img/s", "",
+        lines += ["EXTRACT_LINE", "",
                   f"{len(bodies)} distinct JPEGs served, each request one image (raw image/jpeg body)", "",
                   "| batching | concurrency | img/s | p50 ms | p99 ms | mean batch | computed/requests |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -145,6 +145,12 @@ def main() -> None:
             cache = {c: measure(url, hot, CACHE_REQUESTS, c) for c in (8, 32)}
         finally:
             stop_server(proc)
+        again = featx.extract(str(listing), tmp / "again.h5", backbone="resnet18", weights="none",
+                              taps=["avgpool"]).images_per_second  # before and after the serve runs: same load
+        extract_ips = max(extract_ips, again)
+    lines[lines.index("EXTRACT_LINE")] = (f"featx extract: {result.n_computed} images, {result.images_per_second:.1f} "
+                                          f"img/s before the serve runs, {again:.1f} img/s after; the ratio uses the "
+                                          f"faster, {extract_ips:.1f}")
     lines += ["", "| cache hits | concurrency | answers/s | p50 ms | p99 ms | server ms (mean) | computed |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c, r in cache.items():
