@@ -155,6 +155,14 @@ def _collate_encoded(items):
     return [index for index, _ in items], [encoded for _, encoded in items]
 
 
+def _collate_pixels(items):
+    """(indices, uint8 (B, 3, H, W) batch in channels_last memory, reasons): the images' HWC memory is stacked as
+    it is, so the model's layout costs no copy here and the float conversion reads pixels in order."""
+    indices, images, reasons = zip(*items)
+    batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return list(indices), batch, list(reasons)
+
+
 def _hash_items(source: Source, progress: bool) -> list[str | None]:
     """Content keys of all items (threads: hashing releases the GIL); None where the file cannot be read."""
 
@@ -428,14 +436,14 @@ def _local_batches(paths, runner: FeatureRunner, batch_size, workers, decode):
         pin_memory=runner.runtime.is_cuda and decode != "gpu",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        collate_fn=_collate_encoded if decode == "gpu" else None,
+        collate_fn=_collate_encoded if decode == "gpu" else _collate_pixels,
     )
     device_decode = DeviceDecoder(runner.transform, runner.runtime.device, dataset.cpu_decode) if decode == "gpu" else None
     for indices, *batch in loader:
         images, reasons = device_decode(batch[0]) if device_decode else batch
         indices = list(map(int, indices))
         ok = torch.tensor([not r for r in reasons], dtype=torch.bool, device=images.device)
-        yield indices, list(reasons), runner(images[ok]) if ok.any() else {}
+        yield indices, list(reasons), runner(images if ok.all() else images[ok]) if ok.any() else {}
 
 
 def _ray_batches(cluster, paths, config: dict, weights_arg, batch_size):

@@ -4,7 +4,9 @@ and center-cropped there.
 Decode workers only read the files: a JPEG that nvJPEG can take (RGB or grayscale, within the pixel limit) travels
 as its bytes, every other file is decoded on the CPU as with `--decode cpu`. A batch the device decoder rejects is
 retried image by image, and a JPEG it rejects alone goes to the CPU decoder, so a bad file fails alone. The device
-decoder and resize differ from PIL's by a few pixel values, so the decoder is part of a store's config identity.
+decoder differs from libjpeg (which the CPU path also runs at a reduced scale when the resize allows it) by a few
+pixel values, so the decoder is part of a store's config identity. Resize and crop are the CPU path's own
+(EvalTransform on a tensor), run on the device.
 torchvision 0.29 deprecates its decoders in favour of TorchCodec; this module keeps to torchvision's API.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import FeatxError
-from .preprocess import TransformSpec, shorter_side_to
+from .preprocess import EvalTransform, TransformSpec
 from .sources import DEFAULT_MAX_PIXELS
 
 DECODERS = ("cpu", "gpu")
@@ -86,10 +88,7 @@ class DeviceDecoder:
     """The main-process side: a list of Encoded -> (uint8 (B, 3, crop, crop) on `device`, reasons)."""
 
     def __init__(self, spec: TransformSpec, device: torch.device, cpu_decode: CpuDecode):
-        from torchvision.transforms import InterpolationMode
-
-        self.spec, self.device, self.cpu_decode = spec, device, cpu_decode
-        self.interpolation = InterpolationMode(spec.interpolation)
+        self.transform, self.device, self.cpu_decode = EvalTransform(spec), device, cpu_decode
 
     def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, list[str]]:
         jpegs = iter(self._decode_jpegs([e.data for e in items if e.data is not None]))
@@ -101,7 +100,7 @@ class DeviceDecoder:
             else:
                 decoded = next(jpegs)
                 if decoded is not None:
-                    image = self._resize_crop(orient(decoded, e.orientation))
+                    image = self.transform(orient(decoded, e.orientation))  # the CPU path's resize and crop
                 else:  # the device decoder rejects this file: the CPU decoder decides
                     image, reason = self.cpu_decode(e.path)
                     image = image.to(self.device)
@@ -126,12 +125,3 @@ class DeviceDecoder:
                     except RuntimeError:
                         out.append(None)
                 return out
-
-    def _resize_crop(self, image: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
-        height, width = image.shape[-2:]
-        if min(width, height) != self.spec.resize:
-            new_w, new_h = shorter_side_to(width, height, self.spec.resize)
-            image = F.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=True)
-        return F.center_crop(image, [self.spec.crop, self.spec.crop])
