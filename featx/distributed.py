@@ -12,9 +12,12 @@ an `identity` dict that must be equal in every shard.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -110,8 +113,9 @@ def rendezvous_timeout(environ=None) -> float:
     return seconds
 
 
-def _join(shard: Shard):
-    """The gloo process group of a torchrun job; FeatxError when the other ranks cannot be reached."""
+def join(shard: Shard, backend: str = "gloo"):
+    """Join the process group of a torchrun job (gloo, or nccl for GPU training); FeatxError when the other ranks
+    cannot be reached. Returns torch.distributed."""
     import torch.distributed as dist
 
     timeout = rendezvous_timeout()
@@ -122,13 +126,39 @@ def _join(shard: Shard):
             f"--num-shards/--shard-index for independent processes"
         )
     try:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        with _native_stderr_held() as held:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        held.replay()
     except (RuntimeError, ValueError, OSError) as err:  # DistNetworkError and DistStoreError are RuntimeErrors
         raise FeatxError(
             f"{shard.name}: no rendezvous with the other ranks at {where} within {timeout:g} s "
             f"({str(err).splitlines()[0][:120]}): check MASTER_ADDR/MASTER_PORT and that every rank was started"
         ) from None
     return dist
+
+
+class _native_stderr_held(contextlib.AbstractContextManager):
+    """Hold what native code writes to file descriptor 2 (c10d logs every failed connection attempt there) until
+    `replay()`; a failed rendezvous drops it, so that the user sees the one-line error alone."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, kind, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if kind is not None:
+            self._file.close()
+        return False
+
+    def replay(self) -> None:
+        self._file.seek(0)
+        sys.stderr.write(self._file.read().decode(errors="replace"))
+        self._file.close()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -145,7 +175,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _disagreement(mine: dict, theirs: dict) -> str:
+def disagreement(mine: dict, theirs: dict) -> str:
     fields = sorted(name for name in set(mine) | set(theirs) if mine.get(name) != theirs.get(name))
     return ", ".join(fields)
 
@@ -162,10 +192,10 @@ def start(shard: Shard, folder: Path, identity: dict) -> None:
             if done is not None and done.get("identity", {}).get("config") != identity.get("config"):
                 raise FeatxError(
                     f"{marker}: a shard of this store ran with another config "
-                    f"({_disagreement(identity, done['identity'])} differ): run every shard with the same options"
+                    f"({disagreement(identity, done['identity'])} differ): run every shard with the same options"
                 )
         return
-    dist = _join(shard)
+    dist = join(shard)
     try:
         token = [uuid.uuid4().hex if shard.index == 0 else None]
         dist.broadcast_object_list(token, src=0)
@@ -182,7 +212,7 @@ def start(shard: Shard, folder: Path, identity: dict) -> None:
     for rank, report in enumerate(reports):
         if report["identity"] != reports[0]["identity"]:
             raise FeatxError(
-                f"rank {rank} disagrees with rank 0 on the job ({_disagreement(reports[0]['identity'], report['identity'])} "
+                f"rank {rank} disagrees with rank 0 on the job ({disagreement(reports[0]['identity'], report['identity'])} "
                 f"differ): start every rank with the same options and data"
             )
     for rank, report in enumerate(reports):

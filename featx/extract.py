@@ -7,6 +7,7 @@ and a writer thread commits each batch as a segment, so decoding, compute and wr
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import errno
 import tempfile
 import time
@@ -18,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import Backbone, check_backbone, load_backbone
 from .errors import FeatxError
+from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
@@ -32,9 +34,11 @@ from .writer import SealPlan, StoreWriter
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("skip", "fail")
 # Config fields that decide the numbers in a row; versions and timestamps are recorded but do not invalidate a cache.
-IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "weights_match", "taps", "pooling", "token_pool", "transform",
+IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "weights_match", "decode", "taps", "pooling", "token_pool", "transform",
                    "precision", "dtype")
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
+DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
+ENGINES = ("local", "ray")
 MAX_PENDING_WRITES = 4
 
 
@@ -53,10 +57,13 @@ class ExtractResult:
     sealed: bool
     config: dict = field(repr=False)
     failed: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    note: str = ""  # a shard that did not seal: why
 
     def summary(self) -> str:
         size = self.store_bytes / 1e6
         speed = f", {self.images_per_second:.1f} img/s" if self.n_computed else ""
+        if self.note:
+            return f"{self.note}: {self.n_computed} computed, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
         state = "" if self.sealed else " (already up to date)"
         return (
             f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
@@ -64,7 +71,8 @@ class ExtractResult:
         )
 
 
-def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSpec, precision, dtype, weights_arg) -> dict:
+def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSpec, precision, dtype, weights_arg,
+                 decode: str = DEFAULT_DECODE) -> dict:
     """The store's config: how its rows were computed (identity fields) plus provenance."""
     return {
         "backbone": bb.name,
@@ -72,6 +80,7 @@ def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSp
         "weights_sha256": bb.weights_sha256,
         "weights_path": str(Path(weights_arg).resolve()) if bb.weights_id.startswith("file:") else None,
         "weights_match": bb.weights_match,
+        "decode": decode,
         "taps": list(taps),
         "pooling": pooling,
         "token_pool": token_pool,
@@ -89,6 +98,8 @@ def identity_key(config: dict) -> str:
     fields = {name: config.get(name) for name in IDENTITY_FIELDS}
     if fields["weights_match"] in (None, DEFAULT_MATCH):
         del fields["weights_match"]
+    if fields["decode"] in (None, DEFAULT_DECODE):
+        del fields["decode"]
     return config_fingerprint(fields)
 
 
@@ -99,6 +110,7 @@ def extract_options_from_config(config: dict) -> dict:
         "backbone": config["backbone"],
         "weights": config.get("weights_path") or config["weights"],
         "weights_match": config.get("weights_match", DEFAULT_MATCH),
+        "decode": config.get("decode", DEFAULT_DECODE),
         "taps": list(config["taps"]),
         "pooling": config["pooling"],
         "token_pool": config.get("token_pool", "cls"),
@@ -109,24 +121,46 @@ def extract_options_from_config(config: dict) -> dict:
     }
 
 
-class _DecodeDataset(Dataset):
-    """Decodes and crops one image per index; a broken file yields a zero image and its reason instead of raising."""
+class CpuDecoder:
+    """Decodes and crops one image: (uint8 (3, crop, crop), ''), or a zero image and the reason of a broken file."""
 
-    def __init__(self, paths: list[str], transform: TransformSpec):
-        self.paths = paths
+    def __init__(self, transform: TransformSpec):
         self.transform = EvalTransform(transform)
-        self.min_size = transform.resize
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
+        spec = self.transform.spec
+        try:
+            return self.transform(decode_image(path, min_size=spec.resize)), ""
+        except DecodeError as err:
+            return torch.zeros(3, spec.crop, spec.crop, dtype=torch.uint8), str(err) or "undecodable image"
+
+
+class _DecodeDataset(Dataset):
+    """One item per path: (index, uint8 image, reason) decoded on the CPU, or (index, Encoded) for `--decode gpu`."""
+
+    def __init__(self, paths: list[str], transform: TransformSpec, decode: str):
+        self.paths, self.decode = paths, decode
+        self.cpu_decode = CpuDecoder(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        try:
-            img = decode_image(self.paths[index], min_size=self.min_size)
-            return index, self.transform(img), ""
-        except DecodeError as err:
-            crop = self.transform.spec.crop
-            return index, torch.zeros(3, crop, crop, dtype=torch.uint8), str(err) or "undecodable image"
+        if self.decode == "gpu":
+            return index, read_encoded(self.paths[index], self.cpu_decode)
+        return (index, *self.cpu_decode(self.paths[index]))
+
+
+def _collate_encoded(items):
+    return [index for index, _ in items], [encoded for _, encoded in items]
+
+
+def _collate_pixels(items):
+    """(indices, uint8 (B, 3, H, W) batch in channels_last memory, reasons): the images' HWC memory is stacked as
+    it is, so the model's layout costs no copy here and the float conversion reads pixels in order."""
+    indices, images, reasons = zip(*items)
+    batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return list(indices), batch, list(reasons)
 
 
 def _hash_items(source: Source, progress: bool) -> list[str | None]:
@@ -173,7 +207,7 @@ def _check_output(output: Path) -> None:
         raise FeatxError(f"-o {output}: folder {parent} is not writable ({err.strerror})") from err
 
 
-class _FeatureRunner:
+class FeatureRunner:
     """The model side: a traced extractor for the taps, run under the runtime's precision, pooled to rows."""
 
     def __init__(self, bb: Backbone, taps, pooling, token_pool, transform, runtime: Runtime, dtype):
@@ -234,8 +268,14 @@ def extract(
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float32",
+    decode: str = DEFAULT_DECODE,
     on_error: str = "skip",
     overwrite: bool = False,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    num_gpus_per_worker: float | None = None,
     progress: bool = False,
     log=None,
 ) -> ExtractResult:
@@ -243,57 +283,134 @@ def extract(
 
     Only images whose content is not in the store yet are computed; rows of renamed files are reused and rows of
     removed files dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
-    or by position ('order'). `log` (a callable taking one line) receives notes such as the weights load report.
-    Returns an ExtractResult.
+    or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA device. Under torchrun (or with
+    `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
+    seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
+    this process commits and seals. `log` (a callable taking one line) receives notes such as the weights load
+    report. Returns an ExtractResult.
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers)
+    shard = distributed.discover(num_shards, shard_index)
+    _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite)
     check_backbone(backbone)
     output = Path(output)
     source = load_source(data)
     _check_output(output)
-    runtime = resolve_runtime(device, precision)
-    bb = load_backbone(backbone, weights, match=weights_match)
-    if bb.load_report is not None:
-        log(bb.load_report.summary())
-    taps = list(taps) if taps else [penultimate_node(bb.model)]
-    check_taps(bb.model, taps)
-    transform = bb.transform.with_sizes(image_size, resize)
-    config = build_config(bb, taps, pooling, token_pool, transform, runtime.precision, dtype, weights)
-    keys = _hash_items(source, progress)
+    cluster = _ray_cluster(ray_address, num_gpus_per_worker, progress) if engine == "ray" else None
+    with cluster or contextlib.nullcontext():
+        runtime = None if cluster else resolve_runtime(shard.device(device), precision)
+        if runtime is not None:
+            check_decoder(decode, runtime.device)
+        bb = load_backbone(backbone, weights, match=weights_match)
+        if bb.load_report is not None:
+            log(bb.load_report.summary())
+        taps = list(taps) if taps else [penultimate_node(bb.model)]
+        check_taps(bb.model, taps)
+        transform = bb.transform.with_sizes(image_size, resize)
+        resolved = cluster.precision(precision) if cluster else runtime.precision
+        config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
+        keys = _hash_items(source, progress)
+        job = {"config": identity_key(config), "data": _data_fingerprint(source, keys)}
+        subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
-    with StoreWriter(output, config, identity_key(config), overwrite=overwrite) as writer:
-        n_known = sum(1 for k in keys if k is not None and k in writer.available)
-        todo = _unique_missing(keys, writer.available)
-        failures: dict[str, str] = {}
-        compute_seconds = 0.0
-        if todo:
-            runner = _FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
-            t0 = time.perf_counter()
-            _run(source, keys, todo, runner, writer, batch_size, workers, on_error, failures, progress)
-            compute_seconds = time.perf_counter() - t0
-        plan = _seal_plan(source, keys, writer.available, failures)
-        sealed = not writer.is_unchanged(plan)
-        if sealed:
-            try:
-                writer.seal(plan, taps)
-            except OSError as err:
-                raise _commit_error(err, writer) from err
+        with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
+            distributed.start(shard, writer.parts, job)
+            n_known = sum(1 for k in keys if k is not None and k in writer.available)
+            todo = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
+            failures: dict[str, str] = {}
+            compute_seconds = 0.0
+            if todo:
+                paths = [source.items[i].path for i in todo]
+                if cluster:
+                    batches = _ray_batches(cluster, paths, config, weights, batch_size)
+                else:
+                    runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
+                    batches = _local_batches(paths, runner, batch_size, workers, decode)
+                t0 = time.perf_counter()
+                _commit_batches(batches, source, keys, todo, writer, on_error, failures, progress)
+                compute_seconds = time.perf_counter() - t0
+            note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
+            plan = None if note else _seal_plan(source, keys, writer.available, failures)
+            sealed = plan is not None and not writer.is_unchanged(plan)
+            if sealed:
+                try:
+                    writer.seal(plan, taps)
+                except OSError as err:
+                    raise _commit_error(err, writer) from err
+            elif plan is not None and shard.is_split:
+                writer.remove_parts()  # the shards' markers of a run that found nothing to add
     n_computed = len(todo) - sum(1 for i in todo if keys[i] in failures)
     return ExtractResult(
         store_path=output,
-        n_items=len(plan.keys),
+        n_items=len(plan.keys) if plan else len(source.items),
         n_computed=n_computed,
         n_reused=n_known,
-        n_failed=len(plan.failed),
+        n_failed=len(plan.failed) if plan else sum(1 for i in todo if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
         store_bytes=output.stat().st_size if output.exists() else 0,
         sealed=sealed,
         config=config,
-        failed=plan.failed,
+        failed=plan.failed if plan else [],
+        note=note,
     )
+
+
+def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite) -> None:
+    """One-line FeatxErrors for options that do not go together."""
+    if shard.is_split and overwrite:
+        raise FeatxError(
+            f"--overwrite: not with several shards ({shard.name}), each would discard the others' work: "
+            f"run one process with --overwrite, or remove the old store first"
+        )
+    if engine not in ENGINES:
+        raise FeatxError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "local":
+        for option, value in (("--ray-address", ray_address), ("--num-gpus-per-worker", num_gpus_per_worker)):
+            if value is not None:
+                raise FeatxError(f"{option}: only with --engine ray")
+        return
+    if shard.is_split:
+        raise FeatxError(f"--engine ray: not with torchrun or --num-shards ({shard.name}): Ray spreads the work itself")
+    if decode != DEFAULT_DECODE:
+        raise FeatxError(f"--decode {decode}: only with --engine local (Ray workers decode on their CPUs)")
+    if (device or "auto") != "auto":
+        raise FeatxError(f"--device {device}: not with --engine ray (workers use GPUs when --num-gpus-per-worker > 0)")
+
+
+def _ray_cluster(address, num_gpus_per_worker, progress):
+    from .engines.ray import Cluster
+
+    return Cluster(address, float(num_gpus_per_worker or 0), progress)
+
+
+def _data_fingerprint(source: Source, keys: list[str | None]) -> str:
+    """What the sealed store holds besides features (files, contents, labels, splits), for shards to agree on."""
+    rows = [(item.relpath, key, item.label, item.target, item.split) for item, key in zip(source.items, keys)]
+    return config_fingerprint({"rows": rows, "classes": list(source.classes), "task": source.task})
+
+
+def _finish_shard(shard, writer: StoreWriter, job: dict, keys, failures: dict[str, str]) -> str:
+    """Leave this shard's marker; when every shard is done, take the store for sealing and gather every shard's
+    rows and failures into `writer` and `failures`. Returns why this process does not seal, or ''."""
+    reports, waiting = distributed.finish(shard, writer.parts, job, {"failed": failures})
+    if waiting:
+        others = f"shard {waiting[0]} is" if len(waiting) == 1 else f"shards {', '.join(map(str, waiting))} are"
+        return f"{shard.name} of {writer.output} committed, the store is sealed once {others} done"
+    if not writer.exclusive():
+        return f"{shard.name} of {writer.output} committed, sealed by another shard"
+    writer.refresh()
+    for report in reports:
+        failures.update(report["failed"])
+    lost = {shard.owner(k) for k in keys if k is not None and k not in writer.available and k not in failures}
+    if lost:
+        raise FeatxError(
+            f"{writer.parts}: the rows that shards {', '.join(map(str, sorted(lost)))} reported done are not there: "
+            f"the store folder must be one folder that every shard shares (nothing was sealed)"
+        )
+    return ""
 
 
 def _unique_missing(keys: list[str | None], available) -> list[int]:
@@ -307,33 +424,58 @@ def _unique_missing(keys: list[str | None], available) -> list[int]:
     return todo
 
 
-def _run(source, keys, todo, runner, writer, batch_size, workers, on_error, failures, progress) -> None:
-    """Decode, compute and commit every item in `todo`, batch by batch."""
+def _local_batches(paths, runner: FeatureRunner, batch_size, workers, decode):
+    """(positions in `paths`, reasons ('' = decoded), {tap: rows of the decoded ones}) batch by batch: decode
+    workers feed this process's model."""
     workers = default_workers() if workers is None else workers
-    dataset = _DecodeDataset([source.items[i].path for i in todo], runner.transform)
+    dataset = _DecodeDataset(paths, runner.transform, decode)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
-        pin_memory=runner.runtime.is_cuda,
+        pin_memory=runner.runtime.is_cuda and decode != "gpu",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        collate_fn=_collate_encoded if decode == "gpu" else _collate_pixels,
     )
+    device_decode = DeviceDecoder(runner.transform, runner.runtime.device, dataset.cpu_decode) if decode == "gpu" else None
+    for indices, *batch in loader:
+        images, reasons = device_decode(batch[0]) if device_decode else batch
+        indices = list(map(int, indices))
+        ok = torch.tensor([not r for r in reasons], dtype=torch.bool, device=images.device)
+        yield indices, list(reasons), runner(images if ok.all() else images[ok]) if ok.any() else {}
+
+
+def _ray_batches(cluster, paths, config: dict, weights_arg, batch_size):
+    """Like _local_batches, computed by the Ray cluster's decode tasks and model actors."""
+    from .engines.ray import ModelSpec
+
+    spec = ModelSpec(
+        backbone=config["backbone"], weights=weights_arg, weights_match=config["weights_match"],
+        taps=tuple(config["taps"]), pooling=config["pooling"], token_pool=config["token_pool"],
+        transform=config["transform"], precision=config["precision"], dtype=config["dtype"],
+    )
+    for indices, reasons, rows in cluster.run(paths, spec, batch_size):
+        ok = reasons == ""
+        yield indices.tolist(), reasons.tolist(), {tap: values[ok] for tap, values in rows.items()}
+
+
+def _commit_batches(batches, source, keys, todo, writer, on_error, failures, progress) -> None:
+    """Record the failures of each batch and commit its rows as a segment (in a writer thread, so that writing
+    overlaps with computing the next batch)."""
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=None if progress else True, smoothing=0.1)
     pending: list[cf.Future] = []
     with cf.ThreadPoolExecutor(max_workers=1) as io:
         try:
-            for indices, batch, reasons in loader:
-                ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
-                for j, reason in zip(indices.tolist(), reasons):
+            for indices, reasons, rows in batches:
+                for j, reason in zip(indices, reasons):
                     if reason:
                         item = source.items[todo[j]]
                         if on_error == "fail":
                             raise FeatxError(f"{item.path}: {reason} (--on-error fail; rerun resumes after the last batch)")
                         failures[keys[todo[j]]] = reason
-                if ok.any():
-                    rows = runner(batch[ok])
-                    batch_keys = [keys[todo[j]] for j in indices[ok].tolist()]
+                batch_keys = [keys[todo[j]] for j, reason in zip(indices, reasons) if not reason]
+                if batch_keys:
                     pending.append(io.submit(writer.commit, batch_keys, rows))
                 pending = _drain(pending, writer, MAX_PENDING_WRITES)
                 bar.update(len(indices))
@@ -374,7 +516,7 @@ def _seal_plan(source: Source, keys, available, failures: dict[str, str]) -> Sea
     )
 
 
-def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
+def runner_from_config(config: dict, device: str = "auto") -> FeatureRunner:
     """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
     (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}."""
     options = extract_options_from_config(config)
@@ -386,5 +528,5 @@ def runner_from_config(config: dict, device: str = "auto") -> _FeatureRunner:
         )
     runtime = resolve_runtime(device, options["precision"])
     transform = TransformSpec.from_dict(config["transform"])
-    return _FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
-                          options["dtype"])
+    return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
+                         options["dtype"])

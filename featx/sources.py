@@ -468,7 +468,7 @@ def _load(image: ImageFile.ImageFile, min_size: int | None) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """A new RGB image: high bit-depth gray scaled to 8 bits, transparency composited onto white."""
+    """An RGB image (the decoded one itself when it is RGB already): high bit-depth gray scaled to 8 bits, transparency composited onto white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         gray = np.clip(np.asarray(image), 0, 65535) >> 8
         image = Image.fromarray(gray.astype(np.uint8))
@@ -478,7 +478,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         background = Image.new("RGBA", image.size, _WHITE)
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _one_line(err: BaseException) -> str:

@@ -248,7 +248,7 @@ class StoreWriter:
                 targets=plan.targets, classes=plan.classes, failed=plan.failed,
             )
             self._copy_features(h5, sources, taps, len(plan.keys))
-        self._remove_parts()
+        self.remove_parts()
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
         for tap in taps:
@@ -262,7 +262,8 @@ class StoreWriter:
             if out is None:
                 create_features(h5, tap, (0, 0), np.float32)
 
-    def _remove_parts(self) -> None:
+    def remove_parts(self) -> None:
+        """Remove the parts folder and everything in it (under the exclusive lock, once nothing there is needed)."""
         for child in self.parts.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)

@@ -38,12 +38,14 @@ def test_extract_writes_schema_rows(folder, tmp_path):
 
 
 def _reference_rows(paths, tap, pooling_fn):
-    """What the documents' loop computes: torchvision transforms, fp32, the model called on the batch."""
+    """What the documents' loop computes: torchvision transforms (on uint8 tensors, antialiased, as the weights'
+    presets run them), fp32, the model called on the batch."""
     torch.manual_seed(0)  # the same seeded init featx uses for -w none
     model = torchvision.models.resnet18().eval()
-    tf = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(37), torchvision.transforms.CenterCrop(32), torchvision.transforms.ToTensor(),
-        torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    v2 = torchvision.transforms.v2
+    tf = v2.Compose([
+        v2.PILToTensor(), v2.Resize(37, antialias=True), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     body = torchvision.models.feature_extraction.create_feature_extractor(model, {tap: tap})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import socket
@@ -152,6 +153,8 @@ def test_body_limit_and_api_key(made, monkeypatch):
     with running(heads=[str(made[3])], max_bytes=len(image) - 1, api_key_env="SERVE_TEST_KEY") as c:
         raw = {"content": image, "headers": {"content-type": JPEG, "authorization": "Bearer s3cret"}}
         assert c.post("/v1/heads/colours/predict", **raw).status_code == 413
+        chunked = c.post("/v1/heads/colours/predict", content=iter([image[:100], image[100:]]), headers=raw["headers"])
+        assert chunked.status_code == 413 and "--max-bytes" in chunked.json()["detail"]
         assert c.get("/v1/heads").status_code == 401
         assert c.get("/v1/heads", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/v1/heads", headers={"authorization": "Bearer s3cret"}).status_code == 200
@@ -203,8 +206,9 @@ def test_training_through_the_service(made, tmp_path):
     with running(heads=[str(head)], heads_dir=str(tmp_path / "heads"), allow_training=True) as c:
         embedded = c.post("/v1/embed", files=_files(files)).json()["results"]
         labels = ["warm" if f.parent.name == "red" else "cold" for f in files]
-        spec = {"name": "warmth", "like": "colours", "options": {"grid": "1", "val_split": 0},
-                "examples": [{"sha256": e["sha256"], "label": lab} for e, lab in zip(embedded, labels)]}
+        examples = [{"sha256": e["sha256"], "label": lab} for e, lab in zip(embedded, labels)]
+        examples[0] = {"image_base64": base64.b64encode(files[0].read_bytes()).decode(), "label": labels[0]}
+        spec = {"name": "warmth", "like": "colours", "options": {"grid": "1", "val_split": 0}, "examples": examples}
         job = c.post("/v1/heads", json=spec)
         assert job.status_code == 202, job.text
         for _ in range(300):
@@ -219,6 +223,8 @@ def test_training_through_the_service(made, tmp_path):
         bad = c.post("/v1/heads", json={**spec, "examples": [{"sha256": "0" * 64, "label": "x"}]})
         assert bad.status_code == 422 and "not in the cache" in bad.json()["detail"]
         assert c.post("/v1/heads", json={**spec, "name": "colours"}).status_code == 409
+        broken = c.post("/v1/heads", json={**spec, "examples": [{"image_base64": "bm90IGFuIGltYWdl", "label": "x"}]})
+        assert broken.status_code == 422 and broken.json()["detail"].startswith("examples[0]: not a recognised")
 
 
 def test_cache_store_answers_without_the_backbone(made, tmp_path):

@@ -18,7 +18,7 @@ import featx  # noqa: E402
 from featx.heads import predict  # noqa: E402
 from featx.serve.server import start_process  # noqa: E402
 from imagegen import png_claiming  # noqa: E402
-from serve_support import image_files, make_head  # noqa: E402
+from serve_support import EXTRACT, image_files, make_head  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CLIENTS, REQUESTS = 8, 50
@@ -129,3 +129,33 @@ def test_load_faults_head_swap_and_sigterm(tmp_path):
             proc.wait()
     stderr = proc.stderr.read()
     assert "Traceback" not in stderr, stderr
+
+
+def test_cache_store_survives_kill_9(tmp_path):
+    data, store, served = make_head(tmp_path)
+    files = image_files(data)
+    cache = tmp_path / "cache.h5"
+    featx.extract(str(files[0].parent), cache, **EXTRACT)  # one class folder: the other images are new to it
+    with featx.open_store(cache) as s:
+        known = len(s)
+    new = [f for f in files if f.parent != files[0].parent]
+    proc, url = start_process([str(served), "--cache", str(cache)])
+    try:
+        for f in new:
+            assert httpx.post(url + "/v1/embed", content=f.read_bytes(), headers=JPEG).json()["results"][0]["cached"] is False
+        time.sleep(0.5)  # the segment commits run in the background
+    finally:
+        proc.kill()  # SIGKILL: no shutdown, no seal
+        proc.wait()
+    with featx.open_store(cache) as s:  # the old store is intact
+        assert len(s) == known
+    proc, url = start_process([str(served), "--cache", str(cache)])
+    try:  # the committed segments answer after the restart: no forward pass
+        answers = [httpx.post(url + "/v1/embed", content=f.read_bytes(), headers=JPEG).json() for f in new]
+        assert all(a["results"][0]["cached"] for a in answers)
+        assert 'featx_serve_images_total 0.0' in httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    with featx.open_store(cache) as s:  # sealed at the clean shutdown
+        assert len(s) == known + len(new)

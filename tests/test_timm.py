@@ -61,6 +61,8 @@ def test_timm_names_are_listed_and_checked_with_close_names():
         check_backbone("timm/test_efficientnt")
     with pytest.raises(FeatxError, match=r"a pretrained tag goes into -w: -b timm/test_efficientnet -w r160_in1k"):
         check_backbone("timm/test_efficientnet.r160_in1k")
+    with pytest.raises(FeatxError, match=r"unknown backbone 'test_efficientnet': it is a timm model, -b timm/test_eff"):
+        check_backbone("test_efficientnet")
 
 
 def test_random_timm_backbone_is_seeded_with_the_pretrained_config_transform():

@@ -84,8 +84,9 @@ class Methods:
     """Runs methods for one target with fixed backbone settings. `weights` is the source model (or torchvision name)."""
 
     def __init__(self, work: Path, backbone: str, weights: str, taps: list[str], main_tap: str,
-                 image_size: int | None, log=print, extract_batch: int = 128):
+                 image_size: int | None, log=print, extract_batch: int = 128, load_options: dict | None = None):
         self.work = Path(work)
+        self.load_options = dict(load_options or {})  # e.g. weights_match, for extract and finetune
         self.backbone, self.weights = backbone, weights
         self.taps, self.main_tap = list(taps), main_tap
         self.image_size = image_size
@@ -94,6 +95,10 @@ class Methods:
         self._referee = None
 
     # ----- the scoring set -------------------------------------------------------------------------------------
+    def prepare_val_images(self, val_csv: Path) -> None:
+        """Score finetuned models on the images of `val_csv` (decoded once per transform, on first use)."""
+        self.val_csv = val_csv
+
     def prepare_val(self, val_csv: Path) -> dict:
         """Extract the val images once (all taps) for scoring the probes; decode them once for scoring models."""
         self.val_csv = val_csv
@@ -101,7 +106,7 @@ class Methods:
         remove_store(self.val_store)
         t0 = time.perf_counter()
         res = extract(str(val_csv), self.val_store, backbone=self.backbone, weights=self.weights,
-                            taps=self.taps, image_size=self.image_size, batch_size=self.extract_batch)
+                      taps=self.taps, image_size=self.image_size, batch_size=self.extract_batch, **self.load_options)
         return {"seconds": time.perf_counter() - t0, "n": res.n_items}
 
     # ----- (a) -------------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ class Methods:
         remove_store(store)
         t0 = time.perf_counter()
         res = extract(str(train_csv), store, backbone=self.backbone, weights=self.weights, taps=self.taps,
-                            image_size=self.image_size, batch_size=self.extract_batch)
+                      image_size=self.image_size, batch_size=self.extract_batch, **self.load_options)
         t_extract = time.perf_counter() - t0
         records, main_head = [], None
         for tap in self.taps:
@@ -138,12 +143,13 @@ class Methods:
             shutil.rmtree(run_dir)
         freeze = "backbone" if method == "fixed" else "none"
         weights = "none" if method == "scratch" else self.weights
+        load = {} if method == "scratch" else self.load_options
         passes, epochs, repeat = budget.plan(n_train)
         batch = budget.batch_size(n_train * repeat)
         t0 = time.perf_counter()
         result = run_finetune(repeat_csv(train_csv, repeat), run_dir, backbone=self.backbone, weights=weights, freeze=freeze, lr=lr,
                               epochs=epochs, batch_size=batch, augment=augment, optimizer=optimizer, seed=seed,
-                              image_size=self.image_size, init_head=init_head)
+                              image_size=self.image_size, init_head=init_head, **load)
         seconds = time.perf_counter() - t0
         acc = self.score_model(run_dir / "model.pt")
         return {"method": method, "tap": "", "acc": acc, "seconds": seconds, "images": passes * n_train,
@@ -192,6 +198,12 @@ def run_finetune(data, output, **kw) -> dict:
     kw = {k: v for k, v in kw.items() if v is not None}
     result = finetune(str(data), output, val_split=0.0, **kw)
     return summarize_finetune(result)
+
+
+def run_finetune_history(data, output, **kw) -> list[dict]:
+    """featx.finetune on a CSV with train and val rows; the per-epoch metrics (val_acc on the val rows)."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return finetune(str(data), output, overwrite=True, **kw).history
 
 
 def summarize_finetune(result) -> dict:

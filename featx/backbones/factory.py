@@ -76,7 +76,15 @@ def check_backbone(name: str) -> None:
     hint = f": did you mean {', '.join(close)}?" if close else ""
     tag = f" (a pretrained tag goes into -w: -b {source.PREFIX}{arch.partition('.')[0]} -w {arch.partition('.')[2]})" \
         if source.PREFIX and "." in arch else ""
-    raise FeatxError(f"unknown backbone {name!r}{hint}{tag} (featx layers --list shows all)")
+    raise FeatxError(f"unknown backbone {name!r}{_timm_hint(source, arch) or hint}{tag} (featx layers --list shows all)")
+
+
+def _timm_hint(source: ModuleType, arch: str) -> str:
+    """': it is a timm model: -b timm/NAME' when a bare name is timm's (and timm is installed)."""
+    timm_source = _source("timm/")[0]
+    if source is timm_source or importlib.util.find_spec("timm") is None or arch not in timm_source.names():
+        return ""
+    return f": it is a timm model, -b {timm_source.PREFIX}{arch}"
 
 
 def classifier_path(model: nn.Module) -> str:

@@ -19,14 +19,15 @@ def main() -> None:
     featx fit-head pets.h5 -l avgpool -o pets-head/
     featx predict pets-head/ new_images/
     featx finetune data/ -b resnet50 --freeze until:layer2 -o runs/pets/
+    featx advise data/ -b resnet50               probe or finetune? measured, with the command
     featx serve pets-head/ --port 8000
     """
 
 
 def _register() -> None:
-    from . import extract_cmds, finetune_cmd, head_cmds, serve_cmd
+    from . import advise_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd
 
-    for module in (extract_cmds, head_cmds, finetune_cmd, serve_cmd):
+    for module in (extract_cmds, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

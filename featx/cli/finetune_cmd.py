@@ -64,6 +64,7 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
     or 'digits' (with --task segment: image + mask pairs, see --task). Each epoch prints its losses and accuracies and writes checkpoint.pt atomically; model.pt holds the
     best epoch by val accuracy and works as -w for extract, fit-head and finetune.
     """
+    from ..distributed import discover
     from ..finetune import finetune
 
     if resume_dir and output and os.path.abspath(resume_dir) != os.path.abspath(output):
@@ -81,6 +82,8 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
         progress=not quiet and not as_json, log=log, task=task, tap=tap, decoder=decoder, binary=binary,
         num_classes=num_classes, dice_weight=dice_weight,
     )
+    if discover().index:  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         echo_json({
             "run_dir": str(result.run_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,

@@ -17,6 +17,7 @@ from ..backbones import Backbone, classifier_path, load_backbone
 from ..errors import FeatxError
 from ..runtime import Runtime, default_workers, prepare_model, resolve_runtime
 from ..sources import load_source
+from . import ddp
 from .checkpoint import CHECKPOINT, RunDir, seed_everything
 from .data import Splits, make_loader, split_items
 from .freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
@@ -27,7 +28,7 @@ from .probe import check_probe_features, init_from_probe
 from .train import Trainer
 
 # Config fields recorded for provenance; every other field must be the same when a run is resumed.
-PROVENANCE = ("device", "workers", "source", "weights_path", "featx_version", "torch", "torchvision")
+PROVENANCE = ("device", "workers", "ranks", "source", "weights_path", "featx_version", "torch", "torchvision")
 
 
 @dataclass
@@ -123,28 +124,38 @@ def finetune(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
     build = _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
-    runtime = resolve_runtime(device, precision)
-    bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
-    run = RunDir(output)
-    checkpoint = run.prepare(resume, overwrite)
+    session = ddp.join(device)  # under torchrun: this rank's place, its device, the process group
     try:
-        with _out_of_memory_as_error(opts.batch_size, runtime):
-            setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
-            trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
-                            setup_lines.append)
-            if checkpoint is not None:
-                _check_same_config(checkpoint["config"], trainer.config, run.path)
-            for line in setup_lines:
-                log(line)
-            trainer.log = log
-            if checkpoint is not None:
-                trainer.load_state_dict(checkpoint)
-                log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
-            elif not (run / CHECKPOINT).exists():
-                run.write_config(trainer.config)
-            trainer.fit()
+        session.check_batch(opts.batch_size)
+        if not session.is_main:
+            log, progress = (lambda line: None), False
+        runtime = resolve_runtime(session.device, precision)
+        bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
+        run = RunDir(output)
+        checkpoint = session.prepare_run(run, resume, overwrite)
+        try:
+            with _out_of_memory_as_error(opts.batch_size, runtime):
+                setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
+                trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
+                                setup_lines.append)
+                trainer.config["ranks"] = session.world
+                session.check_same(trainer.config, PROVENANCE)
+                if checkpoint is not None:
+                    _check_same_config(checkpoint["config"], trainer.config, run.path)
+                for line in setup_lines:
+                    log(line)
+                trainer.log = log
+                session.attach(trainer)
+                if checkpoint is not None:
+                    trainer.load_state_dict(checkpoint)
+                    log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
+                elif session.is_main and not (run / CHECKPOINT).exists():
+                    run.write_config(trainer.config)
+                trainer.fit()
+        finally:
+            run.release()
     finally:
-        run.release()
+        session.close()
     return _result(trainer, run.path, time.perf_counter() - started)
 
 

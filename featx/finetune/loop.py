@@ -69,9 +69,10 @@ def _logits(output) -> torch.Tensor:
 
 def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler, scaler: torch.amp.GradScaler, spec: TransformSpec, runtime: Runtime, desc: str,
-                progress: bool, make_totals=None) -> PassStats:
+                progress: bool, make_totals=None, reduce=None) -> PassStats:
     """One pass over `loader` with an optimizer and scheduler step per batch (the model is in training mode).
-    `make_totals(device)` gives the metric totals (default: loss and accuracy of class labels)."""
+    `make_totals(device)` gives the metric totals (default: loss and accuracy of class labels); `reduce(totals)`
+    adds up the totals of every rank before the means are taken (ddp.Session.reduce)."""
     totals = (make_totals or _Totals)(runtime.device)
     bar = tqdm(total=len(loader) * loader.batch_size, desc=desc, unit="img", leave=False,
                disable=None if progress else True)
@@ -90,14 +91,16 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, opti
                 totals.add(loss * len(y), logits, y)
             scheduler.step()
             bar.update(len(batch[1]))
+    if reduce is not None:
+        reduce(totals)
     return totals.stats()
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime: Runtime, criterion=None,
-             make_totals=None) -> PassStats:
+             make_totals=None, reduce=None) -> PassStats:
     """Mean loss (`criterion` summed over a batch; default cross-entropy) and accuracy of `model` (in eval mode)
-    over `loader`; `make_totals` as for train_epoch."""
+    over `loader`; `make_totals` and `reduce` as for train_epoch."""
     model.eval()
     criterion = criterion or nn.CrossEntropyLoss(reduction="sum")
     totals = (make_totals or _Totals)(runtime.device)
@@ -108,4 +111,6 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime:
             with runtime.autocast():
                 logits = model(x)
             totals.add(criterion(logits.float(), y), logits, y)
+    if reduce is not None:
+        reduce(totals)
     return totals.stats()

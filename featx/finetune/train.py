@@ -14,6 +14,7 @@ from ..runtime import Runtime
 from .checkpoint import (
     CHECKPOINT, CURVES, FORMAT, LAST, MODEL, RunDir, cpu_state_dict, rng_state, save_torch, set_rng_state,
 )
+from .ddp import Session
 from .freezing import set_frozen, train_mode
 from .loop import evaluate, train_epoch
 from .report import epoch_row, summary_line, write_curves
@@ -46,6 +47,7 @@ class Trainer:
     make_totals: Callable | None = None  # the metric totals of a pass (loop.train_epoch); None: class accuracy
     val_criterion: nn.Module | None = None  # validation loss summed over a batch; None: cross-entropy
     score_key: str = "val_acc"  # the metric that decides the best epoch (model.pt)
+    session: Session = field(default_factory=Session)  # the ranks under torchrun (ddp.py); one process by default
 
     # ---- where the run stands, derived from the history alone ----------------------------------------------------
     @property
@@ -84,13 +86,16 @@ class Trainer:
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train = train_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.scheduler, self.scaler,
-                            self.spec, self.runtime, f"epoch {epoch}/{self.epochs}", self.progress, self.make_totals)
+        train = train_epoch(self.session.wrap(self.model), self.train_loader, self.criterion, self.optimizer,
+                            self.scheduler, self.scaler, self.spec, self.runtime, f"epoch {epoch}/{self.epochs}",
+                            self.progress, self.make_totals, self.session.reduce)
+        self.session.sync_buffers(self.model)
         val = evaluate(self.model, self.val_loader, self.spec, self.runtime, self.val_criterion,
-                       self.make_totals) if self.val_loader is not None else None
+                       self.make_totals, self.session.reduce) if self.val_loader is not None else None
         row = epoch_row(epoch, train, val, lrs, time.perf_counter() - started)
         self.history.append(row)
-        self._save(epoch, write_config)
+        if self.session.is_main:  # under torchrun only rank 0 writes the run folder
+            self._save(epoch, write_config)
         self.log(summary_line(row, self.epochs))
         if row["skipped_images"]:
             self.log(f"featx: warning: {row['skipped_images']} undecodable images skipped in epoch {epoch}")

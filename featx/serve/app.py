@@ -2,6 +2,7 @@
 an unexpected fault is a 500 whose body holds no traceback."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -33,8 +34,6 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import asyncio
-
         async def start():
             await run_in_threadpool(service.start)
             if service.failure and on_failure is not None:

@@ -107,9 +107,10 @@ class StoreBacking:
             self._writer.__exit__(None, None, None)
 
     def _plan(self) -> SealPlan:
-        """The old store's rows as they were, then every committed new row as an unlabelled upload."""
+        """The old store's rows as they were, then every row in a segment (this run's, or a killed run's) as an
+        unlabelled upload."""
         old = self._writer.old
-        new = [key for key in self._new if key in self._writer.available]
+        new = [key for key, where in self._writer.available.items() if where.file != self.path]
         keys = (list(old.keys) if old else []) + new
         regression = old is not None and old.targets is not None
         labels = None if regression else np.concatenate(

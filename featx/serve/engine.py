@@ -13,12 +13,11 @@ import queue
 import threading
 import time
 
-import numpy as np
 import torch
 
-from ..extract import identity_key, runner_from_config
-from ..preprocess import EvalTransform
-from ..sources import decode_image
+from ..errors import FeatxError
+from ..extract import CpuDecoder, identity_key, runner_from_config
+from ..sources import DecodeError
 from .cache import EmbeddingCache, Rows
 
 _STOP = object()
@@ -32,8 +31,11 @@ class Extractor:
         self.config = config
         self.key = identity_key(config)
         self.taps = list(config["taps"])
+        if config.get("decode", "cpu") != "cpu":
+            raise FeatxError(f"a head on rows made with --decode {config['decode']}: featx serve decodes images on "
+                             "the CPU, whose pixels differ; fit the head on a store made with --decode cpu")
         self.runner = runner_from_config(config, device)
-        self.transform = EvalTransform(self.runner.transform)
+        self.decoder = CpuDecoder(self.runner.transform)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.cache, self.metrics, self.decode_pool = cache, metrics, decode_pool
         self._queue: queue.Queue = queue.Queue()
@@ -44,7 +46,10 @@ class Extractor:
 
     def crop(self, data: bytes) -> torch.Tensor:
         """Decode and crop one upload as `featx extract` does (DecodeError with the reason for a bad one)."""
-        return self.transform(decode_image(data, min_size=self.runner.transform.resize))
+        tensor, reason = self.decoder(data)
+        if reason:
+            raise DecodeError(reason)
+        return tensor
 
     async def embed(self, key: str, data: bytes) -> tuple[Rows, bool]:
         """(rows by tap, came from the cache) of the image `data` whose sha256 is `key`."""
@@ -131,7 +136,3 @@ class Engine:
             extractor.close()
         self.decode_pool.shutdown(wait=True)
 
-
-def rows_array(rows: list[Rows], tap: str) -> np.ndarray:
-    """The rows of one tap, stacked."""
-    return np.stack([r[tap] for r in rows])

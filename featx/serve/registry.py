@@ -82,7 +82,9 @@ class HeadRegistry:
         self._heads: dict[str, ServedHead] = {}
         paths = [Path(s) for s in sources]
         if self.heads_dir is not None and self.heads_dir.is_dir():
-            paths += sorted(p for p in self.heads_dir.iterdir() if p.is_dir() and is_head_folder(p))
+            given = {p.resolve() for p in paths}
+            paths += sorted(p for p in self.heads_dir.iterdir()
+                            if p.is_dir() and p.resolve() not in given and is_head_folder(p))
         for path in paths:
             if not path.exists():
                 raise FeatxError(f"HEAD_DIR {path}: no such head folder")

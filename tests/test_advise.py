@@ -1,0 +1,106 @@
+"""`featx advise`: the recommendation on generated stores whose answer is known, the JSON it prints and saves, and
+one-line errors for data it cannot advise on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from featx.advise import recommend
+from featx.cli import main
+from featx.store import write_store
+from imagegen import make_image, make_image_folder
+
+TAPS = ["layer2", "layer3", "flatten"]
+COSTS = {"forward_seconds_per_image": 0.01, "train_seconds_per_image": 0.03, "extract_seconds": 1.0}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False):
+    """A featx store whose taps separate the classes by `separation[tap]` noise standard deviations (`same`: every
+    tap holds the first tap's rows)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    centres = rng.normal(size=(classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    features = {t: (separation.get(t, 0.0) * centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+                for t in TAPS}
+    if same:
+        features = {t: features[TAPS[0]] for t in TAPS}
+    n = len(labels)
+    return write_store(path, config={"backbone": "resnet18", "weights": "none", "taps": TAPS},
+                       keys=[f"{i:064x}" for i in range(n)], paths=[f"img/{i}.png" for i in range(n)],
+                       labels=labels, classes=[f"c{i}" for i in range(classes)], features=features)
+
+
+def test_deep_tap_separable_gives_a_probe_at_the_pre_logits(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", {"flatten": 6.0})
+    advice = recommend(store, costs=COSTS)
+    assert advice.recommendation.method == "probe" and advice.recommendation.tap == "flatten"
+    assert advice.signal["gap"] > 0.3 and advice.signal["distance"] == "close to the pretraining"
+    assert advice.recommendation.command.startswith(f"featx fit-head {store} -l flatten")
+    assert advice.curves["flatten"][-1]["acc"] > 0.95 and advice.curves["layer3"][-1]["acc"] < 0.7
+
+
+def test_only_a_shallow_tap_separable_gives_a_probe_at_that_tap(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", {"layer2": 6.0})
+    advice = recommend(store, costs=COSTS)
+    assert advice.recommendation.method == "probe" and advice.recommendation.tap == "layer2"
+    assert advice.signal["gap"] < -0.3 and advice.signal["distance"] == "far from the pretraining"
+    assert "too few to adapt the backbone" in advice.signal["reason"]
+
+
+def test_large_dissimilar_data_gives_finetuning(tmp_path):
+    # Every tap is weak (a probe leaves errors) and the stage output is the better one: finetune, keeping it.
+    store = synthetic_store(tmp_path / "s.h5", {"layer2": 1.2, "flatten": 0.3}, per_class=60)
+    advice = recommend(store, per_class_full=2000, costs=COSTS)
+    assert advice.recommendation.method == "finetune-freeze" and advice.recommendation.freeze == "until:layer2"
+    assert "--freeze until:layer2" in advice.recommendation.command
+    # Same weak features, but the pre-logits as good as the stage outputs: a full finetune.
+    store = synthetic_store(tmp_path / "t.h5", {"layer2": 1.0}, same=True)
+    full = recommend(store, per_class_full=2000, costs=COSTS)
+    assert full.recommendation.method == "finetune" and "--freeze none" in full.recommendation.command
+    assert full.recommendation.seconds == COSTS["train_seconds_per_image"] * 2000 * 3 * 10
+
+
+def test_cli_json_schema_and_saved_advice(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=6)
+    store = tmp_path / "adv.h5"
+    out = run("advise", data, "-b", "resnet18", "-w", "none", "--image-size", "32", "--budget-seconds", "120",
+              "-o", store, "--json")
+    assert out.exit_code == 0, out.output
+    advice = json.loads(out.output[out.output.index("{"):])
+    assert set(advice) >= {"schema", "data", "store", "backbone", "classes", "images", "per_class", "budget_seconds",
+                           "seconds", "costs", "curves", "signal", "recommendation", "alternatives"}
+    assert advice["classes"] == 2 and advice["images"] == 12 and list(advice["curves"]) == TAPS
+    rec = advice["recommendation"]
+    assert set(rec) == {"method", "tap", "freeze", "expected_accuracy", "seconds", "command"}
+    assert rec["method"] in ("probe", "finetune-freeze", "finetune") and 0 <= rec["expected_accuracy"][0] <= 1
+    assert json.loads((tmp_path / "adv.advice.json").read_text())["recommendation"] == rec
+    assert store.exists()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    flat = tmp_path / "flat"
+    for i in range(4):
+        make_image(flat / f"{i}.png", 0, i)
+    few = make_image_folder(tmp_path / "few", classes=("ants", "bees"), per_class=3)
+    for p in (few / "bees").iterdir():
+        if p.name != "bees_000.png":
+            p.unlink()
+    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=3)
+    cases = [
+        ((flat,), "no labelled images"),
+        ((few,), "bees (1)"),
+        ((data, "--budget-seconds", "0.00001"), "too small"),
+        ((data, "--budget-seconds", "-3"), "expected a positive number"),
+    ]
+    for args, expected in cases:
+        out = run("advise", *args, "-b", "resnet18", "-w", "none", "--image-size", "32", "-o", tmp_path / "x.h5")
+        assert out.exit_code == 2, out.output
+        assert out.output.count("\n") == 1 and expected in out.output, out.output
+    assert not (tmp_path / "x.h5").exists()
