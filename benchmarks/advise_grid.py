@@ -61,6 +61,8 @@ def main(argv=None) -> None:
         for n in cfg["sizes"]:
             nv = n_value(ds, n)
             key = f"{name}/{nv}"
+            if (name, nv) not in winners:
+                continue
             if key not in cache:
                 files = cell_files(ds, n, 0)
                 store = rows.store(args.work / name / "advise-cell.h5", files, "train")
@@ -74,8 +76,6 @@ def main(argv=None) -> None:
                 cache_file.write_text(json.dumps(cache, default=str))
             cached = cache[key]
             choice, signal, seconds = Choice(**cached["choice"]), cached["signal"], cached["seconds"]
-            if (name, nv) not in winners:
-                continue
             w = winners[(name, nv)]
             label = advised_label(choice)
             acc = w["acc"].get(label) if label else None

@@ -11,8 +11,7 @@ sklearn / torch fit-time ratio and the largest difference between the two heads'
 Target: the 10,000 x 512 fit well under a minute on 2 cores.
 
     python benchmarks/head_fit.py [--data ../shared/data/flower_photos | --no-real] [--skip-small] [--skip-large]
-                                  [--jobs -1]
-                                  [--device auto]
+                                  [--jobs -1] [--device auto] [--grid LO:HI]
 """
 from __future__ import annotations
 
@@ -55,13 +54,13 @@ def real_store(path: Path, data: Path) -> Path:
     return path
 
 
-def report(name: str, store: Path, jobs: int, device: str) -> None:
+def report(name: str, store: Path, jobs: int, device: str, grid: str | None) -> None:
     """Fit with both solvers, print a row each, their time ratio and the coefficient difference at one C."""
     heads = {}
     for solver in ("sklearn", "torch"):
         options = {"device": device} if solver == "torch" else {}
         cpu = time.process_time()
-        head = heads[solver] = featx.fit_head(store, "avgpool", n_jobs=jobs, solver=solver, **options)
+        head = heads[solver] = featx.fit_head(store, "avgpool", n_jobs=jobs, solver=solver, grid=grid, **options)
         cpu = time.process_time() - cpu
         m = head.metrics
         cv = m["cv"]
@@ -88,6 +87,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder for the real store")
     parser.add_argument("--no-real", action="store_true", help="skip the real store")
     parser.add_argument("--device", default="auto", help="device of the torch solver")
+    parser.add_argument("--grid", help="C grid of both solvers (default: the logistic head's, 1e-6:1e5)")
     parser.add_argument("--skip-large", action="store_true", help="skip the 50,000 x 2048 store")
     parser.add_argument("--skip-small", action="store_true", help="skip the 10,000 x 512 store")
     parser.add_argument("--jobs", type=int, default=-1, help="parallel CV jobs")
@@ -98,11 +98,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featx-head-bench-") as tmp:
         for n, d in sizes:
             report(f"synthetic {n} x {d}", synthetic_store(Path(tmp) / f"syn-{n}x{d}.h5", n, d), args.jobs,
-                   args.device)
+                   args.device, args.grid)
         if args.no_real:
             return
         if args.data.exists():
-            report(f"{args.data.name} resnet18", real_store(Path(tmp) / "real.h5", args.data), args.jobs, args.device)
+            report(f"{args.data.name} resnet18", real_store(Path(tmp) / "real.h5", args.data), args.jobs, args.device,
+                   args.grid)
         else:
             print(f"{args.data}: not found, real store skipped")
 

@@ -6,7 +6,7 @@ as its bytes, every other file is decoded on the CPU as with `--decode cpu`. A b
 retried image by image, and a JPEG it rejects alone goes to the CPU decoder, so a bad file fails alone. The device
 decoder differs from libjpeg (which the CPU path also runs at a reduced scale when the resize allows it) by a few
 pixel values, so the decoder is part of a store's config identity. Resize and crop are the CPU path's own
-(preprocess), run on the device.
+(EvalTransform on a tensor), run on the device.
 torchvision 0.29 deprecates its decoders in favour of TorchCodec; this module keeps to torchvision's API.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import FeatxError
-from .preprocess import TransformSpec, center_crop, resize_shorter_side
+from .preprocess import EvalTransform, TransformSpec
 from .sources import DEFAULT_MAX_PIXELS
 
 DECODERS = ("cpu", "gpu")
@@ -88,7 +88,7 @@ class DeviceDecoder:
     """The main-process side: a list of Encoded -> (uint8 (B, 3, crop, crop) on `device`, reasons)."""
 
     def __init__(self, spec: TransformSpec, device: torch.device, cpu_decode: CpuDecode):
-        self.spec, self.device, self.cpu_decode = spec, device, cpu_decode
+        self.transform, self.device, self.cpu_decode = EvalTransform(spec), device, cpu_decode
 
     def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, list[str]]:
         jpegs = iter(self._decode_jpegs([e.data for e in items if e.data is not None]))
@@ -100,8 +100,7 @@ class DeviceDecoder:
             else:
                 decoded = next(jpegs)
                 if decoded is not None:
-                    image = orient(decoded, e.orientation)
-                    image = center_crop(resize_shorter_side(image, self.spec.resize, self.spec.interpolation), self.spec.crop)
+                    image = self.transform(orient(decoded, e.orientation))  # the CPU path's resize and crop
                 else:  # the device decoder rejects this file: the CPU decoder decides
                     image, reason = self.cpu_decode(e.path)
                     image = image.to(self.device)
