@@ -4,10 +4,11 @@
             logistic regression on the cached maps, C by cross-validation
   decoder   featx finetune --task segment --freeze backbone: conv:256 decoder trained on the frozen backbone
   finetune  featx finetune --task segment --freeze none: decoder and backbone trained together
+  finetune-bn  the same with --freeze '*bn*': every conv trains, BatchNorm layers stay fixed (statistics included)
 
-Every method sees the same images through the same transform (shorter side --resize, center crop --image-size,
-padding ignored) and is scored on the 34 val images the same way (pixel confusion at the crop's resolution):
-mean IoU over {background, person} and the person's Dice. Seconds are wall time and CPU seconds of this process
+Every method sees the same images through the same transform (the weights' eval preset at --image-size: shorter
+side resized in the preset's ratio, center crop) and is scored on the 34 val images the same way (pixel confusion
+at the crop's resolution): mean IoU over {background, person} and the person's Dice. Seconds are wall time and CPU seconds of this process
 (decoding runs in-process: workers=0, so CPU seconds cover everything).
 
     python benchmarks/segment_pennfudan.py --part accuracy     # the full comparison (run under flock -s)
@@ -37,6 +38,10 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "pennfudan"
 RESULTS = HERE / "results"
 DATE = "2026-12-02"
+METHODS = ("probe", "decoder", "finetune", "finetune-bn")
+# --freeze of each finetune method: finetune-bn trains every conv and the decoder but keeps BatchNorm fixed (its
+# statistics and affine parameters): batches of 8 images give noisy batch statistics.
+FREEZE = {"decoder": "backbone", "finetune": "none", "finetune-bn": "*bn*"}
 
 
 def pretrained() -> dict | None:
@@ -84,12 +89,13 @@ def model_for_extract(model: dict) -> dict:
     return {k: v for k, v in model.items() if k in ("backbone", "weights", "weights_match")}
 
 
-def run_finetune(data, work: Path, model: dict, size: dict, tap: str, method: str, epochs: int) -> dict:
-    freeze = "backbone" if method == "decoder" else "none"
+def run_finetune(data, work: Path, model: dict, size: dict, tap: str, method: str, epochs: int,
+                 backbone_lr: float) -> dict:
+    freeze = FREEZE[method]
     with Clock() as clock:
         result = featx.finetune(
             data, work / method, task="segment", binary=True, tap=tap, decoder="conv:256", freeze=freeze,
-            optimizer="adam", lr=1e-3, backbone_lr=1e-4, epochs=epochs, batch_size=8, augment="flip", workers=0,
+            optimizer="adam", lr=1e-3, backbone_lr=backbone_lr, epochs=epochs, batch_size=8, augment="flip", workers=0,
             overwrite=True, **model_for_extract(model), **size,
         )
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
@@ -103,13 +109,15 @@ def table(report: dict) -> str:
     lines = [
         f"Penn-Fudan val ({report['part']}), binary person vs background: {report['backbone']} "
         f"({report['weights']}), tap {report['tap']}, {report['image_size']} px, {report['epochs']} epochs for the "
-        f"finetunes, {report['threads']} threads, CPU {report['cpu_capability']}",
+        f"finetunes (Adam, decoder lr 1e-3, backbone lr {report['backbone_lr']:g}, batch 8, --augment flip), "
+        f"{report['threads']} threads, CPU {report['cpu_capability']}",
         "",
         "| method | val mIoU | val Dice | pixel acc | wall s | CPU s | wall / probe |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"probe": "dense probe (extract once + fit-head --task segment)",
-             "decoder": "decoder conv:256, frozen backbone", "finetune": "decoder conv:256 + full finetune"}
+             "decoder": "decoder conv:256, frozen backbone", "finetune": "decoder conv:256 + full finetune",
+             "finetune-bn": "decoder conv:256 + finetune, BatchNorm fixed (--freeze '*bn*')"}
     lines += [f"| {names[r['method']]} | {r['miou']:.3f} | {r['dice']:.3f} | {r['pixel_acc']:.3f} | {r['wall_s']:.1f} | "
               f"{r['cpu_s']:.1f} | {r['wall_vs_probe']:.2f}x |" for r in report["rows"]]
     return "\n".join(lines)
@@ -119,8 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("accuracy", "timing"), default="accuracy")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--backbone-lr", type=float, default=2e-5, help="Adam rate of the backbone when it trains")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="run only these (their rows replace those of an earlier result file)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -143,13 +154,19 @@ def main() -> None:
 
         bb = load_backbone(model["backbone"], model["weights"], match=model.get("weights_match", "name"))
         tap = default_tap(bb.model)
-        rows = [run_probe(data, work, model, size, tap)]
-        for method in ("decoder", "finetune"):
-            rows.append(run_finetune(data, work, model, size, tap, method, epochs))
+        rows = [run_probe(data, work, model, size, tap)] if "probe" in args.methods else []
+        rows += [run_finetune(data, work, model, size, tap, method, epochs, args.backbone_lr)
+                 for method in args.methods if method != "probe"]
+        saved = RESULTS / f"segment-{DATE}-{args.part}.json"
+        if saved.is_file() and not args.smoke and set(args.methods) != set(METHODS):  # complete an earlier run
+            earlier = json.loads(saved.read_text())["rows"]
+            rows = sorted([r for r in earlier if r["method"] not in args.methods] + rows,
+                          key=lambda r: METHODS.index(r["method"]))
         report = {"date": DATE, "part": args.part, "data": str(data), "backbone": model["backbone"], "weights": label,
-                  "tap": tap, "image_size": image, "epochs": epochs, "threads": torch.get_num_threads(),
+                  "tap": tap, "image_size": image, "epochs": epochs, "backbone_lr": args.backbone_lr,
+                  "threads": torch.get_num_threads(),
                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
-        probe = rows[0]
+        probe = next(r for r in rows if r["method"] == "probe")
         for row in rows:
             row["wall_vs_probe"] = row["wall_s"] / probe["wall_s"]
         print(json.dumps(report, indent=2))

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +25,11 @@ from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
+from .request import ExtractResult, record, up_to_date
 from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
-from .sources import DecodeError, Source, content_key, decode_image, load_source
+from .sources import DecodeError, Source, content_keys, decode_image, load_source
 from .store import config_fingerprint
-from .writer import SealPlan, StoreWriter
+from .writer import StoreWriter, seal_plan
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("skip", "fail")
@@ -40,35 +40,6 @@ DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --
 DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
 ENGINES = ("local", "ray")
 MAX_PENDING_WRITES = 4
-
-
-@dataclass
-class ExtractResult:
-    """What one `extract` call did."""
-
-    store_path: Path
-    n_items: int
-    n_computed: int
-    n_reused: int
-    n_failed: int
-    seconds: float
-    images_per_second: float
-    store_bytes: int
-    sealed: bool
-    config: dict = field(repr=False)
-    failed: list[tuple[str, str]] = field(default_factory=list, repr=False)
-    note: str = ""  # a shard that did not seal: why
-
-    def summary(self) -> str:
-        size = self.store_bytes / 1e6
-        speed = f", {self.images_per_second:.1f} img/s" if self.n_computed else ""
-        if self.note:
-            return f"{self.note}: {self.n_computed} computed, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
-        state = "" if self.sealed else " (already up to date)"
-        return (
-            f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
-            f"{self.n_reused} reused, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
-        )
 
 
 def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSpec, precision, dtype, weights_arg,
@@ -161,20 +132,6 @@ def _collate_pixels(items):
     indices, images, reasons = zip(*items)
     batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
     return list(indices), batch, list(reasons)
-
-
-def _hash_items(source: Source, progress: bool) -> list[str | None]:
-    """Content keys of all items (threads: hashing releases the GIL); None where the file cannot be read."""
-
-    def safe_key(path: str):
-        try:
-            return content_key(path)
-        except OSError:
-            return None
-
-    with cf.ThreadPoolExecutor(max_workers=4) as pool_:
-        it = pool_.map(safe_key, [item.path for item in source.items], chunksize=64)
-        return list(tqdm(it, total=len(source.items), desc="hashing", unit="file", disable=None if progress else True, leave=False))
 
 
 def _validate(pooling, token_pool, dtype, batch_size, on_error, workers) -> None:
@@ -287,9 +244,13 @@ def extract(
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
     this process commits and seals. `log` (a callable taking one line) receives notes such as the weights load
-    report. Returns an ExtractResult.
+    report. Returns an ExtractResult; an unchanged rerun (see featx.request) returns before anything is built.
     """
+    arguments = dict(locals())  # first statement: exactly the call's arguments
     started = time.perf_counter()
+    done = up_to_date(arguments)
+    if done is not None:
+        return done
     log = log or (lambda line: None)
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers)
     shard = distributed.discover(num_shards, shard_index)
@@ -311,7 +272,8 @@ def extract(
         transform = bb.transform.with_sizes(image_size, resize)
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
-        keys = _hash_items(source, progress)
+        config["request"] = record(arguments, bb.weights_file)
+        keys = content_keys([item.path for item in source.items], progress)
         job = {"config": identity_key(config), "data": _data_fingerprint(source, keys)}
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
@@ -332,15 +294,15 @@ def extract(
                 _commit_batches(batches, source, keys, todo, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
-            plan = None if note else _seal_plan(source, keys, writer.available, failures)
+            plan = None if note else seal_plan(source, keys, writer.available, failures)
             sealed = plan is not None and not writer.is_unchanged(plan)
             if sealed:
                 try:
                     writer.seal(plan, taps)
                 except OSError as err:
                     raise _commit_error(err, writer) from err
-            elif plan is not None and shard.is_split:
-                writer.remove_parts()  # the shards' markers of a run that found nothing to add
+            elif plan is not None:
+                writer.remove_parts()  # a run that found nothing to add leaves no folder (nor the shards' markers)
     n_computed = len(todo) - sum(1 for i in todo if keys[i] in failures)
     return ExtractResult(
         store_path=output,
@@ -492,28 +454,6 @@ def _drain(pending: list[cf.Future], writer: StoreWriter, keep: int) -> list[cf.
         except OSError as err:
             raise _commit_error(err, writer) from err
     return pending
-
-
-def _seal_plan(source: Source, keys, available, failures: dict[str, str]) -> SealPlan:
-    """Rows of the sealed store in source order: every item whose content is computed; the rest are failures."""
-    rows, failed = [], []
-    for item, key in zip(source.items, keys):
-        if key is None:
-            failed.append((item.relpath, "cannot read file"))
-        elif key in available:
-            rows.append((item, key))
-        else:
-            failed.append((item.relpath, failures.get(key, "not computed")))
-    regression = source.task == "regression"
-    return SealPlan(
-        keys=[key for _, key in rows],
-        paths=[item.relpath for item, _ in rows],
-        splits=[item.split for item, _ in rows],
-        classes=list(source.classes),
-        labels=None if regression else np.array([item.label for item, _ in rows], dtype=np.int64),
-        targets=np.array([item.target for item, _ in rows], dtype=np.float64) if regression else None,
-        failed=failed,
-    )
 
 
 def runner_from_config(config: dict, device: str = "auto") -> FeatureRunner:

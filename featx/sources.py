@@ -385,6 +385,24 @@ def content_key(path) -> str:
     return digest.hexdigest()
 
 
+def content_keys(paths: list[str], progress: bool = False) -> list[str | None]:
+    """content_key of every path, in threads (hashing releases the GIL); None where a file cannot be read."""
+    import concurrent.futures as cf
+
+    from tqdm import tqdm
+
+    def safe_key(path: str):
+        try:
+            return content_key(path)
+        except OSError:
+            return None
+
+    with cf.ThreadPoolExecutor(max_workers=4) as pool:
+        keys = pool.map(safe_key, paths, chunksize=64)
+        return list(tqdm(keys, total=len(paths), desc="hashing", unit="file", disable=None if progress else True,
+                         leave=False))
+
+
 def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file into a fully loaded RGB PIL image, whatever its format, mode, orientation or extension.
 

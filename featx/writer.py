@@ -218,21 +218,7 @@ class StoreWriter:
     def is_unchanged(self, plan: SealPlan) -> bool:
         """True when the old store already holds exactly this plan and nothing new was committed."""
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
-        if old is None or self._segment_files():
-            return False
-        same_labels = (
-            np.array_equal(old.targets, plan.targets)
-            if plan.targets is not None
-            else old.targets is None and np.array_equal(old.labels, plan.labels)
-        )
-        return (
-            same_labels
-            and list(old.keys) == plan.keys
-            and list(old.paths) == plan.paths
-            and list(old.splits) == plan.splits
-            and old.classes == plan.classes
-            and [tuple(f) for f in old.failed] == plan.failed
-        )
+        return old is not None and not self._segment_files() and holds(old, plan)
 
     def seal(self, plan: SealPlan, taps: list[str]) -> None:
         """Write the final store from the old store and the segments, rename it into place, drop the parts."""
@@ -270,6 +256,46 @@ class StoreWriter:
             else:
                 child.unlink()
         self.parts.rmdir()
+
+
+def holds(old: Store, plan: SealPlan) -> bool:
+    """Whether the store `old` holds exactly the rows, labels, classes and failures of `plan`."""
+    same_labels = (
+        np.array_equal(old.targets, plan.targets)
+        if plan.targets is not None
+        else old.targets is None and np.array_equal(old.labels, plan.labels)
+    )
+    return (
+        same_labels
+        and list(old.keys) == plan.keys
+        and list(old.paths) == plan.paths
+        and list(old.splits) == plan.splits
+        and old.classes == plan.classes
+        and [tuple(f) for f in old.failed] == plan.failed
+    )
+
+
+def seal_plan(source, keys, available, failures: dict[str, str]) -> SealPlan:
+    """Rows of the sealed store in source order: every item whose content is computed (its key in `available`);
+    the rest are failures."""
+    rows, failed = [], []
+    for item, key in zip(source.items, keys):
+        if key is None:
+            failed.append((item.relpath, "cannot read file"))
+        elif key in available:
+            rows.append((item, key))
+        else:
+            failed.append((item.relpath, failures.get(key, "not computed")))
+    regression = source.task == "regression"
+    return SealPlan(
+        keys=[key for _, key in rows],
+        paths=[item.relpath for item, _ in rows],
+        splits=[item.split for item, _ in rows],
+        classes=list(source.classes),
+        labels=None if regression else np.array([item.label for item, _ in rows], dtype=np.int64),
+        targets=np.array([item.target for item, _ in rows], dtype=np.float64) if regression else None,
+        failed=failed,
+    )
 
 
 def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk_bytes: int = 16 << 20) -> None:

@@ -49,6 +49,7 @@ class Backbone:
     meta: dict = field(default_factory=dict)  # the 'featx' dict of a featx finetune model.pt
     weights_match: str = "name"  # how a weights file was paired with the model: 'name' | 'order'
     versions: dict = field(default_factory=dict)  # the model library's version when it is not torchvision
+    weights_file: str | None = None  # the file the weights were read from (a torch hub cache file, or -w FILE)
 
 
 def _source(name: str) -> tuple[ModuleType, str]:
@@ -157,7 +158,7 @@ def _from_file(source: ModuleType, name: str, arch: str, path: str, num_classes:
             )
     transform = _file_transform(path, meta) or source.transform(model)
     return Backbone(name, model.eval(), f"file:{label}", sha256_file(path), transform, report, meta, match,
-                    source.versions())
+                    source.versions(), os.path.realpath(path))
 
 
 def _file_transform(path: str, meta: dict) -> TransformSpec | None:
@@ -192,6 +193,6 @@ def load_backbone(name: str, weights: str = "DEFAULT", *, num_classes: int | Non
         model, weights_id, path, transform = source.pretrained(arch, weights)
         _set_classes(source, model, num_classes)
         backbone = Backbone(name, model.eval(), weights_id, sha256_file(path), transform,
-                            versions=source.versions())
+                            versions=source.versions(), weights_file=os.path.realpath(path))
     backbone.model.featx_backbone = name  # names the model in error messages of featx.layers
     return backbone

@@ -43,15 +43,21 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
     DATA is an ImageFolder (root/<class>/<img>, optionally root/{train,val,test}/<class>/<img>), a CSV of
     path,label, a text list of image paths, or 'digits' (scikit-learn's bundled digits, offline).
     """
-    from ..extract import extract
+    from ..request import up_to_date
 
-    result = extract(
-        data, output, backbone=backbone, weights=weights, weights_match=weights_match, taps=list(taps) or None, pooling=pooling,
-        token_pool=token_pool, image_size=image_size, resize=resize, batch_size=batch_size, workers=workers,
-        device=device, precision=precision, dtype=dtype, on_error=on_error, overwrite=overwrite,
-        decode=decode, engine=engine, ray_address=ray_address, num_gpus_per_worker=num_gpus_per_worker,
-        num_shards=num_shards, shard_index=shard_index, progress=not quiet and not as_json, log=lambda line: click.echo(line, err=True),
+    options = dict(
+        data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
+        taps=list(taps) or None, pooling=pooling, token_pool=token_pool, image_size=image_size, resize=resize,
+        batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, on_error=on_error,
+        overwrite=overwrite, decode=decode, engine=engine, ray_address=ray_address,
+        num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index,
+        progress=not quiet and not as_json,
     )
+    result = up_to_date(options)  # an unchanged rerun answers here, before torch is imported
+    if result is None:
+        from ..extract import extract
+
+        result = extract(**options, log=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json({
             "store": str(result.store_path), "items": result.n_items, "computed": result.n_computed,

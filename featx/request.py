@@ -1,0 +1,144 @@
+"""What an `extract` call asks for, described once, and the check that an unchanged rerun has nothing to do.
+
+`describe(arguments)` is the identity of a call: every argument of `extract` except those that cannot change a row
+(NOT_IDENTITY) or that force a real run (FORCING). A new option of `extract` is part of the description unless it is
+listed there, so it can never be ignored by mistake. A sealed store records the description with the environment
+that resolved it (library versions, the host's CPU flags and GPUs, cache locations, the weights file) under
+`config["request"]`. `up_to_date` compares both with the present call and the files' content keys with the store's
+rows, without importing torch: an unchanged rerun answers in well under a second and touches nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .errors import FeatxError
+from .sources import content_key, content_keys, load_source
+
+NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "on_error", "progress", "log"})
+FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
+LIBRARIES = ("featx", "torch", "torchvision", "timm")
+ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` call did."""
+
+    store_path: Path
+    n_items: int
+    n_computed: int
+    n_reused: int
+    n_failed: int
+    seconds: float
+    images_per_second: float
+    store_bytes: int
+    sealed: bool
+    config: dict = field(repr=False)
+    failed: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    note: str = ""  # a shard that did not seal: why
+
+    def summary(self) -> str:
+        size = self.store_bytes / 1e6
+        speed = f", {self.images_per_second:.1f} img/s" if self.n_computed else ""
+        if self.note:
+            return f"{self.note}: {self.n_computed} computed, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
+        state = "" if self.sealed else " (already up to date)"
+        return (
+            f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
+            f"{self.n_reused} reused, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
+        )
+
+
+def describe(arguments: dict) -> dict:
+    """The identity of an extract call (its arguments minus NOT_IDENTITY and FORCING), as plain JSON values."""
+    chosen = {name: value for name, value in arguments.items() if name not in NOT_IDENTITY | FORCING}
+    return json.loads(json.dumps(chosen, sort_keys=True, default=str))
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _host() -> dict:
+    """What `--device auto` and `--precision auto` depend on: the CPU's feature flags and the GPUs present."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].strip() for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    try:
+        gpus = sorted(name for name in os.listdir("/dev") if name.startswith(("nvidia", "dri", "kfd")))
+    except OSError:
+        gpus = []
+    return {"machine": platform.machine(), "system": platform.system(), "cpu_flags": flags, "gpus": gpus}
+
+
+def environment(weights_file: str | None) -> dict:
+    """What turned a request into a config besides the request itself."""
+    return {
+        "versions": {name: _version(name) for name in LIBRARIES},
+        "host": _host(),
+        "variables": {name: os.environ.get(name) for name in ENVIRONMENT},
+        "weights_file": weights_file,
+    }
+
+
+def record(arguments: dict, weights_file: str | None) -> dict:
+    """The `request` entry a store's config keeps: the call's description and its environment."""
+    return {"arguments": describe(arguments), "environment": environment(weights_file)}
+
+
+def up_to_date(arguments: dict) -> ExtractResult | None:
+    """The result of an extract call with these `arguments` when the store at `arguments['output']` already holds
+    exactly what it would seal (same request and environment, same weights file content, every file's content
+    key, path, label and split in the store, nothing failed, no unfinished run); None when the call must run."""
+    started = time.perf_counter()
+    if any(arguments.get(name) for name in FORCING) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return None
+    output = Path(arguments["output"])
+    if not output.is_file() or output.with_name(output.name + ".parts").exists():
+        return None
+    from .store import open_store
+    from .writer import holds, seal_plan
+
+    try:
+        with open_store(output) as store:
+            config = store.config
+            recorded = config.get("request") or {}
+            if recorded.get("arguments") != describe(arguments):
+                return None
+            env = recorded.get("environment") or {}
+            if env != environment(env.get("weights_file")) or not _same_weights(env.get("weights_file"), config):
+                return None
+            source = load_source(arguments["data"])
+            keys = content_keys([item.path for item in source.items])
+            plan = seal_plan(source, keys, set(store.keys), {})
+            if plan.failed or not holds(store, plan):
+                return None
+    except FeatxError:
+        return None  # the real run reports it
+    return ExtractResult(
+        store_path=output, n_items=len(plan.keys), n_computed=0, n_reused=len(plan.keys), n_failed=0,
+        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,
+        sealed=False, config=config,
+    )
+
+
+def _same_weights(weights_file: str | None, config: dict) -> bool:
+    """Whether the weights file the store was made from still has the content the store records."""
+    if weights_file is None:
+        return config.get("weights_sha256") is None
+    try:
+        return content_key(weights_file) == config.get("weights_sha256")
+    except OSError:
+        return False

@@ -1,0 +1,125 @@
+"""An unchanged rerun of `featx extract` answers before torch is imported; any change still runs for real."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featx.request import FORCING, NOT_IDENTITY, describe
+from imagegen import make_image, make_image_folder
+
+FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
+# Runs the CLI in a fresh interpreter and reports, after it, whether torch was imported.
+PROBE = (
+    "import sys, json\n"
+    "from featx.cli import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+    "print(json.dumps({'torch': 'torch' in sys.modules, 'code': code}))\n"
+)
+
+
+def featx(*args) -> tuple[dict | str, dict, str]:
+    """(the --json result, or the output text, {torch imported, exit code}, stderr) of `featx ARGS` in a
+    subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    *body, probe = proc.stdout.strip().splitlines()
+    text = "\n".join(body)
+    return (json.loads(text) if text.startswith("{") else text), json.loads(probe), proc.stderr
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def made(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    out = tmp_path / "out" / "s.h5"
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe == {"torch": True, "code": 0} and result["computed"] == 6
+    return data, out
+
+
+def test_unchanged_rerun_imports_no_torch_and_leaves_nothing(made):
+    data, out = made
+    before = listing(out.parent)
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe == {"torch": False, "code": 0}
+    assert (result["items"], result["computed"], result["reused"], result["failed"]) == (6, 0, 6, 0)
+    assert listing(out.parent) == before  # no STORE.parts/ nor anything else new
+    text, probe, _ = featx("extract", data, "-o", out, *FAST[:-1])
+    assert probe == {"torch": False, "code": 0}
+    assert f"6 images in {out} " in text and "(already up to date): 0 computed, 6 reused, 0 failed" in text
+
+
+def test_options_that_do_not_change_rows_keep_the_fast_path(made):
+    data, out = made
+    _, probe, _ = featx("extract", data, "-o", out, *FAST[:-3], "--batch-size", "2", "--workers", "1", "--json")
+    assert probe == {"torch": False, "code": 0}
+
+
+def test_changed_file_runs_for_real(made):
+    data, out = made
+    victim = next((data / "ants").iterdir())
+    make_image(victim, cls=0, seed=99)
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe["torch"] is True and result["computed"] == 1
+
+
+def test_new_file_runs_for_real(made):
+    data, out = made
+    make_image(data / "bees" / "new.png", cls=1, seed=77)
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe["torch"] is True and (result["items"], result["computed"]) == (7, 1)
+
+
+@pytest.mark.parametrize("option", [["--pooling", "max"], ["--precision", "fp32"], ["--image-size", "40"],
+                                    ["-l", "layer3"], ["--dtype", "float16"]])
+def test_changed_identity_option_runs_for_real(made, option):
+    data, out = made
+    _, probe, err = featx("extract", data, "-o", out, *FAST, *option)
+    assert probe["torch"] is True
+    if probe["code"] == 2:  # another config for this store: the real run's one-line refusal
+        assert "was made with another config" in err
+
+
+def test_overwrite_runs_for_real(made):
+    data, out = made
+    result, probe, _ = featx("extract", data, "-o", out, *FAST, "--overwrite")
+    assert probe["torch"] is True and result["computed"] == 6
+
+
+def test_changed_weights_file_runs_for_real(tmp_path):
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "s.h5"
+    args = ["extract", data, "-o", out, *FAST[:2], "-w", weights, *FAST[4:]]
+    assert featx(*args)[1]["torch"] is True
+    assert featx(*args)[1] == {"torch": False, "code": 0}
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    _, probe, err = featx(*args)
+    assert probe["torch"] is True and probe["code"] == 2 and "another config" in err
+
+
+def test_description_covers_every_extract_option():
+    """A new option of extract is part of the identity unless it is declared unable to change rows."""
+    import inspect
+
+    from featx.extract import extract
+
+    parameters = set(inspect.signature(extract).parameters)
+    assert set(describe({name: None for name in parameters})) == parameters - NOT_IDENTITY - FORCING
+    assert {"weights", "weights_match", "taps", "pooling", "precision", "dtype", "decode"} <= set(
+        describe({name: None for name in parameters}))
