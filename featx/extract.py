@@ -280,18 +280,18 @@ def extract(
         with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
             distributed.start(shard, writer.parts, job)
             n_known = sum(1 for k in keys if k is not None and k in writer.available)
-            todo = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
+            to_compute = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
             failures: dict[str, str] = {}
             compute_seconds = 0.0
-            if todo:
-                paths = [source.items[i].path for i in todo]
+            if to_compute:
+                paths = [source.items[i].path for i in to_compute]
                 if cluster:
                     batches = _ray_batches(cluster, paths, config, weights, batch_size)
                 else:
                     runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
                     batches = _local_batches(paths, runner, batch_size, workers, decode)
                 t0 = time.perf_counter()
-                _commit_batches(batches, source, keys, todo, writer, on_error, failures, progress)
+                _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
             plan = None if note else seal_plan(source, keys, writer.available, failures)
@@ -303,13 +303,13 @@ def extract(
                     raise _commit_error(err, writer) from err
             elif plan is not None:
                 writer.remove_parts()  # a run that found nothing to add leaves no folder (nor the shards' markers)
-    n_computed = len(todo) - sum(1 for i in todo if keys[i] in failures)
+    n_computed = len(to_compute) - sum(1 for i in to_compute if keys[i] in failures)
     return ExtractResult(
         store_path=output,
         n_items=len(plan.keys) if plan else len(source.items),
         n_computed=n_computed,
         n_reused=n_known,
-        n_failed=len(plan.failed) if plan else sum(1 for i in todo if keys[i] in failures),
+        n_failed=len(plan.failed) if plan else sum(1 for i in to_compute if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
         store_bytes=output.stat().st_size if output.exists() else 0,
@@ -378,12 +378,12 @@ def _finish_shard(shard, writer: StoreWriter, job: dict, keys, failures: dict[st
 def _unique_missing(keys: list[str | None], available) -> list[int]:
     """Item indices to compute: the first item of each readable content key that no store or segment holds."""
     seen: set[str] = set()
-    todo = []
+    to_compute = []
     for i, key in enumerate(keys):
         if key is not None and key not in available and key not in seen:
             seen.add(key)
-            todo.append(i)
-    return todo
+            to_compute.append(i)
+    return to_compute
 
 
 def _local_batches(paths, runner: FeatureRunner, batch_size, workers, decode):
@@ -422,21 +422,21 @@ def _ray_batches(cluster, paths, config: dict, weights_arg, batch_size):
         yield indices.tolist(), reasons.tolist(), {tap: values[ok] for tap, values in rows.items()}
 
 
-def _commit_batches(batches, source, keys, todo, writer, on_error, failures, progress) -> None:
+def _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress) -> None:
     """Record the failures of each batch and commit its rows as a segment (in a writer thread, so that writing
     overlaps with computing the next batch)."""
-    bar = tqdm(total=len(todo), desc="extract", unit="img", disable=None if progress else True, smoothing=0.1)
+    bar = tqdm(total=len(to_compute), desc="extract", unit="img", disable=None if progress else True, smoothing=0.1)
     pending: list[cf.Future] = []
     with cf.ThreadPoolExecutor(max_workers=1) as io:
         try:
             for indices, reasons, rows in batches:
                 for j, reason in zip(indices, reasons):
                     if reason:
-                        item = source.items[todo[j]]
+                        item = source.items[to_compute[j]]
                         if on_error == "fail":
                             raise FeatxError(f"{item.path}: {reason} (--on-error fail; rerun resumes after the last batch)")
-                        failures[keys[todo[j]]] = reason
-                batch_keys = [keys[todo[j]] for j, reason in zip(indices, reasons) if not reason]
+                        failures[keys[to_compute[j]]] = reason
+                batch_keys = [keys[to_compute[j]] for j, reason in zip(indices, reasons) if not reason]
                 if batch_keys:
                     pending.append(io.submit(writer.commit, batch_keys, rows))
                 pending = _drain(pending, writer, MAX_PENDING_WRITES)

@@ -192,12 +192,12 @@ class Grid:
             for seed in range(cfg.seeds if n != "all" and int(n) <= cfg.multi_seed_max else 1):
                 files = cell_files(ds, n, seed)
                 n_train = D.count(files)
-                todo = [t for t in cfg.taps if not self.journal.find(kind="cell", target=name, method="probe",
+                missing_taps = [t for t in cfg.taps if not self.journal.find(kind="cell", target=name, method="probe",
                                                                      n=n_value(ds, n), seed=seed, tap=t)]
-                if not todo:
+                if not missing_taps:
                     continue
                 store = rows.store(wdir / "cell.h5", files, "train")
-                for tap in todo:
+                for tap in missing_taps:
                     with Clock() as c:
                         head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{tap}", seed=seed, val_split=0.0,
                                         grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True)
