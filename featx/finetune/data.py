@@ -34,6 +34,23 @@ class Splits:
     how: str  # where the validation items come from, for the log
 
 
+def hold_out(train: list, val: list, val_split: float | None, held_out, noun: str) -> tuple[list, list, str]:
+    """(train, val, how): the data's own `val` items, else the `val_split` fraction of `train` (0.2 by default, 0 for
+    no validation) that `held_out(fraction)` marks True; `noun` names the items in the log line and errors."""
+    if val:
+        if val_split:
+            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} {noun})")
+        return train, val, f"the data's val split ({len(val)} {noun})"
+    fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
+    if not 0 <= fraction < 1:
+        raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+    if fraction:
+        held = held_out(fraction)
+        val = [item for item, h in zip(train, held) if h]
+        train = [item for item, h in zip(train, held) if not h]
+    return train, val, f"{fraction:.0%} of the training {noun} held out ({len(val)})" if val else "none (--val-split 0)"
+
+
 def split_items(source: Source, val_split: float | None, seed: int) -> Splits:
     """Train / val items: the source's 'val' split, else a stratified `val_split` hold-out of the training items
     (0.2 by default, 0 for no validation). Unlabelled items and the 'test' split are left out."""
@@ -42,19 +59,9 @@ def split_items(source: Source, val_split: float | None, seed: int) -> Splits:
     labelled = [item for item in source.items if item.label >= 0 and item.split != "test"]
     val = [item for item in labelled if item.split == "val"]
     train = [item for item in labelled if item.split != "val"]
-    if val:
-        if val_split:
-            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} images)")
-        how = f"the data's val split ({len(val)} images)"
-    else:
-        fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
-        if not 0 <= fraction < 1:
-            raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
-        if fraction:
-            held = stratified_holdout([item.label for item in train], fraction, seed)
-            val = [item for item, h in zip(train, held) if h]
-            train = [item for item, h in zip(train, held) if not h]
-        how = f"{fraction:.0%} of the training images held out ({len(val)})" if val else "none (--val-split 0)"
+    train, val, how = hold_out(
+        train, val, val_split, lambda fraction: stratified_holdout([item.label for item in train], fraction, seed), "images"
+    )
     if len({item.label for item in train}) < 2:
         raise FeatxError(f"finetune needs training images of at least 2 classes; {source.description}")
     return Splits(train, val, list(source.classes), how)

@@ -19,7 +19,7 @@ from torch import nn
 from .. import __version__
 from ..errors import FeatxError
 from ..finetune.checkpoint import atomic_write, seed_everything
-from ..finetune.data import DEFAULT_VAL_SPLIT, ImageDataset, Splits, loader_for
+from ..finetune.data import ImageDataset, Splits, hold_out, loader_for
 from ..finetune.freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from ..finetune.loop import PassStats
 from ..finetune.optim import build_optimizer, build_scheduler, warmup_steps
@@ -111,16 +111,12 @@ def split_pairs(source: MaskSource, val_split: float | None, seed: int) -> Split
     """Train / val pairs: the data's val split, else a seeded `val_split` fraction (0.2 by default) of the images."""
     train = [p for p in source.pairs if p.split not in ("val", "test")]
     val = [p for p in source.pairs if p.split == "val"]
-    if val:
-        if val_split:
-            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} pairs)")
-        how = f"the data's val split ({len(val)} pairs)"
-    else:
-        fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
+
+    def held_out(fraction: float) -> list[bool]:
         held = set(np.random.default_rng(seed).permutation(len(train))[: int(round(fraction * len(train)))].tolist())
-        val = [p for i, p in enumerate(train) if i in held]
-        train = [p for i, p in enumerate(train) if i not in held]
-        how = f"{fraction:.0%} of the training pairs held out ({len(val)})" if val else "none (--val-split 0)"
+        return [i in held for i in range(len(train))]
+
+    train, val, how = hold_out(train, val, val_split, held_out, "pairs")
     if not train:
         raise FeatxError(f"{source.description}: no training pairs")
     return Splits(train, val, source.classes, how)
