@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -64,6 +63,3 @@ def warn(message: str) -> None:
     """One warning line on stderr."""
     click.echo(f"featx: warning: {message}", err=True)
 
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()
