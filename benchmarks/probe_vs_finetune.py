@@ -1,4 +1,4 @@
-"""Probe vs finetune on real data: accuracy and cost as the training set grows (GitHub issue #5).
+"""Probe vs finetune on real data: accuracy and cost as the training set grows.
 
 featx's claim: for small data a head on cached embeddings matches training through the backbone at a small fraction
 of the cost; for large data finetuning wins. This script measures where that holds, with featx's own API only.

@@ -25,7 +25,7 @@ from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
-from .request import ExtractResult, record, up_to_date
+from .request import DEFAULT_DECODE, DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
 from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, content_keys, decode_image, load_source
 from .store import config_fingerprint
@@ -36,8 +36,6 @@ ON_ERROR = ("skip", "fail")
 # Config fields that decide the numbers in a row; versions and timestamps are recorded but do not invalidate a cache.
 IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "weights_match", "decode", "taps", "pooling", "token_pool", "transform",
                    "precision", "dtype")
-DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
-DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
 ENGINES = ("local", "ray")
 MAX_PENDING_WRITES = 4
 
@@ -72,24 +70,6 @@ def identity_key(config: dict) -> str:
     if fields["decode"] in (None, DEFAULT_DECODE):
         del fields["decode"]
     return config_fingerprint(fields)
-
-
-def extract_options_from_config(config: dict) -> dict:
-    """Keyword arguments of `extract` that rebuild the extractor a store (or a head) was made with."""
-    transform = config["transform"]
-    return {
-        "backbone": config["backbone"],
-        "weights": config.get("weights_path") or config["weights"],
-        "weights_match": config.get("weights_match", DEFAULT_MATCH),
-        "decode": config.get("decode", DEFAULT_DECODE),
-        "taps": list(config["taps"]),
-        "pooling": config["pooling"],
-        "token_pool": config.get("token_pool", "cls"),
-        "image_size": transform["crop"],
-        "resize": transform["resize"],
-        "precision": config["precision"],
-        "dtype": config["dtype"],
-    }
 
 
 class CpuDecoder:

@@ -22,6 +22,17 @@ from .sources import content_key, content_keys, load_source
 
 NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "on_error", "progress", "log"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
+DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
+DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
+# featx.extract's defaults, so that callers can complete a call's arguments and check it without importing extract
+# (and torch); tests/test_request.py holds this equal to extract's signature.
+EXTRACT_DEFAULTS = {
+    "backbone": "resnet50", "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
+    "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
+    "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "on_error": "skip", "overwrite": False,
+    "num_shards": None, "shard_index": None, "engine": "local", "ray_address": None, "num_gpus_per_worker": None,
+    "progress": False, "log": None,
+}
 LIBRARIES = ("featx", "torch", "torchvision", "timm")
 ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")
 
@@ -53,6 +64,32 @@ class ExtractResult:
             f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
             f"{self.n_reused} reused, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
         )
+
+
+def extract_options_from_config(config: dict) -> dict:
+    """Keyword arguments of `extract` that rebuild the extractor a store (or a head) was made with."""
+    transform = config["transform"]
+    return {
+        "backbone": config["backbone"],
+        "weights": config.get("weights_path") or config["weights"],
+        "weights_match": config.get("weights_match", DEFAULT_MATCH),
+        "decode": config.get("decode", DEFAULT_DECODE),
+        "taps": list(config["taps"]),
+        "pooling": config["pooling"],
+        "token_pool": config.get("token_pool", "cls"),
+        "image_size": transform["crop"],
+        "resize": transform["resize"],
+        "precision": config["precision"],
+        "dtype": config["dtype"],
+    }
+
+
+def call_arguments(data, output, **given) -> dict:
+    """Every argument of an `extract(data, output, **given)` call, defaults included (what `extract` records)."""
+    unknown = set(given) - set(EXTRACT_DEFAULTS)
+    if unknown:
+        raise TypeError(f"extract() got unexpected arguments {sorted(unknown)}")
+    return {"data": data, "output": output, **EXTRACT_DEFAULTS, **given}
 
 
 def describe(arguments: dict) -> dict:

@@ -1,4 +1,5 @@
-"""An unchanged rerun of `featx extract` answers before torch is imported; any change still runs for real."""
+"""An unchanged rerun of `featx extract`, and `featx predict` on images already in the head's cache, answer before
+torch is imported; any change still runs for real."""
 from __future__ import annotations
 
 import json
@@ -9,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from featx.request import FORCING, NOT_IDENTITY, describe
+from featx.request import EXTRACT_DEFAULTS, FORCING, NOT_IDENTITY, describe
 from imagegen import make_image, make_image_folder
 
 FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
-# Runs the CLI in a fresh interpreter and reports, after it, whether torch was imported.
+# Runs the CLI in a fresh interpreter and reports, after it, whether torch (and scikit-learn) were imported.
 PROBE = (
     "import sys, json\n"
     "from featx.cli import main\n"
     "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
-    "print(json.dumps({'torch': 'torch' in sys.modules, 'code': code}))\n"
+    "print(json.dumps({'torch': 'torch' in sys.modules, 'code': code, 'sklearn': 'sklearn' in sys.modules}))\n"
 )
 
 
@@ -30,7 +31,10 @@ def featx(*args) -> tuple[dict | str, dict, str]:
                           timeout=300)
     *body, probe = proc.stdout.strip().splitlines()
     text = "\n".join(body)
-    return (json.loads(text) if text.startswith("{") else text), json.loads(probe), proc.stderr
+    probe = json.loads(probe)
+    if args[0] != "predict":
+        del probe["sklearn"]  # extract's checks are about torch alone
+    return (json.loads(text) if text.startswith("{") else text), probe, proc.stderr
 
 
 def listing(folder: Path) -> list[str]:
@@ -123,3 +127,42 @@ def test_description_covers_every_extract_option():
     assert set(describe({name: None for name in parameters})) == parameters - NOT_IDENTITY - FORCING
     assert {"weights", "weights_match", "taps", "pooling", "precision", "dtype", "decode"} <= set(
         describe({name: None for name in parameters}))
+
+
+def test_extract_defaults_are_extracts_own():
+    """featx.request completes a call's arguments without importing extract: its defaults must be extract's."""
+    import inspect
+
+    from featx.extract import extract
+
+    parameters = inspect.signature(extract).parameters
+    assert EXTRACT_DEFAULTS == {name: p.default for name, p in parameters.items() if p.default is not p.empty}
+
+
+@pytest.fixture
+def head_on_images(made, tmp_path):
+    """A head fitted on the store of `made`, and the CSV of its first `featx predict` on the same images."""
+    data, out = made
+    head = tmp_path / "head"
+    fit, probe, err = featx("fit-head", out, "-o", head, "--grid", "1", "--no-plots", "--val-split", "0")
+    assert probe["code"] == 0, err
+    first, probe, err = featx("predict", head, data)
+    assert probe["torch"] is True and probe["code"] == 0, err
+    return data, head, first
+
+
+def test_predict_on_cached_images_builds_no_backbone(head_on_images):
+    data, head, first = head_on_images
+    before = listing(head)
+    again, probe, err = featx("predict", head, data)
+    assert probe == {"torch": False, "sklearn": False, "code": 0}, err
+    assert again == first and again.count("\n") == 6  # header + 6 rows, the same predictions
+    assert listing(head) == before
+
+
+def test_predict_on_a_changed_image_runs_for_real(head_on_images):
+    data, head, first = head_on_images
+    make_image(next((data / "bees").iterdir()), cls=0, seed=123)
+    again, probe, err = featx("predict", head, data)
+    assert probe["torch"] is True and probe["code"] == 0, err
+    assert again.count("\n") == 6

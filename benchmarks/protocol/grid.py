@@ -39,14 +39,15 @@ class GridConfig:
     batch: int = 16
     lr: dict = field(default_factory=lambda: {"fixed": 1e-3, "finetune": 1e-4, "probe+ft": 1e-4, "scratch": 1e-3})
     image_size: dict = field(default_factory=dict)  # dataset -> resolution of every method where the preset is too dear
-    tune_n: int = 10
-    tune_holdout: int = 10
-    tune_epochs: int = 4
-    min_images: int = 160  # budget bounds at the preset's 224 px, scaled by (224 / size)^2 at a smaller size
-    max_images: int = 640
+    tune_n: int = 30
+    tune_holdout: int = 15
+    tune_epochs: int = 8
+    min_images: int = 320  # budget bounds at the preset's 224 px, scaled by (224 / size)^2 at a smaller size
+    max_images: int = 1280
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
     scratch_sizes: tuple = ("all",)
     probe_grid: str = "1e-4:1e2"  # C range of the probes (per decade, then refined by featx)
+    torch_solver_rows: int = 2000  # probes on more rows use `--solver torch` (same objective, several times faster)
 
     def load_options(self) -> dict:
         """How featx loads the weights file (extract, finetune): the match mode, when one is set."""
@@ -198,9 +199,10 @@ class Grid:
                     continue
                 store = rows.store(wdir / "cell.h5", files, "train")
                 for tap in missing_taps:
+                    solver = "torch" if n_train > cfg.torch_solver_rows else "sklearn"
                     with Clock() as c:
                         head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{tap}", seed=seed, val_split=0.0,
-                                        grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True)
+                                        grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True, solver=solver)
                     acc = float(evaluate(head, self.val_store[name], split="val")["accuracy"])
                     self.journal.add({
                         "kind": "cell", "target": name, "method": "probe", "tap": tap, "n": n_value(ds, n),
@@ -210,7 +212,8 @@ class Grid:
                         "backward": False,
                         "detail": {"fit_seconds": round(c.wall, 3), "fit_cpu_seconds": round(c.cpu, 3),
                                    "extract_seconds_charged": round(self.per_image[name] * n_train, 3),
-                                   "C": head.C, "converged": (head.metrics.get("cv") or {}).get("converged")},
+                                   "C": head.C, "converged": (head.metrics.get("cv") or {}).get("converged"),
+                                   "solver": solver},
                     })
                 self.log(f"{name} n={n} seed={seed}: probe " + ", ".join(
                     f"{t} {100 * self.journal.find(kind='cell', target=name, method='probe', n=n_value(ds, n), seed=seed, tap=t)[-1]['acc']:.1f}"

@@ -131,7 +131,8 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
     lines += [
         "",
         f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
-        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows; "
+        "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows, "
+        f"`--solver torch` (scikit-learn's objective, full-batch L-BFGS) above {cfg.torch_solver_rows} rows; "
         f"{cfg.seeds} seeds "
         f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "

@@ -124,9 +124,11 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
     """Predict with HEAD (a head folder) on DATA: images (extracted with the head's backbone, weights and tap,
     through a cache) or a feature file (.h5 store made with the same extractor, or HDF5/NPZ with --x)."""
     from ..heads import predict
-    from ..segment.probe import is_segment_head, predict_dense
+    from ..segment import is_segment_head
 
     if is_segment_head(head):
+        from ..segment.probe import predict_dense
+
         if not output:
             raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
         written = predict_dense(head, data, output, store=store, batch_size=batch_size, device=device,
@@ -167,9 +169,11 @@ def evaluate_cmd(head, store, split, tap, x_key, y_key, masks, trust, as_json):
     per-class precision/recall/F1 and the confusion matrix; R², MAE and RMSE for regression."""
     from ..heads import evaluate
     from ..heads.metrics import metrics_table
-    from ..segment.probe import evaluate_dense, is_segment_head, segment_table
+    from ..segment import is_segment_head
 
     if is_segment_head(head):
+        from ..segment.probe import evaluate_dense, segment_table
+
         if not masks:
             raise FeatxError(f"{head} is a segmentation head: give the store's masks with --masks MASKS")
         metrics = evaluate_dense(head, store, masks, split=split)

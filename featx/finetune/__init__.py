@@ -1,4 +1,4 @@
-"""Finetuning (GitHub issue #4): a torchvision backbone with a new head, trained end to end or in part.
+"""Finetuning: a torchvision backbone with a new head, trained end to end or in part.
 
     choices.py     the option lists and help texts (no torch: the CLI's option table loads them)
     options.py     the training options, checked, with defaults

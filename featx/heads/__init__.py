@@ -1,4 +1,4 @@
-"""Heads on stored rows (GitHub issue #3, the small-data path): fit, save without pickles, evaluate, predict.
+"""Heads on stored rows (the small-data path): fit, save without pickles, evaluate, predict.
 
     data.py         rows, labels and splits from featx stores and foreign HDF5/NPZ files
     estimators.py   the head types (logistic, ridge, linear-svm, sgd, mlp) and the normalisation step

@@ -9,17 +9,12 @@ import math
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.extmath import softmax
 
 from .estimators import balanced_weights
+from .model import mlp_logits, softmax
 
 TARGET_STEPS = 500  # default epochs: enough for about this many Adam steps, within [MIN_EPOCHS, MAX_EPOCHS]
 MIN_EPOCHS, MAX_EPOCHS = 10, 100
-
-
-def mlp_logits(X: np.ndarray, w1, b1, w2, b2) -> np.ndarray:
-    """Class scores of the MLP in eval mode (dropout is the identity)."""
-    return np.maximum(X @ w1.T + b1, 0) @ w2.T + b2
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):

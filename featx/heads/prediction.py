@@ -127,10 +127,11 @@ def apply_head(head: Head, block: np.ndarray):
 def _extract(head: Head, data, store, batch_size, device, workers, progress, log):
     """Extract `data` with the head's extractor into the cache store; returns (store path, failed images).
 
+    When the cache already holds every image (featx.request.up_to_date), nothing is built and torch is not imported.
     The weights' sha256 must be the head's: a weights file is checked before any work, and the extracted store's
     config after (torchvision's cached files)."""
-    from ..backbones import sha256_file
-    from ..extract import extract, extract_options_from_config
+    from ..request import call_arguments, extract_options_from_config, up_to_date
+    from ..sources import content_key
 
     if not head.config:
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
@@ -142,9 +143,14 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     options = {**extract_options_from_config(head.config), "taps": [head.tap]}
     weights_file = head.config.get("weights_path")
     if weights_file and Path(weights_file).is_file():
-        _check_weights(head, weights_file, sha256_file(weights_file))
-    result = extract(data, store, **options, batch_size=batch_size, device=device, workers=workers,
-                     progress=progress, log=log)
+        _check_weights(head, weights_file, content_key(weights_file))
+    arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
+                               progress=progress, log=log)
+    result = up_to_date(arguments)
+    if result is None:
+        from ..extract import extract
+
+        result = extract(**arguments)
     _check_weights(head, options["weights"], result.config.get("weights_sha256"))
     return result.store_path, result.failed
 

@@ -9,3 +9,13 @@
 
 Importing this package loads nothing heavy; the modules import torch / sklearn themselves.
 """
+from __future__ import annotations
+
+from pathlib import Path
+
+SEGMENT_FILE = "segment.json"  # in a head folder: the head is a dense (per-pixel) probe
+
+
+def is_segment_head(path) -> bool:
+    """Whether the head folder at `path` holds a segmentation head."""
+    return (Path(path) / SEGMENT_FILE).is_file()

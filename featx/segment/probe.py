@@ -23,18 +23,14 @@ from ..errors import FeatxError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
 from ..store import open_store
+from . import SEGMENT_FILE
 from .metrics import summarize
 from .source import IGNORE, load_mask_source, read_mask
 from .transforms import eval_mask, mask_image
 
-SEGMENT_FILE = "segment.json"
 FORMAT = 1
 PIXELS_PER_IMAGE = 256
 CHUNK_IMAGES = 64
-
-
-def is_segment_head(path) -> bool:
-    return (Path(path) / SEGMENT_FILE).is_file()
 
 
 def _map_tap(store, tap: str | None) -> tuple[str, tuple[int, ...]]:
