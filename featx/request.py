@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import FeatxError
 from .sources import content_key, content_keys, load_source
 
-NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "on_error", "progress", "log"})
+NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "progress", "log"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
 DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
@@ -29,9 +29,9 @@ DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
 EXTRACT_DEFAULTS = {
     "backbone": "resnet50", "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
     "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
-    "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "on_error": "skip", "overwrite": False,
-    "num_shards": None, "shard_index": None, "engine": "local", "ray_address": None, "num_gpus_per_worker": None,
-    "progress": False, "log": None,
+    "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
+    "overwrite": False, "num_shards": None, "shard_index": None, "engine": "local", "ray_address": None,
+    "num_gpus_per_worker": None, "progress": False, "log": None,
 }
 LIBRARIES = ("featx", "torch", "torchvision", "timm")
 ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")

@@ -215,3 +215,18 @@ def test_api_names_stay_functions_after_their_submodules_load(first):
     code = f"{first}\nimport featx.extract\n{API_CHECK}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_compiled_extractor_gives_the_eager_rows_and_pads_the_last_batch(tmp_path):
+    """--compile: the same rows as eager (to float tolerance), a short last batch included, one compile."""
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    opts = dict(backbone="resnet18", weights="none", taps=["layer3", "avgpool"], image_size=32, batch_size=4,
+                workers=0, precision="fp32", device="cpu")
+    eager = extract(str(data), tmp_path / "eager.h5", **opts)
+    compiled = extract(str(data), tmp_path / "compiled.h5", **opts, compile_model=True)
+    assert compiled.n_computed == eager.n_computed == 10
+    with open_store(tmp_path / "eager.h5") as a, open_store(tmp_path / "compiled.h5") as b:
+        assert a.config_key == b.config_key
+        for tap in ("layer3", "avgpool"):
+            np.testing.assert_allclose(b.features(tap), a.features(tap), rtol=1e-3, atol=1e-4)

@@ -28,6 +28,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Undecodable images: record in /failed and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another config (the old one stays until the new one is sealed).")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Decode JPEGs on the CPU (PIL) or in batches on the CUDA device (nvJPEG); part of the store's identity.")
+@click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile: a warm-up of seconds to a minute, then faster batches (for large sets; see benchmarks/extract_throughput.py).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or decode and compute on a Ray cluster (pip install 'featx[ray]').")
 @click.option("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance).")
 @click.option("--num-gpus-per-worker", type=float, help="GPUs per Ray model actor (default 0: the model runs on the workers' CPUs).")
@@ -36,7 +37,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, token_pool, image_size, resize, batch_size, workers,
-                device, precision, dtype, on_error, overwrite, decode, engine, ray_address, num_gpus_per_worker, num_shards,
+                device, precision, dtype, on_error, overwrite, decode, compile_model, engine, ray_address, num_gpus_per_worker, num_shards,
                 shard_index, as_json, quiet):
     """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
 
@@ -49,7 +50,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
         data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
         taps=list(taps) or None, pooling=pooling, token_pool=token_pool, image_size=image_size, resize=resize,
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, on_error=on_error,
-        overwrite=overwrite, decode=decode, engine=engine, ray_address=ray_address,
+        overwrite=overwrite, decode=decode, compile_model=compile_model, engine=engine, ray_address=ray_address,
         num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index,
         progress=not quiet and not as_json,
     )

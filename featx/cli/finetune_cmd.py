@@ -46,6 +46,8 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
+@click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when training ends; a folder is kept and shared by runs).")
+@click.option("--decode-cache-mb", type=click.FloatRange(min=0), default=4096, show_default=True, help="Size limit of the decoded-image cache; images beyond it are decoded every epoch.")
 @click.option("--task", type=click.Choice(TASKS), default="classify", show_default=True, help="segment: DATA holds image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
 @click.option("--tap", help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map).")
 @click.option("--decoder", default="conv:256", show_default=True, help=f"segment: {DECODER_HELP}.")
@@ -56,7 +58,8 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights_match, head, freeze, unfreeze_at, train_bn, init_head,
                  optimizer, lr, backbone_lr, momentum, weight_decay, schedule, warmup, label_smoothing, epochs,
-                 batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, task, tap,
+                 batch_size, augment, image_size, val_split, early_stop, seed, precision, device, workers, decode_cache,
+                 decode_cache_mb, task, tap,
                  decoder, binary, num_classes, dice_weight, as_json, quiet):
     """Finetune BACKBONE with a new head on DATA into the run folder -o (or continue one with --resume).
 
@@ -78,7 +81,8 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
         backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
         label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
         image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed, precision=precision,
-        device=device, workers=workers, resume=bool(resume_dir), overwrite=overwrite,
+        device=device, workers=workers, decode_cache=decode_cache, decode_cache_mb=decode_cache_mb,
+        resume=bool(resume_dir), overwrite=overwrite,
         progress=not quiet and not as_json, log=log, task=task, tap=tap, decoder=decoder, binary=binary,
         num_classes=num_classes, dice_weight=dice_weight,
     )

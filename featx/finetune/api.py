@@ -20,6 +20,7 @@ from ..sources import load_source
 from . import ddp
 from .checkpoint import CHECKPOINT, RunDir, seed_everything
 from .data import Splits, make_loader, split_items
+from .decoded import DEFAULT_LIMIT_MB, DecodedCache
 from .freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from .heads import parse_head, replace_classifier
 from .optim import build_optimizer, build_scheduler, warmup_steps
@@ -87,6 +88,8 @@ def finetune(
     precision: str = "auto",
     device: str = "auto",
     workers: int | None = None,
+    decode_cache: str | None = "auto",
+    decode_cache_mb: float = DEFAULT_LIMIT_MB,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -106,8 +109,10 @@ def finetune(
     ('order'). init_head: a head folder written by `featx fit-head` whose linear head starts the new head.
     Validation is the data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
-    `resume` continues the run in `output` after its last completed epoch (with the same settings); `overwrite`
-    starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
+    decode_cache: where each image's decoded pixels are kept so that later epochs do not decode it again ('auto':
+    OUTPUT/decoded/, removed when training ends; a folder: kept and shared by runs; None or 'none': off), within
+    `decode_cache_mb` (see featx.finetune.decoded). `resume` continues the run in `output` after its last completed
+    epoch (with the same settings); `overwrite` starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
 
     task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for
     ResNets) with a `decoder` ('conv:256' or 'linear'); `binary` masks train one logit with BCE, `num_classes` bounds
@@ -123,6 +128,8 @@ def finetune(
     ).resolved()
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
+    if isinstance(decode_cache_mb, bool) or not isinstance(decode_cache_mb, (int, float)) or decode_cache_mb < 0:
+        raise FeatxError(f"--decode-cache-mb {decode_cache_mb!r}: expected a number of megabytes >= 0")
     build = _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
     session = ddp.join(device)  # under torchrun: this rank's place, its device, the process group
     try:
@@ -136,8 +143,11 @@ def finetune(
         try:
             with _out_of_memory_as_error(opts.batch_size, runtime):
                 setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
+                cache_lines: list[str] = []  # shown after the data and model lines
+                cache = _decoded_cache(decode_cache, decode_cache_mb, run, task, cache_lines.append)
                 trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
-                                setup_lines.append)
+                                setup_lines.append, cache)
+                setup_lines += cache_lines
                 trainer.config["ranks"] = session.world
                 session.check_same(trainer.config, PROVENANCE)
                 if checkpoint is not None:
@@ -152,6 +162,8 @@ def finetune(
                 elif session.is_main and not (run / CHECKPOINT).exists():
                     run.write_config(trainer.config)
                 trainer.fit()
+                if cache is not None and session.is_main:
+                    cache.close()
         finally:
             run.release()
     finally:
@@ -174,14 +186,23 @@ def _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice
         raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
     from ..segment.train import segment_trainer
 
-    def build(data, bb, weights, _init_head, opts, runtime, workers, run, progress, log):
+    def build(data, bb, weights, _init_head, opts, runtime, workers, run, progress, log, _cache):
         return segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, tap=tap,
                                decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
     return build
 
 
+def _decoded_cache(where, limit_mb: float, run: RunDir, task: str, log) -> DecodedCache | None:
+    """The run's decoded-image cache (classification only), or None when off or not writable (one log line)."""
+    if where is None or str(where) == "none" or task != "classify" or not limit_mb:
+        return None
+    if str(where) == "auto":
+        return DecodedCache.open(run / "decoded", limit_mb, log, remove_when_done=True)
+    return DecodedCache.open(where, limit_mb, log)
+
+
 def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
-             progress: bool, log) -> Trainer:
+             progress: bool, log, cache: DecodedCache | None = None) -> Trainer:
     """Load the data, put the new head on the backbone, freeze, and build the loaders, optimizer and schedule."""
     source = load_source(data)
     splits = split_items(source, opts.val_split, opts.seed)
@@ -203,7 +224,8 @@ def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime
     model = prepare_model(model, runtime)
 
     workers = default_workers() if workers is None else workers
-    loader_args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda)
+    loader_args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda,
+                       cache=cache)
     train_loader = make_loader(splits.train, spec, opts.augment, train=True, **loader_args)
     val_loader = make_loader(splits.val, spec, "none", train=False, **loader_args) if splits.val else None
     optimizer = build_optimizer(model, head_path, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,

@@ -1,6 +1,7 @@
 """Training and validation data: the split, the augmentation, and loaders whose order depends only on the seed.
 
-Workers decode and crop images into uint8 tensors; the batch is normalized on the model's device. Every random
+Workers decode and crop images into uint8 tensors (each image decoded once when the run has a DecodedCache); the
+batch is normalized on the model's device. Every random
 choice (the epoch's order, each image's crop and flip) is drawn from (seed, epoch) in the main process, so a
 resumed run sees exactly the data an uninterrupted one does, whatever the number of workers.
 """
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
 
 from ..errors import FeatxError
-from ..preprocess import INTERPOLATIONS, EvalTransform, TransformSpec, to_uint8_tensor
-from ..sources import DecodeError, Item, Source, decode_image, stratified_holdout
+from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, pixels, resize_pixels
+from ..sources import DecodeError, Item, Source, content_keys, decode_image, stratified_holdout
+from .decoded import DecodedCache, stage_key
 
 DEFAULT_VAL_SPLIT = 0.2
 SCALE = (0.08, 1.0)
@@ -89,7 +92,13 @@ def random_resized_box(width: int, height: int, rng: random.Random) -> tuple[int
 
 
 class TrainTransform:
-    """--augment on a PIL image -> uint8 (3, crop, crop) tensor; the randomness comes from the `rng` argument."""
+    """--augment in two steps: `stage`, the deterministic decoding step whose pixels a DecodedCache can keep, then
+    `augment`, the random part drawn from an `rng` argument, to a uint8 (3, crop, crop) tensor.
+
+    'default' keeps the image at the working size (shorter side shrunk to the transform's resize; smaller images as
+    they are) and takes torchvision's RandomResizedCrop box from it, resized to the crop, then a random flip; 'flip'
+    keeps the eval transform's crop and flips it at random; 'none' is the eval transform alone.
+    """
 
     def __init__(self, spec: TransformSpec, augment: str):
         self.spec = spec
@@ -97,33 +106,63 @@ class TrainTransform:
         self.eval = EvalTransform(spec)
         self.min_size = spec.crop if augment == "default" else spec.resize
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def describe(self) -> dict:
+        """What `stage` computes (the cache's key for it)."""
+        kind = "working-size" if self.augment == "default" else "eval"
+        return {"stage": kind, **self.spec.to_dict()}
+
+    def stage(self, img: Image.Image) -> torch.Tensor:
+        """The image's uint8 (3, H, W) pixels before any random choice."""
+        if self.augment != "default":
+            return self.eval(img)
+        x = pixels(img)
+        if min(x.shape[-2:]) > self.spec.resize:
+            x = resize_pixels(x, self.spec.resize, self.spec.interpolation)
+        return x
+
+    def augment_pixels(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """The random part: crop box (for 'default') and flip, from `rng`."""
         if self.augment == "default":
-            box = random_resized_box(*img.size, rng)
-            x = to_uint8_tensor(img.resize((self.spec.crop,) * 2, INTERPOLATIONS[self.spec.interpolation], box=box))
-        else:
-            x = self.eval(img)
+            left, top, right, bottom = random_resized_box(x.shape[-1], x.shape[-2], rng)
+            x = TF.resized_crop(x, top, left, bottom - top, right - left, [self.spec.crop] * 2,
+                                interpolation=TV_INTERPOLATIONS[self.spec.interpolation], antialias=True)
         if self.augment != "none" and rng.random() < 0.5:
             x = x.flip(-1)
         return x
 
 
 class ImageDataset(Dataset):
-    """(uint8 image, label, decoded ok) for a key (index, seed); an undecodable file gives a zero image and False."""
+    """(uint8 image, label, decoded ok) for a key (index, seed); an undecodable file gives a zero image and False.
+    With a `cache` (and each item's content key in `keys`), an image's staged pixels are decoded once."""
 
-    def __init__(self, items: list[Item], transform: TrainTransform):
+    def __init__(self, items: list, transform, cache: DecodedCache | None = None,
+                 keys: list[str | None] | None = None):
         self.items = items
         self.transform = transform
+        self.cache = cache
+        self.keys = None
+        if cache is not None:
+            stage = transform.describe()
+            self.keys = [None if key is None else stage_key(key, stage) for key in keys]
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _staged(self, index: int) -> torch.Tensor:
+        key = self.keys[index] if self.keys is not None else None
+        x = self.cache.get(key) if key is not None else None
+        if x is None:
+            img = decode_image(self.items[index].path, min_size=self.transform.min_size)
+            x = self.transform.stage(img)
+            if key is not None:
+                self.cache.put(key, x)
+        return x
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         item = self.items[index]
         try:
-            img = decode_image(item.path, min_size=self.transform.min_size)
-            return self.transform(img, random.Random(seed)), item.label, True
+            return self.transform.augment_pixels(self._staged(index), random.Random(seed)), item.label, True
         except DecodeError:
             crop = self.transform.spec.crop
             return torch.zeros(3, crop, crop, dtype=torch.uint8), item.label, False
@@ -150,13 +189,15 @@ class EpochSampler(Sampler):
 
 
 def make_loader(items: list[Item], spec: TransformSpec, augment: str, *, train: bool, batch_size: int, workers: int,
-                seed: int, pin_memory: bool) -> DataLoader:
+                seed: int, pin_memory: bool, cache: DecodedCache | None = None) -> DataLoader:
     """A loader of (uint8 images, labels, ok) batches; training batches are shuffled per epoch and full-size.
 
-    `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform).
+    `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform). With a `cache`,
+    each image is decoded once (its content key is computed here, in threads).
     """
-    return loader_for(ImageDataset(items, TrainTransform(spec, augment)), train=train, batch_size=batch_size,
-                      workers=workers, seed=seed, pin_memory=pin_memory)
+    keys = content_keys([item.path for item in items]) if cache is not None else None
+    return loader_for(ImageDataset(items, TrainTransform(spec, augment), cache, keys), train=train,
+                      batch_size=batch_size, workers=workers, seed=seed, pin_memory=pin_memory)
 
 
 def loader_for(dataset: Dataset, *, train: bool, batch_size: int, workers: int, seed: int,
