@@ -7,7 +7,8 @@ the same images for the same number of epochs; the last epoch's training images 
              normalization on the device
   documents  torchvision ImageFolder + RandomResizedCrop / RandomHorizontalFlip / ToTensor / Normalize on PIL images,
              fp32, no channels_last, no workers, model.train(), loss.backward(), optimizer.step()
-Both run on --device (cpu by default). Target on a 2-core CPU: featx / documents >= 2.5.
+Also printed: the model's pure training step at featx's precision on pre-made tensors (no data at all), the most
+featx can reach, and its ratio to the documents' loop. Both run on --device (cpu by default). Target on a 2-core CPU: featx / documents >= 2.5.
 
     python benchmarks/finetune_throughput.py [--data ../shared/data/hymenoptera_data] [--epochs 2]
     python benchmarks/finetune_throughput.py --smoke    # seconds: generated images, 32 px, 1 epoch (checks it runs)
@@ -71,6 +72,32 @@ def featx_loop(data: Path, epochs: int, batch_size: int, image_size: int, device
     return result.history[-1]["images_per_second"]
 
 
+def pure_training_step(batch_size: int, image_size: int, device: str, steps: int = 5) -> float:
+    """resnet18 training steps (forward, backward, SGD step) on one random batch at featx's precision and memory
+    format; images per second."""
+    runtime = resolve_runtime(device)
+    torch.manual_seed(0)
+    layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = torchvision.models.resnet18(num_classes=2).to(runtime.device, memory_format=layout).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=runtime.device).contiguous(memory_format=layout)
+    y = torch.randint(0, 2, (batch_size,), device=runtime.device)
+
+    def step():
+        with runtime.autocast():
+            out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 def write_smoke_data(root: Path, per_class: int = 12, size: int = 48) -> Path:
     """A tiny train/ + val/ ImageFolder of random JPEGs (2 classes) for --smoke."""
     rng = np.random.default_rng(0)
@@ -110,7 +137,10 @@ def run(args) -> None:
     print(f"featx finetune ({resolve_runtime(args.device).describe()}, {default_workers()} workers)  {ours:7.1f} img/s")
     theirs = documents_loop(args.data / "train", args.epochs, args.batch_size, args.image_size, args.device)
     print(f"documents' loop ({args.device} fp32, no workers)  {theirs:7.1f} img/s")
-    print(f"ratio featx / documents: {ours / theirs:.2f}  (target >= 2.5)")
+    pure = pure_training_step(args.batch_size, args.image_size, args.device)
+    print(f"pure training step ({resolve_runtime(args.device).describe()}, no data)  {pure:7.1f} img/s")
+    print(f"ratio featx / documents: {ours / theirs:.2f}  (target >= 2.5); featx / pure step {ours / pure:.2f}; "
+          f"pure step / documents {pure / theirs:.2f} (the most the ratio can be at this precision)")
 
 
 if __name__ == "__main__":

@@ -221,9 +221,9 @@ class Grid:
 
     # ----- finetuning -----------------------------------------------------------------------------------------------
     def tune(self, name: str, method: str) -> dict:
-        """Budget (images per run) of `method` on `name`: one run on a tuning subset of the training pool with
-        validation after every epoch on other pool images; the budget is the epoch count with the best hold-out
-        accuracy (the earliest of ties) times the subset's size, clamped to [min_images, max_images]."""
+        """Budget of `method` on `name`: one run on a tuning subset of the training pool with validation after every
+        epoch on other pool images; the budget is the epoch count with the best hold-out accuracy (the earliest of
+        ties), which `cell_images` turns into each cell's images."""
         key = "finetune"  # (b), (d) and (e) share (c)'s budget: one tuning run per dataset is what the CPU affords
         found = self.journal.find(kind="tune", target=name, method=key)
         if found:
@@ -253,6 +253,12 @@ class Grid:
                  f"{best_epoch}, budget {images} images ({c.wall:.0f} s)")
         return rec
 
+    def cell_images(self, name: str, tuned: dict, n_train: int) -> int:
+        """Images through the backbone of a finetuning cell with `n_train` images: the tuned epoch count's worth,
+        clamped to the dataset's bounds (so small cells still get some optimizer steps and large ones fit the CPU)."""
+        low, high = self.cfg.bounds(name)
+        return int(min(high, max(low, tuned["best_epoch"] * n_train)))
+
     def estimate(self, name: str, method: str, n_train: int, budget_images: int) -> float:
         """Wall seconds a finetuning cell is expected to take, from the dataset's measured throughput."""
         rate = self.step_seconds.get((name, method)) or self.step_seconds.get((name, "finetune"))
@@ -274,7 +280,7 @@ class Grid:
                     self._skip(name, method, nv, seed, n_train, "the grid's wall-clock budget ran out")
                     continue
                 tuned = self.tune(name, method)
-                expected = self.estimate(name, method, n_train, tuned["budget_images"])
+                expected = self.estimate(name, method, n_train, self.cell_images(name, tuned, n_train))
                 if expected > self.left():
                     self._skip(name, method, nv, seed, n_train,
                                f"expected {expected:.0f} s, {self.left():.0f} s of the budget left")
@@ -292,7 +298,7 @@ class Grid:
         wdir = self.work / name
         tag = f"n{n}-s{seed}"
         n_train = D.count(files)
-        budget_images = tuned["budget_images"]
+        budget_images = self.cell_images(name, tuned, n_train)
         seen = files
         if n_train > budget_images:  # the cap: less than one pass = one pass over a seeded, class-balanced part
             share = budget_images / n_train

@@ -141,14 +141,14 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         "",
         "Budget of a finetuning run (images through the backbone), tuned per dataset and method on a split of the "
         f"training pool ({cfg.tune_n}/class to train, up to {cfg.tune_holdout}/class held out; never the scoring "
-        f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each, budget = best epoch x "
-        f"tuning-set size, clamped to [{cfg.min_images}, {cfg.max_images}] images at 224 px; (b), (d) and (e) use "
-        "(c)'s budget (one tuning run per dataset is what the CPU affords). A run "
-        "with N <= budget makes ceil(budget / N) passes over its N images.",
+        f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each gives the best epoch E; a "
+        f"cell with N training images gets E x N images through the backbone, clamped to [{cfg.min_images}, "
+        f"{cfg.max_images}] at 224 px; (b), (d) and (e) use (c)'s E (one tuning run per dataset is what the CPU "
+        "affords). A run with N <= budget makes ceil(budget / N) passes over its N images.",
     ]
     lines += [f"- {t['target']} {t['method']}: hold-out accuracy per epoch "
-              f"{', '.join(f'{100 * a:.1f}' for a in t['val_acc_per_epoch'])} -> best epoch {t['best_epoch']}, "
-              f"budget {t['budget_images']} images ({t['seconds']:.0f} s)" for t in tuned]
+              f"{', '.join(f'{100 * a:.1f}' for a in t['val_acc_per_epoch'])} -> best epoch "
+              f"E = {t['best_epoch']} ({t['seconds']:.0f} s)" for t in tuned]
     if cfg.image_size:
         lines += ["", "**Reduced datasets**: " + ", ".join(f"{k} at {v} px" for k, v in cfg.image_size.items())
                   + " for every method (extraction and finetuning) instead of the preset's 224 px: its images are "

@@ -1,5 +1,6 @@
-"""Memory bounds: extraction streams (peak RSS does not grow with the number of images), and the streamed `sgd`
-head trains on a store larger than the memory it is allowed.
+"""Memory bounds: extraction streams (peak RSS does not grow with the number of images), finetuning reads its
+decoded-image cache from disk (likewise), and the streamed `sgd` head trains on a store larger than the memory it
+is allowed.
 
 Extraction: 2,000 and 20,000 tiny PNGs through resnet18's layer1 flattened (16 kB per row at 32 px), so that
 keeping the rows in memory would add ~290 MB at 20,000 images; the allowance is half of that, for the per-image
@@ -120,3 +121,24 @@ def test_resealing_a_store_of_large_rows_copies_them_in_bounded_memory(tmp_path)
         np.testing.assert_array_equal(st.features("layer1", [0])[0], last)
     print(f"\nresealing {store_mb:.0f} MB of rows: peak {peak / 2**20:.0f} MB of Python/numpy memory")
     assert peak / 2**20 < 64 < store_mb / 2
+
+
+def test_finetune_peak_rss_does_not_grow_with_the_image_count(tmp_path):
+    """Training reads its decoded-image cache from disk image by image: 200 and 2,000 images (128 px PNGs, kept at
+    the 128 px working size, 48 kB each: 86 MB more in the larger cache) reach about the same peak RSS."""
+    peaks, cached = {}, {}
+    for name, count, seed in (("small", 200, 0), ("large", 2000, 1)):
+        write_pngs(tmp_path / name, count, size=128, seed=seed)
+        cache = tmp_path / f"{name}-cache"
+        result = featx("finetune", tmp_path / name, "-o", tmp_path / f"{name}-run", "-b", "mobilenet_v3_small",
+                       "-w", "none", "--image-size", "112", "--epochs", "2", "--batch-size", "32", "--workers", "0",
+                       "--val-split", "0", "--precision", "fp32", "--decode-cache", cache, "-q", "--json",
+                       timeout=600)
+        assert result.returncode == 0, result
+        files = list(cache.glob("*.npy"))
+        assert len(files) == count
+        peaks[name], cached[name] = result.peak_rss_mb, sum(f.stat().st_size for f in files) / 2**20
+    growth, more = peaks["large"] - peaks["small"], cached["large"] - cached["small"]
+    print(f"\nfinetune peak RSS: 200 images {peaks['small']:.0f} MB, 2000 images {peaks['large']:.0f} MB "
+          f"(+{growth:.0f} MB; the larger cache holds {more:.0f} MB more)")
+    assert more > 80 and growth < more / 2
