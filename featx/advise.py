@@ -2,7 +2,7 @@
 
 Within a time budget the usual taps (two stage outputs and the pre-logits) are extracted once into a store (reused
 by later `fit-head` / `extract` commands), and logistic probes are fitted on growing, class-balanced subsets at each
-tap (a learning curve, scored on held-out rows). The distance from the backbone's pretraining is measured as the
+tap (a learning curve, scored on held-out rows and on the training rows' cross-validation folds together). The distance from the backbone's pretraining is measured as the
 **deep-vs-shallow gap**: the pre-logits probe's accuracy minus the best stage output's. Pretrained deep features that
 fit the data beat generic shallow ones by a clear margin (a positive gap: the data is close to the pretraining); when
 a stage output matches or beats them, the pretraining's top layers do not fit the data and adapting them (finetuning)
@@ -237,7 +237,8 @@ def _subset_csv(source, per_class: int, seed: int, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------------
 def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = None) -> tuple[dict, dict]:
-    """Probe accuracy on held-out rows per tap and class-balanced n per class (nested subsets; 3 seeds below 8
+    """Probe accuracy (held-out rows and the training rows' CV folds pooled, see _pooled) per tap and class-balanced
+    n per class (nested subsets; 3 seeds below 8
     per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows, else a stratified quarter of its
     labelled rows. Past `deadline`
     (time.perf_counter()) the curve jumps to its last point (every training row). Returns (curves, info)."""
@@ -285,10 +286,21 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
                     head = fit_head(_npz(Path(tmp) / "cell.npz", x[t], labels, classes, rows), val_split=0.0,
                                     grid=list(CURVE_GRID), folds=min(5, n), seed=seed, n_jobs=1, plots=False)
                     fit_seconds = time.perf_counter() - t0 if n == n_max else fit_seconds
-                    accs.append(float(evaluate(head, Path(tmp) / f"val-{t}.npz")["accuracy"]))
+                    held_acc = float(evaluate(head, Path(tmp) / f"val-{t}.npz")["accuracy"])
+                    accs.append(_pooled(held_acc, len(held), head.metrics.get("cv"), len(rows)))
                 curves[t].append({"n": int(n), "acc": float(np.mean(accs))})
     return curves, {"n_max": n_max, "held_out": int(val.sum()), "last_fit_seconds": fit_seconds,
                     "curve_cut_by_budget": cut}
+
+
+def _pooled(held_acc: float, n_held: int, cv: dict | None, n_train: int) -> float:
+    """One accuracy from every labelled row: the held-out rows' accuracy and the cross-validated accuracy (at the
+    chosen C) of the training rows, weighted by their counts. At a few images per class one small hold-out swings by
+    many points; counting every row's out-of-fold prediction as well steadies the comparison between taps."""
+    if not cv:
+        return held_acc
+    cv_acc = float(cv["mean"][cv["grid"].index(cv["best"])])
+    return (held_acc * n_held + cv_acc * n_train) / (n_held + n_train)
 
 
 def _npz(path: Path, x: np.ndarray, labels: np.ndarray, classes: list[str], rows: np.ndarray) -> Path:

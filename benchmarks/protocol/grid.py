@@ -44,6 +44,7 @@ class GridConfig:
     tune_epochs: int = 8
     min_images: int = 320  # budget bounds at the preset's 224 px, scaled by (224 / size)^2 at a smaller size
     max_images: int = 1280
+    full_passes: int = 2  # the upper bound never cuts a cell below this many passes over its images
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
     scratch_sizes: tuple = ("all",)
     probe_grid: str = "1e-4:1e2"  # C range of the probes (per decade, then refined by featx)
@@ -255,8 +256,10 @@ class Grid:
 
     def cell_images(self, name: str, tuned: dict, n_train: int) -> int:
         """Images through the backbone of a finetuning cell with `n_train` images: the tuned epoch count's worth,
-        clamped to the dataset's bounds (so small cells still get some optimizer steps and large ones fit the CPU)."""
+        clamped to the dataset's bounds (so small cells still get some optimizer steps and large ones fit the CPU),
+        but never less than min(E, full_passes) passes over every image (a large set is not cut to a partial epoch)."""
         low, high = self.cfg.bounds(name)
+        high = max(high, min(tuned["best_epoch"], self.cfg.full_passes) * n_train)
         return int(min(high, max(low, tuned["best_epoch"] * n_train)))
 
     def estimate(self, name: str, method: str, n_train: int, budget_images: int) -> float:

@@ -143,7 +143,8 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
         f"training pool ({cfg.tune_n}/class to train, up to {cfg.tune_holdout}/class held out; never the scoring "
         f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each gives the best epoch E; a "
         f"cell with N training images gets E x N images through the backbone, clamped to [{cfg.min_images}, "
-        f"{cfg.max_images}] at 224 px; (b), (d) and (e) use (c)'s E (one tuning run per dataset is what the CPU "
+        f"{cfg.max_images}] at 224 px, the upper bound raised to min(E, {cfg.full_passes}) x N where that is more "
+        "(a large set gets full passes, not a part of one); (b), (d) and (e) use (c)'s E (one tuning run per dataset is what the CPU "
         "affords). A run with N <= budget makes ceil(budget / N) passes over its N images.",
     ]
     lines += [f"- {t['target']} {t['method']}: hold-out accuracy per epoch "
