@@ -102,7 +102,7 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
     main_taps = {r["target"]: cfg.main_tap for r in cells}
     title = f"Probe vs finetune, {cfg.backbone} with ImageNet weights"
     pngs = R.plots(prefix, cells, main_taps, title)
-    setup = setup_lines(cfg, extracts, tuned, skipped, seconds) + missing_lines(cfg, journal, cells)
+    setup = setup_lines(cfg, extracts, tuned, skipped, seconds, cells) + missing_lines(cfg, journal, cells)
     extra = cpu_table(cells, cfg.main_tap) + win_lines(winners(cells)) + ["", "## Plots", ""] + [f"![{p.stem}]({p.name})"
                                                                                    for p in pngs]
     prefix.with_suffix(".md").write_text(R.markdown(title, info, setup, cells, main_taps, extra))
@@ -112,7 +112,7 @@ def write_outputs(out: Path, stem: str, cfg: GridConfig, info: dict, journal: Jo
          "winners": [{"target": k[0], "n": k[1], **v} for k, v in winners(cells).items()]}, indent=1, default=str))
 
 
-def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]:
+def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds, cells) -> list[str]:
     lines = [
         f"Grid time: {R.fmt_seconds(seconds)} of wall time (its steps summed) on a 2-core machine shared with other jobs (so wall "
         "seconds are upper bounds; CPU seconds, below, are this process's and its workers').",
@@ -155,9 +155,10 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds) -> list[str]
                   + " for every method (extraction and finetuning) instead of the preset's 224 px: its images are "
                   "28 px, and at 224 px its extraction and finetuning cells do not fit the CPU budget. Its budget "
                   "bounds scale by (224 / size)^2."]
-    lines += ["", "**The cap**: a run whose N training images exceed its budget trains one pass over a seeded, "
-              "class-balanced part of them of the budget's size (a partial epoch); such cells (`trained_on` < N in "
-              "the CSV's detail) under-train finetuning at large n, so they understate it."]
+    if any((r.get("detail") or {}).get("trained_on", r["n_train"]) < r["n_train"] for r in cells):
+        lines += ["", "**The cap**: a run whose N training images exceed its budget trains one pass over a seeded, "
+                  "class-balanced part of them of the budget's size (a partial epoch); such cells (`trained_on` < N "
+                  "in the CSV's detail) under-train finetuning at large n, so they understate it."]
     if cfg.scratch_sizes:
         lines += ["", f"(e) scratch runs only at n = {', '.join(map(str, cfg.scratch_sizes))} (the CPU budget)."]
     if skipped:
