@@ -57,12 +57,12 @@ def run_grid(args, work: Path, stem: str, log) -> None:
         grid.extract(name)
         grid.probe_cells(name)
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
-    for method in FT_ORDER:  # per method, n by n across the datasets: a cut-short grid still covers every dataset
-        for n in cfg.ft_order:
+    for n in cfg.ft_order:  # n by n, every method across the datasets: a cut-short grid still covers each of them
+        for method in FT_ORDER:
             for name in names:
                 if n in cfg.sizes:
                     grid.finetune_cells(name, method, [n])
-            write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
+        write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
     for name in names:
         grid.finetune_cells(name, "scratch", cfg.scratch_sizes)
     write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
