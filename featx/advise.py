@@ -66,7 +66,7 @@ class Advice:
     budget_seconds: float
     seconds: float
     costs: dict
-    curves: dict  # tap -> [{"n": per class, "acc": held-out accuracy}]
+    curves: dict  # tap -> [{"n": per class, "acc": accuracy on held-out rows and CV folds}]
     signal: dict
     recommendation: Choice
     alternatives: list[Choice] = field(default_factory=list)
@@ -80,7 +80,7 @@ class Advice:
         s = self.signal
         lines = [f"{self.data}: {self.images} images, {self.classes} classes (smallest {self.per_class}); "
                  f"{self.backbone} ({self.weights}); {self.seconds:.0f} s of a {self.budget_seconds:.0f} s budget",
-                 "", "learning curve (held-out accuracy %, probe per tap):"]
+                 "", "learning curve (accuracy % on held-out rows and CV folds, probe per tap):"]
         taps = list(self.curves)
         sizes = sorted({p["n"] for c in self.curves.values() for p in c})
         lines.append("  n/class  " + "  ".join(f"{t:>20}" for t in taps))
