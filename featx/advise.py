@@ -327,8 +327,9 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
         warnings.simplefilter("ignore")  # "fewer folds than asked" at 2 per class: expected on a learning curve
         curves, info = learning_curves(store, taps, seed, deadline)
     penultimate = taps[-1]
-    # Each tap's accuracy over the curve's last two points: one hold-out point alone swings by several points.
-    final = {t: float(np.mean([p["acc"] for p in c[-2:]])) for t, c in curves.items()}
+    # Each tap's accuracy over the curve's points within a doubling of its last (the last two of a full curve; the
+    # last alone when the budget cut the curve short): one point alone swings by several points.
+    final = {t: float(np.mean([p["acc"] for p in c if p["n"] >= c[-1]["n"] / 2])) for t, c in curves.items()}
     shallow = {t: a for t, a in final.items() if t != penultimate}
     best_shallow = max(shallow, key=shallow.get) if shallow else None
     gap = final[penultimate] - (shallow[best_shallow] if shallow else 0.0)
@@ -336,8 +337,9 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     curve = curves[best_tap]
     # Accuracy gained per doubling, over the last doubling or more (a fraction of one is all noise).
     earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
-    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, math.log2(curve[-1]["n"] / earlier[-1]["n"])) \
-        if earlier else 0.0
+    span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
+    # Over more than MAX_DOUBLINGS (a curve the budget cut short) the early steep part would overstate the slope.
+    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, span) if earlier and span <= MAX_DOUBLINGS else 0.0
     per_class_full = per_class_full or per_class_store
     doublings = math.log2(max(1.0, per_class_full / info["n_max"]))
     projected = min(1.0, curve[-1]["acc"] + max(0.0, slope) * min(doublings, MAX_DOUBLINGS))
