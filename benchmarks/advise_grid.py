@@ -94,7 +94,7 @@ def main(argv=None) -> None:
                                                           indent=1, default=str))
     lines = ["# `featx advise` vs the measured grid", "", f"Machine: {R.machine_line(info)}.", "",
              f"Grid: `{args.results.name}`. Advice from each cell's seed-0 training rows only (a store cut from the "
-             "grid's extraction; learning curves on a hold-out of those rows), compared with the cell's measured "
+             "grid's extraction; learning curves scored on a hold-out of those rows and their CV folds), compared with the cell's measured "
              "accuracies (mean over seeds). Right = the advised method is within 1 point of the cell's best; a "
              "`--freeze until` advice has no grid counterpart and counts as wrong.", "",
              f"**Agreement: {sum(r['right'] for r in rows_out)} / {len(rows_out)} cells = {100 * agree:.0f} %** "
