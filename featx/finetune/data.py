@@ -1,9 +1,9 @@
 """Training and validation data: the split, the augmentation, and loaders whose order depends only on the seed.
 
 Workers decode and crop images into uint8 tensors (each image decoded once when the run has a DecodedCache); the
-batch is normalized on the model's device. Every random
-choice (the epoch's order, each image's crop and flip) is drawn from (seed, epoch) in the main process, so a
-resumed run sees exactly the data an uninterrupted one does, whatever the number of workers.
+batch is normalized on the model's device. Every random choice (the epoch's order, each image's crop and flip) is
+drawn from (seed, epoch) in the main process, so a resumed run sees exactly the data an uninterrupted one does,
+whatever the number of workers.
 """
 from __future__ import annotations
 

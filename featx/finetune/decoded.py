@@ -64,9 +64,10 @@ class DecodedCache:
         return self.folder / f"{key}{SUFFIX}"
 
     def get(self, key: str) -> torch.Tensor | None:
-        """The cached pixels of `key`, or None (absent, or unreadable: it is then decoded again)."""
+        """The cached (3, H, W) pixels of `key` over HWC memory, as decoding gives them; None when absent or
+        unreadable (the image is then decoded again)."""
         try:
-            return torch.from_numpy(np.load(self._path(key), allow_pickle=False))
+            return torch.from_numpy(np.load(self._path(key), allow_pickle=False)).permute(2, 0, 1)
         except (OSError, ValueError):
             return None
 
@@ -74,7 +75,7 @@ class DecodedCache:
         """Keep `pixels` under `key` when this worker's share of the limit allows it; never raises."""
         if self._disabled:
             return
-        array = np.ascontiguousarray(pixels.numpy())
+        array = np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())  # HWC, the memory order of a decoded image
         if self._written + array.nbytes > self._share():
             return
         path = self._path(key)
