@@ -2,7 +2,12 @@
 
 Within a time budget the usual taps (two stage outputs and the pre-logits) are extracted once into a store (reused
 by later `fit-head` / `extract` commands), and logistic probes are fitted on growing, class-balanced subsets at each
-tap (a learning curve, scored on held-out rows and on the training rows' cross-validation folds together). The distance from the backbone's pretraining is measured as the
+tap, with the rows standardised and unscaled (a learning curve per tap and normalisation, scored on held-out rows
+and on the training rows' cross-validation folds together). Standardising is not always right: on a few images per
+class it weighs a thousand feature dimensions equally from a handful of rows, and pretrained pre-logits, which the
+source classifier read unscaled, lose several points to it. A tap's accuracy is its better normalisation's, and
+standardising counts as better only by more than the measurement's standard error. The
+distance from the backbone's pretraining is measured as the
 **deep-vs-shallow gap**: the pre-logits probe's accuracy minus the best stage output's. Pretrained deep features that
 fit the data beat generic shallow ones by a clear margin (a positive gap: the data is close to the pretraining); when
 a stage output matches or beats them, the pretraining's top layers do not fit the data and adapting them (finetuning)
@@ -10,8 +15,8 @@ has room to pay, provided there is enough data to adapt them without overfitting
 per doubling of the data) extrapolates the probe to the full data when only part of it was affordable.
 
 Recommendation: finetune only with at least FT_MIN_PER_CLASS images per class, a gap below GAP_SIMILAR and a probe
-error above MIN_HEADROOM; with `--freeze until:TAP` when a stage output is the best tap by more than SHALLOW_MARGIN
-(its layers are kept, the rest adapts), else in full. Otherwise the probe at the best tap.
+error above MIN_HEADROOM; with `--freeze until:TAP` when a stage output is the best tap (its layers are kept, the
+rest adapts), else in full. Otherwise the probe at the best tap (the pre-logits on a tie).
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ from .errors import FeatxError
 FT_MIN_PER_CLASS = 500
 GAP_SIMILAR = 0.03
 MIN_HEADROOM = 0.05
-SHALLOW_MARGIN = 0.02
 DEFAULT_BUDGET_SHARE = 0.05  # of one estimated full finetune (featx finetune's default 10 epochs)
 FINETUNE_EPOCHS = 10
 CURVE_GRID = (0.01, 0.1, 1.0, 10.0)  # C values of the curve's probes (no refinement: many small fits)
@@ -37,7 +41,8 @@ HOLDOUT = 0.25
 MAX_CURVE_PER_CLASS = 256  # the curve stops here; beyond, its slope extrapolates (fits grow with the rows)
 MAX_DOUBLINGS = 2  # the curve is extrapolated at most this many doublings of the data beyond its last point
 DECODE_FACTOR = 1.3  # extraction = forward passes plus decoding, measured on the model alone
-SCHEMA = 1
+NORMALIZATIONS = ("standard", "none")  # fit-head --normalize of the curve's probes
+SCHEMA = 2
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Choice:
     method: str  # 'probe' | 'finetune-freeze' | 'finetune'
     tap: str | None
     freeze: str | None
+    normalize: str | None  # the probe's fit-head --normalize
     expected_accuracy: tuple[float, float]
     seconds: float
     command: str
@@ -66,7 +72,7 @@ class Advice:
     budget_seconds: float
     seconds: float
     costs: dict
-    curves: dict  # tap -> [{"n": per class, "acc": accuracy on held-out rows and CV folds}]
+    curves: dict  # curve_name(tap, normalize) -> [{"n": per class, "acc": accuracy on held-out rows and CV folds}]
     signal: dict
     recommendation: Choice
     alternatives: list[Choice] = field(default_factory=list)
@@ -83,15 +89,17 @@ class Advice:
                  "", "learning curve (accuracy % on held-out rows and CV folds, probe per tap):"]
         taps = list(self.curves)
         sizes = sorted({p["n"] for c in self.curves.values() for p in c})
-        lines.append("  n/class  " + "  ".join(f"{t:>20}" for t in taps))
+        width = max(8, *map(len, taps))
+        lines.append("  n/class  " + "  ".join(f"{t:>{width}}" for t in taps))
         for n in sizes:
-            cells = [next((f"{100 * p['acc']:20.1f}" for p in self.curves[t] if p["n"] == n), " " * 20) for t in taps]
+            cells = [next((f"{100 * p['acc']:{width}.1f}" for p in self.curves[t] if p["n"] == n), " " * width)
+                     for t in taps]
             lines.append(f"  {n:>7}  " + "  ".join(cells))
         lines += ["", f"deep-vs-shallow gap {100 * s['gap']:+.1f} pts ({s['distance']}), slope "
                       f"{100 * s['slope']:+.1f} pts per doubling, best tap {s['best_tap']}", "",
                   f"{'':2}{'choice':<34}{'expected acc %':>16}{'seconds':>10}  command"]
         for mark, c in [("*", self.recommendation)] + [(" ", a) for a in self.alternatives]:
-            what = {"probe": f"probe at {c.tap}", "finetune": "full finetune",
+            what = {"probe": f"probe at {curve_name(c.tap, c.normalize)}", "finetune": "full finetune",
                     "finetune-freeze": f"finetune --freeze {c.freeze}"}[c.method]
             lo, hi = c.expected_accuracy
             lines.append(f"{mark} {what:<34}{f'{100 * lo:.1f}-{100 * hi:.1f}':>16}{c.seconds:>10.0f}  {c.command}")
@@ -99,6 +107,11 @@ class Advice:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def curve_name(tap: str, normalize: str | None) -> str:
+    """A learning curve's name: the tap, with '/none' when its rows were not standardised."""
+    return tap if normalize in (None, "standard") else f"{tap}/{normalize}"
+
+
 def advice_taps(model) -> list[str]:
     """The usual taps worth a probe: the last two stage outputs before the final stage, and the pre-logits."""
     from .layers import penultimate_node, usual_taps
@@ -237,8 +250,8 @@ def _subset_csv(source, per_class: int, seed: int, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------------
 def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = None) -> tuple[dict, dict]:
-    """Probe accuracy (held-out rows and the training rows' CV folds pooled, see _pooled) per tap and class-balanced
-    n per class (nested subsets; 3 seeds below 8
+    """Probe accuracy (held-out rows and the training rows' CV folds pooled, see _pooled) per tap, normalisation
+    (NORMALIZATIONS, curves named by curve_name) and class-balanced n per class (nested subsets; 3 seeds below 8
     per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows, else a stratified quarter of its
     labelled rows. Past `deadline`
     (time.perf_counter()) the curve jumps to its last point (every training row). Returns (curves, info)."""
@@ -266,7 +279,7 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
     if n_max < 2:
         raise FeatxError(f"{store}: fewer than 2 training rows in a class after the hold-out; advise needs more images")
     sizes = sorted({*(2 ** i for i in range(1, int(math.log2(n_max)) + 1)), n_max})
-    curves = {t: [] for t in taps}
+    curves = {curve_name(t, m): [] for t in taps for m in NORMALIZATIONS}
     fit_seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="featx-curve-") as tmp:
         held = np.flatnonzero(val)
@@ -279,16 +292,18 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
                 continue
             reps = 3 if n < 8 else 1
             for t in taps:
-                accs = []
-                for r in range(reps):
-                    rows = np.concatenate([np.roll(p, -r * n)[:n] for p in pools.values()])
-                    t0 = time.perf_counter()
-                    head = fit_head(_npz(Path(tmp) / "cell.npz", x[t], labels, classes, rows), val_split=0.0,
-                                    grid=list(CURVE_GRID), folds=min(5, n), seed=seed, n_jobs=1, plots=False)
-                    fit_seconds = time.perf_counter() - t0 if n == n_max else fit_seconds
-                    held_acc = float(evaluate(head, Path(tmp) / f"val-{t}.npz")["accuracy"])
-                    accs.append(_pooled(held_acc, len(held), head.metrics.get("cv"), len(rows)))
-                curves[t].append({"n": int(n), "acc": float(np.mean(accs))})
+                for norm in NORMALIZATIONS:
+                    accs = []
+                    for r in range(reps):
+                        rows = np.concatenate([np.roll(p, -r * n)[:n] for p in pools.values()])
+                        t0 = time.perf_counter()
+                        head = fit_head(_npz(Path(tmp) / "cell.npz", x[t], labels, classes, rows), val_split=0.0,
+                                        grid=list(CURVE_GRID), folds=min(5, n), seed=seed, n_jobs=1, plots=False,
+                                        normalize=norm)
+                        fit_seconds = time.perf_counter() - t0 if n == n_max else fit_seconds
+                        held_acc = float(evaluate(head, Path(tmp) / f"val-{t}.npz")["accuracy"])
+                        accs.append(_pooled(held_acc, len(held), head.metrics.get("cv"), len(rows)))
+                    curves[curve_name(t, norm)].append({"n": int(n), "acc": float(np.mean(accs))})
     return curves, {"n_max": n_max, "held_out": int(val.sum()), "last_fit_seconds": fit_seconds,
                     "curve_cut_by_budget": cut}
 
@@ -301,6 +316,14 @@ def _pooled(held_acc: float, n_held: int, cv: dict | None, n_train: int) -> floa
         return held_acc
     cv_acc = float(cv["mean"][cv["grid"].index(cv["best"])])
     return (held_acc * n_held + cv_acc * n_train) / (n_held + n_train)
+
+
+def _normalization(standard: float, unscaled: float, rows_scored: int) -> str:
+    """'standard' only when it beats the unscaled rows by more than the standard error of the measurement: the
+    unscaled probe estimates nothing from the rows, standardising estimates two statistics per feature dimension
+    from what may be a handful of them, so a difference within the noise goes to the unscaled rows."""
+    noise = math.sqrt(max(unscaled * (1 - unscaled), 1e-4) / max(1, rows_scored))
+    return "standard" if standard > unscaled + noise else "none"
 
 
 def _npz(path: Path, x: np.ndarray, labels: np.ndarray, classes: list[str], rows: np.ndarray) -> Path:
@@ -329,12 +352,16 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     penultimate = taps[-1]
     # Each tap's accuracy over the curve's points within a doubling of its last (the last two of a full curve; the
     # last alone when the budget cut the curve short): one point alone swings by several points.
-    final = {t: float(np.mean([p["acc"] for p in c if p["n"] >= c[-1]["n"] / 2])) for t, c in curves.items()}
+    scored = {(t, m): float(np.mean([p["acc"] for p in c if p["n"] >= c[-1]["n"] / 2]))
+              for t in taps for m in NORMALIZATIONS if (c := curves[curve_name(t, m)])}
+    rows_scored = info["held_out"] + curves[taps[0]][-1]["n"] * k
+    normalize = {t: _normalization(scored[(t, "standard")], scored[(t, "none")], rows_scored) for t in taps}
+    final = {t: scored[(t, normalize[t])] for t in taps}
     shallow = {t: a for t, a in final.items() if t != penultimate}
     best_shallow = max(shallow, key=shallow.get) if shallow else None
     gap = final[penultimate] - (shallow[best_shallow] if shallow else 0.0)
-    best_tap = penultimate if gap >= -SHALLOW_MARGIN or not shallow else best_shallow
-    curve = curves[best_tap]
+    best_tap = penultimate if gap >= 0 or not shallow else best_shallow
+    curve = curves[curve_name(best_tap, normalize[best_tap])]
     # Accuracy gained per doubling, over the last doubling or more (a fraction of one is all noise).
     earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
     span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
@@ -356,11 +383,13 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
         base += f" --weights-match {config['weights_match']}"
     hp = f"--optimizer adam --lr 1e-4 --epochs {FINETUNE_EPOCHS}"
     head_dir = Path(store).with_name(Path(store).stem + "-head")
-    probe = Choice("probe", best_tap, None, (max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)),
-                   probe_s, f"featx fit-head {store} -l {best_tap} -o {head_dir}")
+    scaling = "" if normalize[best_tap] == "standard" else f" --normalize {normalize[best_tap]}"
+    probe = Choice("probe", best_tap, None, normalize[best_tap],
+                   (max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)),
+                   probe_s, f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
     ft_range = (max(0.0, projected - 1.96 * se), min(1.0, projected + (1 - projected) / 2))
-    full = Choice("finetune", None, "none", ft_range, ft_s, f"{base} --freeze none {hp} -o runs/finetune")
-    partial = Choice("finetune-freeze", best_tap, f"until:{best_tap}", ft_range, freeze_s,
+    full = Choice("finetune", None, "none", None, ft_range, ft_s, f"{base} --freeze none {hp} -o runs/finetune")
+    partial = Choice("finetune-freeze", best_tap, f"until:{best_tap}", None, ft_range, freeze_s,
                      f"{base} --freeze until:{best_tap} {hp} -o runs/finetune-freeze") if best_tap != penultimate \
         else None
     dissimilar = gap < GAP_SIMILAR
@@ -384,7 +413,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
         distance = "not measurable: every tap separates the data"
     else:
         distance = "far from the pretraining" if dissimilar else "close to the pretraining"
-    signal = {"gap": gap, "distance": distance, "curve_cut_by_budget": info["curve_cut_by_budget"],
+    signal = {"gap": gap, "distance": distance, "normalize": normalize,
+              "curve_cut_by_budget": info["curve_cut_by_budget"],
               "slope": slope, "best_tap": best_tap, "best_shallow_tap": best_shallow, "projected_probe": projected,
               "held_out": info["held_out"], "reason": reason}
     return Advice(data=command_data or str(store), store=str(store), backbone=str(config.get("backbone")),

@@ -44,6 +44,7 @@ def test_deep_tap_separable_gives_a_probe_at_the_pre_logits(tmp_path):
     assert advice.signal["gap"] > 0.3 and advice.signal["distance"] == "close to the pretraining"
     assert advice.recommendation.command.startswith(f"featx fit-head {store} -l flatten")
     assert advice.curves["flatten"][-1]["acc"] > 0.95 and advice.curves["layer3"][-1]["acc"] < 0.7
+    assert list(advice.curves) == [t + s for t in TAPS for s in ("", "/none")]
 
 
 def test_only_a_shallow_tap_separable_gives_a_probe_at_that_tap(tmp_path):
@@ -76,9 +77,10 @@ def test_cli_json_schema_and_saved_advice(tmp_path):
     advice = json.loads(out.output[out.output.index("{"):])
     assert set(advice) >= {"schema", "data", "store", "backbone", "classes", "images", "per_class", "budget_seconds",
                            "seconds", "costs", "curves", "signal", "recommendation", "alternatives"}
-    assert advice["classes"] == 2 and advice["images"] == 12 and list(advice["curves"]) == TAPS
+    assert advice["classes"] == 2 and advice["images"] == 12
+    assert list(advice["curves"]) == [t + s for t in TAPS for s in ("", "/none")]
     rec = advice["recommendation"]
-    assert set(rec) == {"method", "tap", "freeze", "expected_accuracy", "seconds", "command"}
+    assert set(rec) == {"method", "tap", "freeze", "normalize", "expected_accuracy", "seconds", "command"}
     assert rec["method"] in ("probe", "finetune-freeze", "finetune") and 0 <= rec["expected_accuracy"][0] <= 1
     assert json.loads((tmp_path / "adv.advice.json").read_text())["recommendation"] == rec
     assert store.exists()
@@ -104,3 +106,30 @@ def test_bad_input_is_one_line(tmp_path):
         assert out.exit_code == 2, out.output
         assert out.output.count("\n") == 1 and expected in out.output, out.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def scaled_store(path, signal_scale: float, noise_scale: float, per_class=8, informative=4, noisy=200, seed=0):
+    """Two classes apart along `informative` dimensions of spread `signal_scale`, beside `noisy` pure-noise
+    dimensions of spread `noise_scale` (every tap the same rows)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(2), per_class)
+    signal = (2.0 * labels[:, None] - 1.0 + 0.6 * rng.normal(size=(len(labels), informative))) * signal_scale
+    x = np.hstack([signal, noise_scale * rng.normal(size=(len(labels), noisy))]).astype(np.float32)
+    n = len(labels)
+    return write_store(path, config={"backbone": "resnet18", "weights": "none", "taps": TAPS},
+                       keys=[f"{i:064x}" for i in range(n)], paths=[f"img/{i}.png" for i in range(n)],
+                       labels=labels, classes=["a", "b"], features={t: x for t in TAPS})
+
+
+def test_unscaled_rows_are_advised_when_standardising_hurts(tmp_path):
+    # Strong, wide signal beside many faint noise dimensions: standardising lifts the noise to the signal's weight.
+    store = scaled_store(tmp_path / "s.h5", signal_scale=3.0, noise_scale=0.05)
+    advice = recommend(store, costs=COSTS)
+    rec = advice.recommendation
+    assert rec.method == "probe" and rec.normalize == "none" and "--normalize none" in rec.command
+    assert advice.curves["flatten/none"][-1]["acc"] > advice.curves["flatten"][-1]["acc"] + 0.1
+    assert advice.signal["normalize"]["flatten"] == "none"
+    # The converse: a faint signal beside wide noise needs standardising, and the command keeps fit-head's default.
+    store = scaled_store(tmp_path / "t.h5", signal_scale=0.01, noise_scale=3.0)
+    rec = recommend(store, costs=COSTS).recommendation
+    assert rec.normalize == "standard" and "--normalize" not in rec.command

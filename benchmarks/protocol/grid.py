@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from . import report as R
 from .methods import Budget, Methods, remove_store
 
 
@@ -36,6 +37,8 @@ class GridConfig:
     seeds: int = 3
     multi_seed_max: int = 50
     ft_seeds: int = 1
+    fixed_seeds: int = 3  # (b) is forward-only and cheap: at small n it gets the probe's seeds (same subsets)
+    fixed_seed_max: int = 20
     batch: int = 16
     lr: dict = field(default_factory=lambda: {"fixed": 1e-3, "finetune": 1e-4, "probe+ft": 1e-4, "scratch": 1e-3})
     image_size: dict = field(default_factory=dict)  # dataset -> resolution of every method where the preset is too dear
@@ -48,11 +51,17 @@ class GridConfig:
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
     scratch_sizes: tuple = ("all",)
     probe_grid: str = "1e-4:1e2"  # C range of the probes (per decade, then refined by featx)
+    probe_normalizations: tuple = ("standard", "none")  # fit-head --normalize of the probes (each a probe cell)
     torch_solver_rows: int = 2000  # probes on more rows use `--solver torch` (same objective, several times faster)
 
     def load_options(self) -> dict:
         """How featx loads the weights file (extract, finetune): the match mode, when one is set."""
         return {"weights_match": self.weights_match} if self.weights_match else {}
+
+    def seeds_of(self, method: str, n: int) -> int:
+        """Seeds of a finetuning cell: the probe's subsets for (b) at small n, where it competes with the probe
+        within the seed spread; one seed otherwise (the CPU budget)."""
+        return self.fixed_seeds if method == "fixed" and n <= self.fixed_seed_max else self.ft_seeds
 
     def bounds(self, name: str) -> tuple[int, int]:
         """(min, max) images through the backbone per finetuning run on dataset `name`."""
@@ -194,20 +203,21 @@ class Grid:
             for seed in range(cfg.seeds if n != "all" and int(n) <= cfg.multi_seed_max else 1):
                 files = cell_files(ds, n, seed)
                 n_train = D.count(files)
-                missing_taps = [t for t in cfg.taps if not self.journal.find(kind="cell", target=name, method="probe",
-                                                                     n=n_value(ds, n), seed=seed, tap=t)]
-                if not missing_taps:
+                missing = [(t, norm) for norm in cfg.probe_normalizations for t in cfg.taps
+                           if not self.probe_record(name, n_value(ds, n), seed, t, norm)]
+                if not missing:
                     continue
                 store = rows.store(wdir / "cell.h5", files, "train")
-                for tap in missing_taps:
+                for tap, norm in missing:
                     solver = "torch" if n_train > cfg.torch_solver_rows else "sklearn"
                     with Clock() as c:
-                        head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{tap}", seed=seed, val_split=0.0,
-                                        grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True, solver=solver)
+                        head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{R.probe_tap(tap, norm)}", seed=seed,
+                                        val_split=0.0, grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True,
+                                        solver=solver, normalize=norm)
                     acc = float(evaluate(head, self.val_store[name], split="val")["accuracy"])
                     self.journal.add({
-                        "kind": "cell", "target": name, "method": "probe", "tap": tap, "n": n_value(ds, n),
-                        "all": n == "all", "seed": seed, "n_train": n_train, "acc": acc,
+                        "kind": "cell", "target": name, "method": "probe", "tap": tap, "normalize": norm,
+                        "n": n_value(ds, n), "all": n == "all", "seed": seed, "n_train": n_train, "acc": acc,
                         "seconds": self.per_image[name] * n_train + c.wall,
                         "cpu_seconds": self.per_image_cpu[name] * n_train + c.cpu, "images": n_train,
                         "backward": False,
@@ -217,8 +227,14 @@ class Grid:
                                    "solver": solver},
                     })
                 self.log(f"{name} n={n} seed={seed}: probe " + ", ".join(
-                    f"{t} {100 * self.journal.find(kind='cell', target=name, method='probe', n=n_value(ds, n), seed=seed, tap=t)[-1]['acc']:.1f}"
-                    for t in cfg.taps))
+                    f"{R.probe_tap(t, norm)} {100 * self.probe_record(name, n_value(ds, n), seed, t, norm)['acc']:.1f}"
+                    for t, norm in missing))
+
+    def probe_record(self, name: str, n: int, seed: int, tap: str, normalize: str) -> dict | None:
+        """The journalled probe cell, if any (cells from before the normalisation was recorded are 'standard')."""
+        found = [r for r in self.journal.find(kind="cell", target=name, method="probe", n=n, seed=seed, tap=tap)
+                 if r.get("normalize", "standard") == normalize]
+        return found[-1] if found else None
 
     # ----- finetuning -----------------------------------------------------------------------------------------------
     def tune(self, name: str, method: str) -> dict:
@@ -273,8 +289,8 @@ class Grid:
         ds, cfg = self.datasets[name], self.cfg
         sizes = [n for n in cfg.ft_order if n in cfg.sizes] if sizes is None else sizes
         for n in sizes:
-            for seed in range(cfg.ft_seeds):
-                nv = n_value(ds, n)
+            nv = n_value(ds, n)
+            for seed in range(cfg.seeds_of(method, nv)):
                 if self.journal.find(kind="cell", target=name, method=method, n=nv, seed=seed):
                     continue  # (a cell skipped by an earlier run's budget is tried again)
                 files = cell_files(ds, n, seed)
@@ -310,8 +326,7 @@ class Grid:
         init_head = None
         extra = {}
         if method == "probe+ft":
-            probe = self.journal.find(kind="cell", target=name, method="probe", n=n_value(ds, n), seed=seed,
-                                      tap=cfg.main_tap)[-1]
+            probe = self.probe_record(name, n_value(ds, n), seed, cfg.main_tap, "standard")
             init_head = wdir / f"head-n{n}-s{seed}-{cfg.main_tap}"
             extra = {"probe_seconds": probe["seconds"], "probe_cpu_seconds": probe["cpu_seconds"]}
         budget = Budget(budget_images, 1, batch=cfg.batch)

@@ -57,13 +57,14 @@ def run_grid(args, work: Path, stem: str, log) -> None:
         grid.extract(name)
         grid.probe_cells(name)
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
+    methods = [m for m in FT_ORDER if not args.methods or m in args.methods.split(",")]
     for n in cfg.ft_order:  # n by n, every method across the datasets: a cut-short grid still covers each of them
-        for method in FT_ORDER:
+        for method in methods:
             for name in names:
                 if n in cfg.sizes:
                     grid.finetune_cells(name, method, [n])
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
-    for name in names:
+    for name in names if not args.methods or "scratch" in args.methods.split(",") else []:
         grid.finetune_cells(name, "scratch", cfg.scratch_sizes)
     write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
     log(f"grid done in {R.fmt_seconds(time.time() - t_start)}")
@@ -75,7 +76,7 @@ def winners(cells: list[dict], tolerance: float = 0.01) -> dict:
     methods within `tolerance` of it."""
     acc = defaultdict(lambda: defaultdict(list))
     for r in cells:
-        label = f"probe@{r['tap']}" if r["method"] == "probe" else r["method"]
+        label = f"probe@{R.probe_tap(r['tap'], r.get('normalize'))}" if r["method"] == "probe" else r["method"]
         acc[(r["target"], r["n"])][label].append(r["acc"])
     out = {}
     for key, per in acc.items():
@@ -130,13 +131,16 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds, cells) -> li
               + f" in {e['seconds']:.0f} s wall / {e['cpu_seconds']:.0f} s CPU ({e['precision']})" for e in extracts]
     lines += [
         "",
-        f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, standardized, C by 5-fold CV; the default "
+        f"Probe (a): `featx fit-head --grid {cfg.probe_grid}` (logistic, C by 5-fold CV; the default "
         "1e-6:1e5 range spends minutes on unregularised C values that do not converge) on the cell's rows, "
+        f"once per `--normalize` in {', '.join(cfg.probe_normalizations)} (TAP = standardised, TAP/none = unscaled), "
         f"`--solver torch` (scikit-learn's objective, full-batch L-BFGS) above {cfg.torch_solver_rows} rows; "
         f"{cfg.seeds} seeds "
         f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "
-        f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured. "
+        f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured, "
+        f"except (b) at n <= {cfg.fixed_seed_max}: {cfg.fixed_seeds} seeds on the probe's subsets (forward-only, "
+        "cheap, and there it competes with the probe within the seed spread). "
         "'all' = every training image (n = the mean per class).",
         "",
         "Budget of a finetuning run (images through the backbone), tuned per dataset and method on a split of the "
@@ -189,7 +193,7 @@ def missing_lines(cfg: GridConfig, journal: Journal, cells) -> list[str]:
 def cpu_table(cells, main_tap: str) -> list[str]:
     agg = defaultdict(list)
     for r in cells:
-        if r["method"] != "probe" or r["tap"] == main_tap:
+        if r["method"] != "probe" or (r["tap"] == main_tap and r.get("normalize", "standard") == "standard"):
             agg[(r["target"], r["method"], r["n"])].append((r["seconds"], r.get("cpu_seconds", 0.0)))
     lines = ["", "## CPU seconds per run (mean over seeds; wall seconds in brackets)", "",
              "| dataset | n | " + " | ".join(R.SHORT_LABELS[m] for m in R.METHOD_ORDER) + " |",

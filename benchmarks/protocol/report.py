@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIELDS = ["target", "method", "tap", "n", "seed", "n_train", "acc", "seconds", "images", "backward", "epochs", "lr",
+FIELDS = ["target", "method", "tap", "normalize", "n", "seed", "n_train", "acc", "seconds", "images", "backward", "epochs", "lr",
           "batch_size", "augment", "detail"]
 METHOD_LABELS = {
     "probe": "(a) probe: extract once + fit-head",
@@ -85,11 +85,17 @@ def _fmt_cell(v):
     return "" if v is None else v
 
 
+def probe_tap(tap: str, normalize: str | None) -> str:
+    """A probe's tap as tables name it: the tap, with '/none' or '/l2' when its rows were not standardised."""
+    return tap if normalize in (None, "standard") else f"{tap}/{normalize}"
+
+
 def aggregate(records: list[dict]) -> dict:
-    """(target, method, tap, n) -> {acc_mean, acc_std, k, seconds, images} averaged over seeds."""
+    """(target, method, tap, n) -> {acc_mean, acc_std, k, seconds, images} averaged over seeds; a probe's tap
+    carries its normalisation (probe_tap)."""
     groups = defaultdict(list)
     for r in records:
-        groups[(r["target"], r["method"], r.get("tap") or "", r["n"])].append(r)
+        groups[(r["target"], r["method"], probe_tap(r.get("tap") or "", r.get("normalize")), r["n"])].append(r)
     out = {}
     for key, rs in groups.items():
         accs = np.array([r["acc"] for r in rs], dtype=float)
@@ -206,7 +212,8 @@ def markdown(title: str, info: dict, setup_lines: list[str], records: list[dict]
                             lambda a: f"{_secs(a['seconds'])} s / {a['images']:,.0f}")
         taps = sorted({k[2] for k in agg if k[0] == target and k[1] == "probe"}, key=_tap_order)
         if len(taps) > 1:
-            lines += ["", f"## {target}: probe accuracy per tap (%, logistic head, C by cross-validation)", ""]
+            lines += ["", f"## {target}: probe accuracy per tap (%, logistic head, C by cross-validation; TAP = "
+                      "standardised rows, TAP/none = unscaled)", ""]
             lines.append("| n/class | " + " | ".join(taps) + " |")
             lines.append("|---:|" + "---:|" * len(taps))
             for n in _sizes(agg, target, "probe"):
