@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="advise from the subsets of seeds 0..SEEDS-1 (default 3)")
     args = p.parse_args(argv)
     import featx.advise
-    from featx.advise import Choice, measure_costs, recommend
+    from featx.advise import measure_costs, recommend
     from featx.backbones import load_backbone
 
     warnings.filterwarnings("ignore")
@@ -81,15 +81,17 @@ def main(argv=None) -> None:
                                   "signal": advice.signal, "curves": advice.curves,
                                   "seconds": time.perf_counter() - t0}
                     cache_file.write_text(json.dumps(cache, default=str))
-                rows_out.append(judge(cache[key], winners[(name, nv)], name, nv, seed, Choice))
+                rows_out.append(judge(cache[key], winners[(name, nv)], name, nv, seed))
                 r = rows_out[-1]
                 print(f"{name} n={nv} seed {seed}: advice {r['advice']} ({'right' if r['right'] else 'WRONG'}; best "
                       f"{r['best']} {100 * r['best_acc']:.1f} %), gap {100 * r['signal']['gap']:+.1f}", flush=True)
     write_report(args, rows_out)
 
 
-def judge(cached: dict, w: dict, name: str, nv: int, seed: int, Choice) -> dict:
+def judge(cached: dict, w: dict, name: str, nv: int, seed: int) -> dict:
     """One cell's advice against the grid's measured accuracies of the cell (means over the grid's seeds)."""
+    from featx.advise import Choice
+
     choice = Choice(**cached["choice"])
     label = advised_label(choice)
     acc = w["acc"].get(label) if label else None

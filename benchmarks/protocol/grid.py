@@ -210,10 +210,10 @@ class Grid:
                 store = rows.store(wdir / "cell.h5", files, "train")
                 for tap, norm in missing:
                     solver = "torch" if n_train > cfg.torch_solver_rows else "sklearn"
+                    head_dir = wdir / (f"head-n{n}-s{seed}-{tap}" + ("" if norm == "standard" else f"-{norm}"))
                     with Clock() as c:
-                        head = fit_head(store, tap, wdir / f"head-n{n}-s{seed}-{R.probe_tap(tap, norm)}", seed=seed,
-                                        val_split=0.0, grid=cfg.probe_grid, n_jobs=1, plots=False, overwrite=True,
-                                        solver=solver, normalize=norm)
+                        head = fit_head(store, tap, head_dir, seed=seed, val_split=0.0, grid=cfg.probe_grid, n_jobs=1,
+                                        plots=False, overwrite=True, solver=solver, normalize=norm)
                     acc = float(evaluate(head, self.val_store[name], split="val")["accuracy"])
                     self.journal.add({
                         "kind": "cell", "target": name, "method": "probe", "tap": tap, "normalize": norm,
