@@ -29,7 +29,9 @@ from protocol.grid import Rows, cell_files, n_value  # noqa: E402
 
 def advised_label(choice) -> str | None:
     """The grid's name for an advised method (None: the grid did not measure it)."""
-    return {"probe": f"probe@{R.probe_tap(choice.tap, choice.normalize)}", "finetune": "finetune"}.get(choice.method)
+    from featx.advise import curve_name
+
+    return {"probe": f"probe@{curve_name(choice.tap, choice.normalize)}", "finetune": "finetune"}.get(choice.method)
 
 
 def main(argv=None) -> None:

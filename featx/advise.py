@@ -292,18 +292,19 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
                 continue
             reps = 3 if n < 8 else 1
             for t in taps:
-                for norm in NORMALIZATIONS:
-                    accs = []
-                    for r in range(reps):
-                        rows = np.concatenate([np.roll(p, -r * n)[:n] for p in pools.values()])
+                accs = {norm: [] for norm in NORMALIZATIONS}
+                for r in range(reps):
+                    rows = np.concatenate([np.roll(p, -r * n)[:n] for p in pools.values()])
+                    cell = _npz(Path(tmp) / "cell.npz", x[t], labels, classes, rows)
+                    for norm in NORMALIZATIONS:
                         t0 = time.perf_counter()
-                        head = fit_head(_npz(Path(tmp) / "cell.npz", x[t], labels, classes, rows), val_split=0.0,
-                                        grid=list(CURVE_GRID), folds=min(5, n), seed=seed, n_jobs=1, plots=False,
-                                        normalize=norm)
+                        head = fit_head(cell, val_split=0.0, grid=list(CURVE_GRID), folds=min(5, n), seed=seed,
+                                        n_jobs=1, plots=False, normalize=norm)
                         fit_seconds = time.perf_counter() - t0 if n == n_max else fit_seconds
                         held_acc = float(evaluate(head, Path(tmp) / f"val-{t}.npz")["accuracy"])
-                        accs.append(_pooled(held_acc, len(held), head.metrics.get("cv"), len(rows)))
-                    curves[curve_name(t, norm)].append({"n": int(n), "acc": float(np.mean(accs))})
+                        accs[norm].append(_pooled(held_acc, len(held), head.metrics.get("cv"), len(rows)))
+                for norm, values in accs.items():
+                    curves[curve_name(t, norm)].append({"n": int(n), "acc": float(np.mean(values))})
     return curves, {"n_max": n_max, "held_out": int(val.sum()), "last_fit_seconds": fit_seconds,
                     "curve_cut_by_budget": cut}
 
@@ -316,6 +317,11 @@ def _pooled(held_acc: float, n_held: int, cv: dict | None, n_train: int) -> floa
         return held_acc
     cv_acc = float(cv["mean"][cv["grid"].index(cv["best"])])
     return (held_acc * n_held + cv_acc * n_train) / (n_held + n_train)
+
+
+def _recent_mean(curve: list[dict]) -> float:
+    """Mean accuracy of a curve's points within a doubling of its last."""
+    return float(np.mean([p["acc"] for p in curve if p["n"] >= curve[-1]["n"] / 2]))
 
 
 def _normalization(standard: float, unscaled: float, rows_scored: int) -> str:
@@ -352,8 +358,7 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     penultimate = taps[-1]
     # Each tap's accuracy over the curve's points within a doubling of its last (the last two of a full curve; the
     # last alone when the budget cut the curve short): one point alone swings by several points.
-    scored = {(t, m): float(np.mean([p["acc"] for p in c if p["n"] >= c[-1]["n"] / 2]))
-              for t in taps for m in NORMALIZATIONS if (c := curves[curve_name(t, m)])}
+    scored = {(t, m): _recent_mean(curves[curve_name(t, m)]) for t in taps for m in NORMALIZATIONS}
     rows_scored = info["held_out"] + curves[taps[0]][-1]["n"] * k
     normalize = {t: _normalization(scored[(t, "standard")], scored[(t, "none")], rows_scored) for t in taps}
     final = {t: scored[(t, normalize[t])] for t in taps}

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.advise import curve_name
+
 from . import data as D
-from . import report as R
 from .methods import Budget, Methods, remove_store
 
 
@@ -210,7 +211,7 @@ class Grid:
                 store = rows.store(wdir / "cell.h5", files, "train")
                 for tap, norm in missing:
                     solver = "torch" if n_train > cfg.torch_solver_rows else "sklearn"
-                    head_dir = wdir / (f"head-n{n}-s{seed}-{tap}" + ("" if norm == "standard" else f"-{norm}"))
+                    head_dir = wdir / f"head-n{n}-s{seed}-{curve_name(tap, norm).replace('/', '-')}"
                     with Clock() as c:
                         head = fit_head(store, tap, head_dir, seed=seed, val_split=0.0, grid=cfg.probe_grid, n_jobs=1,
                                         plots=False, overwrite=True, solver=solver, normalize=norm)
@@ -227,7 +228,7 @@ class Grid:
                                    "solver": solver},
                     })
                 self.log(f"{name} n={n} seed={seed}: probe " + ", ".join(
-                    f"{R.probe_tap(t, norm)} {100 * self.probe_record(name, n_value(ds, n), seed, t, norm)['acc']:.1f}"
+                    f"{curve_name(t, norm)} {100 * self.probe_record(name, n_value(ds, n), seed, t, norm)['acc']:.1f}"
                     for t, norm in missing))
 
     def probe_record(self, name: str, n: int, seed: int, tap: str, normalize: str) -> dict | None:

@@ -6,6 +6,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from featx.advise import curve_name
+
 from . import data as D
 from . import report as R
 from .grid import Grid, GridConfig, Journal
@@ -76,7 +78,7 @@ def winners(cells: list[dict], tolerance: float = 0.01) -> dict:
     methods within `tolerance` of it."""
     acc = defaultdict(lambda: defaultdict(list))
     for r in cells:
-        label = f"probe@{R.probe_tap(r['tap'], r.get('normalize'))}" if r["method"] == "probe" else r["method"]
+        label = f"probe@{curve_name(r['tap'], r.get('normalize'))}" if r["method"] == "probe" else r["method"]
         acc[(r["target"], r["n"])][label].append(r["acc"])
     out = {}
     for key, per in acc.items():

@@ -85,17 +85,13 @@ def _fmt_cell(v):
     return "" if v is None else v
 
 
-def probe_tap(tap: str, normalize: str | None) -> str:
-    """A probe's tap as tables name it: the tap, with '/none' or '/l2' when its rows were not standardised."""
-    return tap if normalize in (None, "standard") else f"{tap}/{normalize}"
-
-
 def aggregate(records: list[dict]) -> dict:
     """(target, method, tap, n) -> {acc_mean, acc_std, k, seconds, images} averaged over seeds; a probe's tap
-    carries its normalisation (probe_tap)."""
+    carries its normalisation (featx.advise.curve_name: TAP/none for unscaled rows)."""
+    from featx.advise import curve_name
     groups = defaultdict(list)
     for r in records:
-        groups[(r["target"], r["method"], probe_tap(r.get("tap") or "", r.get("normalize")), r["n"])].append(r)
+        groups[(r["target"], r["method"], curve_name(r.get("tap") or "", r.get("normalize")), r["n"])].append(r)
     out = {}
     for key, rs in groups.items():
         accs = np.array([r["acc"] for r in rs], dtype=float)
