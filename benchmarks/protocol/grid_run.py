@@ -66,8 +66,9 @@ def run_grid(args, work: Path, stem: str, log) -> None:
                 if n in cfg.sizes:
                     grid.finetune_cells(name, method, [n])
         write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
-    for name in names if not args.methods or "scratch" in args.methods.split(",") else []:
-        grid.finetune_cells(name, "scratch", cfg.scratch_sizes)
+    for method, sizes in (("scratch", cfg.scratch_sizes), ("partial", cfg.partial_sizes)):
+        for name in names if not args.methods or method in args.methods.split(",") else []:
+            grid.finetune_cells(name, method, sizes)
     write_outputs(args.out, stem, cfg, info, journal, time.time() - t_start)
     log(f"grid done in {R.fmt_seconds(time.time() - t_start)}")
 
@@ -138,7 +139,7 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds, cells) -> li
         f"once per `--normalize` in {', '.join(cfg.probe_normalizations)} (TAP = standardised, TAP/none = unscaled), "
         f"`--solver torch` (scikit-learn's objective, full-batch L-BFGS) above {cfg.torch_solver_rows} rows; "
         f"{cfg.seeds} seeds "
-        f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(e): `featx finetune`, Adam, "
+        f"(nested subsets) for n <= {cfg.multi_seed_max}, one above. Finetuning (b)-(f): `featx finetune`, Adam, "
         f"batch {cfg.batch}, cosine schedule, augment flip (eval crop + flip), lr {cfg.lr}; "
         f"**{cfg.ft_seeds} seed per cell** (the CPU budget does not allow 3), so their spread is not measured, "
         f"except (b) at n <= {cfg.fixed_seed_max}: {cfg.fixed_seeds} seeds on the probe's subsets (forward-only, "
@@ -150,7 +151,7 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds, cells) -> li
         f"set): one run of (c) for {cfg.tune_epochs} epochs with validation after each gives the best epoch E; a "
         f"cell with N training images gets E x N images through the backbone, clamped to [{cfg.min_images}, "
         f"{cfg.max_images}] at 224 px, the upper bound raised to min(E, {cfg.full_passes}) x N where that is more "
-        "(a large set gets full passes, not a part of one); (b), (d) and (e) use (c)'s E (one tuning run per dataset is what the CPU "
+        "(a large set gets full passes, not a part of one); (b), (d), (e) and (f) use (c)'s E (one tuning run per dataset is what the CPU "
         "affords). A run with N <= budget makes ceil(budget / N) passes over its N images.",
     ]
     lines += [f"- {t['target']} {t['method']}: hold-out accuracy per epoch "
@@ -167,6 +168,10 @@ def setup_lines(cfg: GridConfig, extracts, tuned, skipped, seconds, cells) -> li
                   "in the CSV's detail) under-train finetuning at large n, so they understate it."]
     if cfg.scratch_sizes:
         lines += ["", f"(e) scratch runs only at n = {', '.join(map(str, cfg.scratch_sizes))} (the CPU budget)."]
+    if cfg.partial_sizes:
+        lines += ["", f"(f) partial finetune (`--freeze until:{cfg.partial_tap}`, lr {cfg.lr['partial']:g}, (c)'s "
+                  f"budget) runs only at n = {', '.join(map(str, cfg.partial_sizes))}: `featx advise` recommends it "
+                  "only with enough images per class to adapt the backbone."]
     if skipped:
         lines += ["", "**Cells not run** (the grid's wall-clock budget):"]
         lines += [f"- {s['target']} {s['method']} n={s['n']} seed {s['seed']}: {s['why']}" for s in skipped]
@@ -178,8 +183,9 @@ def missing_lines(cfg: GridConfig, journal: Journal, cells) -> list[str]:
     n_all = {r["target"]: r["n"] for r in cells if r.get("all")}
     have = {(r["target"], r["method"], r["n"]) for r in cells}
     skipped = {(r["target"], r["method"], r["n"]) for r in journal.records if r["kind"] == "skipped"}
-    planned = [(t, m, n) for t in dict.fromkeys(r["target"] for r in cells) for m in FT_ORDER + ("scratch",)
-               for n in (cfg.scratch_sizes if m == "scratch" else cfg.sizes)]
+    sizes = {"scratch": cfg.scratch_sizes, "partial": cfg.partial_sizes}
+    planned = [(t, m, n) for t in dict.fromkeys(r["target"] for r in cells) for m in FT_ORDER + tuple(sizes)
+               for n in sizes.get(m, cfg.sizes)]
     missing = [(t, m, n) for t, m, n in planned
                if (t, m, n_all.get(t) if n == "all" else n) not in have | skipped]
     if not missing:

@@ -1,4 +1,4 @@
-"""The five methods, each run through featx's own API, timed, and scored on the same held-out images.
+"""The six methods, each run through featx's own API, timed, and scored on the same held-out images.
 
 (a) probe       featx.extract (the subset's training images, every tap in one pass) + featx.fit_head (logistic, C by
                 5-fold CV on the training rows); scored by featx.evaluate on a store of the val images.
@@ -7,6 +7,8 @@
 (c) finetune    featx.finetune --freeze none.
 (d) probe+ft    (a), then featx.finetune --freeze none --init-head <the probe's head>; its cost is (a)'s plus its own.
 (e) scratch     featx.finetune -w none --freeze none (same architecture, seeded random init), for reference.
+(f) partial     featx.finetune --freeze until:TAP (TAP = the deepest stage tap: the layers up to it are kept, the rest
+                adapts; what `featx advise` recommends when a stage output beats the pre-logits).
 
 The cost of a run is its wall time (model loading, decoding, training, writing the head or model.pt) and the number
 of images that went through the backbone (forward passes, with a backward pass for (c), (d), (e)). Scoring on the val
@@ -84,8 +86,10 @@ class Methods:
     """Runs methods for one target with fixed backbone settings. `weights` is the source model (or torchvision name)."""
 
     def __init__(self, work: Path, backbone: str, weights: str, taps: list[str], main_tap: str,
-                 image_size: int | None, log=print, extract_batch: int = 128, load_options: dict | None = None):
+                 image_size: int | None, log=print, extract_batch: int = 128, load_options: dict | None = None,
+                 partial_tap: str | None = None):
         self.work = Path(work)
+        self.partial_tap = partial_tap  # (f) freezes the backbone up to and including this module
         self.load_options = dict(load_options or {})  # e.g. weights_match, for extract and finetune
         self.backbone, self.weights = backbone, weights
         self.taps, self.main_tap = list(taps), main_tap
@@ -135,13 +139,13 @@ class Methods:
                 main_head = head_dir
         return records, main_head
 
-    # ----- (b) - (e) -------------------------------------------------------------------------------------------
+    # ----- (b) - (f) -------------------------------------------------------------------------------------------
     def finetune(self, method: str, train_csv: Path, tag: str, seed: int, lr: float, budget: Budget, n_train: int,
                  augment: str, optimizer: str, init_head: Path | None = None) -> dict:
         run_dir = self.work / f"{tag}-{method}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        freeze = "backbone" if method == "fixed" else "none"
+        freeze = {"fixed": "backbone", "partial": f"until:{self.partial_tap}"}.get(method, "none")
         weights = "none" if method == "scratch" else self.weights
         load = {} if method == "scratch" else self.load_options
         passes, epochs, repeat = budget.plan(n_train)
@@ -154,7 +158,7 @@ class Methods:
         acc = self.score_model(run_dir / "model.pt")
         return {"method": method, "tap": "", "acc": acc, "seconds": seconds, "images": passes * n_train,
                 "backward": method != "fixed", "epochs": passes, "lr": lr, "batch_size": batch, "augment": augment,
-                "detail": {**result, "featx_epochs": epochs, "repeat": repeat}}
+                "freeze": freeze, "detail": {**result, "featx_epochs": epochs, "repeat": repeat}}
 
     def score_model(self, model_path: Path) -> float:
         """Accuracy of a finetuned model.pt on the val images: featx's backbone loader and eval transform, argmax."""

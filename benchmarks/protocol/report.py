@@ -18,11 +18,14 @@ METHOD_LABELS = {
     "finetune": "(c) full finetune: --freeze none",
     "probe+ft": "(d) probe then finetune: --init-head",
     "scratch": "(e) from scratch: -w none",
+    "partial": "(f) partial finetune: --freeze until:TAP",
 }
 SHORT_LABELS = {"probe": "(a) probe", "fixed": "(b) frozen backbone", "finetune": "(c) finetune",
-                "probe+ft": "(d) probe + finetune", "scratch": "(e) scratch"}
-METHOD_ORDER = ["probe", "fixed", "finetune", "probe+ft", "scratch"]
-MARKERS = {"probe": "o", "fixed": "s", "finetune": "^", "probe+ft": "D", "scratch": "x"}
+                "probe+ft": "(d) probe + finetune", "scratch": "(e) scratch",
+                "partial": "(f) partial finetune"}
+METHOD_ORDER = ["probe", "fixed", "finetune", "probe+ft", "scratch", "partial"]
+FINETUNE_METHODS = ("finetune", "probe+ft", "fixed", "scratch", "partial")  # the summary's order
+MARKERS = {"probe": "o", "fixed": "s", "finetune": "^", "probe+ft": "D", "scratch": "x", "partial": "v"}
 
 
 def machine_info() -> dict:
@@ -134,13 +137,13 @@ def summary(agg, target: str, main_tap: str) -> dict:
     """Crossover n per finetuning method and the probe-vs-finetune gaps at the smallest and largest n."""
     sizes = _sizes(agg, target, "probe", main_tap)
     out = {"target": target, "crossover": {}, "gap": {}}
-    for m in ("fixed", "finetune", "probe+ft", "scratch"):
+    for m in FINETUNE_METHODS:
         if any(k[0] == target and k[1] == m for k in agg):
             out["crossover"][m] = crossover(agg, target, m, main_tap)
     for n in (sizes[0], sizes[-1]) if sizes else ():
         probe = agg[(target, "probe", main_tap, n)]
         row = {"probe": probe["acc_mean"]}
-        for m in ("finetune", "probe+ft", "fixed", "scratch"):
+        for m in FINETUNE_METHODS:
             if (target, m, "", n) in agg:
                 row[m] = agg[(target, m, "", n)]["acc_mean"]
                 row[f"{m}-probe"] = agg[(target, m, "", n)]["acc_mean"] - probe["acc_mean"]
@@ -226,7 +229,7 @@ def markdown(title: str, info: dict, setup_lines: list[str], records: list[dict]
                 lines.append(f"- {SHORT_LABELS[m]}: matches or beats the probe from n = {n} per class on (mean over seeds).")
         for n, row in s["gap"].items():
             parts = [f"{m} {100 * row[m + '-probe']:+.1f} pts ({row[m + '/probe seconds']:.1f}x the probe's seconds)"
-                     for m in ("finetune", "probe+ft", "fixed", "scratch") if m in row]
+                     for m in FINETUNE_METHODS if m in row]
             lines.append(f"- n = {n}: probe {100 * row['probe']:.1f} %; vs probe: " + ", ".join(parts) + ".")
     lines += list(extra_sections)
     return "\n".join(lines) + "\n"
