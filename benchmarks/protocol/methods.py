@@ -11,7 +11,7 @@
                 adapts; what `featx advise` recommends when a stage output beats the pre-logits).
 
 The cost of a run is its wall time (model loading, decoding, training, writing the head or model.pt) and the number
-of images that went through the backbone (forward passes, with a backward pass for (c), (d), (e)). Scoring on the val
+of images that went through the backbone (forward passes, with a backward pass for (c)-(f)). Scoring on the val
 images is not part of any method's cost: it is the referee, the same for every run.
 """
 from __future__ import annotations
