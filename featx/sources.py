@@ -1,13 +1,15 @@
 """Data sources: find images and their labels, decode them robustly, and key them by content.
 
 `load_source(spec)` turns an ImageFolder tree (optionally split into train/val/test), a CSV of `path,label[,split]`,
-a text list of paths, or the built-in offline `digits` dataset into a `Source`: a root folder, its `Item`s in a
+a text list of paths, an image file, the built-in offline `digits` dataset, or a list of several of these into a
+`Source`: a root folder, its `Item`s in a
 deterministic order, the class names and the task. `decode_image` opens any file PIL understands and normalises it
 to a fully loaded RGB image, or raises `DecodeError` with a one-line reason. `content_key` is the cache key of a row.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import math
@@ -30,7 +32,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own MAX_IMAGE_PIXELS, applied per call instead of through PIL's global
 DIGITS_SPEC = "digits"
 DIGITS_FOLDER = "digits-v1"
-EXPECTED_SOURCE = "expected a folder, a .csv of path,label, a .txt list of image paths, or 'digits'"
+EXPECTED_SOURCE = "expected a folder, a .csv of path,label, a .txt list of image paths, an image file, or 'digits'"
 _SPLIT_ORDER = {name: rank for rank, name in enumerate((*SPLITS, ""))}
 _HASH_BLOCK = 1 << 20
 _WHITE = (255, 255, 255, 255)
@@ -71,11 +73,14 @@ class DecodeError(Exception):
 
 
 def load_source(spec) -> Source:
-    """Load a data source: a folder (ImageFolder, split ImageFolder or flat), a .csv, a .txt list, or 'digits'.
+    """Load a data source: a folder (ImageFolder, split ImageFolder or flat), a .csv, a .txt list, an image file,
+    'digits', or a list or tuple of several of these (see `merge_sources`).
 
     Raises FeatxError (one line) for a missing path, a folder without images, an unsupported file type, or a
     malformed list.
     """
+    if isinstance(spec, (list, tuple)):
+        return merge_sources([load_source(one) for one in spec], spec)
     if spec == DIGITS_SPEC:
         root = _digits_root()
         return _load_folder(root, f"built-in digits {root}{os.sep}")
@@ -89,6 +94,8 @@ def load_source(spec) -> Source:
         return _load_table(display, "CSV", _read_csv_rows(display))
     if suffix == ".txt":
         return _load_table(display, "list", _read_list_rows(display))
+    if suffix in IMAGE_EXTENSIONS:
+        return _load_image_file(display)
     raise FeatxError(f"data source {display}: unsupported file type {suffix or '(none)'} ({EXPECTED_SOURCE})")
 
 
@@ -328,6 +335,45 @@ def _all_parse(values: list[str], kind: type) -> bool:
     return True
 
 
+# ---- image files, and several sources as one
+
+
+def _load_image_file(path: str) -> Source:
+    """One image file given by itself: an unlabelled item named after the file, its folder the root."""
+    file = os.path.abspath(path)
+    root = os.path.dirname(file)
+    return _make_source(root, [Item(file, _relpath(file, root), -1, math.nan, "")], [], "unlabelled", f"image {path}")
+
+
+def merge_sources(sources: list[Source], specs) -> Source:
+    """Several loaded sources (the DATA arguments `specs`) as one: the root is the working folder, so paths read as
+    they were given (absolute outside it), classes are the union (a source's labels keep their class names), and a
+    file given twice is one item. Classification and regression data cannot be mixed; unlabelled data mixes with
+    either."""
+    if not sources:
+        raise FeatxError(f"no data given ({EXPECTED_SOURCE})")
+    if len(sources) == 1:
+        return sources[0]
+    tasks = {source.task for source in sources} - {"unlabelled"}
+    if len(tasks) > 1:
+        kinds = ", ".join(f"{spec} ({source.task})" for spec, source in zip(specs, sources))
+        raise FeatxError(f"data {kinds}: classification and regression data cannot be given together")
+    lists = {tuple(source.classes) for source in sources if source.classes}
+    classes = list(lists.pop()) if len(lists) == 1 else sorted({name for names in lists for name in names})
+    index = {name: i for i, name in enumerate(classes)}
+    root = os.getcwd()
+    items, seen = [], set()
+    for source in sources:
+        for item in source.items:
+            if item.path in seen:
+                continue
+            seen.add(item.path)
+            label = index[source.classes[item.label]] if item.label >= 0 else -1
+            items.append(Item(item.path, _relpath(item.path, root), label, item.target, item.split))
+    kind = f"{len(sources)} sources ({', '.join(map(os.fspath, specs))})"
+    return _make_source(root, items, classes, tasks.pop() if tasks else "unlabelled", kind)
+
+
 # ---- digits
 
 
@@ -383,6 +429,18 @@ def content_key(path) -> str:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_key(path: str, size: int, mtime_ns: int) -> str:
+    return content_key(path)
+
+
+def sha256_file(path) -> str:
+    """content_key of a file (a weights file), remembered per (path, size, mtime) for this process."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    return _file_key(path, st.st_size, st.st_mtime_ns)
 
 
 def content_keys(paths: list[str], progress: bool = False) -> list[str | None]:

@@ -6,7 +6,6 @@ holding anything but tensors and plain containers is refused) and ``safetensors`
 """
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import re
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..choices import WEIGHTS_MATCHES
 from ..errors import FeatxError
-from ..sources import content_key
+from ..sources import sha256_file
 
 OFFLINE_ENV = "FEATX_OFFLINE"
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -76,18 +75,6 @@ def check_weights_match(match: str) -> str:
     if match not in WEIGHTS_MATCHES:
         raise FeatxError(f"--weights-match {match!r}: expected one of {', '.join(WEIGHTS_MATCHES)}")
     return match
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return content_key(path)
-
-
-def sha256_file(path) -> str:
-    """sha256 hex of a file's bytes, remembered per (path, size, mtime) for this process."""
-    path = os.path.realpath(path)
-    st = os.stat(path)
-    return _sha256(path, st.st_size, st.st_mtime_ns)
 
 
 def looks_like_path(weights: str) -> bool:
