@@ -211,7 +211,7 @@ def extract(
     data,
     output,
     *,
-    backbone: str = "resnet50",
+    backbone: str | None = None,
     weights: str = "DEFAULT",
     weights_match: str = DEFAULT_MATCH,
     taps=None,
@@ -238,7 +238,8 @@ def extract(
 ) -> ExtractResult:
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
-    Only images whose content is not in the store yet are computed; rows of renamed files are reused and rows of
+    `backbone` None: the one a weights file written by `featx finetune` records, else resnet50. Only images whose
+    content is not in the store yet are computed; rows of renamed files are reused and rows of
     removed files dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
     or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA device. `compile_model` runs the extractor
     through torch.compile (a warm-up of seconds to a minute, then faster batches: for large sets). Under torchrun (or with
@@ -256,7 +257,8 @@ def extract(
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers)
     shard = distributed.discover(num_shards, shard_index)
     _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model)
-    check_backbone(backbone)
+    if backbone is not None:
+        check_backbone(backbone)
     output = Path(output)
     source = load_source(data)
     _check_output(output)
@@ -460,10 +462,11 @@ def _drain(pending: list[cf.Future], writer: StoreWriter, keep: int) -> list[cf.
     return pending
 
 
-def runner_from_config(config: dict, device: str = "auto") -> FeatureRunner:
+def runner_from_config(config: dict, device: str = "auto", weights=()) -> FeatureRunner:
     """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
-    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}."""
-    options = extract_options_from_config(config)
+    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}. `weights`:
+    the weights files the user gave (-w), for a recorded file that moved (featx.request.weights_for)."""
+    options = extract_options_from_config(config, weights)
     bb = load_backbone(options["backbone"], options["weights"], match=options["weights_match"])
     if bb.weights_sha256 != config.get("weights_sha256"):
         raise FeatxError(

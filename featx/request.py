@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import FeatxError
-from .sources import content_key, content_keys, load_source
+from .sources import content_keys, load_source, sha256_file
 
 NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "progress", "log"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
@@ -27,7 +27,7 @@ DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
 # featx.extract's defaults, so that callers can complete a call's arguments and check it without importing extract
 # (and torch); tests/test_request.py holds this equal to extract's signature.
 EXTRACT_DEFAULTS = {
-    "backbone": "resnet50", "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
+    "backbone": None, "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
     "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
     "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
     "overwrite": False, "num_shards": None, "shard_index": None, "engine": "local", "ray_address": None,
@@ -66,12 +66,13 @@ class ExtractResult:
         )
 
 
-def extract_options_from_config(config: dict) -> dict:
-    """Keyword arguments of `extract` that rebuild the extractor a store (or a head) was made with."""
+def extract_options_from_config(config: dict, weights=()) -> dict:
+    """Keyword arguments of `extract` that rebuild the extractor a store (or a head) was made with; `weights`: the
+    weights files the user gave (-w), see `weights_for`."""
     transform = config["transform"]
     return {
         "backbone": config["backbone"],
-        "weights": config.get("weights_path") or config["weights"],
+        "weights": weights_for(config, weights),
         "weights_match": config.get("weights_match", DEFAULT_MATCH),
         "decode": config.get("decode", DEFAULT_DECODE),
         "taps": list(config["taps"]),
@@ -82,6 +83,37 @@ def extract_options_from_config(config: dict) -> dict:
         "precision": config["precision"],
         "dtype": config["dtype"],
     }
+
+
+def weights_for(config: dict, given=()) -> str:
+    """The -w value that rebuilds the weights a store's (or a head's) `config` records: a file of `given` (one path
+    or several: -w FILE) whose sha256 is the recorded one, else the recorded file when it still holds those bytes,
+    else the recorded weights name (torchvision or timm weights, or 'none'). A given file of other bytes, and a
+    recorded file that is missing or changed, are one-line FeatxErrors that say what to pass with -w."""
+    files = [given] if isinstance(given, (str, os.PathLike)) else list(given or ())
+    recorded, expected = config.get("weights_path"), config.get("weights_sha256")
+    for file in files:
+        if not os.path.isfile(file):
+            raise FeatxError(f"-w {file}: no such file, expected the weights file the features were computed with")
+        if sha256_file(file) != expected:
+            continue
+        if not recorded:
+            raise FeatxError(f"-w {file}: the features were computed with weights {config.get('weights')}, not with "
+                             f"a file: drop -w")
+        return os.fspath(file)
+    wanted = f"the file of sha256 {str(expected)[:16]}..."
+    if files:
+        raise FeatxError(f"-w {files[0]}: sha256 {sha256_file(files[0])[:16]}..., but the features were computed with "
+                         f"{os.path.basename(recorded or '') or config.get('weights')} ({wanted}): pass that file")
+    if not recorded:
+        return config["weights"]
+    if not os.path.isfile(recorded):
+        raise FeatxError(f"the weights file {recorded} that the features were computed with is missing: pass -w FILE, "
+                         f"that file where it is now ({wanted})")
+    if sha256_file(recorded) != expected:
+        raise FeatxError(f"the weights file {recorded} has changed since the features were computed: pass -w FILE, "
+                         f"the original weights ({wanted})")
+    return recorded
 
 
 def call_arguments(data, output, **given) -> dict:
@@ -176,6 +208,6 @@ def _same_weights(weights_file: str | None, config: dict) -> bool:
     if weights_file is None:
         return config.get("weights_sha256") is None
     try:
-        return content_key(weights_file) == config.get("weights_sha256")
+        return sha256_file(weights_file) == config.get("weights_sha256")
     except OSError:
         return False

@@ -33,6 +33,7 @@ from .weights import (
 )
 
 SEED = 0
+DEFAULT_BACKBONE = "resnet50"  # -b when neither given nor recorded in the weights file
 SOURCES = {"timm/": "featx.backbones.timm", "": "featx.backbones.torchvision"}  # prefix -> source, longest first
 
 
@@ -133,13 +134,19 @@ def _file_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int 
     return rows if cols == layer.in_features and rows != layer.out_features else None
 
 
-def _from_file(source: ModuleType, name: str, arch: str, path: str, num_classes: int | None,
-               match: str) -> Backbone:
-    """A seeded random model with the file's tensors loaded into it, by key and shape or by position."""
-    state_dict, meta = read_weights_file(path)
+def _file_backbone(name: str | None, path: str, meta: dict) -> str:
+    """The backbone for a weights file: `name`, else the one a featx model.pt records, else DEFAULT_BACKBONE.
+    A name that contradicts the file's record is a FeatxError naming both."""
     trained_on = meta.get("backbone")
-    if trained_on and trained_on != name:
-        raise FeatxError(f"-w {path}: was trained from backbone {trained_on}, not -b {name}")
+    if name is not None and trained_on and trained_on != name:
+        raise FeatxError(f"-w {path}: was trained from backbone {trained_on}, not -b {name} (drop -b to use "
+                         f"{trained_on})")
+    return name or trained_on or DEFAULT_BACKBONE
+
+
+def _from_file(source: ModuleType, name: str, arch: str, path: str, state_dict: dict[str, torch.Tensor], meta: dict,
+               num_classes: int | None, match: str) -> Backbone:
+    """A seeded random model with the file's tensors loaded into it, by key and shape or by position."""
     label = os.path.basename(path)
     if match == "order":
         model = _random_model(source, arch, meta.get("num_classes"))  # a featx model.pt has its own classes
@@ -171,24 +178,33 @@ def _file_transform(path: str, meta: dict) -> TransformSpec | None:
         raise FeatxError(f"-w {path}: its featx 'transform' entry is malformed ({err!r})") from err
 
 
-def load_backbone(name: str, weights: str = "DEFAULT", *, num_classes: int | None = None,
+def load_backbone(name: str | None = None, weights: str = "DEFAULT", *, num_classes: int | None = None,
                   match: str = "name") -> Backbone:
     """Build backbone `name` (a torchvision name, or timm/<name>) with `weights` (the source's pretrained weights
-    name or tag, a path to a weights file, or 'none'), in eval mode on the CPU. `num_classes` replaces the
+    name or tag, a path to a weights file, or 'none'), in eval mode on the CPU. `name` None: the backbone that a
+    weights file written by `featx finetune` records, else DEFAULT_BACKBONE. `num_classes` replaces the
     classifier with a new Linear of that size; by default the classifier has the size the weights give it (a
     finetuned file's own number of classes). `match` pairs a weights file's tensors with the model's by key and
     shape ('name') or by position ('order')."""
     check_weights_match(match)
-    check_backbone(name)
-    source, arch = _source(name)
+    given = name
+    if given is not None:
+        check_backbone(given)  # a wrong name is reported before a large weights file is read
     weights = str(weights)
-    if match == "order" and (weights.lower() == "none" or not looks_like_path(weights)):
+    from_file = weights.lower() != "none" and looks_like_path(weights)
+    if match == "order" and not from_file:
         raise FeatxError(f"--weights-match order: pairs the tensors of a weights file (-w FILE), not -w {weights}")
+    if from_file:
+        state_dict, meta = read_weights_file(weights)
+    name = _file_backbone(given, weights, meta) if from_file else given or DEFAULT_BACKBONE
+    if name != given:
+        check_backbone(name)
+    source, arch = _source(name)
     if weights.lower() == "none":
         model = _random_model(source, arch, num_classes).eval()
         backbone = Backbone(name, model, "none", None, source.transform(model), versions=source.versions())
-    elif looks_like_path(weights):
-        backbone = _from_file(source, name, arch, weights, num_classes, match)
+    elif from_file:
+        backbone = _from_file(source, name, arch, weights, state_dict, meta, num_classes, match)
     else:
         model, weights_id, path, transform = source.pretrained(arch, weights)
         _set_classes(source, model, num_classes)

@@ -9,7 +9,7 @@ from .common import BACKBONE_HELP, echo_json
 
 @click.command("advise")
 @click.argument("data")
-@click.option("-b", "--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("-b", "--backbone", help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True, help="Weights name or tag, a local weights file, or 'none'.")
 @click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True, help="How a -w FILE's tensors pair with the model's.")
 @click.option("-o", "--store", type=click.Path(dir_okay=False), help="Store to extract into (reused by later commands; default DATA-name.featx.h5 here). The advice is saved beside it.")

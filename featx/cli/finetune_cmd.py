@@ -18,7 +18,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder to write (config, metrics, checkpoints, model.pt).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder after its last completed epoch (same options).")
 @click.option("--overwrite", is_flag=True, help="Start a new run in a folder that holds one (its files are replaced when the first epoch completes).")
-@click.option("-b", "--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("-b", "--backbone", help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name or timm tag, a local .pth/.safetensors (partial loading, with a report), a finetuned RUN/model.pt, or 'none'.")
 @click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,

@@ -22,8 +22,10 @@ import click
                                                  "loaded from at start-up).")
 @click.option("--allow-training", is_flag=True, help="Enable POST /v1/heads (fits on cached rows).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] | mps")
+@click.option("-w", "--weights", multiple=True, metavar="FILE", help="A head's weights file that is no longer where "
+                                                                      "the head recorded it (matched by sha256); repeat for several.")
 def serve(heads, host, port, trust, api_key_env, max_batch, max_wait_ms, cache_items, cache_store, max_bytes,
-          heads_dir, allow_training, device):
+          heads_dir, allow_training, device, weights):
     """Serve fitted heads and their embeddings over HTTP (needs the serve extra: pip install 'featx[serve]').
 
     \b
@@ -38,7 +40,7 @@ def serve(heads, host, port, trust, api_key_env, max_batch, max_wait_ms, cache_i
     options = ServeOptions(
         heads=list(heads), host=host, port=port, trust=trust, api_key_env=api_key_env, max_batch=max_batch,
         max_wait_ms=max_wait_ms, cache_items=cache_items, cache=cache_store, max_bytes=max_bytes,
-        heads_dir=heads_dir, allow_training=allow_training, device=device,
+        heads_dir=heads_dir, allow_training=allow_training, device=device, weights=list(weights),
     )
     run(options, log=lambda line: click.echo(line, err=True))
 

@@ -62,7 +62,7 @@ def finetune(
     data,
     output,
     *,
-    backbone: str = "resnet50",
+    backbone: str | None = None,
     weights: str = "DEFAULT",
     weights_match: str = "name",
     head: str = "linear",
@@ -101,7 +101,8 @@ def finetune(
     num_classes: int | None = None,
     dice_weight: float = 0.0,
 ) -> FinetuneResult:
-    """Finetune `backbone` with a new head on `data` (ImageFolder / CSV / 'digits') into the run folder `output`.
+    """Finetune `backbone` with a new head on `data` (ImageFolder / CSV / 'digits') into the run folder `output`
+    (`backbone` None: the one a weights file written by `featx finetune` records, else resnet50).
 
     head: 'linear' or 'mlp:HIDDEN[,DROPOUT]'. freeze: a strategy or a list of them ('none', 'backbone',
     'until:LAYER', 'loaded', parameter-name patterns); unfreeze_at: the epoch from which everything trains.

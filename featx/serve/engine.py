@@ -17,7 +17,7 @@ import torch
 
 from ..errors import FeatxError
 from ..extract import CpuDecoder, identity_key, runner_from_config
-from ..sources import DecodeError
+from ..sources import DecodeError, sha256_file
 from .cache import EmbeddingCache, Rows
 
 _STOP = object()
@@ -27,14 +27,14 @@ class Extractor:
     """The runner of one config, its queue and model thread; `embed` gives an image's rows and whether cached."""
 
     def __init__(self, config: dict, device: str, max_batch: int, max_wait_ms: float, cache: EmbeddingCache,
-                 metrics, decode_pool: cf.Executor):
+                 metrics, decode_pool: cf.Executor, weights=()):
         self.config = config
         self.key = identity_key(config)
         self.taps = list(config["taps"])
         if config.get("decode", "cpu") != "cpu":
             raise FeatxError(f"a head on rows made with --decode {config['decode']}: featx serve decodes images on "
                              "the CPU, whose pixels differ; fit the head on a store made with --decode cpu")
-        self.runner = runner_from_config(config, device)
+        self.runner = runner_from_config(config, device, weights)
         self.decoder = CpuDecoder(self.runner.transform)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.cache, self.metrics, self.decode_pool = cache, metrics, decode_pool
@@ -111,12 +111,18 @@ class Extractor:
         self._thread.join()
 
 
+def weights_of(config: dict, files) -> list[str]:
+    """The weights files among `files` (-w) that hold the weights `config` records (same sha256)."""
+    return [file for file in files if sha256_file(file) == config.get("weights_sha256")]
+
+
 class Engine:
     """The extractors of the served heads, built once per distinct config."""
 
     def __init__(self, device: str, max_batch: int, max_wait_ms: float, cache: EmbeddingCache, metrics,
-                 decode_threads: int = 2):
+                 decode_threads: int = 2, weights=()):
         self.device, self.max_batch, self.max_wait_ms = device, max_batch, max_wait_ms
+        self.weights = list(weights)  # -w files: each extractor takes those of its config's sha256
         self.cache, self.metrics = cache, metrics
         self.decode_pool = cf.ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="featx-decode")
         self.extractors: dict[str, Extractor] = {}
@@ -128,7 +134,7 @@ class Engine:
         with self._lock:
             if key not in self.extractors:
                 self.extractors[key] = Extractor(config, self.device, self.max_batch, self.max_wait_ms, self.cache,
-                                                 self.metrics, self.decode_pool)
+                                                 self.metrics, self.decode_pool, weights_of(config, self.weights))
             return self.extractors[key]
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ class ServeOptions:
     heads_dir: str | None = None
     allow_training: bool = False
     device: str = "auto"
+    weights: list[str] = field(default_factory=list)  # -w: heads' weights files that moved
     api_key: str | None = field(default=None, repr=False)
 
     def checked(self) -> "ServeOptions":
@@ -49,6 +50,9 @@ class ServeOptions:
             raise FeatxError(
                 f"--host {self.host}: not a loopback address, so the server needs an API key (--api-key-env VAR)"
             )
+        for file in self.weights:
+            if not Path(file).is_file():
+                raise FeatxError(f"-w {file}: no such file, expected a weights file of a served head")
         if self.allow_training and not self.heads_dir:
             raise FeatxError("--allow-training: needs --heads-dir DIR, where fitted heads are written")
         if self.heads_dir and Path(self.heads_dir).exists() and not Path(self.heads_dir).is_dir():

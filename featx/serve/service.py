@@ -9,9 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatxError
 from ..extract import identity_key
-from ..sources import DecodeError, content_key
+from ..request import weights_for
+from ..sources import DecodeError, content_key, sha256_file
 from .cache import EmbeddingCache, match_store
-from .engine import Engine, Extractor
+from .engine import Engine, Extractor, weights_of
 from .errors import ServiceError
 from .metrics import Metrics
 from .options import ServeOptions
@@ -47,7 +48,9 @@ class Service:
         self.metrics = Metrics()
         self.registry = HeadRegistry(options.heads, options.trust, options.heads_dir)
         self.cache = EmbeddingCache(options.cache_items, self.metrics)
-        self.engine = Engine(options.device, options.max_batch, options.max_wait_ms, self.cache, self.metrics)
+        self.engine = Engine(options.device, options.max_batch, options.max_wait_ms, self.cache, self.metrics,
+                             weights=options.weights)
+        self._check_weights()
         self.trainer = Trainer(self.registry, options.heads_dir) if options.allow_training else None
         self.ready = False
         self.failure: str | None = None
@@ -58,6 +61,17 @@ class Service:
     def configs(self) -> dict[str, dict]:
         """The distinct extractor configs of the served heads, by identity key."""
         return {identity_key(s.head.config): s.head.config for s in self.registry.all() if s.head.config}
+
+    def _check_weights(self) -> None:
+        """Before the port is served: every -w file holds some served head's weights, and every head's weights
+        file is where it was recorded or given with -w (one FeatxError line otherwise)."""
+        configs = self.configs().values()
+        for file in self.options.weights:
+            if not any(weights_of(config, [file]) for config in configs):
+                raise FeatxError(f"-w {file}: sha256 {sha256_file(file)[:16]}... is the weights of none of the served "
+                                 f"heads")
+        for config in configs:
+            weights_for(config, weights_of(config, self.options.weights))
 
     def start(self) -> None:
         """Build every extractor once (heads sharing a config share it); then the service is ready."""
