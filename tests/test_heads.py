@@ -149,6 +149,6 @@ def test_evaluate_measures_a_split(tmp_path):
     metrics = evaluate(tmp_path / "head", tmp_path / "s.h5", split="val")
     assert metrics["accuracy"] == head.metrics["accuracy"] and metrics["rows"] == {"eval": 18}
     assert np.asarray(metrics["confusion_matrix"]).sum() == 18
-    assert evaluate(head, tmp_path / "s.h5")["rows"] == {"eval": 90}
+    assert evaluate(head, tmp_path / "s.h5", split="all")["rows"] == {"eval": 90}
     with pytest.raises(FeatxError, match="--split test: no labelled rows .*its splits: train, val"):
         evaluate(head, tmp_path / "s.h5", split="test")

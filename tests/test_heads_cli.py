@@ -61,7 +61,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
 @pytest.mark.parametrize("args,message", [
     (["fit-head", "{d}", "-o", "{d}/h"], "STORE {d}: is a folder, expected a featx store (.h5) or an HDF5/NPZ"),
     (["fit-head", "{d}/nope.h5", "-o", "{d}/h"], "STORE {d}/nope.h5: no such file, expected a featx store"),
-    (["evaluate", "{d}/head", "{d}"], "STORE {d}: is a folder, expected a featx store"),
+    (["evaluate", "{d}/head", "{d}/nope.h5"], "DATA {d}/nope.h5: no such file, expected a featx store"),
     (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}"], "-o {d}: is a folder, expected a CSV or JSON file to write"),
     (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}/no/p.csv"], "-o {d}/no/p.csv: {d}/no does not exist, expected"),
     (["predict", "{d}/head", "{d}/s.h5", "-o", "{d}/s.h5/p.csv"], "{d}/s.h5 is not a folder, expected a CSV"),
@@ -119,6 +119,6 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    with pytest.raises(FeatxError, match=r"weights .*w.pth have sha256 .*: use the weights file the head was trained with"):
+    with pytest.raises(FeatxError, match=r"weights file .*w.pth has changed since the features were computed: pass -w"):
         predict(tmp_path / "head", data, workers=0)
     assert not (tmp_path / "head" / "cache").exists()

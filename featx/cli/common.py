@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -9,7 +10,8 @@ import click
 from ..errors import FeatxError
 
 
-BACKBONE_HELP = "torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers --list."
+BACKBONE_HELP = ("torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers "
+                 "--list. Default: the backbone a -w file from featx finetune records, else resnet50.")
 
 
 class FeatxGroup(click.Group):
@@ -33,8 +35,8 @@ class FeatxGroup(click.Group):
 
 class PathParam(click.ParamType):
     """A file path argument or option whose wrong kind is one line naming the option (exit code 2), like every
-    other featx error, instead of click's usage block. kind 'input': an existing file; 'output': a file to write,
-    in an existing folder. A folder is refused for both."""
+    other featx error, instead of click's usage block. kind 'input': an existing file; 'output': a file that can be
+    written, in an existing folder that can be written (checked before any work). A folder is refused for both."""
 
     name = "path"
 
@@ -48,10 +50,22 @@ class PathParam(click.ParamType):
             raise FeatxError(f"{where}: is a folder, expected {self.expected}")
         if self.kind == "input" and not path.exists():
             raise FeatxError(f"{where}: no such file, expected {self.expected}")
-        if self.kind == "output" and not path.parent.is_dir():
-            problem = "is not a folder" if path.parent.exists() else "does not exist"
-            raise FeatxError(f"{where}: {path.parent} {problem}, expected {self.expected} in an existing folder")
+        if self.kind == "output":
+            check_writable(where, path, self.expected)
         return str(value)
+
+
+def check_writable(where: str, path: Path, expected: str) -> None:
+    """FeatxError (one line starting with `where`) unless `path` can be written: an existing folder that this
+    process may write to holds it, and an existing file there is writable too."""
+    folder = path.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise FeatxError(f"{where}: {folder} {problem}, expected {expected} in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FeatxError(f"{where}: cannot write in {folder} (read-only), expected {expected} in a folder you can write")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise FeatxError(f"{where}: the file is read-only, expected {expected} that can be written")
 
 
 def echo_json(data) -> None:

@@ -105,9 +105,13 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     click.echo(f"head written to {head.path}")
 
 
+WEIGHTS = click.option("-w", "--weights", metavar="FILE", help="The head's weights file, when it is no longer where the "
+                                                             "head recorded it (its sha256 must be the recorded one).")
+
+
 @click.command("predict")
 @click.argument("head", type=click.Path())
-@click.argument("data")
+@click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(),
               help="CSV file to write (default: stdout); for a segmentation head, the folder of mask PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="JSON records instead of CSV.")
@@ -115,24 +119,28 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
 @click.option("--store", type=PathParam("output", "the .h5 store that caches the images' features"),
               help="Store for the images' features (default: HEAD/cache/).")
 @click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
+@WEIGHTS
 @TRUST
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_size, device, workers, quiet):
-    """Predict with HEAD (a head folder) on DATA: images (extracted with the head's backbone, weights and tap,
-    through a cache) or a feature file (.h5 store made with the same extractor, or HDF5/NPZ with --x)."""
+def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, trust, batch_size, device, workers, quiet):
+    """Predict with HEAD (a head folder) on DATA: images (folders, CSVs, lists or image files, one or several;
+    extracted with the head's backbone, weights and tap, through a cache) or a feature file (.h5 store made with
+    the same extractor, or HDF5/NPZ with --x)."""
     from ..heads import predict
     from ..segment import is_segment_head
 
+    data = data[0] if len(data) == 1 else list(data)
     if is_segment_head(head):
         from ..segment.probe import predict_dense
 
         if not output:
             raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
-        written = predict_dense(head, data, output, store=store, batch_size=batch_size, device=device,
-                                workers=workers, progress=not quiet, log=lambda line: click.echo(line, err=True))
+        written = predict_dense(head, data, output, store=store, weights=weights, batch_size=batch_size,
+                                device=device, workers=workers, progress=not quiet,
+                                log=lambda line: click.echo(line, err=True))
         for path, reason in written["failed"]:
             warn(f"not predicted: {path}: {reason}")
         click.echo(f"{written['written']} masks written to {output}", err=True)
@@ -141,8 +149,8 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
         param = next(p for p in click.get_current_context().command.params if p.name == "output")
         PREDICTIONS_FILE.convert(output, param, click.get_current_context())
     with _warnings_as_lines():
-        result = predict(head, data, store=store, x=x_key, trust=trust, batch_size=batch_size, device=device,
-                         workers=workers, progress=not quiet,
+        result = predict(head, data, store=store, weights=weights, x=x_key, trust=trust, batch_size=batch_size,
+                         device=device, workers=workers, progress=not quiet,
                          log=lambda line: click.echo(line, err=True))
     for path, reason in result.failed:
         warn(f"not predicted: {path}: {reason}")
@@ -157,32 +165,45 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, trust, batch_s
 
 @click.command("evaluate")
 @click.argument("head", type=click.Path())
-@click.argument("store", type=FEATURES_FILE)
-@click.option("--split", help="Only rows of this split (train, val, test).")
+@click.argument("data", nargs=-1, required=True)
+@click.option("--split", help="Only rows of this split (train, val, test), or 'all' for every labelled row. Default: "
+                              "the val split when DATA has one, else test, else every labelled row.")
 @click.option("-l", "--layer", "tap", help="Tap to read (default: the head's).")
 @_feature_keys
 @click.option("--masks", help="Segmentation head: the image + mask pairs of the store's images.")
+@click.option("--store", type=PathParam("output", "the .h5 store that caches the images' features"),
+              help="Labelled images: the store for their features (default: HEAD/cache/).")
+@WEIGHTS
 @TRUST
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate_cmd(head, store, split, tap, x_key, y_key, masks, trust, as_json):
-    """Measure HEAD on the labelled rows of STORE (or of one --split): accuracy, balanced accuracy, macro F1,
-    per-class precision/recall/F1 and the confusion matrix; R², MAE and RMSE for regression."""
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def evaluate_cmd(head, data, split, tap, x_key, y_key, masks, store, weights, trust, as_json, quiet):
+    """Measure HEAD on the labelled rows of DATA (a store or HDF5/NPZ file, or labelled images: folders, CSVs)
+    and say which rows were scored: accuracy, balanced accuracy, macro F1, per-class precision/recall/F1 and the
+    confusion matrix; R², MAE and RMSE for regression."""
     from ..heads import evaluate
     from ..heads.metrics import metrics_table
+    from ..heads.prediction import is_feature_file
     from ..segment import is_segment_head
 
+    data = data[0] if len(data) == 1 else list(data)
+    if is_feature_file(data):
+        param = next(p for p in click.get_current_context().command.params if p.name == "data")
+        FEATURES_FILE.convert(data, param, click.get_current_context())
     if is_segment_head(head):
         from ..segment.probe import evaluate_dense, segment_table
 
         if not masks:
             raise FeatxError(f"{head} is a segmentation head: give the store's masks with --masks MASKS")
-        metrics = evaluate_dense(head, store, masks, split=split)
+        metrics = evaluate_dense(head, data, masks, split=split)
         click.echo(json.dumps(metrics, indent=2) if as_json else segment_table(metrics))
         return
     if masks:
         raise FeatxError(f"--masks: {head} is not a segmentation head (fit one with fit-head --task segment)")
     with _warnings_as_lines():
-        metrics = evaluate(head, store, split=split, tap=tap, x=x_key, y=y_key, trust=trust)
+        metrics = evaluate(head, data, split=split, tap=tap, x=x_key, y=y_key, trust=trust, store=store,
+                           weights=weights, progress=not quiet and not as_json,
+                           log=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json(metrics)
     else:

@@ -9,13 +9,14 @@ import numpy as np
 
 from ..errors import FeatxError
 from . import cv
-from .data import Rows, no_labels_error, open_rows, train_eval_rows
+from .data import ALL_ROWS, Rows, evaluation_rows, no_labels_error, open_rows, train_eval_rows
 from .estimators import CLASS_WEIGHTS, SOLVERS, HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
 from .model import Head
 from .persistence import atomic_folder, check_output, load_head, save_head
 from .plots import write_plots
+from .prediction import is_feature_file, predict
 from .streaming import StreamingFit
 from .torchfit import TorchFit
 
@@ -105,28 +106,66 @@ def fit_head(
 
 
 def evaluate(head, data, *, split: str | None = None, tap: str | None = None, x: str | None = None,
-             y: str | None = None, trust: bool = False, chunk_rows: int = 65536) -> dict:
-    """Metrics of `head` (a Head or a head folder) on the labelled rows of `data` (a featx store or an HDF5/NPZ
-    file), or on those of one split. Returns the metrics dict (see metrics.py)."""
+             y: str | None = None, trust: bool = False, store=None, weights=None, batch_size: int = 64,
+             device: str = "auto", workers: int | None = None, progress: bool = False, log=None,
+             chunk_rows: int = 65536) -> dict:
+    """Metrics of `head` (a Head or a head folder) on the labelled rows of `data`: a featx store or an HDF5/NPZ
+    file, or labelled images (an ImageFolder, a CSV, ...), whose features are extracted through the head's cache as
+    `predict` does (`store`, `weights`, `batch_size`, `device`, `workers`, `progress`, `log`: as there).
+
+    `split`: the rows of that split; 'all': every labelled row; None (default): the 'val' split when the data has
+    one, else 'test', else every labelled row. Returns the metrics dict (see metrics.py) with `split` (the split
+    scored, or 'all'), `evaluated_on` (which rows, in words) and `rows` (`eval`: how many were scored).
+    """
     head = head if isinstance(head, Head) else load_head(head, trust=trust)
+    if not is_feature_file(data):
+        return _evaluate_images(head, data, split, dict(store=store, weights=weights, batch_size=batch_size,
+                                                        device=device, workers=workers, progress=progress, log=log))
     with open_rows(data, tap or head.tap, x, y) as rows:
         head.check_rows(rows)
-        if (head.task == "regression") != (rows.task == "regression") and rows.task != "unlabelled":
-            raise FeatxError(f"{rows.path} holds {rows.task} data but the head is a {head.task} head")
-        selected = rows.labelled
-        where = "all labelled rows"
-        if split is not None:
-            present = sorted(set(rows.splits[selected]) - {""})
-            selected = selected & (rows.splits == split)
-            if not selected.any():
-                splits = ", ".join(present) or "none"
-                raise FeatxError(f"--split {split}: no labelled rows in {rows.path} (its splits: {splits})")
-            where = f"split {split!r}"
-        if not selected.any():
+        _check_task(head, rows.task, rows.path)
+        if not rows.labelled.any():
             raise no_labels_error(rows, "evaluate")
-        index = np.flatnonzero(selected)
-        return {"head": head.kind, "tap": rows.tap, "data": str(rows.path), "rows": {"eval": len(index)},
-                "evaluated_on": where, **_metrics_on(head, rows, index, chunk_rows)}
+        index, chosen, where = evaluation_rows(rows.labelled, rows.splits, split, rows.path)
+        if chosen == ALL_ROWS and split is None and _same_file(rows.path, head.metrics.get("trained_on")):
+            where += ", the rows the head was fitted on among them"
+        return {"head": head.kind, "tap": rows.tap, "data": str(rows.path), "split": chosen,
+                "rows": {"eval": len(index)}, "evaluated_on": where, **_metrics_on(head, rows, index, chunk_rows)}
+
+
+def _evaluate_images(head: Head, data, split: str | None, options: dict) -> dict:
+    """evaluate on labelled images: the head's predictions through its extractor, the labels from the source."""
+    from ..sources import load_source
+
+    source = load_source(data)
+    _check_task(head, source.task, data)
+    if source.task == "unlabelled":
+        raise FeatxError(f"{data} has no labels: evaluate needs labelled images (predict works on these)")
+    predictions = predict(head, data, **options)
+    by_path = {item.relpath: item for item in source.items}
+    items = [by_path[str(name)] for name in predictions.names]
+    labelled = np.array([item.label >= 0 or np.isfinite(item.target) for item in items], dtype=bool)
+    index, chosen, where = evaluation_rows(labelled, [item.split for item in items], split, data)
+    if source.task == "regression":
+        truth = np.array([items[i].target for i in index])
+    else:
+        truth = np.array([source.classes[items[i].label] for i in index], dtype=object)
+    failed = {"failed": len(predictions.failed)} if predictions.failed else {}
+    return {"head": head.kind, "tap": head.tap, "data": str(data), "split": chosen,
+            "rows": {"eval": len(index), **failed}, "evaluated_on": where,
+            **_scores(head, truth, predictions.predicted[index])}
+
+
+def _check_task(head: Head, task: str, where) -> None:
+    if (head.task == "regression") != (task == "regression") and task != "unlabelled":
+        raise FeatxError(f"{where} holds {task} data but the head is a {head.task} head")
+
+
+def _same_file(path, other) -> bool:
+    try:
+        return other is not None and Path(path).resolve() == Path(other).resolve()
+    except OSError:
+        return False
 
 
 def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device) -> None:
@@ -164,11 +203,17 @@ def _targets(rows: Rows, train: np.ndarray):
 def _metrics_on(head: Head, rows: Rows, index: np.ndarray, chunk_rows: int) -> dict:
     """The metrics of `head` on store rows `index`, predicted chunk by chunk."""
     pred = np.concatenate([head.predict(block) for _, block in rows.iter_chunks(index, chunk_rows)])
+    truth = rows.targets[index] if head.task == "regression" else \
+        np.asarray(rows.classes, dtype=object)[rows.labels[index]]
+    return _scores(head, truth, pred)
+
+
+def _scores(head: Head, truth: np.ndarray, pred: np.ndarray) -> dict:
+    """Regression or classification metrics of predictions `pred` against `truth` (values, or class names)."""
     if head.task == "regression":
-        return regression_metrics(rows.targets[index], pred)
-    true = np.asarray(rows.classes, dtype=object)[rows.labels[index]]
+        return regression_metrics(truth, pred)
     labels = [str(c) for c in head.classes_]
-    unknown = sorted(set(true) - set(labels))
+    unknown = sorted(set(truth) - set(labels))
     if unknown:
         warnings.warn(f"classes the head never saw count as errors: {', '.join(unknown)}", stacklevel=3)
-    return classification_metrics(true, pred, labels + unknown)
+    return classification_metrics(truth, pred, labels + unknown)

@@ -317,6 +317,28 @@ def _labels(path: Path, y_key: str | None, y, n: int):
     return labels.astype(np.int64), [str(v) for v in values], None
 
 
+DEFAULT_EVAL_SPLITS = ("val", "test")  # what `evaluate` scores without --split, the first one present
+ALL_ROWS = "all"
+
+
+def evaluation_rows(labelled: np.ndarray, splits, split: str | None, where) -> tuple[np.ndarray, str, str]:
+    """(indices of the rows to score, the split scored, which rows in words) among the `labelled` rows (a boolean
+    mask) of `where` (the data, for messages). `split`: that split's rows; 'all': every labelled row; None: the
+    'val' rows when there are any, else the 'test' rows, else every labelled row."""
+    splits = np.asarray(splits, dtype=str)
+    present = sorted(set(splits[labelled]) - {""})
+    chosen = split or next((name for name in DEFAULT_EVAL_SPLITS if name in present), ALL_ROWS)
+    selected = labelled if chosen == ALL_ROWS else labelled & (splits == chosen)
+    if not selected.any():
+        raise FeatxError(f"--split {chosen}: no labelled rows in {where} (its splits: {', '.join(present) or 'none'}; "
+                         f"--split {ALL_ROWS} scores every labelled row)")
+    how = "all labelled rows" if chosen == ALL_ROWS else f"split {chosen!r}"
+    if split is None:
+        how += f" (no {' or '.join(DEFAULT_EVAL_SPLITS)} split)" if chosen == ALL_ROWS else \
+            f" (by default; --split {ALL_ROWS} scores every labelled row)"
+    return np.flatnonzero(selected), chosen, how
+
+
 def train_eval_rows(rows: Rows, val_split: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """(training rows, evaluation rows, how they were chosen) among the labelled rows.
 

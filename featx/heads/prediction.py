@@ -2,7 +2,11 @@
 directly to the rows of a feature file (a featx store, or HDF5/NPZ with --x)."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,25 +88,60 @@ def _plain(value):
 
 
 def is_feature_file(data) -> bool:
-    """Whether DATA names a feature file (.h5/.hdf5/.npz) rather than images."""
-    return Path(str(data)).suffix.lower() in FEATURE_SUFFIXES
+    """Whether DATA names a feature file (.h5/.hdf5/.npz) rather than images; a feature file goes alone."""
+    if not isinstance(data, (list, tuple)):
+        return Path(str(data)).suffix.lower() in FEATURE_SUFFIXES
+    files = [one for one in data if is_feature_file(one)]
+    if files and len(data) > 1:
+        raise FeatxError(f"{files[0]}: a feature file is read alone; give it without other data")
+    return bool(files)
 
 
-def predict(head, data, *, store=None, x: str | None = None, trust: bool = False, batch_size: int = 64,
-            device: str = "auto", workers: int | None = None, chunk_rows: int = 65536, progress: bool = False,
-            log=None) -> Predictions:
+def can_write_in(folder) -> bool:
+    """Whether `folder` can be written: a writable folder, or one that can be created in the nearest existing
+    folder above it."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+@contextlib.contextmanager
+def image_features(head: Head, data, store=None, weights=None, *, batch_size: int = 64, device: str = "auto",
+                   workers: int | None = None, progress: bool = False, log=None):
+    """Yield (feature store, failed images) of the images `data` as the head's extractor computes them: in `store`,
+    else in the head's cache HEAD/cache/, else (a read-only head folder) in a temporary store removed on exit, with
+    a warning that says so."""
+    if store is not None or head.path is None or can_write_in(Path(head.path) / "cache"):
+        yield _extract(head, data, store, batch_size, device, workers, progress, log, weights)
+        return
+    warnings.warn(f"{head.path} is read-only: the images' features are not cached (pass --store FILE.h5 to keep "
+                  f"them)", stacklevel=3)
+    with tempfile.TemporaryDirectory(prefix="featx-features-") as folder:
+        yield _extract(head, data, Path(folder) / "features.h5", batch_size, device, workers, progress, log, weights)
+
+
+def predict(head, data, *, store=None, weights=None, x: str | None = None, trust: bool = False,
+            batch_size: int = 64, device: str = "auto", workers: int | None = None, chunk_rows: int = 65536,
+            progress: bool = False, log=None) -> Predictions:
     """Apply `head` (a Head or a head folder; a model.joblib only with trust=True) to `data`.
 
-    data is images (ImageFolder, CSV, list: their features are extracted with the head's backbone, weights, tap,
-    pooling and transform into the cache store `store`, by default HEAD_DIR/cache/, so repeated runs compute only
-    new images) or a feature file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
+    data is images (an ImageFolder, a CSV, a list, an image file, or a list of several of these: their features
+    are extracted with the head's backbone, weights, tap, pooling and transform into the cache store `store`, by
+    default HEAD_DIR/cache/, so repeated runs compute only new images; a read-only head folder runs uncached, with
+    a warning) or a feature file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
+    `weights`: the head's weights file when it is no longer where the head recorded it (its sha256 must be the
+    recorded one). Returns Predictions: one row per image (or feature row), with the images that failed to decode.
     """
     head = head if isinstance(head, Head) else load_head(head, trust=trust)
-    failed = []
     if is_feature_file(data):
-        path = data
-    else:
-        path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
+        return _apply_to_file(head, data, x, chunk_rows, [])
+    with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
+                        progress=progress, log=log) as (path, failed):
+        return _apply_to_file(head, path, x, chunk_rows, failed)
+
+
+def _apply_to_file(head: Head, path, x: str | None, chunk_rows: int, failed) -> Predictions:
+    """Predictions of `head` on every row of a feature file."""
     with open_rows(path, head.tap if x is None else None, x) as rows:
         head.check_rows(rows)
         parts = [apply_head(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
@@ -124,26 +163,22 @@ def apply_head(head: Head, block: np.ndarray):
     return predicted, np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
 
 
-def _extract(head: Head, data, store, batch_size, device, workers, progress, log):
+def _extract(head: Head, data, store, batch_size, device, workers, progress, log, weights=None):
     """Extract `data` with the head's extractor into the cache store; returns (store path, failed images).
 
     When the cache already holds every image (featx.request.up_to_date), nothing is built and torch is not imported.
-    The weights' sha256 must be the head's: a weights file is checked before any work, and the extracted store's
-    config after (torchvision's cached files)."""
+    The weights' sha256 must be the head's: a weights file (the recorded one, or `weights`) is checked before any
+    work (featx.request.weights_for), and the extracted store's config after (torchvision's cached files)."""
     from ..request import call_arguments, extract_options_from_config, up_to_date
-    from ..sources import content_key
 
     if not head.config:
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
                          "(.h5/.npz with --x), not images")
+    options = {**extract_options_from_config(head.config, weights or ()), "taps": [head.tap]}
     if store is None:
         if head.path is None:
             raise FeatxError("an unsaved head needs store= (a .h5 path for the images' features) to predict on images")
-        store = Path(head.path) / "cache" / f"{(head.config_key or 'features')[:16]}.h5"
-    options = {**extract_options_from_config(head.config), "taps": [head.tap]}
-    weights_file = head.config.get("weights_path")
-    if weights_file and Path(weights_file).is_file():
-        _check_weights(head, weights_file, content_key(weights_file))
+        store = Path(head.path) / "cache" / f"{_cache_name(head, options['weights'])}.h5"
     arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
                                progress=progress, log=log)
     result = up_to_date(arguments)
@@ -153,6 +188,17 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
         result = extract(**arguments)
     _check_weights(head, options["weights"], result.config.get("weights_sha256"))
     return result.store_path, result.failed
+
+
+def _cache_name(head: Head, weights: str) -> str:
+    """The name of the head's cache store. A store's identity includes the weights file's name, so a renamed
+    weights file (-w) gets a cache of its own."""
+    recorded = head.config.get("weights_path")
+    if not recorded or os.path.basename(recorded) == os.path.basename(weights):
+        return (head.config_key or "features")[:16]
+    from ..store import config_fingerprint
+
+    return config_fingerprint({"head": head.config_key, "weights": os.path.basename(weights)})[:16]
 
 
 def _check_weights(head: Head, weights: str, sha256: str | None) -> None:

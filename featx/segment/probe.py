@@ -218,21 +218,20 @@ def _confusion(head, store, tap, rows, masks_by_row, spec: TransformSpec, classe
 
 
 def evaluate_dense(head, store_path, masks, *, split: str | None = None) -> dict:
-    """pixel_acc, miou, dice, per-class IoU of a segment head on the rows of a store (or of one split)."""
+    """pixel_acc, miou, dice, per-class IoU of a segment head on the rows of a store: those of `split` ('all':
+    every row; None: the 'val' split, else 'test', else every row, as featx.heads.evaluate)."""
+    from ..heads.data import evaluation_rows
+
     head = head if hasattr(head, "segment") else load_segment_head(head)
     with open_store(store_path) as store:
         tap, shape = _map_tap(store, head.tap)
         _check_store(head, store, tap, shape[0])
         spec = TransformSpec.from_dict(store.config["transform"])
-        splits = np.asarray(store.splits, dtype=str)
-        rows = np.flatnonzero(splits == split) if split else np.arange(len(store))
-        if not len(rows):
-            raise FeatxError(f"--split {split}: no rows in {store.path} (its splits: "
-                             f"{', '.join(sorted(set(splits) - {''})) or 'none'})")
+        rows, chosen, where = evaluation_rows(np.ones(len(store), dtype=bool), store.splits, split, store.path)
         _, masks_by_row = _row_masks(store, masks, head.segment["binary"], head.segment["num_classes"], rows, spec)
         matrix = _confusion(head, store, tap, rows, masks_by_row, spec, head.segment["classes"])
     return {"head": head.kind, "task": "segmentation", "tap": tap, "data": str(store_path), "masks": str(masks),
-            "rows": {"eval": len(rows)}, "evaluated_on": f"split {split!r}" if split else "all rows",
+            "split": chosen, "rows": {"eval": len(rows)}, "evaluated_on": where,
             **summarize(matrix, head.segment["classes"])}
 
 
@@ -244,24 +243,25 @@ def _check_store(head, store, tap: str, channels: int) -> None:
                                     describe=lambda: f"{store.path} ({tap}, per map cell)"))
 
 
-def predict_dense(head, data, output, *, store=None, batch_size: int = 64, device: str = "auto",
+def predict_dense(head, data, output, *, store=None, weights=None, batch_size: int = 64, device: str = "auto",
                   workers: int | None = None, progress: bool = False, log=None) -> dict:
     """Mask PNGs (mode L, class ids, each image's own size) of `data` (images, or a masks folder's images) in the
-    folder `output`, named after the images (`<relpath without extension>.png`). Returns {written, failed}."""
-    from ..heads.prediction import _extract
+    folder `output`, named after the images (`<relpath without extension>.png`). `weights`: the head's weights
+    file when it moved (see featx.heads.predict). Returns {written, failed}."""
+    from ..heads.prediction import can_write_in, image_features, is_feature_file
     from ..sources import load_source
-
-    from ..heads.prediction import is_feature_file
 
     head = head if hasattr(head, "segment") else load_segment_head(head)
     if is_feature_file(data):
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
-    store_path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
-    paths = {item.relpath: item.path for item in load_source(data).items}
     output = Path(output)
+    if (output.exists() and not output.is_dir()) or not can_write_in(output):
+        raise FeatxError(f"-o {output}: cannot write mask PNGs there, expected a folder you can write")
     written = 0
-    with open_store(store_path) as st:
+    with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
+                        progress=progress, log=log) as (store_path, failed), open_store(store_path) as st:
+        paths = {item.relpath: item.path for item in load_source(data).items}
         tap, shape = _map_tap(st, head.tap)
         _check_store(head, st, tap, shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
