@@ -114,6 +114,25 @@ def test_joblib_needs_trust(tmp_path):
     assert load_head(tmp_path / "head" / "model.joblib", trust=True).estimator.__class__.__name__ == "Pipeline"
 
 
+@pytest.mark.parametrize("kind", ["logistic", "ridge", "linear-svm", "sgd", "mlp"])
+def test_joblib_export_predicts_class_names(tmp_path, kind):
+    """model.joblib is for scikit-learn users: its predict gives the head's class names, not class indices."""
+    import joblib
+
+    X, _ = blob_store(tmp_path / "s.h5")
+    head = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", head=kind, grid=1.0, joblib=True, plots=False,
+                    n_jobs=1)
+    exported = joblib.load(tmp_path / "head" / "model.joblib")
+    assert list(exported.classes_) == ["ants", "bees", "wasps"]
+    np.testing.assert_array_equal(exported.predict(X), head.predict(X))
+    assert set(head.predict(X)) == {"ants", "bees", "wasps"}
+    if head.has_proba:
+        np.testing.assert_allclose(exported.predict_proba(X), head.predict_proba(X), rtol=1e-6)
+    trusted = load_head(tmp_path / "head" / "model.joblib", trust=True)
+    np.testing.assert_array_equal(trusted.predict(X), head.predict(X))
+    np.testing.assert_array_equal(predict(trusted, tmp_path / "s.h5").predicted, head.predict(X))
+
+
 def test_head_folder_write_rules(tmp_path):
     blob_store(tmp_path / "s.h5")
     (tmp_path / "notes").mkdir()

@@ -3,8 +3,8 @@
     HEAD_DIR/head.json     what the head is: kind, task, classes, tap, normalisation, link, C, the store config
     HEAD_DIR/weights.npz   its arrays, read with allow_pickle=False: loading a head runs no code
     HEAD_DIR/metrics.json  the fit's metrics (plus the PNG plots)
-    HEAD_DIR/model.joblib  optional (--joblib): the scikit-learn Pipeline, fitted on class indices (the classes are
-                           in head.json); a pickle, so it is only loaded when the caller trusts it
+    HEAD_DIR/model.joblib  optional (--joblib): the scikit-learn Pipeline, predicting class names (classes_ are the
+                           names); a pickle, so it is only loaded when the caller trusts it
 """
 from __future__ import annotations
 
@@ -102,11 +102,23 @@ def save_head(head: Head, folder, joblib: bool = False) -> None:
             raise FeatxError("a head loaded from its arrays has no scikit-learn pipeline to export with joblib")
         import joblib as joblib_module
 
-        joblib_module.dump(head.estimator, folder / JOBLIB_FILE)
+        exported = head.estimator if head.classes_ is None else with_classes(head.estimator, head.classes_)
+        joblib_module.dump(exported, folder / JOBLIB_FILE)
+
+
+def with_classes(pipeline, classes):
+    """A copy of a fitted classification Pipeline whose final estimator predicts `classes` (names, or indices)
+    instead of what it was fitted on: classes_ is what predict returns and what predict_proba's columns follow."""
+    import copy
+
+    pipeline = copy.deepcopy(pipeline)
+    pipeline.steps[-1][1].classes_ = np.asarray(classes)
+    return pipeline
 
 
 def load_head(path, trust: bool = False) -> Head:
-    """Load a head folder from its arrays (runs no code), or, with trust=True, its model.joblib pickle."""
+    """Load a head folder from its arrays (runs no code), or, with trust=True, its model.joblib pickle. Returns the
+    Head (`.predict`, `.predict_proba`, `.classes_`, `.metrics`)."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _load_pickle(path, trust)
@@ -162,4 +174,7 @@ def _load_pickle(path: Path, trust: bool) -> Head:
     import joblib
 
     meta = _read_meta(path.parent)
-    return _head(joblib.load(path), meta, path.parent)
+    pipeline = joblib.load(path)
+    if meta["classes"] is not None:  # the export predicts names; a Head's estimator gives class indices
+        pipeline = with_classes(pipeline, np.arange(len(meta["classes"])))
+    return _head(pipeline, meta, path.parent)
