@@ -46,7 +46,6 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default=f"advise-{time.strftime('%Y-%m-%d')}")
     p.add_argument("--seeds", type=int, default=3, help="advise from the subsets of seeds 0..SEEDS-1 (default 3)")
     args = p.parse_args(argv)
-    import featx.advise
     from featx.advise import measure_costs, recommend
     from featx.backbones import load_backbone
 
@@ -59,7 +58,7 @@ def main(argv=None) -> None:
         extracts = {r["target"]: r for r in map(json.loads, (args.work / "journal.jsonl").read_text().splitlines())
                     if r["kind"] == "extract"}
     bb = load_backbone(cfg["backbone"], cfg["weights"], match=cfg["weights_match"] or "name")
-    advise_version = hashlib.sha256(Path(featx.advise.__file__).read_bytes()).hexdigest()
+    advise_version = hashlib.sha256(Path(sys.modules["featx.advise"].__file__).read_bytes()).hexdigest()
     cache_file = args.work / "advice-cache.json"  # advice per cell, kept so that a rerun only re-joins the grid
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rows_out, costs_by_size = [], {}

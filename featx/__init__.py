@@ -1,4 +1,19 @@
-"""featx: frozen-backbone embeddings cached in HDF5, scikit-learn heads on top, torch finetuning when data is large."""
+"""featx: frozen-backbone embeddings cached in HDF5, scikit-learn heads on top, torch finetuning when data is large.
+
+Every command is a Python function (each documents what it takes and returns):
+
+    featx.layers(backbone, weights)             featx layers: taps, shapes, row sizes -> [LayerInfo]
+    featx.extract(data, output, ...)            featx extract: images -> a store -> ExtractResult
+    featx.open_store(path)                      featx info: a store's rows and config -> Store (.summary())
+    featx.fit_head(store, tap, output, ...)     featx fit-head -> Head
+    featx.load_head(path)                       a saved head folder -> Head
+    featx.predict(head, data, ...)              featx predict: images or feature rows -> Predictions
+    featx.evaluate(head, data, ...)             featx evaluate -> metrics dict
+    featx.finetune(data, output, ...)           featx finetune -> FinetuneResult
+    featx.advise(data, ...)                     featx advise -> Advice
+
+`import featx` loads neither torch nor scikit-learn: each function's module is imported on its first use.
+"""
 from __future__ import annotations
 
 import importlib
@@ -12,18 +27,22 @@ from .errors import FeatxError  # noqa: E402
 # The API functions and the module each one lives in, imported on first use so that `import featx` (and the CLI's
 # --help) loads neither torch nor scikit-learn.
 _FUNCTIONS = {
+    "layers": "featx.layers",
     "extract": "featx.extract",
     "open_store": "featx.store",
     "fit_head": "featx.heads.api",
     "load_head": "featx.heads.persistence",
+    "predict": "featx.heads.prediction",
     "evaluate": "featx.heads.api",
     "finetune": "featx.finetune.api",
+    "advise": "featx.advise",
 }
 __all__ = ["FeatxError", "__version__", *_FUNCTIONS]
 
 
 class _Package(types.ModuleType):
-    """featx's module type: `featx.extract` and `featx.finetune` stay the functions after their submodules load.
+    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune` and `featx.advise` stay the functions
+    after their submodules load.
 
     Importing a submodule makes Python set it as an attribute of its package (`featx.extract = <module>`), which
     would hide the function of the same name. That one assignment is ignored here; the submodules stay reachable
@@ -43,6 +62,11 @@ def __getattr__(name: str):
     function = getattr(importlib.import_module(_FUNCTIONS[name]), name)
     globals()[name] = function  # later look-ups skip this hook
     return function
+
+
+def __dir__() -> list[str]:
+    """The API, so that dir(featx) and completion show the functions, also those not imported yet."""
+    return sorted(__all__)
 
 
 sys.modules[__name__].__class__ = _Package

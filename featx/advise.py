@@ -172,12 +172,15 @@ def _labelled_counts(source, data) -> dict[str, int]:
     return counts
 
 
-def advise(data, *, backbone: str = "resnet50", weights: str = "DEFAULT", weights_match: str = "name",
+def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weights_match: str = "name",
            store=None, taps=None, image_size: int | None = None, budget_seconds: float | None = None, seed: int = 0,
            log=None) -> Advice:
-    """Extract the taps of `data` into `store` (default: DATA-name.featx.h5 here) within `budget_seconds` (default:
-    a few percent of one estimated full finetune), measure learning curves and the deep-vs-shallow gap, and
-    recommend probe / finetune --freeze / full finetune. The advice is saved beside the store (.advice.json)."""
+    """`featx advise`: extract the `taps` (default: two stage outputs and the pre-logits) of the labelled images
+    `data` with `backbone` (None: the one a weights file of featx finetune records, else resnet50) and `weights`
+    into `store` (default: DATA-name.featx.h5 here) within `budget_seconds` (default: a few percent of one
+    estimated full finetune), measure learning curves and the deep-vs-shallow gap, and recommend probe / finetune
+    --freeze / full finetune. `log` receives progress lines. Returns the Advice (`.table()`, `.to_dict()`; the
+    recommendation and the alternatives with their commands), also saved beside the store (.advice.json)."""
     from .backbones import load_backbone
     from .extract import extract
     from .sources import load_source
@@ -212,11 +215,11 @@ def advise(data, *, backbone: str = "resnet50", weights: str = "DEFAULT", weight
         part = "all images" if take >= max(counts.values()) else \
             f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
         log(f"extracting {part} at taps {', '.join(taps)} into {store}")
-        result = extract(spec, store, backbone=backbone, weights=weights, weights_match=weights_match, taps=taps,
+        result = extract(spec, store, backbone=bb.name, weights=weights, weights_match=weights_match, taps=taps,
                          image_size=image_size, log=log)
     costs = {**costs, "extract_seconds": result.seconds, "full_finetune_seconds": full_ft}
     advice = recommend(store, per_class_full=per_class, costs=costs, budget_seconds=budget, seed=seed,
-                       started=started, command_data=str(data))
+                       started=started, command_data=str(data), image_size=image_size)
     advice.images, advice.classes = n_images, k
     advice.extracted_per_class = min(take, per_class)
     advice.seconds = time.perf_counter() - started
@@ -338,10 +341,12 @@ def _npz(path: Path, x: np.ndarray, labels: np.ndarray, classes: list[str], rows
 
 
 def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_seconds: float = 0.0, seed: int = 0,
-              started: float | None = None, command_data: str | None = None) -> Advice:
+              started: float | None = None, command_data: str | None = None,
+              image_size: int | None = None) -> Advice:
     """The advice from the rows of an extracted store (see the module docstring for the rule). `per_class_full` is
     the smallest class of the whole data when the store holds only part of it; `costs` are measure_costs' figures
-    with 'extract_seconds'."""
+    with 'extract_seconds'; `image_size`, the --image-size the store was extracted with, goes into the finetune
+    commands."""
     import warnings
 
     from .store import open_store
@@ -386,6 +391,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     base = f"featx finetune {data} -b {config.get('backbone')} -w {config.get('weights_path') or config.get('weights')}"
     if config.get("weights_match", "name") != "name":
         base += f" --weights-match {config['weights_match']}"
+    if image_size is not None:
+        base += f" --image-size {image_size}"
     hp = f"--optimizer adam --lr 1e-4 --epochs {FINETUNE_EPOCHS}"
     head_dir = Path(store).with_name(Path(store).stem + "-head")
     scaling = "" if normalize[best_tap] == "standard" else f" --normalize {normalize[best_tap]}"

@@ -339,3 +339,25 @@ def format_layers_table(infos: list[LayerInfo], n_images: int | None = None, dty
         lines.append(cells + [info.usual])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def layers(backbone: str | None = None, weights: str = "none", *, weights_match: str = "name", image_size: int = 224,
+           pooling: str = "avg", include_all: bool = False, log=None) -> list[LayerInfo]:
+    """`featx layers`: the taps of `backbone` (a torchvision name or timm/<name>) with their output shapes at
+    `image_size` and their row sizes after `pooling`; the usual taps (stage outputs, the pre-logits, the output)
+    are marked, and `include_all` lists every graph node. `weights` (a name, a file, or 'none') only matters for
+    a file: its load report goes to `log` (a callable taking one line), and a file written by `featx finetune`
+    names the backbone when `backbone` is None. Returns one LayerInfo per tap, in forward order."""
+    from .backbones import load_backbone
+    from .backbones.weights import looks_like_path
+
+    if backbone is None and (str(weights).lower() == "none" or not looks_like_path(str(weights))):
+        raise FeatxError("featx layers: give a BACKBONE name (or -w a model.pt written by featx finetune, which "
+                         "records its backbone), or --list to see them all")
+    bb = load_backbone(backbone, weights, match=weights_match)
+    if backbone is None and not bb.meta.get("backbone"):
+        raise FeatxError(f"featx layers: -w {weights} records no backbone (it was not written by featx finetune): "
+                         f"give the BACKBONE name")
+    if bb.load_report is not None and log is not None:
+        log(bb.load_report.summary())
+    return describe_layers(bb.model, image_size=image_size, pooling=pooling, include_all=include_all)

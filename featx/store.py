@@ -443,7 +443,8 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
 
 
 def open_store(path) -> Store:
-    """Open a featx store read-only; a one-line FeatxError when it is missing, damaged, foreign or newer."""
+    """Open a featx store read-only (`featx info`): returns a Store (rows, labels, splits, config; `.features(tap)`,
+    `.summary()`; a context manager); a one-line FeatxError when it is missing, damaged, foreign or newer."""
     path = Path(path)
     if not path.exists():
         raise FeatxError(f"{path}: no such store")

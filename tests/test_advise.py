@@ -84,6 +84,15 @@ def test_cli_json_schema_and_saved_advice(tmp_path):
     assert rec["method"] in ("probe", "finetune-freeze", "finetune") and 0 <= rec["expected_accuracy"][0] <= 1
     assert json.loads((tmp_path / "adv.advice.json").read_text())["recommendation"] == rec
     assert store.exists()
+    finetunes = [c["command"] for c in [rec, *advice["alternatives"]] if c["method"] != "probe"]
+    assert finetunes and all("-b resnet18 -w none" in c and "--image-size 32" in c for c in finetunes), finetunes
+
+
+def test_finetune_commands_keep_the_image_size(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", {"layer2": 1.2, "flatten": 0.3}, per_class=60)
+    sized = recommend(store, per_class_full=2000, costs=COSTS, image_size=96)
+    assert sized.recommendation.method == "finetune-freeze" and "--image-size 96" in sized.recommendation.command
+    assert "--image-size" not in recommend(store, per_class_full=2000, costs=COSTS).recommendation.command
 
 
 def test_bad_input_is_one_line(tmp_path):

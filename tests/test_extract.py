@@ -194,18 +194,22 @@ def test_bad_options_are_one_line_errors(folder, tmp_path, kwargs, match):
 API_CHECK = """
 import importlib, sys, types, featx
 functions = {"extract": "featx.extract", "finetune": "featx.finetune.api", "open_store": "featx.store",
-             "fit_head": "featx.heads.api", "load_head": "featx.heads.persistence", "evaluate": "featx.heads.api"}
+             "fit_head": "featx.heads.api", "load_head": "featx.heads.persistence", "evaluate": "featx.heads.api",
+             "layers": "featx.layers", "advise": "featx.advise", "predict": "featx.heads.prediction"}
 for name, module in functions.items():
     value = getattr(featx, name)
     assert callable(value) and value is getattr(importlib.import_module(module), name), (name, value)
-assert isinstance(sys.modules["featx.extract"], types.ModuleType) and isinstance(sys.modules["featx.finetune"], types.ModuleType)
+for module in ("featx.extract", "featx.finetune", "featx.layers", "featx.advise"):
+    assert isinstance(sys.modules[module], types.ModuleType), module
 """
 
 
 @pytest.mark.parametrize("first", [
-    "import featx.extract, featx.finetune, featx.finetune.api, featx.store, featx.heads.api",  # submodules first
+    "import featx.extract, featx.finetune, featx.finetune.api, featx.store, featx.heads.api, featx.layers, "
+    "featx.advise",  # submodules first
     "import featx.cli, featx.cli.extract_cmds, featx.cli.finetune_cmd; import featx.extract, featx.finetune",  # CLI
-    "import featx; featx.extract, featx.finetune; import featx.extract, featx.finetune.train",  # functions first
+    "import featx; featx.extract, featx.finetune, featx.layers, featx.advise; import featx.extract, "
+    "featx.finetune.train, featx.layers, featx.advise",  # functions first
 ])
 def test_api_names_stay_functions_after_their_submodules_load(first):
     """`import featx.extract` binds the submodule on the package; featx.extract(...) must still be the function."""

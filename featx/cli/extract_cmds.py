@@ -10,7 +10,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.command("extract")
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Store to create or extend (.h5).")
-@click.option("-b", "--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("-b", "--backbone", help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or timm tag (DEFAULT, in1k, ...), a local .pth/.safetensors file, or 'none' (random init).")
 @click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,
@@ -119,23 +119,17 @@ def info_cmd(store, as_json, show_failed):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def layers_cmd(backbone, weights, weights_match, list_models, include_all, image_size, pooling, images, dtype, as_json):
-    """Show the taps of BACKBONE with output shapes and bytes per image after pooling."""
-    from ..backbones import check_backbone, list_backbones, load_backbone
-    from ..errors import FeatxError
-    from ..layers import describe_layers, format_layers_table
+    """Show the taps of BACKBONE (default: the one a -w file from featx finetune records) with output shapes and
+    bytes per image after pooling."""
+    from ..backbones import list_backbones
+    from ..layers import format_layers_table, layers
 
     if list_models:
         names = list_backbones()
         echo_json(names) if as_json else click.echo("\n".join(names))
         return
-    if not backbone:
-        raise FeatxError("featx layers: give a BACKBONE name, or --list to see them all")
-    check_backbone(backbone)
-    bb = load_backbone(backbone, weights, match=weights_match)
-    if bb.load_report is not None:
-        click.echo(bb.load_report.summary(), err=True)
-    model = bb.model
-    infos = describe_layers(model, image_size=image_size, pooling=pooling, include_all=include_all)
+    infos = layers(backbone, weights, weights_match=weights_match, image_size=image_size, pooling=pooling,
+                   include_all=include_all, log=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json([{"name": i.name, "shape": list(i.shape), "pooled_dim": i.pooled_dim,
                     "bytes_per_image": i.bytes_per_image, "usual": i.usual} for i in infos])
