@@ -95,16 +95,15 @@ def weights_for(config: dict, given=()) -> str:
     for file in files:
         if not os.path.isfile(file):
             raise FeatxError(f"-w {file}: no such file, expected the weights file the features were computed with")
-        if sha256_file(file) != expected:
-            continue
         if not recorded:
             raise FeatxError(f"-w {file}: the features were computed with weights {config.get('weights')}, not with "
                              f"a file: drop -w")
-        return os.fspath(file)
+        if sha256_file(file) == expected:
+            return os.fspath(file)
     wanted = f"the file of sha256 {str(expected)[:16]}..."
     if files:
         raise FeatxError(f"-w {files[0]}: sha256 {sha256_file(files[0])[:16]}..., but the features were computed with "
-                         f"{os.path.basename(recorded or '') or config.get('weights')} ({wanted}): pass that file")
+                         f"{os.path.basename(recorded)} ({wanted}): pass that file")
     if not recorded:
         return config["weights"]
     if not os.path.isfile(recorded):

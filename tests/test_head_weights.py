@@ -14,6 +14,7 @@ import featx
 from featx.backbones import load_backbone
 from featx.cli import main
 from featx.errors import FeatxError
+from heads_support import blob_store
 from imagegen import make_image_folder
 
 EXTRACT = dict(taps=["avgpool"], image_size=32, workers=0, precision="fp32")
@@ -75,6 +76,15 @@ def test_a_weights_file_of_other_bytes_is_one_line_naming_both(moved):
         featx.predict(root / "head", data, weights=root / "other.pth", workers=0)
     out = run("evaluate", root / "head", data, "-w", root / "nope.pth")
     assert out.exit_code == 2 and "-w " in out.output and "nope.pth: no such file" in out.output, out.output
+
+
+def test_w_for_a_head_on_named_weights_says_to_drop_it(moved, tmp_path):
+    root, data, _ = moved
+    blob_store(tmp_path / "s.h5")  # its config: resnet18 with weights 'none'
+    featx.fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False, n_jobs=1)
+    with pytest.raises(FeatxError, match=r"^-w .*renamed\.pth: the features were computed with weights none, not "
+                                         r"with a file: drop -w$"):
+        featx.predict(tmp_path / "head", data, weights=root / "renamed.pth", workers=0)
 
 
 def test_serve_takes_moved_weights_files(moved):
