@@ -239,8 +239,8 @@ def extract(
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
     `backbone` None: the one a weights file written by `featx finetune` records, else resnet50. Only images whose
-    content is not in the store yet are computed; rows of renamed files are reused and rows of
-    removed files dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
+    content is not in the store yet are computed; rows of renamed files are reused and rows of removed files
+    dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
     or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA device. `compile_model` runs the extractor
     through torch.compile (a warm-up of seconds to a minute, then faster batches: for large sets). Under torchrun (or with
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish

@@ -143,7 +143,8 @@ def _evaluate_images(head: Head, data, split: str | None, options: dict) -> dict
         raise FeatxError(f"{data} has no labels: evaluate needs labelled images (predict works on these)")
     predictions = predict(head, data, **options)
     by_path = {item.relpath: item for item in source.items}
-    items = [by_path[str(name)] for name in predictions.names]
+    scored = np.array([str(name) in by_path for name in predictions.names], dtype=bool)  # rows of these images
+    items = [by_path[str(name)] for name in predictions.names[scored]]
     labelled = np.array([item.label >= 0 or np.isfinite(item.target) for item in items], dtype=bool)
     index, chosen, where = evaluation_rows(labelled, [item.split for item in items], split, data)
     if source.task == "regression":
@@ -153,7 +154,7 @@ def _evaluate_images(head: Head, data, split: str | None, options: dict) -> dict
     failed = {"failed": len(predictions.failed)} if predictions.failed else {}
     return {"head": head.kind, "tap": head.tap, "data": str(data), "split": chosen,
             "rows": {"eval": len(index), **failed}, "evaluated_on": where,
-            **_scores(head, truth, predictions.predicted[index])}
+            **_scores(head, truth, predictions.predicted[scored][index])}
 
 
 def _check_task(head: Head, task: str, where) -> None:
