@@ -48,7 +48,7 @@ from .common import BACKBONE_HELP, echo_json, on_interrupt
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
-@click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when training ends; a folder is kept and shared by runs).")
+@click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when the call ends; a folder is kept and shared by runs).")
 @click.option("--decode-cache-mb", type=click.FloatRange(min=0), default=4096, show_default=True, help="Size limit of the decoded-image cache; images beyond it are decoded every epoch.")
 @click.option("--task", type=click.Choice(TASKS), default="classify", show_default=True, help="segment: DATA holds image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
 @click.option("--tap", help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map).")

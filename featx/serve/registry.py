@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FeatxError
+from ..finetune.checkpoint import CONFIG as RUN_CONFIG
+from ..finetune.checkpoint import MODEL as RUN_MODEL
 from ..heads.model import Head
 from ..heads.persistence import HEAD_FILE, WEIGHTS_FILE, is_head_folder, load_head
 
@@ -49,6 +51,10 @@ def _load(source: Path, trust: bool) -> Head:
     from ..segment import is_segment_head
 
     folder = source if source.is_dir() else source.parent
+    if not (folder / HEAD_FILE).exists() and (folder / RUN_MODEL).is_file() and (folder / RUN_CONFIG).is_file():
+        raise FeatxError(f"HEAD_DIR {source}: a featx finetune run, not a head folder: featx serve serves the heads "
+                         f"of featx fit-head (the run's {RUN_MODEL} works as -w of featx extract, whose store "
+                         f"fit-head takes)")
     if is_segment_head(folder):
         from ..segment.probe import load_segment_head
 
