@@ -232,8 +232,9 @@ def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(trained, tmp_p
 def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=24, size=(48, 48))
     run = tmp_path / "runs" / "first"
+    # the signal comes as the loader starts its worker: held back during the fork, then delivered
     code, err = _interrupt([data, "-b", "resnet18", "-w", "none", "--image-size", "48", "--batch-size", "2",
-                            "--workers", "0", "--precision", "fp32", "--device", "cpu", "-q", "-o", run],
+                            "--workers", "1", "--precision", "fp32", "--device", "cpu", "-q", "-o", run],
                            after="decoded-image cache")
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == f"featx: interrupted before the first epoch completed: nothing was kept in {run}"
