@@ -218,7 +218,7 @@ def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(trained, tmp_p
     options = [option if option != "0" else "1" for option in FAST]  # --workers 1
     code, err = _interrupt([data, "-w", "none", "--epochs", "3", *options, "-o", run], after="Epoch 1/3")
     assert code == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == (f"featx: interrupted: {run} keeps 1 completed epochs; continue with: "
+    assert err.strip().splitlines()[-1] == (f"featx: interrupted: {run} keeps 1 completed epoch; continue with: "
                                             f"featx finetune --resume {run}")
     assert {p.name for p in run.iterdir()} == set(FILES)
     resumed = subprocess.run([sys.executable, "-m", "featx", "finetune", "--resume", str(run), "--workers", "0", "-q"],

@@ -120,7 +120,8 @@ def _interrupted(run) -> str:
         done = len((Path(run) / METRICS).read_text().splitlines())
     except OSError:
         done = "its"
-    return f"featx: interrupted: {run} keeps {done} completed epochs; continue with: featx finetune --resume {run}"
+    epochs = "epoch" if done == 1 else "epochs"
+    return f"featx: interrupted: {run} keeps {done} completed {epochs}; continue with: featx finetune --resume {run}"
 
 
 COMMANDS = [finetune_cmd]

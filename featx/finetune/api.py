@@ -63,7 +63,8 @@ class FinetuneResult:
                 f"pass --epochs N above {self.planned_epochs} to train it further"
             return (f"{self.run_dir}: complete already, nothing to train ({self.epochs} of {self.planned_epochs} "
                     f"epochs{early}, {best}: {self.run_dir}/model.pt); {further}")
-        return f"{self.epochs} epochs{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
+        epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
+        return f"{epochs}{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
 
 
 def finetune(
@@ -368,7 +369,7 @@ def _same_weights_file(key: str, old: dict, new: dict) -> bool:
 
 
 def _short(value) -> str:
-    text = json.dumps(value)
+    text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

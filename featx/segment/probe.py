@@ -259,8 +259,8 @@ def predict_dense(head, data, output, *, overlay=None, store=None, batch_size: i
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
     folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
-    for option, folder in zip(("-o", "--overlay"), folders):
-        _check_writable(option, folder)
+    for option, folder, what in zip(("-o", "--overlay"), folders, ("the masks", "the overlay pictures")):
+        _check_writable(option, folder, what)
     store_path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     items = load_source(data).items
     written = 0
@@ -285,10 +285,10 @@ def predict_dense(head, data, output, *, overlay=None, store=None, batch_size: i
             "failed": failed}
 
 
-def _check_writable(option: str, folder: Path) -> None:
-    """FeatxError, before any image is computed, when the masks cannot be written into `folder`."""
+def _check_writable(option: str, folder: Path, what: str) -> None:
+    """FeatxError, before any image is computed, when `what` cannot be written into `folder`."""
     if folder.exists() and not folder.is_dir():
-        raise FeatxError(f"{option} {folder}: is a file, expected a folder for the masks")
+        raise FeatxError(f"{option} {folder}: is a file, expected a folder for {what}")
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FeatxError(f"{option} {folder}: {existing} is not writable")
