@@ -575,3 +575,22 @@ def test_more_epochs_extend_a_finished_run_on_the_longer_schedule(data, tmp_path
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["epochs"] == 3
     with pytest.raises(FeatxError, match=r"--epochs 2: the run in .* was recorded with 3 epochs \(3 done\)"):
         finetune(data, tmp_path / "run", **options, resume=True)
+
+
+def test_the_run_lock_refuses_a_second_writer_and_leaves_with_its_holder(tmp_path):
+    from featx.finetune.checkpoint import CHECKPOINT, LOCK, RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"a run's progress")
+    holder = RunDir(run)
+    assert holder.prepare(resume=False, overwrite=True) is None
+    with pytest.raises(FeatxError, match=r"is being written by another featx finetune process"):
+        RunDir(run).prepare(resume=False, overwrite=True)
+    holder.release()
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT]  # progress stays, the lock file goes
+    again = RunDir(run)
+    again.prepare(resume=False, overwrite=True)
+    assert (run / LOCK).exists()
+    again.release()
+    assert not (run / LOCK).exists()
