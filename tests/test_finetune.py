@@ -346,6 +346,25 @@ def test_optimizer_groups_and_schedules_with_warmup():
         warmup_steps("soon", 3, 10)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step", "onecycle"])
+def test_a_scheduler_continued_after_n_steps_is_that_schedule_from_step_n(schedule):
+    """build_scheduler(done_steps=n) on a loaded optimizer: the rates of the same schedule stepped n times."""
+    from featx.finetune.optim import build_optimizer, build_scheduler
+
+    def fresh():
+        return build_optimizer(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "1", "adam", lr=0.1,
+                               backbone_lr=0.01, momentum=0.9, weight_decay=0.0)
+
+    reference = fresh()
+    expected = _lrs(build_scheduler(reference, schedule, total_steps=12, warmup=2), reference, 12)
+    shorter = fresh()
+    _lrs(build_scheduler(shorter, schedule, total_steps=8, warmup=2), shorter, 5)  # 5 steps of an 8-step run
+    continued = build_scheduler(shorter, schedule, total_steps=12, warmup=2, done_steps=5)
+    np.testing.assert_allclose(_lrs(continued, shorter, 7), expected[5:], rtol=1e-12)
+    if schedule == "onecycle":  # the momentum cycles with it
+        assert shorter.param_groups[0]["betas"][0] == pytest.approx(reference.param_groups[0]["betas"][0])
+
+
 def test_early_stop_and_best_epoch():
     from types import SimpleNamespace
 
@@ -499,3 +518,79 @@ def test_a_run_folder_needs_resume_or_overwrite(data, clean_run, tmp_path):
     finetune(data, run, **UNFREEZE, resume=True)  # the failed call left no lock behind
     with pytest.raises(FeatxError, match=r"--resume .*: no such run folder"):
         finetune(data, tmp_path / "nothing", **UNFREEZE, resume=True)
+
+
+# ---- what a call leaves in the run folder, and resuming or extending a run ------------------------------------------
+
+def test_a_stopped_run_keeps_its_checkpoint_and_no_lock_or_decoded_cache(data, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):
+        finetune(data, run, **UNFREEZE, log=_stop_after_epoch_1)
+    assert {p.name for p in run.iterdir()} == {"config.json", "checkpoint.pt", "model.pt", "last.pt",
+                                               "metrics.jsonl", "curves.png"}
+
+
+def _stop_at_first_line(line: str) -> None:
+    raise _Stop
+
+
+def test_a_run_stopped_before_its_first_epoch_leaves_nothing(data, tmp_path):
+    run = tmp_path / "new" / "run"
+    with pytest.raises(_Stop):
+        finetune(data, run, **UNFREEZE, log=_stop_at_first_line)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep")
+    with pytest.raises(_Stop):
+        finetune(data, mine, **UNFREEZE, log=_stop_at_first_line)
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+
+
+def test_resuming_a_complete_run_trains_nothing_and_says_so(data, clean_run):
+    run, clean = clean_run
+    before = digest(run)
+    result = finetune(data, run, **UNFREEZE, resume=True)
+    assert result.trained_epochs == 0 and result.history == clean.history
+    assert result.summary().startswith(f"{run}: complete already, nothing to train (2 of 2 epochs")
+    assert digest(run) == before
+
+
+def test_more_epochs_extend_a_finished_run_on_the_longer_schedule(data, tmp_path):
+    """Epochs 1-2 stay as they were; epoch 3 runs at the rates a 3-epoch run has from step 2 x steps on."""
+    from featx.finetune.optim import build_optimizer, build_scheduler
+
+    options = dict(FAST, epochs=2, lr=0.05, optimizer="adam", warmup="2steps")
+    first = finetune(data, tmp_path / "run", **options)
+    lines = []
+    longer = finetune(data, tmp_path / "run", **{**options, "epochs": 3}, resume=True, log=lines.append)
+    assert longer.trained_epochs == 1 and [row["epoch"] for row in longer.history] == [1, 2, 3]
+    assert longer.history[:2] == first.history
+    steps = 2  # 6 training images, batch 3
+    assert any(line.startswith(f"extending {tmp_path / 'run'} from 2 to 3 epochs") for line in lines)
+    optimizer = build_optimizer(nn.Linear(2, 2), "bias", "adam", lr=0.05, backbone_lr=0.05, momentum=0.9,
+                                weight_decay=0.0)
+    rates = _lrs(build_scheduler(optimizer, "cosine", total_steps=3 * steps, warmup=2), optimizer, 3 * steps)
+    assert longer.history[2]["lr"] == pytest.approx(rates[2 * steps][1]) and rates[2 * steps][1] > 0.01
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["epochs"] == 3
+    with pytest.raises(FeatxError, match=r"--epochs 2: the run in .* was recorded with 3 epochs \(3 done\)"):
+        finetune(data, tmp_path / "run", **options, resume=True)
+
+
+def test_the_run_lock_refuses_a_second_writer_and_leaves_with_its_holder(tmp_path):
+    from featx.finetune.checkpoint import CHECKPOINT, LOCK, RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"a run's progress")
+    holder = RunDir(run)
+    assert holder.prepare(resume=False, overwrite=True) is None
+    with pytest.raises(FeatxError, match=r"is being written by another featx finetune process"):
+        RunDir(run).prepare(resume=False, overwrite=True)
+    holder.release()
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT]  # progress stays, the lock file goes
+    again = RunDir(run)
+    again.prepare(resume=False, overwrite=True)
+    assert (run / LOCK).exists()
+    again.release()
+    assert not (run / LOCK).exists()

@@ -3,6 +3,10 @@ and a finetuned RUN/model.pt as -w of extract (then fit-head and predict on imag
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -111,7 +115,9 @@ def test_resume_errors(trained, tmp_path):
     before = digest(run)
     for args, needle in (
         (("--resume", run, "--lr", "0.5"),
-         "that run was made with other settings (lr 0.05 there, 0.5 now; backbone_lr"),
+         "the run was recorded with other settings (--lr 0.05 there, 0.5 now): leave those options out"),
+        (("--resume", run, "--epochs", "1"), "--epochs 1: the run in "),
+        (("--resume", tmp_path / "nothing"), "no such run folder"),
         (("--resume", run, "-o", tmp_path / "other"), "give one run folder"),
         ((), "give the run folder with -o RUN_DIR"),
         (("-o", run), "holds a run already"),
@@ -129,3 +135,107 @@ def test_resume_of_the_finished_run_as_json(trained):
     result = json.loads(out.stdout)
     assert result["epochs"] == 2 and [row["epoch"] for row in result["history"]] == [1, 2]
     assert result["run_dir"] == str(run) and not out.stderr
+
+
+def test_resume_alone_continues_with_what_the_run_recorded(trained, tmp_path):
+    """`--resume RUN` without DATA or options: a complete run says so and trains nothing; --epochs above the
+    recorded number extends it with the recorded data, backbone, weights and options; free options may differ."""
+    _, run, _ = trained
+    before = digest(run)
+    out = featx("finetune", "--resume", run, "--workers", "0", "--device", "cpu")
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip().startswith(f"{run}: complete already, nothing to train (2 of 2 epochs")
+    assert "pass --epochs N above 2" in out.stdout and " epochs in " not in out.stdout and not out.stderr
+    assert digest(run) == before and not [p for p in run.iterdir() if p.name.startswith(".featx")]
+    as_json = json.loads(featx("finetune", "--resume", run, "--json").stdout)
+    assert as_json["trained_epochs"] == 0 and as_json["epochs"] == 2
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    out = featx("finetune", "--resume", copy, "--epochs", "3", "-q")
+    assert out.exit_code == 0, out.output
+    assert f"extending {copy} from 2 to 3 epochs, after epoch 2" in out.stderr and "3 epochs in " in out.stdout
+    config = json.loads((copy / "config.json").read_text())
+    assert config["epochs"] == 3 and config["backbone"] == "mobilenet_v3_small" and config["lr"] == 0.05
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[:2] == [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_alone_with_a_moved_weights_file(trained, tmp_path):
+    """A run whose -w FILE moved: one line naming the file; -w with the same file elsewhere continues it."""
+    data, run, _ = trained
+    weights = tmp_path / "w.pt"
+    shutil.copy(run / "model.pt", weights)
+    out = featx("finetune", data, "-w", weights, "--freeze", "loaded", "--epochs", "1", *FAST, "-o", tmp_path / "r")
+    assert out.exit_code == 0, out.output
+    weights.rename(tmp_path / "moved.pt")
+    out = featx("finetune", "--resume", tmp_path / "r", "--epochs", "2")
+    assert out.exit_code == 2 and out.stderr.count("\n") == 1
+    assert f"the run's weights file {weights} is gone; pass -w FILE with the same file" in out.stderr
+    out = featx("finetune", "--resume", tmp_path / "r", "--epochs", "2", "-w", tmp_path / "moved.pt", "-q")
+    assert out.exit_code == 0, out.output
+    assert "2 epochs in " in out.stdout
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_nothing(trained, tmp_path):
+    """The folders this call created are gone; a folder that existed keeps only what it held."""
+    data, _, _ = trained
+    out = featx("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", tmp_path / "new" / "run")
+    assert out.exit_code == 2 and "--batch-size 50" in out.stderr
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    out = featx("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", kept)
+    assert out.exit_code == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    out = featx("finetune", "-w", "none", *FAST, "-o", tmp_path / "r")
+    assert out.exit_code == 2 and "give DATA" in out.stderr and not (tmp_path / "r").exists()
+
+
+# ---- Ctrl-C on a real process ---------------------------------------------------------------------------------------
+
+def _interrupt(args, after: str) -> tuple[int, str]:
+    """Run `featx finetune ARGS`, send SIGINT once a stderr line contains `after`; (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "featx", "finetune", *map(str, args)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if after in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    seen.append(proc.stderr.read())
+    return proc.wait(timeout=120), "".join(seen)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(trained, tmp_path):
+    data, _, _ = trained
+    run = tmp_path / "run"
+    # a loader worker: Ctrl-C also reaches it, and no decoded image may be left behind
+    options = [option if option != "0" else "1" for option in FAST]  # --workers 1
+    code, err = _interrupt([data, "-w", "none", "--epochs", "3", *options, "-o", run], after="Epoch 1/3")
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"featx: interrupted: {run} keeps 1 completed epoch; continue with: "
+                                            f"featx finetune --resume {run}")
+    assert {p.name for p in run.iterdir()} == set(FILES)
+    resumed = subprocess.run([sys.executable, "-m", "featx", "finetune", "--resume", str(run), "--workers", "0", "-q"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after epoch 1/3" in resumed.stderr and "3 epochs in " in resumed.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and set(FILES) == {p.name for p in run.iterdir()}
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=24, size=(48, 48))
+    run = tmp_path / "runs" / "first"
+    # the signal comes as the loader starts its worker: held back during the fork, then delivered
+    code, err = _interrupt([data, "-b", "resnet18", "-w", "none", "--image-size", "48", "--batch-size", "2",
+                            "--workers", "1", "--precision", "fp32", "--device", "cpu", "-q", "-o", run],
+                           after="decoded-image cache")
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"featx: interrupted before the first epoch completed: nothing was kept in {run}"
+    assert not (tmp_path / "runs").exists()

@@ -3,6 +3,8 @@ segment (files, resume, freezing) and the dense probe on cached maps (fit-head, 
 pairs with random-init backbones."""
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import subprocess
 import sys
@@ -221,10 +223,32 @@ def test_resume_equals_an_uninterrupted_run(data, clean_run, tmp_path):
                        **{**FAST, "decoder": "linear"}, resume=True)
 
 
-def test_multiclass_cross_entropy_run(tmp_path):
+def _curve_labels(monkeypatch) -> list[tuple[str, str]]:
+    """The axis labels of every curves.png the runs write (what the loss and the accuracy are)."""
+    report = importlib.import_module("featx.finetune.report")
+    labels, draw = [], report.curves_figure
+
+    def recording(history, loss_name="cross-entropy", acc_name="accuracy"):
+        figure = draw(history, loss_name, acc_name)
+        labels.append(tuple(ax.get_ylabel() for ax in figure.axes))
+        return figure
+
+    monkeypatch.setattr(report, "curves_figure", recording)
+    return labels
+
+
+def test_binary_curves_label_the_loss_binary_cross_entropy(data, tmp_path, monkeypatch):
+    labels = _curve_labels(monkeypatch)
+    featx.finetune(data, tmp_path / "run", binary=True, dice_weight=0.5, **{**FAST, "epochs": 1}, freeze="backbone")
+    assert labels == [("binary cross-entropy + 0.5 x (1 - Dice)", "pixel accuracy")]
+
+
+def test_multiclass_cross_entropy_run(tmp_path, monkeypatch):
+    labels = _curve_labels(monkeypatch)
     data = make_mask_folder(tmp_path / "multi", splits={"train": 6}, n_classes=2)
     result = featx.finetune(data, tmp_path / "run", **{**FAST, "decoder": "linear", "epochs": 1}, tap="layer3",
                             val_split=0.34, freeze="backbone", optimizer="adam")
+    assert labels == [("cross-entropy", "pixel accuracy")]
     row = result.history[0]
     assert row["val_miou"] is not None and json.loads((tmp_path / "run" / "config.json").read_text())["num_classes"] == 2
     weights = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["model"]
@@ -253,11 +277,25 @@ def test_dense_probe_fit_save_evaluate_predict(data, maps, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["miou"] == pytest.approx(head.metrics["miou"])
 
-    out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "-q")
+    out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "--overlay", tmp_path / "seen", "-q")
     assert out.returncode == 0, out.stderr
-    predicted = np.asarray(Image.open(tmp_path / "pred" / "val" / "images" / "p000.png"))
+    assert f"12 masks written to {tmp_path / 'pred'}, overlays in {tmp_path / 'seen'}" in out.stderr
+    png = Image.open(tmp_path / "pred" / "val" / "images" / "p000.png")
+    assert png.mode == "P" and png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]  # ids shown in the VOC colours
+    predicted = np.asarray(png)
     truth = np.asarray(Image.open(data / "val" / "masks" / "p000.png")) > 0
     assert predicted.shape == truth.shape and (predicted == truth).mean() > 0.8
+    picture = np.asarray(Image.open(tmp_path / "seen" / "val" / "images" / "p000.jpg"), dtype=float)
+    image = np.asarray(Image.open(data / "val" / "images" / "p000.png"), dtype=float)
+    assert picture.shape == image.shape
+    expected = np.where(predicted[..., None] == 1, 0.5 * image + 0.5 * np.array([128.0, 0, 0]), image)
+    for region in (predicted == 0, predicted == 1):  # JPEG keeps each region's mean colour
+        assert region.any() and np.abs(picture[region].mean(0) - expected[region].mean(0)).max() < 6
+
+    out = _cli("predict", tmp_path / "head", data / "val", "-o", tmp_path / "val-only", "-q")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "val-only" / "images").iterdir()) == [f"p00{i}.png" for i in range(4)]
+    assert not (tmp_path / "val-only" / "masks").exists()
 
 
 def test_dense_probe_bad_input(data, maps, tmp_path):
@@ -271,3 +309,41 @@ def test_dense_probe_bad_input(data, maps, tmp_path):
         fit_dense_probe(maps, other, binary=True)
     out = _cli("fit-head", maps, "--task", "segment", "-o", tmp_path / "h")
     assert out.returncode == 2 and "--masks MASKS" in out.stderr
+
+
+# ---- masks as pictures and as run lengths ------------------------------------------------------------------------
+
+def test_palette_png_keeps_the_ids_and_shows_them():
+    from featx.segment.render import PALETTE, palette_png, run_lengths
+
+    ids = np.random.default_rng(0).integers(0, 4, size=(7, 9))
+    ids[0, :] = 255
+    read = Image.open(io.BytesIO(palette_png(ids)))
+    assert read.mode == "P" and np.array_equal(np.asarray(read), ids)
+    assert PALETTE[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]  # PASCAL VOC's colour map
+    assert PALETTE[255].tolist() == [224, 224, 192]
+    encoded = run_lengths(ids)
+    assert encoded["size"] == [7, 9] and sum(encoded["counts"]) == 63
+    assert np.array_equal(np.repeat(encoded["values"], encoded["counts"]).reshape(encoded["size"]), ids)
+    assert run_lengths(np.zeros((2, 3), int)) == {"size": [2, 3], "values": [0], "counts": [6]}
+
+
+def test_masks_take_the_size_of_the_image_as_decoded(tmp_path):
+    """An EXIF-rotated photo: the mask has the rotated size (what decoding, hence extraction, sees)."""
+    from featx.segment.render import oriented_size
+
+    image = Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise
+    image.save(tmp_path / "turned.jpg", exif=exif)
+    image.save(tmp_path / "plain.jpg")
+    assert oriented_size(tmp_path / "turned.jpg") == (30, 50)
+    assert oriented_size((tmp_path / "plain.jpg").read_bytes()) == (50, 30)
+
+
+def test_overlay_needs_a_segmentation_head_and_a_writable_folder(data, maps, tmp_path):
+    fit_dense_probe(maps, data, tmp_path / "head", binary=True, grid="1", pixels_per_image=16)
+    (tmp_path / "file").write_text("x")
+    out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "--overlay", tmp_path / "file")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--overlay" in out.stderr and "is a file" in out.stderr
+    assert not (tmp_path / "pred").exists()

@@ -12,6 +12,11 @@ from ..errors import FeatxError
 
 BACKBONE_HELP = ("torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers "
                  "--list. Default: the backbone a -w file from featx finetune records, else resnet50.")
+INTERRUPTED = "interrupted"  # ctx.meta key: what Ctrl-C left, set by the running command (on_interrupt)
+RESUMABLE = "featx: interrupted (completed work is kept; run the same command again to resume)"
+# What Ctrl-C leaves behind, per command that keeps work (the others have written nothing: a head folder is written
+# whole or not at all); a command may say more with on_interrupt.
+LEFT_BY_INTERRUPT = {"extract": RESUMABLE, "predict": RESUMABLE, "advise": RESUMABLE}
 
 
 class FeatxGroup(click.Group):
@@ -29,7 +34,9 @@ class FeatxGroup(click.Group):
             click.echo(f"featx: error: {command}: {err.format_message()} (see {command} --help)", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("featx: interrupted (completed work is kept; run the same command again to resume)", err=True)
+            said = ctx.meta.get(INTERRUPTED) or LEFT_BY_INTERRUPT.get(ctx.invoked_subcommand,
+                                                                      "featx: interrupted (nothing was written)")
+            click.echo(said() if callable(said) else said, err=True)
             ctx.exit(130)
 
 
@@ -66,6 +73,11 @@ def check_writable(where: str, path: Path, expected: str) -> None:
         raise FeatxError(f"{where}: cannot write in {folder} (read-only), expected {expected} in a folder you can write")
     if path.exists() and not os.access(path, os.W_OK):
         raise FeatxError(f"{where}: the file is read-only, expected {expected} that can be written")
+
+
+def on_interrupt(said) -> None:
+    """What Ctrl-C prints for the running command: a line, or a function that gives it at that moment."""
+    click.get_current_context().meta[INTERRUPTED] = said
 
 
 def echo_json(data) -> None:

@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..choices import DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
 from ..errors import FeatxError
 from ..finetune.choices import (
     AUGMENT_HELP, AUGMENTS, DECODER_HELP, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS, WARMUP_HELP,
 )
-from .common import BACKBONE_HELP, echo_json
+from .common import BACKBONE_HELP, echo_json, on_interrupt
 
 
 @click.command("finetune")
-@click.argument("data")
+@click.argument("data", required=False)
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder to write (config, metrics, checkpoints, model.pt).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder after its last completed epoch (same options).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder after its last completed epoch, with the data and options it recorded (DATA and options may be left out; --epochs above the recorded number extends the run).")
 @click.option("--overwrite", is_flag=True, help="Start a new run in a folder that holds one (its files are replaced when the first epoch completes).")
 @click.option("-b", "--backbone", help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True,
@@ -46,7 +48,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
-@click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when training ends; a folder is kept and shared by runs).")
+@click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when the call ends; a folder is kept and shared by runs).")
 @click.option("--decode-cache-mb", type=click.FloatRange(min=0), default=4096, show_default=True, help="Size limit of the decoded-image cache; images beyond it are decoded every epoch.")
 @click.option("--task", type=click.Choice(TASKS), default="classify", show_default=True, help="segment: DATA holds image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
 @click.option("--tap", help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map).")
@@ -69,33 +71,57 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
     """
     from ..distributed import discover
     from ..finetune import finetune
+    from ..finetune.resume import resume_arguments
 
     if resume_dir and output and os.path.abspath(resume_dir) != os.path.abspath(output):
         raise FeatxError(f"--resume {resume_dir} and -o {output}: give one run folder")
     if not (resume_dir or output):
         raise FeatxError("featx finetune: give the run folder with -o RUN_DIR (or --resume RUN_DIR)")
+    if not (data or resume_dir):
+        raise FeatxError("featx finetune: give DATA (an ImageFolder, a CSV of path,label, or 'digits') and -o RUN_DIR")
     log = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    result = finetune(
-        data, resume_dir or output, backbone=backbone, weights=weights, weights_match=weights_match, head=head, freeze=list(freeze) or "none",
-        unfreeze_at=unfreeze_at, train_bn=train_bn, init_head=init_head, optimizer=optimizer, lr=lr,
-        backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
-        label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
-        image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed, precision=precision,
-        device=device, workers=workers, decode_cache=decode_cache, decode_cache_mb=decode_cache_mb,
-        resume=bool(resume_dir), overwrite=overwrite,
-        progress=not quiet and not as_json, log=log, task=task, tap=tap, decoder=decoder, binary=binary,
+    arguments = dict(
+        data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match, head=head,
+        freeze=list(freeze) or "none", unfreeze_at=unfreeze_at, train_bn=train_bn, init_head=init_head,
+        optimizer=optimizer, lr=lr, backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size,
+        augment=augment, image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed,
+        precision=precision, device=device, workers=workers, decode_cache=decode_cache,
+        decode_cache_mb=decode_cache_mb, overwrite=overwrite, task=task, tap=tap, decoder=decoder, binary=binary,
         num_classes=num_classes, dice_weight=dice_weight,
     )
+    if resume_dir:  # the run's record, and on top of it what was given on this command line
+        ctx = click.get_current_context()
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+        arguments = resume_arguments(resume_dir, {name: value for name, value in arguments.items() if name in given})
+    run = arguments["output"]
+    on_interrupt(lambda: _interrupted(run))
+    result = finetune(**arguments, progress=not quiet and not as_json, log=log)
     if discover().index:  # under torchrun, rank 0 alone reports
         return
     if as_json:
         echo_json({
             "run_dir": str(result.run_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,
             "best_val_acc": result.best_val_acc, "stopped_early": result.stopped_early,
+            "trained_epochs": result.trained_epochs, "planned_epochs": result.planned_epochs,
             "seconds": round(result.seconds, 3), "history": result.history,
         })
         return
     click.echo(result.summary())
+
+
+def _interrupted(run) -> str:
+    """What Ctrl-C left: the completed epochs and how to continue them, or nothing (no epoch had completed)."""
+    from ..finetune.checkpoint import CHECKPOINT, METRICS
+
+    if not (Path(run) / CHECKPOINT).is_file():
+        return f"featx: interrupted before the first epoch completed: nothing was kept in {run}"
+    try:
+        done = len((Path(run) / METRICS).read_text().splitlines())
+    except OSError:
+        done = "its"
+    epochs = "epoch" if done == 1 else "epochs"
+    return f"featx: interrupted: {run} keeps {done} completed {epochs}; continue with: featx finetune --resume {run}"
 
 
 COMMANDS = [finetune_cmd]

@@ -120,12 +120,15 @@ WEIGHTS = click.option("-w", "--weights", metavar="FILE", help="The head's weigh
               help="Store for the images' features (default: HEAD/cache/).")
 @click.option("--x", "x_key", metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
 @WEIGHTS
+@click.option("--overlay", type=click.Path(), metavar="DIR",
+              help="Segmentation head: also write each image with its mask blended in, as DIR/<image path>.jpg.")
 @TRUST
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, trust, batch_size, device, workers, quiet):
+def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overlay, trust, batch_size, device, workers,
+                quiet):
     """Predict with HEAD (a head folder) on DATA: images (folders, CSVs, lists or image files, one or several;
     extracted with the head's backbone, weights and tap, through a cache) or a feature file (.h5 store made with
     the same extractor, or HDF5/NPZ with --x)."""
@@ -138,13 +141,17 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, trust
 
         if not output:
             raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
-        written = predict_dense(head, data, output, store=store, weights=weights, batch_size=batch_size,
+        written = predict_dense(head, data, output, overlay=overlay, store=store, weights=weights,
+                                batch_size=batch_size,
                                 device=device, workers=workers, progress=not quiet,
                                 log=lambda line: click.echo(line, err=True))
         for path, reason in written["failed"]:
             warn(f"not predicted: {path}: {reason}")
-        click.echo(f"{written['written']} masks written to {output}", err=True)
+        pictures = f", overlays in {overlay}" if overlay else ""
+        click.echo(f"{written['written']} masks written to {output}{pictures}", err=True)
         return
+    if overlay:
+        raise FeatxError(f"--overlay: {head} is not a segmentation head; overlays show predicted masks")
     if output:
         param = next(p for p in click.get_current_context().command.params if p.name == "output")
         PREDICTIONS_FILE.convert(output, param, click.get_current_context())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .common import on_interrupt
+
 
 @click.command("serve")
 @click.argument("heads", nargs=-1, required=True, metavar="HEAD_DIR [HEAD_DIR...]")
@@ -42,6 +44,8 @@ def serve(heads, host, port, trust, api_key_env, max_batch, max_wait_ms, cache_i
         max_wait_ms=max_wait_ms, cache_items=cache_items, cache=cache_store, max_bytes=max_bytes,
         heads_dir=heads_dir, allow_training=allow_training, device=device, weights=list(weights),
     )
+    kept = f"the new embeddings are sealed into {cache_store}" if cache_store else "nothing to resume"
+    on_interrupt(f"featx serve: stopped after answering the requests in flight ({kept})")
     run(options, log=lambda line: click.echo(line, err=True))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from .data import Splits, make_loader, split_items
 from .decoded import DEFAULT_LIMIT_MB, DecodedCache
 from .freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from .heads import parse_head, replace_classifier
-from .optim import build_optimizer, build_scheduler, warmup_steps
+from .optim import build_optimizer, run_scheduler
 from .options import TrainOptions
 from .probe import check_probe_features, init_from_probe
 from .train import Trainer
@@ -46,6 +47,8 @@ class FinetuneResult:
     val_acc: float | None
     seconds: float
     stopped_early: bool
+    trained_epochs: int  # epochs this call trained (0: the run was complete already)
+    planned_epochs: int  # the run's --epochs
     history: list[dict] = field(repr=False)
 
     def summary(self) -> str:
@@ -55,7 +58,13 @@ class FinetuneResult:
         best += "".join(f", val {key[4:]} {value:.4f}" for key, value in row.items()
                         if key.startswith("val_") and key not in ("val_loss", "val_acc") and isinstance(value, float))
         early = " (stopped early)" if self.stopped_early else ""
-        return f"{self.epochs} epochs{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
+        if not self.trained_epochs:
+            further = "start a new run to train further" if self.stopped_early else \
+                f"pass --epochs N above {self.planned_epochs} to train it further"
+            return (f"{self.run_dir}: complete already, nothing to train ({self.epochs} of {self.planned_epochs} "
+                    f"epochs{early}, {best}: {self.run_dir}/model.pt); {further}")
+        epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
+        return f"{epochs}{early} in {self.seconds:.1f} s, {best}: {self.run_dir}/model.pt"
 
 
 def finetune(
@@ -111,9 +120,10 @@ def finetune(
     Validation is the data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
     decode_cache: where each image's decoded pixels are kept so that later epochs do not decode it again ('auto':
-    OUTPUT/decoded/, removed when training ends; a folder: kept and shared by runs; None or 'none': off), within
+    OUTPUT/decoded/, removed when the call ends, completed or not; a folder: kept and shared by runs; None or 'none': off), within
     `decode_cache_mb` (see featx.finetune.decoded). `resume` continues the run in `output` after its last completed
-    epoch (with the same settings); `overwrite` starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
+    epoch (with the same settings; more `epochs` than recorded extend it, see featx.finetune.resume for the call
+    that fills in the recorded settings); `overwrite` starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
 
     task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for
     ResNets) with a `decoder` ('conv:256' or 'linear'); `binary` masks train one logit with BCE, `num_classes` bounds
@@ -141,6 +151,7 @@ def finetune(
         bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
         run = RunDir(output)
         checkpoint = session.prepare_run(run, resume, overwrite)
+        trainer = cache = None
         try:
             with _out_of_memory_as_error(opts.batch_size, runtime):
                 setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
@@ -152,24 +163,39 @@ def finetune(
                 trainer.config["ranks"] = session.world
                 session.check_same(trainer.config, PROVENANCE)
                 if checkpoint is not None:
-                    _check_same_config(checkpoint["config"], trainer.config, run.path)
-                for line in setup_lines:
-                    log(line)
-                trainer.log = log
+                    _check_resumable(checkpoint, trainer.config, run.path)
                 session.attach(trainer)
                 if checkpoint is not None:
                     trainer.load_state_dict(checkpoint)
-                    log(f"resuming {run.path} after epoch {checkpoint['epoch']}/{opts.epochs}")
                 elif session.is_main and not (run / CHECKPOINT).exists():
                     run.write_config(trainer.config)
-                trainer.fit()
-                if cache is not None and session.is_main:
-                    cache.close()
+                done = len(trainer.history)
+                if not trainer.complete:
+                    for line in setup_lines + _resume_lines(checkpoint, opts.epochs, run.path, len(trainer.train_loader)):
+                        log(line)
+                    trainer.log = log
+                    trainer.fit()
         finally:
+            if trainer is not None:
+                trainer.close()
+            if cache is not None and session.is_main:
+                cache.close()  # the run-owned RUN/decoded/ goes, whether training completed or not
             run.release()
     finally:
         session.close()
-    return _result(trainer, run.path, time.perf_counter() - started)
+    return _result(trainer, run.path, time.perf_counter() - started, len(trainer.history) - done)
+
+
+def _resume_lines(checkpoint: dict | None, epochs: int, path: Path, steps_per_epoch: int) -> list[str]:
+    """What a resumed run says before it trains: where it continues, and how an extended run is scheduled."""
+    if checkpoint is None:
+        return []
+    recorded = checkpoint["config"]["epochs"]
+    if epochs == recorded:
+        return [f"resuming {path} after epoch {checkpoint['epoch']}/{epochs}"]
+    return [f"extending {path} from {recorded} to {epochs} epochs, after epoch {checkpoint['epoch']}: from step "
+            f"{checkpoint['epoch'] * steps_per_epoch + 1} on, the learning rate follows the schedule of a "
+            f"{epochs}-epoch run"]
 
 
 def _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
@@ -231,9 +257,7 @@ def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime
     val_loader = make_loader(splits.val, spec, "none", train=False, **loader_args) if splits.val else None
     optimizer = build_optimizer(model, head_path, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
                                 opts.weight_decay)
-    total_steps = opts.epochs * len(train_loader)
-    scheduler = build_scheduler(optimizer, opts.schedule, total_steps,
-                                warmup_steps(opts.warmup, len(train_loader), total_steps))
+    schedule = functools.partial(run_scheduler, optimizer, opts.schedule, opts.warmup, opts.epochs, len(train_loader))
     config = _config(data, bb, weights, init_head, opts, splits, source.description, spec, runtime, head_path, workers)
     meta = {
         "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": opts.head,
@@ -241,12 +265,13 @@ def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime
         "weights_sha256": bb.weights_sha256, "weights_match": bb.weights_match, "featx_version": __version__,
     }
     return Trainer(
-        model=model, optimizer=optimizer, scheduler=scheduler,
+        model=model, optimizer=optimizer, scheduler=schedule(),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
         criterion=nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing), train_loader=train_loader,
         val_loader=val_loader, spec=spec, runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at,
         train_bn=opts.train_bn, epochs=opts.epochs, early_stop=opts.early_stop, run=run, config=config,
-        model_meta=meta, progress=progress, log=log,
+        model_meta=meta, progress=progress, log=log, reschedule=schedule,
+        loss_name="cross-entropy" + (f" (label smoothing {opts.label_smoothing:g})" if opts.label_smoothing else ""),
     )
 
 
@@ -312,19 +337,40 @@ def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: 
     return json.loads(json.dumps(config))
 
 
-def _check_same_config(old: dict, new: dict, path: Path) -> None:
-    """FeatxError naming the settings that differ between the run being resumed and this call."""
-    differ = [key for key in {**old, **new} if key not in PROVENANCE and old.get(key) != new.get(key)]
+# The option that sets each config field, where it is not the field's own name as an option.
+OPTION_OF = {"data": "DATA", "source": "DATA", "classes": "DATA", "n_train": "DATA", "n_val": "DATA",
+             "backbone": "-b", "weights": "-w", "weights_sha256": "-w", "classifier": "-b", "transform": "--image-size"}
+
+
+def _check_resumable(checkpoint: dict, new: dict, path: Path) -> None:
+    """FeatxError when this call cannot continue the checkpoint's run: a setting differs (naming the options), or
+    fewer epochs than recorded are asked for. More epochs extend the run; PROVENANCE fields may differ."""
+    old = checkpoint["config"]
+    differ = [key for key in {**old, **new} if key not in PROVENANCE and key != "epochs"
+              and old.get(key) != new.get(key) and not _same_weights_file(key, old, new)]
     if differ:
-        shown = "; ".join(f"{key} {_short(old.get(key))} there, {_short(new.get(key))} now" for key in differ[:4])
+        shown = "; ".join(f"{OPTION_OF.get(key, '--' + key.replace('_', '-'))} {_short(old.get(key))} there, "
+                          f"{_short(new.get(key))} now" for key in differ[:4])
         raise FeatxError(
-            f"--resume {path}: that run was made with other settings ({shown}): rerun with the options in "
-            f"{path / 'config.json'}, or pass --overwrite to start a new run"
+            f"--resume {path}: the run was recorded with other settings ({shown}): leave those options out to "
+            f"continue it as recorded ({path / 'config.json'}), or start a new run (another -o, or --overwrite)"
+        )
+    if new["epochs"] < old["epochs"]:
+        raise FeatxError(
+            f"--epochs {new['epochs']}: the run in {path} was recorded with {old['epochs']} epochs "
+            f"({checkpoint['epoch']} done): give {old['epochs']} (or leave --epochs out) to continue it, or more to "
+            f"extend it"
         )
 
 
+def _same_weights_file(key: str, old: dict, new: dict) -> bool:
+    """A weights file that was moved or renamed is the same weights when its sha256 is."""
+    return key == "weights" and str(old.get(key)).startswith("file:") and str(new.get(key)).startswith("file:") \
+        and old.get("weights_sha256") == new.get("weights_sha256")
+
+
 def _short(value) -> str:
-    text = json.dumps(value)
+    text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -341,10 +387,11 @@ def _out_of_memory_as_error(batch_size: int, runtime: Runtime):
         raise
 
 
-def _result(trainer: Trainer, run_dir: Path, seconds: float) -> FinetuneResult:
+def _result(trainer: Trainer, run_dir: Path, seconds: float, trained: int) -> FinetuneResult:
     best, last = trainer.best, trainer.history[-1]
     return FinetuneResult(
         run_dir=run_dir, epochs=len(trainer.history), best_epoch=best["epoch"], best_val_acc=best["val_acc"],
         train_loss=last["train_loss"], train_acc=last["train_acc"], val_loss=last["val_loss"],
-        val_acc=last["val_acc"], seconds=seconds, stopped_early=trainer.stopped_early, history=trainer.history,
+        val_acc=last["val_acc"], seconds=seconds, stopped_early=trainer.stopped_early, trained_epochs=trained,
+        planned_epochs=trainer.epochs, history=trainer.history,
     )

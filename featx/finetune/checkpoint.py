@@ -6,7 +6,10 @@
     metrics.jsonl    one JSON line per epoch;  curves.png: loss and accuracy per epoch
 
 Everything is written to a temporary file and renamed into place, so a kill at any instant leaves either the old
-file or the new one (and maybe the temporary file, which the next run in the folder deletes). model.pt / last.pt
+file or the new one (and maybe the temporary file, which the next run in the folder deletes). A call that ends, by
+success, failure or Ctrl-C, removes its lock file; when the folder then holds no checkpoint (the call failed before
+its first epoch completed), it also removes the files and folders it created, so that no half-started run is left
+behind: what holds progress (a checkpoint) is all that stays. model.pt / last.pt
 are `{"model": state_dict, "featx": {...}}` with plain tensors and JSON values only, readable with
 torch.load(weights_only=True) and as `-w` by extract, fit-head and finetune.
 """
@@ -16,6 +19,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +93,8 @@ class RunDir:
     def __init__(self, path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._created: list[Path] = []  # folders this call created, deepest first
+        self._found: set[str] = set()  # the folder's entries when this call locked it
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -103,12 +109,15 @@ class RunDir:
             raise FeatxError(f"-o {self.path}: is a file, expected a run folder")
         if resume and not self.path.is_dir():
             raise FeatxError(f"--resume {self.path}: no such run folder")
+        missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise FeatxError(f"-o {self.path}: cannot create the run folder ({err.strerror})") from err
+        self._created = missing
         self._lock()
         try:
+            self._found = {entry.name for entry in self.path.iterdir()}
             self._remove_stale_temporaries()
             has_checkpoint = (self / CHECKPOINT).is_file()
             if has_checkpoint and not resume and not overwrite:
@@ -122,13 +131,23 @@ class RunDir:
             raise
 
     def _lock(self) -> None:
-        fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """Take the lock file exclusively. The file is removed by its holder (release), so a lock taken on a file
+        that was unlinked meanwhile is taken again on the file now in its place."""
+        while True:
+            fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FeatxError(f"{self.path} is being written by another featx finetune process: wait for it") from None
+            try:
+                current = os.stat(self / LOCK).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self._lock_fd = fd
+                return
             os.close(fd)
-            raise FeatxError(f"{self.path} is being written by another featx finetune process: wait for it") from None
-        self._lock_fd = fd
 
     def _remove_stale_temporaries(self) -> None:
         """Delete the `.<name>.tmp-<pid>` files of atomic_write calls that a kill interrupted (safe: we hold the lock,
@@ -138,15 +157,39 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self._lock_fd is not None:
+        """Unlock and remove the lock file. Without a checkpoint in the folder (no epoch completed), also remove
+        what this call created: its files and folders inside the run folder, then the folders it made."""
+        if self._lock_fd is None:
+            return
+        try:
+            if not (self / CHECKPOINT).is_file():
+                for entry in self.path.iterdir():
+                    if entry.name not in self._found and entry.name != LOCK:
+                        _remove(entry)
+            (self / LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder that cannot be cleaned keeps what it holds; the lock is released all the same
+        finally:
             os.close(self._lock_fd)
             self._lock_fd = None
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only when empty: a folder holding anything else stays
+            except OSError:
+                break
 
     def write_config(self, config: dict) -> None:
         save_text(json.dumps(config, indent=2) + "\n", self / CONFIG)
 
     def write_metrics(self, history: list[dict]) -> None:
         save_text("".join(json.dumps(row) + "\n" for row in history), self / METRICS)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def load_checkpoint(path: Path) -> dict:

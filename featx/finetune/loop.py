@@ -1,6 +1,8 @@
 """One epoch of training and one pass of validation: the loop the documents write, at the runtime's precision."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +64,19 @@ def _batch(batch, spec: TransformSpec, runtime: Runtime, totals: _Totals):
     return x, labels.to(runtime.device, non_blocking=True)
 
 
+def _batches(loader: DataLoader):
+    """iter(loader), with Ctrl-C held back while the loader starts its worker processes: Python drops a
+    KeyboardInterrupt raised in its fork handlers, so a Ctrl-C at that instant would be lost. It is delivered as
+    soon as the workers run; they inherit the held signal and are stopped by this process instead."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _logits(output) -> torch.Tensor:
     """The main logits (GoogLeNet / Inception return (logits, aux...) tuples in training mode)."""
     return output[0] if isinstance(output, tuple) else output
@@ -77,7 +92,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, opti
     bar = tqdm(total=len(loader) * loader.batch_size, desc=desc, unit="img", leave=False,
                disable=None if progress else True)
     with bar:
-        for batch in loader:
+        for batch in _batches(loader):
             moved = _batch(batch, spec, runtime, totals)
             if moved is not None:
                 x, y = moved
@@ -104,7 +119,7 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TransformSpec, runtime:
     model.eval()
     criterion = criterion or nn.CrossEntropyLoss(reduction="sum")
     totals = (make_totals or _Totals)(runtime.device)
-    for batch in loader:
+    for batch in _batches(loader):
         moved = _batch(batch, spec, runtime, totals)
         if moved is not None:
             x, y = moved

@@ -56,12 +56,18 @@ def build_optimizer(model: nn.Module, head_path: str, name: str, lr: float, back
     return adam(groups, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup: int) -> LRScheduler:
-    """A scheduler stepped after every optimizer step, `warmup` steps of linear warmup first."""
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup: int,
+                    done_steps: int = 0) -> LRScheduler:
+    """A scheduler stepped after every optimizer step, `warmup` steps of linear warmup first.
+
+    done_steps > 0: the scheduler of a run that has taken that many steps already, whose optimizer state is loaded
+    (its param groups hold the base rates): the next step's rates are this schedule's at step `done_steps`.
+    """
+    last = done_steps - 1 if done_steps > 0 else -1
     if schedule == "onecycle":
         return OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=max(total_steps, 2),
-            pct_start=warmup / total_steps if warmup else 0.3,
+            optimizer, max_lr=[group.get("max_lr", group["lr"]) for group in optimizer.param_groups],
+            total_steps=max(total_steps, 2), pct_start=warmup / total_steps if warmup else 0.3, last_epoch=last,
         )
 
     def factor(step: int) -> float:
@@ -74,4 +80,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
             return 0.1 ** min(int(3 * progress), 2)
         return 1.0
 
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, factor, last_epoch=last)
+
+
+def run_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup, epochs: int, steps_per_epoch: int,
+                  done_steps: int = 0) -> LRScheduler:
+    """The scheduler of an `epochs`-epoch run (warmup as --warmup gives it), continued after `done_steps` steps."""
+    total = epochs * steps_per_epoch
+    return build_scheduler(optimizer, schedule, total, warmup_steps(warmup, steps_per_epoch, total), done_steps)

@@ -36,9 +36,15 @@ def summary_line(row: dict, epochs: int) -> str:
     )
 
 
-def write_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train and val, as a PNG (matplotlib's Agg canvas, no pyplot), atomically."""
+def write_curves(history: list[dict], path: Path, loss_name: str = "cross-entropy", acc_name: str = "accuracy") -> None:
+    """curves_figure as a PNG (matplotlib's Agg canvas, no pyplot), written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    atomic_write(path, FigureCanvasAgg(curves_figure(history, loss_name, acc_name)).print_png)
+
+
+def curves_figure(history: list[dict], loss_name: str = "cross-entropy", acc_name: str = "accuracy"):
+    """Loss and accuracy per epoch, train and val, on axes labelled with what the loss and the accuracy are."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.5), dpi=100, layout="constrained")
@@ -49,7 +55,7 @@ def write_curves(history: list[dict], path: Path) -> None:
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
+        ax.set_ylabel(acc_name if metric == "acc" else loss_name)
         ax.grid(alpha=0.3)
         ax.legend()
-    atomic_write(path, FigureCanvasAgg(fig).print_png)
+    return fig

@@ -48,6 +48,10 @@ class Trainer:
     val_criterion: nn.Module | None = None  # validation loss summed over a batch; None: cross-entropy
     score_key: str = "val_acc"  # the metric that decides the best epoch (model.pt)
     session: Session = field(default_factory=Session)  # the ranks under torchrun (ddp.py); one process by default
+    reschedule: Callable[[int], torch.optim.lr_scheduler.LRScheduler] | None = None  # this run's scheduler after
+    # N steps: what a run extended beyond its recorded epochs continues with
+    loss_name: str = "cross-entropy"  # what the loss is, for curves.png
+    acc_name: str = "accuracy"  # what `acc` measures, for curves.png
 
     # ---- where the run stands, derived from the history alone ----------------------------------------------------
     @property
@@ -66,6 +70,11 @@ class Trainer:
             return False
         last = self.history[-1]["epoch"]
         return last < self.epochs and last - self.best["epoch"] >= self.early_stop
+
+    @property
+    def complete(self) -> bool:
+        """Every epoch of the run is done, or it stopped early: `fit` has nothing left to train."""
+        return len(self.history) >= self.epochs or self.stopped_early
 
     # ---- training --------------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -114,7 +123,7 @@ class Trainer:
         if write_config:
             self.run.write_config(self.config)
         self.run.write_metrics(self.history)
-        write_curves(self.history, self.run / CURVES)
+        write_curves(self.history, self.run / CURVES, self.loss_name, self.acc_name)
 
     def state_dict(self, model_state: dict, epoch: int) -> dict:
         """What a resume needs, in types torch.load(weights_only=True) reads."""
@@ -131,10 +140,25 @@ class Trainer:
         }
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        """Continue after the checkpoint's epoch: weights, optimizer, schedule, scaler, RNG states and history."""
+        """Continue after the checkpoint's epoch: weights, optimizer, schedule, scaler, RNG states and history.
+
+        A run given more epochs than the checkpoint's config records continues with this run's own schedule (that
+        of a run of `epochs` epochs) from the step the checkpoint is at, instead of the recorded schedule's state.
+        """
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["config"].get("epochs", self.epochs) == self.epochs:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        else:
+            self.scheduler = self.reschedule(int(checkpoint["scheduler"]["last_epoch"]))
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.history = list(checkpoint["history"])
         set_rng_state(checkpoint["rng"])
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (kept alive between epochs) now rather than when garbage collected,
+        so that nothing writes to the run folder once the call is over."""
+        for loader in (self.train_loader, self.val_loader):
+            workers = getattr(loader, "_iterator", None)  # DataLoader keeps persistent workers there
+            if workers is not None and hasattr(workers, "_shutdown_workers"):
+                workers._shutdown_workers()

@@ -25,6 +25,7 @@ from ..sources import content_key
 from ..store import open_store
 from . import SEGMENT_FILE
 from .metrics import summarize
+from .render import oriented_size, overlay_image, palette_image
 from .source import IGNORE, load_mask_source, read_mask
 from .transforms import eval_mask, mask_image
 
@@ -243,48 +244,75 @@ def _check_store(head, store, tap: str, channels: int) -> None:
                                     describe=lambda: f"{store.path} ({tap}, per map cell)"))
 
 
-def predict_dense(head, data, output, *, store=None, weights=None, batch_size: int = 64, device: str = "auto",
-                  workers: int | None = None, progress: bool = False, log=None) -> dict:
-    """Mask PNGs (mode L, class ids, each image's own size) of `data` (images, or a masks folder's images) in the
-    folder `output`, named after the images (`<relpath without extension>.png`). `weights`: the head's weights
-    file when it moved (see featx.heads.predict). Returns {written, failed}."""
-    from ..heads.prediction import can_write_in, image_features, is_feature_file
-    from ..sources import load_source
+def predict_dense(head, data, output, *, overlay=None, store=None, weights=None, batch_size: int = 64,
+                  device: str = "auto", workers: int | None = None, progress: bool = False, log=None) -> dict:
+    """Mask PNGs of `data` (images, or a masks folder's images) in the folder `output`, named after the images
+    (`<relpath without extension>.png`): palette PNGs whose pixel values are the class ids (render.py), each at
+    its image's size. `overlay`: a folder for the images with their masks blended in (`<relpath>.jpg`).
+    `weights`: the head's weights file when it moved (see featx.heads.predict).
+    Returns {written, output, overlay, failed}."""
+    from ..heads.prediction import image_features, is_feature_file
+    from ..sources import content_keys, decode_image, load_source
 
     head = head if hasattr(head, "segment") else load_segment_head(head)
     if is_feature_file(data):
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
-    output = Path(output)
-    if (output.exists() and not output.is_dir()) or not can_write_in(output):
-        raise FeatxError(f"-o {output}: cannot write mask PNGs there, expected a folder you can write")
+    folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
+    for option, folder, what in zip(("-o", "--overlay"), folders, ("the masks", "the overlay pictures")):
+        _check_writable(option, folder, what)
+    items = load_source(data).items
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
                         progress=progress, log=log) as (store_path, failed), open_store(store_path) as st:
-        paths = {item.relpath: item.path for item in load_source(data).items}
         tap, shape = _map_tap(st, head.tap)
         _check_store(head, st, tap, shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
-        for start in range(0, len(st), CHUNK_IMAGES):
-            rows = np.arange(start, min(start + CHUNK_IMAGES, len(st)))
-            for row, ids in zip(rows, crop_ids(head, st.features(tap, rows), spec.crop)):
-                relpath = st.paths[row]
-                with Image.open(paths[relpath]) as img:
-                    size = img.size
-                target = output / (os.path.splitext(relpath)[0] + ".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                uncrop(ids, size, spec).save(target)
+        row_of = {key: row for row, key in enumerate(st.keys)}
+        found = [(item, row_of[key]) for item, key in zip(items, content_keys([i.path for i in items]))
+                 if key in row_of]
+        for start in range(0, len(found), CHUNK_IMAGES):
+            chunk = found[start : start + CHUNK_IMAGES]
+            maps = st.features(tap, [row for _, row in chunk])
+            sizes = [oriented_size(item.path) for item, _ in chunk]
+            for (item, _), ids in zip(chunk, image_masks(head, maps, sizes, spec)):
+                stem = os.path.splitext(item.relpath)[0]
+                _save(palette_image(ids), folders[0] / f"{stem}.png")
+                if overlay is not None:
+                    _save(overlay_image(decode_image(item.path), ids), folders[1] / f"{stem}.jpg", quality=90)
                 written += 1
-    return {"written": written, "output": str(output), "failed": failed}
+    return {"written": written, "output": str(output), "overlay": None if overlay is None else str(overlay),
+            "failed": failed}
 
 
-def uncrop(ids: np.ndarray, size: tuple[int, int], spec: TransformSpec) -> Image.Image:
+def _check_writable(option: str, folder: Path, what: str) -> None:
+    """FeatxError, before any image is computed, when `what` cannot be written into `folder`."""
+    from ..heads.prediction import can_write_in
+
+    if folder.exists() and not folder.is_dir():
+        raise FeatxError(f"{option} {folder}: is a file, expected a folder for {what}")
+    if not can_write_in(folder):
+        raise FeatxError(f"{option} {folder}: cannot write there, expected a folder you can write for {what}")
+
+
+def _save(image: Image.Image, path: Path, **options) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+
+
+def image_masks(head, maps: np.ndarray, sizes, spec: TransformSpec) -> list[np.ndarray]:
+    """Class-id masks (H, W) at each image's own size ((width, height) in `sizes`) from the maps (n, C, h, w) of
+    the head's tap: scores per cell upsampled to the crop (crop_ids), then the crop and the resize undone."""
+    return [uncrop(ids, size, spec) for ids, size in zip(crop_ids(head, maps, spec.crop), sizes)]
+
+
+def uncrop(ids: np.ndarray, size: tuple[int, int], spec: TransformSpec) -> np.ndarray:
     """Crop-sized ids back to an image of `size`: undo the center crop (background outside it), then the resize."""
     resized = resize_shorter_side(Image.new("L", size), spec.resize, "nearest").size
     left, top = int(round((resized[0] - spec.crop) / 2.0)), int(round((resized[1] - spec.crop) / 2.0))
     canvas = Image.new("L", resized, 0)
     canvas.paste(Image.fromarray(ids.astype(np.uint8), "L"), (left, top))
-    return canvas.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(canvas.resize(size, Image.Resampling.NEAREST), dtype=np.uint8)
 
 
 def segment_table(metrics: dict) -> str:

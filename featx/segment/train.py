@@ -22,7 +22,7 @@ from ..finetune.checkpoint import atomic_write, seed_everything
 from ..finetune.data import ImageDataset, Splits, hold_out, loader_for
 from ..finetune.freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
 from ..finetune.loop import PassStats
-from ..finetune.optim import build_optimizer, build_scheduler, warmup_steps
+from ..finetune.optim import build_optimizer, run_scheduler
 from ..finetune.train import Trainer
 from ..preprocess import normalize_batch
 from ..sources import DecodeError, decode_image
@@ -60,6 +60,11 @@ class SegmentLoss(nn.Module):
             total = ((probs + onehot) * weight).sum((0, 2, 3))
             loss = loss + self.dice_weight * (1 - ((2 * inter + 1) / (total + 1)).mean())
         return loss * len(masks) if self.reduction == "sum" else loss
+
+    def name(self, binary: bool) -> str:
+        """What the loss is: 'binary cross-entropy' (one logit) or 'cross-entropy', with its Dice term."""
+        name = "binary cross-entropy" if binary else "cross-entropy"
+        return name + (f" + {self.dice_weight:g} x (1 - Dice)" if self.dice_weight else "")
 
 
 class SegmentTotals:
@@ -194,9 +199,7 @@ def segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, lo
                             **args) if splits.val else None
     optimizer = build_optimizer(model, HEAD_NAME, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
                                 opts.weight_decay)
-    total_steps = opts.epochs * len(train_loader)
-    scheduler = build_scheduler(optimizer, opts.schedule, total_steps,
-                                warmup_steps(opts.warmup, len(train_loader), total_steps))
+    schedule = functools.partial(run_scheduler, optimizer, opts.schedule, opts.warmup, opts.epochs, len(train_loader))
     segment = {"task": "segment", "tap": tap, "decoder": str(spec_decoder), "binary": bool(binary),
                "num_classes": source.num_classes, "dice_weight": float(dice_weight)}
     config = {**_config(data, bb, weights, None, opts, splits, source.description, spec, runtime, HEAD_NAME,
@@ -206,12 +209,14 @@ def segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, lo
         "classifier": HEAD_NAME, "transform": spec.to_dict(), "weights_id": bb.weights_id,
         "weights_sha256": bb.weights_sha256, "featx_version": __version__, **segment,
     }
+    criterion = SegmentLoss(dice_weight)
     return SegmentTrainer(
-        model=model, optimizer=optimizer, scheduler=scheduler,
+        model=model, optimizer=optimizer, scheduler=schedule(), reschedule=schedule,
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-        criterion=SegmentLoss(dice_weight), train_loader=train_loader, val_loader=val_loader, spec=spec,
+        criterion=criterion, train_loader=train_loader, val_loader=val_loader, spec=spec,
         runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at, train_bn=opts.train_bn, epochs=opts.epochs,
         early_stop=opts.early_stop, run=run, config=config, model_meta=meta, progress=progress, log=log,
         make_totals=functools.partial(SegmentTotals, classes=splits.classes),
         val_criterion=SegmentLoss(dice_weight, reduction="sum"), score_key="val_miou",
+        loss_name=criterion.name(binary), acc_name="pixel accuracy",
     )

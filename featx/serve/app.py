@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..errors import FeatxError
 from ..heads.prediction import Predictions, apply_head
+from . import masks
 from .errors import ServiceError
 from .service import Service, Upload
 from .training import metrics_summary
@@ -70,11 +71,17 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         return {"heads": [_describe(s) for s in service.registry.all()]}
 
     @app.post("/v1/heads/{name}/predict", dependencies=[auth], summary="Predict images or embeddings")
-    async def predict(name: str, request: Request, top_k: int | None = Query(None, ge=1)):
-        """Images as multipart `file` fields or a raw image body, or JSON {"embeddings": [[...], ...]}."""
+    async def predict(name: str, request: Request, top_k: int | None = Query(None, ge=1),
+                      mask: str | None = Query(None, description="segmentation heads: rle (default), array or png")):
+        """Images as multipart `file` fields or a raw image body, or JSON {"embeddings": [[...], ...]}.
+        A segmentation head answers each image's mask (?mask=, or Accept: image/png; see featx/serve/masks.py)."""
         _ready(service)
         served = service.head(name)
         head = served.head
+        if getattr(head, "segment", None) is not None:
+            return await _segment(service, served, request, top_k, mask)
+        if mask is not None:
+            raise ServiceError(422, f"mask={mask}: {name!r} is not a segmentation head; it answers classes")
         if _content_type(request) == "application/json":
             X, keys, cached = _embeddings_json(await _json(request), head.n_features_in_), None, None
         else:
@@ -150,11 +157,26 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
     return app
 
 
+async def _segment(service: Service, served, request: Request, top_k: int | None, mask: str | None):
+    """The masks of the request's images (a segmentation head takes images only: its masks take their sizes)."""
+    if top_k is not None:
+        raise ServiceError(422, f"top_k: {served.name!r} is a segmentation head; it answers masks, not classes")
+    if _content_type(request) == "application/json":
+        raise ServiceError(422, f"{served.name!r} is a segmentation head: send images (the masks take each "
+                                "image's size), not embeddings")
+    uploads = await _uploads(request)
+    fmt = masks.mask_format(mask, request.headers.get("accept", ""), len(uploads))
+    embedded = await service.embed(await service.extractor_for(served), uploads)
+    return await masks.answer(served, embedded, uploads, fmt)
+
+
 def _describe(served) -> dict:
     head, config = served.head, served.head.config or {}
+    segment = getattr(head, "segment", None)
     return {
         "name": served.name, "kind": head.kind, "task": head.task, "tap": head.tap,
-        "classes": None if head.classes_ is None else [str(c) for c in head.classes_],
+        "classes": [str(c) for c in segment["classes"]] if segment else
+        None if head.classes_ is None else [str(c) for c in head.classes_],
         "n_features": head.n_features_in_, "backbone": config.get("backbone"), "weights": config.get("weights"),
         "weights_sha256": config.get("weights_sha256"), "path": str(served.source),
         "metrics": metrics_summary(head.metrics),

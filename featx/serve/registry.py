@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FeatxError
+from ..finetune.checkpoint import CONFIG as RUN_CONFIG
+from ..finetune.checkpoint import MODEL as RUN_MODEL
 from ..heads.model import Head
 from ..heads.persistence import HEAD_FILE, WEIGHTS_FILE, is_head_folder, load_head
 
@@ -44,6 +46,22 @@ def _stamp(folder: Path) -> tuple:
     return tuple(parts)
 
 
+def _load(source: Path, trust: bool) -> Head:
+    """The head at `source`; a segmentation head with its segment.json (the class ids of its masks)."""
+    from ..segment import is_segment_head
+
+    folder = source if source.is_dir() else source.parent
+    if not (folder / HEAD_FILE).exists() and (folder / RUN_MODEL).is_file() and (folder / RUN_CONFIG).is_file():
+        raise FeatxError(f"HEAD_DIR {source}: a featx finetune run, not a head folder: featx serve serves the heads "
+                         f"of featx fit-head (the run's {RUN_MODEL} works as -w of featx extract, whose store "
+                         f"fit-head takes)")
+    if is_segment_head(folder):
+        from ..segment.probe import load_segment_head
+
+        return load_segment_head(folder)
+    return load_head(source, trust=trust)
+
+
 def read_head(name: str, source: Path, trust: bool) -> ServedHead:
     """Load a head from one consistent folder state (FeatxError when it cannot be read)."""
     folder = source if source.is_dir() else source.parent
@@ -52,10 +70,10 @@ def read_head(name: str, source: Path, trust: bool) -> ServedHead:
         try:
             before = _stamp(folder)
         except OSError:
-            load_head(source, trust=trust)  # raises the one-line reason: no folder, not a head, a pickle...
+            _load(source, trust)  # raises the one-line reason: no folder, not a head, a pickle...
             continue  # the folder was mid-swap and is back: read it again
         try:
-            head = load_head(source, trust=trust)
+            head = _load(source, trust)
             if _stamp(folder) == before:
                 return ServedHead(name, head, source, before)
         except (OSError, FeatxError) as err:
