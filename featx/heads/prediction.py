@@ -14,6 +14,7 @@ from .model import Head
 from .persistence import load_head
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".he5", ".npz")
+HEAD_CACHE_BYTES = 1 << 30  # HEAD/cache/ keeps at most this many bytes of feature rows, dropping the oldest data first
 
 
 @dataclass
@@ -95,18 +96,19 @@ def predict(head, data, *, store=None, x: str | None = None, trust: bool = False
 
     data is images (ImageFolder, CSV, list: their features are extracted with the head's backbone, weights, tap,
     pooling and transform into the cache store `store`, by default HEAD_DIR/cache/, so repeated runs compute only
-    new images) or a feature file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
+    new images; the cache only gains rows, and HEAD/cache/ keeps at most HEAD_CACHE_BYTES of them) or a feature
+    file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
     """
     head = head if isinstance(head, Head) else load_head(head, trust=trust)
-    failed = []
+    failed, selected = [], None
     if is_feature_file(data):
         path = data
     else:
-        path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
+        path, selected, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     with open_rows(path, head.tap if x is None else None, x) as rows:
         head.check_rows(rows)
-        parts = [apply_head(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
-        names = rows.names
+        parts = [apply_head(head, block) for _, block in rows.iter_chunks(selected, chunk_rows)]
+        names = rows.names if selected is None else rows.names[selected]
     predicted = np.concatenate([p for p, _ in parts]) if parts else np.empty(0)
     scores = np.concatenate([s for _, s in parts]) if parts and head.task != "regression" else None
     classes = None if head.classes_ is None else [str(c) for c in head.classes_]
@@ -125,7 +127,9 @@ def apply_head(head: Head, block: np.ndarray):
 
 
 def _extract(head: Head, data, store, batch_size, device, workers, progress, log):
-    """Extract `data` with the head's extractor into the cache store; returns (store path, failed images).
+    """Extract `data` with the head's extractor into the cache store; returns (store path, the store rows of
+    `data`, failed images). The store only gains rows (retention 'add'); the head's own cache is bounded by
+    HEAD_CACHE_BYTES. `log` gets the cache's summary line.
 
     When the cache already holds every image (featx.request.up_to_date), nothing is built and torch is not imported.
     The weights' sha256 must be the head's: a weights file is checked before any work, and the extracted store's
@@ -136,23 +140,27 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     if not head.config:
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
                          "(.h5/.npz with --x), not images")
+    size_limit = None
     if store is None:
         if head.path is None:
             raise FeatxError("an unsaved head needs store= (a .h5 path for the images' features) to predict on images")
         store = Path(head.path) / "cache" / f"{(head.config_key or 'features')[:16]}.h5"
+        size_limit = HEAD_CACHE_BYTES
     options = {**extract_options_from_config(head.config), "taps": [head.tap]}
     weights_file = head.config.get("weights_path")
     if weights_file and Path(weights_file).is_file():
         _check_weights(head, weights_file, content_key(weights_file))
     arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
-                               progress=progress, log=log)
+                               retention="add", size_limit=size_limit, progress=progress, log=log)
     result = up_to_date(arguments)
     if result is None:
         from ..extract import extract
 
         result = extract(**arguments)
     _check_weights(head, options["weights"], result.config.get("weights_sha256"))
-    return result.store_path, result.failed
+    if log is not None:
+        log(f"cache: {result.summary()}")
+    return result.store_path, result.rows, result.failed
 
 
 def _check_weights(head: Head, weights: str, sha256: str | None) -> None:

@@ -257,7 +257,7 @@ def predict_dense(head, data, output, *, store=None, batch_size: int = 64, devic
     if is_feature_file(data):
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
-    store_path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
+    store_path, selected, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     paths = {item.relpath: item.path for item in load_source(data).items}
     output = Path(output)
     written = 0
@@ -265,8 +265,8 @@ def predict_dense(head, data, output, *, store=None, batch_size: int = 64, devic
         tap, shape = _map_tap(st, head.tap)
         _check_store(head, st, tap, shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
-        for start in range(0, len(st), CHUNK_IMAGES):
-            rows = np.arange(start, min(start + CHUNK_IMAGES, len(st)))
+        for start in range(0, len(selected), CHUNK_IMAGES):
+            rows = selected[start : start + CHUNK_IMAGES]
             for row, ids in zip(rows, crop_ids(head, st.features(tap, rows), spec.crop)):
                 relpath = st.paths[row]
                 with Image.open(paths[relpath]) as img:
