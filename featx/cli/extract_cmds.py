@@ -27,7 +27,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype of the rows.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Undecodable images: record in /failed and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another config (the old one stays until the new one is sealed).")
-@click.option("--prune", is_flag=True, help="Mirror DATA exactly: drop the rows of other data and of files gone from DATA, however many (without it they are kept, or the run is refused when it would drop many).")
+@click.option("--prune", is_flag=True, help="Mirror DATA exactly: drop the rows of other data, and the rows of files gone from DATA however many (without it other data's rows stay, and a run that would drop many rows is refused).")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Decode JPEGs on the CPU (PIL) or in batches on the CUDA device (nvJPEG); part of the store's identity.")
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile: a warm-up of seconds to a minute, then faster batches (for large sets; see benchmarks/extract_throughput.py).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or decode and compute on a Ray cluster (pip install 'featx[ray]').")
