@@ -30,9 +30,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FeatxError
+from .sources import DIGITS_SPEC
 
 RETENTIONS = ("mirror", "add", "prune")
-DIGITS_ROOT = "digits"
 UNRECORDED = ""  # the root of rows of a store written before stores recorded their data (store.UNRECORDED_ROOT)
 DROP_LIMIT_ROWS = 5  # a mirroring call may drop this many rows of gone files ...
 DROP_LIMIT_SHARE = 0.1  # ... or this share of the store's rows, whichever is more; beyond that it needs --prune
@@ -41,8 +41,8 @@ DROP_LIMIT_SHARE = 0.1  # ... or this share of the store's rows, whichever is mo
 def data_root(data) -> str:
     """The root under which a store records the rows of `data`: the absolute, resolved path of the folder, CSV or
     list file, or 'digits'."""
-    if data == DIGITS_ROOT:
-        return DIGITS_ROOT
+    if data == DIGITS_SPEC:
+        return DIGITS_SPEC
     return os.path.realpath(os.fspath(data))
 
 
