@@ -215,8 +215,11 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
         part = "all images" if take >= max(counts.values()) else \
             f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
         log(f"extracting {part} at taps {', '.join(taps)} into {store}")
+        # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
+        # another data each time, so earlier rows go (reported in the summary line)
         result = extract(spec, store, backbone=bb.name, weights=weights, weights_match=weights_match, taps=taps,
-                         image_size=image_size, log=log)
+                         image_size=image_size, retention="prune", log=log)
+        log(result.summary())
     costs = {**costs, "extract_seconds": result.seconds, "full_finetune_seconds": full_ft}
     advice = recommend(store, per_class_full=per_class, costs=costs, budget_seconds=budget, seed=seed,
                        started=started, command_data=str(data), image_size=image_size)

@@ -26,10 +26,11 @@ from .layers import channels_last_taps, check_taps, feature_extractor, penultima
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .request import DEFAULT_DECODE, DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
+from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, content_keys, decode_image, load_source
 from .store import config_fingerprint
-from .writer import StoreWriter, seal_plan
+from .writer import StoreWriter
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("skip", "fail")
@@ -114,7 +115,7 @@ def _collate_pixels(items):
     return list(indices), batch, list(reasons)
 
 
-def _validate(pooling, token_pool, dtype, batch_size, on_error, workers) -> None:
+def _validate(pooling, token_pool, dtype, batch_size, on_error, workers, retention, size_limit) -> None:
     if pooling not in POOLINGS:
         raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
     if token_pool not in TOKEN_POOLINGS:
@@ -127,6 +128,10 @@ def _validate(pooling, token_pool, dtype, batch_size, on_error, workers) -> None
         raise FeatxError(f"--on-error {on_error!r}: expected one of {', '.join(ON_ERROR)}")
     if workers is not None and workers < 0:
         raise FeatxError(f"--workers {workers}: expected 0 or more")
+    if retention not in RETENTIONS:
+        raise FeatxError(f"retention {retention!r}: expected one of {', '.join(RETENTIONS)}")
+    if size_limit is not None and (not isinstance(size_limit, int) or size_limit < 0):
+        raise FeatxError(f"size_limit {size_limit!r}: expected a number of bytes, 0 or more")
 
 
 def _check_output(output: Path) -> None:
@@ -228,6 +233,8 @@ def extract(
     compile_model: bool = False,
     on_error: str = "skip",
     overwrite: bool = False,
+    retention: str = "mirror",
+    size_limit: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
     engine: str = "local",
@@ -239,9 +246,13 @@ def extract(
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
     `backbone` None: the one a weights file written by `featx finetune` records, else resnet50. Only images whose
-    content is not in the store yet are computed; rows of renamed files are reused and rows of removed files
-    dropped. `weights_match` pairs a weights file's tensors with the model's by key and shape ('name')
-    or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA device. `compile_model` runs the extractor
+    content is not in the store yet are computed; rows of renamed files are reused. Rows of other data in the
+    store are kept. `retention` decides the rest (featx.retention): 'mirror' drops the rows of files gone from
+    `data` (at most a small share of the store, else a FeatxError before any work), 'prune' keeps `data`'s rows
+    alone (`--prune`), 'add' keeps the rows of gone files too (a cache). `size_limit` (bytes of feature rows)
+    bounds a private cache: the oldest rows of other data go first. `weights_match` pairs a weights file's tensors
+    with the model's by key and shape ('name') or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA
+    device. `compile_model` runs the extractor
     through torch.compile (a warm-up of seconds to a minute, then faster batches: for large sets). Under torchrun (or with
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
@@ -254,13 +265,14 @@ def extract(
     if done is not None:
         return done
     log = log or (lambda line: None)
-    _validate(pooling, token_pool, dtype, batch_size, on_error, workers)
+    _validate(pooling, token_pool, dtype, batch_size, on_error, workers, retention, size_limit)
     shard = distributed.discover(num_shards, shard_index)
     _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model)
     if backbone is not None:
         check_backbone(backbone)
     output = Path(output)
     source = load_source(data)
+    root = data_root(data)
     _check_output(output)
     cluster = _ray_cluster(ray_address, num_gpus_per_worker, progress) if engine == "ray" else None
     with cluster or contextlib.nullcontext():
@@ -277,11 +289,13 @@ def extract(
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
         config["request"] = record(arguments, bb.weights_file)
         keys = content_keys([item.path for item in source.items], progress)
-        job = {"config": identity_key(config), "data": _data_fingerprint(source, keys)}
+        job = {"config": identity_key(config), "data": _data_fingerprint(source, keys), "retention": retention}
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
         with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
             distributed.start(shard, writer.parts, job)
+            readable = {k for k in keys if k is not None}  # a refused drop is refused before any work
+            writer.plan(data_rows(root, source, keys, readable, {}), retention, size_limit)
             n_known = sum(1 for k in keys if k is not None and k in writer.available)
             to_compute = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
             failures: dict[str, str] = {}
@@ -298,7 +312,8 @@ def extract(
                 _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
-            plan = None if note else seal_plan(source, keys, writer.available, failures)
+            plan = None if note else writer.plan(
+                data_rows(root, source, keys, writer.available, failures), retention, size_limit)
             sealed = plan is not None and not writer.is_unchanged(plan)
             if sealed:
                 try:
@@ -308,19 +323,24 @@ def extract(
             elif plan is not None:
                 writer.remove_parts()  # a run that found nothing to add leaves no folder (nor the shards' markers)
     n_computed = len(to_compute) - sum(1 for i in to_compute if keys[i] in failures)
+    ours = plan.data_rows if plan else np.empty(0, dtype=np.int64)
+    failed = [f for f, r in zip(plan.failed, plan.failed_roots) if plan.roots[r] == root] if plan else []
     return ExtractResult(
         store_path=output,
-        n_items=len(plan.keys) if plan else len(source.items),
+        n_items=len(ours) if plan else len(source.items),
         n_computed=n_computed,
         n_reused=n_known,
-        n_failed=len(plan.failed) if plan else sum(1 for i in to_compute if keys[i] in failures),
+        n_failed=len(failed) if plan else sum(1 for i in to_compute if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
         store_bytes=output.stat().st_size if output.exists() else 0,
         sealed=sealed,
         config=config,
-        failed=plan.failed if plan else [],
+        failed=failed,
         note=note,
+        n_dropped=plan.dropped if plan else 0,
+        other=plan.other if plan else {},
+        rows=ours,
     )
 
 

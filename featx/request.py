@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FeatxError
+from .retention import data_root, data_rows, holds, merge, row_bound
 from .sources import content_keys, load_source, sha256_file
 
-NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "progress", "log"})
+NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "retention",
+                          "size_limit", "progress", "log"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
 DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
@@ -30,8 +34,8 @@ EXTRACT_DEFAULTS = {
     "backbone": None, "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
     "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
     "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
-    "overwrite": False, "num_shards": None, "shard_index": None, "engine": "local", "ray_address": None,
-    "num_gpus_per_worker": None, "progress": False, "log": None,
+    "overwrite": False, "retention": "mirror", "size_limit": None, "num_shards": None, "shard_index": None,
+    "engine": "local", "ray_address": None, "num_gpus_per_worker": None, "progress": False, "log": None,
 }
 LIBRARIES = ("featx", "torch", "torchvision", "timm")
 ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")
@@ -39,7 +43,10 @@ ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_
 
 @dataclass
 class ExtractResult:
-    """What one `extract` call did."""
+    """What one `extract` call did: rows of its data computed (added with new features), reused (their features
+    were already computed: in the store, or committed by an interrupted run) and failed; old rows dropped (their
+    content is no longer in the store); the rows of other data the store keeps (`other`: root -> rows); `rows`,
+    the store rows of this data, in its order."""
 
     store_path: Path
     n_items: int
@@ -53,6 +60,9 @@ class ExtractResult:
     config: dict = field(repr=False)
     failed: list[tuple[str, str]] = field(default_factory=list, repr=False)
     note: str = ""  # a shard that did not seal: why
+    n_dropped: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
 
     def summary(self) -> str:
         size = self.store_bytes / 1e6
@@ -62,8 +72,28 @@ class ExtractResult:
         state = "" if self.sealed else " (already up to date)"
         return (
             f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
-            f"{self.n_reused} reused, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
+            f"{self.n_reused} reused, {self.n_dropped} dropped, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
+            f"{self.other_summary()}"
         )
+
+    def other_summary(self) -> str:
+        """'; it also keeps 398 rows of /data/hym' when the store holds rows of other data, else ''."""
+        if not self.other:
+            return ""
+        rows = sum(self.other.values())
+        if len(self.other) > 1:
+            return f"; it also keeps {rows} rows of {len(self.other)} other data (featx info {self.store_path})"
+        return f"; it also keeps {rows} rows of {next(iter(self.other)) or 'data whose root was not recorded'}"
+
+    def to_dict(self) -> dict:
+        """The --json form of the result."""
+        return {
+            "store": str(self.store_path), "items": self.n_items, "computed": self.n_computed,
+            "reused": self.n_reused, "dropped": self.n_dropped, "failed": self.n_failed,
+            "other_data": dict(self.other), "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2), "bytes": self.store_bytes,
+            "failures": [{"path": p, "reason": r} for p, r in self.failed],
+        }
 
 
 def extract_options_from_config(config: dict, weights=()) -> dict:
@@ -169,15 +199,16 @@ def record(arguments: dict, weights_file: str | None) -> dict:
 def up_to_date(arguments: dict) -> ExtractResult | None:
     """The result of an extract call with these `arguments` when the store at `arguments['output']` already holds
     exactly what it would seal (same request and environment, same weights file content, every file's content
-    key, path, label and split in the store, nothing failed, no unfinished run); None when the call must run."""
+    key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of other data
+    under the call's retention); None when the call must run."""
     started = time.perf_counter()
+    arguments = {**EXTRACT_DEFAULTS, **arguments}
     if any(arguments.get(name) for name in FORCING) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return None
     output = Path(arguments["output"])
     if not output.is_file() or output.with_name(output.name + ".parts").exists():
         return None
     from .store import open_store
-    from .writer import holds, seal_plan
 
     try:
         with open_store(output) as store:
@@ -190,15 +221,17 @@ def up_to_date(arguments: dict) -> ExtractResult | None:
                 return None
             source = load_source(arguments["data"])
             keys = content_keys([item.path for item in source.items])
-            plan = seal_plan(source, keys, set(store.keys), {})
-            if plan.failed or not holds(store, plan):
+            fresh = data_rows(data_root(arguments["data"]), source, keys, set(store.keys), {})
+            max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
+            plan = merge(store, fresh, arguments["retention"], max_rows)
+            if fresh.failed or not holds(store, plan):
                 return None
     except FeatxError:
         return None  # the real run reports it
     return ExtractResult(
-        store_path=output, n_items=len(plan.keys), n_computed=0, n_reused=len(plan.keys), n_failed=0,
+        store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
         seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,
-        sealed=False, config=config,
+        sealed=False, config=config, other=plan.other, rows=plan.data_rows,
     )
 
 

@@ -7,11 +7,18 @@ Layout (row i of every per-item dataset is the same image)::
     /items/path  (N,) utf-8 path relative to the data root
     /items/label (N,) int64 class index, -1 unlabelled   (or /items/target (N,) float64 for regression)
     /items/split (N,) utf-8 train / val / test, '' when the source has no splits
+    /items/root  (N,) int32 index into /roots: the data the row came from
+    /roots       (R,) utf-8 the data a store holds rows of: a folder, CSV or list file (absolute), 'digits', 'uploads'
     /classes     (C,) utf-8
     /features/<tap>  (N, D) float32|float16, chunked by rows  (or (N, C, H, W) with pooling 'none')
-    /failed/path, /failed/reason  (F,) utf-8
+    /failed/path, /failed/reason  (F,) utf-8;  /failed/root (F,) int32 index into /roots
 
-No pickles: strings are HDF5 string types, the config is JSON text. Any HDF5 reader understands it.
+No pickles: strings are HDF5 string types, the config is JSON text. Any HDF5 reader understands it. /roots,
+/items/root and /failed/root came later within schema 1: a store without them reads as holding one data whose root
+was not recorded (''), and readers that do not know them ignore them.
+
+An unfinished run keeps its committed batches in ``<store>.parts/`` (featx/writer.py) as segment files
+``seg-*.h5``, each with a ``key`` dataset and one dataset per tap.
 """
 from __future__ import annotations
 
@@ -31,7 +38,34 @@ from .errors import FeatxError
 SCHEMA_VERSION = 1
 UTF8 = h5py.string_dtype("utf-8")
 KEY_DTYPE = "S64"
+ROOT_DTYPE = np.int32
 TARGET_CHUNK_BYTES = 1 << 20
+SEGMENT_GLOB = "seg-*.h5"
+UNRECORDED_ROOT = ""  # the root of rows written before stores recorded their data
+
+
+def parts_folder(store: Path) -> Path:
+    """`<store>.parts/`: the lock and the committed batches of a run that has not sealed yet."""
+    store = Path(store)
+    return store.with_name(store.name + ".parts")
+
+
+def segment_files(parts: Path) -> list[Path]:
+    """Committed segments in a parts folder: a one-process run's, and those of every shard of a split job."""
+    return sorted(parts.glob(SEGMENT_GLOB)) + sorted(parts.glob(f"*/{SEGMENT_GLOB}"))
+
+
+def unfinished_run(store: Path) -> tuple[int, int] | None:
+    """(committed batches, their rows) of an unfinished run on `store`, or None when there is none."""
+    segments = segment_files(parts_folder(store))
+    if not segments:
+        return None
+    rows = 0
+    for segment in segments:
+        with contextlib.suppress(OSError, KeyError):
+            with h5py.File(segment, "r", locking=False) as h5:
+                rows += h5["key"].shape[0]
+    return len(segments), rows
 
 
 def row_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -135,9 +169,11 @@ def _write_strings(group: h5py.Group, name: str, values) -> None:
 
 
 def create_items(
-    h5: h5py.File, *, keys, paths, splits, labels=None, targets=None, classes=(), failed=()
+    h5: h5py.File, *, keys, paths, splits, labels=None, targets=None, classes=(), failed=(), roots=None,
+    row_roots=None, failed_roots=None,
 ) -> None:
-    """Write /items, /classes and /failed into an open, empty file."""
+    """Write /items, /classes and /failed (and /roots with the rows' and failures' root indices, when `roots` is
+    given) into an open, empty file."""
     items = h5.create_group("items")
     items.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
     _write_strings(items, "path", paths)
@@ -150,6 +186,10 @@ def create_items(
     fail = h5.create_group("failed")
     _write_strings(fail, "path", [p for p, _ in failed])
     _write_strings(fail, "reason", [r for _, r in failed])
+    if roots is not None:
+        _write_strings(h5, "roots", roots)
+        items.create_dataset("root", data=np.asarray(row_roots, dtype=ROOT_DTYPE).reshape(len(keys)))
+        fail.create_dataset("root", data=np.asarray(failed_roots, dtype=ROOT_DTYPE).reshape(len(failed)))
 
 
 def create_features(h5: h5py.File, tap: str, shape: tuple[int, ...], dtype) -> h5py.Dataset:
@@ -181,8 +221,10 @@ def write_store(
     targets=None,
     failed=(),
     config_key: str | None = None,
+    root: str | None = None,
 ) -> Path:
-    """Write a complete schema-v1 store in one go (temp file + atomic rename). Returns the path."""
+    """Write a complete schema-v1 store in one go (temp file + atomic rename). Returns the path. `root` records
+    the data every row and failure came from."""
     path = Path(path)
     n = len(keys)
     splits = [""] * n if splits is None else splits
@@ -191,7 +233,8 @@ def write_store(
     with create_h5(tmp, path) as h5:
         set_root_attrs(h5, config, config_key or config_fingerprint(config))
         create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
-                     classes=classes, failed=failed)
+                     classes=classes, failed=failed, roots=None if root is None else [root],
+                     row_roots=np.zeros(n), failed_roots=np.zeros(len(failed)))
         for tap, arr in features.items():
             arr = np.asarray(arr)
             create_features(h5, tap, arr.shape, arr.dtype)[...] = arr
@@ -329,19 +372,48 @@ class Store:
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
             )
-            lengths = {"/items/path": len(self.paths), "/items/split": len(self.splits), "/items/label": len(self.labels)}
+            self._read_roots(h5)
+            lengths = {"/items/path": len(self.paths), "/items/split": len(self.splits), "/items/label": len(self.labels),
+                       "/items/root": len(self.row_roots)}
             if self.targets is not None:
                 lengths["/items/target"] = len(self.targets)
             self._check_rows(lengths)
             rows = {}
+            self.row_bytes = 0  # bytes of one row over every tap
             for tap in self.taps:
                 ds = h5["features"][tap]
                 if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu" or len(ds.shape) < 1:
                     raise FeatxError(f"{path}: damaged featx store (/features/{tap} is not an array of numbers)")
                 rows[f"/features/{tap}"] = ds.shape[0]
+                self.row_bytes += int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
         except (KeyError, ValueError, OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FeatxError(f"{path}: damaged featx store ({_first_line(err)})") from err
         self._check_rows(rows)
+
+    def _read_roots(self, h5: h5py.File) -> None:
+        """`roots` (the data the store holds rows of), `row_roots` and `failed_roots` (indices into roots); a store
+        written before roots were recorded holds one data of root UNRECORDED_ROOT."""
+        if "roots" not in h5:
+            self.roots = [UNRECORDED_ROOT]
+            self.row_roots = np.zeros(len(self.keys), dtype=ROOT_DTYPE)
+            self.failed_roots = np.zeros(len(self.failed), dtype=ROOT_DTYPE)
+            return
+        self.roots = [str(r) for r in _strings(h5["roots"])]
+        indices = {}
+        for name in ("items/root", "failed/root"):
+            _expect(h5[name], "root indices", h5[name].dtype.kind in "iu")
+            indices[name] = h5[name][...].astype(ROOT_DTYPE)
+            if indices[name].size and not 0 <= indices[name].min() <= indices[name].max() < len(self.roots):
+                raise FeatxError(f"{self.path}: damaged featx store (/{name} points outside /roots)")
+        self.row_roots, self.failed_roots = indices["items/root"], indices["failed/root"]
+        if len(self.failed_roots) != len(self.failed):
+            raise FeatxError(f"{self.path}: damaged featx store (/failed/root has {len(self.failed_roots)} rows, "
+                             f"/failed/path has {len(self.failed)})")
+
+    def root_counts(self) -> dict[str, int]:
+        """Rows per data root, in the store's order."""
+        counts = np.bincount(self.row_roots, minlength=len(self.roots))
+        return {root: int(n) for root, n in zip(self.roots, counts)}
 
     def _check_rows(self, lengths: dict[str, int]) -> None:
         """A damaged-store error unless every dataset named in `lengths` has as many rows as /items/key."""
@@ -423,6 +495,7 @@ class Store:
                 t: {"shape": list(self.feature_shape(t)), "dtype": str(self.feature_dtype(t))} for t in self.taps
             },
             "failed": len(self.failed),
+            "roots": {root or "(not recorded)": n for root, n in self.root_counts().items()},
             "bytes": self.path.stat().st_size,
             "config_key": self.config_key,
             "config": self.config,
@@ -447,6 +520,13 @@ def open_store(path) -> Store:
     `.summary()`; a context manager); a one-line FeatxError when it is missing, damaged, foreign or newer."""
     path = Path(path)
     if not path.exists():
+        unfinished = unfinished_run(path)
+        if unfinished:
+            batches, rows = unfinished
+            raise FeatxError(
+                f"{path}: no store sealed yet; {parts_folder(path)} holds {batches} committed batches ({rows} rows) "
+                f"of an unfinished run: run the same command again to resume it"
+            )
         raise FeatxError(f"{path}: no such store")
     if path.is_dir():
         raise FeatxError(f"{path}: is a folder, expected a featx .h5 store")

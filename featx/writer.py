@@ -10,6 +10,9 @@ HDF5 files are not crash-safe while open for writing, so the final store is neve
   the parts folder. A kill at any instant leaves either the old store or the new one, both complete.
 * The shards of a split job (torchrun ranks, --num-shards) write at the same time: each holds a shared lock and
   commits into its own subfolder ``<store>.parts/shard-I-of-K/``; the one that seals takes the lock exclusively.
+* A run that ends without anything committed (an error before the first batch, Ctrl-C) removes the parts folder.
+* Which old rows the sealed store keeps is decided by `plan` (featx.retention.merge), and `seal` writes only the
+  plans that `plan` made.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ import h5py
 import numpy as np
 
 from .errors import FeatxError
+from .retention import DataRows, SealPlan, holds, merge, row_bound
 from .store import (
-    KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, read_rows, set_root_attrs,
+    KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, parts_folder, read_rows, segment_files,
+    set_root_attrs,
 )
 
-SEGMENT_GLOB = "seg-*.h5"
 LOCK_RETRIES = 20
 
 
@@ -38,19 +42,6 @@ class RowSource:
 
     file: Path
     row: int
-
-
-@dataclass
-class SealPlan:
-    """Everything the sealed store holds besides features, in output row order."""
-
-    keys: list[str]
-    paths: list[str]
-    splits: list[str]
-    classes: list[str]
-    labels: np.ndarray | None
-    targets: np.ndarray | None
-    failed: list[tuple[str, str]]
 
 
 def describe_config(config: dict) -> str:
@@ -75,7 +66,7 @@ class StoreWriter:
 
     def __init__(self, output: Path, config: dict, config_key: str, overwrite: bool = False, subfolder: str | None = None):
         self.output = Path(output)
-        self.parts = self.output.with_name(self.output.name + ".parts")
+        self.parts = parts_folder(self.output)
         self.config = config
         self.config_key = config_key
         self.overwrite = overwrite
@@ -86,11 +77,9 @@ class StoreWriter:
         self._indexed: set[Path] = set()
         self.available: dict[str, RowSource] = {}
         self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
-
-    @property
-    def old(self) -> Store | None:
-        """The old store's metadata (closed), when its config matches this run's."""
-        return self._old
+        self._replaced: Store | None = None  # with overwrite: the old store's metadata, to count what goes
+        self._row_bytes = 0  # bytes of one row over every tap, once a store or segment has shown it
+        self._plans: list[SealPlan] = []  # the plans `plan` made: the only ones `seal` writes
 
     # -- lock ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -98,12 +87,26 @@ class StoreWriter:
         try:
             self._load_existing()
         except BaseException:
-            self._release_lock()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._release_lock()
+        try:
+            self._remove_if_empty()
+        finally:
+            self._release_lock()
+
+    def _remove_if_empty(self) -> None:
+        """Leave no parts folder that holds no file (a run that failed or stopped before its first commit). Only
+        under the exclusive lock: the shards of a split job share the folder while they run."""
+        if self._lock_fd is None or self._shared:
+            return
+        try:
+            if all(not files for _, _, files in os.walk(self.parts)):
+                shutil.rmtree(self.parts)
+        except OSError:
+            pass  # removed meanwhile (sealed): nothing is lost either way
 
     def _acquire_lock(self) -> None:
         mode = fcntl.LOCK_SH if self._shared else fcntl.LOCK_EX
@@ -154,6 +157,12 @@ class StoreWriter:
         if self.overwrite:
             for seg in self._segment_files():
                 seg.unlink()
+            if self.output.exists():
+                try:
+                    with open_store(self.output) as old:
+                        self._replaced = old
+                except FeatxError:
+                    pass  # a damaged store has no rows to count
             return
         if self.output.exists():
             self._index_old_store()
@@ -161,7 +170,7 @@ class StoreWriter:
 
     def _segment_files(self) -> list[Path]:
         """Committed segments: this run's, and those of every shard of a split job."""
-        return sorted(self.parts.glob(SEGMENT_GLOB)) + sorted(self.parts.glob(f"*/{SEGMENT_GLOB}"))
+        return segment_files(self.parts)
 
     def refresh(self) -> None:
         """Index the segments committed since the last look (by this process or by the other shards)."""
@@ -170,7 +179,11 @@ class StoreWriter:
                 self._index_segment(seg)
 
     def _index_old_store(self) -> None:
-        with open_store(self.output) as old:
+        try:
+            old = open_store(self.output)
+        except FeatxError as err:
+            raise FeatxError(f"{err}: featx extract --overwrite replaces it, or choose another store") from err
+        with old:
             if old.config_key != self.config_key:
                 raise FeatxError(
                     f"{self.output} was made with another config ({describe_config(old.config)}); this run asks for "
@@ -179,12 +192,15 @@ class StoreWriter:
             for row, key in enumerate(old.keys):
                 self.available.setdefault(key, RowSource(self.output, row))
         self._old = old
+        self._row_bytes = old.row_bytes
 
     def _index_segment(self, seg: Path) -> None:
         try:
             with h5py.File(seg, "r", locking=False) as h5:
                 seg_key = str(h5.attrs.get("config_key", ""))
                 keys = [k.decode("ascii") for k in h5["key"][...]]
+                row_bytes = sum(int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+                                for name, ds in h5.items() if name != "key")
         except (OSError, KeyError) as err:  # renamed into place only when complete, so this is outside damage
             raise FeatxError(f"{seg}: unreadable segment of an unfinished run ({err}); delete it to recompute its rows") from err
         if seg_key != self.config_key:
@@ -195,6 +211,7 @@ class StoreWriter:
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(seg, row))
         self._indexed.add(seg)
+        self._row_bytes = self._row_bytes or row_bytes
 
     # -- committing ----------------------------------------------------------------------------------------------
     def commit(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
@@ -213,8 +230,18 @@ class StoreWriter:
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(final, row))
         self._indexed.add(final)
+        self._row_bytes = self._row_bytes or sum(arr[0].nbytes for arr in features.values())
 
     # -- sealing -------------------------------------------------------------------------------------------------
+    def plan(self, fresh: DataRows, retention: str = "mirror", size_limit: int | None = None) -> SealPlan:
+        """The store that sealing would write: the old store merged with this call's rows (featx.retention.merge,
+        which decides which old rows stay). `size_limit` (bytes of feature rows) bounds a private cache."""
+        plan = merge(self._old, fresh, retention, row_bound(size_limit, self._row_bytes, len(fresh.keys)))
+        if self._replaced is not None:  # --overwrite: every old row whose content the new store lacks goes
+            plan.dropped = len(set(self._replaced.keys) - set(plan.keys))
+        self._plans.append(plan)
+        return plan
+
     def is_unchanged(self, plan: SealPlan) -> bool:
         """True when the old store already holds exactly this plan and nothing new was committed."""
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
@@ -222,6 +249,8 @@ class StoreWriter:
 
     def seal(self, plan: SealPlan, taps: list[str]) -> None:
         """Write the final store from the old store and the segments, rename it into place, drop the parts."""
+        if not any(plan is made for made in self._plans):
+            raise ValueError("StoreWriter.seal writes only a plan made by StoreWriter.plan")
         sources: dict[Path, list[tuple[int, int]]] = {}
         for dest, key in enumerate(plan.keys):
             loc = self.available[key]
@@ -231,7 +260,8 @@ class StoreWriter:
             set_root_attrs(h5, self.config, self.config_key)
             create_items(
                 h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
-                targets=plan.targets, classes=plan.classes, failed=plan.failed,
+                targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,
+                row_roots=plan.row_roots, failed_roots=plan.failed_roots,
             )
             self._copy_features(h5, sources, taps, len(plan.keys))
         self.remove_parts()
@@ -256,46 +286,6 @@ class StoreWriter:
             else:
                 child.unlink()
         self.parts.rmdir()
-
-
-def holds(old: Store, plan: SealPlan) -> bool:
-    """Whether the store `old` holds exactly the rows, labels, classes and failures of `plan`."""
-    same_labels = (
-        np.array_equal(old.targets, plan.targets)
-        if plan.targets is not None
-        else old.targets is None and np.array_equal(old.labels, plan.labels)
-    )
-    return (
-        same_labels
-        and list(old.keys) == plan.keys
-        and list(old.paths) == plan.paths
-        and list(old.splits) == plan.splits
-        and old.classes == plan.classes
-        and [tuple(f) for f in old.failed] == plan.failed
-    )
-
-
-def seal_plan(source, keys, available, failures: dict[str, str]) -> SealPlan:
-    """Rows of the sealed store in source order: every item whose content is computed (its key in `available`);
-    the rest are failures."""
-    rows, failed = [], []
-    for item, key in zip(source.items, keys):
-        if key is None:
-            failed.append((item.relpath, "cannot read file"))
-        elif key in available:
-            rows.append((item, key))
-        else:
-            failed.append((item.relpath, failures.get(key, "not computed")))
-    regression = source.task == "regression"
-    return SealPlan(
-        keys=[key for _, key in rows],
-        paths=[item.relpath for item, _ in rows],
-        splits=[item.split for item, _ in rows],
-        classes=list(source.classes),
-        labels=None if regression else np.array([item.label for item, _ in rows], dtype=np.int64),
-        targets=np.array([item.target for item, _ in rows], dtype=np.float64) if regression else None,
-        failed=failed,
-    )
 
 
 def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk_bytes: int = 16 << 20) -> None:

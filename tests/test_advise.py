@@ -142,3 +142,21 @@ def test_unscaled_rows_are_advised_when_standardising_hurts(tmp_path):
     store = scaled_store(tmp_path / "t.h5", signal_scale=0.01, noise_scale=3.0)
     rec = recommend(store, costs=COSTS).recommendation
     assert rec.normalize == "standard" and "--normalize" not in rec.command
+
+
+def test_the_advice_store_holds_exactly_the_images_measured(tmp_path):
+    """The learning curves read every row of the store, so rows of other data (an earlier subset, another folder)
+    go, and the summary line says so."""
+    from featx.extract import extract
+    from featx.store import open_store
+
+    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=6)
+    other = make_image_folder(tmp_path / "other", classes=("ants", "bees"), per_class=2, seed=7)
+    store = tmp_path / "adv.h5"
+    extract(other, store, backbone="resnet18", weights="none", image_size=32, taps=TAPS, workers=0)
+    out = run("advise", data, "-b", "resnet18", "-w", "none", "--image-size", "32", "--budget-seconds", "120",
+              "-o", store)
+    assert out.exit_code == 0, out.output
+    assert f"12 images in {store} " in out.output and "4 dropped" in out.output
+    with open_store(store) as st:
+        assert st.root_counts() == {str(data.resolve()): 12}

@@ -132,3 +132,69 @@ def test_usage_mistakes_are_one_line_naming_the_option(args, names):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and names in result.output and "Usage:" not in result.output
+
+
+def test_second_data_adds_its_rows_and_prune_mirrors_one(folder, tmp_path):
+    """Extracting another folder into a store keeps the first folder's rows and says so; --prune drops them."""
+    out = tmp_path / "s.h5"
+    other = make_image_folder(tmp_path / "other", classes=("cats", "dogs"), per_class=2, seed=5)
+    run("extract", folder, "-o", out, *FAST)
+    added = run("extract", other, "-o", out, *FAST)
+    assert added.exit_code == 0, added.output
+    assert f"4 images in {out} " in added.output and "4 computed, 0 reused, 0 dropped, 0 failed" in added.output
+    assert f"it also keeps 6 rows of {folder.resolve()}" in added.output
+    info = json.loads(run("info", out, "--json").output)
+    assert info["items"] == 10 and info["roots"] == {str(folder.resolve()): 6, str(other.resolve()): 4}
+    assert info["classes"] == {"ants": 3, "bees": 3, "cats": 2, "dogs": 2}
+    assert f"data       {folder.resolve()} (6 rows), {other.resolve()} (4 rows)" in run("info", out).output
+    again = json.loads(run("extract", folder, "-o", out, "--json", *FAST).output)  # nothing to do, nothing lost
+    assert (again["computed"], again["reused"], again["dropped"], again["other_data"]) == (0, 6, 0, {str(other.resolve()): 4})
+    pruned = json.loads(run("extract", other, "-o", out, "--json", "--prune", *FAST).output)
+    assert (pruned["items"], pruned["computed"], pruned["dropped"], pruned["other_data"]) == (4, 0, 6, {})
+    assert json.loads(run("info", out, "--json").output)["roots"] == {str(other.resolve()): 4}
+
+
+def test_dropping_many_rows_of_gone_files_needs_prune(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "s.h5"
+    run("extract", data, "-o", out, *FAST)
+    for victim in sorted((data / "ants").iterdir())[:3]:
+        victim.unlink()
+    few_gone = json.loads(run("extract", data, "-o", out, "--json", *FAST).output)
+    assert (few_gone["items"], few_gone["computed"], few_gone["dropped"]) == (13, 0, 3)
+    for victim in sorted(data.rglob("*.png"))[:6]:
+        victim.unlink()
+    before = out.read_bytes()
+    line = _error_line(run("extract", data, "-o", out, *FAST))
+    assert f"{out}: this run would drop 6 rows of files gone from {data.resolve()}" in line and "--prune" in line
+    assert out.read_bytes() == before and not (tmp_path / "s.h5.parts").exists()
+    pruned = json.loads(run("extract", data, "-o", out, "--json", "--prune", *FAST).output)
+    assert (pruned["items"], pruned["dropped"]) == (7, 6)
+
+
+def test_extract_onto_a_file_that_is_no_store_hints_overwrite_and_leaves_nothing(folder, tmp_path):
+    out = tmp_path / "s.h5"
+    out.write_bytes(b"not hdf5 at all")
+    line = _error_line(run("extract", folder, "-o", out, *FAST))
+    assert f"{out}: not a readable HDF5 file" in line and "--overwrite replaces it" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "s.h5"]
+    assert run("extract", folder, "-o", out, "--overwrite", *FAST).exit_code == 0
+
+
+def test_a_run_that_fails_before_its_first_batch_leaves_no_parts_folder(folder, tmp_path):
+    (folder / "ants" / "aa_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the first file computed
+    out = tmp_path / "s.h5"
+    assert "aa_broken.png" in _error_line(run("extract", folder, "-o", out, *FAST, "--on-error", "fail"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_info_on_an_interrupted_first_run_says_how_to_resume(folder, tmp_path):
+    (folder / "bees" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the last file computed
+    out = tmp_path / "s.h5"
+    _error_line(run("extract", folder, "-o", out, *FAST, "--batch-size", "2", "--on-error", "fail"))
+    line = _error_line(run("info", out))
+    assert f"{out}: no store sealed yet; {out}.parts holds 3 committed batches (6 rows)" in line
+    assert "run the same command again to resume" in line
+    assert run("extract", folder, "-o", out, *FAST).exit_code == 0
+    text = run("info", out).output
+    assert "items      6 (classification), failed 1" in text and "unfinished" not in text

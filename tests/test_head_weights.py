@@ -66,7 +66,7 @@ def test_predict_and_evaluate_take_the_moved_file_with_w(moved, given):
     metrics = featx.evaluate(root / "head", data, weights=str(root / given), workers=0)
     assert metrics["split"] == "val" and metrics["rows"] == {"eval": 4}
     out = run("predict", root / "head", data, "-w", root / given, "-q")
-    assert out.exit_code == 0 and out.output.count("\n") == 1 + len(expected), out.output
+    assert out.exit_code == 0 and out.stdout.count("\n") == 1 + len(expected), out.output
 
 
 def test_a_weights_file_of_other_bytes_is_one_line_naming_both(moved):

@@ -92,7 +92,7 @@ def test_predict_on_images_equals_predict_on_the_store(tmp_path):
 
     out = run("predict", tmp_path / "head", data, "--workers", "0", "-q")
     assert out.exit_code == 0, out.output
-    assert out.output.splitlines()[1].split(",")[:2] == [on_store.names[0], on_store.predicted[0]]
+    assert out.stdout.splitlines()[1].split(",")[:2] == [on_store.names[0], on_store.predicted[0]]
 
 
 def test_predict_on_images_refuses_other_weights(tmp_path):
@@ -122,3 +122,63 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
     with pytest.raises(FeatxError, match=r"weights file .*w.pth has changed since the features were computed: pass -w"):
         predict(tmp_path / "head", data, workers=0)
     assert not (tmp_path / "head" / "cache").exists()
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A labelled folder, its store and a head fitted on it (resnet18 -w none at 32 px)."""
+    from featx.extract import extract
+
+    data = make_image_folder(tmp_path / "data", per_class=4, splits={"train": 3, "val": 2})
+    extract(data, tmp_path / "train.h5", backbone="resnet18", weights="none", image_size=32, workers=0)
+    fit_head(tmp_path / "train.h5", None, tmp_path / "head", grid=1.0, val_split=0, plots=False)
+    return data, tmp_path / "train.h5", tmp_path / "head"
+
+
+def test_predict_into_a_training_store_only_adds_rows(trained, tmp_path):
+    from featx.store import open_store
+
+    data, store, head = trained
+    few = make_image_folder(tmp_path / "few", classes=("ants",), per_class=3, seed=9)
+    result = run("predict", head, few, "--store", store, "--workers", "0", "-q")
+    assert result.exit_code == 0, result.output
+    assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["ants/ants_000.png", "ants/ants_001.png",
+                                                                               "ants/ants_002.png"]
+    assert f"cache: 3 images in {store} " in result.stderr and "3 computed, 0 reused, 0 dropped" in result.stderr
+    assert f"it also keeps 10 rows of {data.resolve()}" in result.stderr
+    with open_store(store) as st:
+        assert st.root_counts() == {str(data.resolve()): 10, str(few.resolve()): 3}
+        assert (st.labels >= 0).sum() == 13 and list(st.splits).count("train") == 6
+
+
+def test_the_heads_cache_keeps_every_folder_predicted(trained, tmp_path):
+    data, _, head = trained
+    few = make_image_folder(tmp_path / "few", classes=("ants",), per_class=2, seed=3)
+    other = make_image_folder(tmp_path / "other", classes=("bees",), per_class=2, seed=4)
+    lines = []
+    for folder in (few, other, few, other):
+        predicted = predict(head, folder, workers=0, log=lines.append)
+        assert len(predicted) == 2
+    cache = [line for line in lines if line.startswith("cache: ")]
+    assert "2 computed" in cache[0] and "2 computed" in cache[1]
+    assert "(already up to date): 0 computed, 2 reused, 0 dropped" in cache[2] and "it also keeps 2 rows of" in cache[2]
+    assert "(already up to date)" in cache[3]
+
+
+def test_the_heads_cache_is_bounded_oldest_folders_first(trained, tmp_path, monkeypatch):
+    from featx.heads import prediction
+    from featx.store import open_store
+
+    data, _, head = trained
+    monkeypatch.setattr(prediction, "HEAD_CACHE_BYTES", 5 * 512 * 4)  # five rows of 512 float32
+    folders = [make_image_folder(tmp_path / f"f{i}", classes=("ants",), per_class=2, seed=10 + i) for i in range(3)]
+    for folder in folders:
+        predict(head, folder, workers=0)
+    cache = next((head / "cache").glob("*.h5"))
+    with open_store(cache) as st:  # f0's first row went to make room; f2's rows, the call's own, all stay
+        assert st.root_counts() == {str(folders[0].resolve()): 1, str(folders[1].resolve()): 2,
+                                    str(folders[2].resolve()): 2}
+    big = make_image_folder(tmp_path / "big", classes=("ants",), per_class=7, seed=20)
+    assert len(predict(head, big, workers=0)) == 7  # more than the bound alone: the call's rows all stay
+    with open_store(cache) as st:
+        assert st.root_counts() == {str(big.resolve()): 7}

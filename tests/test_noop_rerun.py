@@ -59,7 +59,21 @@ def test_unchanged_rerun_imports_no_torch_and_leaves_nothing(made):
     assert listing(out.parent) == before  # no STORE.parts/ nor anything else new
     text, probe, _ = featx("extract", data, "-o", out, *FAST[:-1])
     assert probe == {"torch": False, "code": 0}
-    assert f"6 images in {out} " in text and "(already up to date): 0 computed, 6 reused, 0 failed" in text
+    assert f"6 images in {out} " in text and "(already up to date): 0 computed, 6 reused, 0 dropped, 0 failed" in text
+
+
+def test_a_store_of_two_data_answers_either_rerun_before_importing_torch(made, tmp_path):
+    data, out = made
+    other = make_image_folder(tmp_path / "other", classes=("cats",), per_class=2, seed=4)
+    added, probe, _ = featx("extract", other, "-o", out, *FAST)
+    assert probe["torch"] is True and (added["computed"], added["other_data"]) == (2, {str(data.resolve()): 6})
+    for folder, items in ((data, 6), (other, 2), (data, 6)):
+        result, probe, _ = featx("extract", folder, "-o", out, *FAST)
+        assert probe == {"torch": False, "code": 0} and (result["items"], result["dropped"]) == (items, 0)
+    pruned, probe, _ = featx("extract", other, "-o", out, *FAST, "--prune")  # drops rows: a real run
+    assert probe["torch"] is True and (pruned["computed"], pruned["dropped"]) == (0, 6)
+    _, probe, _ = featx("extract", other, "-o", out, *FAST, "--prune")  # then nothing left to drop
+    assert probe == {"torch": False, "code": 0}
 
 
 def test_options_that_do_not_change_rows_keep_the_fast_path(made):

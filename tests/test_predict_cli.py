@@ -74,12 +74,12 @@ def test_predict_takes_image_files_and_folders(fitted, monkeypatch):
     by_name = dict(zip(whole.names, whole.predicted))
     one = run("predict", head, images[0], "-q")
     assert one.exit_code == 0, one.output
-    rows = list(csv.DictReader(io.StringIO(one.output)))
+    rows = list(csv.DictReader(io.StringIO(one.stdout)))
     assert [(r["path"], r["predicted"]) for r in rows] == [(images[0].name, by_name[f"ants/{images[0].name}"])]
     monkeypatch.chdir(data)
     several = run("predict", head, images[0], "val/bees", images[-1], "-q")
     assert several.exit_code == 0, several.output
-    names = [r["path"] for r in csv.DictReader(io.StringIO(several.output))]
+    names = [r["path"] for r in csv.DictReader(io.StringIO(several.stdout))]
     assert sorted(names) == ["val/ants/ants_000.jpg", "val/bees/bees_000.jpg", "val/bees/bees_001.jpg"]
     mixed = run("predict", head, images[0], root / "s.h5")
     assert mixed.exit_code == 2 and "s.h5: a feature file is read alone" in mixed.output, mixed.output
@@ -117,10 +117,10 @@ def test_a_read_only_head_predicts_uncached_with_a_warning(fitted, tmp_path):
         out = run("predict", head, data / "val", "--workers", "0", "-q")
         assert out.exit_code == 0, out.output
         stored = run("predict", head, data / "val", "--store", tmp_path / "kept.h5", "--workers", "0", "-q")
-    lines = out.output.splitlines()
-    assert lines[0] == f"featx: warning: {head} is read-only: the images' features are not cached (pass --store " \
-                       f"FILE.h5 to keep them)"
-    assert [line.split(",")[:2] for line in lines[2:]] == [[str(n), p] for n, p in zip(expected.names, expected.predicted)]
+    assert out.stderr.splitlines()[0] == f"featx: warning: {head} is read-only: the images' features are not cached " \
+                                         f"(pass --store FILE.h5 to keep them)"
+    rows = [line.split(",")[:2] for line in out.stdout.splitlines()[1:]]
+    assert rows == [[str(n), p] for n, p in zip(expected.names, expected.predicted)]
     assert not (head / "cache").exists()
     assert stored.exit_code == 0 and "read-only" not in stored.output and (tmp_path / "kept.h5").is_file()
 
@@ -186,4 +186,4 @@ def test_evaluate_on_labelled_images_through_the_head_cache(fitted):
     with pytest.raises(FeatxError, match=r"has no labels: evaluate needs labelled images"):
         featx.evaluate(head, data / "val" / "ants" / "ants_000.jpg", workers=0)
     out = run("evaluate", head, data, "-q", "--json")
-    assert out.exit_code == 0 and json.loads(out.output)["rows"] == {"eval": 4}, out.output
+    assert out.exit_code == 0 and json.loads(out.stdout)["rows"] == {"eval": 4}, out.output

@@ -10,7 +10,8 @@ import pytest
 
 from featx.errors import FeatxError
 from featx.store import SCHEMA_VERSION, open_store, read_rows, write_store
-from featx.writer import SealPlan, StoreWriter
+from featx.retention import DataRows
+from featx.writer import StoreWriter
 
 CONFIG = {"backbone": "resnet18", "weights": "none", "taps": ["avgpool"]}
 
@@ -116,9 +117,9 @@ def test_open_store_rejects_inconsistent_rows(tmp_path):
         open_store(path)
 
 
-def _plan(keys, paths=None):
-    return SealPlan(keys=keys, paths=paths or [f"p{k[-2:]}" for k in keys], splits=[""] * len(keys), classes=["a"],
-                    labels=np.zeros(len(keys), dtype=np.int64), targets=None, failed=[])
+def _rows(keys, paths=None):
+    return DataRows(root="/data", keys=keys, paths=paths or [f"p{k[-2:]}" for k in keys], splits=[""] * len(keys),
+                    classes=["a"], labels=[0] * len(keys), targets=None, failed=[])
 
 
 def test_writer_commit_seal_and_reuse(tmp_path):
@@ -129,15 +130,15 @@ def test_writer_commit_seal_and_reuse(tmp_path):
         w.commit(keys[:3], {"t": rows[:3]})
         w.commit(keys[3:], {"t": rows[3:]})
         assert len(list(w.parts.glob("seg-*.h5"))) == 2
-        w.seal(_plan(keys), ["t"])
+        w.seal(w.plan(_rows(keys)), ["t"])
     assert not out.with_name("s.h5.parts").exists()
     # a second run reuses every row, reorders and drops without recomputing
     with StoreWriter(out, CONFIG, "cfg") as w:
         assert set(w.available) == set(keys)
-        assert w.is_unchanged(_plan(keys))
+        assert w.is_unchanged(w.plan(_rows(keys)))
         new_order = [keys[4], keys[0], keys[0]]
-        assert not w.is_unchanged(_plan(new_order))
-        w.seal(_plan(new_order), ["t"])
+        assert not w.is_unchanged(w.plan(_rows(new_order)))
+        w.seal(w.plan(_rows(new_order)), ["t"])
     with open_store(out) as st:
         np.testing.assert_array_equal(st.features("t"), rows[[4, 0, 0]])
 
@@ -158,7 +159,7 @@ def test_writer_refuses_other_config_and_concurrent_writer(tmp_path):
     out = tmp_path / "s.h5"
     with StoreWriter(out, CONFIG, "cfg") as w:
         w.commit(_keys(1), {"t": np.zeros((1, 2), np.float32)})
-        w.seal(_plan(_keys(1)), ["t"])
+        w.seal(w.plan(_rows(_keys(1))), ["t"])
     with pytest.raises(FeatxError, match="another config"):
         StoreWriter(out, {"backbone": "vgg11"}, "other").__enter__()
     with StoreWriter(out, CONFIG, "cfg"):
@@ -189,7 +190,7 @@ def test_shard_writers_share_the_lock_and_the_last_one_seals(tmp_path):
     assert b.exclusive()
     b.refresh()
     assert set(b.available) == set(keys)
-    b.seal(_plan(keys), ["t"])
+    b.seal(b.plan(_rows(keys)), ["t"])
     b.__exit__(None, None, None)
     with open_store(out) as st:
         np.testing.assert_array_equal(st.features("t"), rows)
@@ -211,4 +212,4 @@ def test_one_process_run_reuses_segments_of_unfinished_shards(tmp_path):
     with StoreWriter(out, CONFIG, "cfg") as w:
         assert set(w.available) == set(_keys(2))
         assert not list(w.parts.glob("**/*.tmp"))
-        assert not w.is_unchanged(_plan(_keys(2)))
+        assert not w.is_unchanged(w.plan(_rows(_keys(2))))

@@ -12,7 +12,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("-b", "--backbone", help=BACKBONE_HELP)
 @click.option("-w", "--weights", default="DEFAULT", show_default=True, help="Weights name or tag, a local weights file, or 'none'.")
 @click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True, help="How a -w FILE's tensors pair with the model's.")
-@click.option("-o", "--store", type=click.Path(dir_okay=False), help="Store to extract into (reused by later commands; default DATA-name.featx.h5 here). The advice is saved beside it.")
+@click.option("-o", "--store", type=click.Path(dir_okay=False), help="Store to extract into (reused by later commands; default DATA-name.featx.h5 here): it holds exactly the images measured, rows of other data go. The advice is saved beside it.")
 @click.option("-l", "--layer", "taps", multiple=True, help="Taps to compare (default: two stage outputs and the pre-logits).")
 @click.option("--image-size", type=click.IntRange(min=8), help="Center-crop size (default: the weights' preset).")
 @click.option("--budget-seconds", type=float, help="Time allowed for extraction and the probes (default: 5 % of one estimated full finetune).")

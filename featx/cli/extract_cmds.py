@@ -27,6 +27,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype of the rows.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Undecodable images: record in /failed and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another config (the old one stays until the new one is sealed).")
+@click.option("--prune", is_flag=True, help="Mirror DATA exactly: drop the rows of other data, and the rows of files gone from DATA however many (without it other data's rows stay, and a run that would drop many rows is refused).")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Decode JPEGs on the CPU (PIL) or in batches on the CUDA device (nvJPEG); part of the store's identity.")
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile: a warm-up of seconds to a minute, then faster batches (for large sets; see benchmarks/extract_throughput.py).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or decode and compute on a Ray cluster (pip install 'featx[ray]').")
@@ -37,12 +38,15 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, token_pool, image_size, resize, batch_size, workers,
-                device, precision, dtype, on_error, overwrite, decode, compile_model, engine, ray_address, num_gpus_per_worker, num_shards,
-                shard_index, as_json, quiet):
+                device, precision, dtype, on_error, overwrite, prune, decode, compile_model, engine, ray_address,
+                num_gpus_per_worker, num_shards, shard_index, as_json, quiet):
     """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
 
     DATA is an ImageFolder (root/<class>/<img>, optionally root/{train,val,test}/<class>/<img>), a CSV of
     path,label, a text list of image paths, or 'digits' (scikit-learn's bundled digits, offline).
+
+    The store keeps the rows of other data it holds, and drops the rows of files gone from DATA (a few; more only
+    with --prune). The summary says how many rows were computed, reused, dropped and failed.
     """
     from ..request import up_to_date
 
@@ -50,7 +54,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
         data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
         taps=list(taps) or None, pooling=pooling, token_pool=token_pool, image_size=image_size, resize=resize,
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, on_error=on_error,
-        overwrite=overwrite, decode=decode, compile_model=compile_model, engine=engine, ray_address=ray_address,
+        overwrite=overwrite, retention="prune" if prune else "mirror", decode=decode, compile_model=compile_model, engine=engine, ray_address=ray_address,
         num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index,
         progress=not quiet and not as_json,
     )
@@ -60,12 +64,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
 
         result = extract(**options, log=lambda line: click.echo(line, err=True))
     if as_json:
-        echo_json({
-            "store": str(result.store_path), "items": result.n_items, "computed": result.n_computed,
-            "reused": result.n_reused, "failed": result.n_failed, "seconds": round(result.seconds, 3),
-            "images_per_second": round(result.images_per_second, 2), "bytes": result.store_bytes,
-            "failures": [{"path": p, "reason": r} for p, r in result.failed],
-        })
+        echo_json(result.to_dict())
         return
     for path, reason in result.failed[:10]:
         click.echo(f"failed: {path}: {reason}", err=True)
@@ -80,13 +79,15 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
 @click.option("--failed", "show_failed", is_flag=True, help="List every file that could not be decoded.")
 def info_cmd(store, as_json, show_failed):
     """Show what is inside STORE and how it was made."""
-    from ..store import open_store
+    from ..store import open_store, parts_folder, unfinished_run
 
     with open_store(store) as st:
         summary = st.summary()
         failed = st.failed
+    unfinished = unfinished_run(store)
     if as_json:
         summary["failures"] = [{"path": p, "reason": r} for p, r in failed]
+        summary["unfinished"] = {"batches": unfinished[0], "rows": unfinished[1]} if unfinished else None
         echo_json(summary)
         return
     cfg = summary["config"]
@@ -96,6 +97,10 @@ def info_cmd(store, as_json, show_failed):
     click.echo(f"transform  resize {transform.get('resize')} crop {transform.get('crop')} {transform.get('interpolation')}  "
                f"pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
     click.echo(f"items      {summary['items']} ({summary['task']}), failed {summary['failed']}")
+    click.echo("data       " + ", ".join(f"{root} ({n} rows)" for root, n in summary["roots"].items()))
+    if unfinished:
+        click.echo(f"unfinished {unfinished[0]} committed batches ({unfinished[1]} rows) in {parts_folder(store)}: "
+                   f"run the same command again to finish")
     click.echo("splits     " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
     if summary["classes"]:
         click.echo("classes    " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))

@@ -18,6 +18,7 @@ from .model import Head
 from .persistence import load_head
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".he5", ".npz")
+HEAD_CACHE_BYTES = 1 << 30  # HEAD/cache/ keeps at most this many bytes of feature rows, dropping the oldest data first
 
 
 @dataclass
@@ -108,9 +109,9 @@ def can_write_in(folder) -> bool:
 @contextlib.contextmanager
 def image_features(head: Head, data, store=None, weights=None, *, batch_size: int = 64, device: str = "auto",
                    workers: int | None = None, progress: bool = False, log=None):
-    """Yield (feature store, failed images) of the images `data` as the head's extractor computes them: in `store`,
-    else in the head's cache HEAD/cache/, else (a read-only head folder) in a temporary store removed on exit, with
-    a warning that says so."""
+    """Yield (feature store, the store rows of `data`, failed images) of the images `data` as the head's extractor
+    computes them: in `store`, else in the head's cache HEAD/cache/, else (a read-only head folder) in a temporary
+    store removed on exit, with a warning that says so."""
     if store is not None or head.path is None or can_write_in(Path(head.path) / "cache"):
         yield _extract(head, data, store, batch_size, device, workers, progress, log, weights)
         return
@@ -127,25 +128,26 @@ def predict(head, data, *, store=None, weights=None, x: str | None = None, trust
 
     data is images (an ImageFolder, a CSV, a list, an image file, or a list of several of these: their features
     are extracted with the head's backbone, weights, tap, pooling and transform into the cache store `store`, by
-    default HEAD_DIR/cache/, so repeated runs compute only new images; a read-only head folder runs uncached, with
-    a warning) or a feature file (a featx store made with the same extractor, or HDF5/NPZ with array `x`).
-    `weights`: the head's weights file when it is no longer where the head recorded it (its sha256 must be the
-    recorded one). Returns Predictions: one row per image (or feature row), with the images that failed to decode.
+    default HEAD_DIR/cache/, so repeated runs compute only new images; the cache only gains rows, HEAD/cache/ keeps
+    at most HEAD_CACHE_BYTES of them, and a read-only head folder runs uncached, with a warning) or a feature file
+    (a featx store made with the same extractor, or HDF5/NPZ with array `x`). `weights`: the head's weights file
+    when it is no longer where the head recorded it (its sha256 must be the recorded one). Returns Predictions:
+    one row per image (or feature row), with the images that failed to decode.
     """
     head = head if isinstance(head, Head) else load_head(head, trust=trust)
     if is_feature_file(data):
-        return _apply_to_file(head, data, x, chunk_rows, [])
+        return _apply_to_file(head, data, x, chunk_rows, None, [])
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
-                        progress=progress, log=log) as (path, failed):
-        return _apply_to_file(head, path, x, chunk_rows, failed)
+                        progress=progress, log=log) as (path, selected, failed):
+        return _apply_to_file(head, path, x, chunk_rows, selected, failed)
 
 
-def _apply_to_file(head: Head, path, x: str | None, chunk_rows: int, failed) -> Predictions:
-    """Predictions of `head` on every row of a feature file."""
+def _apply_to_file(head: Head, path, x: str | None, chunk_rows: int, selected, failed) -> Predictions:
+    """Predictions of `head` on the rows `selected` (None: every row) of a feature file."""
     with open_rows(path, head.tap if x is None else None, x) as rows:
         head.check_rows(rows)
-        parts = [apply_head(head, block) for _, block in rows.iter_chunks(None, chunk_rows)]
-        names = rows.names
+        parts = [apply_head(head, block) for _, block in rows.iter_chunks(selected, chunk_rows)]
+        names = rows.names if selected is None else rows.names[selected]
     predicted = np.concatenate([p for p, _ in parts]) if parts else np.empty(0)
     scores = np.concatenate([s for _, s in parts]) if parts and head.task != "regression" else None
     classes = None if head.classes_ is None else [str(c) for c in head.classes_]
@@ -164,7 +166,9 @@ def apply_head(head: Head, block: np.ndarray):
 
 
 def _extract(head: Head, data, store, batch_size, device, workers, progress, log, weights=None):
-    """Extract `data` with the head's extractor into the cache store; returns (store path, failed images).
+    """Extract `data` with the head's extractor into the cache store; returns (store path, the store rows of
+    `data`, failed images). The store only gains rows (retention 'add'); the head's own cache is bounded by
+    HEAD_CACHE_BYTES. `log` gets the cache's summary line.
 
     When the cache already holds every image (featx.request.up_to_date), nothing is built and torch is not imported.
     The weights' sha256 must be the head's: a weights file (the recorded one, or `weights`) is checked before any
@@ -175,19 +179,23 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
                          "(.h5/.npz with --x), not images")
     options = {**extract_options_from_config(head.config, weights or ()), "taps": [head.tap]}
+    size_limit = None
     if store is None:
         if head.path is None:
             raise FeatxError("an unsaved head needs store= (a .h5 path for the images' features) to predict on images")
         store = Path(head.path) / "cache" / f"{_cache_name(head, options['weights'])}.h5"
+        size_limit = HEAD_CACHE_BYTES
     arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
-                               progress=progress, log=log)
+                               retention="add", size_limit=size_limit, progress=progress, log=log)
     result = up_to_date(arguments)
     if result is None:
         from ..extract import extract
 
         result = extract(**arguments)
     _check_weights(head, options["weights"], result.config.get("weights_sha256"))
-    return result.store_path, result.failed
+    if log is not None:
+        log(f"cache: {result.summary()}")
+    return result.store_path, result.rows, result.failed
 
 
 def _cache_name(head: Head, weights: str) -> str:

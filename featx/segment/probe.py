@@ -252,7 +252,7 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
     `weights`: the head's weights file when it moved (see featx.heads.predict).
     Returns {written, output, overlay, failed}."""
     from ..heads.prediction import image_features, is_feature_file
-    from ..sources import content_keys, decode_image, load_source
+    from ..sources import decode_image, load_source
 
     head = head if hasattr(head, "segment") else load_segment_head(head)
     if is_feature_file(data):
@@ -261,21 +261,18 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
     folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
     for option, folder, what in zip(("-o", "--overlay"), folders, ("the masks", "the overlay pictures")):
         _check_writable(option, folder, what)
-    items = load_source(data).items
+    items = {item.relpath: item for item in load_source(data).items}
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
-                        progress=progress, log=log) as (store_path, failed), open_store(store_path) as st:
+                        progress=progress, log=log) as (store_path, selected, failed), open_store(store_path) as st:
         tap, shape = _map_tap(st, head.tap)
         _check_store(head, st, tap, shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
-        row_of = {key: row for row, key in enumerate(st.keys)}
-        found = [(item, row_of[key]) for item, key in zip(items, content_keys([i.path for i in items]))
-                 if key in row_of]
-        for start in range(0, len(found), CHUNK_IMAGES):
-            chunk = found[start : start + CHUNK_IMAGES]
-            maps = st.features(tap, [row for _, row in chunk])
-            sizes = [oriented_size(item.path) for item, _ in chunk]
-            for (item, _), ids in zip(chunk, image_masks(head, maps, sizes, spec)):
+        for start in range(0, len(selected), CHUNK_IMAGES):
+            rows = selected[start : start + CHUNK_IMAGES]
+            chunk = [items[st.paths[row]] for row in rows]
+            sizes = [oriented_size(item.path) for item in chunk]
+            for item, ids in zip(chunk, image_masks(head, st.features(tap, rows), sizes, spec)):
                 stem = os.path.splitext(item.relpath)[0]
                 _save(palette_image(ids), folders[0] / f"{stem}.png")
                 if overlay is not None:

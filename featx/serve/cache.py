@@ -17,11 +17,13 @@ import h5py
 import numpy as np
 
 from ..errors import FeatxError
+from ..retention import DataRows
 from ..store import open_store
-from ..writer import SealPlan, StoreWriter
+from ..writer import StoreWriter
 
 Rows = dict  # {tap: np.ndarray row} of one image
 UPLOAD_PREFIX = "uploads/"
+UPLOADS_ROOT = "uploads"  # the data root of the rows a service adds to its cache store
 
 
 class LRU:
@@ -99,32 +101,19 @@ class StoreBacking:
             h5.close()
         try:
             if any(self._writer.parts.glob("seg-*.h5")):
-                self._writer.seal(self._plan(), self.taps)  # removes the parts folder
+                self._writer.seal(self._writer.plan(self._uploads(), "add"), self.taps)  # removes the parts folder
             else:
                 with contextlib.suppress(OSError):
                     self._writer.parts.rmdir()  # nothing new: drop the lock folder, as sealing does
         finally:
             self._writer.__exit__(None, None, None)
 
-    def _plan(self) -> SealPlan:
-        """The old store's rows as they were, then every row in a segment (this run's, or a killed run's) as an
-        unlabelled upload."""
-        old = self._writer.old
+    def _uploads(self) -> DataRows:
+        """Every row in a segment (this run's, or a killed run's) as an unlabelled upload; the store's rows stay
+        (retention 'add')."""
         new = [key for key, where in self._writer.available.items() if where.file != self.path]
-        keys = (list(old.keys) if old else []) + new
-        regression = old is not None and old.targets is not None
-        labels = None if regression else np.concatenate(
-            [old.labels if old else np.empty(0, np.int64), np.full(len(new), -1, np.int64)])
-        targets = np.concatenate([old.targets, np.full(len(new), np.nan)]) if regression else None
-        return SealPlan(
-            keys=keys,
-            paths=(list(old.paths) if old else []) + [UPLOAD_PREFIX + key for key in new],
-            splits=(list(old.splits) if old else []) + [""] * len(new),
-            classes=list(old.classes) if old else [],
-            labels=labels,
-            targets=targets,
-            failed=[tuple(f) for f in old.failed] if old else [],
-        )
+        return DataRows(root=UPLOADS_ROOT, keys=new, paths=[UPLOAD_PREFIX + key for key in new], splits=[""] * len(new),
+                        classes=[], labels=[-1] * len(new), targets=None, failed=[])
 
 
 class EmbeddingCache:

@@ -97,7 +97,8 @@ def test_resealing_a_store_of_large_rows_copies_them_in_bounded_memory(tmp_path)
     import numpy as np
 
     from featx.store import write_store
-    from featx.writer import SealPlan, StoreWriter
+    from featx.retention import DataRows
+    from featx.writer import StoreWriter
 
     n, shape = 4400, (8, 32, 32)
     features = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
@@ -109,9 +110,10 @@ def test_resealing_a_store_of_large_rows_copies_them_in_bounded_memory(tmp_path)
     last = features[-1].copy()
     del features
     order = keys[::-1]  # every row moves
-    plan = SealPlan(keys=order, paths=[f"{i}.png" for i in range(n)][::-1], splits=[""] * n, classes=[],
-                    labels=np.full(n, -1), targets=None, failed=[])
+    rows = DataRows(root="/data", keys=order, paths=[f"{i}.png" for i in range(n)][::-1], splits=[""] * n,
+                    classes=[], labels=[-1] * n, targets=None, failed=[])
     with StoreWriter(store, {}, "k") as writer:
+        plan = writer.plan(rows)
         tracemalloc.start()
         writer.seal(plan, ["layer1"])
         _, peak = tracemalloc.get_traced_memory()
