@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from .errors import FeatxError
+from .sources import unreadable_reason
 from .store import (
     KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, read_rows, set_root_attrs,
 )
@@ -277,11 +278,11 @@ def holds(old: Store, plan: SealPlan) -> bool:
 
 def seal_plan(source, keys, available, failures: dict[str, str]) -> SealPlan:
     """Rows of the sealed store in source order: every item whose content is computed (its key in `available`);
-    the rest are failures."""
-    rows, failed = [], []
+    the rest are failures, after the folders the source could not read."""
+    rows, failed = [], list(source.failed)
     for item, key in zip(source.items, keys):
         if key is None:
-            failed.append((item.relpath, "cannot read file"))
+            failed.append((item.relpath, unreadable_reason(item.path)))
         elif key in available:
             rows.append((item, key))
         else:
