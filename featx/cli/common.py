@@ -12,23 +12,48 @@ from ..errors import FeatxError
 BACKBONE_HELP = "torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers --list."
 
 
+class OneLineError(click.ClickException):
+    """What every failure of the command line prints: `featx: error: ...` on one line, then the exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"featx: error: {self.format_message()}", err=True)
+
+
 class FeatxGroup(click.Group):
     """A click group that turns FeatxError, click's usage errors (bad option values, missing arguments, unknown
-    commands) and Ctrl-C into one line on stderr instead of a traceback or a usage block."""
+    commands or options, of a command or of `featx` itself) and Ctrl-C into one line on stderr instead of a
+    traceback or a usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # `featx` alone shows the help
+            raise
+        except click.UsageError as err:
+            raise _usage_error(err, info_name) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FeatxError as err:
-            click.echo(f"featx: error: {err}", err=True)
-            ctx.exit(err.exit_code)
+            raise OneLineError(str(err), err.exit_code) from None
         except click.UsageError as err:
-            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
-            click.echo(f"featx: error: {command}: {err.format_message()} (see {command} --help)", err=True)
-            ctx.exit(err.exit_code)
+            raise _usage_error(err, ctx.command_path) from None
+        except click.ClickException as err:  # click.open_file's FileError and the like: the user's path
+            raise OneLineError(err.format_message()) from None
         except KeyboardInterrupt:
             click.echo("featx: interrupted (completed work is kept; run the same command again to resume)", err=True)
             ctx.exit(130)
+
+
+def _usage_error(err: click.UsageError, command: str) -> OneLineError:
+    """`featx extract: Missing argument 'DATA'. (see featx extract --help)` and the like."""
+    command = err.ctx.command_path if err.ctx is not None else command
+    return OneLineError(f"{command}: {err.format_message()} (see {command} --help)", err.exit_code)
 
 
 class PathParam(click.ParamType):
