@@ -27,7 +27,7 @@ from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .request import DEFAULT_DECODE, DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
-from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
+from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, content_keys, decode_image, load_source, unreadable_reason
 from .store import config_fingerprint
 from .writer import StoreWriter, seal_plan
@@ -168,7 +168,7 @@ class FeatureRunner:
         x = torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8)
         try:
             self(x)
-        except RuntimeError as err:
+        except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
             raise FeatxError(
                 f"backbone {name} cannot run on {self.transform.crop}x{self.transform.crop} inputs "
                 f"({str(err).splitlines()[0][:150]}): check --image-size"
@@ -292,15 +292,16 @@ def extract(
             compute_seconds = 0.0
             if to_compute:
                 paths = [source.items[i].path for i in to_compute]
+                batch = min(batch_size, len(paths))  # no batch is larger than the images there are
                 t0 = time.perf_counter()
                 if cluster:
-                    batches = _ray_batches(cluster, paths, config, weights, batch_size)
+                    batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
                     with out_of_memory_as_error("--batch-size", batch_size, runtime.device):
                         runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype,
-                                               compiled_batch=min(batch_size, len(paths)) if compile_model else None)
-                        batches = _local_batches(paths, runner, batch_size, workers, decode)
+                                               compiled_batch=batch if compile_model else None)
+                        batches = _local_batches(paths, runner, batch, workers, decode)
                         _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
@@ -415,7 +416,7 @@ def _unique_missing(keys: list[str | None], available) -> list[int]:
 def _local_batches(paths, runner: FeatureRunner, batch_size, workers, decode):
     """(positions in `paths`, reasons ('' = decoded), {tap: rows of the decoded ones}) batch by batch: decode
     workers feed this process's model."""
-    workers = default_workers() if workers is None else workers
+    workers = loader_workers(workers, len(paths), batch_size)
     dataset = _DecodeDataset(paths, runner.transform, decode)
     loader = DataLoader(
         dataset,

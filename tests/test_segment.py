@@ -4,6 +4,7 @@ pairs with random-init backbones."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from featx.errors import FeatxError
 from featx.finetune.checkpoint import load_checkpoint
 from featx.segment.metrics import confusion, summarize
 from featx.segment.model import build_segmenter, default_tap, parse_decoder
-from featx.segment.probe import fit_dense_probe, load_segment_head
+from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
 from featx.segment.train import SegmentLoss
 from featx.sources import load_source
@@ -271,3 +272,16 @@ def test_dense_probe_bad_input(data, maps, tmp_path):
         fit_dense_probe(maps, other, binary=True)
     out = _cli("fit-head", maps, "--task", "segment", "-o", tmp_path / "h")
     assert out.returncode == 2 and "--masks MASKS" in out.stderr
+
+
+def test_dense_predict_refuses_an_output_that_cannot_be_a_folder(data, maps, tmp_path):
+    head = fit_dense_probe(maps, data, tmp_path / "head", binary=True, grid="1", pixels_per_image=16)
+    (tmp_path / "file.txt").write_text("x")
+    for output, store, message in [
+        (tmp_path / "file.txt", None, "file.txt is a file, expected a folder for the mask PNGs"),
+        (tmp_path / "file.txt" / "masks", None, "file.txt is a file, expected a folder for the mask PNGs"),
+        (tmp_path / "same.h5", tmp_path / "same.h5", "one path for both; the mask PNGs need a folder of their own"),
+    ]:
+        with pytest.raises(FeatxError, match=re.escape(message)):
+            predict_dense(head, data, output, store=store, workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "head"]

@@ -257,9 +257,14 @@ def predict_dense(head, data, output, *, store=None, batch_size: int = 64, devic
     if is_feature_file(data):
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
+    output = Path(output)
+    existing = next(path for path in (output, *output.parents) if os.path.exists(path))
+    if not os.path.isdir(existing):
+        raise FeatxError(f"-o {output}: {existing} is a file, expected a folder for the mask PNGs")
+    if store is not None and os.path.abspath(store) == os.path.abspath(output):
+        raise FeatxError(f"-o {output} and --store {store}: one path for both; the mask PNGs need a folder of their own")
     store_path, failed = _extract(head, data, store, batch_size, device, workers, progress, log)
     paths = {item.relpath: item.path for item in load_source(data).items}
-    output = Path(output)
     written = 0
     with open_store(store_path) as st:
         tap, shape = _map_tap(st, head.tap)
