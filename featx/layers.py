@@ -207,9 +207,7 @@ def _default_rows(graph: _Graph, model: nn.Module, extra: list[str]) -> dict[str
 
 def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int, ...]]:
     """Per-image output shapes of `nodes` on one zeros image of size x size; nodes without a tensor are left out."""
-    fixed = getattr(model, "image_size", None)  # ViT is built for one input size
-    if isinstance(fixed, int) and size != fixed:
-        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
+    check_image_size(model, size)
     extractor = feature_extractor(model, nodes, suppress_diff_warning=True).eval()
     try:
         with torch.inference_mode():
@@ -224,6 +222,13 @@ def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int
         for name, out in outputs.items()
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 1
     }
+
+
+def check_image_size(model: nn.Module, size: int) -> None:
+    """FeatxError when the model is built for one input size (torchvision's ViT) and `size` is another."""
+    fixed = getattr(model, "image_size", None)
+    if isinstance(fixed, int) and size != fixed:
+        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
 
 
 def _reference_size(model: nn.Module) -> int:
@@ -321,8 +326,10 @@ def activation_bytes(model: nn.Module, image_size: int) -> ActivationBytes:
 
     The shapes come from one probe at the model's reference size (as `describe_layers` measures them), scaled by
     the area for maps and token sequences, so that a size too large to run is estimated without running it. A
-    node's output is alive from the node until its last user has run.
+    node's output is alive from the node until its last user has run. A model built for one input size takes no
+    other (FeatxError).
     """
+    check_image_size(model, image_size)
     graph = _Graph(model)
     reference = _reference_size(model)
     area = (image_size / reference) ** 2

@@ -67,7 +67,7 @@ def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, devic
     whose free memory is unknown (MPS) pass.
 
     The options name what the user typed: `size_option` None when the size is not the user's (a head's crop),
-    `resize_option` when the resize was given, `batch_option` None for a single image."""
+    `resize_option` when the resize was given, `batch_option` None when the batch is not the user's."""
     available = available_bytes(device)
     if available is None:
         return
@@ -80,15 +80,16 @@ def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, devic
     given += [f"{resize_option} {resize}"] if resize_option else []
     sizes = [option for option in (size_option, resize_option) if option]
     where = f"{device} has {human_bytes(available)} available"
-    fits = min(need.largest_batch(available), batch - 1)
-    if fits >= 1 and batch_option:
-        given.append(f"{batch_option} {batch_size}")
-        smaller = f"{batch_option} {fits} or less" + "".join(f", or a smaller {option}" for option in sizes)
-        raise FeatxError(f"{', '.join(given)}: a batch of {batch} images needs about {human_bytes(need.bytes(batch))} "
-                         f"of memory and {where}: use {smaller}")
-    hint = f": use a smaller {' or '.join(sizes)}" if sizes else ""
-    raise FeatxError(f"{', '.join(given)}: one image alone needs about {human_bytes(need.bytes(1))} of memory "
-                     f"and {where}{hint}")
+    smaller = f"a smaller {' or '.join(sizes)}" if sizes else ""
+    if need.bytes(1) > available:
+        raise FeatxError(f"{', '.join(given)}: one image alone needs about {human_bytes(need.bytes(1))} of memory "
+                         f"and {where}" + (f": use {smaller}" if smaller else ""))
+    needs = f"a batch of {batch} images needs about {human_bytes(need.bytes(batch))} of memory and {where}"
+    if batch_option:
+        fits = min(need.largest_batch(available), batch - 1)
+        raise FeatxError(f"{', '.join(given)}, {batch_option} {batch_size}: {needs}: use {batch_option} {fits} or less"
+                         + (f", or {smaller}" if smaller else ""))
+    raise FeatxError(f"{', '.join(given)}: {needs}" + (f": use {smaller}" if smaller else ""))
 
 
 def available_bytes(device: torch.device) -> int | None:
