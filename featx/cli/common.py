@@ -1,7 +1,9 @@
 """What every command shares: one-line errors with exit code 2, JSON output."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import click
@@ -45,6 +47,12 @@ class FeatxGroup(click.Group):
             raise _usage_error(err, ctx.command_path) from None
         except click.ClickException as err:  # click.open_file's FileError and the like: the user's path
             raise OneLineError(err.format_message()) from None
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            # Only a typed name is longer than the file system allows, and pathlib's exists() and is_dir() raise
+            # it wherever such a name is first looked at: one line here rather than the same check in every command.
+            raise OneLineError(f"{err.filename or 'a path'}: {err.strerror}") from None
         except KeyboardInterrupt:
             click.echo("featx: interrupted (completed work is kept; run the same command again to resume)", err=True)
             ctx.exit(130)
@@ -69,6 +77,12 @@ class PathParam(click.ParamType):
     def convert(self, value, param, ctx):
         path = Path(value)
         where = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {value}"
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as err:  # a name too long, a link that loops, a folder that cannot be searched
+            raise FeatxError(f"{where}: {err.strerror or err}, expected {self.expected}") from None
         if path.is_dir():
             raise FeatxError(f"{where}: is a folder, expected {self.expected}")
         if self.kind == "input" and not path.exists():
