@@ -274,7 +274,8 @@ def extract(
         transform = bb.transform.with_sizes(image_size, resize)
         if runtime is not None:  # before the store's folder exists: a batch that cannot fit leaves nothing behind
             check_batch_memory(bb.model, transform.crop, batch_size, runtime.device, n_images=len(source.items),
-                               resize=transform.resize, resize_option="--resize" if resize else None)
+                               resize=transform.resize, resize_option="--resize" if resize else None,
+                               decoders=loader_workers(workers, len(source.items), batch_size))
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
         config["request"] = record(arguments, bb.weights_file)
@@ -298,7 +299,8 @@ def extract(
                     batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
-                    with out_of_memory_as_error("--batch-size", batch_size, runtime.device):
+                    with out_of_memory_as_error("--batch-size", batch_size, runtime.device,
+                                                decode_options="--resize, --image-size or --workers"):
                         runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype,
                                                compiled_batch=batch if compile_model else None)
                         batches = _local_batches(paths, runner, batch, workers, decode)

@@ -18,6 +18,7 @@ from .errors import FeatxError
 from .layers import activation_bytes, human_bytes
 
 DECODED_BYTES = 3  # a pixel of the decoded uint8 batch (the normalized float batch is the graph's input)
+RESIZED_ASPECT = 2  # a decoder resizes the shorter side to --resize: images up to 2:1 are counted
 TRAINING_STATES = 3  # per parameter when training: its gradient and up to two optimizer states (Adam)
 MEMINFO = Path("/proc/meminfo")
 CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -27,7 +28,7 @@ CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 @dataclass(frozen=True)
 class BatchMemory:
     """Bytes a run needs: `per_image` grows with the batch, `fixed` does not (optimizer states, weights moved to
-    the device, one image decoded at the --resize size)."""
+    the device, the images being resized to --resize by the decoders)."""
 
     per_image: int
     fixed: int
@@ -41,26 +42,26 @@ class BatchMemory:
 
 
 def batch_memory(model: nn.Module, image_size: int, *, training: bool = False, every_output: bool = False,
-                 resize: int | None = None, on_device: bool = False) -> BatchMemory:
+                 resize: int | None = None, decoders: int = 1, on_device: bool = False) -> BatchMemory:
     """The memory of a forward pass of `model` on image_size x image_size images, at float32.
 
     Per image: its decoded pixels and the tensors alive at once (the float input among them), or every tensor
-    when `training` (kept for the backward pass) or `every_output` (a probe returning every node). Fixed: the gradients and optimizer
-    states when training, the weights when they move to another device (`on_device`), and one image resized to
-    `resize` before its crop.
+    when `training` (kept for the backward pass) or `every_output` (a probe returning every node). Fixed: the
+    gradients and optimizer states when training, the weights when they move to another device (`on_device`), and
+    the image each of the `decoders` resizes to `resize` before cropping it.
     """
     activations = activation_bytes(model, image_size)
     kept = activations.total if training or every_output else activations.peak
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     fixed = (TRAINING_STATES * weights if training else 0) + (weights if on_device else 0)
     if resize and resize > image_size:
-        fixed += 3 * resize * resize
+        fixed += max(1, decoders) * 3 * resize * resize * RESIZED_ASPECT
     return BatchMemory(per_image=DECODED_BYTES * image_size * image_size + kept, fixed=fixed)
 
 
 def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, device: torch.device, *,
                        training: bool = False, every_output: bool = False, resize: int | None = None,
-                       size_option: str | None = "--image-size", resize_option: str | None = None,
+                       decoders: int = 1, size_option: str | None = "--image-size", resize_option: str | None = None,
                        batch_option: str | None = "--batch-size", n_images: int | None = None) -> None:
     """FeatxError (one line naming the options, the bytes needed and available) when a batch of `batch_size`
     images (at most `n_images`, the images there are) cannot fit in the memory `device` has available; devices
@@ -72,7 +73,7 @@ def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, devic
     if available is None:
         return
     need = batch_memory(model, image_size, training=training, every_output=every_output, resize=resize,
-                        on_device=device.type != "cpu")
+                        decoders=decoders, on_device=device.type != "cpu")
     batch = min(batch_size, n_images or batch_size)
     if need.bytes(batch) <= available:
         return
@@ -144,15 +145,21 @@ def _stat(path: Path, name: str) -> int:
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(batch_option: str, batch_size: int, device: torch.device, size_option: str = "--image-size"):
-    """Turn an allocation failure (torch's out-of-memory errors, a MemoryError) into a one-line FeatxError that
-    says which batch size to try."""
+def out_of_memory_as_error(batch_option: str, batch_size: int, device: torch.device, size_option: str = "--image-size",
+                           decode_options: str = "--workers"):
+    """Turn an allocation failure (torch's out-of-memory errors, a MemoryError, a DataLoader worker that ran out or
+    was killed by the system) into a one-line FeatxError saying what to try: a smaller batch, or for a decoding
+    process fewer of `decode_options`."""
     try:
         yield
     except (RuntimeError, MemoryError) as err:
         text = str(err)
-        if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+        killed = text.startswith("DataLoader worker") and "exited unexpectedly" in text
+        if not (killed or isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
                 or "can't allocate memory" in text):
             raise
+        if killed or "DataLoader worker" in text:
+            raise FeatxError(f"a decoding process ran out of memory at {batch_option} {batch_size} (or the system "
+                             f"killed it for memory): try lower {decode_options}") from None
         hint = f"try {batch_option} {batch_size // 2}" if batch_size > 1 else f"try a smaller {size_option}"
         raise FeatxError(f"out of memory on {device} at {batch_option} {batch_size}: {hint}") from None

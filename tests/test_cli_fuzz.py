@@ -9,10 +9,11 @@ unicode and over-long names. Each example runs in its own copy of a small world 
 
 The test is about errors, not about long runs, so the options that decide how long a valid run takes are always
 given, with cheap valid values or invalid ones: --epochs at most 2, --image-size 32 or a size too large to allocate,
---workers 0, 1 or 10**9 (capped at the number of batches); numbers otherwise skip the middle range (a valid --hidden 100000 would train for minutes, 10**9
-fails at once). Two values are never drawn: `--engine ray` (starts a Ray cluster) and `--compile` (a compiler
-warm-up of a minute); tests/test_ray_engine.py and the --compile tests cover them. `featx serve` starts up, then
-stops before serving.
+--workers 0, 1 or 10**9 (never more processes than batches); numbers otherwise skip the middle range (a valid
+--hidden 100000 would train for minutes, 10**9 fails at once). Two values are never drawn: `--engine ray` (starts a
+Ray cluster) and `--compile` (a compiler warm-up of a minute); tests/test_ray_engine.py and the --compile tests
+cover them. `featx serve` starts up, then stops before serving. The commands' `main` runs in this process (click's
+CliRunner), each example in a time limit; a slow-marked sample runs real processes.
 """
 from __future__ import annotations
 
