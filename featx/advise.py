@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import check_seed
 from .errors import FeatxError
 
 FT_MIN_PER_CLASS = 500
@@ -187,6 +188,7 @@ def advise(data, *, backbone: str = "resnet50", weights: str = "DEFAULT", weight
 
     started = time.perf_counter()
     log = log or (lambda line: None)
+    check_seed(seed)
     if budget_seconds is not None and not 0 < budget_seconds < math.inf:
         raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
     source = load_source(data)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..choices import check_seed
 from ..errors import FeatxError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
@@ -112,6 +113,7 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
 
     if isinstance(pixels_per_image, bool) or not isinstance(pixels_per_image, int) or pixels_per_image < 1:
         raise FeatxError(f"--pixels-per-image {pixels_per_image!r}: expected a positive integer")
+    check_seed(seed)
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
