@@ -82,17 +82,19 @@ POOLS = {  # by the option's name (arguments as arg:NAME): the values a user wou
     "decode_cache": pool(["auto", "none", "cachedir"], ["notes.txt", "ro/cache", "store.h5"]),
     "masks": pool(["masks"], ["data", "missing", "notes.txt", "store.h5"]),
     "init_head": pool(["head"], ["seghead", "missing", "notes.txt", "store.h5"]),
-    "resume_dir": pool(["run"], ["missing", "head", "notes.txt", "out"]),
+    "resume_dir": pool([], ["run", "missing", "head", "notes.txt", "out"]),  # -o is always given: a mistake
     "heads_dir": pool(["heads", "out"], ["run/model.pt", "notes.txt", "ro/heads"]),
     # the options that decide how long a valid run takes: always given, cheap when valid (huge sizes are refused)
     "epochs": pool(["1", "2"], ["0", "-1", "x"]),
     "image_size": pool(["32"] * 4 + ["8", "16", "100000", str(10**9), str(10**30)], ["7", "0", "-5", "x"]),
     "workers": pool(["0", "0", "1", str(10**9)], ["-1", "x"]),  # never more worker processes than batches
+    "batch_size": pool(["1", "2", "4", "4", str(10**9), str(10**30)], ["0", "-1", "x"]),  # finetune's default: 32
 }
-ALWAYS = {"backbone", "weights", "epochs", "image_size", "workers", "output"}
+ALWAYS = {"backbone", "weights", "epochs", "image_size", "workers", "batch_size", "output"}
 NEVER = {"engine": ["ray"], "compile_model": None}  # values (None: the option itself) never drawn
 HUGE = [str(10**9), str(2**31), str(2**63), str(10**30)]
-FLOATS = ["0", "0.5", "1", "0.001", "-1", "1e30", "1e-300", "nan", "inf", "-inf"]
+FLOATS = ["0", "0.5", "1", "0.001"]  # plain floats a user would mean; the others are mistakes to catch
+ODD_FLOATS = ["-1", "1e30", "1e-300", "nan", "inf", "-inf"]
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +175,14 @@ def _pool(param: click.Parameter) -> tuple[list[str], list[str]]:
     if isinstance(kind, click.types.IntParamType):
         low = getattr(kind, "min", None)
         if low is None:
-            return ["0", "1", "2", "-1", *HUGE], ["1.5", "x", ""]
-        return [str(low), str(low + 1), str(low + 2), *HUGE], [str(low - 1), "-100", "1.5", "x", ""]
+            return ["0", "1", "2"] * 3 + HUGE, ["-1", "1.5", "x", ""]
+        return [str(low), str(low + 1), str(low + 2)] * 3 + HUGE, [str(low - 1), "-100", "1.5", "x", ""]
     if isinstance(kind, click.types.FloatParamType):
         low, high = getattr(kind, "min", None), getattr(kind, "max", None)
-        inside = [v for v in FLOATS if (low is None or float(v) >= low) and (high is None or float(v) < high)]
-        return inside, [v for v in FLOATS if v not in inside] + ["x", "", "1,5"]
+        values = FLOATS + ODD_FLOATS
+        inside = [v for v in values if (low is None or float(v) >= low) and (high is None or float(v) < high)]
+        sane = [v for v in inside if v in FLOATS]
+        return sane or inside, [v for v in values if v not in sane] + ["x", "", "1,5"]
     return ["out", "data", "store.h5"], JUNK
 
 
