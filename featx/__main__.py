@@ -1,4 +1,4 @@
-"""`python -m featx` runs the command line."""
+"""`python -m featx` runs the command line (and names itself featx in its messages)."""
 from .cli import main
 
-main()
+main(prog_name="featx")

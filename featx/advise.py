@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import check_seed
 from .errors import FeatxError
 
 FT_MIN_PER_CLASS = 500
@@ -123,12 +124,15 @@ def advice_taps(model) -> list[str]:
 
 def measure_costs(model, size: int, batch: int = 8) -> dict:
     """Seconds per image of a forward pass (extraction) and of a training step (forward + backward) on this
-    machine, measured on a seeded random batch with featx's runtime settings."""
+    machine, measured on a seeded random batch with featx's runtime settings (FeatxError naming --image-size when
+    that batch cannot fit in memory)."""
     import torch
 
+    from .memory import check_batch_memory
     from .runtime import prepare_model, resolve_runtime
 
     runtime = resolve_runtime("auto", "auto")
+    check_batch_memory(model, size, batch, runtime.device, training=True, batch_option=None)
     model = prepare_model(model.eval(), runtime)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(runtime.device)
     if runtime.channels_last:
@@ -187,8 +191,9 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
 
     started = time.perf_counter()
     log = log or (lambda line: None)
-    if budget_seconds is not None and not budget_seconds > 0:
-        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive number of seconds")
+    check_seed(seed)
+    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
+        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
     source = load_source(data)
     counts = _labelled_counts(source, data)
     bb = load_backbone(backbone, weights, match=weights_match)
@@ -201,7 +206,7 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     per_image = costs["forward_seconds_per_image"] * DECODE_FACTOR
     k = len(counts)
     # Extraction gets 80 % of the budget, the probes the rest: the largest class-balanced part that fits.
-    affordable = int(0.8 * budget / (per_image * k))
+    affordable = int(min(0.8 * budget / (per_image * k), max(counts.values())))  # a huge budget affords them all
     if affordable < 2:
         need = 2 * k * per_image / 0.8
         raise FeatxError(f"--budget-seconds {budget:g}: too small to measure anything here; extracting the minimum "
@@ -209,7 +214,7 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
                          f"least --budget-seconds {math.ceil(need)}")
     store = Path(store) if store is not None else Path(f"{Path(str(data)).name or 'data'}.featx.h5")
     per_class = min(counts.values())
-    take = min(max(counts.values()), affordable)
+    take = affordable
     with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
         spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
         part = "all images" if take >= max(counts.values()) else \

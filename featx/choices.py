@@ -1,4 +1,4 @@
-"""The choice lists of options shared by the CLI and the engine, in a module that imports nothing heavy.
+"""The choice lists (and ranges) of options shared by the CLI and the engine, in a module that imports nothing heavy.
 
 `featx --help` and `featx info` build their option tables from these without loading torch.
 """
@@ -9,3 +9,12 @@ TOKEN_POOLINGS = ("cls", "mean")
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's tensors by key and shape, or by position
+MAX_SEED = 2**32 - 1  # --seed: numpy's RandomState and scikit-learn take 32-bit seeds
+
+
+def check_seed(seed) -> None:
+    """FeatxError unless `seed` is an integer numpy's RandomState and scikit-learn accept (0 to 2**32 - 1)."""
+    from .errors import FeatxError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise FeatxError(f"--seed {seed!r}: expected an integer from 0 to {MAX_SEED}")

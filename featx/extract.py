@@ -23,12 +23,13 @@ from .backbones import Backbone, check_backbone, load_backbone
 from .errors import FeatxError
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
+from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .request import DEFAULT_DECODE, DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
 from .retention import RETENTIONS, data_root, data_rows
-from .runtime import Runtime, default_workers, prepare_model, resolve_runtime
-from .sources import DecodeError, Source, content_keys, decode_image, load_source
+from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
+from .sources import DecodeError, Source, content_keys, decode_image, load_source, unreadable_reason
 from .store import config_fingerprint
 from .writer import StoreWriter
 
@@ -172,7 +173,7 @@ class FeatureRunner:
         x = torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8)
         try:
             self(x)
-        except RuntimeError as err:
+        except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
             raise FeatxError(
                 f"backbone {name} cannot run on {self.transform.crop}x{self.transform.crop} inputs "
                 f"({str(err).splitlines()[0][:150]}): check --image-size"
@@ -285,10 +286,16 @@ def extract(
         taps = list(taps) if taps else [penultimate_node(bb.model)]
         check_taps(bb.model, taps)
         transform = bb.transform.with_sizes(image_size, resize)
+        if runtime is not None:  # before the store's folder exists: a batch that cannot fit leaves nothing behind
+            check_batch_memory(bb.model, transform.crop, batch_size, runtime.device, n_images=len(source.items),
+                               resize=transform.resize, resize_option="--resize" if resize else None,
+                               decoders=loader_workers(workers, len(source.items), batch_size))
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
         config["request"] = record(arguments, bb.weights_file)
         keys = content_keys([item.path for item in source.items], progress)
+        if on_error == "fail":
+            _check_all_readable(source, keys)
         job = {"config": identity_key(config), "data": _data_fingerprint(source, keys), "retention": retention}
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
@@ -302,14 +309,18 @@ def extract(
             compute_seconds = 0.0
             if to_compute:
                 paths = [source.items[i].path for i in to_compute]
-                if cluster:
-                    batches = _ray_batches(cluster, paths, config, weights, batch_size)
-                else:
-                    runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype,
-                                           compiled_batch=min(batch_size, len(paths)) if compile_model else None)
-                    batches = _local_batches(paths, runner, batch_size, workers, decode)
+                batch = min(batch_size, len(paths))  # no batch is larger than the images there are
                 t0 = time.perf_counter()
-                _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
+                if cluster:
+                    batches = _ray_batches(cluster, paths, config, weights, batch)
+                    _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
+                else:
+                    with out_of_memory_as_error("--batch-size", batch_size, runtime.device,
+                                                decode_options="--resize, --image-size or --workers"):
+                        runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype,
+                                               compiled_batch=batch if compile_model else None)
+                        batches = _local_batches(paths, runner, batch, workers, decode)
+                        _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
             plan = None if note else writer.plan(
@@ -342,6 +353,20 @@ def extract(
         other=plan.other if plan else {},
         rows=ours,
     )
+
+
+def _check_all_readable(source: Source, keys: list[str | None]) -> None:
+    """--on-error fail: a FeatxError for the first folder or file that cannot be read, before anything is written."""
+    files = [item.path for item, key in zip(source.items, keys) if key is None]
+    count = len(source.failed) + len(files)
+    if not count:
+        return
+    if source.failed:
+        path, reason = Path(source.root, source.failed[0][0]), source.failed[0][1]
+    else:
+        path, reason = files[0], unreadable_reason(files[0])
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    raise FeatxError(f"{path}: {reason}{more} (--on-error fail)")
 
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
@@ -415,7 +440,7 @@ def _unique_missing(keys: list[str | None], available) -> list[int]:
 def _local_batches(paths, runner: FeatureRunner, batch_size, workers, decode):
     """(positions in `paths`, reasons ('' = decoded), {tap: rows of the decoded ones}) batch by batch: decode
     workers feed this process's model."""
-    workers = default_workers() if workers is None else workers
+    workers = loader_workers(workers, len(paths), batch_size)
     dataset = _DecodeDataset(paths, runner.transform, decode)
     loader = DataLoader(
         dataset,
@@ -482,10 +507,11 @@ def _drain(pending: list[cf.Future], writer: StoreWriter, keep: int) -> list[cf.
     return pending
 
 
-def runner_from_config(config: dict, device: str = "auto", weights=()) -> FeatureRunner:
+def runner_from_config(config: dict, device: str = "auto", weights=(), max_batch: int = 1) -> FeatureRunner:
     """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
-    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows}. `weights`:
-    the weights files the user gave (-w), for a recorded file that moved (featx.request.weights_for)."""
+    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows} for batches
+    of up to `max_batch` images (--max-batch: FeatxError when such a batch cannot fit in memory). `weights`: the
+    weights files the user gave (-w), for a recorded file that moved (featx.request.weights_for)."""
     options = extract_options_from_config(config, weights)
     bb = load_backbone(options["backbone"], options["weights"], match=options["weights_match"])
     if bb.weights_sha256 != config.get("weights_sha256"):
@@ -495,5 +521,7 @@ def runner_from_config(config: dict, device: str = "auto", weights=()) -> Featur
         )
     runtime = resolve_runtime(device, options["precision"])
     transform = TransformSpec.from_dict(config["transform"])
+    check_batch_memory(bb.model, transform.crop, max_batch, runtime.device, resize=transform.resize,
+                       size_option=None, batch_option="--max-batch")
     return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
                          options["dtype"])

@@ -7,11 +7,13 @@ own leaf modules and functions (its dynamic padding, its asserts), which timm re
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs, create_feature_extractor
 from torchvision.ops import Permute
 
@@ -52,8 +54,23 @@ class _Graph:
         self.name_of: dict[fx.Node, str] = dict(tracer.node_to_qualname)
         self.node: dict[str, fx.Node] = {name: node for node, name in self.name_of.items()}
         self.names = list(self.node)
-        self.output = next(node for node in graph.nodes if node.op == "output")
+        self.graph = graph
+        self.order = list(graph.nodes)
+        self.output = self.order[-1]
         self.nhwc = self._layouts(graph)
+
+    def shapes(self, size: int) -> dict[fx.Node, tuple[int, ...]]:
+        """Per-image output shape of every node that gives one tensor (the input included, the return statement
+        not), from one zeros image of size x size run node by node (each output freed after its last use)."""
+        module = fx.GraphModule(self.model, self.graph)
+        was_training = self.model.training
+        try:
+            with torch.inference_mode():
+                ShapeProp(module.eval()).propagate(torch.zeros(1, 3, size, size))
+        finally:
+            self.model.train(was_training)
+        metas = {node: node.meta.get("tensor_meta") for node in self.order if node.op != "output"}
+        return {node: tuple(meta.shape[1:]) for node, meta in metas.items() if isinstance(meta, TensorMetadata)}
 
     def resolve(self, tap: str) -> str | None:
         """The node a tap stands for: the node of that name, or the last node inside the module of that name."""
@@ -190,9 +207,7 @@ def _default_rows(graph: _Graph, model: nn.Module, extra: list[str]) -> dict[str
 
 def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int, ...]]:
     """Per-image output shapes of `nodes` on one zeros image of size x size; nodes without a tensor are left out."""
-    fixed = getattr(model, "image_size", None)  # ViT is built for one input size
-    if isinstance(fixed, int) and size != fixed:
-        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
+    check_image_size(model, size)
     extractor = feature_extractor(model, nodes, suppress_diff_warning=True).eval()
     try:
         with torch.inference_mode():
@@ -207,6 +222,13 @@ def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int
         for name, out in outputs.items()
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 1
     }
+
+
+def check_image_size(model: nn.Module, size: int) -> None:
+    """FeatxError when the model is built for one input size (torchvision's ViT) and `size` is another."""
+    fixed = getattr(model, "image_size", None)
+    if isinstance(fixed, int) and size != fixed:
+        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
 
 
 def _reference_size(model: nn.Module) -> int:
@@ -276,13 +298,53 @@ def check_taps(model: nn.Module, taps) -> None:
 
 
 def _unknown_tap(graph: _Graph, model: nn.Module, tap: str) -> str:
+    """The unknown tap, the closest names (module names and graph nodes), and the usual rows."""
     label = model_label(model)
     rows = list(_default_rows(graph, model, []))
+    names = [name for name, _ in model.named_modules() if name] + graph.taps()
+    close = difflib.get_close_matches(tap, dict.fromkeys(names), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
     shown = ", ".join(rows[:MAX_LISTED]) + (", ..." if len(rows) > MAX_LISTED else "")
     return (
-        f"-l {tap}: unknown tap for {label}; valid taps include {shown} "
+        f"-l {tap}: unknown tap for {label}{hint}; valid taps include {shown} "
         f"(featx layers {label} --all lists all {len(graph.taps())})"
     )
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Bytes of the tensors of one image's forward pass at float32, its input included: the most alive at once
+    (`peak`, inference), and all of them (`total`: what a training forward keeps for the backward pass, and what
+    a probe of every node returns)."""
+
+    peak: int
+    total: int
+
+
+def activation_bytes(model: nn.Module, image_size: int) -> ActivationBytes:
+    """The activation memory of one image_size x image_size image, from the traced graph's node shapes.
+
+    The shapes come from one probe at the model's reference size (as `describe_layers` measures them), scaled by
+    the area for maps and token sequences, so that a size too large to run is estimated without running it. A
+    node's output is alive from the node until its last user has run. A model built for one input size takes no
+    other (FeatxError).
+    """
+    check_image_size(model, image_size)
+    graph = _Graph(model)
+    reference = _reference_size(model)
+    area = (image_size / reference) ** 2
+    size = {node: math.prod(shape) * (area if len(shape) > 1 else 1) * ITEMSIZE["float32"]
+            for node, shape in graph.shapes(reference).items()}
+    last_use = {node: index for index, user in enumerate(graph.order) for node in user.all_input_nodes}
+    alive: dict[fx.Node, float] = {}
+    live = peak = 0.0
+    for index, node in enumerate(graph.order):
+        alive[node] = size.get(node, 0.0)
+        live += alive[node]
+        peak = max(peak, live)
+        for done in [n for n in alive if last_use.get(n, index) <= index]:
+            live -= alive.pop(done)
+    return ActivationBytes(peak=math.ceil(peak), total=math.ceil(sum(size.values())))
 
 
 def describe_layers(
@@ -299,6 +361,9 @@ def describe_layers(
     if include_all:
         rows = {name: name for name in graph.taps()}
     if include_all or image_size != _reference_size(model):
+        from .memory import check_batch_memory  # featx.memory builds on this module
+
+        check_batch_memory(model, image_size, 1, torch.device("cpu"), every_output=True, batch_option=None)
         shapes = _probe(model, list(rows.values()), image_size)
     infos = []
     for name, node in rows.items():
@@ -310,7 +375,7 @@ def describe_layers(
     return infos
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     """2048000 -> '2.0 MB' (decimal units, as extract's summary)."""
     units = ("B", "kB", "MB", "GB", "TB")
     power = 0
@@ -335,7 +400,7 @@ def format_layers_table(infos: list[LayerInfo], n_images: int | None = None, dty
         row_bytes = info.pooled_dim * itemsize
         cells = [info.name, shape, str(info.pooled_dim), f"{row_bytes:,}"]
         if n_images:
-            cells.append(_human_bytes(row_bytes * n_images))
+            cells.append(human_bytes(row_bytes * n_images))
         lines.append(cells + [info.usual])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FeatxError
-from .sources import DIGITS_SPEC
+from .sources import DIGITS_SPEC, unreadable_reason
 
 RETENTIONS = ("mirror", "add", "prune")
 UNRECORDED = ""  # the root of rows of a store written before stores recorded their data (store.UNRECORDED_ROOT)
@@ -78,11 +78,12 @@ class DataRows:
 
 def data_rows(root: str, source, keys, available, failures: dict[str, str]) -> DataRows:
     """The rows of `source` (a featx.sources.Source) whose content key is in `available`, in source order; the
-    other items are failures (unreadable, a recorded decode failure, or not computed)."""
-    rows, failed = [], []
+    other items are failures (unreadable, a recorded decode failure, or not computed), after the folders the
+    source could not read."""
+    rows, failed = [], list(source.failed)
     for item, key in zip(source.items, keys):
         if key is None:
-            failed.append((item.relpath, "cannot read file"))
+            failed.append((item.relpath, unreadable_reason(item.path)))
         elif key in available:
             rows.append((item, key))
         else:

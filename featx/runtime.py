@@ -106,6 +106,13 @@ def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return model
 
 
+def loader_workers(workers: int | None, n_items: int, batch_size: int) -> int:
+    """DataLoader workers for `n_items` in batches of `batch_size`: --workers (default_workers() when not given),
+    never more than there are batches, since each worker process loads whole batches."""
+    workers = default_workers() if workers is None else workers
+    return min(workers, -(-n_items // batch_size))
+
+
 def default_workers() -> int:
     """DataLoader workers: one per spare core, at least one so decoding overlaps with compute."""
     import os

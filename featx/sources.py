@@ -9,16 +9,19 @@ to a fully loaded RGB image, or raises `DecodeError` with a one-line reason. `co
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
 import io
 import math
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -32,6 +35,12 @@ SPLITS = ("train", "val", "test")
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own MAX_IMAGE_PIXELS, applied per call instead of through PIL's global
 DIGITS_SPEC = "digits"
 DIGITS_FOLDER = "digits-v1"
+COLUMN_NAMES = {  # header names of a CSV's columns, lower case without separators ('File_Path' is 'filepath')
+    "path": {"path", "file", "filepath", "filename", "fname", "image", "imagepath", "imagefile", "imagename", "img",
+             "imgpath"},
+    "label": {"label", "labels", "class", "classname", "classes", "category", "target", "y"},
+    "split": {"split", "subset", "set", "partition"},
+}
 EXPECTED_SOURCE = "expected a folder, a .csv of path,label, a .txt list of image paths, an image file, or 'digits'"
 _SPLIT_ORDER = {name: rank for rank, name in enumerate((*SPLITS, ""))}
 _HASH_BLOCK = 1 << 20
@@ -62,6 +71,7 @@ class Source:
     classes: list[str]
     task: str  # 'classification' | 'regression' | 'unlabelled'
     description: str
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason): folders that could not be read
 
 
 class DecodeError(Exception):
@@ -99,10 +109,16 @@ def load_source(spec) -> Source:
     raise FeatxError(f"data source {display}: unsupported file type {suffix or '(none)'} ({EXPECTED_SOURCE})")
 
 
-def _make_source(root: str, items: list[Item], classes: list[str], task: str, kind: str) -> Source:
+def _make_source(root: str, items: list[Item], classes: list[str], task: str, kind: str,
+                 failed: list[tuple[str, str]] = (), missing: int = 0) -> Source:
     """A Source with its items in the canonical order and a one-line description."""
     items = sorted(items, key=lambda it: (_SPLIT_ORDER[it.split], it.label, it.relpath))
-    return Source(root, items, classes, task, f"{kind} ({_summary(items, classes, task)})")
+    summary = _summary(items, classes, task)
+    if missing:
+        summary += f", {missing} not found"
+    if failed:
+        summary += f", {len(failed)} unreadable folder{'s' if len(failed) > 1 else ''} left out"
+    return Source(root, items, classes, task, f"{kind} ({summary})", sorted(failed))
 
 
 def _summary(items: list[Item], classes: list[str], task: str) -> str:
@@ -135,13 +151,19 @@ def _load_folder(folder: str, kind: str) -> Source:
     """ImageFolder `root/<class>/...`, split layout `root/{train,val,test}/<class>/...`, or a flat folder.
 
     Images lying next to class folders (a flat split folder such as an unlabelled `test/`) are unlabelled items, and
-    so are the images of a segmentation level (only `images/` and `masks/` folders), whose masks are no items.
+    so are the images of a segmentation level (only `images/` and `masks/` folders), whose masks are no items. A
+    subfolder that cannot be read is left out and recorded in `Source.failed`; an unreadable root is a FeatxError.
     """
     root = os.path.abspath(folder)
-    splits = {e.name.lower(): e.path for e in _entries(root) if e.is_dir() and e.name.lower() in SPLITS}
+    try:
+        top = _entries(root)
+    except OSError as err:
+        raise FeatxError(f"cannot read folder {folder}: {err.strerror or err}") from None
+    failed: list[tuple[str, str]] = []
+    walk = _Walk(root, failed)
+    splits = {e.name.lower(): e.path for e in top if _is_folder(e) and e.name.lower() in SPLITS}
     levels = splits or {"": root}
-    found = {split: _without_masks(*_scan_level(path, ancestors={os.path.realpath(root)}))
-             for split, path in levels.items()}
+    found = {split: _without_masks(*walk.level(path)) for split, path in levels.items()}
     classes = sorted({name for by_class, _ in found.values() for name in by_class})
     index = {name: i for i, name in enumerate(classes)}
     items = []
@@ -153,7 +175,7 @@ def _load_folder(folder: str, kind: str) -> Source:
             f"no images found in {folder}: expected ImageFolder root/<class>/<image> (optionally under "
             f"root/train, root/val, root/test) or a flat folder of images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind)
+    return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind, failed)
 
 
 def _without_masks(by_class: dict[str, list[str]], loose: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -168,47 +190,74 @@ def _item(path: str, root: str, label: int, split: str) -> Item:
     return Item(path, _relpath(path, root), label, math.nan, split)
 
 
-def _scan_level(folder: str, ancestors: set[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Images of each class subfolder of `folder` (classes without images left out), and images lying in `folder`."""
-    ancestors = ancestors | {os.path.realpath(folder)}
-    by_class, loose = {}, []
-    for entry in _entries(folder):
-        if entry.is_dir():
-            images = _walk_images(entry.path, set(ancestors))
-            if images:
-                by_class[entry.name] = images
-        elif _is_image_file(entry):
-            loose.append(entry.path)
-    return by_class, loose
+class _Walk:
+    """Finds the images under a root, following links but never re-entering a folder already visited; a folder
+    that cannot be read is appended to `failed` as (relpath, reason) and left out."""
 
+    def __init__(self, root: str, failed: list[tuple[str, str]]):
+        self.root, self.failed = root, failed
+        self.ancestors = {os.path.realpath(root)}
 
-def _walk_images(folder: str, visited: set[str]) -> list[str]:
-    """Image files under `folder`, recursively, following symlinks but never re-entering a folder already visited."""
-    real = os.path.realpath(folder)
-    if real in visited:
-        return []
-    visited.add(real)
-    images = []
-    for entry in _entries(folder):
-        if entry.is_dir():
-            images += _walk_images(entry.path, visited)
-        elif _is_image_file(entry):
-            images.append(entry.path)
-    return images
+    def level(self, folder: str) -> tuple[dict[str, list[str]], list[str]]:
+        """Images of each class subfolder of `folder` (classes without images left out), and images lying in
+        `folder`."""
+        ancestors = self.ancestors | {os.path.realpath(folder)}
+        by_class, loose = {}, []
+        for entry in self._entries(folder):
+            if _is_folder(entry):
+                images = self._images(entry.path, set(ancestors))
+                if images:
+                    by_class[entry.name] = images
+            elif _is_image_file(entry):
+                loose.append(entry.path)
+        return by_class, loose
+
+    def _images(self, folder: str, visited: set[str]) -> list[str]:
+        """Image files under `folder`, recursively."""
+        real = os.path.realpath(folder)
+        if real in visited:
+            return []
+        visited.add(real)
+        images = []
+        for entry in self._entries(folder):
+            if _is_folder(entry):
+                images += self._images(entry.path, visited)
+            elif _is_image_file(entry):
+                images.append(entry.path)
+        return images
+
+    def _entries(self, folder: str) -> list[os.DirEntry]:
+        try:
+            return _entries(folder)
+        except OSError as err:
+            self.failed.append((_relpath(folder, self.root), f"cannot read folder: {err.strerror or err}"))
+            return []
 
 
 def _entries(folder: str) -> list[os.DirEntry]:
-    """The non-hidden entries of a folder."""
+    """The non-hidden entries of a folder (OSError when it cannot be read)."""
+    with os.scandir(folder) as it:
+        return [entry for entry in it if not entry.name.startswith(".")]
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder or a link to one; False for what cannot be examined (a link that loops)."""
     try:
-        with os.scandir(folder) as it:
-            return [entry for entry in it if not entry.name.startswith(".")]
-    except OSError as err:
-        raise FeatxError(f"cannot read folder {folder}: {err.strerror or err}") from None
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:
-    """A regular file (or a link to one) with an image extension, in any letter case."""
-    return os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file()
+    """An image extension, in any letter case, on a regular file or a link to one, or on a link that leads nowhere
+    (dangling, or looping back to itself): that one becomes a failed row, like any file that cannot be read.
+    Special files (FIFOs, sockets, devices), whose opening could block, are not images."""
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return True
 
 
 # ---- CSV and text lists
@@ -224,8 +273,11 @@ class _Row(NamedTuple):
 
 
 def _read_csv_rows(path: str) -> list[_Row]:
-    """Rows of `path,label[,split]` (header row optional, blank rows skipped)."""
+    """Rows of `path,label[,split]`, blank rows skipped. A first row that names its columns (path, label, split, or
+    the usual synonyms: filepath, image, class, target, subset, ...) is a header: the columns are then taken by
+    name, in any order, and other columns are ignored."""
     rows = []
+    columns = None
     with _open_text(path) as f:
         reader = csv.reader(f)
         try:
@@ -233,9 +285,11 @@ def _read_csv_rows(path: str) -> list[_Row]:
                 fields = [field.strip() for field in fields]
                 if not any(fields):
                     continue
-                if not rows and _is_header(fields):
-                    continue
-                rows.append(_csv_row(path, reader.line_num, fields))
+                if not rows and columns is None:
+                    columns = _header_columns(fields, os.path.dirname(os.path.abspath(path)))
+                    if columns is not None:
+                        continue
+                rows.append(_csv_row(path, reader.line_num, fields, columns))
         except csv.Error as err:
             raise FeatxError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
         except UnicodeDecodeError:
@@ -243,19 +297,35 @@ def _read_csv_rows(path: str) -> list[_Row]:
     return rows
 
 
-def _is_header(fields: list[str]) -> bool:
-    """Whether the first row names columns: first field 'path', or second field 'label' / 'target'."""
-    first = fields[0].lower()
-    second = fields[1].lower() if len(fields) > 1 else ""
-    return first == "path" or second in ("label", "target")
+def _header_columns(fields: list[str], folder: str) -> dict[str, int] | None:
+    """{'path': i, 'label': j, 'split': k} when `fields` is a header row (names of the usual columns; a field that
+    is an existing file makes it a data row), else None. Without a path column named, the path is the first
+    column."""
+    if os.path.isfile(os.path.join(folder, fields[0])):
+        return None
+    columns: dict[str, int] = {}
+    for index, name in enumerate(re.sub(r"[^a-z0-9]", "", field.lower()) for field in fields):
+        role = next((role for role, names in COLUMN_NAMES.items() if name in names), None)
+        if role is not None:
+            columns.setdefault(role, index)
+    if not columns:
+        return None
+    if "path" not in columns and 0 not in columns.values():
+        columns["path"] = 0
+    return columns if "path" in columns else None
 
 
-def _csv_row(path: str, line: int, fields: list[str]) -> _Row:
-    """Validate one CSV row: a non-empty path, an optional label, an optional split (train / val / test)."""
-    if len(fields) > 3 or not fields[0]:
-        shown = ",".join(fields)
-        raise FeatxError(f"{path} line {line}: malformed row {shown!r}: expected path,label[,split]")
-    image, label, split = (fields + ["", ""])[:3]
+def _csv_row(path: str, line: int, fields: list[str], columns: dict[str, int] | None) -> _Row:
+    """Validate one CSV row: a non-empty path, an optional label, an optional split (train / val / test); without a
+    header the row is path,label[,split]."""
+    if columns is None:
+        if len(fields) > 3:
+            raise FeatxError(f"{path} line {line}: malformed row {','.join(fields)!r}: expected path,label[,split]")
+        columns = {"path": 0, "label": 1, "split": 2}
+    value = {role: fields[index] if index < len(fields) else "" for role, index in columns.items()}
+    image, label, split = value["path"], value.get("label", ""), value.get("split", "")
+    if not image:
+        raise FeatxError(f"{path} line {line}: malformed row {','.join(fields)!r}: the image path is empty")
     if split.lower() not in _SPLIT_ORDER:
         raise FeatxError(f"{path} line {line}: split {split!r}: expected one of {', '.join(SPLITS)} or empty")
     return _Row(line, image, label, split.lower())
@@ -280,28 +350,26 @@ def _open_text(path: str):
 
 
 def _load_table(path: str, kind: str, rows: list[_Row]) -> Source:
-    """A Source from CSV / list rows: paths relative to the file's folder, labels interpreted as a whole."""
+    """A Source from CSV / list rows: paths relative to the file's folder, labels interpreted as a whole. A row
+    whose file is missing stays an item (it becomes a failed row, like a file that cannot be decoded) unless no
+    file at all is there."""
     if not rows:
         expected = "rows of path,label[,split]" if kind == "CSV" else "one image path per line"
         raise FeatxError(f"{path} is empty: expected {expected}")
     root = os.path.dirname(os.path.abspath(path))
     files = [os.path.normpath(os.path.join(root, row.path)) for row in rows]
-    _check_files_exist(path, rows, files)
+    missing = [(row, file) for row, file in zip(rows, files) if not os.path.isfile(file)]
+    if len(missing) == len(rows):
+        row, file = missing[0]
+        others = f"; none of its {len(rows)} images is there" if len(rows) > 1 else ""
+        raise FeatxError(f"{path} line {row.line}: image {row.path} not found (looked for {file}){others} (relative "
+                         f"paths start from the folder of {os.path.basename(path)})")
     task, classes, labels, targets = _interpret_labels([row.label for row in rows])
     items = [
         Item(file, _relpath(file, root), label, target, row.split)
         for row, file, label, target in zip(rows, files, labels, targets)
     ]
-    return _make_source(root, items, classes, task, f"{kind} {path}")
-
-
-def _check_files_exist(path: str, rows: list[_Row], files: list[str]) -> None:
-    """FeatxError naming the first row whose image file is missing (and how many more are)."""
-    missing = [(row, file) for row, file in zip(rows, files) if not os.path.isfile(file)]
-    if missing:
-        row, file = missing[0]
-        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise FeatxError(f"{path} line {row.line}: image {row.path} not found (looked for {file}){more}")
+    return _make_source(root, items, classes, task, f"{kind} {path}", missing=len(missing))
 
 
 def _interpret_labels(values: list[str]) -> tuple[str, list[str], list[int], list[float]]:
@@ -425,7 +493,7 @@ def content_key(path) -> str:
     if isinstance(path, (bytes, bytearray, memoryview)):
         return hashlib.sha256(path).hexdigest()
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -441,6 +509,32 @@ def sha256_file(path) -> str:
     path = os.path.realpath(path)
     st = os.stat(path)
     return _file_key(path, st.st_size, st.st_mtime_ns)
+
+
+def unreadable_reason(path) -> str:
+    """Why the file at `path` cannot be read, as the store's /failed/reason records it."""
+    try:
+        with _open_regular(path):
+            return "cannot read file"
+    except OSError as err:
+        return _cannot_read(err)
+
+
+def _open_regular(path) -> BinaryIO:
+    """Open a file for reading in binary mode; OSError for what is not a regular file (a FIFO would block, a
+    device may never end), checked on the open file itself."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # O_NONBLOCK: opening a FIFO returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _cannot_read(err: OSError) -> str:
+    return f"cannot read file: {err.strerror or err}"
 
 
 def content_keys(paths: list[str], progress: bool = False) -> list[str | None]:
@@ -473,9 +567,9 @@ def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MA
         fp, name = io.BytesIO(path), ""
     else:
         try:
-            fp = open(path, "rb")
+            fp = _open_regular(path)
         except OSError as err:
-            raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+            raise DecodeError(_cannot_read(err)) from None
         name = os.fspath(path)
     with fp:
         image = _identify(fp, name)
@@ -499,7 +593,7 @@ def _identify(fp: BinaryIO, filename: str) -> ImageFile.ImageFile:
     try:
         prefix = fp.read(16)
     except OSError as err:
-        raise DecodeError(f"cannot read file: {err.strerror or err}") from None
+        raise DecodeError(_cannot_read(err)) from None
     if not prefix:
         raise DecodeError("empty file (0 bytes)")
     Image.init()

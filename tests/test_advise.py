@@ -108,10 +108,14 @@ def test_bad_input_is_one_line(tmp_path):
         ((flat,), "no labelled images"),
         ((few,), "bees (1)"),
         ((data, "--budget-seconds", "0.00001"), "too small"),
-        ((data, "--budget-seconds", "-3"), "expected a positive number"),
+        ((data, "--budget-seconds", "-3"), "expected a positive, finite number"),
+        ((data, "--budget-seconds", "inf"), "expected a positive, finite number"),
+        ((data, "--budget-seconds", "nan"), "expected a positive, finite number"),
+        ((data, "--image-size", "1000000000"), "--image-size 1000000000: one image alone needs about"),
+        ((data, "--seed", str(10**30)), f"--seed {10**30}: expected an integer from 0 to 4294967295"),
     ]
     for args, expected in cases:
-        out = run("advise", *args, "-b", "resnet18", "-w", "none", "--image-size", "32", "-o", tmp_path / "x.h5")
+        out = run("advise", "-b", "resnet18", "-w", "none", "--image-size", "32", "-o", tmp_path / "x.h5", *args)
         assert out.exit_code == 2, out.output
         assert out.output.count("\n") == 1 and expected in out.output, out.output
     assert not (tmp_path / "x.h5").exists()

@@ -127,11 +127,15 @@ def test_help_and_info_do_not_import_torch(tmp_path):
     (["extract", "digits", "--pooling", "bogus"], "--pooling"),
     (["extract"], "DATA"),
     (["nosuch"], "nosuch"),
+    (["--bogus"], "featx: error: featx: No such option '--bogus'"),  # featx's own options, before the command
+    (["--verbose", "extract", "data"], "--verbose"),
+    (["-w", "none", "extract"], "-w"),
 ])
 def test_usage_mistakes_are_one_line_naming_the_option(args, names):
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, args, prog_name="featx")
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and names in result.output and "Usage:" not in result.output
+    assert result.output.startswith("featx: error: ") and "(see featx" in result.output
 
 
 def test_second_data_adds_its_rows_and_prune_mirrors_one(folder, tmp_path):
@@ -198,3 +202,83 @@ def test_info_on_an_interrupted_first_run_says_how_to_resume(folder, tmp_path):
     assert run("extract", folder, "-o", out, *FAST).exit_code == 0
     text = run("info", out).output
     assert "items      6 (classification), failed 1" in text and "unfinished" not in text
+
+
+def test_names_longer_than_the_file_system_allows(folder, tmp_path):
+    long = "x" * 300
+    assert _error_line(run("info", long)) == f"featx: error: {long}: File name too long"
+    line = _error_line(run("fit-head", long, "-o", tmp_path / "head"))
+    assert line == f"featx: error: STORE {long}: File name too long, expected a featx store (.h5) or an HDF5/NPZ feature file"
+    assert _error_line(run("extract", folder, "-o", tmp_path / long, *FAST)).endswith(": File name too long")
+
+
+def test_numbers_beyond_any_batch_or_worker_count(folder, tmp_path):
+    """A batch or worker count larger than the images there are is that many: --batch-size 10**30 used to reach
+    the DataLoader (larger than sys.maxsize), and --workers 10**9 started that many processes."""
+    huge = [*FAST[:6], "--batch-size", str(10**30), "--workers", str(10**9), "--json"]
+    res = run("extract", folder, "-o", tmp_path / "s.h5", *huge)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["computed"] == 6
+
+
+def test_a_fixed_size_model_names_its_size(folder, tmp_path):
+    line = _error_line(run("extract", folder, "-o", tmp_path / "s.h5", *FAST, "-b", "vit_b_16"))
+    assert line == "featx: error: --image-size 32: vit_b_16 takes 224x224 images only"
+
+
+def test_featx_alone_shows_the_help():
+    result = CliRunner().invoke(main, [], prog_name="featx")
+    assert "Usage: featx [OPTIONS] COMMAND" in result.output and "featx: error" not in result.output
+
+
+def test_unknown_tap_suggests_the_closest(folder, tmp_path):
+    line = _error_line(run("extract", folder, "-o", tmp_path / "s.h5", *FAST, "-l", "avgpol"))
+    assert line.startswith("featx: error: -l avgpol: unknown tap for resnet18 (did you mean avgpool")
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.parts").exists()
+
+
+def test_links_that_loop_and_missing_csv_files_are_failed_rows(folder, tmp_path):
+    os.symlink("self.png", folder / "bees" / "self.png")
+    os.symlink("gone.png", folder / "ants" / "dangling.png")
+    out = tmp_path / "s.h5"
+    res = run("extract", folder, "-o", out, *FAST, "--json")
+    assert res.exit_code == 0, res.output
+    failures = {f["path"]: f["reason"] for f in json.loads(res.stdout)["failures"]}
+    assert failures == {"ants/dangling.png": "cannot read file: No such file or directory",
+                        "bees/self.png": "cannot read file: Too many levels of symbolic links"}
+
+    rows = [f"data/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(folder.glob("*/*_00[01].png"))]
+    table = tmp_path / "list.csv"
+    table.write_text("filepath,class\n" + "\n".join(rows + ["data/ants/removed.png,ants"]) + "\n")
+    res = run("extract", table, "-o", tmp_path / "t.h5", *FAST, "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert (result["items"], result["failures"]) == (4, [{"path": "data/ants/removed.png",
+                                                         "reason": "cannot read file: No such file or directory"}])
+    line = _error_line(run("extract", table, "-o", tmp_path / "u.h5", *FAST, "--on-error", "fail"))
+    assert line.endswith(f"{tmp_path / 'data' / 'ants' / 'removed.png'}: cannot read file: No such file or directory "
+                         "(--on-error fail)")
+    assert not (tmp_path / "u.h5").exists() and not (tmp_path / "u.h5.parts").exists()
+
+
+@pytest.mark.slow
+def test_the_reported_inputs_as_real_processes(folder, tmp_path):
+    """A file link looping to itself is a failed row; --image-size 100000 is one line before anything exists;
+    featx's own unknown option is the same one-line format."""
+    import subprocess
+    import sys
+
+    def featx(*args):
+        return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    os.symlink("self.png", folder / "bees" / "self.png")
+    done = featx("extract", folder, "-o", "s.h5", *FAST)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "failed: bees/self.png: cannot read file: Too many levels of symbolic links" in done.stderr
+    huge = featx("extract", folder, "-o", "big.h5", *FAST[:4], "--image-size", "100000")
+    assert huge.returncode == 2 and huge.stderr.count("\n") == 1, huge.stderr
+    assert huge.stderr.startswith("featx: error: --image-size 100000: one image alone needs about ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "s.h5"]
+    bogus = featx("--bogus")
+    assert (bogus.returncode, bogus.stderr) == (2, "featx: error: featx: No such option '--bogus'. (see featx --help)\n")

@@ -483,6 +483,7 @@ BAD = [
     (dict(optimizer="lbfgs"), r"--optimizer 'lbfgs'"),
     (dict(label_smoothing=1.0), r"--label-smoothing 1\.0"),
     (dict(val_split=1.5), r"--val-split 1\.5"),
+    (dict(seed=2**32), r"--seed 4294967296: expected an integer from 0 to 4294967295"),
 ]
 
 

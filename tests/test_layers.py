@@ -11,6 +11,7 @@ from torchvision.models import get_model
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.layers import (
+    activation_bytes,
     check_taps,
     describe_layers,
     format_layers_table,
@@ -107,10 +108,34 @@ def test_table_with_store_estimate(resnet18):
 def test_check_taps(resnet18):
     check_taps(resnet18, ["layer1", "layer4.1.relu_1", "avgpool", "fc"])
     with pytest.raises(FeatxError) as err:
-        check_taps(resnet18, ["layer9"])
+        check_taps(resnet18, ["xyzzy"])
     msg = str(err.value)
-    assert msg.startswith("-l layer9: unknown tap for resnet18; valid taps include conv1, bn1")
+    assert msg.startswith("-l xyzzy: unknown tap for resnet18; valid taps include conv1, bn1")
     assert "layer4" in msg and f"(featx layers resnet18 --all lists all {len(valid_taps(resnet18))})" in msg
+
+
+@pytest.mark.parametrize("typo, close", [
+    ("avgpol", "avgpool"), ("layr3", "layer3"), ("layer4.1.relu1", "layer4.1.relu_1"), ("Flatten", "flatten"),
+])
+def test_unknown_tap_suggests_the_closest_names(resnet18, typo, close):
+    with pytest.raises(FeatxError) as err:
+        check_taps(resnet18, [typo])
+    hint = str(err.value).split("(did you mean ", 1)[1].split("?)", 1)[0].split(", ")
+    assert hint[0] == close and len(hint) <= 3
+
+
+def test_activation_bytes_follow_the_graph():
+    """input (3 maps) -> conv (8) -> relu (8) -> conv (4) -> pool -> flatten -> linear: at most two maps are alive
+    at once, the largest pair being the conv's output and the relu's; a training forward keeps every one."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    plane = 224 * 224 * 4  # one float32 map at the reference size
+    exact = activation_bytes(model, 224)
+    assert exact.peak == (8 + 8) * plane
+    assert exact.total == (3 + 8 + 8 + 4) * plane + (4 + 4 + 2) * 4
+    doubled = activation_bytes(model, 448)  # maps grow with the area, rows do not
+    assert doubled.peak == 4 * exact.peak and doubled.total == 4 * (3 + 8 + 8 + 4) * plane + (4 * 4 + 4 + 2) * 4
+    assert model.training is False and activation_bytes(model.train(), 224) == exact and model.training
 
 
 def test_two_names_for_one_node_are_refused(resnet18):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from featx.errors import FeatxError
 from featx.finetune.checkpoint import load_checkpoint
 from featx.segment.metrics import confusion, summarize
 from featx.segment.model import build_segmenter, default_tap, parse_decoder
-from featx.segment.probe import fit_dense_probe, load_segment_head
+from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
 from featx.segment.train import SegmentLoss
 from featx.sources import load_source
@@ -347,3 +348,16 @@ def test_overlay_needs_a_segmentation_head_and_a_writable_folder(data, maps, tmp
     out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "--overlay", tmp_path / "file")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--overlay" in out.stderr and "is a file" in out.stderr
     assert not (tmp_path / "pred").exists()
+
+
+def test_dense_predict_refuses_an_output_that_cannot_be_a_folder(data, maps, tmp_path):
+    head = fit_dense_probe(maps, data, tmp_path / "head", binary=True, grid="1", pixels_per_image=16)
+    (tmp_path / "file.txt").write_text("x")
+    for output, store, message in [
+        (tmp_path / "file.txt", None, "file.txt is a file, expected a folder for the mask PNGs"),
+        (tmp_path / "file.txt" / "masks", None, "file.txt is a file, expected a folder for the mask PNGs"),
+        (tmp_path / "same.h5", tmp_path / "same.h5", "one path for both; the mask PNGs need a folder of their own"),
+    ]:
+        with pytest.raises(FeatxError, match=re.escape(message)):
+            predict_dense(head, data, output, store=store, workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "head"]

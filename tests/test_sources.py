@@ -19,9 +19,11 @@ from featx.sources import (
     IMAGE_EXTENSIONS,
     DecodeError,
     content_key,
+    content_keys,
     decode_image,
     load_source,
     stratified_holdout,
+    unreadable_reason,
 )
 from imagegen import make_image, make_image_folder, png_claiming
 
@@ -137,6 +139,45 @@ def test_symlinks_followed_without_looping(tmp_path):
     ]
 
 
+def test_links_that_loop_or_dangle_are_items_that_fail_to_read(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    os.symlink("self.png", root / "bees" / "self.png")  # a link to itself
+    os.symlink("b.jpg", root / "bees" / "a.jpg")  # two links to each other
+    os.symlink("a.jpg", root / "bees" / "b.jpg")
+    os.symlink("missing.png", root / "bees" / "dangling.png")
+    os.symlink("loop2", root / "ants" / "loop1")  # folder-like names that loop: not images, left out
+    os.symlink("loop1", root / "ants" / "loop2")
+    source = load_source(root)
+    assert relpaths(source) == ["ants/ants_000.png", "bees/a.jpg", "bees/b.jpg", "bees/bees_000.png",
+                                "bees/dangling.png", "bees/self.png"]
+    reasons = {item.relpath: unreadable_reason(item.path) for item in source.items}
+    assert reasons["bees/self.png"] == reasons["bees/a.jpg"] == "cannot read file: Too many levels of symbolic links"
+    assert reasons["bees/dangling.png"] == "cannot read file: No such file or directory"
+    assert content_keys([item.path for item in source.items])[1:3] == [None, None]
+
+
+def test_unreadable_subfolder_is_recorded_and_left_out(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", classes=("ants", "bees", "wasps"), per_class=1)
+    os.mkdir(root / "ants" / "private")
+    locked = {str(root / "bees"), str(root / "ants" / "private")}
+    scandir = os.scandir
+
+    def refusing(path="."):  # what chmod 000 does for anyone but root
+        if str(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    source = load_source(root)
+    assert relpaths(source) == ["ants/ants_000.png", "wasps/wasps_000.png"] and source.classes == ["ants", "wasps"]
+    assert source.failed == [("ants/private", "cannot read folder: Permission denied"),
+                             ("bees", "cannot read folder: Permission denied")]
+    assert source.description.endswith("(2 classes, 2 images, 2 unreadable folders left out)")
+    locked.add(str(root))
+    with pytest.raises(FeatxError, match=rf"^cannot read folder {root}: Permission denied$"):
+        load_source(root)
+
+
 def test_every_image_extension_in_any_case_is_found(tmp_path):
     for i, ext in enumerate(sorted(IMAGE_EXTENSIONS)):
         write(tmp_path / f"f{i}{ext.upper() if i % 2 else ext}", b"x")
@@ -201,13 +242,44 @@ def test_csv_without_labels_is_unlabelled_and_absolute_paths(tmp_path, three_ima
     assert relpaths(source) == [three_images[0].as_posix(), three_images[1].as_posix()]
 
 
-def test_csv_missing_file_names_csv_line_and_path(tmp_path, three_images):
+def test_csv_missing_files_are_items_that_fail_to_read(tmp_path, three_images):
     csv = write(tmp_path / "m.csv", b"path,label\nimg/0.png,a\n\nimg/gone.png,b\nimg/lost.png,b\n")
+    source = load_source(csv)
+    assert relpaths(source) == ["img/0.png", "img/gone.png", "img/lost.png"]
+    assert source.description == f"CSV {csv} (2 classes, 3 images, 2 not found)"
+    assert unreadable_reason(source.items[1].path) == "cannot read file: No such file or directory"
+
+
+def test_csv_with_no_file_there_names_the_first_line_and_where_it_looked(tmp_path):
+    csv = write(tmp_path / "lists" / "m.csv", b"path,label\nimg/0.png,a\nimg/1.png,b\n")
     with pytest.raises(FeatxError) as err:
         load_source(csv)
     assert str(err.value) == (
-        f"{csv} line 4: image img/gone.png not found (looked for {tmp_path / 'img' / 'gone.png'}) (and 1 more missing)"
+        f"{csv} line 2: image img/0.png not found (looked for {tmp_path / 'lists' / 'img' / '0.png'}); none of its 2 "
+        "images is there (relative paths start from the folder of m.csv)"
     )
+
+
+@pytest.mark.parametrize("header, row", [
+    ("filepath,class", "{path},zebra"),
+    ("image,label,split", "{path},zebra,val"),
+    ("File_Path , Category", "{path},zebra"),
+    ("id,class_name,img_path,width", "7,zebra,{path},32"),  # named columns in any order, others ignored
+    ("label,split,path", "zebra,val,{path}"),
+])
+def test_csv_header_names_the_columns(tmp_path, three_images, header, row):
+    text = "\n".join([header] + [row.format(path=f"img/{i}.png") for i in range(3)]) + "\n"
+    source = load_source(write(tmp_path / "h.csv", text.encode()))
+    assert relpaths(source) == ["img/0.png", "img/1.png", "img/2.png"]
+    assert source.classes == ["zebra"] and {i.label for i in source.items} == {0}
+    assert {i.split for i in source.items} == ({"val"} if "split" in header else {""})
+
+
+def test_csv_first_row_naming_an_existing_file_is_data(tmp_path):
+    make_image(tmp_path / "image", 0, 0, fmt="PNG")  # a file literally named like a header column
+    make_image(tmp_path / "b.png", 1, 1)
+    source = load_source(write(tmp_path / "d.csv", b"image,label\nb.png,label\n"))
+    assert relpaths(source) == ["b.png", "image"] and source.classes == ["label"]
 
 
 @pytest.mark.parametrize(
@@ -231,8 +303,23 @@ def test_txt_list(tmp_path, three_images):
     source = load_source(write(tmp_path / "files.txt", b"# my images\nimg/2.png\n\n  img/0.png  \n"))
     assert source.task == "unlabelled" and relpaths(source) == ["img/0.png", "img/2.png"]
     assert source.description == f"list {tmp_path / 'files.txt'} (2 unlabelled images)"
-    with pytest.raises(FeatxError, match=r"files2\.txt line 2: image nothere\.png not found"):
-        load_source(write(tmp_path / "files2.txt", b"img/0.png\nnothere.png\n"))
+    with_missing = load_source(write(tmp_path / "files2.txt", b"img/0.png\nnothere.png\n"))
+    assert relpaths(with_missing) == ["img/0.png", "nothere.png"]
+    assert with_missing.description.endswith("(2 unlabelled images, 1 not found)")
+    with pytest.raises(FeatxError, match=r"files3\.txt line 1: image nothere\.png not found"):
+        load_source(write(tmp_path / "files3.txt", b"nothere.png\n"))
+
+
+def test_special_files_listed_are_refused_without_blocking(tmp_path, three_images):
+    os.mkfifo(tmp_path / "fifo.png")  # opening it for reading would wait for a writer forever
+    source = load_source(write(tmp_path / "s.txt", b"img/0.png\nfifo.png\n/dev/zero\n"))
+    assert relpaths(source) == ["/dev/zero", "fifo.png", "img/0.png"]
+    for item in source.items[:2]:
+        assert unreadable_reason(item.path) == "cannot read file: not a regular file"
+        with pytest.raises(OSError):
+            content_key(item.path)
+        with pytest.raises(DecodeError, match="^cannot read file: not a regular file$"):
+            decode_image(item.path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

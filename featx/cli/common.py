@@ -1,6 +1,7 @@
 """What every command shares: one-line errors with exit code 2, JSON output."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -19,25 +20,56 @@ RESUMABLE = "featx: interrupted (completed work is kept; run the same command ag
 LEFT_BY_INTERRUPT = {"extract": RESUMABLE, "predict": RESUMABLE, "advise": RESUMABLE}
 
 
+class OneLineError(click.ClickException):
+    """What every failure of the command line prints: `featx: error: ...` on one line, then the exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"featx: error: {self.format_message()}", err=True)
+
+
 class FeatxGroup(click.Group):
     """A click group that turns FeatxError, click's usage errors (bad option values, missing arguments, unknown
-    commands) and Ctrl-C into one line on stderr instead of a traceback or a usage block."""
+    commands or options, of a command or of `featx` itself) and Ctrl-C into one line on stderr instead of a
+    traceback or a usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # `featx` alone shows the help
+            raise
+        except click.UsageError as err:
+            raise _usage_error(err, info_name) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FeatxError as err:
-            click.echo(f"featx: error: {err}", err=True)
-            ctx.exit(err.exit_code)
+            raise OneLineError(str(err), err.exit_code) from None
         except click.UsageError as err:
-            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
-            click.echo(f"featx: error: {command}: {err.format_message()} (see {command} --help)", err=True)
-            ctx.exit(err.exit_code)
+            raise _usage_error(err, ctx.command_path) from None
+        except click.ClickException as err:  # click.open_file's FileError and the like: the user's path
+            raise OneLineError(err.format_message()) from None
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            # Only a typed name is longer than the file system allows, and pathlib's exists() and is_dir() raise
+            # it wherever such a name is first looked at: one line here rather than the same check in every command.
+            raise OneLineError(f"{err.filename or 'a path'}: {err.strerror}") from None
         except KeyboardInterrupt:
             said = ctx.meta.get(INTERRUPTED) or LEFT_BY_INTERRUPT.get(ctx.invoked_subcommand,
                                                                       "featx: interrupted (nothing was written)")
             click.echo(said() if callable(said) else said, err=True)
             ctx.exit(130)
+
+
+def _usage_error(err: click.UsageError, command: str) -> OneLineError:
+    """`featx extract: Missing argument 'DATA'. (see featx extract --help)` and the like."""
+    command = err.ctx.command_path if err.ctx is not None else command
+    return OneLineError(f"{command}: {err.format_message()} (see {command} --help)", err.exit_code)
 
 
 class PathParam(click.ParamType):
@@ -53,6 +85,12 @@ class PathParam(click.ParamType):
     def convert(self, value, param, ctx):
         path = Path(value)
         where = f"{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name} {value}"
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as err:  # a name too long, a link that loops, a folder that cannot be searched
+            raise FeatxError(f"{where}: {err.strerror or err}, expected {self.expected}") from None
         if path.is_dir():
             raise FeatxError(f"{where}: is a folder, expected {self.expected}")
         if self.kind == "input" and not path.exists():

@@ -1,7 +1,6 @@
 """`finetune`: a backbone (torchvision or timm) with a new head, trained on an image source into a run folder."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -16,6 +15,7 @@ from torch import nn
 from .. import __version__
 from ..backbones import Backbone, classifier_path, load_backbone
 from ..errors import FeatxError
+from ..memory import check_batch_memory, out_of_memory_as_error
 from ..runtime import Runtime, default_workers, prepare_model, resolve_runtime
 from ..sources import load_source
 from . import ddp
@@ -149,11 +149,13 @@ def finetune(
             log, progress = (lambda line: None), False
         runtime = resolve_runtime(session.device, precision)
         bb = load_backbone(backbone, weights, match=weights_match)  # before the run folder: bad weights touch nothing
+        check_batch_memory(bb.model, bb.transform.with_sizes(opts.image_size).crop, opts.batch_size // session.world,
+                           runtime.device, training=True)
         run = RunDir(output)
         checkpoint = session.prepare_run(run, resume, overwrite)
         trainer = cache = None
         try:
-            with _out_of_memory_as_error(opts.batch_size, runtime):
+            with out_of_memory_as_error("--batch-size", opts.batch_size, runtime.device):
                 setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
                 cache_lines: list[str] = []  # shown after the data and model lines
                 cache = _decoded_cache(decode_cache, decode_cache_mb, run, task, cache_lines.append)
@@ -302,7 +304,7 @@ def _dry_run(model: nn.Module, name: str, size: int) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, 3, size, size))
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
         raise FeatxError(
             f"backbone {name} cannot run on {size}x{size} inputs ({str(err).splitlines()[0][:150]}): check --image-size"
         ) from err
@@ -372,19 +374,6 @@ def _same_weights_file(key: str, old: dict, new: dict) -> bool:
 def _short(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-@contextlib.contextmanager
-def _out_of_memory_as_error(batch_size: int, runtime: Runtime):
-    """Turn an out-of-memory error into a one-line FeatxError that says which batch size to try."""
-    try:
-        yield
-    except RuntimeError as err:
-        text = str(err)
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-            hint = f"try --batch-size {batch_size // 2}" if batch_size > 1 else "try a smaller --image-size"
-            raise FeatxError(f"out of memory on {runtime.device} at --batch-size {batch_size}: {hint}") from None
-        raise
 
 
 def _result(trainer: Trainer, run_dir: Path, seconds: float, trained: int) -> FinetuneResult:

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import FeatxError
 from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, pixels, resize_pixels
+from ..runtime import loader_workers
 from ..sources import DecodeError, Item, Source, content_keys, decode_image, stratified_holdout
 from .decoded import DecodedCache, stage_key
 
@@ -204,6 +205,7 @@ def loader_for(dataset: Dataset, *, train: bool, batch_size: int, workers: int, 
                pin_memory: bool) -> DataLoader:
     """A DataLoader over `dataset` (keys (index, augmentation seed) from EpochSampler); training batches are
     shuffled per epoch and full-size."""
+    workers = loader_workers(workers, len(dataset), batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,

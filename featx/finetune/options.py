@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..choices import check_seed
 from ..errors import FeatxError
 from .choices import AUGMENTS, OPTIMIZERS, SCHEDULES
 from .heads import parse_head
@@ -55,9 +56,9 @@ class TrainOptions:
         _within("--label-smoothing", self.label_smoothing, 0, 1)
         if not weight_decay >= 0:
             raise FeatxError(f"--weight-decay {weight_decay}: expected 0 or more")
-        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                                 ("--seed", self.seed, 0)):
+        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1)):
             _integer(name, value, low, required=True)
+        check_seed(self.seed)
         for name, value, low in (("--image-size", self.image_size, 8), ("--early-stop", self.early_stop, 1),
                                  ("--unfreeze-at", self.unfreeze_at, 2)):
             _integer(name, value, low)

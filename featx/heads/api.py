@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..choices import check_seed
 from ..errors import FeatxError
 from . import cv
 from .data import ALL_ROWS, Rows, evaluation_rows, no_labels_error, open_rows, train_eval_rows
@@ -182,11 +183,11 @@ def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, s
         ("--epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs > 0), "a positive integer"),
         ("--hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive integer"),
         ("--dropout", dropout, isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a fraction in [0, 1)"),
-        ("--seed", seed, isinstance(seed, int) and seed >= 0, "an integer of 0 or more"),
     ]
     for option, value, ok, expected in checks:
         if not ok:
             raise FeatxError(f"{option} {value!r}: expected {expected}")
+    check_seed(seed)
 
 
 def _targets(rows: Rows, train: np.ndarray):

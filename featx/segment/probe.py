@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..choices import check_seed
 from ..errors import FeatxError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
@@ -113,6 +114,7 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
 
     if isinstance(pixels_per_image, bool) or not isinstance(pixels_per_image, int) or pixels_per_image < 1:
         raise FeatxError(f"--pixels-per-image {pixels_per_image!r}: expected a positive integer")
+    check_seed(seed)
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
@@ -259,8 +261,10 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
     folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
-    for option, folder, what in zip(("-o", "--overlay"), folders, ("the masks", "the overlay pictures")):
+    for option, folder, what in zip(("-o", "--overlay"), folders, ("the mask PNGs", "the overlay pictures")):
         _check_writable(option, folder, what)
+    if store is not None and os.path.abspath(store) == os.path.abspath(output):
+        raise FeatxError(f"-o {output} and --store {store}: one path for both; the mask PNGs need a folder of their own")
     items = {item.relpath: item for item in load_source(data).items}
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
@@ -286,8 +290,9 @@ def _check_writable(option: str, folder: Path, what: str) -> None:
     """FeatxError, before any image is computed, when `what` cannot be written into `folder`."""
     from ..heads.prediction import can_write_in
 
-    if folder.exists() and not folder.is_dir():
-        raise FeatxError(f"{option} {folder}: is a file, expected a folder for {what}")
+    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise FeatxError(f"{option} {folder}: {existing} is a file, expected a folder for {what}")
     if not can_write_in(folder):
         raise FeatxError(f"{option} {folder}: cannot write there, expected a folder you can write for {what}")
 

@@ -34,7 +34,7 @@ class Extractor:
         if config.get("decode", "cpu") != "cpu":
             raise FeatxError(f"a head on rows made with --decode {config['decode']}: featx serve decodes images on "
                              "the CPU, whose pixels differ; fit the head on a store made with --decode cpu")
-        self.runner = runner_from_config(config, device, weights)
+        self.runner = runner_from_config(config, device, weights, max_batch)
         self.decoder = CpuDecoder(self.runner.transform)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.cache, self.metrics, self.decode_pool = cache, metrics, decode_pool

@@ -144,7 +144,13 @@ def build(root: Path) -> Corpus:
         c.put("b/unreadable.png", png, "broken", "cannot read file")
         os.chmod(root / "b/unreadable.png", 0)
 
-    # neither rows nor failures: non-images, hidden files and folders, special files, links that loop or dangle
+    # links to files that lead nowhere: failures, like any file that cannot be read
+    os.symlink("missing.jpg", root / "b/dangling.jpg")
+    c.broken["b/dangling.jpg"] = "cannot read file: No such file or directory"
+    os.symlink("self.jpg", root / "b/self.jpg")
+    c.broken["b/self.jpg"] = "cannot read file: Too many levels of symbolic links"
+
+    # neither rows nor failures: non-images, hidden files and folders, special files, folder links that loop
     c.put("a/README.txt", b"notes\n", "ignored")
     c.put("a/labels.json", b"{}", "ignored")
     c.put("a/no_extension", png, "ignored")
@@ -157,8 +163,6 @@ def build(root: Path) -> Corpus:
     c.ignored.append("a/fifo.jpg")
     os.symlink("..", root / "a/loop_to_root")
     os.symlink(".", root / "b/loop_to_self")
-    os.symlink("missing.jpg", root / "b/dangling.jpg")
-    c.ignored.append("b/dangling.jpg")
     return c
 
 
