@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..errors import FeatxError
 from ..preprocess import TransformSpec, normalize_batch
 from ..runtime import Runtime
 
@@ -97,7 +98,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, opti
             if moved is not None:
                 x, y = moved
                 with runtime.autocast():
-                    logits = _logits(model(x))
+                    logits = _logits(_forward_in_training(model, x))
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -109,6 +110,17 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, opti
     if reduce is not None:
         reduce(totals)
     return totals.stats()
+
+
+def _forward_in_training(model: nn.Module, x: torch.Tensor):
+    """model(x), with batch norm's refusal of a single value per channel as one line naming the options."""
+    try:
+        return model(x)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise FeatxError(f"--batch-size {len(x)} at --image-size {x.shape[-1]}: batch norm in training needs more "
+                         f"than one value per channel; use a larger --batch-size or --image-size") from None
 
 
 @torch.inference_mode()

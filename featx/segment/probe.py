@@ -226,6 +226,9 @@ def evaluate_dense(head, store_path, masks, *, split: str | None = None) -> dict
     from ..heads.data import evaluation_rows
 
     head = head if hasattr(head, "segment") else load_segment_head(head)
+    if not isinstance(store_path, (str, Path)):
+        raise FeatxError(f"DATA: a segmentation head is evaluated on one store (.h5 from featx extract of the images), "
+                         f"not {len(store_path)} inputs")
     with open_store(store_path) as store:
         tap, shape = _map_tap(store, head.tap)
         _check_store(head, store, tap, shape[0])

@@ -330,10 +330,11 @@ def test_malicious_weights_and_checkpoints_are_refused_not_executed(tmp_path):
             assert "Traceback" not in result.output and not marker.exists(), command
     # a run folder whose checkpoint.pt was replaced: --resume refuses it
     run = tmp_path / "resume-run"
-    run.mkdir()
+    started = runner.invoke(cli, ["finetune", str(data), "-o", str(run), "-b", "resnet18", "-w", "none",
+                                  "--epochs", "1", "--batch-size", "2", "--image-size", "32", "--workers", "0", "-q"])
+    assert started.exit_code == 0 and (run / "checkpoint.pt").is_file(), started.output
     torch.save({"format": 1, "epoch": 1, "payload": Payload(marker)}, run / "checkpoint.pt")
-    result = runner.invoke(cli, ["finetune", str(data), "--resume", str(run), "-b", "resnet18", "-w", "none",
-                                 "--epochs", "2", "--batch-size", "2", "--image-size", "32", "--workers", "0", "-q"])
+    result = runner.invoke(cli, ["finetune", "--resume", str(run), "--epochs", "2", "-q"])
     err = result.stderr.strip()
     assert result.exit_code == 2 and "checkpoint" in err and "\n" not in err, result.output
     assert not marker.exists()
