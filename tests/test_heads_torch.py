@@ -1,6 +1,7 @@
 """`fit-head --solver torch`: torch L-BFGS minimises scikit-learn's logistic objective at the same C (coefficients
-agree), chooses C by the same cross-validation, warm-starts along the grid, and saves a head that predicts and
-evaluates like any other."""
+agree), stops by the same rule in the original coefficients while preconditioned, chooses C by the same
+cross-validation, warm-starts along the grid, and saves a head that predicts and evaluates like any other.
+`--solver auto` (the default) takes it on large stores."""
 from __future__ import annotations
 
 import subprocess
@@ -152,10 +153,12 @@ def test_bad_solver_options_are_one_line_errors(tmp_path):
     overlapping_store(tmp_path / "s.h5", 3)
     with pytest.raises(FeatxError, match=r"--solver torch: only the logistic head.*--head ridge"):
         fit_head(tmp_path / "s.h5", "avgpool", head="ridge", solver="torch")
-    with pytest.raises(FeatxError, match=r"--solver 'jax': expected one of sklearn, torch"):
+    with pytest.raises(FeatxError, match=r"--solver 'jax': expected one of auto, sklearn, torch"):
         fit_head(tmp_path / "s.h5", "avgpool", solver="jax")
     with pytest.raises(FeatxError, match=r"--device cpu: only --solver torch runs on a device"):
-        fit_head(tmp_path / "s.h5", "avgpool", device="cpu")
+        fit_head(tmp_path / "s.h5", "avgpool", solver="sklearn", device="cpu")
+    with pytest.raises(FeatxError, match=r"--device cpu: only the logistic head runs on a device .*--head ridge"):
+        fit_head(tmp_path / "s.h5", "avgpool", head="ridge", device="cpu")
     with pytest.raises(FeatxError, match=r"--device 'tpu'"):
         fit_head(tmp_path / "s.h5", "avgpool", solver="torch", device="tpu")
 
@@ -203,3 +206,98 @@ def test_iteration_limit_is_reported_as_not_converged(tmp_path, monkeypatch):
     assert fit_head(tmp_path / "s.h5", "avgpool", grid=1.0, solver="torch").metrics["converged"] is False
     monkeypatch.setattr(torchfit, "LBFGS_MAX_ITER", 200)
     assert fit_head(tmp_path / "s.h5", "avgpool", grid=1.0, solver="torch").metrics["converged"] is True
+
+
+def correlated_store(path, n=1500, d=64, k=4, seed=0):
+    """Rows whose features share a few strong directions (a decaying spectrum, like pooled embeddings)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    latent = rng.normal(size=(k, 6))[y] * 0.7 + rng.normal(size=(n, 6))
+    X = (latent @ rng.normal(size=(6, d)) * 3 + rng.normal(size=(n, d))).astype(np.float32)
+    write_rows(path, X, y, classes=["a", "b", "c", "d"][:k], extra_tap=False)
+
+
+def solver_for(path, C_values=(0.01, 1.0)):
+    """A TorchFit on every row of `path` with 3 folds, and its fold weights."""
+    from featx.heads.cv import make_folds
+    from featx.heads.data import open_rows
+    from featx.heads.estimators import HEAD_TYPES, HeadOptions
+
+    with open_rows(path, "avgpool") as rows:
+        y = rows.labels.copy()
+        fit = torchfit.TorchFit(HEAD_TYPES["logistic"], HeadOptions(device="cpu"), rows, np.arange(rows.n_rows), y,
+                                len(rows.classes), "standard", 512, 1)
+    fit.set_folds(make_folds(y, 3, list("abcd")[: y.max() + 1], 0), "accuracy")
+    return fit, fit._weights([fit.fold_of != f for f in range(3)])
+
+
+def gradient_in_w(fit, weights, C, W, b):
+    """max |gradient| of the scaled objective at (W, b), by autograd on the plain (unpreconditioned) objective."""
+    import torch
+
+    rows, totals = weights
+    W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    z = fit._logits(W, b, 0, len(fit.X))
+    losses = torch.logsumexp(z, dim=2) - z.gather(2, fit.y[:, None, None].expand(-1, W.shape[0], 1))[..., 0]
+    objective = (losses * rows / totals).sum() + ((W * W).sum((1, 2)) / (2.0 * C * totals)).sum()
+    objective.backward()
+    return max(W.grad.abs().max().item(), b.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("C", [0.001, 0.1, 10.0])
+def test_preconditioned_solve_stops_by_the_rule_in_w_in_fewer_iterations(tmp_path, monkeypatch, C):
+    """The solve stops at a point where the gradient in the original coefficients meets the tolerance, and on
+    correlated rows it needs fewer iterations than L-BFGS on W itself (preconditioning off: no eigenbasis), which
+    at larger C stalls in float32 above the tolerance."""
+    correlated_store(tmp_path / "s.h5")
+    fit, weights = solver_for(tmp_path / "s.h5")
+    W, b, n_iter = fit._solve(C, weights, None)
+    assert gradient_in_w(fit, weights, C, W, b) <= torchfit.GRADIENT_TOL
+    monkeypatch.setattr(torchfit, "PRECONDITION_MAX_FEATURES", 0)
+    plain, plain_fit = solver_for(tmp_path / "s.h5")
+    _, _, plain_iter = plain._solve(C, plain_fit, None)
+    assert plain._basis is None and fit._basis is not None
+    assert n_iter < plain_iter
+
+
+def test_refined_values_start_from_the_nearest_solved_c(tmp_path, monkeypatch):
+    correlated_store(tmp_path / "s.h5")
+    fit, weights = solver_for(tmp_path / "s.h5")
+    starts = []
+    solve = torchfit.TorchFit._solve
+
+    def recording(self, C, weights, start):
+        starts.append(None if start is None else next(c for c, s in self._solutions.items() if s is start))
+        return solve(self, C, weights, start)
+
+    monkeypatch.setattr(torchfit.TorchFit, "_solve", recording)
+    fit.score_grid(np.array([10.0, 0.01, 1.0]))
+    fit.score_grid(np.array([0.3, 0.02]))
+    assert starts == [None, 0.01, 1.0, 0.01, 1.0]  # each call ascending: 0.02 next to 0.01, then 0.3 next to 1
+
+
+@pytest.mark.parametrize(("solver", "head", "work", "device", "chosen"), [
+    ("auto", "logistic", 10**9, "auto", "torch"),
+    ("auto", "logistic", 1000, "auto", "sklearn"),
+    ("auto", "logistic", 1000, "cpu", "torch"),
+    ("auto", "ridge", 10**9, "auto", "sklearn"),
+    ("auto", "sgd", 10**9, "auto", "sklearn"),
+    ("sklearn", "logistic", 10**9, "auto", "sklearn"),
+    ("torch", "logistic", 1000, "auto", "torch"),
+])
+def test_auto_solver_choice(solver, head, work, device, chosen):
+    from featx.heads.api import choose_solver
+
+    assert choose_solver(solver, head, work, device) == chosen
+
+
+def test_auto_solver_takes_torch_from_the_threshold_on(tmp_path, monkeypatch):
+    import featx.heads.api as api
+
+    overlapping_store(tmp_path / "s.h5", 3)
+    train_work = (N * 4 // 5) * D
+    monkeypatch.setattr(api, "TORCH_MIN_WORK", train_work + 1)
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1").metrics["solver"] == "sklearn"
+    monkeypatch.setattr(api, "TORCH_MIN_WORK", train_work)
+    head = fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1")
+    assert head.metrics["solver"] == "torch" and head.metrics["accuracy"] > 0.5

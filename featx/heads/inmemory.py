@@ -18,6 +18,8 @@ SMALL_WORK = 2_000_000  # rows x features x folds below which the folds run in-p
 class InMemoryFit:
     """Training of one head type on store rows `train` (sorted) with targets `y` (class indices or values)."""
 
+    stepwise = True  # scoring values one call at a time costs nothing extra (cv.search may stop early)
+
     def __init__(self, head_type, options, rows, train: np.ndarray, y: np.ndarray, n_classes: int, normalize: str,
                  chunk_rows: int, n_jobs: int | None):
         self.head_type, self.options, self.y, self.n_classes = head_type, options, y, n_classes
