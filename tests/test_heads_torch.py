@@ -111,7 +111,7 @@ def test_folds_solved_together_equal_folds_solved_alone(tmp_path, monkeypatch):
         fit = torchfit.TorchFit(HEAD_TYPES["logistic"], HeadOptions(device="cpu"), rows, train, y, 3, "standard",
                                 100, 1)
         fit.set_folds(folds, "accuracy")
-        W, _, _ = fit._solve(1.0, fit._weights([fit.fold_of != f for f in range(3)]), None)
+        W, _, _ = fit._solve(1.0, fit._problems([fit.fold_of != f for f in range(3)], fit._blocks), None)
     Xs = StandardScaler().fit_transform(X)
     for f, (fold_train, _) in enumerate(folds):
         ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(Xs[fold_train], y[fold_train]).coef_
@@ -227,19 +227,20 @@ def solver_for(path, C_values=(0.01, 1.0)):
         y = rows.labels.copy()
         fit = torchfit.TorchFit(HEAD_TYPES["logistic"], HeadOptions(device="cpu"), rows, np.arange(rows.n_rows), y,
                                 len(rows.classes), "standard", 512, 1)
-    fit.set_folds(make_folds(y, 3, list("abcd")[: y.max() + 1], 0), "accuracy")
-    return fit, fit._weights([fit.fold_of != f for f in range(3)])
+        fit.set_folds(make_folds(y, 3, list("abcd")[: y.max() + 1], 0), "accuracy")  # reads the rows
+    return fit, fit._problems([fit.fold_of != f for f in range(3)], fit._blocks)
 
 
-def gradient_in_w(fit, weights, C, W, b):
-    """max |gradient| of the scaled objective at (W, b), by autograd on the plain (unpreconditioned) objective."""
+def gradient_in_w(fit, problems, C, W, b):
+    """max |gradient| of the scaled objective at (W, b), by autograd on the plain objective over every row (each
+    problem's held-out rows weighted 0), neither preconditioned nor by fold blocks."""
     import torch
 
-    rows, totals = weights
+    weights, totals, _ = problems
     W, b = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
     z = fit._logits(W, b, 0, len(fit.X))
-    losses = torch.logsumexp(z, dim=2) - z.gather(2, fit.y[:, None, None].expand(-1, W.shape[0], 1))[..., 0]
-    objective = (losses * rows / totals).sum() + ((W * W).sum((1, 2)) / (2.0 * C * totals)).sum()
+    losses = torch.logsumexp(z, dim=1) - z.gather(1, fit.y.expand(len(z), 1, -1))[:, 0]
+    objective = (losses * weights / totals[:, None]).sum() + ((W * W).sum((1, 2)) / (2.0 * C * totals)).sum()
     objective.backward()
     return max(W.grad.abs().max().item(), b.grad.abs().max().item())
 
@@ -260,20 +261,44 @@ def test_preconditioned_solve_stops_by_the_rule_in_w_in_fewer_iterations(tmp_pat
     assert n_iter < plain_iter
 
 
-def test_refined_values_start_from_the_nearest_solved_c(tmp_path, monkeypatch):
+def test_warm_starts_interpolate_between_solved_values(tmp_path, monkeypatch):
+    """A C between two solved values starts from their solutions interpolated linearly in log C; beyond them,
+    from the nearest."""
+    import torch
+
     correlated_store(tmp_path / "s.h5")
-    fit, weights = solver_for(tmp_path / "s.h5")
+    fit, _ = solver_for(tmp_path / "s.h5")
     starts = []
     solve = torchfit.TorchFit._solve
 
-    def recording(self, C, weights, start):
-        starts.append(None if start is None else next(c for c, s in self._solutions.items() if s is start))
-        return solve(self, C, weights, start)
+    def recording(self, C, problems, start):
+        starts.append((C, start, dict(self._solutions)))
+        return solve(self, C, problems, start)
 
     monkeypatch.setattr(torchfit.TorchFit, "_solve", recording)
     fit.score_grid(np.array([10.0, 0.01, 1.0]))
-    fit.score_grid(np.array([0.3, 0.02]))
-    assert starts == [None, 0.01, 1.0, 0.01, 1.0]  # each call ascending: 0.02 next to 0.01, then 0.3 next to 1
+    fit.score_grid(np.array([0.1]))
+    (_, first, _), (_, second, solved), (_, third, _), (C, between, before) = starts
+    assert first is None and second is solved[0.01] and third is starts[2][2][1.0]
+    t = np.log(C / 0.01) / np.log(1.0 / 0.01)
+    for got, lo, hi in zip(between, before[0.01], before[1.0]):
+        torch.testing.assert_close(got, (1 - t) * lo + t * hi)
+
+
+def test_fold_blocks_give_the_solution_of_the_masked_objective(tmp_path):
+    """Rows sorted by fold, each fold's parameters skip its own held-out block: the same minimiser as weighing the
+    held-out rows 0 over every row."""
+    import torch
+
+    correlated_store(tmp_path / "s.h5")
+    fit, blocked = solver_for(tmp_path / "s.h5")
+    weights, totals, _ = blocked
+    everywhere = (weights, totals, [(0, len(fit.X), None)])
+    W, b, _ = fit._solve(0.1, blocked, None)
+    W_all, b_all, _ = fit._solve(0.1, everywhere, None)
+    torch.testing.assert_close(W, W_all, atol=2e-3 * W_all.abs().max().item(), rtol=0)
+    assert [hi - lo for lo, hi in fit._blocks] == torch.bincount(fit.fold_of).tolist()
+    assert all((fit.fold_of[lo:hi] == f).all() for f, (lo, hi) in enumerate(fit._blocks))
 
 
 @pytest.mark.parametrize(("solver", "head", "work", "device", "chosen"), [
@@ -301,3 +326,20 @@ def test_auto_solver_takes_torch_from_the_threshold_on(tmp_path, monkeypatch):
     monkeypatch.setattr(api, "TORCH_MIN_WORK", train_work)
     head = fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1")
     assert head.metrics["solver"] == "torch" and head.metrics["accuracy"] > 0.5
+
+
+def test_cpu_solves_use_the_idle_cores(monkeypatch):
+    """Busy cores (a load average as high as the core count) leave the solve one thread; idle ones, torch's own
+    count; the count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torchfit.os, "cpu_count", lambda: threads)
+    monkeypatch.setattr(torchfit.os, "getloadavg", lambda: (float(threads), 0.0, 0.0))
+    with torchfit.idle_core_threads(cpu):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(torchfit.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with torchfit.idle_core_threads(cpu):
+        assert torch.get_num_threads() == threads
