@@ -19,7 +19,10 @@ from .plots import write_plots
 from .streaming import StreamingFit
 from .torchfit import TorchFit
 
-TORCH_MIN_WORK = 20_000_000  # training rows x features from which --solver auto fits the logistic head in torch
+# Training rows x features from which --solver auto fits the logistic head in torch (docs/INTERNALS.md, heads: the
+# measurements). Below it scikit-learn is as fast or faster (torch's import) and keeps the C earlier releases chose:
+# on small, nearly separable stores the two solvers stop at different points at large C.
+TORCH_MIN_WORK = 5_000_000
 
 
 def fit_head(
