@@ -260,3 +260,22 @@ def test_streamed_head_holds_a_bounded_number_of_row_bytes(tmp_path, monkeypatch
     more_rows = 5000 * 1024 * 4
     assert peaks["sgd", 6000] - peaks["sgd", 1000] < more_rows / 8
     assert peaks["logistic", 6000] - peaks["logistic", 1000] > more_rows * 0.8
+
+
+def test_running_out_of_memory_during_the_fit_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import featx.heads.cv as cv
+    from featx.cli import main
+
+    blob_store(tmp_path / "s.h5")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 64.0 MiB for an array with shape (13107, 1280) and data type float32")
+
+    monkeypatch.setattr(cv, "search", exhausted)
+    result = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"featx: error: {tmp_path / 's.h5'}: out of memory while fitting the head (")
+    assert result.output.endswith("GB available): --head sgd streams the rows, --chunk-rows rows at a time\n")
+    assert not (tmp_path / "head").exists()

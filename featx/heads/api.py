@@ -1,6 +1,7 @@
 """`fit_head` and `evaluate`: the small-data path from stored rows to a fitted, saved and measured head."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..errors import FeatxError
 from . import cv
-from .data import Rows, no_labels_error, open_rows, train_eval_rows
+from .data import Rows, available_memory, no_labels_error, open_rows, train_eval_rows
 from .estimators import CLASS_WEIGHTS, SOLVERS, HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
@@ -66,7 +67,7 @@ def fit_head(
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
-    with open_rows(data, tap, x, y) as rows:
+    with _out_of_memory_in_one_line(data), open_rows(data, tap, x, y) as rows:
         head_type = get_head_type(head, rows.task, str(rows.path))
         train, held, held_how = train_eval_rows(rows, val_split, seed)
         solver = choose_solver(solver, head_type.name, len(train) * rows.n_features, device)
@@ -153,6 +154,18 @@ def choose_solver(solver: str, head: str, work: int, device: str) -> str:
     if solver == "torch" and head != "logistic":
         raise FeatxError(f"--solver torch: only the logistic head has a torch solver, not --head {head}")
     return solver
+
+
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(data):
+    """A MemoryError during the fit becomes a one-line FeatxError (the head folder is only written afterwards)."""
+    try:
+        yield
+    except MemoryError:
+        available = available_memory()
+        free = f" ({available / 1e9:.1f} GB available)" if available is not None else ""
+        raise FeatxError(f"{data}: out of memory while fitting the head{free}: --head sgd streams the rows, "
+                         "--chunk-rows rows at a time") from None
 
 
 def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device) -> None:

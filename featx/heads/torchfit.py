@@ -50,6 +50,8 @@ class TorchFit:
 
     def __init__(self, head_type, options, rows, train: np.ndarray, y: np.ndarray, n_classes: int, normalize: str,
                  chunk_rows: int, n_jobs: int | None):
+        if not str(options.device).strip().lower().startswith("cuda"):  # before torch takes its address space
+            rows.check_fits_in_memory(len(train))
         import torch
 
         from ..runtime import resolve_device
@@ -61,8 +63,6 @@ class TorchFit:
             device = torch.device("cpu")  # auto: CUDA when present, else the CPU
         if device.type not in ("cpu", "cuda"):
             raise FeatxError(f"--device {options.device}: --solver torch runs on cpu or cuda")
-        if device.type == "cpu":
-            rows.check_fits_in_memory(len(train))
         self.device = device
         self._source = (rows, train, np.asarray(y), normalize)  # read on first use, in fold order once known
         self._X = self.y = self.normalizer = None
