@@ -6,9 +6,9 @@ decades around the best value. The decade pass stops early once PATIENCE decades
 best one (by more than the best value's standard error over the folds): the larger C values it leaves out are the
 costliest fits, and on the unimodal curves of a regularised linear head they cannot win. Scores come from a
 `score_grid(values) -> (scores, converged)` callable (two (len(values), folds) arrays), so that rows in memory
-(inmemory.py: parallel folds) and rows streamed from disk (streaming.py) share the search; a trainer whose
-`stepwise` is False (streaming: each call makes passes over the store) scores the whole decade pass in one call,
-without stopping early. inmemory.py fits every (C, fold) from scratch, so there a score is a function of C and the
+(inmemory.py: parallel folds) and rows streamed from disk (streaming.py) share the search. Only a trainer whose
+`stepwise` is True (torchfit.py) is scored one value at a time and stopped early; the others (a call sends the
+rows to worker processes, or makes passes over the store) score the whole decade pass in one call. inmemory.py fits every (C, fold) from scratch, so there a score is a function of C and the
 fold alone, never of the values scored before it: a refined value scores as it would in the decade pass
 (torchfit.py warm-starts along C instead). Among equal mean scores the smallest C (the strongest regularisation)
 wins, and fits that stopped at their solver's iteration limit are counted per C.
@@ -91,7 +91,7 @@ def parse_grid(grid) -> tuple[np.ndarray, bool]:
     return values, False
 
 
-def search(score_grid, values: np.ndarray, refine: bool, scoring: str, stepwise: bool = True) -> CVResult:
+def search(score_grid, values: np.ndarray, refine: bool, scoring: str, stepwise: bool = False) -> CVResult:
     """Score `values`, then (when refine) the quarter decades around the best one within the grid's range. A
     'LO:HI' grid (refine) is scored upwards one value at a time when `stepwise`, stopping early (see PATIENCE)."""
     if refine and stepwise:

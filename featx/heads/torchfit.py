@@ -64,6 +64,10 @@ class TorchFit:
         if device.type not in ("cpu", "cuda"):
             raise FeatxError(f"--device {options.device}: --solver torch runs on cpu or cuda")
         self.device = device
+        # CPU solves use the idle cores only: on cores busy with other processes torch's OpenMP threads spin at every
+        # barrier for a core another process holds (100,000 rows x 1280 on 2 cores at load 2.5: 124 s with 2
+        # threads, 42 s with 1; benchmarks/results/scale-heads-2026-12-04.md)
+        self.threads = min(torch.get_num_threads(), idle_cores()) if device.type == "cpu" else None
         self._source = (rows, train, np.asarray(y), normalize)  # read on first use, in fold order once known
         self._X = self.y = self.normalizer = None
         self.fold_of = None  # fold of each row of X
@@ -114,7 +118,7 @@ class TorchFit:
         converged = np.empty((len(values), len(self._blocks)), dtype=bool)
         for i in np.argsort(values):
             C = float(values[i])
-            with idle_core_threads(self.device):
+            with torch_threads(self.threads):
                 W, b, n_iter = self._solve(C, problems, self._start(C))
             converged[i] = n_iter < LBFGS_MAX_ITER
             self._solutions[C] = (W, b)
@@ -133,7 +137,7 @@ class TorchFit:
         everything = torch.ones(len(self.X), dtype=torch.bool, device=self.device)
         folds = self._solutions.get(C)
         start = tuple(t.mean(0, keepdim=True) for t in folds) if folds else None
-        with idle_core_threads(self.device):
+        with torch_threads(self.threads):
             W, b, n_iter = self._solve(C, self._problems([everything]), start)
         self.converged = n_iter < LBFGS_MAX_ITER
         estimator = self.head_type.build(C, len(self.y), self.options)
@@ -265,27 +269,30 @@ class TorchFit:
             return ((z[0] > 0).long() if len(z) == 1 else z.argmax(0)).cpu().numpy()
 
 
+def idle_cores() -> int:
+    """The cores other processes leave idle: the cores less the 1-minute load average, rounded, at least 1 (every
+    core where the system has no load average). Read before the fit's own threads add to the load."""
+    cores = os.cpu_count() or 1
+    try:
+        return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    except OSError:
+        return cores
+
+
 @contextlib.contextmanager
-def idle_core_threads(device):
-    """Run torch on the CPU with as many threads as there are idle cores: the cores less the 1-minute load average,
-    rounded, at least 1 and at most torch's own count. On cores busy with other processes, torch's OpenMP threads
-    spin at every barrier waiting for a core another process holds: on 2 cores at load 2.5, the 100,000-row fit
-    took 124 s with 2 threads and 42 s with 1 (benchmarks/results/scale-heads-2026-12-04.md)."""
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` inside the block (None: left alone)."""
     import torch
 
-    threads = torch.get_num_threads()
-    try:
-        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
-    except OSError:  # no load average on this system
-        idle = threads
-    if device.type != "cpu" or round(idle) >= threads:
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
         yield
         return
-    torch.set_num_threads(max(1, round(idle)))
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _rows_on_device(rows, train: np.ndarray, order: np.ndarray, normalize: str, chunk_rows: int, device):
