@@ -53,7 +53,7 @@ def _feature_keys(f):
 @click.option("--epochs", type=click.IntRange(min=1), help="sgd / mlp passes over the rows (default: sgd 5, mlp about 500 steps).")
 @click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time (sgd streams the store in such chunks).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time, at most 64 MiB of them (sgd streams the store in such chunks).")
 @click.option("--solver", type=click.Choice(SOLVERS), default="auto", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C); auto: torch on large stores or with --device.")
 @click.option("--device", default="auto", show_default=True, help=f"--solver torch: {DEVICE_CHOICES} (auto: CUDA when present).")
 @click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")

@@ -114,7 +114,7 @@ class Rows:
             index = np.concatenate(group)
             parts = [self._read_rows(part) for part in group]
             block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            del parts
+            del parts  # only the block stays while the caller holds it
             if check:
                 self.check_finite(block, index)
             yield index, block
