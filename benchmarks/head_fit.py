@@ -1,5 +1,6 @@
-"""Fit time of the default head (logistic, standardized, full C sweep 1e-6..1e5 refined, 5-fold CV, refit), with
-scikit-learn's lbfgs and with the torch L-BFGS solver (`--solver torch`) side by side on the same store.
+"""Fit time of the logistic head (standardized, C searched over 1e-6..1e5 per decade until two decades past the peak,
+then refined, 5-fold CV, refit), with scikit-learn's lbfgs and with the torch L-BFGS solver (`--solver torch`) side
+by side on the same store. benchmarks/scale_heads.py times fit-head's defaults at scale.
 
 Stores, each with a 'train' / 'val' split (every fifth row in val):
   synthetic  10,000 x 512 and 50,000 x 2048 float32 rows in 10 Gaussian classes (accuracy around 0.9, not 1)

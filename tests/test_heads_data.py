@@ -215,3 +215,88 @@ def test_rows_larger_than_memory_are_one_line_pointing_to_sgd(tmp_path, monkeypa
                              "in chunks\n")
     streamed = CliRunner().invoke(main, [*args, "--head", "sgd", "--grid", "1"])
     assert streamed.exit_code == 0, streamed.output
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_rows_beyond_available_memory_are_refused_before_allocating(tmp_path, monkeypatch, solver):
+    """When the training rows need more than the memory this process can still get, fit-head's in-memory paths
+    refuse in one line before allocating them (a large allocation would succeed and the kernel would kill the
+    process later); --head sgd streams and fits."""
+    from click.testing import CliRunner
+
+    import featx.heads.data as data
+    from featx.cli import main
+
+    blob_store(tmp_path / "s.h5")  # 72 'train' rows x 8 features: 2,304 bytes
+    monkeypatch.setattr(data, "available_memory", lambda: 2000)
+    args = ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head"), "--no-plots"]
+    result = CliRunner().invoke(main, [*args, "--solver", solver])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output == (f"featx: error: {tmp_path / 's.h5'}: tap 'avgpool' does not fit in memory (72 rows x 8 "
+                             "float32 features need 2,304 bytes, 0.0 GB, 0.0 GB available): use --head sgd, which "
+                             "streams the store in chunks\n")
+    assert not (tmp_path / "head").exists()
+    streamed = CliRunner().invoke(main, [*args, "--head", "sgd", "--grid", "1"])
+    assert streamed.exit_code == 0, streamed.output
+
+
+def test_available_memory_honours_an_address_space_cap():
+    import subprocess
+    import sys
+
+    cap = 3 << 30
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
+            "from featx.heads.data import available_memory; print(available_memory())").format(cap)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 0 < int(done.stdout) < cap
+
+
+@pytest.mark.slow
+def test_streamed_head_holds_a_bounded_number_of_row_bytes(tmp_path, monkeypatch):
+    """--head sgd, cross-validation included, keeps a few chunks of rows in memory whatever the store's size: from
+    1,000 to 6,000 rows of 1024 features (20 MB more rows) its peak of traced (numpy and Python) memory grows by
+    less than an eighth of that, while the in-memory logistic head's grows by more than its training rows."""
+    import tracemalloc
+
+    import featx.heads.data as data
+
+    monkeypatch.setattr(data, "CHUNK_BYTES", 2 << 20)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 1024))
+    runs = {"sgd": {"grid": [0.1, 1.0], "epochs": 1}, "logistic": {"grid": 1.0}}
+    peaks = {}
+    for n in (1000, 6000):
+        y = np.arange(n) % 3
+        write_rows(tmp_path / f"{n}.h5", (centres[y] + rng.normal(size=(n, 1024)) * 4).astype(np.float32), y,
+                   extra_tap=False)
+        for head, options in runs.items():
+            if n == 1000:  # imports and thread pools first, outside the measurement
+                fit_head(tmp_path / f"{n}.h5", "avgpool", head=head, plots=False, n_jobs=1, **options)
+            tracemalloc.start()
+            fitted = fit_head(tmp_path / f"{n}.h5", "avgpool", head=head, plots=False, n_jobs=1, **options)
+            peaks[head, n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert fitted.metrics["accuracy"] > 0.9
+    more_rows = 5000 * 1024 * 4
+    assert peaks["sgd", 6000] - peaks["sgd", 1000] < more_rows / 8
+    assert peaks["logistic", 6000] - peaks["logistic", 1000] > more_rows * 0.8
+
+
+def test_running_out_of_memory_during_the_fit_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import featx.heads.cv as cv
+    from featx.cli import main
+
+    blob_store(tmp_path / "s.h5")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 64.0 MiB for an array with shape (13107, 1280) and data type float32")
+
+    monkeypatch.setattr(cv, "search", exhausted)
+    result = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"featx: error: {tmp_path / 's.h5'}: out of memory while fitting the head (")
+    assert result.output.endswith("GB available): --head sgd streams the rows, --chunk-rows rows at a time\n")
+    assert not (tmp_path / "head").exists()

@@ -53,8 +53,8 @@ def _feature_keys(f):
 @click.option("--epochs", type=click.IntRange(min=1), help="sgd / mlp passes over the rows (default: sgd 5, mlp about 500 steps).")
 @click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time (sgd streams the store in such chunks).")
-@click.option("--solver", type=click.Choice(SOLVERS), default="sklearn", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time, at most 64 MiB of them (sgd streams the store in such chunks).")
+@click.option("--solver", type=click.Choice(SOLVERS), default="auto", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C); auto: torch on large stores or with --device.")
 @click.option("--device", default="auto", show_default=True, help=f"--solver torch: {DEVICE_CHOICES} (auto: CUDA when present).")
 @click.option("--joblib", "joblib_export", is_flag=True, help="Also write model.joblib (a scikit-learn pickle) for sklearn users.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write confusion_matrix.png and cv_curve.png.")
@@ -79,7 +79,7 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     if task == "segment":
         if not masks:
             raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
-        if solver != "sklearn" or device != "auto":
+        if solver not in ("auto", "sklearn") or device != "auto":
             raise FeatxError("--solver, --device: the segmentation probe fits with scikit-learn; drop them")
         from ..segment.probe import fit_dense_probe, segment_table
 

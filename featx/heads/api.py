@@ -1,6 +1,7 @@
 """`fit_head` and `evaluate`: the small-data path from stored rows to a fitted, saved and measured head."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 from ..choices import check_seed
 from ..errors import FeatxError
 from . import cv
-from .data import ALL_ROWS, Rows, evaluation_rows, no_labels_error, open_rows, train_eval_rows
+from .data import ALL_ROWS, Rows, available_memory, evaluation_rows, no_labels_error, open_rows, train_eval_rows
 from .estimators import CLASS_WEIGHTS, SOLVERS, HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
@@ -20,6 +21,11 @@ from .plots import write_plots
 from .prediction import is_feature_file, predict
 from .streaming import StreamingFit
 from .torchfit import TorchFit
+
+# Training rows x features from which --solver auto fits the logistic head in torch (docs/INTERNALS.md, heads: the
+# measurements). Below it scikit-learn is as fast or faster (torch's import) and keeps the C earlier releases chose:
+# on small, nearly separable stores the two solvers stop at different points at large C.
+TORCH_MIN_WORK = 5_000_000
 
 
 def fit_head(
@@ -41,7 +47,7 @@ def fit_head(
     hidden: int = 512,
     dropout: float = 0.5,
     chunk_rows: int = 65536,
-    solver: str = "sklearn",
+    solver: str = "auto",
     device: str = "auto",
     joblib: bool = False,
     plots: bool = True,
@@ -54,18 +60,19 @@ def fit_head(
     fraction held out for the metrics. C is chosen by `folds`-fold cross-validation on `grid` ('LO:HI' searched
     per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
     training rows. solver 'torch' fits the logistic head by full-batch L-BFGS in torch on `device` (cpu, cuda,
-    cuda:N; auto: CUDA when present), minimising scikit-learn's objective at the same C. With `output` the head folder is written atomically (`overwrite` replaces a head there;
+    cuda:N; auto: CUDA when present), minimising scikit-learn's objective at the same C; 'auto' takes it for a
+    logistic head on TORCH_MIN_WORK training rows x features or more, or when `device` names one, and scikit-learn
+    otherwise. With `output` the head folder is written atomically (`overwrite` replaces a head there;
     `joblib` adds a model.joblib pickle, `plots` the PNGs). Returns the Head, with its metrics.
     """
     _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device)
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
-    with open_rows(data, tap, x, y) as rows:
+    with _out_of_memory_in_one_line(data), open_rows(data, tap, x, y) as rows:
         head_type = get_head_type(head, rows.task, str(rows.path))
-        if solver == "torch" and head_type.name != "logistic":
-            raise FeatxError(f"--solver torch: only the logistic head has a torch solver, not --head {head_type.name}")
         train, held, held_how = train_eval_rows(rows, val_split, seed)
+        solver = choose_solver(solver, head_type.name, len(train) * rows.n_features, device)
         y_train, classes = _targets(rows, train)
         options = HeadOptions(task=rows.task, class_weight=class_weight, seed=seed, epochs=epochs, hidden=hidden,
                               dropout=dropout, device=device)
@@ -78,7 +85,7 @@ def fit_head(
         if len(values) > 1:
             scoring = cv.scoring_for(rows.task, class_weight)
             trainer.set_folds(cv.make_folds(y_train, folds, classes, seed), scoring)
-            result = cv.search(trainer.score_grid, values, refine, scoring)
+            result = cv.search(trainer.score_grid, values, refine, scoring, trainer.stepwise)
         C = result.best if result else float(values[0])
         pipeline = trainer.fit(C)
         fit_seconds = time.perf_counter() - fit_started
@@ -168,6 +175,38 @@ def _same_file(path, other) -> bool:
         return other is not None and Path(path).resolve() == Path(other).resolve()
     except OSError:
         return False
+
+
+def choose_solver(solver: str, head: str, work: int, device: str) -> str:
+    """'sklearn' or 'torch' for `--solver solver` and `--head head` on `work` = training rows x features.
+
+    'auto' is torch for the logistic head when `device` names a device or when work >= TORCH_MIN_WORK, where the
+    torch solver (the folds in one pass over the rows, warm starts, preconditioning) is faster than scikit-learn's
+    cold starts; below it, scikit-learn (torch's import and set-up cost more than they save).
+    """
+    device_named = str(device).strip().lower() != "auto"
+    if solver == "auto":
+        if head != "logistic":
+            if device_named:
+                raise FeatxError(f"--device {device}: only the logistic head runs on a device (--head {head} fits "
+                                 "with scikit-learn); drop --device")
+            return "sklearn"
+        return "torch" if device_named or work >= TORCH_MIN_WORK else "sklearn"
+    if solver == "torch" and head != "logistic":
+        raise FeatxError(f"--solver torch: only the logistic head has a torch solver, not --head {head}")
+    return solver
+
+
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(data):
+    """A MemoryError during the fit becomes a one-line FeatxError (the head folder is only written afterwards)."""
+    try:
+        yield
+    except MemoryError:
+        available = available_memory()
+        free = f" ({available / 1e9:.1f} GB available)" if available is not None else ""
+        raise FeatxError(f"{data}: out of memory while fitting the head{free}: --head sgd streams the rows, "
+                         "--chunk-rows rows at a time") from None
 
 
 def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device) -> None:

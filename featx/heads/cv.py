@@ -1,14 +1,17 @@
 """Choosing the regularization strength C by (stratified) k-fold cross-validation on a log grid.
 
 C is the inverse regularization strength of the linear-probe protocols (large C = weak regularization); each head
-maps it onto its own parameter. A 'LO:HI' grid is searched one value per decade, then refined in quarter decades
-around the best value. Scores come from a `score_grid(values) -> (scores, converged)` callable (two
-(len(values), folds) arrays), so that rows in memory (inmemory.py: parallel folds) and rows streamed from disk
-(streaming.py) share the search. inmemory.py fits every (C, fold) from scratch, so there a score is a function of
-C and the fold alone, never of the values scored before it: a refined value scores as it would in the decade pass
-(torchfit.py warm-starts along C instead). Among equal mean scores
-the smallest C (the strongest regularisation) wins, and fits that stopped at their solver's iteration limit are
-counted per C.
+maps it onto its own parameter. A 'LO:HI' grid is searched one value per decade, upwards, then refined in quarter
+decades around the best value. The decade pass stops early once PATIENCE decades in a row score clearly below the
+best one (by more than the best value's standard error over the folds): the larger C values it leaves out are the
+costliest fits, and on the unimodal curves of a regularised linear head they cannot win. Scores come from a
+`score_grid(values) -> (scores, converged)` callable (two (len(values), folds) arrays), so that rows in memory
+(inmemory.py: parallel folds) and rows streamed from disk (streaming.py) share the search. Only a trainer whose
+`stepwise` is True (torchfit.py) is scored one value at a time and stopped early; the others (a call sends the
+rows to worker processes, or makes passes over the store) score the whole decade pass in one call. inmemory.py fits every (C, fold) from scratch, so there a score is a function of C and the
+fold alone, never of the values scored before it: a refined value scores as it would in the decade pass
+(torchfit.py warm-starts along C instead). Among equal mean scores the smallest C (the strongest regularisation)
+wins, and fits that stopped at their solver's iteration limit are counted per C.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..errors import FeatxError
 
 DEFAULT_GRID = "1e-6:1e5"
 REFINE_STEPS = 4  # values per decade when refining
+PATIENCE = 2  # decades in a row clearly below the best after which the decade pass stops
 
 
 @dataclass
@@ -31,6 +35,7 @@ class CVResult:
     scores: np.ndarray  # (len(grid), folds)
     scoring: str
     converged: np.ndarray  # (len(grid), folds) bool: False where the solver stopped at its iteration limit
+    skipped: tuple = ()  # grid values the decade pass left out after PATIENCE decades clearly below the best
 
     @property
     def mean(self) -> np.ndarray:
@@ -62,6 +67,7 @@ class CVResult:
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "not_converged": self.not_converged.tolist(),
+            "skipped": [float(C) for C in self.skipped],
         }
 
 
@@ -85,10 +91,14 @@ def parse_grid(grid) -> tuple[np.ndarray, bool]:
     return values, False
 
 
-def search(score_grid, values: np.ndarray, refine: bool, scoring: str) -> CVResult:
-    """Score `values`, then (when refine) the quarter decades around the best one within the grid's range."""
-    scores, converged = score_grid(values)
-    result = CVResult(values, scores, scoring, converged)
+def search(score_grid, values: np.ndarray, refine: bool, scoring: str, stepwise: bool = False) -> CVResult:
+    """Score `values`, then (when refine) the quarter decades around the best one within the grid's range. A
+    'LO:HI' grid (refine) is scored upwards one value at a time when `stepwise`, stopping early (see PATIENCE)."""
+    if refine and stepwise:
+        result = _ascend(score_grid, values, scoring)
+    else:
+        scores, converged = score_grid(values)
+        result = CVResult(values, scores, scoring, converged)
     if refine and len(values) > 1:
         best = np.log10(result.best)
         steps = best + np.arange(-REFINE_STEPS + 1, REFINE_STEPS) / REFINE_STEPS
@@ -96,11 +106,29 @@ def search(score_grid, values: np.ndarray, refine: bool, scoring: str) -> CVResu
         extra = 10.0 ** steps[(steps > lo) & (steps < hi) & (steps != best)]
         extra = extra[~np.isin(extra, values)]
         if extra.size:
-            grid = np.concatenate([values, extra])
+            grid = np.concatenate([result.grid, extra])
             order = np.argsort(grid)
             scores, converged = score_grid(extra)
             result = CVResult(grid[order], np.concatenate([result.scores, scores])[order], scoring,
-                              np.concatenate([result.converged, converged])[order])
+                              np.concatenate([result.converged, converged])[order], result.skipped)
+    return result
+
+
+def _ascend(score_grid, values: np.ndarray, scoring: str) -> CVResult:
+    """The decade pass: ascending values one at a time, until PATIENCE in a row score clearly below the best."""
+    values = np.sort(values)
+    scores, converged = [], []
+    below = 0
+    for i, C in enumerate(values):
+        value_scores, value_converged = score_grid(values[i : i + 1])
+        scores.append(value_scores[0])
+        converged.append(value_converged[0])
+        result = CVResult(values[: i + 1], np.array(scores), scoring, np.array(converged))
+        best = int(np.argmax(result.grid == result.best))
+        margin = result.std[best] / np.sqrt(result.scores.shape[1])
+        below = below + 1 if result.mean[-1] < result.mean[best] - margin else 0
+        if below == PATIENCE:
+            return CVResult(result.grid, result.scores, scoring, result.converged, tuple(values[i + 1 :]))
     return result
 
 

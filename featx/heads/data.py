@@ -18,6 +18,7 @@ from ..store import open_store, read_rows
 X_NAMES = ("x", "features", "embeddings", "feats")
 Y_NAMES = ("y", "labels", "label", "targets", "target")
 SHOWN_BAD_ROWS = 5
+CHUNK_BYTES = 64 << 20  # the most float32 row bytes iter_chunks reads at a time, whatever chunk_rows asks
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Rows:
     def read(self, rows: np.ndarray | None = None, chunk_rows: int = 65536) -> np.ndarray:
         """The selected rows (sorted index array, bool mask or None for all) as one float32 (n, D) array."""
         rows = self._index(rows)
+        self.check_fits_in_memory(len(rows))
         try:
             out = np.empty((len(rows), self.n_features), dtype=np.float32)
             filled = 0
@@ -74,20 +76,31 @@ class Rows:
         self.check_finite(out, rows)
         return out
 
-    def _memory_message(self, n: int) -> str:
+    def check_fits_in_memory(self, n: int) -> None:
+        """Raise the one-line 'does not fit' FeatxError when n float32 rows need more than `available_memory()`:
+        refused before allocating, since on Linux a large allocation succeeds and the kernel kills the process
+        when the rows are written."""
+        available = available_memory()
+        if available is not None and n * self.n_features * np.dtype(np.float32).itemsize > available:
+            raise FeatxError(self._memory_message(n, available))
+
+    def _memory_message(self, n: int, available: int | None = None) -> str:
         need = n * self.n_features * np.dtype(np.float32).itemsize
+        free = f", {available / 1e9:.1f} GB available" if available is not None else ""
         return (
             f"{self.path}: tap {self.tap!r} does not fit in memory ({n} rows x {self.n_features} float32 features "
-            f"need {need:,} bytes, {need / 1e9:.1f} GB): use --head sgd, which streams the store in chunks"
+            f"need {need:,} bytes, {need / 1e9:.1f} GB{free}): use --head sgd, which streams the store in chunks"
         )
 
     def iter_chunks(self, rows=None, chunk_rows: int = 65536, seed: int | None = None, check: bool = True):
-        """Yield (row indices, float32 block) over the selected rows, at most `chunk_rows` rows at a time.
+        """Yield (row indices, float32 block) over the selected rows, at most `chunk_rows` rows and CHUNK_BYTES at a
+        time.
 
         Rows are read in sorted runs. With a seed the order is shuffled: runs of about chunk_rows/64 rows are
         visited in a random order and mixed into each chunk, so that class-sorted stores still give mixed chunks.
         """
         rows = self._index(rows)
+        chunk_rows = max(1, min(chunk_rows, CHUNK_BYTES // (4 * max(1, self.n_features))))
         if seed is None:
             spans = [rows[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
             groups = [[span] for span in spans]
@@ -99,7 +112,9 @@ class Rows:
             groups = [[spans[j] for j in order[i : i + per_chunk]] for i in range(0, len(order), per_chunk)]
         for group in groups:
             index = np.concatenate(group)
-            block = np.concatenate([self._read_rows(part) for part in group])
+            parts = [self._read_rows(part) for part in group]
+            block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            del parts  # only the block stays while the caller holds it
             if check:
                 self.check_finite(block, index)
             yield index, block
@@ -130,6 +145,44 @@ class Rows:
         if rows.size == 0:
             return np.empty((0, self.n_features), dtype=np.float32)
         return np.asarray(self._read_index(rows), dtype=np.float32).reshape(len(rows), -1)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the least of the system's MemAvailable, the room left under the
+    process's address-space limit (RLIMIT_AS) and under its cgroup's memory.max; None where none is known."""
+    import resource
+
+    limits = []
+    fields = _proc_fields("/proc/meminfo") | _proc_fields("/proc/self/status")
+    if "MemAvailable" in fields:
+        limits.append(fields["MemAvailable"])
+    cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if cap != resource.RLIM_INFINITY and "VmSize" in fields:
+        limits.append(cap - fields["VmSize"])
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text().strip().rpartition(":")[2]
+        folder = Path("/sys/fs/cgroup") / cgroup.lstrip("/")
+        most = (folder / "memory.max").read_text().strip()
+        if most != "max":
+            limits.append(int(most) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(limits)) if limits else None
+
+
+def _proc_fields(path: str) -> dict[str, int]:
+    """The 'Name: N kB' lines of a /proc file, in bytes; empty where the file does not exist."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            fields[name] = int(parts[0]) * 1024
+    return fields
 
 
 def nonfinite_error(rows: Rows, bad: np.ndarray) -> FeatxError:

@@ -14,7 +14,7 @@ from ..errors import FeatxError
 from .cv import DEFAULT_GRID
 
 NORMALIZERS = ("standard", "l2", "none")
-SOLVERS = ("sklearn", "torch")
+SOLVERS = ("auto", "sklearn", "torch")
 CLASS_WEIGHTS = (None, "balanced")
 LBFGS_MAX_ITER = 200
 SVM_MAX_ITER = 2000
@@ -137,6 +137,13 @@ def fit_normalizer(mode: str, X: np.ndarray):
     normalizer.set_params(copy=False)
     X = normalizer.fit_transform(X)
     return normalizer.set_params(copy=True), X
+
+
+def transform_in_place(normalizer, X: np.ndarray) -> np.ndarray:
+    """X normalised by a fitted normaliser, overwriting X where the normaliser can (StandardScaler, Normalizer)."""
+    if "copy" in normalizer.get_params():
+        return normalizer.transform(X, copy=False)
+    return normalizer.transform(X)
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:

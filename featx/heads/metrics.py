@@ -54,9 +54,12 @@ def metrics_table(metrics: dict) -> str:
     cv = metrics.get("cv")
     if cv:
         best = cv["grid"].index(cv["best"])
+        skipped = cv.get("skipped")
+        past_peak = f"; {len(skipped)} larger values skipped past the peak" if skipped else ""
         lines.append(
             f"C          {cv['best']:.3g}  ({cv['folds']}-fold CV {cv['scoring']} {cv['mean'][best]:.4f} "
-            f"± {cv['std'][best]:.4f}; {len(cv['grid'])} values from {cv['grid'][0]:.0e} to {cv['grid'][-1]:.0e})"
+            f"± {cv['std'][best]:.4f}; {len(cv['grid'])} values from {cv['grid'][0]:.0e} to {cv['grid'][-1]:.0e}"
+            f"{past_peak})"
         )
     elif "C" in metrics:
         lines.append(f"C          {metrics['C']:.3g}  (given, no cross-validation)")

@@ -3,6 +3,12 @@
 Passes over the training rows: one fits the normaliser (and finds NaN/inf rows); cross-validation then trains one
 model per (C, fold) for `epochs` shuffled passes and scores each on its held-out fold in one more pass; the final
 model takes `epochs` passes over all training rows.
+
+Memory: a chunk is at most `--chunk-rows` rows and at most data.CHUNK_BYTES of float32 rows, whatever the rows'
+width. The rows in memory are a few chunks at any time (the chunk as read, normalised in place, and one fold's copy
+of it), so the peak is the process itself (about 0.3 GB), the store's per-row metadata (paths, keys, labels,
+splits: about 300 bytes a row) and a few CHUNK_BYTES: peak RSS 512 MB at 100,000 rows and 766 MB at 1,000,000 rows
+of 1280 features (benchmarks/scale_heads.py).
 """
 from __future__ import annotations
 
@@ -12,13 +18,15 @@ import numpy as np
 
 from .cv import confusion_score
 from .data import Rows, nonfinite_error
-from .estimators import balanced_weights, make_normalizer
+from .estimators import balanced_weights, make_normalizer, transform_in_place
 
 DEFAULT_EPOCHS = 5
 
 
 class StreamingFit:
     """Streamed training of one head type on store rows `train` (sorted) with class indices `y`."""
+
+    stepwise = False  # each score_grid call makes passes over the store: the decade pass is scored in one call
 
     def __init__(self, head_type, options, rows: Rows, train: np.ndarray, y: np.ndarray, n_classes: int,
                  normalize: str, chunk_rows: int, n_jobs: int | None):
@@ -59,7 +67,7 @@ class StreamingFit:
         """(positions in `train`, normalised block) per chunk; shuffled differently in every epoch."""
         seed = None if epoch is None else self.options.seed + epoch
         for index, block in self.rows.iter_chunks(self.train, self.chunk_rows, seed=seed, check=False):
-            yield np.searchsorted(self.train, index), self.normalizer.transform(block)
+            yield np.searchsorted(self.train, index), transform_in_place(self.normalizer, block)
 
     def _update(self, model, X, y) -> None:
         if len(y):
@@ -67,7 +75,8 @@ class StreamingFit:
 
     def score_grid(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, converged): (len(values), folds) held-out scores, training every (C, fold) model in the same
-        passes (in threads: SGD's inner loop releases the GIL), and all True (a fixed number of epochs)."""
+        passes (the C values of a fold in threads: SGD's inner loop releases the GIL), and all True (a fixed
+        number of epochs)."""
         from joblib import Parallel, delayed
 
         n_folds = int(self.fold_of.max()) + 1
@@ -78,9 +87,11 @@ class StreamingFit:
             for epoch in range(self.epochs):
                 for pos, X in self._chunks(epoch):
                     y, fold = self.y[pos], self.fold_of[pos]
-                    parts = [(X[keep], y[keep]) for keep in (fold != f for f in range(n_folds))]
-                    parallel(delayed(self._update)(per_fold[f], *parts[f])
-                             for per_fold in models for f in range(n_folds))
+                    for f in range(n_folds):  # one fold's copy of the chunk at a time
+                        keep = fold != f
+                        X_fold, y_fold = X[keep], y[keep]
+                        parallel(delayed(self._update)(per_fold[f], X_fold, y_fold) for per_fold in models)
+                        del X_fold, y_fold
         k = len(self.classes)
         confusion = np.zeros((len(values), n_folds, k, k), dtype=np.int64)
         for pos, X in self._chunks(None):
