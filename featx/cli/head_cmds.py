@@ -126,7 +126,7 @@ WEIGHTS = click.option("-w", "--weights", metavar="FILE", help="The head's weigh
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no cache summary line.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overlay, trust, batch_size, device, workers,
                 quiet):
     """Predict with HEAD (a head folder) on DATA: images (folders, CSVs, lists or image files, one or several;
@@ -136,7 +136,6 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overl
     from ..segment import is_segment_head
 
     data = data[0] if len(data) == 1 else list(data)
-    log = None if quiet else (lambda line: click.echo(line, err=True))
     if is_segment_head(head):
         from ..segment.probe import predict_dense
 
@@ -144,7 +143,8 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overl
             raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
         written = predict_dense(head, data, output, overlay=overlay, store=store, weights=weights,
                                 batch_size=batch_size,
-                                device=device, workers=workers, progress=not quiet, log=log)
+                                device=device, workers=workers, progress=not quiet,
+                                log=lambda line: click.echo(line, err=True))
         for path, reason in written["failed"]:
             warn(f"not predicted: {path}: {reason}")
         pictures = f", overlays in {overlay}" if overlay else ""
@@ -157,7 +157,8 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overl
         PREDICTIONS_FILE.convert(output, param, click.get_current_context())
     with _warnings_as_lines():
         result = predict(head, data, store=store, weights=weights, x=x_key, trust=trust, batch_size=batch_size,
-                         device=device, workers=workers, progress=not quiet, log=log)
+                         device=device, workers=workers, progress=not quiet,
+                         log=lambda line: click.echo(line, err=True))
     for path, reason in result.failed:
         warn(f"not predicted: {path}: {reason}")
     with click.open_file(output or "-", "w", encoding="utf-8") as file:

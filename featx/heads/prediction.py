@@ -111,14 +111,14 @@ def image_features(head: Head, data, store=None, weights=None, *, batch_size: in
                    workers: int | None = None, progress: bool = False, log=None):
     """Yield (feature store, the store rows of `data`, failed images) of the images `data` as the head's extractor
     computes them: in `store`, else in the head's cache HEAD/cache/, else (a read-only head folder) in a temporary
-    store removed on exit, with a warning that says so."""
+    store removed on exit, with a warning that says so (and no summary line of that store for `log`)."""
     if store is not None or head.path is None or can_write_in(Path(head.path) / "cache"):
         yield _extract(head, data, store, batch_size, device, workers, progress, log, weights)
         return
     warnings.warn(f"{head.path} is read-only: the images' features are not cached (pass --store FILE.h5 to keep "
                   f"them)", stacklevel=3)
     with tempfile.TemporaryDirectory(prefix="featx-features-") as folder:
-        yield _extract(head, data, Path(folder) / "features.h5", batch_size, device, workers, progress, log, weights)
+        yield _extract(head, data, Path(folder) / "features.h5", batch_size, device, workers, progress, None, weights)
 
 
 def predict(head, data, *, store=None, weights=None, x: str | None = None, trust: bool = False,
