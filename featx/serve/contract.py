@@ -1,0 +1,248 @@
+"""The service's OpenAPI contract: the answer models, the one error body, and the request bodies of the routes
+that read their request themselves.
+
+A route that takes images reads them itself (multipart `file` fields, a raw image body, or, for a head, JSON
+embeddings: three media types for one route), so FastAPI cannot see its body; `request_body` declares it in the
+route's `openapi_extra`. Routes pass `errors(...)` as `responses=` to declare each refusal they can give, with the
+body featx sends: `{"detail": "<one line>"}`; `declare_errors(app)` makes FastAPI's own 422 (a query or path
+parameter it refuses) say the same, as featx/serve/app.py answers it.
+
+    @app.post("/v1/thing", response_model=Thing, responses=errors(404, 413, 415, 422, 503),
+              openapi_extra=request_body(IMAGES, json_body(ThingQuery)))
+    async def thing(request: Request): ...   # reads the images or the JSON itself
+
+    @app.post("/v1/other", response_model=Other, responses=errors(413, 415, 422),
+              dependencies=[Depends(json_content)])
+    async def other(query: OtherQuery): ...  # FastAPI reads and declares the JSON body
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"
+SHA256 = r"^[0-9a-f]{64}$"
+
+ERROR_REASONS = {
+    401: "Missing or wrong API key (send Authorization: Bearer KEY or X-API-Key: KEY)",
+    403: "Not allowed by the server's options",
+    404: "No such head or job",
+    409: "Conflicts with a head or a fit in progress",
+    413: "Request body over the server's --max-bytes",
+    415: "Unsupported content type",
+    422: "Invalid request: unreadable image, wrong shape, unknown option...",
+    503: "The models are still loading, or failed to load",
+}
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: one line saying what was wrong and what was expected."""
+
+    detail: str
+
+
+def errors(*statuses: int) -> dict[int, dict]:
+    """`responses=` of a route: each status with the error body and its usual reason."""
+    return {status: {"model": ErrorBody, "description": ERROR_REASONS[status]} for status in statuses}
+
+
+def declare_errors(app) -> None:
+    """The app's OpenAPI document, with FastAPI's default 422 body (a list of errors) replaced by ErrorBody."""
+    from fastapi.openapi.utils import get_openapi
+
+    def document() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                answer = operation["responses"].get("422", {})
+                if "HTTPValidationError" in str(answer):
+                    operation["responses"]["422"] = {
+                        "description": ERROR_REASONS[422],
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = document
+
+
+def json_content(request: Request) -> None:
+    """A dependency of a route taking a JSON model: any other content type is a 415 (FastAPI would try to read it
+    as the model and answer a 422 that does not say why)."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise HTTPException(415, f"content type {kind!r}: expected application/json")
+
+
+BINARY = {"type": "string", "format": "binary"}
+IMAGE_FILES = ("multipart/form-data", {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "array", "minItems": 1, "items": BINARY,
+                            "description": "one or more images (repeat the `file` field)"}},
+})
+IMAGE_BYTES = [("application/octet-stream", BINARY), ("image/*", BINARY)]
+IMAGES = [IMAGE_FILES, *IMAGE_BYTES]
+
+
+def json_body(model: type[BaseModel]) -> tuple[str, dict]:
+    """The application/json part of a request body, the schema of `model` with its sub-models written in place."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return "application/json", inline(schema)
+
+
+def request_body(*parts, description: str | None = None) -> dict:
+    """`openapi_extra=` of a route reading its own body: a required body in each (media type, schema) of `parts`
+    (tuples, or lists of them such as IMAGES)."""
+    flat = [part for entry in parts for part in (entry if isinstance(entry, list) else [entry])]
+    body: dict[str, Any] = {"required": True, "content": {media: {"schema": schema} for media, schema in flat}}
+    if "multipart/form-data" in body["content"]:
+        body["content"]["multipart/form-data"]["encoding"] = {"file": {"contentType": "image/*"}}
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
+
+
+class Embeddings(BaseModel):
+    """Rows of embeddings, each as wide as the head's features."""
+
+    embeddings: list[list[float]] = Field(min_length=1, description="one row per item, each n_features wide")
+
+
+class TopClass(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    class_: str = Field(alias="class")
+    p: float | None = Field(None, description="probability (heads with probabilities)")
+    score: float | None = Field(None, description="decision score (heads without probabilities)")
+
+
+class Prediction(BaseModel):
+    sha256: str | None = Field(None, description="the image's content key (images only)")
+    cached: bool | None = Field(None, description="whether its embedding came from the cache (images only)")
+    predicted: str | float | int
+    probabilities: dict[str, float] | None = None
+    scores: dict[str, float] | None = None
+    top_k: list[TopClass] | None = None
+
+
+class Predictions(BaseModel):
+    head: str
+    results: list[Prediction]
+
+
+class RunLengths(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    values: list[int]
+    counts: list[int]
+
+
+class Mask(BaseModel):
+    sha256: str
+    cached: bool
+    size: list[int] = Field(description="[height, width]")
+    pixels: dict[str, int] = Field(description="pixels per class present")
+    mask: RunLengths | list[list[int]] = Field(description="runs (mask=rle) or rows of class ids (mask=array)")
+
+
+class Masks(BaseModel):
+    head: str
+    task: Literal["segmentation"]
+    classes: list[str]
+    results: list[Mask]
+
+
+class Embedding(BaseModel):
+    sha256: str = Field(pattern=SHA256)
+    cached: bool
+    embedding: list[float] | list[list[float]] | list[list[list[float]]] = Field(
+        description="the stored row: a vector, or a feature map for a spatial tap")
+
+
+class EmbedAnswer(BaseModel):
+    backbone: str
+    tap: str
+    results: list[Embedding]
+
+
+class HeadInfo(BaseModel):
+    name: str
+    kind: str
+    task: str
+    tap: str | None
+    classes: list[str] | None
+    n_features: int | None
+    backbone: str | None
+    weights: str | None
+    weights_sha256: str | None
+    path: str
+    metrics: dict[str, Any] = Field(description="headline numbers of the head's metrics.json")
+
+
+class HeadList(BaseModel):
+    heads: list[HeadInfo]
+
+
+class HeadNames(BaseModel):
+    heads: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    heads: list[str] | None = None
+    extractors: int | None = None
+    detail: str | None = Field(None, description="why it failed to load")
+
+
+class Example(BaseModel):
+    """One labelled image: its sha256 (embedded before, or a row of the cache store) or the image itself."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [{"required": ["sha256"]}, {"required": ["image_base64"]}]})
+    sha256: str = Field(None, pattern=SHA256, description="key of an image already embedded (POST /v1/embed)")
+    image_base64: str = Field(None, description="the image file itself, base64",
+                              json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
+    label: str | int | float | bool
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.sha256 is None and self.image_base64 is None:
+            raise ValueError("expected sha256 or image_base64 beside the label")
+        return self
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the new head's name")
+    head: str | None = Field(None, description="head type (featx fit-head --head), logistic by default")
+    like: str | None = Field(None, description="a served head whose extractor (and tap) to use")
+    tap: str | None = None
+    options: dict[str, Any] | None = Field(None, description="fit-head options: grid, folds, class_weight...")
+    examples: list[Example] = Field(min_length=1)
+
+
+class Job(BaseModel):
+    id: str
+    name: str
+    head: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    submitted: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    metrics: dict[str, Any] | None

@@ -1,0 +1,253 @@
+"""featx serve's contract: the OpenAPI document (valid 3.1, every request body and answer declared, the error body
+featx sends, security only with a key), both API key headers, and /docs and /redoc served from installed files.
+The slow tests run schemathesis against a live server, and render /docs in headless Chromium where one is
+installed."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+validate = pytest.importorskip("openapi_spec_validator").validate
+
+from featx.serve.app import create_app  # noqa: E402
+from featx.serve.options import ServeOptions  # noqa: E402
+from featx.serve.service import Service  # noqa: E402
+from serve_support import image_files, make_head  # noqa: E402
+
+KEY_ENV, KEY = "FEATX_CONTRACT_TEST_KEY", "k3y-for-tests"
+ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    data, store, head = make_head(root)
+    return root, data, store, head
+
+
+@contextlib.contextmanager
+def running(**options):
+    service = Service(ServeOptions(**options).checked())
+    with TestClient(create_app(service)) as client:
+        for _ in range(600):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.02)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(made):
+    with running(heads=[str(made[3])]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def keyed(made):
+    os.environ[KEY_ENV] = KEY
+    try:
+        with running(heads=[str(made[3])], api_key_env=KEY_ENV) as c:
+            yield c
+    finally:
+        del os.environ[KEY_ENV]
+
+
+def _operations(document):
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            yield f"{method.upper()} {path}", operation
+
+
+def test_document_is_valid_and_declares_every_body_and_answer(client):
+    document = client.get("/openapi.json").json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    operations = dict(_operations(document))
+    for label, operation in operations.items():
+        assert "security" not in operation, label
+        answers = operation["responses"]
+        success = next(status for status in answers if status.startswith("2"))
+        for media in answers[success]["content"].values():
+            assert media["schema"], (label, success)
+        for status, answer in answers.items():
+            if status.startswith("4") or (status == "503" and label != "GET /healthz"):
+                assert answer["content"] == {"application/json": {"schema": ERROR_REF}}, (label, status)
+        if label.startswith("POST ") and label != "POST /v1/admin/reload":
+            assert operation["requestBody"]["required"] and operation["requestBody"]["content"], label
+            assert {"413", "422"} <= set(answers), label
+    body = operations["POST /v1/heads/{name}/predict"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/octet-stream", "image/*", "application/json"}
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["items"]["format"] == "binary"
+    assert body["application/json"]["schema"]["required"] == ["embeddings"]
+    assert set(operations["POST /v1/embed"]["requestBody"]["content"]) == {
+        "multipart/form-data", "application/octet-stream", "image/*"}
+    assert set(operations["POST /v1/heads/{name}/predict"]["responses"]["200"]["content"]) == {
+        "application/json", "image/png"}
+    assert {"401", "403"}.isdisjoint(operations["POST /v1/heads/{name}/predict"]["responses"])
+    assert {"403", "409", "415"} <= set(operations["POST /v1/heads"]["responses"])
+    assert operations["GET /metrics"]["responses"]["200"]["content"] == {
+        "text/plain; version=0.0.4": {"schema": {"type": "string"}}}
+    assert "securitySchemes" not in document.get("components", {})
+    assert not {"HTTPValidationError", "ValidationError"} & set(document["components"]["schemas"])
+
+
+def test_security_is_declared_with_a_key(keyed):
+    document = keyed.get("/openapi.json").json()
+    validate(document)
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"}
+    assert (schemes["APIKeyHeader"]["in"], schemes["APIKeyHeader"]["name"]) == ("header", "X-API-Key")
+    for label, operation in _operations(document):
+        if label == "GET /healthz":
+            assert "security" not in operation and "401" not in operation["responses"]
+        else:
+            assert operation["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}], label
+            assert operation["responses"]["401"]["content"]["application/json"]["schema"] == ERROR_REF
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"authorization": f"Bearer {KEY}"}, 200),
+    ({"x-api-key": KEY}, 200),
+    ({"X-API-Key": KEY, "authorization": "Basic dTpw"}, 200),
+    ({}, 401),
+    ({"x-api-key": "wrong"}, 401),
+    ({"authorization": "Bearer wrong", "x-api-key": KEY}, 200),
+    ({"authorization": "Bearer wrong", "x-api-key": "wrong"}, 401),
+    ({"authorization": KEY}, 401),
+])
+def test_either_key_header_is_accepted(keyed, headers, status):
+    r = keyed.get("/v1/heads", headers=headers)
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert "X-API-Key" in r.json()["detail"] and r.headers["www-authenticate"] == "Bearer"
+    assert keyed.get("/healthz").status_code == 200
+
+
+ASSET_TYPES = {".js": ("application/javascript", "text/javascript"), ".css": ("text/css",), ".png": ("image/png",)}
+
+
+@pytest.mark.parametrize("page, scripts", [("/docs", {"swagger-ui-bundle.js"}), ("/redoc", {"redoc.standalone.js"})])
+def test_docs_pages_load_only_local_files(client, page, scripts):
+    html = client.get(page)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    urls = re.findall(r"""(?:src|href|url|spec-url)\s*[=:]\s*["']([^"']+)["']""", html.text)
+    assert scripts <= {u.rsplit("/", 1)[-1] for u in urls}, urls
+    assert "/openapi.json" in urls
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html.text, re.I), "a page loads from another host"
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        r = client.get(url)
+        assert r.status_code == 200, url
+        suffix = os.path.splitext(url)[1]
+        expected = ASSET_TYPES.get(suffix, ("application/json",))
+        assert r.headers["content-type"].split(";")[0] in expected, (url, r.headers["content-type"])
+        assert len(r.content) > 1000 or suffix == ".json", url
+
+
+def test_client_mistakes_are_4xx_with_a_reason(client, made):
+    image = image_files(made[1])[0].read_bytes()
+    cases = [
+        (dict(content=b"name=x", headers={"content-type": "application/x-www-form-urlencoded"}), 403, "allow-training"),
+        (dict(content=image, headers={"content-type": "image/jpeg"}), 403, "allow-training"),
+    ]
+    for kwargs, status, reason in cases:
+        r = client.post("/v1/heads", **kwargs)
+        assert r.status_code == status and reason in r.json()["detail"], r.text
+    r = client.post("/v1/heads/colours/predict?top_k=abc", content=image, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("top_k: "), r.text
+    r = client.post("/v1/heads/colours/predict", json={"embeddings": "x"})
+    assert r.status_code == 422 and "embeddings" in r.json()["detail"]
+
+
+def test_training_request_mistakes(made, tmp_path):
+    with running(heads=[str(made[3])], heads_dir=str(tmp_path / "heads"), allow_training=True) as c:
+        cases = [
+            (dict(content=b"name=x", headers={"content-type": "application/x-www-form-urlencoded"}), 415,
+             "expected application/json"),
+            (dict(content=b"{", headers={"content-type": "application/json"}), 422, "request body: not valid JSON"),
+            (dict(json=[1]), 422, "request body: "),
+            (dict(json={"name": "x"}), 422, "examples: Field required"),
+            (dict(json={"name": "x", "examples": []}), 422, "examples: "),
+            (dict(json={"name": "x y", "examples": [{"sha256": "0" * 64, "label": 1}]}), 422, "name: "),
+            (dict(json={"name": "x", "examples": [{"label": 1}]}), 422, "examples.0: Value error, expected sha256 or"),
+            (dict(json={"name": "x", "examples": [{"sha256": "0", "label": 1}]}), 422, "examples.0.sha256: String"),
+            (dict(json={"name": "x", "examples": [{"sha256": "0" * 64, "label": 1, "other": 2}]}), 422,
+             "examples.0.other: Extra inputs"),
+            (dict(json={"name": "x", "examples": [{"image_base64": "@@", "label": 1}]}), 422, "not valid base64"),
+            (dict(json={"name": "x", "like": "nope", "examples": [{"sha256": "0" * 64, "label": 1}]}), 404, "no head"),
+        ]
+        for kwargs, status, reason in cases:
+            r = c.post("/v1/heads", **kwargs)
+            assert r.status_code == status and reason in r.json()["detail"], (kwargs, r.text)
+
+
+# ---- against a live server (slow) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live(made, tmp_path_factory):
+    """`featx serve` on 127.0.0.1 and a free port, with a key and training on: (base URL, its process)."""
+    from featx.serve.server import start_process
+
+    heads_dir = tmp_path_factory.mktemp("live-heads")
+    env = {**os.environ, KEY_ENV: KEY}
+    proc, url = start_process([str(made[3]), "--host", "127.0.0.1", "--api-key-env", KEY_ENV, "--allow-training",
+                               "--heads-dir", str(heads_dir), "--max-bytes", "2000000"], env=env)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def live_schema(live):
+    import schemathesis
+
+    url, _ = live
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    schema.config.update(base_url=url, headers={"Authorization": f"Bearer {KEY}"})
+    return schema
+
+
+try:
+    import schemathesis
+except ImportError:  # the slow test below is then skipped
+    schemathesis = None
+
+if schemathesis is not None:
+    live_api = schemathesis.pytest.from_fixture("live_schema")
+
+    @pytest.mark.slow
+    @live_api.parametrize()
+    def test_schemathesis_finds_no_server_error_nor_mismatch(case):
+        """Every schemathesis check, its default number of examples per operation."""
+        case.call_and_validate()
+
+
+def _browser() -> str | None:
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_browser() is None, reason=f"no headless browser installed (none of {', '.join(BROWSERS)} on "
+                    "PATH): /docs is not rendered in a browser here; test_docs_pages_load_only_local_files still "
+                    "checks that it loads nothing from another host")
+def test_docs_render_in_headless_chromium_with_no_network(live, tmp_path):
+    url, _ = live
+    # Every host name but the server's fails to resolve: a page that needs a CDN renders nothing.
+    command = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=15000",
+               "--dump-dom", f"{url}/docs"]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert 'class="swagger-ui"' in dom, dom[-2000:]
+    for rendered in ("featx serve", "/v1/heads/{name}/predict", "/v1/embed", "Authorize"):
+        assert rendered in dom, rendered
