@@ -15,11 +15,14 @@ from typing import Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__
 from ..errors import FeatxError
@@ -161,12 +164,13 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
 
     @app.post("/v1/heads", dependencies=[*auth, Depends(training_on), Depends(contract.json_content)],
               status_code=202, summary="Fit a head on cached rows (background)", response_model=contract.Job,
-              responses={202: {"links": {"job": {"operationId": "job", "parameters": {"job_id": "$response.body#/id"}}}},
+              responses={202: {"links": {"job": {"operationId": "job",
+                                                 "parameters": {"job_id": "$response.body#/id"}}}},
                          **refusals(403, 404, 409, 413, 415, 422, 503)})
     async def train(spec: contract.TrainRequest):
         """A head named `name` fitted on the labelled `examples` (an embedded image's sha256, or the image in
         base64), with the extractor and tap of the head `like` -> the job (GET /v1/jobs/{id})."""
-        options = spec.options or {}
+        options = spec.options.model_dump(exclude_unset=True) if spec.options else {}
         service.trainer.check_request(spec.name, spec.head, options)
         like = service.head(spec.like) if spec.like else None
         extractor = await service.extractor_for(like) if like else service.only_extractor("POST /v1/heads")
@@ -174,7 +178,8 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         if tap not in extractor.taps:
             raise ServiceError(422, f"tap {tap!r}: this extractor computes {', '.join(extractor.taps)}")
         keys, labels, rows = await _examples(service, extractor, spec.examples, tap)
-        job = service.trainer.start(spec.name, spec.head, options, extractor.config, extractor.key, tap, keys, labels, rows)
+        job = service.trainer.start(spec.name, spec.head, options, extractor.config, extractor.key, tap, keys, labels,
+                                    rows)
         return job.to_dict()
 
     @app.get("/v1/jobs/{job_id}", dependencies=auth, summary="A fit's state and metrics", response_model=contract.Job,
@@ -319,6 +324,17 @@ def _error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, err: RequestValidationError):
         parts = [_invalid(e) for e in err.errors()]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI could not read a JSON body
+            return JSONResponse({"detail": f"request body: not valid JSON ({err.__cause__})"}, status_code=422)
+        if err.status_code == 405:  # every method of the path, not only those of its first route
+            allowed = sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
+                              for m in getattr(r, "methods", ())})
+            return JSONResponse({"detail": f"method {request.method}: expected {', '.join(allowed)}"},
+                                status_code=405, headers={"Allow": ", ".join(allowed)})
+        return await http_exception_handler(request, err)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception):

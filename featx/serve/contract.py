@@ -20,7 +20,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from ..choices import MAX_SEED
+from ..heads.estimators import HEAD_TYPES, NORMALIZERS
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 SHA256 = r"^[0-9a-f]{64}$"
@@ -212,10 +215,10 @@ class Health(BaseModel):
 class Example(BaseModel):
     """One labelled image: its sha256 (embedded before, or a row of the cache store) or the image itself."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "anyOf": [{"required": ["sha256"]}, {"required": ["image_base64"]}]})
     sha256: str = Field(None, pattern=SHA256, description="key of an image already embedded (POST /v1/embed)")
-    image_base64: str = Field(None, description="the image file itself, base64",
+    image_base64: str = Field(None, min_length=4, description="the image file itself, base64",
                               json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
     label: str | int | float | bool
 
@@ -226,13 +229,28 @@ class Example(BaseModel):
         return self
 
 
+class FitOptions(BaseModel):
+    """The options of `featx fit-head` a fit through the service may set (the others are the service's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    normalize: Literal[NORMALIZERS] = None
+    grid: str | float | list[float] = Field(None, description="'LO:HI', '0.1,1,10', or the C values")
+    folds: int = Field(None, ge=2)
+    class_weight: Literal["balanced"] | None = None
+    val_split: float = Field(None, ge=0, lt=1)
+    seed: int = Field(None, ge=0, le=MAX_SEED)
+    epochs: int = Field(None, ge=1)
+    hidden: int = Field(None, ge=1)
+    dropout: float = Field(None, ge=0, lt=1)
+
+
 class TrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the new head's name")
-    head: str | None = Field(None, description="head type (featx fit-head --head), logistic by default")
-    like: str | None = Field(None, description="a served head whose extractor (and tap) to use")
-    tap: str | None = None
-    options: dict[str, Any] | None = Field(None, description="fit-head options: grid, folds, class_weight...")
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the new head's name")
+    head: Literal[tuple(HEAD_TYPES)] = Field(None, description="head type (featx fit-head --head), logistic by default")
+    like: StrictStr = Field(None, description="a served head whose extractor (and tap) to use")
+    tap: StrictStr = Field(None, description="the tap to fit on: by default the head's own, or the extractor's last")
+    options: FitOptions = Field(None, description="fit-head options")
     examples: list[Example] = Field(min_length=1)
 
 
