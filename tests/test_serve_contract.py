@@ -135,6 +135,48 @@ def test_either_key_header_is_accepted(keyed, headers, status):
     assert keyed.get("/healthz").status_code == 200
 
 
+def _conforms(document, operation, status, response):
+    """Assert that `response` has a media type and a body the document declares for `operation` and `status`."""
+    import jsonschema
+
+    declared = operation["responses"][str(status)]["content"]
+    media = response.headers["content-type"].split(";")[0]
+    assert media in {m.split(";")[0] for m in declared}, (media, list(declared))
+    if media == "application/json":
+        schema = {**declared["application/json"]["schema"], "components": document["components"]}
+        jsonschema.Draft202012Validator(schema).validate(response.json())
+
+
+def test_answers_conform_to_the_document(client, made, tmp_path):
+    import featx
+
+    document = client.get("/openapi.json").json()
+    ops = dict(_operations(document))
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in image_files(made[1])[:3]]
+    with featx.open_store(made[2]) as s:
+        rows = s.features("avgpool")[:2].tolist()
+    calls = [
+        ("GET /healthz", client.get("/healthz"), 200),
+        ("GET /metrics", client.get("/metrics"), 200),
+        ("GET /v1/heads", client.get("/v1/heads"), 200),
+        ("POST /v1/heads/{name}/predict", client.post("/v1/heads/colours/predict?top_k=2", files=files), 200),
+        ("POST /v1/heads/{name}/predict", client.post("/v1/heads/colours/predict", json={"embeddings": rows}), 200),
+        ("POST /v1/heads/{name}/predict", client.post("/v1/heads/nope/predict", files=files), 404),
+        ("POST /v1/heads/{name}/predict", client.post("/v1/heads/colours/predict", content=b"x",
+                                                      headers={"content-type": "text/plain"}), 415),
+        ("POST /v1/heads/{name}/predict", client.post("/v1/heads/colours/predict?top_k=0", files=files), 422),
+        ("POST /v1/embed", client.post("/v1/embed?tap=layer3", files=files), 200),
+        ("POST /v1/embed", client.post("/v1/embed", content=files[0][1][1], headers={"content-type": "image/jpeg"}),
+         200),
+        ("POST /v1/admin/reload", client.post("/v1/admin/reload"), 200),
+        ("POST /v1/heads", client.post("/v1/heads", json={}), 403),
+        ("GET /v1/jobs/{job_id}", client.get("/v1/jobs/nope"), 404),
+    ]
+    for label, response, status in calls:
+        assert response.status_code == status, (label, response.text)
+        _conforms(document, ops[label], status, response)
+
+
 ASSET_TYPES = {".js": ("application/javascript", "text/javascript"), ".css": ("text/css",), ".png": ("image/png",)}
 
 
@@ -196,6 +238,22 @@ def test_training_request_mistakes(made, tmp_path):
         for kwargs, status, reason in cases:
             r = c.post("/v1/heads", **kwargs)
             assert r.status_code == status and reason in r.json()["detail"], (kwargs, r.text)
+        document = c.get("/openapi.json").json()
+        ops = dict(_operations(document))
+        files = image_files(made[1])
+        embedded = c.post("/v1/embed", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in files]).json()
+        examples = [{"sha256": e["sha256"], "label": p.parent.name} for e, p in zip(embedded["results"], files)]
+        job = c.post("/v1/heads", json={"name": "again", "like": "colours", "options": {"grid": "1", "val_split": 0},
+                                        "examples": examples})
+        assert job.status_code == 202, job.text
+        _conforms(document, ops["POST /v1/heads"], 202, job)
+        for _ in range(600):
+            state = c.get(f"/v1/jobs/{job.json()['id']}")
+            _conforms(document, ops["GET /v1/jobs/{job_id}"], 200, state)
+            if state.json()["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.05)
+        assert state.json()["state"] == "succeeded", state.text
 
 
 # ---- against a live server (slow) ------------------------------------------------------------------------------
