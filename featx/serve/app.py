@@ -272,16 +272,16 @@ def _embeddings_json(body: dict, width: int) -> np.ndarray:
     return X
 
 
-async def _examples(service: Service, extractor, examples: list[contract.Example], tap: str):
+async def _examples(service: Service, extractor, examples: list, tap: str):
     """(keys, labels, rows of `tap`) of the labelled examples: sha256 keys in the cache, or base64 images."""
     keys, labels, rows, uploads = [], [], [], {}
     for i, example in enumerate(examples):
-        if example.image_base64 is not None:
+        if isinstance(example, contract.ImageExample):
             try:
                 uploads[i] = Upload(f"examples[{i}]", base64.b64decode(example.image_base64, validate=True))
             except (binascii.Error, ValueError):
                 raise ServiceError(422, f"examples[{i}].image_base64: not valid base64") from None
-        keys.append(example.sha256)
+        keys.append(getattr(example, "sha256", None))
         labels.append(str(example.label))
     embedded = dict(zip(uploads, await service.embed(extractor, list(uploads.values())))) if uploads else {}
     for i, key in enumerate(keys):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from ..choices import MAX_SEED
 from ..heads.estimators import HEAD_TYPES, NORMALIZERS
@@ -212,21 +212,24 @@ class Health(BaseModel):
     detail: str | None = Field(None, description="why it failed to load")
 
 
-class Example(BaseModel):
-    """One labelled image: its sha256 (embedded before, or a row of the cache store) or the image itself."""
+LABEL = Field(description="its class (a string, number or boolean, as text in the head's classes)")
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "anyOf": [{"required": ["sha256"]}, {"required": ["image_base64"]}]})
-    sha256: str = Field(None, pattern=SHA256, description="key of an image already embedded (POST /v1/embed)")
-    image_base64: str = Field(None, min_length=4, description="the image file itself, base64",
-                              json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
-    label: str | int | float | bool
 
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.sha256 is None and self.image_base64 is None:
-            raise ValueError("expected sha256 or image_base64 beside the label")
-        return self
+class KeyedExample(BaseModel):
+    """A labelled image by its sha256: embedded before (POST /v1/embed), or a row of the cache store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sha256: str = Field(pattern=SHA256)
+    label: str | int | float | bool = LABEL
+
+
+class ImageExample(BaseModel):
+    """A labelled image sent whole, base64."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image_base64: str = Field(min_length=4, json_schema_extra={"contentEncoding": "base64",
+                                                               "contentMediaType": "image/*"})
+    label: str | int | float | bool = LABEL
 
 
 class FitOptions(BaseModel):
@@ -251,7 +254,7 @@ class TrainRequest(BaseModel):
     like: StrictStr = Field(None, description="a served head whose extractor (and tap) to use")
     tap: StrictStr = Field(None, description="the tap to fit on: by default the head's own, or the extractor's last")
     options: FitOptions = Field(None, description="fit-head options")
-    examples: list[Example] = Field(min_length=1)
+    examples: list[KeyedExample | ImageExample] = Field(min_length=1)
 
 
 class Job(BaseModel):
