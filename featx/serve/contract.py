@@ -128,14 +128,20 @@ class Embeddings(BaseModel):
     embeddings: list[list[float]] = Field(min_length=1, description="one row per item, each n_features wide")
 
 
-class TopClass(BaseModel):
+class Answer(BaseModel):
+    """An answer's model: a field the route sends and the model lacks is an error, never dropped unseen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TopClass(Answer):
     model_config = ConfigDict(populate_by_name=True)
     class_: str = Field(alias="class")
-    p: float | None = Field(None, description="probability (heads with probabilities)")
+    probability: float | None = Field(None, description="heads with probabilities")
     score: float | None = Field(None, description="decision score (heads without probabilities)")
 
 
-class Prediction(BaseModel):
+class Prediction(Answer):
     sha256: str | None = Field(None, description="the image's content key (images only)")
     cached: bool | None = Field(None, description="whether its embedding came from the cache (images only)")
     predicted: str | float | int
@@ -144,18 +150,18 @@ class Prediction(BaseModel):
     top_k: list[TopClass] | None = None
 
 
-class Predictions(BaseModel):
+class Predictions(Answer):
     head: str
     results: list[Prediction]
 
 
-class RunLengths(BaseModel):
+class RunLengths(Answer):
     size: list[int] = Field(description="[height, width]")
     values: list[int]
     counts: list[int]
 
 
-class Mask(BaseModel):
+class Mask(Answer):
     sha256: str
     cached: bool
     size: list[int] = Field(description="[height, width]")
@@ -163,27 +169,27 @@ class Mask(BaseModel):
     mask: RunLengths | list[list[int]] = Field(description="runs (mask=rle) or rows of class ids (mask=array)")
 
 
-class Masks(BaseModel):
+class Masks(Answer):
     head: str
     task: Literal["segmentation"]
     classes: list[str]
     results: list[Mask]
 
 
-class Embedding(BaseModel):
+class Embedding(Answer):
     sha256: str = Field(pattern=SHA256)
     cached: bool
     embedding: list[float] | list[list[float]] | list[list[list[float]]] = Field(
         description="the stored row: a vector, or a feature map for a spatial tap")
 
 
-class EmbedAnswer(BaseModel):
+class EmbedAnswer(Answer):
     backbone: str
     tap: str
     results: list[Embedding]
 
 
-class HeadInfo(BaseModel):
+class HeadInfo(Answer):
     name: str
     kind: str
     task: str
@@ -197,15 +203,15 @@ class HeadInfo(BaseModel):
     metrics: dict[str, Any] = Field(description="headline numbers of the head's metrics.json")
 
 
-class HeadList(BaseModel):
+class HeadList(Answer):
     heads: list[HeadInfo]
 
 
-class HeadNames(BaseModel):
+class HeadNames(Answer):
     heads: list[str]
 
 
-class Health(BaseModel):
+class Health(Answer):
     status: Literal["ready", "loading", "failed"]
     heads: list[str] | None = None
     extractors: int | None = None
@@ -257,7 +263,7 @@ class TrainRequest(BaseModel):
     examples: list[KeyedExample | ImageExample] = Field(min_length=1)
 
 
-class Job(BaseModel):
+class Job(Answer):
     id: str
     name: str
     head: str
