@@ -17,6 +17,7 @@ parameter it refuses) say the same, as featx/serve/app.py answers it.
 """
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any, Literal
 
 from fastapi import HTTPException, Request
@@ -48,17 +49,17 @@ class ErrorBody(BaseModel):
 
 def errors(*statuses: int) -> dict[int, dict]:
     """`responses=` of a route: each status with the error body and its usual reason."""
-    return {status: {"model": ErrorBody, "description": ERROR_REASONS[status]} for status in statuses}
+    return {status: {"model": ErrorBody, "description": ERROR_REASONS.get(status, HTTPStatus(status).phrase)}
+            for status in statuses}
 
 
 def declare_errors(app) -> None:
     """The app's OpenAPI document, with FastAPI's default 422 body (a list of errors) replaced by ErrorBody."""
-    from fastapi.openapi.utils import get_openapi
+    built = app.openapi
 
     def document() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = built()
             schemas = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
@@ -110,15 +111,13 @@ def json_body(model: type[BaseModel]) -> tuple[str, dict]:
     return "application/json", inline(schema)
 
 
-def request_body(*parts, description: str | None = None) -> dict:
+def request_body(*parts) -> dict:
     """`openapi_extra=` of a route reading its own body: a required body in each (media type, schema) of `parts`
     (tuples, or lists of them such as IMAGES)."""
     flat = [part for entry in parts for part in (entry if isinstance(entry, list) else [entry])]
     body: dict[str, Any] = {"required": True, "content": {media: {"schema": schema} for media, schema in flat}}
     if "multipart/form-data" in body["content"]:
         body["content"]["multipart/form-data"]["encoding"] = {"file": {"contentType": "image/*"}}
-    if description:
-        body["description"] = description
     return {"requestBody": body}
 
 
