@@ -27,7 +27,8 @@ from serve_support import image_files, make_head  # noqa: E402
 KEY_ENV, KEY = "FEATX_CONTRACT_TEST_KEY", "k3y-for-tests"
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+BROWSERS = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable",
+            "chrome")
 
 
 @pytest.fixture(scope="module")
