@@ -17,7 +17,6 @@ from unittest import mock
 from urllib.parse import unquote, urlsplit
 
 import click
-import pytest
 from markdown_it import MarkdownIt
 
 from featx.cli import main
@@ -69,7 +68,7 @@ def links(page: Path) -> list[tuple[int, str]]:
     lines, found = text.split("\n"), []
     for token in parse_markdown(text):
         for child in token.children or []:
-            target = child.attrGet("href") if child.type == "link_open" else child.attrGet("src") if child.type == "image" else None
+            target = {"link_open": child.attrGet("href"), "image": child.attrGet("src")}.get(child.type)
             if target is not None:
                 found.append((source_line(lines, token.map, unquote(target)), unquote(target)))
     return found
@@ -88,7 +87,9 @@ def link_problem(page: Path, target: str) -> str | None:
     if not parts.fragment:
         return None
     if path.suffix != ".md":
-        return None if LINE_ANCHOR.match(parts.fragment) else f"link {target}: #{parts.fragment} is not a line anchor of {path.relative_to(ROOT)}"
+        if LINE_ANCHOR.match(parts.fragment):
+            return None
+        return f"link {target}: #{parts.fragment} is not a line anchor of {path.relative_to(ROOT)}"
     if parts.fragment not in heading_anchors(path):
         return f"link {target}: {path.relative_to(ROOT)} has no heading whose anchor is #{parts.fragment}"
     return None
@@ -135,10 +136,11 @@ def featx_invocations(command: str) -> list[list[str]]:
     for words in segments:
         while words and ASSIGNMENT.match(words[0]):
             words = words[1:]
+        module = next((i for i in range(len(words) - 1) if words[i:i + 2] == ["-m", "featx"]), None)
         if words and Path(words[0]).name == "featx":
             arguments = words[1:]
-        elif any(words[i:i + 2] == ["-m", "featx"] for i in range(len(words))):
-            arguments = words[[words[i:i + 2] for i in range(len(words))].index(["-m", "featx"]) + 2:]
+        elif module is not None:
+            arguments = words[module + 2:]
         else:
             continue
         invocations.append([word for word in arguments if word != "..."])
