@@ -494,14 +494,14 @@ class Store:
                     block = ds[lo:hi]
                 yield np.arange(lo, hi, dtype=np.int64), block.astype(np.float32, copy=False)
             return
-        index = np.arange(n)[rows] if isinstance(rows, slice) else self._row_index(rows)
+        index = np.arange(n)[rows] if isinstance(rows, slice) else self.row_index(rows)
         for lo in range(0, len(index), size):
             part = index[lo : lo + size]
             with self._reading(tap):
                 block = read_rows(ds, part)
             yield part, block.astype(np.float32, copy=False)
 
-    def _row_index(self, rows) -> np.ndarray:
+    def row_index(self, rows) -> np.ndarray:
         """An index array or boolean mask over the store's rows as int64 indices, checked against its length."""
         rows = np.asarray(rows)
         n = len(self)
@@ -528,13 +528,17 @@ class Store:
     def split(self, name: str, tap: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of the rows of split `name` ('train', 'val', 'test'): X float32 rows of `tap` (default: the only
         tap), y the labels (int64, -1 unlabelled) or, in a regression store, the targets. Reads the split whole."""
-        present = sorted(set(self.splits.astype(str)))
-        if name not in present:
-            held = ", ".join(s or "(none)" for s in present) or "no rows"
-            raise FeatxError(f"split {name!r} is not in {self.path}: its rows' splits are {held}")
-        mask = self.splits.astype(str) == name
+        mask = self.split_mask(name)
         y = self.targets if self.targets is not None else self.labels
         return self.features(self.resolve_tap(tap), mask), y[mask]
+
+    def split_mask(self, name: str) -> np.ndarray:
+        """A boolean mask of the rows of split `name`; FeatxError naming the store's splits when none has it."""
+        mask = self.splits.astype(str) == name
+        if not mask.any():
+            held = ", ".join(s or "(none)" for s in sorted(set(self.splits.astype(str)))) or "no rows"
+            raise FeatxError(f"split {name!r} is not in {self.path}: its rows' splits are {held}")
+        return mask
 
     def metadata(self) -> dict[str, np.ndarray]:
         """One array per column, a row per store row: path (as stored), image_path (resolved against the row's data
