@@ -34,6 +34,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .store_attrs import describe_datasets
 
 SCHEMA_VERSION = 1
 UTF8 = h5py.string_dtype("utf-8")
@@ -165,6 +166,16 @@ def create_h5(tmp: Path, final: Path):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def create_store(tmp: Path, final: Path, config: dict, config_key: str):
+    """A new store file (see create_h5) with its root attributes; once the block has written its datasets, each is
+    described in attributes (featx.store_attrs) before the file is published."""
+    with create_h5(tmp, final) as h5:
+        set_root_attrs(h5, config, config_key)
+        yield h5
+        describe_datasets(h5, config)
+
+
 def _write_strings(group: h5py.Group, name: str, values) -> None:
     group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=UTF8)
 
@@ -231,8 +242,7 @@ def write_store(
     splits = [""] * n if splits is None else splits
     labels = [-1] * n if labels is None and targets is None else labels
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with create_h5(tmp, path) as h5:
-        set_root_attrs(h5, config, config_key or config_fingerprint(config))
+    with create_store(tmp, path, config, config_key or config_fingerprint(config)) as h5:
         create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
                      classes=classes, failed=failed, roots=None if root is None else [root],
                      row_roots=np.zeros(n), failed_roots=np.zeros(len(failed)))
@@ -510,9 +520,11 @@ class Store:
                 raise FeatxError(f"a row mask of shape {rows.shape} for {self.path}, which has {n} rows")
             return np.flatnonzero(rows)
         if rows.dtype.kind not in "iu" or rows.ndim != 1:
-            raise FeatxError(f"rows of type {rows.dtype} {rows.shape}: expected a 1-D index array, a boolean mask or a slice")
+            raise FeatxError(f"rows of type {rows.dtype} {rows.shape}: expected a 1-D index array, a boolean mask "
+                             f"or a slice")
         if rows.size and not -n <= rows.min() <= rows.max() < n:
-            raise FeatxError(f"row {rows.max() if rows.max() >= n else rows.min()} is outside {self.path}, which has {n} rows")
+            outside = rows.max() if rows.max() >= n else rows.min()
+            raise FeatxError(f"row {outside} is outside {self.path}, which has {n} rows")
         return np.where(rows < 0, rows + n, rows).astype(np.int64)
 
     def resolve_tap(self, tap: str | None = None) -> str:
