@@ -21,7 +21,8 @@ class StoreDataset(Dataset):
     target the int64 label (-1 unlabelled) or, in a regression store, the float32 target.
 
     `tap`: default the store's only tap. `split`: only the rows of that split ('train', 'val', 'test'). `rows`: an
-    index array or boolean mask over the store's rows (with `split`: those of that split). `classes` are the store's class names.
+    index array or boolean mask over the store's rows (with `split`: those of that split). `classes`: the store's
+    class names.
     """
 
     def __init__(self, store, tap: str | None = None, split: str | None = None, rows=None):
