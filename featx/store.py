@@ -573,8 +573,10 @@ class Store:
         """A pandas DataFrame with a row per store row: the metadata() columns, then one column per tap (`taps`:
         None = every tap, a name or a list; [] = none) whose cells are that row's float32 array. Reads the taps
         whole: for stores larger than memory use batches() or featx export."""
-        import pandas as pd
-
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FeatxError("Store.to_pandas needs pandas: pip install 'featx[export]'") from None
         frame = pd.DataFrame(self.metadata())
         for tap in self.taps if taps is None else [taps] if isinstance(taps, str) else list(taps):
             frame[tap] = list(self.features(tap))

@@ -184,3 +184,15 @@ def test_one_export_at_a_time_and_a_killed_one_is_cleaned_up(store, tmp_path):
     export(store, out, tap="avgpool")
     assert sorted(os.listdir(out)) == ["img_emb", "metadata"]
     assert len(np.load(out / "img_emb/img_emb_0.npy")) == 23
+
+
+def test_embedding_reader_reads_the_npy_layout_unchanged(store, tmp_path):
+    embedding_reader = pytest.importorskip("embedding_reader")
+    export(store, tmp_path / "out", tap="avgpool", shard_rows=5)
+    reader = embedding_reader.EmbeddingReader(str(tmp_path / "out/img_emb"), file_format="parquet_npy",
+                                              metadata_folder=str(tmp_path / "out/metadata"),
+                                              meta_columns=["key", "class_name"])
+    got = list(reader(batch_size=7, start=0, end=reader.count, show_progress=False))
+    with open_store(store) as st:
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), st.features("avgpool").astype(np.float16))
+        assert pd.concat([m for _, m in got])["key"].tolist() == list(st.keys)
