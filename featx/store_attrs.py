@@ -58,8 +58,6 @@ def _describe_tap(ds: h5py.Dataset, tap: str, config: dict) -> None:
     ds.attrs["backbone"] = str(backbone)
     ds.attrs["weights"] = str(weights)
     ds.attrs["pooling"] = str(pooling)
-    if config.get("token_pool"):
-        ds.attrs["token_pool"] = str(config["token_pool"])
     if len(ds.shape) in AXES:
         ds.attrs["axes"] = AXES[len(ds.shape)]
     ds.attrs["dtype_note"] = (
