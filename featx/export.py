@@ -114,7 +114,10 @@ def _export_folder(output: Path, overwrite: bool):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FeatxError(f"-o {output}: another featx export is writing there; wait for it to finish") from None
-        held = sorted(p.name for p in output.iterdir() if p.name != STAGING)
+        try:
+            held = sorted(p.name for p in output.iterdir() if p.name != STAGING)
+        except OSError as err:
+            raise FeatxError(f"-o {output}: cannot list the folder ({err.strerror})") from None
         if held and not overwrite:
             raise FeatxError(f"-o {output}: the folder is not empty ({', '.join(held[:3])}"
                              f"{', ...' if len(held) > 3 else ''}): choose a new or empty folder, or pass --overwrite "

@@ -196,3 +196,24 @@ def test_embedding_reader_reads_the_npy_layout_unchanged(store, tmp_path):
     with open_store(store) as st:
         np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), st.features("avgpool").astype(np.float16))
         assert pd.concat([m for _, m in got])["key"].tolist() == list(st.keys)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
+    """write() fails with EFBIG past a file-size limit, as on a full disk: nothing half-written stays."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    make_store(tmp_path / "s.h5", n=500, d=256)
+    for fmt in ("npy", "parquet"):
+        done = subprocess.run([sys.executable, "-m", "featx", "export", "s.h5", "-o", "out", "-l", "avgpool", "-q",
+                               "--format", fmt, "--chunk-rows", "50"], cwd=tmp_path, capture_output=True, text=True,
+                              preexec_fn=limit, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("featx: error: -o out: cannot write") and "nothing was exported" in done.stderr
+        assert not (tmp_path / "out").exists()
