@@ -56,7 +56,8 @@ class ExportResult:
         for name in self.files:
             top = name.split("/")[0] + ("/" if "/" in name else "")
             folders[top] = folders.get(top, 0) + 1
-        written = ", ".join(f"{top} ({n} files)" if top.endswith("/") else top for top, n in folders.items())
+        written = ", ".join(f"{top} ({n} file{'s' if n > 1 else ''})" if top.endswith("/") else top
+                            for top, n in folders.items())
         return f"exported {self.rows} rows of {self.tap} ({self.dim} {self.dtype}) to {self.output}: {written}"
 
     def to_dict(self) -> dict:
