@@ -74,7 +74,7 @@ def export(store, output, format: str = "npy", tap: str | None = None, shard_row
     if format not in EXPORT_FORMATS:
         raise FeatxError(f"--format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     for name, value in (("--shard-rows", shard_rows), ("--chunk-rows", chunk_rows)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise FeatxError(f"{name} {value!r}: expected a whole number of rows >= 1")
     output = Path(output)
     if output.suffix.lower() in (".parquet", ".npy"):
