@@ -92,3 +92,13 @@ def test_to_pandas_has_metadata_and_a_column_per_tap(tmp_path):
     assert frame["label"].iloc[-1] == -1 and pd.isna(frame["class_name"].iloc[-1])
     assert frame["avgpool"][7].dtype == np.float32 and frame["layer4"][7].shape == (2, 3, 3)
     np.testing.assert_array_equal(np.stack(frame["avgpool"]), feats["avgpool"].astype(np.float32))
+
+
+def test_the_default_batch_is_bounded_by_bytes(tmp_path, monkeypatch):
+    import featx.store
+
+    make_store(tmp_path / "s.h5")
+    monkeypatch.setattr(featx.store, "BATCH_BYTES", 2 * 5 * 4)  # two float32 rows of avgpool
+    with open_store(tmp_path / "s.h5") as st:
+        assert [len(rows) for rows, _ in st.batches("avgpool")] == [2] * 11 + [1]
+        assert {len(rows) for rows, _ in st.batches("layer4")} == {1}  # a row of 18 floats is over the budget alone
