@@ -202,7 +202,7 @@ def _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
         raise FeatxError(f"--task {task!r}: expected classify or segment")
     if init_head is not None or head != "linear":
         raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
-    from ..segment.train import SegmentTask
+    from .segment import SegmentTask
 
     return SegmentTask(tap=tap, decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
 

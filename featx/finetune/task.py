@@ -1,6 +1,6 @@
 """One trainer builder for every finetuning task.
 
-A task (classification in `classify.py`, segmentation in `featx.segment.train`) supplies what differs: its data
+A task (classification in `classify.py`, segmentation in `segment.py`) supplies what differs: its data
 and split, the model around the backbone, the loaders, the loss and metrics, and the fields it adds to config.json
 and model.pt. `build_trainer` does the steps they share, in one order: seeding, freezing, the device, the
 optimizer and schedule, the recorded config and the Trainer.

@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FeatxError
-from ..finetune.checkpoint import atomic_write
-from ..finetune.data import ImageDataset, Splits, hold_out, loader_for
-from ..finetune.loop import PassStats
-from ..finetune.options import TrainOptions
-from ..finetune.task import Task
-from ..finetune.train import Trainer
 from ..preprocess import normalize_batch
+from ..segment.metrics import confusion, predicted_ids, summarize
+from ..segment.model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
+from ..segment.source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
+from ..segment.transforms import JointTransform, mask_image
 from ..sources import DecodeError, decode_image
-from .metrics import confusion, predicted_ids, summarize
-from .model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
-from .source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
-from .transforms import JointTransform, mask_image
+from .checkpoint import atomic_write
+from .data import ImageDataset, Splits, hold_out, loader_for
+from .loop import PassStats
+from .options import TrainOptions
+from .task import Task
+from .train import Trainer
 
 PREVIEW = "predictions.png"
 PREVIEW_IMAGES = 4
