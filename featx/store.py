@@ -8,6 +8,7 @@ Layout (row i of every per-item dataset is the same image)::
     /items/label (N,) int64 class index, -1 unlabelled   (or /items/target (N,) float64 for regression)
     /items/split (N,) utf-8 train / val / test, '' when the source has no splits
     /items/root  (N,) int32 index into /roots: the data the row came from
+    /items/stat  (N, 6) int64 the stat index: the stat of each row's file when its key was read (featx/keys.py)
     /roots       (R,) utf-8 the data a store holds rows of: a folder, CSV or list file (absolute), 'digits', 'uploads'
     /classes     (C,) utf-8
     /features/<tap>  (N, D) float32|float16, chunked by rows  (or (N, C, H, W) with pooling 'none')
@@ -200,6 +201,12 @@ def create_features(h5: h5py.File, tap: str, shape: tuple[int, ...], dtype) -> h
     )
 
 
+def write_file_stats(h5: h5py.File, stats: np.ndarray, host: str) -> None:
+    """/items/stat: one stat row per item (featx.keys.STAT_FIELDS), read on machine `host`."""
+    ds = h5["items"].create_dataset("stat", data=np.asarray(stats, dtype=np.int64))
+    ds.attrs["host"] = host
+
+
 def set_root_attrs(h5: h5py.File, config: dict, config_key: str) -> None:
     h5.attrs["featx_schema"] = SCHEMA_VERSION
     h5.attrs["featx_version"] = __version__
@@ -368,6 +375,7 @@ class Store:
             else:
                 self.labels = np.full(len(self.keys), -1, dtype=np.int64)
             self.classes = list(_strings(h5["classes"])) if "classes" in h5 else []
+            self._read_file_stats(items)
             self.taps = list(h5["features"].keys()) if "features" in h5 else []
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
@@ -409,6 +417,13 @@ class Store:
         if len(self.failed_roots) != len(self.failed):
             raise FeatxError(f"{self.path}: damaged featx store (/failed/root has {len(self.failed_roots)} rows, "
                              f"/failed/path has {len(self.failed)})")
+
+    def _read_file_stats(self, items: h5py.Group) -> None:
+        """`file_stats` ((N, 6) int64, see featx/keys.py) and `file_stats_host`; None when the store has none."""
+        stat = items.get("stat")
+        usable = isinstance(stat, h5py.Dataset) and stat.dtype.kind == "i" and len(stat.shape) == 2
+        self.file_stats = stat[...].astype(np.int64) if usable else None
+        self.file_stats_host = str(stat.attrs.get("host", "")) if usable else None
 
     def root_counts(self) -> dict[str, int]:
         """Rows per data root, in the store's order."""

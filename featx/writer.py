@@ -27,10 +27,11 @@ import h5py
 import numpy as np
 
 from .errors import FeatxError
+from .keys import NO_STAT, STAT_FIELDS, StatIndex, host_id
 from .retention import DataRows, SealPlan, holds, merge, row_bound
 from .store import (
     KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, parts_folder, read_rows, segment_files,
-    set_root_attrs,
+    set_root_attrs, write_file_stats,
 )
 
 LOCK_RETRIES = 20
@@ -247,8 +248,10 @@ class StoreWriter:
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
         return old is not None and not self._segment_files() and holds(old, plan)
 
-    def seal(self, plan: SealPlan, taps: list[str]) -> None:
-        """Write the final store from the old store and the segments, rename it into place, drop the parts."""
+    def seal(self, plan: SealPlan, taps: list[str], stats: dict[str, np.ndarray] | None = None) -> None:
+        """Write the final store from the old store and the segments, rename it into place, drop the parts.
+        `stats`: the stat index entries of the call's files by path (featx.keys.FileKeys.stats); rows of other data
+        keep theirs."""
         if not any(plan is made for made in self._plans):
             raise ValueError("StoreWriter.seal writes only a plan made by StoreWriter.plan")
         sources: dict[Path, list[tuple[int, int]]] = {}
@@ -263,8 +266,24 @@ class StoreWriter:
                 targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,
                 row_roots=plan.row_roots, failed_roots=plan.failed_roots,
             )
+            write_file_stats(h5, self._row_stats(plan, stats or {}), host_id())
             self._copy_features(h5, sources, taps, len(plan.keys))
         self.remove_parts()
+
+    def _row_stats(self, plan: SealPlan, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """The stat index of the sealed store: the call's entries for its rows, the old store's for the others."""
+        rows = np.zeros((len(plan.keys), len(STAT_FIELDS)), dtype=np.int64)
+        for i in plan.data_rows:
+            rows[i] = stats.get(plan.paths[i], NO_STAT)
+        if self._old is not None:
+            old = StatIndex.of_store(self._old)
+            fresh = set(plan.data_rows.tolist())
+            for i, (r, path, key) in enumerate(zip(plan.row_roots, plan.paths, plan.keys)):
+                if i not in fresh:
+                    kept = old.stat(plan.roots[r], path, key)
+                    if kept is not None:
+                        rows[i] = kept
+        return rows
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
         for tap in taps:
