@@ -66,8 +66,9 @@ class StatIndex:
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
         racy = np.maximum(stats[:, 1], stats[:, 2]) >= stats[:, 5] - RACY_NS
-        for i in np.flatnonzero(~racy & (stats[:, 5] > 0)):
-            self._entries[(roots[row_roots[i]], str(paths[i]))] = int(i)
+        trusted = (~racy & (stats[:, 5] > 0)).tolist()
+        row_root = [roots[r] for r in np.asarray(row_roots).tolist()]
+        self._entries = {(root, str(path)): i for i, (root, path, ok) in enumerate(zip(row_root, paths, trusted)) if ok}
 
     @classmethod
     def of_store(cls, store) -> "StatIndex":
@@ -77,12 +78,14 @@ class StatIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def key(self, root: str, path: str, stat: tuple) -> str | None:
-        """The recorded key of `path` under `root` when its stat is the recorded one, else None."""
-        row = self._entries.get((root, path))
-        if row is None or tuple(self._stats[row, :5].tolist()) != stat:
-            return None
-        return str(self._keys[row])
+    def keys(self, root: str, paths: list[str], stats: np.ndarray) -> list[str | None]:
+        """The recorded key of each of `paths` under `root` whose stat (first 5 STAT_FIELDS) is the recorded one,
+        else None."""
+        rows = np.array([self._entries.get((root, path), -1) for path in paths], dtype=np.int64)
+        found = rows >= 0
+        if self._stats is not None and found.any():
+            found[found] = (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
+        return [str(self._keys[row]) if ok else None for row, ok in zip(rows.tolist(), found.tolist())]
 
     def stat(self, root: str, path: str, key: str) -> np.ndarray | None:
         """The recorded stat row of `path` under `root` when it holds `key`, else None."""
@@ -109,17 +112,15 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
     keys: list[str | None] = [None] * n
     stats = np.zeros((n, len(STAT_FIELDS)), dtype=np.int64)
     now = time.time_ns()
-    to_read = []
-    for i, item in enumerate(source.items):
-        stat = file_stat(item.path)
-        if stat is None:
-            to_read.append(i)  # gone, a dangling link: content_key says None the usual way
-            continue
-        key = None if rehash or index is None else index.key(root, item.relpath, stat)
-        if key is None:
-            to_read.append(i)
-        else:
-            keys[i], stats[i] = key, (*stat, now)
+    found = [file_stat(item.path) for item in source.items]  # None: gone, or a dangling link (read: key None)
+    readable = np.array([stat is not None for stat in found], dtype=bool)
+    if readable.any():
+        stats[readable, :5] = [stat for stat in found if stat is not None]
+    if index is not None and not rehash:
+        keys = index.keys(root, [item.relpath for item in source.items], stats)
+    trusted = readable & np.array([key is not None for key in keys], dtype=bool)
+    stats[trusted, 5] = now
+    to_read = np.flatnonzero(~trusted).tolist()
 
     def read(i: int):
         path = source.items[i].path
