@@ -27,7 +27,7 @@ from .errors import FeatxError  # noqa: E402
 # The API functions and the module each one lives in, imported on first use so that `import featx` (and the CLI's
 # --help) loads neither torch nor scikit-learn.
 _FUNCTIONS = {
-    "layers": "featx.layers",
+    "layers": "featx.layer_table",
     "extract": "featx.extract",
     "open_store": "featx.store",
     "fit_head": "featx.heads.api",

@@ -18,7 +18,6 @@ from torchvision.models.feature_extraction import NodePathTracer, _set_default_t
 from torchvision.ops import Permute
 
 from .errors import FeatxError
-from .pooling import POOLINGS, pooled_shape
 
 REFERENCE_SIZE = 224  # usual taps are decided at the size the models were designed for, whatever --image-size says
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -40,7 +39,7 @@ class LayerInfo:
     channels_last: bool = False  # the shape is (H, W, C) (Swin, ConvNeXt block internals)
 
 
-class _Graph:
+class Graph:
     """The model's eval-mode fx graph, with the node names taps are given by and each node's memory layout."""
 
     def __init__(self, model: nn.Module):
@@ -140,7 +139,7 @@ def final_layer(model: nn.Module) -> str | None:
 
 def valid_taps(model: nn.Module) -> list[str]:
     """Every eval-mode graph node that can be tapped, in forward order (module names are accepted too)."""
-    return _Graph(model).taps()
+    return Graph(model).taps()
 
 
 def is_channels_last(model: nn.Module, tap: str) -> bool:
@@ -150,17 +149,17 @@ def is_channels_last(model: nn.Module, tap: str) -> bool:
 
 def channels_last_taps(model: nn.Module, taps) -> dict[str, bool]:
     """is_channels_last for each of `taps`, from one trace of the model."""
-    graph = _Graph(model)
+    graph = Graph(model)
     nodes = {tap: graph.resolve(tap) for tap in taps}
     return {tap: bool(node and graph.nhwc.get(node, False)) for tap, node in nodes.items()}
 
 
 def penultimate_node(model: nn.Module) -> str:
     """The node feeding the final classifier: 'flatten' (resnet), 'classifier.5' (vgg), the class token (vit)."""
-    return _penultimate(_Graph(model), model)
+    return _penultimate(Graph(model), model)
 
 
-def _penultimate(graph: _Graph, model: nn.Module) -> str:
+def _penultimate(graph: Graph, model: nn.Module) -> str:
     head = final_layer(model)
     node = graph.node.get(head) if head else None
     if node is None or not node.all_input_nodes:
@@ -168,7 +167,7 @@ def _penultimate(graph: _Graph, model: nn.Module) -> str:
     return graph.name_of[node.all_input_nodes[0]]
 
 
-def _output_node(graph: _Graph) -> str | None:
+def _output_node(graph: Graph) -> str | None:
     """The node whose value the model returns (its logits), when it returns a single tensor."""
     value = graph.output.args[0]
     return graph.name_of.get(value) if isinstance(value, fx.Node) else None
@@ -190,7 +189,7 @@ def _module_rows(model: nn.Module) -> list[str]:
     return rows
 
 
-def _default_rows(graph: _Graph, model: nn.Module, extra: list[str]) -> dict[str, str]:
+def _default_rows(graph: Graph, model: nn.Module, extra: list[str]) -> dict[str, str]:
     """Tap name -> node for the module rows plus the `extra` nodes, in forward order; one name per node: an extra
     node keeps its own name, else the shallowest module name wins ('layer1' over 'layer1.1')."""
     by_node: dict[str, str] = {}
@@ -205,7 +204,7 @@ def _default_rows(graph: _Graph, model: nn.Module, extra: list[str]) -> dict[str
     return {by_node[node]: node for node in sorted(by_node, key=order.__getitem__)}
 
 
-def _probe(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int, ...]]:
+def probe_shapes(model: nn.Module, nodes: list[str], size: int) -> dict[str, tuple[int, ...]]:
     """Per-image output shapes of `nodes` on one zeros image of size x size; nodes without a tensor are left out."""
     check_image_size(model, size)
     extractor = feature_extractor(model, nodes, suppress_diff_warning=True).eval()
@@ -231,7 +230,7 @@ def check_image_size(model: nn.Module, size: int) -> None:
         raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
 
 
-def _reference_size(model: nn.Module) -> int:
+def reference_size(model: nn.Module) -> int:
     """The input size the architecture is built for (torchvision's ViT stores it, timm's pretrained config gives
     it; convnets take 224)."""
     timm_size = getattr(model, "pretrained_cfg", {}).get("input_size")
@@ -243,7 +242,7 @@ def _spatial(shape: tuple[int, ...], nhwc: bool) -> tuple[int, ...]:
     return shape[:2] if nhwc else shape[1:]
 
 
-def _stages(graph: _Graph, rows: dict[str, str], shapes: dict[str, tuple[int, ...]], penultimate: str) -> list[str]:
+def _stages(graph: Graph, rows: dict[str, str], shapes: dict[str, tuple[int, ...]], penultimate: str) -> list[str]:
     """Rows before the penultimate node that end a resolution stage: a spatial map whose next row (layout permutes
     skipped) is a map of another size or no map at all (global pooling); not a map followed by tokens (a ViT patch
     embedding)."""
@@ -263,12 +262,12 @@ def _stages(graph: _Graph, rows: dict[str, str], shapes: dict[str, tuple[int, ..
     return stages
 
 
-def _usual(graph: _Graph, model: nn.Module):
+def usual_rows(graph: Graph, model: nn.Module):
     """(rows, shapes, node -> mark): the default rows, their shapes at the reference size, and the usual taps."""
     penultimate = _penultimate(graph, model)
     output = _output_node(graph)
     rows = _default_rows(graph, model, [penultimate] + ([output] if output else []))
-    shapes = _probe(model, list(rows.values()), _reference_size(model))
+    shapes = probe_shapes(model, list(rows.values()), reference_size(model))
     marks = {rows[name]: "stage" for name in _stages(graph, rows, shapes, penultimate)}
     marks[penultimate] = "penultimate"
     if output:
@@ -278,13 +277,13 @@ def _usual(graph: _Graph, model: nn.Module):
 
 def usual_taps(model: nn.Module) -> list[str]:
     """Stage outputs and the penultimate node, in forward order: the taps worth storing."""
-    rows, _, marks = _usual(_Graph(model), model)
+    rows, _, marks = usual_rows(Graph(model), model)
     return [name for name, node in rows.items() if marks.get(node) in ("stage", "penultimate")]
 
 
 def check_taps(model: nn.Module, taps) -> None:
     """FeatxError unless every tap names a node (or module) of the model, and no two taps name the same node."""
-    graph = _Graph(model)
+    graph = Graph(model)
     seen: dict[str, str] = {}
     for tap in taps:
         node = graph.resolve(tap)
@@ -297,7 +296,7 @@ def check_taps(model: nn.Module, taps) -> None:
         seen[node] = tap
 
 
-def _unknown_tap(graph: _Graph, model: nn.Module, tap: str) -> str:
+def _unknown_tap(graph: Graph, model: nn.Module, tap: str) -> str:
     """The unknown tap, the closest names (module names and graph nodes), and the usual rows."""
     label = model_label(model)
     rows = list(_default_rows(graph, model, []))
@@ -330,8 +329,8 @@ def activation_bytes(model: nn.Module, image_size: int) -> ActivationBytes:
     other (FeatxError).
     """
     check_image_size(model, image_size)
-    graph = _Graph(model)
-    reference = _reference_size(model)
+    graph = Graph(model)
+    reference = reference_size(model)
     area = (image_size / reference) ** 2
     size = {node: math.prod(shape) * (area if len(shape) > 1 else 1) * ITEMSIZE["float32"]
             for node, shape in graph.shapes(reference).items()}
@@ -347,34 +346,6 @@ def activation_bytes(model: nn.Module, image_size: int) -> ActivationBytes:
     return ActivationBytes(peak=math.ceil(peak), total=math.ceil(sum(size.values())))
 
 
-def describe_layers(
-    model: nn.Module, image_size: int = 224, pooling: str = "avg", include_all: bool = False
-) -> list[LayerInfo]:
-    """The taps of `model` with their output shapes at image_size x image_size and their pooled row sizes.
-
-    By default: top-level modules, stage blocks and the usual taps; `include_all` lists every graph node.
-    """
-    if pooling not in POOLINGS:
-        raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-    graph = _Graph(model)
-    rows, shapes, marks = _usual(graph, model)
-    if include_all:
-        rows = {name: name for name in graph.taps()}
-    if include_all or image_size != _reference_size(model):
-        from .memory import check_batch_memory  # featx.memory builds on this module
-
-        check_batch_memory(model, image_size, 1, torch.device("cpu"), every_output=True, batch_option=None)
-        shapes = _probe(model, list(rows.values()), image_size)
-    infos = []
-    for name, node in rows.items():
-        if node not in shapes:
-            continue
-        nhwc = graph.nhwc.get(node, False) and len(shapes[node]) == 3
-        dim = math.prod(pooled_shape(shapes[node], pooling, nhwc))
-        infos.append(LayerInfo(name, shapes[node], dim, dim * ITEMSIZE["float32"], marks.get(node, ""), nhwc))
-    return infos
-
-
 def human_bytes(n: float) -> str:
     """2048000 -> '2.0 MB' (decimal units, as extract's summary)."""
     units = ("B", "kB", "MB", "GB", "TB")
@@ -383,46 +354,3 @@ def human_bytes(n: float) -> str:
         n /= 1000
         power += 1
     return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
-
-
-def format_layers_table(infos: list[LayerInfo], n_images: int | None = None, dtype: str = "float32") -> str:
-    """An aligned text table of taps; with `n_images`, the store size those rows take at `dtype`."""
-    if dtype not in ITEMSIZE:
-        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(ITEMSIZE)}")
-    itemsize = ITEMSIZE[dtype]
-    header = ["tap", "output shape", "row dim", f"bytes/image ({dtype})"]
-    if n_images:
-        header.append(f"store for {n_images:,} images")
-    header.append("usual")
-    lines = [header]
-    for info in infos:
-        shape = "x".join(str(s) for s in info.shape) + (" (HWC)" if info.channels_last else "")
-        row_bytes = info.pooled_dim * itemsize
-        cells = [info.name, shape, str(info.pooled_dim), f"{row_bytes:,}"]
-        if n_images:
-            cells.append(human_bytes(row_bytes * n_images))
-        lines.append(cells + [info.usual])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def layers(backbone: str | None = None, weights: str = "none", *, weights_match: str = "name", image_size: int = 224,
-           pooling: str = "avg", include_all: bool = False, log=None) -> list[LayerInfo]:
-    """`featx layers`: the taps of `backbone` (a torchvision name or timm/<name>) with their output shapes at
-    `image_size` and their row sizes after `pooling`; the usual taps (stage outputs, the pre-logits, the output)
-    are marked, and `include_all` lists every graph node. `weights` (a name, a file, or 'none') only matters for
-    a file: its load report goes to `log` (a callable taking one line), and a file written by `featx finetune`
-    names the backbone when `backbone` is None. Returns one LayerInfo per tap, in forward order."""
-    from .backbones import load_backbone
-    from .backbones.weights import looks_like_path
-
-    if backbone is None and (str(weights).lower() == "none" or not looks_like_path(str(weights))):
-        raise FeatxError("featx layers: give a BACKBONE name (or -w a model.pt written by featx finetune, which "
-                         "records its backbone), or --list to see them all")
-    bb = load_backbone(backbone, weights, match=weights_match)
-    if backbone is None and not bb.meta.get("backbone"):
-        raise FeatxError(f"featx layers: -w {weights} records no backbone (it was not written by featx finetune): "
-                         f"give the BACKBONE name")
-    if bb.load_report is not None and log is not None:
-        log(bb.load_report.summary())
-    return describe_layers(bb.model, image_size=image_size, pooling=pooling, include_all=include_all)

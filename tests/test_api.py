@@ -48,7 +48,7 @@ def test_layers_is_the_function_and_featx_layers_the_module_alike():
         "import featx\n"
         "infos = featx.layers('resnet18', image_size=32)\n"
         "import featx.layers\n"
-        "from featx.layers import describe_layers, format_layers_table, layers\n"
+        "from featx.layer_table import describe_layers, format_layers_table, layers\n"
         "from featx.backbones import load_backbone\n"
         "assert callable(featx.layers) and featx.layers is layers\n"
         "assert infos == describe_layers(load_backbone('resnet18', 'none').model, image_size=32)\n"

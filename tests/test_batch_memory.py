@@ -15,7 +15,7 @@ from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.extract import FeatureRunner, extract, runner_from_config
 from featx.finetune import finetune
-from featx.layers import describe_layers
+from featx.layer_table import describe_layers
 from featx import memory
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
 from imagegen import make_image_folder

@@ -195,7 +195,7 @@ API_CHECK = """
 import importlib, sys, types, featx
 functions = {"extract": "featx.extract", "finetune": "featx.finetune.api", "open_store": "featx.store",
              "fit_head": "featx.heads.api", "load_head": "featx.heads.persistence", "evaluate": "featx.heads.api",
-             "layers": "featx.layers", "advise": "featx.advise", "predict": "featx.heads.prediction"}
+             "layers": "featx.layer_table", "advise": "featx.advise", "predict": "featx.heads.prediction"}
 for name, module in functions.items():
     value = getattr(featx, name)
     assert callable(value) and value is getattr(importlib.import_module(module), name), (name, value)

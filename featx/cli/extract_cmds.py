@@ -129,7 +129,7 @@ def layers_cmd(backbone, weights, weights_match, list_models, include_all, image
     """Show the taps of BACKBONE (default: the one a -w file from featx finetune records) with output shapes and
     bytes per image after pooling."""
     from ..backbones import list_backbones
-    from ..layers import format_layers_table, layers
+    from ..layer_table import format_layers_table, layers
 
     if list_models:
         names = list_backbones()

@@ -145,8 +145,3 @@ def transform_in_place(normalizer, X: np.ndarray) -> np.ndarray:
         return normalizer.transform(X, copy=False)
     return normalizer.transform(X)
 
-
-def balanced_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
-    """scikit-learn's 'balanced' class weights as a dict (partial_fit cannot take 'balanced')."""
-    counts = np.bincount(y, minlength=n_classes)
-    return {k: len(y) / (n_classes * counts[k]) for k in range(n_classes) if counts[k]}

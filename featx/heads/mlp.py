@@ -10,7 +10,7 @@ import math
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .estimators import balanced_weights
+from .class_weights import balanced_weights
 from .model import mlp_logits, softmax
 
 TARGET_STEPS = 500  # default epochs: enough for about this many Adam steps, within [MIN_EPOCHS, MAX_EPOCHS]

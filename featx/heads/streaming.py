@@ -18,7 +18,8 @@ import numpy as np
 
 from .cv import confusion_score
 from .data import Rows, nonfinite_error
-from .estimators import balanced_weights, make_normalizer, transform_in_place
+from .class_weights import balanced_weights
+from .estimators import make_normalizer, transform_in_place
 
 DEFAULT_EPOCHS = 5
 

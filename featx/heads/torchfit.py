@@ -30,7 +30,8 @@ import numpy as np
 
 from ..errors import FeatxError
 from .cv import score
-from .estimators import LBFGS_MAX_ITER, balanced_weights, make_normalizer
+from .class_weights import balanced_weights
+from .estimators import LBFGS_MAX_ITER, make_normalizer
 
 GRADIENT_TOL = 1e-4  # scikit-learn's default tol: max |gradient| of the scaled objective
 EVALS_PER_ITER = 4  # loss evaluations allowed per iteration on average (line searches)

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import FeatxError
 from ..finetune.choices import DECODER_HELP
-from ..layers import channels_last_taps, check_taps, describe_layers, feature_extractor
+from ..layer_table import describe_layers
+from ..layers import channels_last_taps, check_taps, feature_extractor
 
 HEAD_NAME = "decoder"
 
