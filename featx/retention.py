@@ -74,6 +74,7 @@ class DataRows:
     labels: list[int] | None
     targets: list[float] | None
     failed: list[tuple[str, str]]
+    unread: list[str] = field(default_factory=list)  # folders of the data that could not be listed
 
 
 def data_rows(root: str, source, keys, available, failures: dict[str, str]) -> DataRows:
@@ -98,6 +99,7 @@ def data_rows(root: str, source, keys, available, failures: dict[str, str]) -> D
         labels=None if regression else [item.label for item, _ in rows],
         targets=[item.target for item, _ in rows] if regression else None,
         failed=failed,
+        unread=[folder for folder, _ in source.failed],
     )
 
 
@@ -177,8 +179,11 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
     others = [] if retention == "prune" else [row for row in old_rows if row.root != fresh.root]
     present = set(fresh.paths) | {path for path, _ in fresh.failed}
     computed = set(fresh.keys)
-    gone = [row for row in ours if row.path not in present and row.key not in computed]
-    carried = gone if retention == "add" else []
+    unread = tuple(folder.rstrip("/") + "/" for folder in fresh.unread)
+    missing = [row for row in ours if row.path not in present and row.key not in computed]
+    held = [row for row in missing if unread and row.path.startswith(unread)]  # not seen: kept as they are
+    gone = [row for row in missing if not (unread and row.path.startswith(unread))]
+    carried = (gone if retention == "add" else []) + held
     new = _fresh_rows(fresh)
     if max_rows is not None:
         others, carried = _bound(others, carried, max_rows - len(new))

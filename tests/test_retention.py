@@ -163,3 +163,17 @@ def test_seal_writes_only_plans_the_writer_made(tmp_path):
         writer.seal(writer.plan(rows("/a", {"ants/0.png": "k0"})), ["t"])
     with open_store(tmp_path / "s.h5") as st:
         assert st.roots == ["/a"] and st.root_counts() == {"/a": 1} and st.paths.tolist() == ["ants/0.png"]
+
+
+def test_rows_under_an_unreadable_folder_are_kept_as_they_are():
+    """A folder of the data that cannot be listed (permissions, a failing mount) is not a folder whose files are
+    gone: its rows stay, whatever the retention; a folder whose name merely starts the same is not spared."""
+    old = {**files(3, "a"), **files(3, "b", "bees"), **files(2, "c", "bees2")}
+    classes = ("ants", "bees", "bees2")
+    first = merge(None, rows("/a", old, classes))
+    fresh = rows("/a", files(3, "a"), classes)
+    fresh.unread = ["bees"]
+    for retention in ("mirror", "prune", "add"):
+        plan = merge(sealed(first), fresh, retention)
+        assert sorted(plan.keys) == (["a0", "a1", "a2", "b0", "b1", "b2"] + (["c0", "c1"] if retention == "add" else []))
+        assert plan.dropped == (0 if retention == "add" else 2)
