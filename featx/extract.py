@@ -333,11 +333,17 @@ def extract(
             plan = None if note else writer.plan(
                 data_rows(root, source, keys, writer.available, failures), retention, size_limit)
             sealed = plan is not None and not writer.is_unchanged(plan)
+            stats = {item.relpath: stat for item, stat in zip(source.items, found.stats)}
             if sealed:
                 try:
-                    writer.seal(plan, taps, {item.relpath: stat for item, stat in zip(source.items, found.stats)})
+                    writer.seal(plan, taps, stats)
                 except OSError as err:
                     raise _commit_error(err, writer) from err
+            elif plan is not None and found.worth_recording:  # no row changes: a new stat index spares later reads
+                try:
+                    writer.seal(plan, taps, stats)
+                except OSError:
+                    writer.remove_parts()  # read-only or full: later runs read those files again, nothing is lost
             elif plan is not None:
                 writer.remove_parts()  # a run that found nothing to add leaves no folder (nor the shards' markers)
     n_computed = len(to_compute) - sum(1 for i in to_compute if keys[i] in failures)

@@ -65,8 +65,7 @@ class StatIndex:
         self._keys, self._stats = keys, stats
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
-        racy = np.maximum(stats[:, 1], stats[:, 2]) >= stats[:, 5] - RACY_NS
-        trusted = (~racy & (stats[:, 5] > 0)).tolist()
+        trusted = _trusted_later(stats).tolist()
         row_root = [roots[r] for r in np.asarray(row_roots).tolist()]
         self._entries = {(root, str(path)): i for i, (root, path, ok) in enumerate(zip(row_root, paths, trusted)) if ok}
 
@@ -93,13 +92,25 @@ class StatIndex:
         return None if row is None or str(self._keys[row]) != key else self._stats[row]
 
 
+def _trusted_later(stats: np.ndarray) -> np.ndarray:
+    """Which stat rows a later run would trust: recorded, and not racily clean."""
+    return (stats[:, 5] > 0) & (np.maximum(stats[:, 1], stats[:, 2]) < stats[:, 5] - RACY_NS)
+
+
 class FileKeys(NamedTuple):
     """Content keys of a source's items (None: unreadable), the stat row of each (NO_STAT: not to be recorded),
-    and how many files were read."""
+    how many files were read, and how many of those a later run would trust if the store recorded them."""
 
     keys: list[str | None]
     stats: np.ndarray
     n_read: int
+    n_gained: int = 0
+
+    @property
+    def worth_recording(self) -> bool:
+        """Whether rewriting the store's stat index (a seal that changes no row) spares later runs enough reading:
+        one file in a hundred, or a thousand files."""
+        return self.n_gained > 0 and self.n_gained >= min(1000, max(1, len(self.keys) // 100))
 
 
 def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = False,
@@ -140,4 +151,5 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
             keys[i] = key
             if stat is not None:
                 stats[i] = (*stat, read_ns)
-    return FileKeys(keys, stats, len(to_read))
+    gained = int(_trusted_later(stats[to_read]).sum()) if to_read else 0
+    return FileKeys(keys, stats, len(to_read), gained)

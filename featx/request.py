@@ -246,8 +246,14 @@ def check(arguments: dict) -> Check:
             plan = merge(store, fresh, arguments["retention"], max_rows)
             if fresh.failed or not holds(store, plan):
                 return Check(None, source, keys)
+            config_key = store.config_key
     except FeatxError:
         return Check(None, source, keys)  # the real run reports it
+    if keys.worth_recording:
+        from .writer import record_file_stats
+
+        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"],
+                          {item.relpath: stat for item, stat in zip(source.items, keys.stats)})
     return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
         seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,

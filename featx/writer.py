@@ -366,6 +366,26 @@ class StoreWriter:
         self.parts.rmdir()
 
 
+def record_file_stats(output: Path, config: dict, config_key: str, fresh: DataRows, retention: str,
+                      size_limit: int | None, stats: dict[str, np.ndarray]) -> bool:
+    """Seal the store at `output` again with the stat index entries `stats` (by path) when it still holds exactly
+    the rows `fresh` asks for: no row changes, later runs trust those files' keys without reading them. Best
+    effort: False when the store is busy, read-only, on a full disk or changed meanwhile (the next run reads those
+    files again, nothing is lost)."""
+    try:
+        with StoreWriter(output, config, config_key) as writer:
+            plan = writer.plan(fresh, retention, size_limit)
+            if not writer.is_unchanged(plan):
+                writer.remove_parts()
+                return False
+            with open_store(output) as store:
+                taps = list(store.taps)
+            writer.seal(plan, taps, stats)
+            return True
+    except (FeatxError, OSError):
+        return False
+
+
 def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk_bytes: int = 16 << 20) -> None:
     """Copy src rows to out rows given (src_row, dest_row) pairs, in bounded-memory chunks of contiguous writes:
     at most 4096 rows and about `chunk_bytes` of them at a time (rows of unpooled maps can be megabytes each)."""

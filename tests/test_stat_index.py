@@ -163,3 +163,36 @@ def test_racily_clean_entries_are_not_trusted(tmp_path):
     again = file_keys(source, str(data), trusted)
     assert again.n_read == 0 and again.keys == first.keys
     assert file_keys(source, str(data), trusted, rehash=True).n_read == 4
+
+
+def test_an_unchanged_rerun_records_the_stats_it_had_to_read(made):
+    """Files keyed while racily clean (written just before they were read) are read again by the next rerun, which
+    records their stat without importing torch or changing a row: the rerun after it reads nothing."""
+    data, out = made
+
+    def racy(values, host):
+        values[:, 5] = np.maximum(values[:, 1], values[:, 2])  # read in the very tick they were written
+        return values, host
+
+    _rewrite_index(out, racy)
+    with open_store(out) as store:
+        keys = list(store.keys)
+        assert len(StatIndex.of_store(store)) == 0
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (result["computed"], probe["read"], probe["torch"]) == (0, 6, False)
+    with open_store(out) as store:
+        assert list(store.keys) == keys and len(StatIndex.of_store(store)) == 6
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (result["computed"], result["reused"], probe["read"], probe["torch"]) == (0, 6, 0, False)
+
+
+def test_a_read_only_store_answers_an_unchanged_rerun_without_recording(made):
+    from readonly import read_only
+
+    data, out = made
+    _rewrite_index(out, lambda values, host: (values, "another-machine"))  # every file must be read
+    before = out.read_bytes()
+    with read_only(out.parent):
+        result, probe, err = featx("extract", data, "-o", out, *FAST)
+    assert (result["computed"], result["reused"], probe["read"], probe["code"]) == (0, 6, 6, 0), err
+    assert out.read_bytes() == before
