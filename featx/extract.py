@@ -303,6 +303,8 @@ def extract(
         keys = found.keys
         if on_error == "fail":
             _check_all_readable(source, keys)
+        if source.failed:
+            log(_unread_note(source))
         job = {"config": identity_key(config), "data": _data_fingerprint(source, keys), "retention": retention}
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
@@ -377,6 +379,14 @@ def _stat_index(output: Path) -> StatIndex | None:
             return StatIndex.of_store(store)
     except FeatxError:
         return None  # the writer says why
+
+
+def _unread_note(source: Source) -> str:
+    """The line that says which folders of the data could not be listed, and that their rows stay."""
+    (folder, reason), more = source.failed[0], len(source.failed) - 1
+    others = f" and {more} more folder{'s' if more > 1 else ''}" if more else ""
+    return (f"{Path(source.root, folder)}: {reason}{others}: left out, the store keeps the rows it has of them "
+            f"(--on-error fail stops instead)")
 
 
 def _check_all_readable(source: Source, keys: list[str | None]) -> None:

@@ -244,7 +244,7 @@ def check(arguments: dict) -> Check:
             fresh = data_rows(root, source, keys.keys, set(store.keys), {})
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
             plan = merge(store, fresh, arguments["retention"], max_rows)
-            if fresh.failed or not holds(store, plan):
+            if fresh.failed or source.failed or not holds(store, plan):  # the real run reports failures
                 return Check(None, source, keys)
             config_key = store.config_key
     except FeatxError:
