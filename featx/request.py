@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import FeatxError
-from .retention import data_root, data_rows, holds, merge, row_bound
+from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
 
 NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "retention",
@@ -243,9 +243,15 @@ def check(arguments: dict) -> Check:
             keys = file_keys(source, root, StatIndex.of_store(store), arguments["rehash"])
             fresh = data_rows(root, source, keys.keys, set(store.keys), {})
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
-            plan = merge(store, fresh, arguments["retention"], max_rows)
-            if fresh.failed or source.failed or not holds(store, plan):  # the real run reports failures
-                return Check(None, source, keys)
+            if source.failed:
+                return Check(None, source, keys)  # the real run reports the folders it could not read
+            if holds_as_is(store, fresh, max_rows):
+                other, rows = {}, np.arange(len(fresh.keys))
+            else:
+                plan = merge(store, fresh, arguments["retention"], max_rows)
+                if fresh.failed or not holds(store, plan):
+                    return Check(None, source, keys)
+                other, rows = plan.other, plan.data_rows
             config_key = store.config_key
     except FeatxError:
         return Check(None, source, keys)  # the real run reports it
@@ -257,7 +263,7 @@ def check(arguments: dict) -> Check:
     return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
         seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,
-        sealed=False, config=config, other=plan.other, rows=plan.data_rows,
+        sealed=False, config=config, other=other, rows=rows,
     ), source, keys)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featx.errors import FeatxError
-from featx.retention import DataRows, data_root, drop_limit, holds, merge
+from featx.retention import DataRows, data_root, drop_limit, holds, holds_as_is, merge
 from featx.store import open_store, write_store
 from featx.writer import StoreWriter
 
@@ -177,3 +177,40 @@ def test_rows_under_an_unreadable_folder_are_kept_as_they_are():
         plan = merge(sealed(first), fresh, retention)
         assert sorted(plan.keys) == (["a0", "a1", "a2", "b0", "b1", "b2"] + (["c0", "c1"] if retention == "add" else []))
         assert plan.dropped == (0 if retention == "add" else 2)
+
+
+def test_holds_as_is_only_where_every_retention_plans_the_store_as_it_is():
+    """The array test of an unchanged rerun agrees with merge + holds: never True where a merge would change a row,
+    and True for the plain rerun of a one-data store (classified, unlabelled or regression)."""
+    base = files(6) | files(4, "b", "bees")
+    store = sealed(merge(None, rows("/a", base)))
+    regression = DataRows(root="/r", keys=["r0", "r1"], paths=["x/0.png", "x/1.png"], splits=["", ""], classes=[],
+                          labels=None, targets=[0.5, 1.5], failed=[])
+    unlabelled = DataRows(root="/u", keys=["u0"], paths=["0.png"], splits=[""], classes=[], labels=[-1],
+                          targets=None, failed=[])
+    renamed = dict(base)
+    renamed["ants/renamed.png"] = renamed.pop("ants/0.png")
+    changed = {**base, "ants/1.png": "k1-changed"}
+    cases = {
+        "same": (store, rows("/a", base)),
+        "regression": (sealed(merge(None, regression)), regression),
+        "unlabelled": (sealed(merge(None, unlabelled)), unlabelled),
+        "renamed": (store, rows("/a", renamed)),
+        "changed": (store, rows("/a", changed)),
+        "one gone": (store, rows("/a", {p: k for p, k in base.items() if p != "bees/2.png"})),
+        "one new": (store, rows("/a", {**base, "bees/new.png": "new"})),
+        "other data": (sealed(merge(sealed(merge(None, rows("/b", files(2, "o")))), rows("/a", base))), rows("/a", base)),
+        "failure": (store, rows("/a", base, failed=[("ants/x.png", "cannot read file")])),
+        "classes": (store, rows("/a", base, classes=("ants", "bees", "wasps"))),
+        "bounded": (store, rows("/a", base)),
+    }
+    for name, (old, fresh) in cases.items():
+        max_rows = 5 if name == "bounded" else None
+        fast = holds_as_is(old, fresh, max_rows)
+        assert fast == (name in ("same", "regression", "unlabelled")), name
+        for retention in ("mirror", "add", "prune"):
+            try:
+                slow = holds(old, merge(old, fresh, retention, max_rows))
+            except FeatxError:
+                slow = False
+            assert not fast or slow, (name, retention)
