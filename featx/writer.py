@@ -278,8 +278,8 @@ class StoreWriter:
                 self._copy_features(h5, sources, taps, len(plan.keys))
             else:
                 write_layout(h5, self.output, layout, taps)
+        remove_unmapped(self.output, layout.files if layout else [])  # under the lock: the next writer's are safe
         self.remove_parts()
-        remove_unmapped(self.output, layout.files if layout else [])
 
     def _appended(self, plan: SealPlan, taps: list[str]) -> Layout | None:
         """The layout of the sealed store when its new rows go to a row file of their own and the rows it keeps stay
