@@ -31,6 +31,7 @@ from .request import DEFAULT_DECODE, DEFAULT_MATCH, Check, ExtractResult, check,
 from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, decode_image, load_source, unreadable_reason
+from .rowfiles import store_bytes
 from .store import config_fingerprint, open_store
 from .writer import StoreWriter
 
@@ -359,7 +360,7 @@ def extract(
         n_failed=len(failed) if plan else sum(1 for i in to_compute if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
-        store_bytes=output.stat().st_size if output.exists() else 0,
+        store_bytes=store_bytes(output),
         sealed=sealed,
         config=config,
         failed=failed,

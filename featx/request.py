@@ -226,6 +226,7 @@ def check(arguments: dict) -> Check:
     if not output.is_file() or output.with_name(output.name + ".parts").exists():
         return Check(None)
     from .keys import StatIndex, file_keys
+    from .rowfiles import store_bytes
     from .store import open_store
 
     source = keys = None
@@ -262,7 +263,7 @@ def check(arguments: dict) -> Check:
                           {item.relpath: stat for item, stat in zip(source.items, keys.stats)})
     return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
-        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,
+        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=store_bytes(output),
         sealed=False, config=config, other=other, rows=rows,
     ), source, keys)
 

@@ -22,6 +22,7 @@ while it changes nor after a kill (see docs/INTERNALS.md for the numbers).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -121,6 +122,23 @@ def write_layout(h5: h5py.File, store: Path, layout: Layout, taps: list[str]) ->
             first = int(layout.row[start])
             virtual[start:end] = sources[int(layout.file[start])][first:first + end - start]
         h5.require_group("features").create_virtual_dataset(tap, virtual, fillvalue=np.nan)
+
+
+def store_bytes(store: Path) -> int:
+    """What a store weighs on disk: its file and the row files beside it; 0 when there is none."""
+    store = Path(store)
+    try:
+        total = store.stat().st_size
+    except OSError:
+        return 0
+    try:
+        with os.scandir(rows_folder(store)) as children:
+            for child in children:
+                with contextlib.suppress(OSError):  # removed by a seal meanwhile
+                    total += child.stat().st_size
+    except OSError:
+        pass  # no row folder
+    return total
 
 
 def missing_row_files(h5: h5py.File, store: Path) -> list[str]:

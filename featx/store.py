@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
-from .rowfiles import hold_row_files, missing_row_files, rows_folder
+from .rowfiles import hold_row_files, missing_row_files, rows_folder, store_bytes
 
 SCHEMA_VERSION = 1
 UTF8 = h5py.string_dtype("utf-8")
@@ -528,7 +528,7 @@ class Store:
             },
             "failed": len(self.failed),
             "roots": {root or "(not recorded)": n for root, n in self.root_counts().items()},
-            "bytes": self.path.stat().st_size,
+            "bytes": store_bytes(self.path),
             "config_key": self.config_key,
             "config": self.config,
         }

@@ -54,6 +54,7 @@ def test_new_rows_go_to_a_row_file_and_old_rows_are_not_rewritten(tmp_path):
     result = extract(data, out, **OPTIONS)
     assert (result.n_computed, result.n_reused) == (2, 8)
     files = sorted(rowfiles.rows_folder(out).iterdir())
+    assert result.store_bytes == out.stat().st_size + sum(f.stat().st_size for f in files)  # what it weighs
     assert len(files) == 2
     base = next(f for f in files if os.stat(f).st_ino == first.st_ino)  # the old store, linked, not copied
     assert os.stat(base).st_mtime_ns == first.st_mtime_ns
