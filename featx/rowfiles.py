@@ -32,7 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-APPEND_FROM_BYTES = int(os.environ.get("FEATX_APPEND_FROM_BYTES", 64 << 20))
+_APPEND_SETTING = os.environ.get("FEATX_APPEND_FROM_BYTES", "").strip()  # 0: always append (the tests' setting)
+APPEND_FROM_BYTES = int(_APPEND_SETTING) if _APPEND_SETTING.isdigit() else 64 << 20
 DEAD_SHARE = 0.25
 MAX_ROW_FILES = 32
 MAX_RUNS = 4096
