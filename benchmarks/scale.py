@@ -7,7 +7,7 @@ Images are synthetic 32 px JPEGs of random noise in 10 class folders (`make_imag
 overlap it. Prints the CPU capability and load with every figure, one line per run, then a Markdown table with each
 figure's ratio to the smallest N.
 
-    python benchmarks/scale.py [--sizes 1000,10000,100000] [--folder /tmp/featx-scale] [--keep-stores]
+    python benchmarks/scale.py [--sizes 1000,10000,100000] [--folder /tmp/featx-scale] [--keep-stores] [--no-lock]
         [--out benchmarks/results/scale-2026-12-05.md]
 
 With --out, the table is written there too, and a log-log plot beside it (.png) when matplotlib is installed.
@@ -68,10 +68,15 @@ def images(folder: Path, n: int) -> Path:
     return data
 
 
+USE_LOCK = True
+
+
 def timed(*args) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB, last output line) of `python -m featx ARGS`, under the timing lock."""
+    """(seconds, peak RSS in MB, last output line) of `python -m featx ARGS`, under the timing lock (unless
+    --no-lock)."""
     with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if USE_LOCK:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "featx", *map(str, args)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -180,9 +185,13 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/featx-scale"))
     parser.add_argument("--keep-stores", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-lock", action="store_true",
+                        help="do not wait for the timing lock (the figures then overlap other jobs: the header says so)")
     args = parser.parse_args()
+    global USE_LOCK
+    USE_LOCK = not args.no_lock
     args.folder.mkdir(parents=True, exist_ok=True)
-    header = f"{cpu_capability()}, {load()} at start"
+    header = f"{cpu_capability()}, {load()} at start{'' if USE_LOCK else ', without the timing lock'}"
     print(header, flush=True)
     results = {n: measure(args.folder, n, args.keep_stores) for n in map(int, args.sizes.split(","))}
     summary = "\n\n".join(filter(None, [table(results), targets(results)]))
