@@ -26,11 +26,13 @@ from .layers import channels_last_taps, check_taps, feature_extractor, penultima
 from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
-from .request import DEFAULT_DECODE, DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
+from .keys import StatIndex, file_keys
+from .request import DEFAULT_DECODE, DEFAULT_MATCH, Check, ExtractResult, check, extract_options_from_config, record
 from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
-from .sources import DecodeError, Source, content_keys, decode_image, load_source, unreadable_reason
-from .store import config_fingerprint
+from .sources import DecodeError, Source, decode_image, load_source, unreadable_reason
+from .rowfiles import store_bytes
+from .store import config_fingerprint, open_store
 from .writer import StoreWriter
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -238,11 +240,13 @@ def extract(
     size_limit: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
+    rehash: bool = False,
     engine: str = "local",
     ray_address: str | None = None,
     num_gpus_per_worker: float | None = None,
     progress: bool = False,
     log=None,
+    checked: Check | None = None,
 ) -> ExtractResult:
     """Extract embeddings of `data` (ImageFolder / CSV / list / 'digits') at `taps` into the store `output`.
 
@@ -258,13 +262,16 @@ def extract(
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
     this process commits and seals. `log` (a callable taking one line) receives notes such as the weights load
-    report. Returns an ExtractResult; an unchanged rerun (see featx.request) returns before anything is built.
+    report. Content keys come from the store's stat index (featx/keys.py) where a file's stat is unchanged;
+    `rehash` reads every file. `checked`: what featx.request.check found for this very call, when the caller ran it
+    first (the CLI does, before importing torch): its source and keys are reused. Returns an ExtractResult; an
+    unchanged rerun (see featx.request) returns before anything is built.
     """
     arguments = dict(locals())  # first statement: exactly the call's arguments
     started = time.perf_counter()
-    done = up_to_date(arguments)
-    if done is not None:
-        return done
+    checked = checked or check(arguments)
+    if checked.result is not None:
+        return checked.result
     log = log or (lambda line: None)
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers, retention, size_limit)
     shard = distributed.discover(num_shards, shard_index)
@@ -272,7 +279,7 @@ def extract(
     if backbone is not None:
         check_backbone(backbone)
     output = Path(output)
-    source = load_source(data)
+    source = checked.source or load_source(data)
     root = data_root(data)
     _check_output(output)
     cluster = _ray_cluster(ray_address, num_gpus_per_worker, progress) if engine == "ray" else None
@@ -293,9 +300,12 @@ def extract(
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
         config["request"] = record(arguments, bb.weights_file)
-        keys = content_keys([item.path for item in source.items], progress)
+        found = checked.keys or file_keys(source, root, None if rehash else _stat_index(output), rehash, progress)
+        keys = found.keys
         if on_error == "fail":
             _check_all_readable(source, keys)
+        if source.failed:
+            log(_unread_note(source))
         job = {"config": identity_key(config), "data": _data_fingerprint(source, keys), "retention": retention}
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
@@ -326,11 +336,17 @@ def extract(
             plan = None if note else writer.plan(
                 data_rows(root, source, keys, writer.available, failures), retention, size_limit)
             sealed = plan is not None and not writer.is_unchanged(plan)
+            stats = {item.relpath: stat for item, stat in zip(source.items, found.stats)}
             if sealed:
                 try:
-                    writer.seal(plan, taps)
+                    writer.seal(plan, taps, stats)
                 except OSError as err:
                     raise _commit_error(err, writer) from err
+            elif plan is not None and found.worth_recording:  # no row changes: a new stat index spares later reads
+                try:
+                    writer.seal(plan, taps, stats)
+                except OSError:
+                    writer.remove_parts()  # read-only or full: later runs read those files again, nothing is lost
             elif plan is not None:
                 writer.remove_parts()  # a run that found nothing to add leaves no folder (nor the shards' markers)
     n_computed = len(to_compute) - sum(1 for i in to_compute if keys[i] in failures)
@@ -344,7 +360,7 @@ def extract(
         n_failed=len(failed) if plan else sum(1 for i in to_compute if keys[i] in failures),
         seconds=time.perf_counter() - started,
         images_per_second=n_computed / compute_seconds if compute_seconds > 0 else 0.0,
-        store_bytes=output.stat().st_size if output.exists() else 0,
+        store_bytes=store_bytes(output),
         sealed=sealed,
         config=config,
         failed=failed,
@@ -353,6 +369,25 @@ def extract(
         other=plan.other if plan else {},
         rows=ours,
     )
+
+
+def _stat_index(output: Path) -> StatIndex | None:
+    """The stat index of the store at `output`, when there is a readable one."""
+    if not output.is_file():
+        return None
+    try:
+        with open_store(output) as store:
+            return StatIndex.of_store(store)
+    except FeatxError:
+        return None  # the writer says why
+
+
+def _unread_note(source: Source) -> str:
+    """The line that says which folders of the data could not be listed, and that their rows stay."""
+    (folder, reason), more = source.failed[0], len(source.failed) - 1
+    others = f" and {more} more folder{'s' if more > 1 else ''}" if more else ""
+    return (f"{Path(source.root, folder)}: {reason}{others}: left out, the store keeps the rows it has of them "
+            f"(--on-error fail stops instead)")
 
 
 def _check_all_readable(source: Source, keys: list[str | None]) -> None:

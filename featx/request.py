@@ -5,7 +5,9 @@
 listed there, so it can never be ignored by mistake. A sealed store records the description with the environment
 that resolved it (library versions, the host's CPU flags and GPUs, cache locations, the weights file) under
 `config["request"]`. `up_to_date` compares both with the present call and the files' content keys with the store's
-rows, without importing torch: an unchanged rerun answers in well under a second and touches nothing.
+rows, without importing torch: an unchanged rerun answers in well under a second and touches nothing. Content keys
+come from the store's stat index (featx/keys.py): only files whose stat changed are read. `check` also hands the
+source and keys it found to the real run (`featx.extract.run`), so that no file is read twice.
 """
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import FeatxError
-from .retention import data_root, data_rows, holds, merge, row_bound
-from .sources import content_keys, load_source, sha256_file
+from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
+from .sources import Source, load_source, sha256_file
 
 NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "retention",
-                          "size_limit", "progress", "log"})
+                          "size_limit", "rehash", "progress", "log", "checked"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
 DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
@@ -35,7 +38,7 @@ EXTRACT_DEFAULTS = {
     "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
     "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
     "overwrite": False, "retention": "mirror", "size_limit": None, "num_shards": None, "shard_index": None,
-    "engine": "local", "ray_address": None, "num_gpus_per_worker": None, "progress": False, "log": None,
+    "rehash": False, "engine": "local", "ray_address": None, "num_gpus_per_worker": None, "progress": False, "log": None, "checked": None,
 }
 LIBRARIES = ("featx", "torch", "torchvision", "timm")
 ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")
@@ -196,43 +199,73 @@ def record(arguments: dict, weights_file: str | None) -> dict:
     return {"arguments": describe(arguments), "environment": environment(weights_file)}
 
 
+class Check(NamedTuple):
+    """What `check` found: the result when the call has nothing to do, else None; and the source and its keys
+    (featx.keys.FileKeys) when it read them, for the real run to reuse."""
+
+    result: ExtractResult | None
+    source: Source | None = None
+    keys: object = None
+
+
 def up_to_date(arguments: dict) -> ExtractResult | None:
     """The result of an extract call with these `arguments` when the store at `arguments['output']` already holds
-    exactly what it would seal (same request and environment, same weights file content, every file's content
-    key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of other data
-    under the call's retention); None when the call must run."""
+    exactly what it would seal (see `check`); None when the call must run."""
+    return check(arguments).result
+
+
+def check(arguments: dict) -> Check:
+    """Whether the call has nothing to do: same request and environment, same weights file content, every file's
+    content key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of
+    other data under the call's retention."""
     started = time.perf_counter()
     arguments = {**EXTRACT_DEFAULTS, **arguments}
     if any(arguments.get(name) for name in FORCING) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return None
+        return Check(None)
     output = Path(arguments["output"])
     if not output.is_file() or output.with_name(output.name + ".parts").exists():
-        return None
+        return Check(None)
+    from .keys import StatIndex, file_keys
+    from .rowfiles import store_bytes
     from .store import open_store
 
+    source = keys = None
     try:
         with open_store(output) as store:
             config = store.config
             recorded = config.get("request") or {}
             if recorded.get("arguments") != describe(arguments):
-                return None
+                return Check(None)
             env = recorded.get("environment") or {}
             if env != environment(env.get("weights_file")) or not _same_weights(env.get("weights_file"), config):
-                return None
+                return Check(None)
             source = load_source(arguments["data"])
-            keys = content_keys([item.path for item in source.items])
-            fresh = data_rows(data_root(arguments["data"]), source, keys, set(store.keys), {})
+            root = data_root(arguments["data"])
+            keys = file_keys(source, root, StatIndex.of_store(store), arguments["rehash"])
+            fresh = data_rows(root, source, keys.keys, set(store.keys), {})
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
-            plan = merge(store, fresh, arguments["retention"], max_rows)
-            if fresh.failed or not holds(store, plan):
-                return None
+            if source.failed:
+                return Check(None, source, keys)  # the real run reports the folders it could not read
+            if holds_as_is(store, fresh, max_rows):
+                other, rows = {}, np.arange(len(fresh.keys))
+            else:
+                plan = merge(store, fresh, arguments["retention"], max_rows)
+                if fresh.failed or not holds(store, plan):
+                    return Check(None, source, keys)
+                other, rows = plan.other, plan.data_rows
+            config_key = store.config_key
     except FeatxError:
-        return None  # the real run reports it
-    return ExtractResult(
+        return Check(None, source, keys)  # the real run reports it
+    if keys.worth_recording:
+        from .writer import record_file_stats
+
+        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"],
+                          {item.relpath: stat for item, stat in zip(source.items, keys.stats)})
+    return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
-        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=output.stat().st_size,
-        sealed=False, config=config, other=plan.other, rows=plan.data_rows,
-    )
+        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=store_bytes(output),
+        sealed=False, config=config, other=other, rows=rows,
+    ), source, keys)
 
 
 def _same_weights(weights_file: str | None, config: dict) -> bool:

@@ -138,6 +138,9 @@ def _summary(items: list[Item], classes: list[str], task: str) -> str:
 
 def _relpath(path: str, root: str) -> str:
     """`path` relative to `root`, '/'-separated; the absolute path when it lies outside the root."""
+    prefix = root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix):  # roots are absolute and normalised, and so are the paths found under them
+        return path[len(prefix):].replace(os.sep, "/")
     rel = os.path.relpath(path, root)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
         rel = path

@@ -8,9 +8,11 @@ Layout (row i of every per-item dataset is the same image)::
     /items/label (N,) int64 class index, -1 unlabelled   (or /items/target (N,) float64 for regression)
     /items/split (N,) utf-8 train / val / test, '' when the source has no splits
     /items/root  (N,) int32 index into /roots: the data the row came from
+    /items/stat  (N, 6) int64 the stat index: the stat of each row's file when its key was read (featx/keys.py)
     /roots       (R,) utf-8 the data a store holds rows of: a folder, CSV or list file (absolute), 'digits', 'uploads'
     /classes     (C,) utf-8
-    /features/<tap>  (N, D) float32|float16, chunked by rows  (or (N, C, H, W) with pooling 'none')
+    /features/<tap>  (N, D) float32|float16, chunked by rows  (or (N, C, H, W) with pooling 'none'); in a store
+                 that grew by appending, a virtual dataset over row files in <store>.rows/ (featx/rowfiles.py)
     /failed/path, /failed/reason  (F,) utf-8;  /failed/root (F,) int32 index into /roots
 
 No pickles: strings are HDF5 string types, the config is JSON text. Any HDF5 reader understands it. /roots,
@@ -34,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .rowfiles import hold_row_files, missing_row_files, rows_folder, store_bytes
 from .store_attrs import describe_datasets
 
 SCHEMA_VERSION = 1
@@ -212,6 +215,12 @@ def create_features(h5: h5py.File, tap: str, shape: tuple[int, ...], dtype) -> h
     )
 
 
+def write_file_stats(h5: h5py.File, stats: np.ndarray, host: str) -> None:
+    """/items/stat: one stat row per item (featx.keys.STAT_FIELDS), read on machine `host`."""
+    ds = h5["items"].create_dataset("stat", data=np.asarray(stats, dtype=np.int64))
+    ds.attrs["host"] = host
+
+
 def set_root_attrs(h5: h5py.File, config: dict, config_key: str) -> None:
     h5.attrs["featx_schema"] = SCHEMA_VERSION
     h5.attrs["featx_version"] = __version__
@@ -359,6 +368,7 @@ class Store:
     def __init__(self, path: Path, h5: h5py.File):
         self.path = path
         self._h5 = h5
+        self._rows_fd = None
         try:
             self.schema = int(h5.attrs.get("featx_schema", 0))
             self.featx_version = str(h5.attrs.get("featx_version", ""))
@@ -379,6 +389,7 @@ class Store:
             else:
                 self.labels = np.full(len(self.keys), -1, dtype=np.int64)
             self.classes = list(_strings(h5["classes"])) if "classes" in h5 else []
+            self._read_file_stats(items)
             self.taps = list(h5["features"].keys()) if "features" in h5 else []
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
@@ -400,6 +411,8 @@ class Store:
         except (KeyError, ValueError, OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FeatxError(f"{path}: damaged featx store ({_first_line(err)})") from err
         self._check_rows(rows)
+        if "features" in h5:
+            self._hold_row_files(h5)
 
     def _read_roots(self, h5: h5py.File) -> None:
         """`roots` (the data the store holds rows of), `row_roots` and `failed_roots` (indices into roots); a store
@@ -420,6 +433,22 @@ class Store:
         if len(self.failed_roots) != len(self.failed):
             raise FeatxError(f"{self.path}: damaged featx store (/failed/root has {len(self.failed_roots)} rows, "
                              f"/failed/path has {len(self.failed)})")
+
+    def _hold_row_files(self, h5: h5py.File) -> None:
+        """Refuse a store whose row files are missing; hold its row folder while open (featx/rowfiles.py)."""
+        missing = missing_row_files(h5, self.path)
+        if missing:
+            raise FeatxError(f"{self.path}: its feature rows live in {rows_folder(self.path)}, which lacks {missing[0]}"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: copy or move a store "
+                             f"together with that folder")
+        self._rows_fd = hold_row_files(self.path)
+
+    def _read_file_stats(self, items: h5py.Group) -> None:
+        """`file_stats` ((N, 6) int64, see featx/keys.py) and `file_stats_host`; None when the store has none."""
+        stat = items.get("stat")
+        usable = isinstance(stat, h5py.Dataset) and stat.dtype.kind == "i" and len(stat.shape) == 2
+        self.file_stats = stat[...].astype(np.int64) if usable else None
+        self.file_stats_host = str(stat.attrs.get("host", "")) if usable else None
 
     def root_counts(self) -> dict[str, int]:
         """Rows per data root, in the store's order."""
@@ -444,6 +473,9 @@ class Store:
 
     def close(self) -> None:
         self._h5.close()
+        if self._rows_fd is not None:
+            os.close(self._rows_fd)
+            self._rows_fd = None
 
     def _dataset(self, tap: str) -> h5py.Dataset:
         if tap not in self.taps:
@@ -600,7 +632,7 @@ class Store:
             },
             "failed": len(self.failed),
             "roots": {root or "(not recorded)": n for root, n in self.root_counts().items()},
-            "bytes": self.path.stat().st_size,
+            "bytes": store_bytes(self.path),
             "config_key": self.config_key,
             "config": self.config,
         }

@@ -11,6 +11,8 @@ HDF5 files are not crash-safe while open for writing, so the final store is neve
 * The shards of a split job (torchrun ranks, --num-shards) write at the same time: each holds a shared lock and
   commits into its own subfolder ``<store>.parts/shard-I-of-K/``; the one that seals takes the lock exclusively.
 * A run that ends without anything committed (an error before the first batch, Ctrl-C) removes the parts folder.
+* A store whose rows weigh more than a few tens of MB is not copied at each seal: the new rows go to a row file of
+  their own and the sealed store maps them (featx/rowfiles.py), so adding k rows costs O(k) bytes written.
 * Which old rows the sealed store keeps is decided by `plan` (featx.retention.merge), and `seal` writes only the
   plans that `plan` made.
 """
@@ -27,10 +29,15 @@ import h5py
 import numpy as np
 
 from .errors import FeatxError
+from .keys import NO_STAT, STAT_FIELDS, StatIndex, host_id
 from .retention import DataRows, SealPlan, holds, merge, row_bound
+from .rowfiles import (
+    APPEND_FROM_BYTES, DEAD_SHARE, MAX_ROW_FILES, MAX_RUNS, Layout, link_as_row_file, new_row_file_name,
+    read_layout, remove_unmapped, row_file_lengths, write_layout,
+)
 from .store import (
     KEY_DTYPE, Store, create_features, create_h5, create_items, create_store, open_store, parts_folder, read_rows,
-    segment_files,
+    segment_files, write_file_stats,
 )
 
 LOCK_RETRIES = 20
@@ -247,14 +254,17 @@ class StoreWriter:
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
         return old is not None and not self._segment_files() and holds(old, plan)
 
-    def seal(self, plan: SealPlan, taps: list[str]) -> None:
-        """Write the final store from the old store and the segments, rename it into place, drop the parts."""
+    def seal(self, plan: SealPlan, taps: list[str], stats: dict[str, np.ndarray] | None = None) -> None:
+        """Write the final store from the old store and the segments, rename it into place, drop the parts.
+        `stats`: the stat index entries of the call's files by path (featx.keys.FileKeys.stats); rows of other data
+        keep theirs."""
         if not any(plan is made for made in self._plans):
             raise ValueError("StoreWriter.seal writes only a plan made by StoreWriter.plan")
         sources: dict[Path, list[tuple[int, int]]] = {}
         for dest, key in enumerate(plan.keys):
             loc = self.available[key]
             sources.setdefault(loc.file, []).append((loc.row, dest))
+        layout = self._appended(plan, taps)
         tmp = self.parts / "sealing.tmp"
         with create_store(tmp, self.output, self.config, self.config_key) as h5:  # on failure old store, segments stay
             create_items(
@@ -262,8 +272,76 @@ class StoreWriter:
                 targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,
                 row_roots=plan.row_roots, failed_roots=plan.failed_roots,
             )
-            self._copy_features(h5, sources, taps, len(plan.keys))
+            write_file_stats(h5, self._row_stats(plan, stats or {}), host_id())
+            if layout is None:
+                self._copy_features(h5, sources, taps, len(plan.keys))
+            else:
+                write_layout(h5, self.output, layout, taps)
+        remove_unmapped(self.output, layout.files if layout else [])  # under the lock: the next writer's are safe
         self.remove_parts()
+
+    def _appended(self, plan: SealPlan, taps: list[str]) -> Layout | None:
+        """The layout of the sealed store when its new rows go to a row file of their own and the rows it keeps stay
+        where they are (featx/rowfiles.py); None when the store is to be written whole (small, or worth compacting).
+        Writes that row file (and links a self-contained old store as the first one)."""
+        if self._old is None or not len(self._old) or not taps:
+            return None
+        sources = [self.available[key] for key in plan.keys]
+        kept = np.array([loc.file == self.output for loc in sources], dtype=bool)
+        if int(kept.sum()) * self._row_bytes < APPEND_FROM_BYTES:
+            return None
+        n_old = len(self._old)
+        old = read_layout(self.output, n_old, taps)
+        if old is None:
+            return None
+        lengths = row_file_lengths(self.output, old.files, taps[0]) if old.files[0] else [n_old]
+        new = np.flatnonzero(~kept)
+        total = sum(lengths) + len(new)
+        if total - len(plan.keys) > DEAD_SHARE * total or len(old.files) + bool(len(new)) > MAX_ROW_FILES:
+            return None
+        old_rows = np.array([loc.row for loc in sources], dtype=np.int64)
+        file = np.full(len(plan.keys), len(old.files), dtype=np.int32)
+        row = np.zeros(len(plan.keys), dtype=np.int64)
+        file[kept], row[kept] = old.file[old_rows[kept]], old.row[old_rows[kept]]
+        row[new] = np.arange(len(new))
+        layout = Layout(list(old.files), file, row)
+        if layout.runs() > MAX_RUNS:
+            return None
+        if not old.files[0]:  # a self-contained store becomes the first row file
+            try:
+                layout.files[0] = link_as_row_file(self.output)
+            except OSError:
+                return None  # a file system without hard links: written whole
+        if len(new):
+            layout.files.append(self._write_row_file(plan, new, sources, taps))
+        return layout
+
+    def _write_row_file(self, plan: SealPlan, new: np.ndarray, sources: list[RowSource], taps: list[str]) -> str:
+        """The rows `new` of `plan` (computed in segments) as a new row file, written atomically; its name."""
+        name = new_row_file_name(self.output)
+        final = self.output.parent / name
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for dest, i in enumerate(new.tolist()):
+            by_file.setdefault(sources[i].file, []).append((sources[i].row, dest))
+        with create_h5(final.with_name(final.name + ".tmp"), final) as h5:
+            h5.create_dataset("key", data=np.asarray([plan.keys[i] for i in new], dtype=KEY_DTYPE))
+            self._copy_features(h5, by_file, taps, len(new))
+        return name
+
+    def _row_stats(self, plan: SealPlan, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """The stat index of the sealed store: the call's entries for its rows, the old store's for the others."""
+        rows = np.zeros((len(plan.keys), len(STAT_FIELDS)), dtype=np.int64)
+        for i in plan.data_rows:
+            rows[i] = stats.get(plan.paths[i], NO_STAT)
+        if self._old is not None:
+            old = StatIndex.of_store(self._old)
+            fresh = set(plan.data_rows.tolist())
+            for i, (r, path, key) in enumerate(zip(plan.row_roots, plan.paths, plan.keys)):
+                if i not in fresh:
+                    kept = old.stat(plan.roots[r], path, key)
+                    if kept is not None:
+                        rows[i] = kept
+        return rows
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
         for tap in taps:
@@ -285,6 +363,26 @@ class StoreWriter:
             else:
                 child.unlink()
         self.parts.rmdir()
+
+
+def record_file_stats(output: Path, config: dict, config_key: str, fresh: DataRows, retention: str,
+                      size_limit: int | None, stats: dict[str, np.ndarray]) -> bool:
+    """Seal the store at `output` again with the stat index entries `stats` (by path) when it still holds exactly
+    the rows `fresh` asks for: no row changes, later runs trust those files' keys without reading them. Best
+    effort: False when the store is busy, read-only, on a full disk or changed meanwhile (the next run reads those
+    files again, nothing is lost)."""
+    try:
+        with StoreWriter(output, config, config_key) as writer:
+            plan = writer.plan(fresh, retention, size_limit)
+            if not writer.is_unchanged(plan):
+                writer.remove_parts()
+                return False
+            with open_store(output) as store:
+                taps = list(store.taps)
+            writer.seal(plan, taps, stats)
+            return True
+    except (FeatxError, OSError):
+        return False
 
 
 def copy_rows(src: h5py.Dataset, out: h5py.Dataset, pairs: np.ndarray, chunk_bytes: int = 16 << 20) -> None:

@@ -234,3 +234,34 @@ def test_compiled_extractor_gives_the_eager_rows_and_pads_the_last_batch(tmp_pat
         assert a.config_key == b.config_key
         for tap in ("layer3", "avgpool"):
             np.testing.assert_allclose(b.features(tap), a.features(tap), rtol=1e-3, atol=1e-4)
+
+
+def test_an_unreadable_subfolder_is_one_line_and_its_rows_stay(tmp_path, monkeypatch):
+    """A folder that cannot be listed (chmod 000, a failing mount) is left out with one line, its rows are kept,
+    and --on-error fail refuses the run before anything is written; no unchanged-rerun shortcut hides it."""
+    import os
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    out = tmp_path / "s.h5"
+    extract(data, out, **FAST)
+    with open_store(out) as store:
+        keys = sorted(store.keys)
+    scandir = os.scandir
+
+    def refusing(path="."):  # what chmod 000 does for anyone but root
+        if str(path) == str(data / "bees"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    lines = []
+    result = extract(data, out, **FAST, log=lines.append)
+    assert lines == [f"{data / 'bees'}: cannot read folder: Permission denied: left out, the store keeps the rows it "
+                     f"has of them (--on-error fail stops instead)"]
+    assert (result.n_computed, result.n_dropped) == (0, 0)
+    with open_store(out) as store:
+        assert sorted(store.keys) == keys
+    before = out.read_bytes()
+    with pytest.raises(FeatxError, match=r"bees: cannot read folder: Permission denied \(--on-error fail\)$"):
+        extract(data, out, **FAST, on_error="fail")
+    assert out.read_bytes() == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featx.errors import FeatxError
-from featx.retention import DataRows, data_root, drop_limit, holds, merge
+from featx.retention import DataRows, data_root, drop_limit, holds, holds_as_is, merge
 from featx.store import open_store, write_store
 from featx.writer import StoreWriter
 
@@ -163,3 +163,54 @@ def test_seal_writes_only_plans_the_writer_made(tmp_path):
         writer.seal(writer.plan(rows("/a", {"ants/0.png": "k0"})), ["t"])
     with open_store(tmp_path / "s.h5") as st:
         assert st.roots == ["/a"] and st.root_counts() == {"/a": 1} and st.paths.tolist() == ["ants/0.png"]
+
+
+def test_rows_under_an_unreadable_folder_are_kept_as_they_are():
+    """A folder of the data that cannot be listed (permissions, a failing mount) is not a folder whose files are
+    gone: its rows stay, whatever the retention; a folder whose name merely starts the same is not spared."""
+    old = {**files(3, "a"), **files(3, "b", "bees"), **files(2, "c", "bees2")}
+    classes = ("ants", "bees", "bees2")
+    first = merge(None, rows("/a", old, classes))
+    fresh = rows("/a", files(3, "a"), classes)
+    fresh.unread = ["bees"]
+    for retention in ("mirror", "prune", "add"):
+        plan = merge(sealed(first), fresh, retention)
+        assert sorted(plan.keys) == (["a0", "a1", "a2", "b0", "b1", "b2"] + (["c0", "c1"] if retention == "add" else []))
+        assert plan.dropped == (0 if retention == "add" else 2)
+
+
+def test_holds_as_is_only_where_every_retention_plans_the_store_as_it_is():
+    """The array test of an unchanged rerun agrees with merge + holds: never True where a merge would change a row,
+    and True for the plain rerun of a one-data store (classified, unlabelled or regression)."""
+    base = files(6) | files(4, "b", "bees")
+    store = sealed(merge(None, rows("/a", base)))
+    regression = DataRows(root="/r", keys=["r0", "r1"], paths=["x/0.png", "x/1.png"], splits=["", ""], classes=[],
+                          labels=None, targets=[0.5, 1.5], failed=[])
+    unlabelled = DataRows(root="/u", keys=["u0"], paths=["0.png"], splits=[""], classes=[], labels=[-1],
+                          targets=None, failed=[])
+    renamed = dict(base)
+    renamed["ants/renamed.png"] = renamed.pop("ants/0.png")
+    changed = {**base, "ants/1.png": "k1-changed"}
+    cases = {
+        "same": (store, rows("/a", base)),
+        "regression": (sealed(merge(None, regression)), regression),
+        "unlabelled": (sealed(merge(None, unlabelled)), unlabelled),
+        "renamed": (store, rows("/a", renamed)),
+        "changed": (store, rows("/a", changed)),
+        "one gone": (store, rows("/a", {p: k for p, k in base.items() if p != "bees/2.png"})),
+        "one new": (store, rows("/a", {**base, "bees/new.png": "new"})),
+        "other data": (sealed(merge(sealed(merge(None, rows("/b", files(2, "o")))), rows("/a", base))), rows("/a", base)),
+        "failure": (store, rows("/a", base, failed=[("ants/x.png", "cannot read file")])),
+        "classes": (store, rows("/a", base, classes=("ants", "bees", "wasps"))),
+        "bounded": (store, rows("/a", base)),
+    }
+    for name, (old, fresh) in cases.items():
+        max_rows = 5 if name == "bounded" else None
+        fast = holds_as_is(old, fresh, max_rows)
+        assert fast == (name in ("same", "regression", "unlabelled")), name
+        for retention in ("mirror", "add", "prune"):
+            try:
+                slow = holds(old, merge(old, fresh, retention, max_rows))
+            except FeatxError:
+                slow = False
+            assert not fast or slow, (name, retention)

@@ -35,11 +35,12 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--num-gpus-per-worker", type=float, help="GPUs per Ray model actor (default 0: the model runs on the workers' CPUs).")
 @click.option("--num-shards", type=int, help="Split the work into this many independent processes (Slurm arrays, several machines); torchrun needs none.")
 @click.option("--shard-index", type=int, help="Which shard this process computes, 0..num-shards-1; the last shard to finish seals.")
+@click.option("--rehash", is_flag=True, help="Read every image file to key it, instead of trusting the stat index for files whose size, mtime, ctime and inode are unchanged (see docs/scaling.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, token_pool, image_size, resize, batch_size, workers,
                 device, precision, dtype, on_error, overwrite, prune, decode, compile_model, engine, ray_address,
-                num_gpus_per_worker, num_shards, shard_index, as_json, quiet):
+                num_gpus_per_worker, num_shards, shard_index, rehash, as_json, quiet):
     """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
 
     DATA is an ImageFolder (root/<class>/<img>, optionally root/{train,val,test}/<class>/<img>), a CSV of
@@ -48,21 +49,22 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
     The store keeps the rows of other data it holds, and drops the rows of files gone from DATA (a few; more only
     with --prune). The summary says how many rows were computed, reused, dropped and failed.
     """
-    from ..request import up_to_date
+    from ..request import check
 
     options = dict(
         data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
         taps=list(taps) or None, pooling=pooling, token_pool=token_pool, image_size=image_size, resize=resize,
         batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, on_error=on_error,
         overwrite=overwrite, retention="prune" if prune else "mirror", decode=decode, compile_model=compile_model, engine=engine, ray_address=ray_address,
-        num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index,
+        num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index, rehash=rehash,
         progress=not quiet and not as_json,
     )
-    result = up_to_date(options)  # an unchanged rerun answers here, before torch is imported
+    checked = check(options)  # an unchanged rerun answers here, before torch is imported
+    result = checked.result
     if result is None:
         from ..extract import extract
 
-        result = extract(**options, log=lambda line: click.echo(line, err=True))
+        result = extract(**options, log=lambda line: click.echo(line, err=True), checked=checked)
     if as_json:
         echo_json(result.to_dict())
         return

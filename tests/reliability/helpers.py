@@ -151,3 +151,18 @@ def write_pngs(root: Path, count: int, size: int = 8, classes: int = 2, seed: in
         Image.fromarray(arr, "RGB").save(path, compress_level=1)
         paths.append(path)
     return paths
+
+
+def listing(folder: Path) -> list[str]:
+    """The sorted names in `folder`, where a store that grew by appending (featx/rowfiles.py) counts as its file
+    alone: its row folder `<store>.rows` must hold exactly the row files the store maps, nothing stale."""
+    import h5py
+
+    names = sorted(os.listdir(folder))
+    for name in [n for n in names if n.endswith(".rows")]:
+        with h5py.File(Path(folder) / name[: -len(".rows")], "r", locking=False) as h5:
+            mapped = {Path(source.file_name).name for ds in h5["features"].values() if ds.is_virtual
+                      for source in ds.virtual_sources()}
+        assert set(os.listdir(Path(folder) / name)) == mapped, (name, mapped)
+        names.remove(name)
+    return names

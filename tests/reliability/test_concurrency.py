@@ -17,7 +17,7 @@ import pytest
 from featx.extract import extract
 from featx.store import open_store
 
-from .helpers import FAST, Child, assert_one_line_error, write_pngs
+from .helpers import FAST, Child, assert_one_line_error, listing, write_pngs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def test_two_writers_started_at_once(tmp_path):
     with open_store(store) as st:
         assert len(st) == 240 and len(set(st.paths)) == 240 and st.failed == []
         assert np.isfinite(st.features(st.taps[0])).all()
-    assert sorted(os.listdir(tmp_path)) == ["data", "s.h5"]
+    assert listing(tmp_path) == ["data", "s.h5"]
 
 
 def _wait_for(predicate, child: Child, timeout: float = 120.0) -> None:
@@ -90,4 +90,4 @@ def test_readers_see_the_last_complete_version_while_a_writer_extends(tmp_path):
     assert list(held.paths) == old_paths  # the handle opened before still reads the old, complete file
     np.testing.assert_array_equal(held.features(tap), old_features)
     held.close()
-    assert sorted(os.listdir(tmp_path)) == ["data", "head", "s.h5"]
+    assert listing(tmp_path) == ["data", "head", "s.h5"]

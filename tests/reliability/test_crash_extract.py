@@ -27,7 +27,7 @@ from featx.extract import extract
 from featx.sources import load_source
 from featx.store import open_store
 
-from .helpers import FAST, Child, featx as run_featx, files_under, write_pngs
+from .helpers import FAST, Child, featx as run_featx, files_under, listing, write_pngs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -118,7 +118,7 @@ def _check_after_kill(store: Path, complete_lengths: set[int]) -> None:
             for tap in TAPS:
                 assert st.features(tap).shape[0] == len(st)
     parts = Parts(store)
-    leftovers = set(os.listdir(store.parent)) - {"data", store.name, parts.path.name, "clean.h5"}
+    leftovers = set(os.listdir(store.parent)) - {"data", store.name, parts.path.name, "clean.h5", store.name + ".rows"}
     assert not leftovers, leftovers
     for name in parts.names():
         assert name == "sealing.tmp" or (name.startswith("seg-") and name.endswith((".h5", ".tmp"))), name
@@ -187,7 +187,7 @@ def test_extract_survives_20_kills_at_random_instants(tmp_path):
             np.testing.assert_allclose(got.features(tap), want.features(tap), rtol=1e-4, atol=1e-4)
 
     # nothing temporary left anywhere, and the data folder untouched
-    assert sorted(os.listdir(tmp_path)) == ["clean.h5", "data", "store.h5"]
+    assert listing(tmp_path) == ["clean.h5", "data", "store.h5"]
     assert {n for n in files_under(data) if not n.endswith(".png")} == {"c0", "c1", "c2"}
 
     info = run_featx("info", store)

@@ -22,7 +22,7 @@ from featx.errors import FeatxError
 from featx.store import open_store
 from featx.writer import StoreWriter
 
-from .helpers import FAST, assert_one_line_error, featx as run_featx, write_pngs
+from .helpers import FAST, assert_one_line_error, featx as run_featx, listing, write_pngs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -77,7 +77,7 @@ def test_file_size_limit_while_sealing_keeps_old_store_and_committed_batches(tmp
     with open_store(store) as st:
         index = {p: i for i, p in enumerate(st.paths)}
         np.testing.assert_array_equal(st.features(tap, [index[p] for p in old_paths]), old_features)
-    assert sorted(os.listdir(tmp_path)) == ["data", "s.h5"]
+    assert listing(tmp_path) == ["data", "s.h5"]
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

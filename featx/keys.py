@@ -1,0 +1,155 @@
+"""Content keys, each file read at most once: the stat index.
+
+A row's key is the sha256 of its file's bytes (featx.sources.content_key). Reading every byte of every file on
+every run costs what the data weighs, so, as git's index does, a store keeps with each row the stat of the file its
+key was read from (`STAT_FIELDS`: size, mtime_ns, ctime_ns, inode, device, and when it was read) in `/items/stat`,
+with the machine it was read on. A later run trusts the key of a file whose stat is unchanged and reads only the
+others; `rehash=True` (`featx extract --rehash`) reads every file.
+
+An index is ignored (its files are read again) when it comes from another machine, does not have one entry per row
+(rows added by another tool), or belongs to other data (entries are looked up by data root and path). An entry is
+not trusted when the file's mtime or ctime lies within `RACY_NS` of the moment it was read ("racily clean", as git
+says): a write in the same timestamp tick would leave the stat unchanged. The risk that remains: a file whose bytes
+are replaced while its size, mtime_ns, ctime_ns, inode and device all stay the same keeps its old key (ctime cannot
+be set from user space, so this takes a clock set back, a file system that does not keep ctime, or a tool that
+rewrites a block device under the file system); `--rehash` reads every byte.
+
+A run reads each file at most once: `featx.request.check` keys the data, and the real run (`featx.extract`) takes
+those keys over (its `checked` argument).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from .sources import content_key
+
+STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev", "read_ns")
+RACY_NS = 2_000_000_000  # FAT keeps mtimes to 2 s; coarser clocks are rarer still
+HASH_THREADS = 4  # hashing releases the GIL
+NO_STAT = np.zeros(len(STAT_FIELDS), dtype=np.int64)
+
+
+def host_id() -> str:
+    """This machine: its machine-id when it has one, else its host name (an index from elsewhere is ignored)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as f:
+                value = f.read().strip()
+            if value:
+                return value
+        except (OSError, ValueError):
+            continue
+    return socket.gethostname()
+
+
+def file_stat(path: str) -> tuple | None:
+    """(size, mtime_ns, ctime_ns, inode, device) of a file, following links; None when it cannot be examined."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+class StatIndex:
+    """Trusted keys of a store's rows by (data root, path), from its `/items/stat` (see the module docstring)."""
+
+    def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None):
+        self._entries: dict[tuple[str, str], int] = {}
+        self._keys, self._stats = keys, stats
+        if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
+            return
+        trusted = _trusted_later(stats).tolist()
+        row_root = [roots[r] for r in np.asarray(row_roots).tolist()]
+        self._entries = {(root, str(path)): i for i, (root, path, ok) in enumerate(zip(row_root, paths, trusted)) if ok}
+
+    @classmethod
+    def of_store(cls, store) -> "StatIndex":
+        """The index of a featx.store.Store (empty when it has none)."""
+        return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self, root: str, paths: list[str], stats: np.ndarray) -> list[str | None]:
+        """The recorded key of each of `paths` under `root` whose stat (first 5 STAT_FIELDS) is the recorded one,
+        else None."""
+        rows = np.array([self._entries.get((root, path), -1) for path in paths], dtype=np.int64)
+        found = rows >= 0
+        if self._stats is not None and found.any():
+            found[found] = (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
+        return [str(self._keys[row]) if ok else None for row, ok in zip(rows.tolist(), found.tolist())]
+
+    def stat(self, root: str, path: str, key: str) -> np.ndarray | None:
+        """The recorded stat row of `path` under `root` when it holds `key`, else None."""
+        row = self._entries.get((root, path))
+        return None if row is None or str(self._keys[row]) != key else self._stats[row]
+
+
+def _trusted_later(stats: np.ndarray) -> np.ndarray:
+    """Which stat rows a later run would trust: recorded, and not racily clean."""
+    return (stats[:, 5] > 0) & (np.maximum(stats[:, 1], stats[:, 2]) < stats[:, 5] - RACY_NS)
+
+
+class FileKeys(NamedTuple):
+    """Content keys of a source's items (None: unreadable), the stat row of each (NO_STAT: not to be recorded),
+    how many files were read, and how many of those a later run would trust if the store recorded them."""
+
+    keys: list[str | None]
+    stats: np.ndarray
+    n_read: int
+    n_gained: int = 0
+
+    @property
+    def worth_recording(self) -> bool:
+        """Whether rewriting the store's stat index (a seal that changes no row) spares later runs enough reading:
+        one file in a hundred, or a thousand files."""
+        return self.n_gained > 0 and self.n_gained >= min(1000, max(1, len(self.keys) // 100))
+
+
+def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = False,
+              progress: bool = False) -> FileKeys:
+    """The content key of every item of `source` (a featx.sources.Source of data `root`): trusted from `index`
+    where the file's stat is unchanged, read (in threads) otherwise; every file when `rehash`."""
+    from tqdm import tqdm
+
+    n = len(source.items)
+    keys: list[str | None] = [None] * n
+    stats = np.zeros((n, len(STAT_FIELDS)), dtype=np.int64)
+    now = time.time_ns()
+    found = [file_stat(item.path) for item in source.items]  # None: gone, or a dangling link (read: key None)
+    readable = np.array([stat is not None for stat in found], dtype=bool)
+    if readable.any():
+        stats[readable, :5] = [stat for stat in found if stat is not None]
+    if index is not None and not rehash:
+        keys = index.keys(root, [item.relpath for item in source.items], stats)
+    trusted = readable & np.array([key is not None for key in keys], dtype=bool)
+    stats[trusted, 5] = now
+    to_read = np.flatnonzero(~trusted).tolist()
+
+    def read(i: int):
+        path = source.items[i].path
+        before = file_stat(path)
+        read_ns = time.time_ns()
+        try:
+            key = content_key(path)
+        except OSError:
+            return i, None, None, read_ns
+        after = file_stat(path)
+        return i, key, before if before is not None and before == after else None, read_ns
+
+    with cf.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        done = pool.map(read, to_read, chunksize=64)
+        for i, key, stat, read_ns in tqdm(done, total=len(to_read), desc="hashing", unit="file", leave=False,
+                                          disable=None if progress and to_read else True):
+            keys[i] = key
+            if stat is not None:
+                stats[i] = (*stat, read_ns)
+    gained = int(_trusted_later(stats[to_read]).sum()) if to_read else 0
+    return FileKeys(keys, stats, len(to_read), gained)
