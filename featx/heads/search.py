@@ -1,4 +1,5 @@
-"""Exact cosine search over rows streamed in chunks: the k nearest rows of each query, and near-duplicate pairs.
+"""Exact cosine search over rows streamed in chunks: the k nearest rows of each query, near-duplicate pairs, and the
+k-NN head's weighted votes (numpy only, so that a loaded head predicts without scikit-learn).
 
 Rows are L2-normalised as they are read, so a dot product is the cosine similarity. Nothing holds more than one
 gallery chunk (at most CHUNK_BYTES of float32 rows) and one block of scores (at most SCORE_CELLS similarities, with
@@ -133,3 +134,16 @@ def duplicate_pairs(blocks: Blocks, threshold: float, max_pairs: int) -> tuple[n
     pairs, scores = np.concatenate(found_pairs), np.concatenate(found_scores)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -scores))
     return pairs[order], scores[order]
+
+
+def knn_votes(X: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_classes: int, n_neighbors: int,
+              temperature: float) -> np.ndarray:
+    """(len(X), n_classes) normalised votes of the `n_neighbors` training `rows` (normalised) nearest each row of X.
+
+    k is at most the training rows. Weights are exp((cos - best cos) / T): the best neighbour's weight is 1, which
+    changes no normalised vote and cannot overflow at a small T."""
+    hits = top_k(normalized(X), array_blocks(rows), len(rows), int(n_neighbors))
+    weights = np.exp((hits.scores - hits.scores[:, :1]) / np.float32(temperature))
+    votes = np.zeros((len(X), n_classes), dtype=np.float64)
+    np.add.at(votes, (np.repeat(np.arange(len(X)), hits.rows.shape[1]), labels[hits.rows].ravel()), weights.ravel())
+    return votes / votes.sum(axis=1, keepdims=True)
