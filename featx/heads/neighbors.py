@@ -156,7 +156,7 @@ def gallery_blocks(gallery: Store, tap: str, chunk_rows: int | None = None) -> s
                 row = start + int(bad[0])
                 raise FeatxError(f"{gallery.path} ({tap}): row {row} ({gallery.paths[row]}) holds NaN or inf values: "
                                  "re-extract it")
-            yield start, search.normalized(block)
+            yield start, search.normalized(block, copy=False)  # a fresh array read from the file
 
     return blocks
 

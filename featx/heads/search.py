@@ -33,9 +33,10 @@ class Hits:
     scores: np.ndarray
 
 
-def normalized(X: np.ndarray) -> np.ndarray:
-    """Rows as float32, scaled to unit L2 norm (a copy; all-zero rows stay zero)."""
-    return l2_normalize(np.array(X, dtype=np.float32))
+def normalized(X: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Rows as float32, scaled to unit L2 norm (all-zero rows stay zero): a copy, or X itself when `copy` is False
+    and X is float32 already."""
+    return l2_normalize(np.array(X, dtype=np.float32, copy=copy or None))
 
 
 def chunk_rows_for(width: int) -> int:

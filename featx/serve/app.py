@@ -22,6 +22,7 @@ from ..errors import FeatxError
 from ..heads.prediction import Predictions, apply_head
 from . import masks
 from .errors import ServiceError
+from .search import add_search_route
 from .service import Service, Upload
 from .training import metrics_summary
 
@@ -117,6 +118,8 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         embedded = await service.embed(extractor, await _uploads(request))
         return {"backbone": extractor.config["backbone"], "tap": tap, "results": [
             {"sha256": e.key, "cached": e.cached, "embedding": np.asarray(e.rows[tap]).tolist()} for e in embedded]}
+
+    add_search_route(app, service, auth, _uploads, _json, _content_type)
 
     @app.post("/v1/admin/reload", dependencies=[auth], summary="Read every head folder again")
     async def reload():
