@@ -151,3 +151,25 @@ def test_an_undecodable_query_image_is_one_line(image_store, tmp_path, monkeypat
     assert answer.exit_code == 2, answer.output
     last = answer.output.strip().splitlines()[-1]
     assert last.startswith("featx: error: QUERY ") and "broken.jpg" in last
+
+
+def test_memory_stays_bounded_whatever_the_store(tmp_path, monkeypatch):
+    """The streamed search holds one chunk and one block of scores: tracemalloc (which sees numpy's arrays) peaks
+    far below the store's size."""
+    import tracemalloc
+
+    from featx.heads.neighbors import gallery_blocks
+
+    monkeypatch.setattr(search, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(search, "SCORE_CELLS", 1 << 16)
+    X = np.random.default_rng(2).normal(size=(20_000, 64)).astype(np.float32)  # 5 MiB of rows
+    write_rows(tmp_path / "s.h5", X, extra_tap=False)
+    Q = search.normalized(X[:50])
+    with featx.open_store(tmp_path / "s.h5") as store:
+        blocks = gallery_blocks(store, "avgpool")
+        tracemalloc.start()
+        hits = search.top_k(Q, blocks, len(store), 10)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < (1 << 20) + 12 * (1 << 16) + (1 << 20), peak  # chunk + scores + positions + slack
+    np.testing.assert_array_equal(hits.rows[:, 0], np.arange(50))

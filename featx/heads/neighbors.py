@@ -151,7 +151,7 @@ def gallery_blocks(gallery: Store, tap: str, chunk_rows: int | None = None) -> s
 
     def blocks():
         for start, block in gallery.iter_features(tap, step):
-            bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+            bad = np.flatnonzero(~np.isfinite(np.einsum("ij,ij->i", block, block, dtype=np.float64)))
             if bad.size:
                 row = start + int(bad[0])
                 raise FeatxError(f"{gallery.path} ({tap}): row {row} ({gallery.paths[row]}) holds NaN or inf values: "

@@ -4,9 +4,10 @@ k-NN head's weighted votes (numpy only, so that a loaded head predicts without s
 Rows are L2-normalised as they are read, so a dot product is the cosine similarity. Nothing holds more than one
 gallery chunk (at most CHUNK_BYTES of float32 rows) and one block of scores (at most SCORE_CELLS similarities, with
 their int64 positions while the best are picked) besides the answer, whatever the number of rows: memory is about
-64 MiB + 24 x SCORE_CELLS bytes = 112 MiB, plus queries x k x 12 bytes for the answer (24 while a block of
-QUERY_BLOCK queries is searched). The gallery is read once per QUERY_BLOCK queries. scikit-learn's brute-force NearestNeighbors
-needs the whole gallery in memory, and faiss or hnswlib are not dependencies of featx, hence this module.
+64 MiB + 12 x SCORE_CELLS bytes = 88 MiB, plus queries x k x 12 bytes for the answer (about 3 times that while a
+block of QUERY_BLOCK queries is searched). The gallery is read once per QUERY_BLOCK queries. Duplicate pairs hold
+two chunks. scikit-learn's brute-force NearestNeighbors needs the whole gallery in memory, and faiss or hnswlib
+are not dependencies of featx, hence this module.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def top_k(queries: np.ndarray, blocks: Blocks, n_rows: int, k: int, exclude: np.
     """The `k` gallery rows most similar to each normalised query, by exact search over `blocks` (normalised rows).
 
     `exclude[i]` is a gallery row that query i may not return (its own row), or -1. k is at most n_rows (less one
-    when rows are excluded); ties go to the lower row. The gallery is read once per block of queries."""
+    when rows are excluded); equal scores are listed lower row first. The gallery is read once per block of
+    queries."""
     n_queries = len(queries)
     k = min(k, n_rows - (1 if exclude is not None and (exclude >= 0).any() else 0))
     if k < 1:
@@ -80,10 +82,12 @@ def _search_block(queries: np.ndarray, blocks: Iterable, k: int, exclude: np.nda
             if exclude is not None:
                 inside = (exclude >= sub_start) & (exclude < sub_start + len(sub))
                 sims[np.flatnonzero(inside), exclude[inside] - sub_start] = -np.inf
-            cand_rows = np.concatenate([rows, np.broadcast_to(np.arange(sub_start, sub_start + len(sub)), sims.shape)],
-                                       axis=1)
-            cand_scores = np.concatenate([scores, sims], axis=1)
-            rows, scores = _best(cand_rows, cand_scores, k)
+            if sims.shape[1] > k:  # this sub-block's best k first: no copy of the scores
+                pick = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+                sub_rows, sims = pick + sub_start, np.take_along_axis(sims, pick, axis=1)
+            else:
+                sub_rows = np.broadcast_to(np.arange(sub_start, sub_start + len(sub)), sims.shape)
+            rows, scores = _best(np.concatenate([rows, sub_rows], axis=1), np.concatenate([scores, sims], axis=1), k)
     return _sorted(rows, scores)
 
 
@@ -95,7 +99,7 @@ def _sub_blocks(start: int, block: np.ndarray, n_queries: int) -> Iterator[tuple
 
 
 def _best(rows: np.ndarray, scores: np.ndarray, k: int):
-    """The k highest scores of each row of candidates (any order), ties to the lower gallery row."""
+    """The k highest scores of each row of (at most 2k) candidates, in any order."""
     if scores.shape[1] <= k:
         return rows, scores
     pick = np.argpartition(-scores, k - 1, axis=1)[:, :k]
