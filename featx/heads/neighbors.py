@@ -165,9 +165,10 @@ def _resolve(gallery: Store, queries: list[str]) -> tuple[list[Query], list[Quer
     """(every query in order, those whose vector must be extracted). Rows are matched by stored path, then key."""
     from ..sources import content_key, load_source
 
-    by_path = {str(p): i for i, p in enumerate(gallery.paths)}
+    by_path: dict[str, int] = {}
     by_key: dict[str, int] = {}
-    for i, key in enumerate(gallery.keys):
+    for i, (path, key) in enumerate(zip(gallery.paths, gallery.keys)):  # the first row of a path or key
+        by_path.setdefault(str(path), i)
         by_key.setdefault(key, i)
     resolved, images = [], []
     for text in queries:
