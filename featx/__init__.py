@@ -12,6 +12,7 @@ Every command is a Python function (each documents what it takes and returns):
     featx.neighbors(store, queries, k=10)       featx neighbors: nearest stored rows -> NeighborResult
     featx.finetune(data, output, ...)           featx finetune -> FinetuneResult
     featx.advise(data, ...)                     featx advise -> Advice
+    featx.export(store, output, ...)            featx export: a store's rows as npy/parquet -> ExportResult
 
 `import featx` loads neither torch nor scikit-learn: each function's module is imported on its first use.
 """
@@ -38,13 +39,14 @@ _FUNCTIONS = {
     "neighbors": "featx.heads.neighbors",
     "finetune": "featx.finetune.api",
     "advise": "featx.advise",
+    "export": "featx.export",
 }
 __all__ = ["FeatxError", "__version__", *_FUNCTIONS]
 
 
 class _Package(types.ModuleType):
-    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune` and `featx.advise` stay the functions
-    after their submodules load.
+    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune`, `featx.advise` and `featx.export` stay
+    the functions after their submodules load.
 
     Importing a submodule makes Python set it as an attribute of its package (`featx.extract = <module>`), which
     would hide the function of the same name. That one assignment is ignored here; the submodules stay reachable

@@ -38,7 +38,7 @@ def test_extract_writes_schema_rows(folder, tmp_path):
 
 
 def _reference_rows(paths, tap, pooling_fn):
-    """What the documents' loop computes: torchvision transforms (on uint8 tensors, antialiased, as the weights'
+    """What the tutorial's loop computes: torchvision transforms (on uint8 tensors, antialiased, as the weights'
     presets run them), fp32, the model called on the batch."""
     torch.manual_seed(0)  # the same seeded init featx uses for -w none
     model = torchvision.models.resnet18().eval()

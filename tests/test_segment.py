@@ -23,7 +23,7 @@ from featx.segment.metrics import confusion, summarize
 from featx.segment.model import build_segmenter, default_tap, parse_decoder
 from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
-from featx.segment.train import SegmentLoss
+from featx.finetune.segment import SegmentLoss
 from featx.sources import load_source
 from maskgen import make_mask_folder, make_pair
 
