@@ -150,13 +150,15 @@ def gallery_blocks(gallery: Store, tap: str, chunk_rows: int | None = None) -> s
     step = chunk_rows or search.chunk_rows_for(gallery.feature_shape(tap)[0])
 
     def blocks():
-        for start, block in gallery.iter_features(tap, step):
+        for start in range(0, len(gallery), step):
+            block = gallery.features(tap, slice(start, start + step))
             bad = np.flatnonzero(~np.isfinite(np.einsum("ij,ij->i", block, block, dtype=np.float64)))
             if bad.size:
                 row = start + int(bad[0])
                 raise FeatxError(f"{gallery.path} ({tap}): row {row} ({gallery.paths[row]}) holds NaN or inf values: "
                                  "re-extract it")
             yield start, search.normalized(block, copy=False)  # a fresh array read from the file
+            del block  # not held while the next chunk is read
 
     return blocks
 

@@ -78,17 +78,23 @@ def _search_block(queries: np.ndarray, blocks: Iterable, k: int, exclude: np.nda
     scores = np.full((n, 0), -np.inf, dtype=np.float32)
     for start, block in blocks:
         for sub_start, sub in _sub_blocks(start, block, n):
-            sims = queries @ sub.T
-            if exclude is not None:
-                inside = (exclude >= sub_start) & (exclude < sub_start + len(sub))
-                sims[np.flatnonzero(inside), exclude[inside] - sub_start] = -np.inf
-            if sims.shape[1] > k:  # this sub-block's best k first: no copy of the scores
-                pick = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]
-                sub_rows, sims = pick + sub_start, np.take_along_axis(sims, pick, axis=1)
-            else:
-                sub_rows = np.broadcast_to(np.arange(sub_start, sub_start + len(sub)), sims.shape)
-            rows, scores = _best(np.concatenate([rows, sub_rows], axis=1), np.concatenate([scores, sims], axis=1), k)
+            rows, scores = _merge(queries, sub_start, sub, k, exclude, rows, scores)
+        del block, sub  # no reference to this chunk while the next one is read
     return _sorted(rows, scores)
+
+
+def _merge(queries, start: int, sub: np.ndarray, k: int, exclude, rows, scores):
+    """The best k of (rows, scores) and of the rows `sub` (starting at gallery row `start`)."""
+    sims = queries @ sub.T
+    if exclude is not None:
+        inside = (exclude >= start) & (exclude < start + len(sub))
+        sims[np.flatnonzero(inside), exclude[inside] - start] = -np.inf
+    if sims.shape[1] > k:  # this sub-block's best k first: no copy of the scores
+        pick = np.argpartition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+        sub_rows, sims = pick + start, np.take_along_axis(sims, pick, axis=1)
+    else:
+        sub_rows = np.broadcast_to(np.arange(start, start + len(sub)), sims.shape)
+    return _best(np.concatenate([rows, sub_rows], axis=1), np.concatenate([scores, sims], axis=1), k)
 
 
 def _sub_blocks(start: int, block: np.ndarray, n_queries: int) -> Iterator[tuple[int, np.ndarray]]:
