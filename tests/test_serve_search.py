@@ -93,7 +93,8 @@ def test_client_mistakes_are_4xx_with_a_reason(client, url, kwargs, status, reas
 
 def test_declared_in_the_openapi_document(client):
     operation = client.get("/openapi.json").json()["paths"]["/v1/search"]["post"]
-    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/json"}
+    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/octet-stream", "image/*",
+                                                        "application/json"}
     assert {"404", "415", "422"} <= set(operation["responses"])
 
 

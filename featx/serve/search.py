@@ -21,22 +21,8 @@ from ..heads import search
 from ..heads.data import available_memory
 from ..heads.neighbors import gallery_blocks
 from ..store import open_store
+from .contract import IMAGES, Embeddings, errors, json_body, request_body
 from .errors import ServiceError
-
-BODY = {  # what a client sends: images, or embeddings of the store's width
-    "required": True,
-    "content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": {"type": "object", "required": ["embeddings"], "properties": {
-            "embeddings": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}},
-    },
-}
-ERRORS = {404: {"description": "no search store of that name"},
-          415: {"description": "a body that is not images or JSON"},
-          422: {"description": "an undecodable image, embeddings of another width, a tap the store lacks"}}
-
 
 @dataclass
 class SearchStore:
@@ -101,12 +87,12 @@ def open_search_stores(paths) -> dict[str, SearchStore]:
     return stores
 
 
-def add_search_route(app, service, auth, uploads, json_body, content_type) -> None:
-    """POST /v1/search on `app` (auth: the API-key dependency; uploads, json_body, content_type: the app's
+def add_search_route(app, service, auth, uploads, read_json, content_type) -> None:
+    """POST /v1/search on `app` (auth: the API-key dependencies; uploads, read_json, content_type: the app's
     request readers)."""
 
-    @app.post("/v1/search", dependencies=[auth], summary="The stored images nearest to images or embeddings",
-              openapi_extra={"requestBody": BODY}, responses=ERRORS)
+    @app.post("/v1/search", dependencies=auth, summary="The stored images nearest to images or embeddings",
+              openapi_extra=request_body(*IMAGES, json_body(Embeddings)), responses=errors(404, 415, 422, 503))
     async def search_route(request: Request, k: int = Query(10, ge=1, le=10_000),
                            store: str | None = Query(None, description="a --search store's name (its file's stem)"),
                            tap: str | None = Query(None, description="default: the store's only pooled tap")):
@@ -121,7 +107,7 @@ def add_search_route(app, service, auth, uploads, json_body, content_type) -> No
                                     f"{', '.join(chosen.taps)}" + ("; choose one with ?tap=" if tap is None else ""))
         keys = None
         if content_type(request) == "application/json":
-            queries = _embeddings(await json_body(request), chosen.widths[tap])
+            queries = _embeddings(await read_json(request), chosen.widths[tap])
         else:
             extractor = await run_in_threadpool(service.engine.extractor, chosen.config)  # built at start-up
             embedded = await service.embed(extractor, await uploads(request))
