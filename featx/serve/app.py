@@ -149,7 +149,7 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         return {"backbone": extractor.config["backbone"], "tap": tap, "results": [
             {"sha256": e.key, "cached": e.cached, "embedding": np.asarray(e.rows[tap]).tolist()} for e in embedded]}
 
-    add_search_route(app, service, auth, _uploads, _json, _content_type)
+    add_search_route(app, service, auth, refusals, _uploads, _json, _content_type)
 
     @app.post("/v1/admin/reload", dependencies=auth, summary="Read every head folder again",
               response_model=contract.HeadNames, responses=refusals(422))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Query, Request
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatxError
@@ -21,8 +22,30 @@ from ..heads import search
 from ..heads.data import available_memory
 from ..heads.neighbors import gallery_blocks
 from ..store import open_store
-from .contract import IMAGES, Embeddings, errors, json_body, request_body
+from .contract import IMAGES, Answer, Embeddings, json_body, request_body
 from .errors import ServiceError
+
+class Hit(Answer):
+    rank: int
+    score: float = Field(description="cosine similarity")
+    path: str = Field(description="the stored image's path")
+    key: str = Field(description="the stored image's content key")
+    label: str | None = Field(description="its class, None when unlabelled")
+
+
+class QueryHits(Answer):
+    sha256: str | None = Field(description="the uploaded image's content key (images only)")
+    row: str | None = Field(description="the stored path of the uploaded image, when the store holds it")
+    neighbors: list[Hit]
+
+
+class SearchAnswer(Answer):
+    store: str
+    tap: str
+    k: int
+    note: str | None = Field(description="why fewer than k neighbours came back")
+    results: list[QueryHits]
+
 
 @dataclass
 class SearchStore:
@@ -87,12 +110,13 @@ def open_search_stores(paths) -> dict[str, SearchStore]:
     return stores
 
 
-def add_search_route(app, service, auth, uploads, read_json, content_type) -> None:
-    """POST /v1/search on `app` (auth: the API-key dependencies; uploads, read_json, content_type: the app's
-    request readers)."""
+def add_search_route(app, service, auth, refusals, uploads, read_json, content_type) -> None:
+    """POST /v1/search on `app` (auth: the API-key dependencies; refusals: the app's declared error answers;
+    uploads, read_json, content_type: its request readers)."""
 
     @app.post("/v1/search", dependencies=auth, summary="The stored images nearest to images or embeddings",
-              openapi_extra=request_body(*IMAGES, json_body(Embeddings)), responses=errors(404, 415, 422, 503))
+              openapi_extra=request_body(*IMAGES, json_body(Embeddings)), response_model=SearchAnswer,
+              responses=refusals(404, 413, 415, 422, 503))
     async def search_route(request: Request, k: int = Query(10, ge=1, le=10_000),
                            store: str | None = Query(None, description="a --search store's name (its file's stem)"),
                            tap: str | None = Query(None, description="default: the store's only pooled tap")):
