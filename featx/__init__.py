@@ -9,6 +9,7 @@ Every command is a Python function (each documents what it takes and returns):
     featx.load_head(path)                       a saved head folder -> Head
     featx.predict(head, data, ...)              featx predict: images or feature rows -> Predictions
     featx.evaluate(head, data, ...)             featx evaluate -> metrics dict
+    featx.neighbors(store, queries, k=10)       featx neighbors: nearest stored rows -> NeighborResult
     featx.finetune(data, output, ...)           featx finetune -> FinetuneResult
     featx.advise(data, ...)                     featx advise -> Advice
     featx.export(store, output, ...)            featx export: a store's rows as npy/parquet -> ExportResult
@@ -35,6 +36,7 @@ _FUNCTIONS = {
     "load_head": "featx.heads.persistence",
     "predict": "featx.head_api",
     "evaluate": "featx.head_api",
+    "neighbors": "featx.heads.neighbors",
     "finetune": "featx.finetune.api",
     "advise": "featx.advise",
     "export": "featx.export",

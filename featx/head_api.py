@@ -49,7 +49,7 @@ def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify
                          f"regression with scikit-learn); drop them")
     from .segment.probe import fit_dense_probe
 
-    shared = {k: v for k, v in options.items() if k in SHARED_FIT}
+    shared = {k: v for k, v in options.items() if k in SHARED_FIT and (k, v) != ("normalize", None)}  # None: default
     return fit_dense_probe(data, masks, output, tap=tap, binary=binary, num_classes=num_classes,
                            pixels_per_image=pixels_per_image, **shared)
 

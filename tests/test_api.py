@@ -13,7 +13,7 @@ from featx.cli import main
 
 COMMAND_FUNCTIONS = {  # featx COMMAND -> the function of the package that does it
     "layers": "layers", "extract": "extract", "info": "open_store", "fit-head": "fit_head", "predict": "predict",
-    "evaluate": "evaluate", "finetune": "finetune", "advise": "advise", "export": "export",
+    "evaluate": "evaluate", "neighbors": "neighbors", "finetune": "finetune", "advise": "advise", "export": "export",
 }
 
 

@@ -60,7 +60,9 @@ HEADS = pool(["head", "seghead"], ["store.h5", "missing", "notes.txt", "run", "d
 BACKBONES = pool(["resnet18"] * 6 + ["resnet50", "vit_b_16"], ["resnt18", "timm/no_such_model", "vgg"])
 POOLS = {  # by the option's name (arguments as arg:NAME): the values a user would type there, right and wrong
     "arg:data": DATA, "arg:store": STORES, "arg:head": HEADS, "arg:heads": HEADS, "arg:backbone": BACKBONES,
-    "output": OUTPUTS, "store": STORES, "cache_store": STORES,
+    "arg:queries": pool(["data/ants/ants_000.png", "data", "data.csv", "data/bees"],
+                        ["notes.jpg", "notes.txt", "missing", "store.h5", "ro"]),
+    "output": OUTPUTS, "store": STORES, "cache_store": STORES, "search_stores": STORES, "query_store": STORES,
     "backbone": BACKBONES,
     "weights": pool(["none"] * 4 + ["run/model.pt"], ["DEFAULT", "IMAGENET1K_V1", "notes.txt", "missing.pth", "store.h5",
                                                      "head", "data"]),

@@ -20,6 +20,7 @@ FAST = {
     "linear-svm": {"grid": "1e-3:1e2"},
     "sgd": {"grid": "1e-2:1e2", "epochs": 3},
     "mlp": {"grid": 1.0, "hidden": 64},
+    "knn": {},
 }
 
 

@@ -18,6 +18,7 @@ def main() -> None:
     featx info pets.h5
     featx fit-head pets.h5 -l avgpool -o pets-head/
     featx predict pets-head/ new_images/
+    featx neighbors pets.h5 new_images/cat.jpg -k 5   the most similar stored images
     featx finetune data/ -b resnet50 --freeze until:layer2 -o runs/pets/
     featx advise data/ -b resnet50               probe or finetune? measured, with the command
     featx serve pets-head/ --port 8000
@@ -26,9 +27,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import advise_cmd, export_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd
+    from . import advise_cmd, export_cmd, extract_cmds, finetune_cmd, head_cmds, neighbors_cmd, serve_cmd
 
-    for module in (extract_cmds, export_cmd, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
+    for module in (extract_cmds, export_cmd, head_cmds, neighbors_cmd, finetune_cmd, advise_cmd, serve_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

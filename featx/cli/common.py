@@ -17,7 +17,7 @@ INTERRUPTED = "interrupted"  # ctx.meta key: what Ctrl-C left, set by the runnin
 RESUMABLE = "featx: interrupted (completed work is kept; run the same command again to resume)"
 # What Ctrl-C leaves behind, per command that keeps work (the others have written nothing: a head folder is written
 # whole or not at all); a command may say more with on_interrupt.
-LEFT_BY_INTERRUPT = {"extract": RESUMABLE, "predict": RESUMABLE, "advise": RESUMABLE}
+LEFT_BY_INTERRUPT = {"extract": RESUMABLE, "predict": RESUMABLE, "advise": RESUMABLE, "neighbors": RESUMABLE}
 
 
 class OneLineError(click.ClickException):

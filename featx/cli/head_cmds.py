@@ -42,7 +42,7 @@ def _feature_keys(f):
 @click.option("-l", "--layer", "tap", help="Tap whose rows train the head (default: the store's only tap).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head folder to write (atomically).")
 @click.option("--head", "kind", type=click.Choice(list(HEAD_TYPES)), help=f"Default: logistic, or ridge for float targets. {HEAD_HELP}.")
-@click.option("--normalize", type=click.Choice(NORMALIZERS), default="standard", show_default=True, help="Preprocessing of the rows.")
+@click.option("--normalize", type=click.Choice(NORMALIZERS), help="Preprocessing of the rows. Default: standard (knn: none, cosine on the raw rows).")
 @click.option("--grid", help=f"C values: LO:HI (per decade, then refined), a list 0.1,1,10, or one value (no CV). Default: {DEFAULT_GRID} ({GRID_DEFAULTS}).")
 @click.option("--folds", type=click.IntRange(min=2), help="Cross-validation folds [default: 5, and 3 from 50,000 training rows on; fewer when a class is rarer].")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
@@ -53,6 +53,8 @@ def _feature_keys(f):
 @click.option("--epochs", type=click.IntRange(min=1), help="sgd / mlp passes over the rows (default: sgd 5, mlp about 500 steps).")
 @click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp hidden width.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True, help="mlp dropout.")
+@click.option("--neighbors", type=click.IntRange(min=1), default=20, show_default=True, help="knn: k, the neighbours that vote.")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True, help="knn: votes weigh exp(cosine / T).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows read at a time, at most 64 MiB of them (sgd streams the store in such chunks).")
 @click.option("--solver", type=click.Choice(SOLVERS), default="auto", show_default=True, help="logistic: scikit-learn's lbfgs, or full-batch L-BFGS in torch on --device (same objective and C); auto: torch on large stores or with --device.")
 @click.option("--device", default="auto", show_default=True, help=f"--solver torch: {DEVICE_CHOICES} (auto: CUDA when present).")
@@ -66,7 +68,7 @@ def _feature_keys(f):
 @click.option("--pixels-per-image", type=click.IntRange(min=1), default=256, show_default=True, help="segment: labelled pixels drawn from each training image for the fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight, val_split, seed, n_jobs, x_key, y_key,
-                 epochs, hidden, dropout, chunk_rows, solver, device, joblib_export, plots, overwrite, task, masks,
+                 epochs, hidden, dropout, neighbors, temperature, chunk_rows, solver, device, joblib_export, plots, overwrite, task, masks,
                  binary, num_classes, pixels_per_image, as_json):
     """Fit a head on the rows of STORE (a featx store, or any HDF5/NPZ file with --x/--y) and save it to -o.
 
@@ -81,7 +83,8 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
             store, tap, output, task=task, masks=masks, binary=binary, num_classes=num_classes,
             pixels_per_image=pixels_per_image, head=kind, normalize=normalize, grid=grid, folds=folds,
             class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
-            n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, chunk_rows=chunk_rows,
+            n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, neighbors=neighbors,
+            temperature=temperature, chunk_rows=chunk_rows,
             solver=solver, device=device, joblib=joblib_export, plots=plots, overwrite=overwrite,
         )
     if as_json:

@@ -24,10 +24,12 @@ from .common import on_interrupt
                                                  "loaded from at start-up).")
 @click.option("--allow-training", is_flag=True, help="Enable POST /v1/heads (fits on cached rows).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] | mps")
+@click.option("--search", "search_stores", multiple=True, metavar="STORE",
+              help="A featx store served by POST /v1/search (nearest stored images); repeat for several.")
 @click.option("-w", "--weights", multiple=True, metavar="FILE", help="A head's weights file that is no longer where "
                                                                       "the head recorded it (matched by sha256); repeat for several.")
 def serve(heads, host, port, trust, api_key_env, max_batch, max_wait_ms, cache_items, cache_store, max_bytes,
-          heads_dir, allow_training, device, weights):
+          heads_dir, allow_training, device, search_stores, weights):
     """Serve fitted heads and their embeddings over HTTP (needs the serve extra: pip install 'featx[serve]').
 
     \b
@@ -43,6 +45,7 @@ def serve(heads, host, port, trust, api_key_env, max_batch, max_wait_ms, cache_i
         heads=list(heads), host=host, port=port, trust=trust, api_key_env=api_key_env, max_batch=max_batch,
         max_wait_ms=max_wait_ms, cache_items=cache_items, cache=cache_store, max_bytes=max_bytes,
         heads_dir=heads_dir, allow_training=allow_training, device=device, weights=list(weights),
+        search=list(search_stores),
     )
     kept = f"the new embeddings are sealed into {cache_store}" if cache_store else "nothing to resume"
     on_interrupt(f"featx serve: stopped after answering the requests in flight ({kept})")

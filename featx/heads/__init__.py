@@ -1,8 +1,11 @@
 """Heads on stored rows (the small-data path): fit, save without pickles, evaluate, predict.
 
     data.py         rows, labels and splits from featx stores and foreign HDF5/NPZ files
-    estimators.py   the head types (logistic, ridge, linear-svm, sgd, mlp) and the normalisation step
+    estimators.py   the head types (logistic, ridge, linear-svm, sgd, mlp, knn) and the normalisation step
     mlp.py          the Linear-ReLU-Dropout-Linear head (torch training, numpy inference)
+    knn.py          the weighted k-NN head (DINO's evaluation: cosine, exp(cos / T) votes)
+    search.py       exact cosine search over rows in chunks: top k, duplicate pairs, k-NN votes
+    neighbors.py    featx neighbors: a store's rows nearest to images or rows, and its near-duplicates
     cv.py           choosing C by k-fold cross-validation on a log grid
     inmemory.py     training on rows in memory: CV folds in parallel, convergence recorded, refit
     streaming.py    partial_fit training over store chunks (sgd)

@@ -34,7 +34,7 @@ def fit_head(
     output=None,
     *,
     head: str | None = None,
-    normalize: str = "standard",
+    normalize: str | None = None,
     grid=None,
     folds: int | None = None,
     class_weight: str | None = None,
@@ -46,6 +46,8 @@ def fit_head(
     epochs: int | None = None,
     hidden: int = 512,
     dropout: float = 0.5,
+    neighbors: int = 20,
+    temperature: float = 0.07,
     chunk_rows: int = 65536,
     solver: str = "auto",
     device: str = "auto",
@@ -55,7 +57,9 @@ def fit_head(
 ) -> Head:
     """Fit a head on the rows of `tap` in `data` (a featx store, or an HDF5/NPZ file with arrays `x` and `y`).
 
-    head: 'logistic' (default; 'ridge' for float targets), 'ridge', 'linear-svm', 'sgd' (streamed) or 'mlp'.
+    head: 'logistic' (default; 'ridge' for float targets), 'ridge', 'linear-svm', 'sgd' (streamed), 'mlp' or 'knn'
+    (weighted k-NN on cosine similarity, `neighbors` k and `temperature` T; it has no C and keeps its training rows).
+    normalize: 'standard', 'l2' or 'none' (None: 'none' for knn, else 'standard').
     Training rows are split 'train' when the file has splits, else all labelled rows less a stratified `val_split`
     fraction held out for the metrics. C is chosen by `folds`-fold cross-validation (None: 5, 3 from 50,000 training rows on) on `grid` ('LO:HI' searched
     per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
@@ -65,7 +69,7 @@ def fit_head(
     otherwise. With `output` the head folder is written atomically (`overwrite` replaces a head there;
     `joblib` adds a model.joblib pickle, `plots` the PNGs). Returns the Head, with its metrics.
     """
-    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device)
+    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device, neighbors, temperature)
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
@@ -75,8 +79,9 @@ def fit_head(
         solver = choose_solver(solver, head_type.name, len(train) * rows.n_features, device)
         y_train, classes = _targets(rows, train)
         options = HeadOptions(task=rows.task, class_weight=class_weight, seed=seed, epochs=epochs, hidden=hidden,
-                              dropout=dropout, device=device)
-        values, refine = cv.parse_grid(head_type.default_grid if grid is None else grid)
+                              dropout=dropout, device=device, neighbors=neighbors, temperature=temperature)
+        normalize = head_type.default_normalize if normalize is None else normalize
+        values, refine = _grid(head_type, grid)
         fit_started = time.perf_counter()
         trainer_type = TorchFit if solver == "torch" else StreamingFit if head_type.streaming else InMemoryFit
         trainer = trainer_type(head_type, options, rows, train, y_train, len(classes or ()), normalize, chunk_rows,
@@ -86,7 +91,7 @@ def fit_head(
             scoring = cv.scoring_for(rows.task, class_weight)
             trainer.set_folds(cv.make_folds(y_train, folds, classes, seed), scoring)
             result = cv.search(trainer.score_grid, values, refine, scoring, trainer.stepwise)
-        C = result.best if result else float(values[0])
+        C = result.best if result else None if values[0] is None else float(values[0])
         pipeline = trainer.fit(C)
         fit_seconds = time.perf_counter() - fit_started
         fitted = Head(
@@ -100,6 +105,8 @@ def fit_head(
             "cv": result.to_dict() if result else None, "converged": trainer.converged, "fit_seconds": fit_seconds,
             "solver": solver,
         }
+        if not head_type.regularized:
+            metrics.update(neighbors=neighbors, temperature=temperature)
         if len(held):
             metrics.update(evaluated_on=held_how, **_metrics_on(fitted, rows, held, chunk_rows))
         metrics["total_seconds"] = time.perf_counter() - started
@@ -209,7 +216,18 @@ def _out_of_memory_in_one_line(data):
                          "--chunk-rows rows at a time") from None
 
 
-def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device) -> None:
+def _grid(head_type, grid):
+    """(C values, refine) to search; [None] for a head without C (a --grid for it is refused)."""
+    if head_type.regularized:
+        return cv.parse_grid(head_type.default_grid if grid is None else grid)
+    if grid is not None:
+        raise FeatxError(f"--grid {grid}: the {head_type.name} head has no C to search; set --neighbors and "
+                         "--temperature")
+    return [None], False
+
+
+def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device, neighbors,
+              temperature) -> None:
     if class_weight not in CLASS_WEIGHTS:
         raise FeatxError(f"--class-weight {class_weight!r}: expected 'balanced' or none")
     if solver not in SOLVERS:
@@ -222,6 +240,9 @@ def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, s
         ("--epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs > 0), "a positive integer"),
         ("--hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive integer"),
         ("--dropout", dropout, isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a fraction in [0, 1)"),
+        ("--neighbors", neighbors, isinstance(neighbors, int) and neighbors > 0, "a positive integer"),
+        ("--temperature", temperature, isinstance(temperature, (int, float)) and 0 < temperature < float("inf"),
+         "a positive number"),
     ]
     for option, value, ok, expected in checks:
         if not ok:

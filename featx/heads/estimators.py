@@ -1,7 +1,8 @@
 """The head types: which scikit-learn (or featx) estimator each one is, and how C maps onto its parameter.
 
-Every head is regularized by C, the inverse strength of the linear-probe protocols (objective C * sum of losses +
-||w||² / 2). Ridge's alpha is 1 / (2C); SGD's and the MLP's per-row penalties are 1 / (C * rows).
+Every head but knn is regularized by C, the inverse strength of the linear-probe protocols (objective C * sum of
+losses + ||w||² / 2). Ridge's alpha is 1 / (2C); SGD's and the MLP's per-row penalties are 1 / (C * rows). The knn
+head has no C: its settings are k (`neighbors`) and the temperature.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class HeadOptions:
     hidden: int = 512
     dropout: float = 0.5
     device: str = "auto"  # where --solver torch runs
+    neighbors: int = 20  # knn: k
+    temperature: float = 0.07  # knn: the votes' temperature
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class HeadType:
     streaming: bool = False
     default_grid: object = DEFAULT_GRID
     model: str = "linear"
+    regularized: bool = True  # has a C to search
+    default_normalize: str = "standard"
     help: str = field(default="", compare=False)
 
 
@@ -93,6 +98,12 @@ def _mlp(C, rows, options):
                    class_weight=options.class_weight, seed=options.seed)
 
 
+def _knn(C, rows, options):
+    from .knn import KNNHead
+
+    return KNNHead(n_neighbors=options.neighbors, temperature=options.temperature)
+
+
 HEAD_TYPES = {
     head.name: head
     for head in (
@@ -104,6 +115,8 @@ HEAD_TYPES = {
                  help="logistic loss by SGD, streamed from the store in chunks (partial_fit)"),
         HeadType("mlp", _mlp, link="softmax", default_grid=(0.01, 1.0, 100.0), model="mlp",
                  help="Linear-ReLU-Dropout-Linear trained with Adam (torch)"),
+        HeadType("knn", _knn, link="votes", model="knn", regularized=False, default_normalize="none",
+                 help="weighted k-NN on cosine similarity (DINO's evaluation: --neighbors 20, --temperature 0.07)"),
     )
 }
 

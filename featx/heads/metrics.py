@@ -61,7 +61,9 @@ def metrics_table(metrics: dict) -> str:
             f"± {cv['std'][best]:.4f}; {len(cv['grid'])} values from {cv['grid'][0]:.0e} to {cv['grid'][-1]:.0e}"
             f"{past_peak})"
         )
-    elif "C" in metrics:
+    elif metrics.get("neighbors") is not None:
+        lines.append(f"k-NN       k {metrics['neighbors']}, temperature {metrics['temperature']:.3g}  (no C)")
+    elif metrics.get("C") is not None:
         lines.append(f"C          {metrics['C']:.3g}  (given, no cross-validation)")
     lines += _convergence(metrics)
     if not metrics.get("rows", {}).get("eval"):

@@ -6,12 +6,15 @@ pickles and predicts without torch.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .class_weights import balanced_weights
-from .model import mlp_logits, softmax
+from .model import binary_scores, mlp_logits, softmax
 
 TARGET_STEPS = 500  # default epochs: enough for about this many Adam steps, within [MIN_EPOCHS, MAX_EPOCHS]
 MIN_EPOCHS, MAX_EPOCHS = 10, 100
@@ -37,7 +40,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         import torch
 
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+        check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         n, d = X.shape
         k = len(self.classes_)
@@ -60,9 +65,23 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                     optimizer.step()
         params = (first.weight, first.bias, last.weight, last.bias)
         self.w1_, self.b1_, self.w2_, self.b2_ = (p.detach().numpy().copy() for p in params)
-        self.n_features_in_ = d
         self.n_epochs_ = epochs
         return self
+
+    def _check_params(self) -> None:
+        """ValueError naming the first parameter out of its range (scikit-learn's convention, at fit)."""
+        def integer(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+        def positive(v):
+            return isinstance(v, numbers.Real) and 0 < v < np.inf
+
+        checks = [("C", positive(self.C)), ("hidden", integer(self.hidden)), ("batch_size", integer(self.batch_size)),
+                  ("lr", positive(self.lr)), ("epochs", self.epochs is None or integer(self.epochs)),
+                  ("dropout", isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
 
     def _train_forward(self, first, last, x):
         """Linear-ReLU-Dropout-Linear in training mode (a rand mask: CPU bernoulli_ is several times slower)."""
@@ -84,11 +103,19 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             weights = {i: self.class_weight.get(c, 1.0) for i, c in enumerate(self.classes_)}
         return torch.as_tensor([weights[i] for i in range(k)], dtype=torch.float32)
 
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return mlp_logits(X, self.w1_, self.b1_, self.w2_, self.b2_)
+
     def decision_function(self, X) -> np.ndarray:
-        return mlp_logits(np.asarray(X), self.w1_, self.b1_, self.w2_, self.b2_)
+        """Class scores (rows, classes); for two classes, as scikit-learn's classifiers, one score per row: the
+        second class's logit less the first's (its sigmoid is predict_proba's second column)."""
+        return binary_scores(self._logits(X))
 
     def predict_proba(self, X) -> np.ndarray:
-        return softmax(self.decision_function(X))
+        return softmax(self._logits(X))
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        best = np.argmax(self._logits(X), axis=1)
+        return self.classes_[best]

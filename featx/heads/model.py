@@ -14,12 +14,18 @@ from ..errors import FeatxError
 # Config fields that decide what a row of a tap means; precision, dtype and versions may differ.
 IDENTITY_FIELDS = ("backbone", "weights_sha256", "weights_match", "pooling", "token_pool", "transform")
 FIELD_DEFAULTS = {"weights_match": "name"}  # what configs written before the field existed mean
-ARRAYS = {"linear": ("coef", "intercept"), "mlp": ("w1", "b1", "w2", "b2")}
+ARRAYS = {"linear": ("coef", "intercept"), "mlp": ("w1", "b1", "w2", "b2"),
+          "knn": ("rows", "labels", "n_neighbors", "temperature")}
 
 
 def mlp_logits(X: np.ndarray, w1, b1, w2, b2) -> np.ndarray:
     """Class scores of the MLP head in eval mode (dropout is the identity)."""
     return np.maximum(X @ w1.T + b1, 0) @ w2.T + b2
+
+
+def binary_scores(logits: np.ndarray) -> np.ndarray:
+    """Two-class logits as one score per row (second less first), scikit-learn's decision_function shape."""
+    return logits[:, 1] - logits[:, 0] if logits.ndim == 2 and logits.shape[1] == 2 else logits
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -60,13 +66,16 @@ class ArrayModel:
         arrays = {"mean": normalizer.mean_, "scale": normalizer.scale_} if normalize == "standard" else {}
         if model == "mlp":
             arrays.update(w1=estimator.w1_, b1=estimator.b1_, w2=estimator.w2_, b2=estimator.b2_)
+        elif model == "knn":
+            arrays.update(rows=estimator.rows_, labels=estimator.labels_, n_neighbors=estimator.n_neighbors,
+                          temperature=estimator.temperature)
         else:
             arrays.update(coef=estimator.coef_, intercept=np.asarray(estimator.intercept_))
         return cls(normalize, {k: np.asarray(v) for k, v in arrays.items()}, link, task, model)
 
     @property
     def n_features(self) -> int:
-        return int(self.arrays["w1" if self.model == "mlp" else "coef"].shape[-1])
+        return int(self.arrays[{"mlp": "w1", "knn": "rows"}.get(self.model, "coef")].shape[-1])
 
     def transform(self, X) -> np.ndarray:
         """The normalisation step, with StandardScaler's / Normalizer's own arithmetic."""
@@ -79,15 +88,28 @@ class ArrayModel:
         return X
 
     def decision_function(self, X) -> np.ndarray:
+        """Class scores; one per row for two classes (the MLP and knn: the difference of their two columns), as
+        scikit-learn gives."""
+        scores = self._scores(X)
+        return binary_scores(scores) if self.model in ("mlp", "knn") else scores
+
+    def _scores(self, X) -> np.ndarray:
         X = self.transform(X)
         a = self.arrays
         if self.model == "mlp":
             return mlp_logits(X, a["w1"], a["b1"], a["w2"], a["b2"])
+        if self.model == "knn":  # the normalised votes (featx.heads.knn: numpy and the search only)
+            from .search import knn_votes
+
+            return knn_votes(X, a["rows"], a["labels"], int(a["labels"].max()) + 1, int(a["n_neighbors"]),
+                             float(a["temperature"]))
         scores = X @ a["coef"].T + a["intercept"]
         return scores.reshape(-1) if scores.ndim > 1 and scores.shape[1] == 1 else scores
 
     def predict_proba(self, X) -> np.ndarray:
-        scores = self.decision_function(X)
+        scores = self._scores(X)
+        if self.model == "knn":
+            return scores
         if scores.ndim == 1:
             p = expit(scores)
             return np.stack([1 - p, p], axis=1)
@@ -100,7 +122,7 @@ class ArrayModel:
 
     def predict(self, X) -> np.ndarray:
         """Class indices, or values for regression."""
-        scores = self.decision_function(X)
+        scores = self._scores(X)
         if self.task == "regression":
             return scores
         return (scores > 0).astype(np.int64) if scores.ndim == 1 else np.argmax(scores, axis=1)
@@ -132,7 +154,8 @@ class Head:
 
     def __repr__(self) -> str:
         what = f"{len(self.classes_)} classes" if self.classes_ is not None else "regression"
-        return f"Head({self.kind}, {what}, tap={self.tap!r}, C={self.C:.3g}, path={self.path})"
+        C = "" if self.C is None else f", C={self.C:.3g}"
+        return f"Head({self.kind}, {what}, tap={self.tap!r}{C}, path={self.path})"
 
     @property
     def has_proba(self) -> bool:

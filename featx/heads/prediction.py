@@ -168,23 +168,39 @@ def apply_head(head: Head, block: np.ndarray):
 def _extract(head: Head, data, store, batch_size, device, workers, progress, log, weights=None):
     """Extract `data` with the head's extractor into the cache store; returns (store path, the store rows of
     `data`, failed images). The store only gains rows (retention 'add'); the head's own cache is bounded by
-    HEAD_CACHE_BYTES. `log` gets the cache's summary line.
-
-    When the cache already holds every image (featx.request.up_to_date), nothing is built and torch is not imported.
-    The weights' sha256 must be the head's: a weights file (the recorded one, or `weights`) is checked before any
-    work (featx.request.weights_for), and the extracted store's config after (torchvision's cached files)."""
-    from ..request import call_arguments, extract_options_from_config, up_to_date
-
+    HEAD_CACHE_BYTES. `log` gets the cache's summary line."""
     if not head.config:
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
                          "(.h5/.npz with --x), not images")
-    options = {**extract_options_from_config(head.config, weights or ()), "taps": [head.tap]}
+    options = extractor_options(head.config, head.tap, weights)
     size_limit = None
     if store is None:
         if head.path is None:
             raise FeatxError("an unsaved head needs store= (a .h5 path for the images' features) to predict on images")
         store = Path(head.path) / "cache" / f"{_cache_name(head, options['weights'])}.h5"
         size_limit = HEAD_CACHE_BYTES
+    result = extract_images(options, data, store, head.config, "the head was trained on features of", size_limit,
+                            batch_size=batch_size, device=device, workers=workers, progress=progress, log=log)
+    return result.store_path, result.rows, result.failed
+
+
+def extractor_options(config: dict, tap: str, weights=None) -> dict:
+    """`extract` keyword arguments that rebuild the extractor of a store `config` for one tap (weights: a moved
+    weights file, checked against the recorded sha256 before any work)."""
+    from ..request import extract_options_from_config
+
+    return {**extract_options_from_config(config, weights or ()), "taps": [tap]}
+
+
+def extract_images(options: dict, data, store, config: dict, owner: str, size_limit: int | None = None, *,
+                   batch_size: int = 64, device: str = "auto", workers: int | None = None, progress: bool = False,
+                   log=None):
+    """Extract `data` into the cache store `store` with `options` (from extractor_options), keeping every row it
+    held (retention 'add', bounded by `size_limit` bytes); returns the ExtractResult. When the store already holds
+    every image (featx.request.up_to_date), nothing is built and torch is not imported. The extracted store's
+    weights must be those of `config` (`owner` names whose, in the message). `log` gets the cache's summary line."""
+    from ..request import call_arguments, up_to_date
+
     arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
                                retention="add", size_limit=size_limit, progress=progress, log=log)
     result = up_to_date(arguments)
@@ -192,10 +208,10 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
         from ..extract import extract
 
         result = extract(**arguments)
-    _check_weights(head, options["weights"], result.config.get("weights_sha256"))
+    _check_weights(config, owner, options["weights"], result.config.get("weights_sha256"))
     if log is not None:
         log(f"cache: {result.summary()}")
-    return result.store_path, result.rows, result.failed
+    return result
 
 
 def _cache_name(head: Head, weights: str) -> str:
@@ -209,10 +225,10 @@ def _cache_name(head: Head, weights: str) -> str:
     return config_fingerprint({"head": head.config_key, "weights": os.path.basename(weights)})[:16]
 
 
-def _check_weights(head: Head, weights: str, sha256: str | None) -> None:
-    expected = head.config.get("weights_sha256")
+def _check_weights(config: dict, owner: str, weights: str, sha256: str | None) -> None:
+    expected = config.get("weights_sha256")
     if sha256 != expected:
         raise FeatxError(
-            f"weights {weights} have sha256 {str(sha256)[:16]}..., but the head was trained on features of weights "
-            f"with sha256 {str(expected)[:16]}...: use the weights file the head was trained with"
+            f"weights {weights} have sha256 {str(sha256)[:16]}..., but {owner} weights with sha256 "
+            f"{str(expected)[:16]}...: use the weights file the features were made with"
         )

@@ -30,6 +30,7 @@ from ..heads.prediction import Predictions, apply_head
 from . import contract, masks
 from .contract import IMAGES, errors, json_body, request_body
 from .errors import ServiceError
+from .search import add_search_route
 from .service import Service, Upload
 from .training import metrics_summary
 
@@ -147,6 +148,8 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         embedded = await service.embed(extractor, await _uploads(request))
         return {"backbone": extractor.config["backbone"], "tap": tap, "results": [
             {"sha256": e.key, "cached": e.cached, "embedding": np.asarray(e.rows[tap]).tolist()} for e in embedded]}
+
+    add_search_route(app, service, auth, refusals, _uploads, _json, _content_type)
 
     @app.post("/v1/admin/reload", dependencies=auth, summary="Read every head folder again",
               response_model=contract.HeadNames, responses=refusals(422))

@@ -29,6 +29,7 @@ class ServeOptions:
     allow_training: bool = False
     device: str = "auto"
     weights: list[str] = field(default_factory=list)  # -w: heads' weights files that moved
+    search: list[str] = field(default_factory=list)  # --search: stores served by POST /v1/search
     api_key: str | None = field(default=None, repr=False)
 
     def checked(self) -> "ServeOptions":

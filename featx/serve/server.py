@@ -63,6 +63,8 @@ def serve(options: ServeOptions, log=None) -> None:
     host, port = sock.getsockname()[:2]
     if log is not None:
         names = ", ".join(service.registry.names())
+        if service.search_stores:
+            names += f"; search {', '.join(service.search_stores)}"
         log(f"featx serve: heads {names} on http://{host if ':' not in host else f'[{host}]'}:{port} (docs at /docs)")
     with sock:
         server.run(sockets=[sock])

@@ -17,6 +17,7 @@ from .errors import ServiceError
 from .metrics import Metrics
 from .options import ServeOptions
 from .registry import HeadRegistry, ServedHead
+from .search import open_search_stores
 from .training import Trainer
 
 log = logging.getLogger("featx.serve")
@@ -47,6 +48,7 @@ class Service:
         self.options = options
         self.metrics = Metrics()
         self.registry = HeadRegistry(options.heads, options.trust, options.heads_dir)
+        self.search_stores = open_search_stores(options.search)
         self.cache = EmbeddingCache(options.cache_items, self.metrics)
         self.engine = Engine(options.device, options.max_batch, options.max_wait_ms, self.cache, self.metrics,
                              weights=options.weights)
@@ -74,9 +76,10 @@ class Service:
             weights_for(config, weights_of(config, self.options.weights))
 
     def start(self) -> None:
-        """Build every extractor once (heads sharing a config share it); then the service is ready."""
+        """Build every extractor once (heads and search stores sharing a config share it); then the service is
+        ready."""
         try:
-            for config in self.configs().values():
+            for config in [*self.configs().values(), *(s.config for s in self.search_stores.values())]:
                 self.engine.extractor(config)
         except FeatxError as err:
             self.failure = str(err)

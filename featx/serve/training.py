@@ -19,7 +19,8 @@ from ..store import write_store
 from .errors import ServiceError
 
 log = logging.getLogger("featx.serve")
-FIT_OPTIONS = ("normalize", "grid", "folds", "class_weight", "val_split", "seed", "epochs", "hidden", "dropout")
+FIT_OPTIONS = ("normalize", "grid", "folds", "class_weight", "val_split", "seed", "epochs", "hidden", "dropout",
+               "neighbors", "temperature")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "r2", "mae", "rmse", "C", "rows", "fit_seconds")
 
