@@ -1,6 +1,8 @@
 """Shared by the serve tests: a tiny image folder, its store and a fitted head (random-init resnet18, 32 px)."""
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 from imagegen import make_image_folder
@@ -22,3 +24,23 @@ def make_head(root: Path, name: str = "colours", classes=("red", "green", "blue"
 
 def image_files(data: Path) -> list[Path]:
     return sorted(p for p in Path(data).rglob("*.jpg"))
+
+
+@contextlib.contextmanager
+def running(**options):
+    """A TestClient on a Service with these ServeOptions, once its extractors are loaded (`.service` is the
+    Service)."""
+    from fastapi.testclient import TestClient
+
+    from featx.serve.app import create_app
+    from featx.serve.options import ServeOptions
+    from featx.serve.service import Service
+
+    service = Service(ServeOptions(**options).checked())
+    with TestClient(create_app(service)) as client:
+        for _ in range(600):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.02)
+        client.service = service
+        yield client

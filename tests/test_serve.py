@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import shutil
 import socket
 import time
@@ -24,7 +23,7 @@ from featx.serve.options import ServeOptions  # noqa: E402
 from featx.serve.service import Service  # noqa: E402
 from featx.sources import content_key  # noqa: E402
 from imagegen import make_image, png_claiming  # noqa: E402
-from serve_support import image_files, make_head  # noqa: E402
+from serve_support import image_files, make_head, running  # noqa: E402
 
 JPEG = "image/jpeg"
 
@@ -34,19 +33,6 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data, store, head = make_head(root)
     return root, data, store, head
-
-
-@contextlib.contextmanager
-def running(**options):
-    """A TestClient on a Service with these options, once its extractors are loaded."""
-    service = Service(ServeOptions(**options).checked())
-    with TestClient(create_app(service)) as client:
-        for _ in range(600):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.02)
-        client.service = service
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ The slow tests run schemathesis against a live server, and render /docs in headl
 installed."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -16,13 +15,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 validate = pytest.importorskip("openapi_spec_validator").validate
 
-from featx.serve.app import create_app  # noqa: E402
-from featx.serve.options import ServeOptions  # noqa: E402
-from featx.serve.service import Service  # noqa: E402
-from serve_support import image_files, make_head  # noqa: E402
+from serve_support import image_files, make_head, running  # noqa: E402
 
 KEY_ENV, KEY = "FEATX_CONTRACT_TEST_KEY", "k3y-for-tests"
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
@@ -36,17 +31,6 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
     data, store, head = make_head(root)
     return root, data, store, head
-
-
-@contextlib.contextmanager
-def running(**options):
-    service = Service(ServeOptions(**options).checked())
-    with TestClient(create_app(service)) as client:
-        for _ in range(600):
-            if client.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.02)
-        yield client
 
 
 @pytest.fixture(scope="module")

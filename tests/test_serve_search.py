@@ -14,8 +14,7 @@ import featx  # noqa: E402
 from featx.errors import FeatxError  # noqa: E402
 from featx.serve.options import ServeOptions  # noqa: E402
 from featx.serve.service import Service  # noqa: E402
-from serve_support import image_files, make_head  # noqa: E402
-from test_serve import running  # noqa: E402
+from serve_support import image_files, make_head, running  # noqa: E402
 
 JPEG = "image/jpeg"
 

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import io
 import signal
-import time
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import featx  # noqa: E402
 from featx.segment.probe import fit_dense_probe, predict_dense  # noqa: E402
-from featx.serve.app import create_app  # noqa: E402
-from featx.serve.options import ServeOptions  # noqa: E402
 from featx.serve.server import start_process  # noqa: E402
-from featx.serve.service import Service  # noqa: E402
 from featx.sources import content_key  # noqa: E402
 from maskgen import make_mask_folder  # noqa: E402
-from serve_support import make_head  # noqa: E402
+from serve_support import make_head, running  # noqa: E402
 
 PNG = "image/png"
 
@@ -42,12 +37,7 @@ def made(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(made):
-    service = Service(ServeOptions(heads=[str(made[2]), str(made[3])]).checked())
-    with TestClient(create_app(service)) as c:
-        for _ in range(600):
-            if c.get("/healthz").status_code == 200:
-                break
-            time.sleep(0.02)
+    with running(heads=[str(made[2]), str(made[3])]) as c:
         yield c
 
 
