@@ -9,7 +9,19 @@ TOKEN_POOLINGS = ("cls", "mean")
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's tensors by key and shape, or by position
+# --decode: full-size decode, the reference pipelines' pixels ('exact'); JPEGs decoded at a reduced DCT scale that
+# keeps both sides >= 2x the resize ('fast') or >= the resize ('reduced', what stores made before 'exact' hold:
+# recorded as 'cpu', or not at all); JPEGs decoded on the CUDA device ('gpu')
+DECODES = ("exact", "fast", "reduced", "gpu")
+DEFAULT_DECODE = "exact"
+LEGACY_DECODE = "reduced"
 MAX_SEED = 2**32 - 1  # --seed: numpy's RandomState and scikit-learn take 32-bit seeds
+
+
+def recorded_decode(config: dict) -> str:
+    """The --decode mode of a store's (or a head's) config; configs from before 'exact' hold 'cpu' or nothing."""
+    value = config.get("decode")
+    return LEGACY_DECODE if value in (None, "cpu") else str(value)
 
 
 def check_seed(seed) -> None:
