@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .backbones import Backbone, check_backbone, load_backbone
+from .backbones import Backbone, check_backbone, check_complete, load_backbone
 from .errors import FeatxError
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
@@ -294,6 +294,7 @@ def extract(
         if runtime is not None:
             check_decoder(decode, runtime.device)
         bb = load_backbone(backbone, weights, match=weights_match)
+        check_complete(bb, weights)
         if bb.load_report is not None:
             log(bb.load_report.summary())
         taps = list(taps) if taps else [penultimate_node(bb.model)]

@@ -14,6 +14,7 @@ def main() -> None:
 
     \b
     featx layers resnet50                        which depths can be tapped
+    featx weights resnet50                       which weights are here (offline), and where the others go
     featx extract data/ -b resnet50 -l avgpool -o pets.h5
     featx info pets.h5
     featx fit-head pets.h5 -l avgpool -o pets-head/
@@ -25,9 +26,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import advise_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd
+    from . import advise_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd, weights_cmd
 
-    for module in (extract_cmds, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
+    for module in (extract_cmds, weights_cmd, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 
