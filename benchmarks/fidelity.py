@@ -122,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--backbones", default="lite0,mobilenet_v2", help=f"comma-separated: {', '.join(BACKBONES)}")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (0: no timing)")
+    parser.add_argument("--timing-only", action="store_true", help="only the decode timings (under a timing lock)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     root = args.data.resolve()
@@ -140,27 +141,39 @@ def main() -> None:
                  if p.lower().endswith((".jpg", ".jpeg")) and min(Image.open(p).size) >= 2 * spec.resize]
         print(f"\n## {backbone} -w {os.path.basename(weights)} (resize {spec.resize}, crop {spec.crop}, "
               f"{spec.interpolation}); {len(large)} JPEGs with shorter side >= {2 * spec.resize}")
-        reference = reference_rows(backbone, bb, paths)
-        print("| decode | min cosine | mean cosine | min cosine, large JPEGs | mean cosine, large JPEGs |")
-        print("| --- | --- | --- | --- | --- |")
-        with tempfile.TemporaryDirectory() as tmp:
-            for mode in MODES:
-                store = Path(tmp) / f"{mode}.h5"
-                featx.extract(str(root), store, backbone=backbone, weights=weights, weights_match=match,
-                              precision="fp32", decode=mode, workers=1, batch_size=32)
-                cos = cosines(store_rows(store, paths, root), reference)
-                big = cos[large] if large else np.array([np.nan])
-                print(f"| {mode} | {cos.min():.6f} | {cos.mean():.6f} | {big.min():.6f} | {big.mean():.6f} |")
-        seconds = decode_seconds(spec, paths, args.repeats)
-        seconds_large = decode_seconds(spec, [paths[i] for i in large], args.repeats) if large else None
-        print(f"\ndecode + resize + crop, ms per image (best of {args.repeats} interleaved rounds; {load_average()}):")
-        for mode in MODES:
-            line = f"- {mode}: {1000 * seconds[mode]:.2f} ms, exact/{mode} = {seconds['exact'] / seconds[mode]:.2f}x"
-            if seconds_large:
-                line += (f"; large JPEGs {1000 * seconds_large[mode]:.2f} ms, exact/{mode} = "
-                         f"{seconds_large['exact'] / seconds_large[mode]:.2f}x")
-            print(line)
+        if not args.timing_only:
+            compare(backbone, bb, weights, match, root, paths, large)
+        if args.repeats > 0:
+            timing(spec, paths, large, args.repeats)
     print(f"\nCPU: {cpu_capability()}; {load_average()} at the end")
+
+
+def compare(backbone, bb, weights, match, root: Path, paths: list[str], large: list[int]) -> None:
+    """featx extract fp32 in each decode mode against the reference rows: the cosine table."""
+    reference = reference_rows(backbone, bb, paths)
+    print("| decode | min cosine | mean cosine | min cosine, large JPEGs | mean cosine, large JPEGs |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            store = Path(tmp) / f"{mode}.h5"
+            featx.extract(str(root), store, backbone=backbone, weights=weights, weights_match=match,
+                          precision="fp32", decode=mode, workers=1, batch_size=32)
+            cos = cosines(store_rows(store, paths, root), reference)
+            big = cos[large] if large else np.array([np.nan])
+            print(f"| {mode} | {cos.min():.6f} | {cos.mean():.6f} | {big.min():.6f} | {big.mean():.6f} |", flush=True)
+
+
+def timing(spec, paths: list[str], large: list[int], repeats: int) -> None:
+    """The decode stage per mode, as ratios to exact."""
+    seconds = decode_seconds(spec, paths, repeats)
+    seconds_large = decode_seconds(spec, [paths[i] for i in large], repeats) if large else None
+    print(f"\ndecode + resize + crop, ms per image (best of {repeats} interleaved rounds; {load_average()}):")
+    for mode in MODES:
+        line = f"- {mode}: {1000 * seconds[mode]:.2f} ms, exact/{mode} = {seconds['exact'] / seconds[mode]:.2f}x"
+        if seconds_large:
+            line += (f"; large JPEGs {1000 * seconds_large[mode]:.2f} ms, exact/{mode} = "
+                     f"{seconds_large['exact'] / seconds_large[mode]:.2f}x")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
