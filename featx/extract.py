@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .backbones import Backbone, check_backbone, check_complete, load_backbone
+from .choices import DECODES, DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
 from .errors import FeatxError
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
 from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
-from .choices import DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
 from .request import DEFAULT_MATCH, ExtractResult, extract_options_from_config, record, up_to_date
 from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
@@ -264,9 +264,9 @@ def extract(
     `data` (at most a small share of the store, else a FeatxError before any work), 'prune' keeps `data`'s rows
     alone (`--prune`), 'add' keeps the rows of gone files too (a cache). `size_limit` (bytes of feature rows)
     bounds a private cache: the oldest rows of other data go first. `weights_match` pairs a weights file's tensors
-    with the model's by key and shape ('name') or by position ('order'). `decode` is how images are decoded: 'exact' (full size,
-    the reference pipelines' pixels), 'fast' or 'reduced' (JPEGs at a reduced DCT scale, see featx.choices), 'gpu'
-    (JPEGs on the CUDA device). `compile_model` runs the extractor
+    with the model's by key and shape ('name') or by position ('order'). `decode` is how images are decoded:
+    'exact' (full size, the reference pipelines' pixels), 'fast' or 'reduced' (JPEGs at a reduced DCT scale, see
+    featx.choices), 'gpu' (JPEGs on the CUDA device). `compile_model` runs the extractor
     through torch.compile (a warm-up of seconds to a minute, then faster batches: for large sets). Under torchrun (or with
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
@@ -385,6 +385,8 @@ def _check_all_readable(source: Source, keys: list[str | None]) -> None:
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
     """One-line FeatxErrors for options that do not go together."""
+    if decode not in DECODES:
+        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
     if shard.is_split and overwrite:
         raise FeatxError(
             f"--overwrite: not with several shards ({shard.name}), each would discard the others' work: "

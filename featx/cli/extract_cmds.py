@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..choices import DECODES, DEFAULT_DECODE, DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES
+from ..choices import (DECODES, DEFAULT_DECODE, DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES,
+                       recorded_decode)
 from .common import BACKBONE_HELP, echo_json
 
 
@@ -95,7 +96,7 @@ def info_cmd(store, as_json, show_failed):
     click.echo(f"store      {summary['path']}  ({summary['bytes'] / 1e6:.1f} MB, schema {summary['schema']}, featx {summary['featx_version']}, created {summary['created']})")
     click.echo(f"backbone   {cfg.get('backbone')}  weights {cfg.get('weights')}  sha256 {str(cfg.get('weights_sha256'))[:16]}")
     click.echo(f"transform  resize {transform.get('resize')} crop {transform.get('crop')} {transform.get('interpolation')}  "
-               f"pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
+               f"decode {recorded_decode(cfg)}  pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
     click.echo(f"items      {summary['items']} ({summary['task']}), failed {summary['failed']}")
     click.echo("data       " + ", ".join(f"{root} ({n} rows)" for root, n in summary["roots"].items()))
     if unfinished:
