@@ -3,6 +3,7 @@
 Every command is a Python function (each documents what it takes and returns):
 
     featx.layers(backbone, weights)             featx layers: taps, shapes, row sizes -> [LayerInfo]
+    featx.weights(backbone)                     featx weights: tags, cache files, packages -> dict
     featx.extract(data, output, ...)            featx extract: images -> a store -> ExtractResult
     featx.open_store(path)                      featx info: a store's rows and config -> Store (.summary())
     featx.fit_head(store, tap, output, ...)     featx fit-head -> Head
@@ -30,6 +31,7 @@ from .errors import FeatxError  # noqa: E402
 # --help) loads neither torch nor scikit-learn.
 _FUNCTIONS = {
     "layers": "featx.layer_table",
+    "weights": "featx.backbones.catalog",
     "extract": "featx.extract",
     "open_store": "featx.store",
     "fit_head": "featx.head_api",

@@ -12,7 +12,19 @@ WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's te
 EXPORT_FORMATS = ("npy", "parquet")  # featx export: clip-retrieval's npy + parquet layout, or one parquet file
 # --decoder of a segmentation head
 DECODER_HELP = "conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes) or linear (a 1x1 conv probe)"
+# --decode: full-size decode, the reference pipelines' pixels ('exact'); JPEGs decoded at a reduced DCT scale that
+# keeps both sides >= 2x the resize ('fast') or >= the resize ('reduced', what stores made before 'exact' hold:
+# recorded as 'cpu', or not at all); JPEGs decoded on the CUDA device ('gpu')
+DECODES = ("exact", "fast", "reduced", "gpu")
+DEFAULT_DECODE = "exact"
+LEGACY_DECODE = "reduced"
 MAX_SEED = 2**32 - 1  # --seed: numpy's RandomState and scikit-learn take 32-bit seeds
+
+
+def recorded_decode(config: dict) -> str:
+    """The --decode mode of a store's (or a head's) config; configs from before 'exact' hold 'cpu' or nothing."""
+    value = config.get("decode")
+    return LEGACY_DECODE if value in (None, "cpu") else str(value)
 
 
 def check_seed(seed) -> None:

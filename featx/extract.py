@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .backbones import Backbone, check_backbone, load_backbone
+from .backbones import Backbone, check_backbone, check_complete, load_backbone
+from .choices import DECODES, DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
 from .errors import FeatxError
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
@@ -27,7 +28,7 @@ from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
 from .preprocess import EvalTransform, TransformSpec, normalize_batch
 from .keys import StatIndex, file_keys
-from .request import DEFAULT_DECODE, DEFAULT_MATCH, Check, ExtractResult, check, extract_options_from_config, record
+from .request import DEFAULT_MATCH, Check, ExtractResult, check, extract_options_from_config, record
 from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, decode_image, load_source, unreadable_reason
@@ -68,24 +69,35 @@ def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSp
 
 
 def identity_key(config: dict) -> str:
+    """The fingerprint of a config's identity fields; stores made before a field existed keep their key (the field
+    is left out at the value those stores hold)."""
     fields = {name: config.get(name) for name in IDENTITY_FIELDS}
     if fields["weights_match"] in (None, DEFAULT_MATCH):
         del fields["weights_match"]
-    if fields["decode"] in (None, DEFAULT_DECODE):
+    fields["decode"] = recorded_decode(config)
+    if fields["decode"] == LEGACY_DECODE:
         del fields["decode"]
     return config_fingerprint(fields)
 
 
-class CpuDecoder:
-    """Decodes and crops one image: (uint8 (3, crop, crop), ''), or a zero image and the reason of a broken file."""
+# --decode mode -> the smallest side a JPEG's reduced-scale (DCT) decode may keep, in units of the resize; None:
+# decoded at full size, as the reference pipelines (PIL, then the resize) do
+DRAFT_FACTORS = {"exact": None, "fast": 2, "reduced": 1, "gpu": None}
 
-    def __init__(self, transform: TransformSpec):
+
+class CpuDecoder:
+    """Decodes and crops one image: (uint8 (3, crop, crop), ''), or a zero image and the reason of a broken file.
+    `decode` is the --decode mode (the CPU side of 'gpu', for the files the device does not take, is 'exact')."""
+
+    def __init__(self, transform: TransformSpec, decode: str = DEFAULT_DECODE):
         self.transform = EvalTransform(transform)
+        factor = DRAFT_FACTORS[decode]
+        self.min_size = transform.resize * factor if factor else None
 
     def __call__(self, path: str) -> tuple[torch.Tensor, str]:
         spec = self.transform.spec
         try:
-            return self.transform(decode_image(path, min_size=spec.resize)), ""
+            return self.transform(decode_image(path, min_size=self.min_size)), ""
         except DecodeError as err:
             return torch.zeros(3, spec.crop, spec.crop, dtype=torch.uint8), str(err) or "undecodable image"
 
@@ -95,7 +107,7 @@ class _DecodeDataset(Dataset):
 
     def __init__(self, paths: list[str], transform: TransformSpec, decode: str):
         self.paths, self.decode = paths, decode
-        self.cpu_decode = CpuDecoder(transform)
+        self.cpu_decode = CpuDecoder(transform, decode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -256,8 +268,9 @@ def extract(
     `data` (at most a small share of the store, else a FeatxError before any work), 'prune' keeps `data`'s rows
     alone (`--prune`), 'add' keeps the rows of gone files too (a cache). `size_limit` (bytes of feature rows)
     bounds a private cache: the oldest rows of other data go first. `weights_match` pairs a weights file's tensors
-    with the model's by key and shape ('name') or by position ('order'). `decode='gpu'` decodes JPEGs on the CUDA
-    device. `compile_model` runs the extractor
+    with the model's by key and shape ('name') or by position ('order'). `decode` is how images are decoded:
+    'exact' (full size, the reference pipelines' pixels), 'fast' or 'reduced' (JPEGs at a reduced DCT scale, see
+    featx.choices), 'gpu' (JPEGs on the CUDA device). `compile_model` runs the extractor
     through torch.compile (a warm-up of seconds to a minute, then faster batches: for large sets). Under torchrun (or with
     `num_shards`/`shard_index`) this process computes its shard of the missing images, and the last shard to finish
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
@@ -288,6 +301,7 @@ def extract(
         if runtime is not None:
             check_decoder(decode, runtime.device)
         bb = load_backbone(backbone, weights, match=weights_match)
+        check_complete(bb, weights)
         if bb.load_report is not None:
             log(bb.load_report.summary())
         taps = list(taps) if taps else [penultimate_node(bb.model)]
@@ -406,6 +420,8 @@ def _check_all_readable(source: Source, keys: list[str | None]) -> None:
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
     """One-line FeatxErrors for options that do not go together."""
+    if decode not in DECODES:
+        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
     if shard.is_split and overwrite:
         raise FeatxError(
             f"--overwrite: not with several shards ({shard.name}), each would discard the others' work: "
@@ -420,7 +436,7 @@ def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, devic
         return
     if shard.is_split:
         raise FeatxError(f"--engine ray: not with torchrun or --num-shards ({shard.name}): Ray spreads the work itself")
-    if decode != DEFAULT_DECODE:
+    if decode == "gpu":
         raise FeatxError(f"--decode {decode}: only with --engine local (Ray workers decode on their CPUs)")
     if compile_model:
         raise FeatxError("--compile: only with --engine local")
@@ -502,6 +518,7 @@ def _ray_batches(cluster, paths, config: dict, weights_arg, batch_size):
         backbone=config["backbone"], weights=weights_arg, weights_match=config["weights_match"],
         taps=tuple(config["taps"]), pooling=config["pooling"], token_pool=config["token_pool"],
         transform=config["transform"], precision=config["precision"], dtype=config["dtype"],
+        decode=config["decode"],
     )
     for indices, reasons, rows in cluster.run(paths, spec, batch_size):
         ok = reasons == ""

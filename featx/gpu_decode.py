@@ -2,9 +2,9 @@
 and center-cropped there.
 
 Decode workers only read the files: a JPEG that nvJPEG can take (RGB or grayscale, within the pixel limit) travels
-as its bytes, every other file is decoded on the CPU as with `--decode cpu`. A batch the device decoder rejects is
+as its bytes, every other file is decoded on the CPU as with `--decode exact`. A batch the device decoder rejects is
 retried image by image, and a JPEG it rejects alone goes to the CPU decoder, so a bad file fails alone. The device
-decoder differs from libjpeg (which the CPU path also runs at a reduced scale when the resize allows it) by a few
+decoder differs from libjpeg (the CPU path's full-size decode) by a few
 pixel values, so the decoder is part of a store's config identity. Resize and crop are the CPU path's own
 (EvalTransform on a tensor), run on the device.
 torchvision 0.29 deprecates its decoders in favour of TorchCodec; this module keeps to torchvision's API.
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .choices import DECODES
 from .errors import FeatxError
 from .preprocess import EvalTransform, TransformSpec
 from .sources import DEFAULT_MAX_PIXELS
 
-DECODERS = ("cpu", "gpu")
 EXIF_ORIENTATION = 0x0112
 # CPU decoder: path -> (uint8 (3, crop, crop) tensor, reason; '' when decoded)
 CpuDecode = Callable[[str], "tuple[torch.Tensor, str]"]
@@ -31,11 +31,11 @@ CpuDecode = Callable[[str], "tuple[torch.Tensor, str]"]
 
 def check_decoder(decode: str, device: torch.device) -> None:
     """One-line FeatxError unless --decode `decode` can run with the model on `device`."""
-    if decode not in DECODERS:
-        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODERS)}")
+    if decode not in DECODES:
+        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
     if decode == "gpu" and device.type != "cuda":
         if not torch.cuda.is_available():
-            raise FeatxError("--decode gpu: CUDA is not available on this machine (use --decode cpu)")
+            raise FeatxError("--decode gpu: CUDA is not available on this machine (use --decode exact)")
         raise FeatxError(f"--decode gpu: the model runs on {device}, expected a CUDA device (--device cuda or auto)")
 
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .choices import DEFAULT_DECODE, recorded_decode
 from .errors import FeatxError
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
@@ -30,7 +31,6 @@ NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_mo
                           "size_limit", "rehash", "progress", "log", "checked"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
-DEFAULT_DECODE = "cpu"  # likewise for stores made before --decode
 # featx.extract's defaults, so that callers can complete a call's arguments and check it without importing extract
 # (and torch); tests/test_request.py holds this equal to extract's signature.
 EXTRACT_DEFAULTS = {
@@ -107,7 +107,7 @@ def extract_options_from_config(config: dict, weights=()) -> dict:
         "backbone": config["backbone"],
         "weights": weights_for(config, weights),
         "weights_match": config.get("weights_match", DEFAULT_MATCH),
-        "decode": config.get("decode", DEFAULT_DECODE),
+        "decode": recorded_decode(config),
         "taps": list(config["taps"]),
         "pooling": config["pooling"],
         "token_pool": config.get("token_pool", "cls"),

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .choices import recorded_decode
 from .errors import FeatxError
 from .keys import NO_STAT, STAT_FIELDS, StatIndex, host_id
 from .retention import DataRows, SealPlan, holds, merge, row_bound
@@ -53,10 +54,10 @@ class RowSource:
 
 def describe_config(config: dict) -> str:
     """A short one-line identity of a config for error messages."""
-    fields = ("backbone", "weights", "taps", "pooling", "token_pool", "transform", "precision", "dtype")
+    fields = ("backbone", "weights", "taps", "pooling", "token_pool", "transform", "precision", "dtype", "decode")
     parts = []
     for name in fields:
-        value = config.get(name)
+        value = recorded_decode(config) if name == "decode" else config.get(name)
         if isinstance(value, dict):
             value = "{}x{}".format(value.get("resize"), value.get("crop"))
         elif isinstance(value, list):

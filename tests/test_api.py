@@ -12,8 +12,9 @@ import featx
 from featx.cli import main
 
 COMMAND_FUNCTIONS = {  # featx COMMAND -> the function of the package that does it
-    "layers": "layers", "extract": "extract", "info": "open_store", "fit-head": "fit_head", "predict": "predict",
-    "evaluate": "evaluate", "neighbors": "neighbors", "finetune": "finetune", "advise": "advise", "export": "export",
+    "layers": "layers", "weights": "weights", "extract": "extract", "info": "open_store", "fit-head": "fit_head",
+    "predict": "predict", "evaluate": "evaluate", "neighbors": "neighbors", "finetune": "finetune", "advise": "advise",
+    "export": "export",
 }
 
 

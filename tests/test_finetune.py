@@ -123,9 +123,35 @@ def test_training_leaves_frozen_parameters_and_frozen_bn_statistics_unchanged(da
     for name, _ in model.named_parameters():
         frozen = name in state and not name.startswith(("fc.", "conv1."))
         assert torch.equal(after[name], before[name]) == frozen, (name, frozen)
+    assert ("BatchNorm statistics stay fixed: batch 3 < 16 images" in text) != train_bn
     for key in (k for k in before if k.endswith(("running_mean", "running_var"))):
-        fixed = not key.startswith("layer4.") and not train_bn
-        assert torch.equal(after[key], before[key]) == fixed, key
+        assert torch.equal(after[key], before[key]) != train_bn, key  # batch 3: every layer's stay fixed
+
+
+def test_batches_of_16_images_update_the_statistics_of_trained_layers(partial_weights, tmp_path):
+    path, _ = partial_weights
+    data = make_image_folder(tmp_path / "data", per_class=10, size=(20, 20))  # 16 to train on: one batch of 16
+    lines = []
+    finetune(data, tmp_path / "run", **{**FAST, "backbone": "resnet18", "weights": str(path), "batch_size": 16},
+             freeze="loaded", epochs=1, lr=0.05, log=lines.append)
+    assert not any("BatchNorm statistics" in line for line in lines)
+    after = _state(tmp_path / "run" / "last.pt")
+    seed_everything(0)
+    before = build_model(load_backbone("resnet18", str(path)), ["ants", "bees"], "linear", SIZE)[0].state_dict()
+    for key in (k for k in before if k.endswith(("running_mean", "running_var"))):
+        assert torch.equal(after[key], before[key]) == (not key.startswith("layer4.")), key  # frozen ones fixed
+
+
+def test_small_batches_keep_every_batch_norm_fixed_unless_train_bn():
+    model = torchvision.models.resnet18()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    train_mode(model, train_bn=False, batch_size=8)
+    assert model.training and model.layer1.training and not any(m.training for m in norms)
+    assert all(p.requires_grad for m in norms for p in m.parameters())  # their scale and shift still train
+    train_mode(model, train_bn=False, batch_size=16)
+    assert all(m.training for m in norms)
+    train_mode(model, train_bn=True, batch_size=2)
+    assert all(m.training for m in model.modules())
 
 
 # ---- the new head and the warm start from a probe ------------------------------------------------------------------

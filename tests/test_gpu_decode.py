@@ -105,20 +105,23 @@ def test_orientation_matches_pil(orientation):
 
 def test_decoder_is_part_of_the_identity_and_old_stores_keep_theirs():
     config = {"backbone": "resnet18", "taps": ["avgpool"], "precision": "bf16"}
-    assert identity_key({**config, "decode": "cpu"}) == identity_key(config)
-    assert identity_key({**config, "decode": "gpu"}) != identity_key(config)
+    legacy = identity_key(config)  # made before --decode: the reduced-scale decode, recorded as 'cpu' or not at all
+    assert identity_key({**config, "decode": "cpu"}) == identity_key({**config, "decode": "reduced"}) == legacy
+    keys = {identity_key({**config, "decode": mode}) for mode in ("exact", "fast", "gpu")}
+    assert len(keys) == 3 and legacy not in keys
 
 
 def test_decode_gpu_needs_cuda(monkeypatch):
-    with pytest.raises(FeatxError, match="--decode 'png': expected one of cpu, gpu"):
+    with pytest.raises(FeatxError, match="--decode 'png': expected one of exact, fast, reduced, gpu"):
         check_decoder("png", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(FeatxError, match=r"^--decode gpu: CUDA is not available on this machine \(use --decode cpu\)$"):
+    with pytest.raises(FeatxError, match=r"^--decode gpu: CUDA is not available on this machine \(use --decode exact\)$"):
         check_decoder("gpu", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(FeatxError, match="the model runs on cpu, expected a CUDA device"):
         check_decoder("gpu", torch.device("cpu"))
-    check_decoder("cpu", torch.device("cpu"))
+    for mode in ("exact", "fast", "reduced"):
+        check_decoder(mode, torch.device("cpu"))
 
 
 @pytest.mark.cuda

@@ -28,7 +28,7 @@ def unfinished(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, expected", [
-    (["--decode", "gpu"], {}, "--decode gpu: CUDA is not available on this machine (use --decode cpu)"),
+    (["--decode", "gpu"], {}, "--decode gpu: CUDA is not available on this machine (use --decode exact)"),
     (["--num-shards", "2"], {}, "--num-shards and --shard-index: give both"),
     (["--num-shards", "2", "--shard-index", "5"], {}, "--shard-index 5: expected 0..1 for --num-shards 2"),
     (["--num-shards", "2", "--shard-index", "0", "--overwrite"], {}, "--overwrite: not with several shards"),

@@ -5,7 +5,7 @@ timm is optional: it is imported only when a `timm/<name>` backbone is asked for
 """
 from __future__ import annotations
 
-from .factory import Backbone, check_backbone, classifier_path, list_backbones, load_backbone
+from .factory import Backbone, check_backbone, check_complete, classifier_path, list_backbones, load_backbone
 from .weights import (
     CHECKPOINT_KEYS,
     OFFLINE_ENV,
@@ -24,6 +24,7 @@ __all__ = [
     "Backbone",
     "LoadReport",
     "check_backbone",
+    "check_complete",
     "classifier_path",
     "list_backbones",
     "load_backbone",

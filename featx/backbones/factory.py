@@ -23,6 +23,7 @@ from ..errors import FeatxError
 from ..layers import final_layer, model_label
 from ..preprocess import TransformSpec
 from .weights import (
+    BN_COUNTER,
     LoadReport,
     check_weights_match,
     load_by_order,
@@ -176,6 +177,28 @@ def _file_transform(path: str, meta: dict) -> TransformSpec | None:
         return TransformSpec.from_dict(meta["transform"])
     except (KeyError, TypeError, ValueError) as err:
         raise FeatxError(f"-w {path}: its featx 'transform' entry is malformed ({err!r})") from err
+
+
+def check_complete(bb: Backbone, weights: str) -> None:
+    """One-line FeatxError unless every tensor of the backbone, its classifier aside, came from the weights file
+    `weights`: rows of a partly random backbone mean nothing (a file of another version or architecture)."""
+    report = bb.load_report
+    if report is None:
+        return
+    head = final_layer(bb.model)
+
+    def in_backbone(key: str) -> bool:
+        return (head is None or not key.startswith(head + ".")) and key.rsplit(".", 1)[-1] != BN_COUNTER
+
+    mismatched = [entry for entry in report.mismatched if in_backbone(entry.split(":")[0])]
+    missing = [key for key in report.missing if in_backbone(key)]
+    if mismatched or missing:
+        first = mismatched[0] if mismatched else f"{missing[0]} not in the file"
+        raise FeatxError(
+            f"-w {weights}: does not fit {bb.name} (a file of another version or architecture?): "
+            f"{len(mismatched)} of its tensors have other shapes, {len(missing)} are missing ({first}); features "
+            f"need every tensor of the backbone"
+        )
 
 
 def load_backbone(name: str | None = None, weights: str = "DEFAULT", *, num_classes: int | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import socket
 from urllib.parse import urlparse
 
@@ -101,17 +102,46 @@ def _cached_hf_file(cfg) -> str | None:
     return None
 
 
-def _offline_hf(what: str, cfg) -> FeatxError:
+def _hf_missing(cfg) -> str:
+    """What to do when the Hugging Face cache lacks the weights of a hub config."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     repo = cfg.hf_hub_id.partition("@")[0]
     filename = cfg.hf_hub_filename or HF_FILES[0]
     folder = f"{HF_HUB_CACHE}/models--{repo.replace('/', '--')}"
-    return FeatxError(
-        f"weights {what} are not in timm's Hugging Face cache and cannot be downloaded (offline?): "
-        f"download {filename} from https://huggingface.co/{repo} and pass -w path/to/{filename}, or copy the "
-        f"hub cache folder {folder}/ from a machine that has it (huggingface-cli download {repo})"
-    )
+    return (f"download {filename} from https://huggingface.co/{repo} and pass -w path/to/{filename}, or copy the "
+            f"hub cache folder {folder}/ from a machine that has it (huggingface-cli download {repo})")
+
+
+def _offline_hf(what: str, cfg) -> FeatxError:
+    return FeatxError(f"weights {what} are not in timm's Hugging Face cache and cannot be downloaded (offline?): "
+                      f"{_hf_missing(cfg)}")
+
+
+def weights_catalog(name: str) -> dict:
+    """Every pretrained tag of `name` with the file it loads from: present in timm's caches (usable offline) or
+    missing, and what to do then."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from timm.models import get_arch_pretrained_cfgs
+
+    from .torchvision import hub_file, missing_file
+
+    tags = []
+    for key, cfg in get_arch_pretrained_cfgs(name).items():
+        tag = key.partition(".")[2]
+        if not tag or not _has_source(cfg):
+            continue
+        if cfg.hf_hub_id:
+            path, source, missing = _cached_hf_file(cfg), f"https://huggingface.co/{cfg.hf_hub_id}", _hf_missing(cfg)
+        elif cfg.url:
+            path, source, missing = hub_file(cfg.url), cfg.url, missing_file(cfg.url)
+        else:
+            path, source, missing = cfg.file, cfg.file, f"put the file at {cfg.file}"
+        cached = bool(path) and os.path.isfile(path)
+        tags.append({"tag": tag, "cached": cached, "path": path if cached else None, "source": source,
+                     "missing": "" if cached else missing})
+    return {"library": "timm", "cache": HF_HUB_CACHE + "/", "default": tags[0]["tag"] if tags else None,
+            "tags": tags}
 
 
 def _hub_reachable() -> bool:

@@ -6,8 +6,10 @@ and `versions`; `featx.backbones.factory` picks the source from the backbone's n
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import warnings
 from urllib.parse import urlparse
 
@@ -18,6 +20,8 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from ..errors import FeatxError
 from ..preprocess import TransformSpec
+from ..sources import sha256_file
+from .catalog import package_file_for, packages_hint
 from .weights import is_offline, read_weights_file
 
 PREFIX = ""  # torchvision names are given bare: -b resnet50
@@ -73,17 +77,57 @@ def hub_file(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
+def missing_file(url: str) -> str:
+    """What to do when the hub cache lacks the file of `url`: which file to put where (or which package has it)."""
+    folder, filename = os.path.split(hub_file(url))
+    return f"put {filename} (from {url}) into {folder}/{packages_hint(filename)}"
+
+
+def weights_catalog(name: str) -> dict:
+    """Every torchvision weights name of `name` with its hub cache file: present (usable offline) or missing."""
+    enum = get_model_weights(name)
+    tags = []
+    for member in enum:
+        cached = os.path.isfile(hub_file(member.url))
+        tags.append({"tag": member.name, "cached": cached, "path": hub_file(member.url), "source": member.url,
+                     "missing": "" if cached else missing_file(member.url)})
+    return {"library": "torchvision", "cache": os.path.join(torch.hub.get_dir(), "checkpoints") + "/",
+            "default": enum.DEFAULT.name, "tags": tags}
+
+
+def _from_package(path: str) -> bool:
+    """Copy the hub cache file `path` from an installed package that ships it (checked against the hash prefix in
+    its name, as torch.hub checks downloads); whether it is now in the cache."""
+    found = package_file_for(os.path.basename(path))
+    if found is None:
+        return False
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    if match and not sha256_file(found[1]).startswith(match.group(1)):
+        return False
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(found[1], tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return False
+    return True
+
+
 def ensure_hub_file(what: str, url: str, cache: str = "torchvision's cache") -> str:
-    """Path of the torch.hub cache file of `url`, downloading it as torch.hub does when it is missing and we may;
-    offline, the FeatxError says which file to put where. `what` names the weights ('resnet50 IMAGENET1K_V2'),
-    `cache` the library whose cache it is."""
+    """Path of the torch.hub cache file of `url`: taken from an installed package that ships it (see
+    featx.backbones.catalog), else downloaded as torch.hub does when it is missing and we may; offline, the
+    FeatxError says which file to put where. `what` names the weights ('resnet50 IMAGENET1K_V2'), `cache` the
+    library whose cache it is."""
     path = hub_file(url)
-    if os.path.isfile(path):
+    if os.path.isfile(path) or _from_package(path):
         return path
     folder, filename = os.path.split(path)
     offline = FeatxError(
-        f"weights {what} are not in {cache} and cannot be downloaded (offline?): "
-        f"put {filename} (from {url}) into {folder}/, or pass -w path/to/weights.pth"
+        f"weights {what} are not in {cache} and cannot be downloaded (offline?): {missing_file(url)}, or pass "
+        f"-w path/to/weights.pth"
     )
     if is_offline():
         raise offline

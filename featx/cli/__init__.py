@@ -14,6 +14,7 @@ def main() -> None:
 
     \b
     featx layers resnet50                        which depths can be tapped
+    featx weights resnet50                       which weights are here (offline), and where the others go
     featx extract data/ -b resnet50 -l avgpool -o pets.h5
     featx info pets.h5
     featx fit-head pets.h5 -l avgpool -o pets-head/
@@ -27,9 +28,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import advise_cmd, export_cmd, extract_cmds, finetune_cmd, head_cmds, neighbors_cmd, serve_cmd
+    from . import advise_cmd, export_cmd, extract_cmds, finetune_cmd, head_cmds, neighbors_cmd, serve_cmd, weights_cmd
 
-    for module in (extract_cmds, export_cmd, head_cmds, neighbors_cmd, finetune_cmd, advise_cmd, serve_cmd):
+    for module in (extract_cmds, weights_cmd, export_cmd, head_cmds, neighbors_cmd, finetune_cmd, advise_cmd,
+                   serve_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

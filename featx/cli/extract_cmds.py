@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..choices import DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES
+from ..choices import (DECODES, DEFAULT_DECODE, DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES,
+                       recorded_decode)
 from .common import BACKBONE_HELP, echo_json
 
 
@@ -28,7 +29,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True, help="Undecodable images: record in /failed and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another config (the old one stays until the new one is sealed).")
 @click.option("--prune", is_flag=True, help="Mirror DATA exactly: drop the rows of other data, and the rows of files gone from DATA however many (without it other data's rows stay, and a run that would drop many rows is refused).")
-@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="Decode JPEGs on the CPU (PIL) or in batches on the CUDA device (nvJPEG); part of the store's identity.")
+@click.option("--decode", type=click.Choice(DECODES), default=DEFAULT_DECODE, show_default=True, help="exact: every image at full size, the reference pipelines' pixels; fast: large JPEGs decoded at a reduced scale (>= 2x the resize) first, faster, rows a little off; reduced: >= 1x the resize (stores made before exact); gpu: JPEGs in batches on the CUDA device (nvJPEG). Part of the store's identity.")
 @click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile: a warm-up of seconds to a minute, then faster batches (for large sets; see benchmarks/extract_throughput.py).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or decode and compute on a Ray cluster (pip install 'featx[ray]').")
 @click.option("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance).")
@@ -97,7 +98,7 @@ def info_cmd(store, as_json, show_failed):
     click.echo(f"store      {summary['path']}  ({summary['bytes'] / 1e6:.1f} MB, schema {summary['schema']}, featx {summary['featx_version']}, created {summary['created']})")
     click.echo(f"backbone   {cfg.get('backbone')}  weights {cfg.get('weights')}  sha256 {str(cfg.get('weights_sha256'))[:16]}")
     click.echo(f"transform  resize {transform.get('resize')} crop {transform.get('crop')} {transform.get('interpolation')}  "
-               f"pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
+               f"decode {recorded_decode(cfg)}  pooling {cfg.get('pooling')}  precision {cfg.get('precision')}  torch {cfg.get('torch')}")
     click.echo(f"items      {summary['items']} ({summary['task']}), failed {summary['failed']}")
     click.echo("data       " + ", ".join(f"{root} ({n} rows)" for root, n in summary["roots"].items()))
     if unfinished:

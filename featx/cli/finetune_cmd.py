@@ -28,7 +28,7 @@ from .common import BACKBONE_HELP, echo_json, on_interrupt
 @click.option("--head", default="linear", show_default=True, help=f"New head: {HEAD_HELP}.")
 @click.option("--freeze", multiple=True, help=f"What stays fixed: {FREEZE_HELP}. Default: none.")
 @click.option("--unfreeze-at", type=click.IntRange(min=2), help="Epoch from which every parameter trains.")
-@click.option("--train-bn", is_flag=True, help="Frozen BatchNorm layers still update their running statistics.")
+@click.option("--train-bn", is_flag=True, help="BatchNorm layers always normalise with the batch and update their running statistics: frozen layers too, and at batches under 16 images (where they keep them fixed by default).")
 @click.option("--init-head", type=click.Path(exists=True, file_okay=False), help="Start the head from a linear head folder of `featx fit-head` (probe, then finetune).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, help="Learning rate of the head (default: 0.01 sgd, 1e-3 adam/adamw).")

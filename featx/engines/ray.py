@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..choices import DEFAULT_DECODE
 from ..errors import FeatxError
 
 FEATURE_PREFIX = "tap:"
@@ -32,6 +33,7 @@ class ModelSpec:
     transform: dict
     precision: str
     dtype: str
+    decode: str = DEFAULT_DECODE  # the --decode mode of the CPU stage
 
 
 def import_ray():
@@ -101,7 +103,7 @@ class Cluster:
         ray = self.ray
         items = [{"index": i, "path": p} for i, p in enumerate(paths)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(math.ceil(len(items) / batch_size), 10_000)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"transform": spec.transform}, batch_size=batch_size,
+        ds = ds.map_batches(decode_batch, fn_kwargs={"transform": spec.transform, "decode": spec.decode}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1)
         ds = ds.map_batches(
             Embedder, fn_constructor_kwargs={"spec": spec, "device": self.device}, batch_size=batch_size,
@@ -122,16 +124,16 @@ def _resolve_precision(device: str, precision: str) -> tuple[bool, str]:
         return False, str(err)
 
 
-def decode_batch(batch: dict, transform: dict) -> dict:
+def decode_batch(batch: dict, transform: dict, decode: str = DEFAULT_DECODE) -> dict:
     """The CPU stage: decode and crop each path to uint8 (3, crop, crop); a broken file gets a zero image and
     its reason, and fails alone."""
     from ..extract import CpuDecoder
     from ..preprocess import TransformSpec
 
-    decode = CpuDecoder(TransformSpec.from_dict(transform))
+    decoder = CpuDecoder(TransformSpec.from_dict(transform), decode)
     images, errors = [], []
     for path in batch["path"]:
-        image, reason = decode(str(path))
+        image, reason = decoder(str(path))
         images.append(image.numpy())
         errors.append(reason)
     return {"index": batch["index"], "image": np.stack(images), "error": np.array(errors, dtype=object)}

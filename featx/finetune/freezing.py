@@ -126,12 +126,28 @@ def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def train_mode(model: nn.Module, train_bn: bool) -> None:
-    """model.train(), except frozen BatchNorm layers (unless `train_bn`), whose running statistics stay fixed."""
+# Below this many images per batch BatchNorm keeps its running statistics: a few images give per-channel statistics
+# too noisy to normalise with (a finetune at batch 8 can collapse to one class), which is why detection libraries
+# freeze BatchNorm (torchvision's FrozenBatchNorm2d, detectron2's FrozenBN) at their few images per batch.
+SMALL_BATCH = 16
+
+
+def batch_norm_fixed(batch_size: int, train_bn: bool) -> bool:
+    """Whether every BatchNorm layer keeps its running statistics (eval mode; its scale and shift still train):
+    batches under SMALL_BATCH, unless `train_bn`."""
+    return batch_size < SMALL_BATCH and not train_bn
+
+
+def train_mode(model: nn.Module, train_bn: bool, batch_size: int = SMALL_BATCH) -> None:
+    """model.train(), except BatchNorm layers whose running statistics stay fixed: the frozen ones (unless
+    `train_bn`), and all of them at a batch of fewer than SMALL_BATCH images (unless `train_bn`)."""
     model.train()
-    if not train_bn:
-        for module in frozen_batchnorms(model):
-            module.eval()
+    if train_bn:
+        return
+    fixed = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+        if batch_norm_fixed(batch_size, train_bn) else frozen_batchnorms(model)
+    for module in fixed:
+        module.eval()
 
 
 def freeze_table(model: nn.Module) -> str:

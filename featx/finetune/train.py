@@ -15,7 +15,7 @@ from .checkpoint import (
     CHECKPOINT, CURVES, FORMAT, LAST, MODEL, RunDir, cpu_state_dict, rng_state, save_torch, set_rng_state,
 )
 from .ddp import Session
-from .freezing import set_frozen, train_mode
+from .freezing import SMALL_BATCH, batch_norm_fixed, set_frozen, train_mode
 from .loop import evaluate, train_epoch
 from .report import epoch_row, summary_line, write_curves
 
@@ -65,6 +65,11 @@ class Trainer:
         return max(self.history, key=lambda row: (row[self.score_key], -row["epoch"]))
 
     @property
+    def batch(self) -> int:
+        """Images in a training batch: --batch-size, or all the training images when they are fewer."""
+        return min(self.config["batch_size"], self.config["n_train"])
+
+    @property
     def stopped_early(self) -> bool:
         if not (self.early_stop and self.history and self.val_loader is not None):
             return False
@@ -80,6 +85,9 @@ class Trainer:
     def fit(self) -> None:
         """Train the epochs not done yet (all of them, or those after the checkpoint's), unless stopped early."""
         start = len(self.history) + 1
+        batch = self.batch
+        if start <= self.epochs and batch_norm_fixed(batch, self.train_bn):
+            self.log(f"BatchNorm statistics stay fixed: batch {batch} < {SMALL_BATCH} images (--train-bn updates them)")
         for epoch in range(start, self.epochs + 1):
             if self.stopped_early:
                 self.log(f"early stop: no val accuracy gain in {self.early_stop} epochs (best: epoch {self.best['epoch']})")
@@ -91,7 +99,7 @@ class Trainer:
         set_frozen(self.model, set() if unfrozen else self.frozen)
         if unfrozen and epoch == self.unfreeze_at:
             self.log(f"epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--unfreeze-at)")
-        train_mode(self.model, self.train_bn)
+        train_mode(self.model, self.train_bn, self.batch)
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ..choices import recorded_decode
 from ..errors import FeatxError
 from ..extract import CpuDecoder, identity_key, runner_from_config
 from ..sources import DecodeError, sha256_file
@@ -31,11 +32,12 @@ class Extractor:
         self.config = config
         self.key = identity_key(config)
         self.taps = list(config["taps"])
-        if config.get("decode", "cpu") != "cpu":
-            raise FeatxError(f"a head on rows made with --decode {config['decode']}: featx serve decodes images on "
-                             "the CPU, whose pixels differ; fit the head on a store made with --decode cpu")
+        decode = recorded_decode(config)
+        if decode == "gpu":
+            raise FeatxError("a head on rows made with --decode gpu: featx serve decodes images on the CPU, whose "
+                             "pixels differ; fit the head on a store made with --decode exact")
         self.runner = runner_from_config(config, device, weights, max_batch)
-        self.decoder = CpuDecoder(self.runner.transform)
+        self.decoder = CpuDecoder(self.runner.transform, decode)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.cache, self.metrics, self.decode_pool = cache, metrics, decode_pool
         self._queue: queue.Queue = queue.Queue()
