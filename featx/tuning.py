@@ -49,6 +49,7 @@ from .cpu import cpu_fields, idle_cores, torch_threads, usable_cores
 from .errors import FeatxError
 
 PROBE_IMAGES = 4
+PROBE_RUN = 4 * PROBE_IMAGES  # images through the model when measuring (a warm-up and a timed call at two counts)
 BATCH_SECONDS = 0.25
 MIN_BATCH, MAX_BATCH = 8, 256
 PIPELINE_BATCHES = 4
@@ -184,8 +185,8 @@ def tune(paths: Sequence[str], decode: Callable[[str], object], forward: Callabl
          max_batch: int | None = None) -> Choice:
     """The choice for a run of `paths`: costs from the cache when it holds them for this machine and `setting` (the
     model's description: backbone, taps, sizes, precision, device, decode), else measured with `decode` (a path ->
-    an image) and `forward` (a list of images -> the model's rows) when the run has PROBE_IMAGES images or more,
-    else the defaults. Nothing is measured when the user gave every option."""
+    an image) and `forward` (a list of images -> the model's rows) when the run has at least the PROBE_RUN images
+    that measuring pushes through the model, else the defaults. Nothing is measured when the user gave every option."""
     given = _given(workers, threads, batch_size)
     if len(given) == 3:
         return defaults(workers, threads, batch_size, "all given")
@@ -197,8 +198,8 @@ def tune(paths: Sequence[str], decode: Callable[[str], object], forward: Callabl
     file = cache_file(key)
     costs, how, seconds = read_costs(file, key), "cached", 0.0
     if costs is None:
-        if len(paths) < PROBE_IMAGES:
-            return defaults(workers, threads, batch_size, f"fewer than {PROBE_IMAGES} images to measure on")
+        if len(paths) < PROBE_RUN:
+            return defaults(workers, threads, batch_size, f"fewer than {PROBE_RUN} images: not worth measuring")
         started = time.perf_counter()
         costs = measure(paths, decode, forward, max_threads)
         seconds, how = time.perf_counter() - started, "measured"

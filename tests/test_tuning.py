@@ -70,7 +70,7 @@ class Probe:
         self.forwards += 1
         return sum(range(20_000))
 
-    def tune(self, n=10, **given):
+    def tune(self, n=tuning.PROBE_RUN, **given):
         return tune([f"img{i}.jpg" for i in range(n)], self.decode, self.forward, SETTING, **given)
 
 
@@ -103,7 +103,8 @@ def test_another_machine_or_model_is_measured_again(cache, monkeypatch):
     monkeypatch.setenv("FEATX_CACHE_DIR", str(cache.parent))
     monkeypatch.setattr(tuning, "idle_cores", lambda: 2)
     model = Probe()
-    result = tune([f"i{i}" for i in range(8)], model.decode, model.forward, {**SETTING, "backbone": "resnet50"})
+    paths = [f"i{i}" for i in range(tuning.PROBE_RUN)]
+    result = tune(paths, model.decode, model.forward, {**SETTING, "backbone": "resnet50"})
     assert result.how == "measured" and model.forwards
     assert len(list(cache.iterdir())) == 3
 
@@ -145,7 +146,7 @@ def test_impossible_costs_are_measured_again(cache):
 
 def test_small_runs_and_given_options_measure_nothing(cache):
     probe = Probe()
-    small = probe.tune(n=tuning.PROBE_IMAGES - 1)
+    small = probe.tune(n=tuning.PROBE_RUN - 1)
     assert small.how.startswith("defaults") and small.batch_size == tuning.DEFAULT_BATCH
     given = probe.tune(workers=0, threads=1, batch_size=5)
     assert (given.workers, given.threads, given.batch_size) == (0, 1, 5)
@@ -176,7 +177,7 @@ def run(*args):
 
 @pytest.fixture
 def folder(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=4)
+    return make_image_folder(tmp_path / "data", per_class=tuning.PROBE_RUN // 2)
 
 
 def test_extract_reports_and_records_the_choice(folder, tmp_path, cache):
@@ -185,7 +186,7 @@ def test_extract_reports_and_records_the_choice(folder, tmp_path, cache):
     assert res.exit_code == 0, res.output
     chosen = json.loads(res.stdout)["tuning"]
     assert chosen["how"] == "measured" and chosen["given"] == []
-    assert 0 <= chosen["workers"] <= 2 and 1 <= chosen["threads"] <= 2 and 1 <= chosen["batch_size"] <= 8
+    assert 0 <= chosen["workers"] <= 2 and 1 <= chosen["threads"] <= 2 and 1 <= chosen["batch_size"] <= 16
     assert chosen["decode_seconds"] > 0 and chosen["model_seconds"]
     with open_store(out) as st:
         assert st.config["tuning"] == chosen
