@@ -6,7 +6,8 @@ For each backbone, on the same JPEGs (224 px, -w none, the penultimate layer, fe
             measured in this run (an empty cache folder), so the probe is part of the time
   defaults  the same call with the fixed defaults featx used before: one decode worker per spare core, torch's
             thread count, batch 64
-  forward   the model alone on pre-made tensors at the same precision and memory format, batch 64, torch's threads
+  forward   the model alone on pre-made tensors at the same precision and memory format, batch 64, at one thread
+            and at torch's thread count: the faster is the model's own speed (on a busy machine one thread can be)
 Prints images per second, tuned/forward, defaults/forward and tuned/defaults, each pair run alternately --repeats
 times (the best of each is kept), the CPU's model and capability flags, and the load (uptime) before each backbone:
 on a machine shared with other work the figures are measured under load, and the table says so.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from extract_throughput import DEFAULT_DATA, end_to_end, pure_forward, subset_list
-from featx.cpu import cpu_fields
+from featx.cpu import cpu_fields, torch_threads
 from featx.runtime import default_workers
 from featx.tuning import DEFAULT_BATCH
 
@@ -38,9 +39,9 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def loaded(cores: int) -> bool:
-    """Whether the 1-minute load average says other work shares the cores."""
-    return os.getloadavg()[0] > 0.5
+def loaded(own: float) -> bool:
+    """Whether the 1-minute load average says other work shares the cores, beyond `own` (this run's share)."""
+    return os.getloadavg()[0] > own + 0.5
 
 
 def compare(listing: Path, folder: Path, name: str, repeats: int) -> dict:
@@ -54,15 +55,21 @@ def compare(listing: Path, folder: Path, name: str, repeats: int) -> dict:
         run = end_to_end(listing, folder / "fixed.h5", name, DEFAULT_BATCH, workers=default_workers(),
                          threads=torch.get_num_threads())
         fixed = max(fixed, run.n_items / run.seconds)
-    forward = max(pure_forward(name, n, DEFAULT_BATCH) for _ in range(repeats))
+    forward = max(forward_at(name, n, threads) for _ in range(repeats) for threads in {1, torch.get_num_threads()})
     return {"model": name, "images": n, "precision": run.config["precision"], "tuned": tuned, "defaults": fixed,
             "forward": forward, "choice": choice}
+
+
+def forward_at(name: str, n: int, threads: int) -> float:
+    """The pure forward's images per second with `threads` torch threads."""
+    with torch_threads(threads):
+        return pure_forward(name, n, DEFAULT_BATCH)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, default=320, help="the first N images of the data")
+    parser.add_argument("--limit", type=int, default=160, help="the first N images of the data")
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -80,7 +87,7 @@ def main() -> None:
         listing = subset_list(args.data, args.limit, folder)
         for name in args.models.split(","):
             print(f"{name}: {uptime()}", flush=True)
-            busy |= loaded(cores)
+            busy |= loaded(0 if name == args.models.split(",")[0] else cores)
             row = compare(listing, folder, name, args.repeats)
             busy |= loaded(cores)
             rows.append(row)

@@ -32,7 +32,7 @@ from .retention import RETENTIONS, data_root, data_rows
 from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, content_keys, decode_image, load_source, unreadable_reason
 from .store import config_fingerprint
-from .tuning import DEFAULT_BATCH, Choice, check_counts, defaults, tune
+from .tuning import DEFAULT_BATCH, PROBE_IMAGES, Choice, check_counts, defaults, tune
 from .writer import StoreWriter
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -323,9 +323,10 @@ def extract(
                     batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
-                    runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
-                    choice = _choose(paths, runner, shard, decode, fits, workers, threads, batch_size,
-                                     log if progress else None)
+                    with out_of_memory_as_error("--batch-size", batch_size or PROBE_IMAGES, runtime.device):
+                        runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
+                        choice = _choose(paths, runner, shard, decode, fits, workers, threads, batch_size,
+                                         log if progress else None)
                     config["tuning"] = choice.to_dict()  # sealed with the store
                     batch = min(choice.batch_size, len(paths))
                     with out_of_memory_as_error("--batch-size", batch, runtime.device,
