@@ -1,8 +1,8 @@
-"""Extraction throughput on real JPEGs: featx extract vs the documents' loop vs the model's pure forward.
+"""Extraction throughput on real JPEGs: featx extract vs the tutorial's loop vs the model's pure forward.
 
 Prints, measured side by side in one run:
-  a/b  featx extract end to end (decode, resize, forward, pool, crash-safe store)  /  the loop the source documents
-       write (PIL + transforms.Resize + ToTensor, fp32, batch 16, no workers, model called on each batch)
+  a/b  featx extract end to end (decode, resize, forward, pool, crash-safe store)  /  the loop the PyTorch
+       transfer-learning tutorial writes (PIL + transforms.Resize + ToTensor, fp32, batch 16, no workers, model called on each batch)
   a/c  featx end to end  /  the model's pure forward on pre-made tensors at featx's precision (upper bound)
   rerun/first  an unchanged rerun of `featx extract` on the same output  /  the first run, both as whole
        processes (`python -m featx extract ...` from a subprocess, the rerun's median of --reruns)
@@ -52,7 +52,7 @@ def subset_list(data: Path, limit: int | None, folder: Path) -> Path:
 
 
 def plain_model(name: str) -> torch.nn.Module:
-    """The backbone `name` with seeded random weights, as the documents' loop would build it."""
+    """The backbone `name` with seeded random weights, as the tutorial's loop would build it."""
     torch.manual_seed(0)
     if name.startswith("timm/"):
         import timm
@@ -64,8 +64,8 @@ def plain_model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def documents_loop(paths: list[str], name: str, batch_size: int = 16) -> float:
-    """The source documents' feature loop; returns images per second."""
+def tutorial_loop(paths: list[str], name: str, batch_size: int = 16) -> float:
+    """The PyTorch transfer-learning tutorial's feature loop; returns images per second."""
     model = plain_model(name)
     tf = transforms.Compose([
         transforms.Resize((224, 224)), transforms.ToTensor(),
@@ -137,13 +137,13 @@ def compare_model(listing: Path, folder: Path, name: str, batch_size: int) -> No
     paths = listing.read_text().splitlines()
     first = end_to_end(listing, folder / "bench.h5", name, batch_size)
     a = first.n_items / first.seconds
-    b = documents_loop(paths, name)
+    b = tutorial_loop(paths, name)
     c = pure_forward(name, len(paths), batch_size)
     print(f"{name}: {len(paths)} JPEGs, 224 px, -w none, featx precision {first.config['precision']}, "
           f"taps {first.config['taps']}")
     print(f"  (a) featx extract end to end : {a:7.1f} img/s  ({first.seconds:.2f} s, forward-only phase "
           f"{first.images_per_second:.1f} img/s)")
-    print(f"  (b) documents' loop (fp32)    : {b:7.1f} img/s")
+    print(f"  (b) tutorial's loop (fp32)     : {b:7.1f} img/s")
     print(f"  (c) pure forward, featx prec. : {c:7.1f} img/s")
     print(f"  a/b = {a / b:.2f}   (target >= 2.5)   a/c = {a / c:.2f}   (target >= 0.8)   c/b = {c / b:.2f} "
           f"(the most a/b can be without a faster model)", flush=True)

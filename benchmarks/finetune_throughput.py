@@ -1,14 +1,14 @@
-"""Training throughput on real JPEGs: `featx finetune` vs the loop the source documents write.
+"""Training throughput on real JPEGs: `featx finetune` vs the loop the PyTorch transfer-learning tutorial writes.
 
 Both train resnet18 (-w none, new 2-class head, SGD with momentum, batch 32, 224 px random resized crop + flip) on
 the same images for the same number of epochs; the last epoch's training images per second are compared:
   featx      featx.finetune: each image decoded once into the run's decoded-image cache (later epochs crop and flip
              cached uint8 pixels), DataLoader workers, bf16 autocast + channels_last where the CPU supports it,
              normalization on the device
-  documents  torchvision ImageFolder + RandomResizedCrop / RandomHorizontalFlip / ToTensor / Normalize on PIL images,
+  tutorial   torchvision ImageFolder + RandomResizedCrop / RandomHorizontalFlip / ToTensor / Normalize on PIL images,
              fp32, no channels_last, no workers, model.train(), loss.backward(), optimizer.step()
 Also printed: the model's pure training step at featx's precision on pre-made tensors (no data at all), the most
-featx can reach, and its ratio to the documents' loop. Both run on --device (cpu by default). Target on a 2-core CPU: featx / documents >= 2.5.
+featx can reach, and its ratio to the tutorial's loop. Both run on --device (cpu by default). Target on a 2-core CPU: featx / tutorial >= 2.5.
 
     python benchmarks/finetune_throughput.py [--data ../shared/data/hymenoptera_data] [--epochs 2]
     python benchmarks/finetune_throughput.py --smoke    # seconds: generated images, 32 px, 1 epoch (checks it runs)
@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hymenoptera_data"
 
 
-def documents_loop(train_dir: Path, epochs: int, batch_size: int, image_size: int, device: str) -> float:
-    """The documents' training loop; returns the last epoch's training images per second."""
+def tutorial_loop(train_dir: Path, epochs: int, batch_size: int, image_size: int, device: str) -> float:
+    """The PyTorch transfer-learning tutorial's training loop; returns the last epoch's training images per second."""
     tf = transforms.Compose([
         transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
@@ -135,12 +135,12 @@ def run(args) -> None:
           f"{args.epochs} epochs each, torch {torch.__version__}, {torch.get_num_threads()} threads")
     ours = featx_loop(args.data, args.epochs, args.batch_size, args.image_size, args.device)
     print(f"featx finetune ({resolve_runtime(args.device).describe()}, {default_workers()} workers)  {ours:7.1f} img/s")
-    theirs = documents_loop(args.data / "train", args.epochs, args.batch_size, args.image_size, args.device)
-    print(f"documents' loop ({args.device} fp32, no workers)  {theirs:7.1f} img/s")
+    theirs = tutorial_loop(args.data / "train", args.epochs, args.batch_size, args.image_size, args.device)
+    print(f"tutorial's loop ({args.device} fp32, no workers)  {theirs:7.1f} img/s")
     pure = pure_training_step(args.batch_size, args.image_size, args.device)
     print(f"pure training step ({resolve_runtime(args.device).describe()}, no data)  {pure:7.1f} img/s")
-    print(f"ratio featx / documents: {ours / theirs:.2f}  (target >= 2.5); featx / pure step {ours / pure:.2f}; "
-          f"pure step / documents {pure / theirs:.2f} (the most the ratio can be at this precision)")
+    print(f"ratio featx / tutorial: {ours / theirs:.2f}  (target >= 2.5); featx / pure step {ours / pure:.2f}; "
+          f"pure step / tutorial {pure / theirs:.2f} (the most the ratio can be at this precision)")
 
 
 if __name__ == "__main__":

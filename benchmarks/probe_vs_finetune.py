@@ -18,7 +18,7 @@ Parts (--part):
            on flower_photos, dogs_vs_cats, hymenoptera_data and fashion_mnist (at 112 px), n = 5, 10, 20, 50, 100
            and all per class; methods (a)-(f), per-tap probes, tuned budgets, a wall-clock budget
            (--budget-minutes) with every cell journalled and every cell not run listed; see protocol/grid.py.
-  seed     The documents' fixed-feature-extractor loop (ImageFolder + transforms, classifier replaced, params frozen,
+  seed     The PyTorch transfer-learning tutorial's fixed-feature-extractor loop (ImageFolder + transforms, classifier replaced, params frozen,
            Adam 1e-3, batch 16, 5 epochs, fp32, val every epoch) vs `featx extract` + `featx fit-head` on
            dogs_vs_cats with the same real weights (default: the grid's), each a whole command timed around it:
            wall and CPU seconds, ratio, time to the loop's final accuracy.

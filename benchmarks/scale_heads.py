@@ -10,10 +10,11 @@ that a benchmark gathering all scale figures can import and call them. Prints th
 per run and a Markdown summary with each size's time as a multiple of the previous size's.
 
     python benchmarks/scale_heads.py [--rows 10000,100000] [--features 1280] [--reference] [--streamed-rows 1000000]
-        [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000] [--memory-cap-mb 2048] [--keep DIR]
+        [--five-folds] [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000] [--memory-cap-mb 2048] [--keep DIR]
         [--fit-options="--solver torch --device cuda"]
 
---reference also runs the previous default's C search (scikit-learn's lbfgs, every decade of the default grid on
+--five-folds also runs the defaults with `--folds 5` (the fold count below 50,000 training rows) for the saving of
+three folds, side by side. --reference also runs the previous default's C search (scikit-learn's lbfgs, every decade of the default grid on
 5 folds, then refined) on the same store, for the chosen C and the accuracies side by side.
 """
 from __future__ import annotations
@@ -177,6 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fit-options", default="", help="fit-head options added to the defaults' runs, e.g. "
                         "\"--solver torch --device cuda\"")
     parser.add_argument("--reference", action="store_true", help="also run the full scikit-learn C search")
+    parser.add_argument("--five-folds", action="store_true", help="also run the defaults with --folds 5")
     parser.add_argument("--streamed-rows", type=int, default=1_000_000, help="store size for --head sgd (0: skip)")
     parser.add_argument("--streamed-options", default="--grid 0.01",
                         help="fit-head options of that streamed fit besides --head sgd (one C: a bounded run time)")
@@ -199,8 +201,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featx-scale-heads-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        lines = defaults_table(folder, [int(part) for part in args.rows.split(",")], args.reference, args.features,
-                               args.fit_options.split())
+        lines = defaults_table(folder, [int(part) for part in args.rows.split(",")], args.reference, args.five_folds,
+                               args.features, args.fit_options.split())
         cap = args.memory_cap_mb
         if args.streamed_rows:
             store = store_of(folder, args.streamed_rows, args.features)
@@ -226,14 +228,16 @@ def main() -> None:
     print("\n".join(["", *lines, "", f"load average {os.getloadavg()[0]:.2f} at end"]))
 
 
-def defaults_table(folder: Path, sizes: list[int], reference: bool, d: int = FEATURES,
+def defaults_table(folder: Path, sizes: list[int], reference: bool, five_folds: bool = False, d: int = FEATURES,
                    options: list[str] = ()) -> list[str]:
-    """Markdown rows of fit-head's defaults (plus `options`) per store size of d columns (and of the full search
-    with `reference`)."""
-    lines = [f"| rows x {d} | fit-head (defaults{' ' + ' '.join(options) if options else ''}) s | x previous size | peak RSS MB | solver | C | CV acc | val acc |"
+    """Markdown rows of fit-head's defaults (plus `options`) per store size of d columns (with `five_folds`, also at
+    --folds 5; with `reference`, also the full search)."""
+    given = f" {' '.join(options)}" if options else ""
+    lines = [f"| rows x {d} | fit-head (defaults{given}) s | x previous size | peak RSS MB | solver | C | CV acc | val acc |"
+             + (" --folds 5 s | defaults / --folds 5 | its C |" if five_folds else "")
              + (" full search s | its C | CV acc | val acc | same C |" if reference else ""),
-             "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: | ---: | --- |"
-                                                                        if reference else "")]
+             "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if five_folds else "")
+             + (" ---: | ---: | ---: | ---: | --- |" if reference else "")]
     previous = None
     for n in sizes:
         store = store_of(folder, n, d)
@@ -243,6 +247,10 @@ def defaults_table(folder: Path, sizes: list[int], reference: bool, d: int = FEA
         previous = run["seconds"]
         line = (f"| {n:,} | {run['seconds']:.1f} | {growth} | {run['peak_rss_mb']:.0f} | {run['solver']} | "
                 f"{run['C']:.3g} | {run['cv_accuracy']:.4f} | {run['val_accuracy']:.4f} |")
+        if five_folds:
+            five = fit_head_defaults(store, folder / "head-5", "--folds", "5")
+            print(f"{n} rows: fit-head --folds 5 {json.dumps(five)}", flush=True)
+            line += f" {five['seconds']:.1f} | {run['seconds'] / five['seconds']:.2f} | {five['C']:.3g} |"
         if reference:
             ref = fit_head_full_search(store, folder / "head-reference")
             print(f"{n} rows: full search {json.dumps(ref)}", flush=True)

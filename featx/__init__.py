@@ -11,6 +11,7 @@ Every command is a Python function (each documents what it takes and returns):
     featx.evaluate(head, data, ...)             featx evaluate -> metrics dict
     featx.finetune(data, output, ...)           featx finetune -> FinetuneResult
     featx.advise(data, ...)                     featx advise -> Advice
+    featx.export(store, output, ...)            featx export: a store's rows as npy/parquet -> ExportResult
 
 `import featx` loads neither torch nor scikit-learn: each function's module is imported on its first use.
 """
@@ -30,19 +31,20 @@ _FUNCTIONS = {
     "layers": "featx.layer_table",
     "extract": "featx.extract",
     "open_store": "featx.store",
-    "fit_head": "featx.heads.api",
+    "fit_head": "featx.head_api",
     "load_head": "featx.heads.persistence",
-    "predict": "featx.heads.prediction",
-    "evaluate": "featx.heads.api",
+    "predict": "featx.head_api",
+    "evaluate": "featx.head_api",
     "finetune": "featx.finetune.api",
     "advise": "featx.advise",
+    "export": "featx.export",
 }
 __all__ = ["FeatxError", "__version__", *_FUNCTIONS]
 
 
 class _Package(types.ModuleType):
-    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune` and `featx.advise` stay the functions
-    after their submodules load.
+    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune`, `featx.advise` and `featx.export` stay
+    the functions after their submodules load.
 
     Importing a submodule makes Python set it as an attribute of its package (`featx.extract = <module>`), which
     would hide the function of the same name. That one assignment is ignored here; the submodules stay reachable

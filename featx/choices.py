@@ -9,6 +9,9 @@ TOKEN_POOLINGS = ("cls", "mean")
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's tensors by key and shape, or by position
+EXPORT_FORMATS = ("npy", "parquet")  # featx export: clip-retrieval's npy + parquet layout, or one parquet file
+# --decoder of a segmentation head
+DECODER_HELP = "conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes) or linear (a 1x1 conv probe)"
 MAX_SEED = 2**32 - 1  # --seed: numpy's RandomState and scikit-learn take 32-bit seeds
 
 

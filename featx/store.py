@@ -34,12 +34,14 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .store_attrs import describe_datasets
 
 SCHEMA_VERSION = 1
 UTF8 = h5py.string_dtype("utf-8")
 KEY_DTYPE = "S64"
 ROOT_DTYPE = np.int32
 TARGET_CHUNK_BYTES = 1 << 20
+BATCH_BYTES = 64 << 20  # float32 bytes of one batch that Store.batches reads by default
 SEGMENT_GLOB = "seg-*.h5"
 UNRECORDED_ROOT = ""  # the root of rows written before stores recorded their data
 
@@ -164,6 +166,16 @@ def create_h5(tmp: Path, final: Path):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def create_store(tmp: Path, final: Path, config: dict, config_key: str):
+    """A new store file (see create_h5) with its root attributes; once the block has written its datasets, each is
+    described in attributes (featx.store_attrs) before the file is published."""
+    with create_h5(tmp, final) as h5:
+        set_root_attrs(h5, config, config_key)
+        yield h5
+        describe_datasets(h5, config)
+
+
 def _write_strings(group: h5py.Group, name: str, values) -> None:
     group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=UTF8)
 
@@ -230,8 +242,7 @@ def write_store(
     splits = [""] * n if splits is None else splits
     labels = [-1] * n if labels is None and targets is None else labels
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with create_h5(tmp, path) as h5:
-        set_root_attrs(h5, config, config_key or config_fingerprint(config))
+    with create_store(tmp, path, config, config_key or config_fingerprint(config)) as h5:
         create_items(h5, keys=keys, paths=paths, splits=splits, labels=labels, targets=targets,
                      classes=classes, failed=failed, roots=None if root is None else [root],
                      row_roots=np.zeros(n), failed_roots=np.zeros(len(failed)))
@@ -472,11 +483,104 @@ class Store:
 
     def iter_features(self, tap: str, chunk_rows: int = 65536):
         """Yield (start, float32 array) over a tap in row chunks, for data larger than memory."""
+        for rows, block in self.batches(tap, size=chunk_rows):
+            yield int(rows[0]), block
+
+    def batches(self, tap: str, rows=None, size: int | None = None):
+        """Yield (row indices, float32 features) over a tap, `size` rows at a time (default: about BATCH_BYTES of
+        float32), in the order of `rows`: None (every row), a slice, an index array or a boolean mask. Memory holds
+        one batch (an index batch reads at most the span of 4 x `size` rows, see read_rows), never the whole tap."""
         ds = self._dataset(tap)
-        for start in range(0, ds.shape[0], chunk_rows):
+        if size is None:
+            size = max(1, BATCH_BYTES // max(1, 4 * int(np.prod(ds.shape[1:], dtype=np.int64))))
+        elif isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise FeatxError(f"batches(size={size!r}): expected a whole number of rows >= 1")
+        n = ds.shape[0]
+        if rows is None or (isinstance(rows, slice) and rows.step in (None, 1)):
+            start, stop, _ = (rows or slice(None)).indices(n)
+            for lo in range(start, stop, size):
+                hi = min(lo + size, stop)
+                with self._reading(tap):
+                    block = ds[lo:hi]
+                yield np.arange(lo, hi, dtype=np.int64), block.astype(np.float32, copy=False)
+            return
+        index = np.arange(n)[rows] if isinstance(rows, slice) else self.row_index(rows)
+        for lo in range(0, len(index), size):
+            part = index[lo : lo + size]
             with self._reading(tap):
-                block = ds[start : start + chunk_rows]
-            yield start, block.astype(np.float32, copy=False)
+                block = read_rows(ds, part)
+            yield part, block.astype(np.float32, copy=False)
+
+    def row_index(self, rows) -> np.ndarray:
+        """An index array or boolean mask over the store's rows as int64 indices, checked against its length."""
+        rows = np.asarray(rows)
+        n = len(self)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise FeatxError(f"a row mask of shape {rows.shape} for {self.path}, which has {n} rows")
+            return np.flatnonzero(rows)
+        if rows.dtype.kind not in "iu" or rows.ndim != 1:
+            raise FeatxError(f"rows of type {rows.dtype} {rows.shape}: expected a 1-D index array, a boolean mask "
+                             f"or a slice")
+        if rows.size and not -n <= rows.min() <= rows.max() < n:
+            outside = rows.max() if rows.max() >= n else rows.min()
+            raise FeatxError(f"row {outside} is outside {self.path}, which has {n} rows")
+        return np.where(rows < 0, rows + n, rows).astype(np.int64)
+
+    def resolve_tap(self, tap: str | None = None) -> str:
+        """`tap`, checked against the store; without one, the store's only tap."""
+        if tap is not None:
+            self._dataset(tap)
+            return tap
+        if len(self.taps) != 1:
+            raise FeatxError(f"{self.path} holds " + (f"several taps ({', '.join(self.taps)}): choose one (-l/--layer)"
+                                                     if self.taps else "no features"))
+        return self.taps[0]
+
+    def split(self, name: str, tap: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of the rows of split `name` ('train', 'val', 'test'): X float32 rows of `tap` (default: the only
+        tap), y the labels (int64, -1 unlabelled) or, in a regression store, the targets. Reads the split whole."""
+        mask = self.split_mask(name)
+        y = self.targets if self.targets is not None else self.labels
+        return self.features(self.resolve_tap(tap), mask), y[mask]
+
+    def split_mask(self, name: str) -> np.ndarray:
+        """A boolean mask of the rows of split `name`; FeatxError naming the store's splits when none has it."""
+        mask = self.splits.astype(str) == name
+        if not mask.any():
+            held = ", ".join(s or "(none)" for s in sorted(set(self.splits.astype(str)))) or "no rows"
+            raise FeatxError(f"split {name!r} is not in {self.path}: its rows' splits are {held}")
+        return mask
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        """One array per column, a row per store row: path (as stored), image_path (resolved against the row's data
+        root, when it is a folder or file path), key, split, and label + class_name (None when unlabelled) or
+        target. What to_pandas and featx export write beside the embeddings."""
+        bases = [os.path.dirname(r) if os.path.isfile(r) else r for r in self.roots]
+        image_path = np.array([os.path.join(bases[r], p) if os.path.isabs(bases[r]) else p
+                               for r, p in zip(self.row_roots, self.paths)], dtype=object)
+        columns = {"path": self.paths, "image_path": image_path, "key": self.keys, "split": self.splits}
+        if self.targets is not None:
+            columns["target"] = self.targets
+        else:
+            names = np.array([*self.classes, None], dtype=object)
+            known = (self.labels >= 0) & (self.labels < len(self.classes))
+            columns["label"] = self.labels
+            columns["class_name"] = names[np.where(known, self.labels, len(self.classes))]
+        return columns
+
+    def to_pandas(self, taps=None):
+        """A pandas DataFrame with a row per store row: the metadata() columns, then one column per tap (`taps`:
+        None = every tap, a name or a list; [] = none) whose cells are that row's float32 array. Reads the taps
+        whole: for stores larger than memory use batches() or featx export."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FeatxError("Store.to_pandas needs pandas: pip install 'featx[export]'") from None
+        frame = pd.DataFrame(self.metadata())
+        for tap in self.taps if taps is None else [taps] if isinstance(taps, str) else list(taps):
+            frame[tap] = list(self.features(tap))
+        return frame
 
     def summary(self) -> dict:
         """What `featx info` shows: counts, classes, splits, taps, failures, size, config."""

@@ -29,8 +29,8 @@ import numpy as np
 from .errors import FeatxError
 from .retention import DataRows, SealPlan, holds, merge, row_bound
 from .store import (
-    KEY_DTYPE, Store, create_features, create_h5, create_items, open_store, parts_folder, read_rows, segment_files,
-    set_root_attrs,
+    KEY_DTYPE, Store, create_features, create_h5, create_items, create_store, open_store, parts_folder, read_rows,
+    segment_files,
 )
 
 LOCK_RETRIES = 20
@@ -256,8 +256,7 @@ class StoreWriter:
             loc = self.available[key]
             sources.setdefault(loc.file, []).append((loc.row, dest))
         tmp = self.parts / "sealing.tmp"
-        with create_h5(tmp, self.output) as h5:  # on failure the old store and the segments stay
-            set_root_attrs(h5, self.config, self.config_key)
+        with create_store(tmp, self.output, self.config, self.config_key) as h5:  # on failure old store, segments stay
             create_items(
                 h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
                 targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,

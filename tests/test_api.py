@@ -13,7 +13,7 @@ from featx.cli import main
 
 COMMAND_FUNCTIONS = {  # featx COMMAND -> the function of the package that does it
     "layers": "layers", "extract": "extract", "info": "open_store", "fit-head": "fit_head", "predict": "predict",
-    "evaluate": "evaluate", "finetune": "finetune", "advise": "advise",
+    "evaluate": "evaluate", "finetune": "finetune", "advise": "advise", "export": "export",
 }
 
 
@@ -54,7 +54,7 @@ def test_layers_is_the_function_and_featx_layers_the_module_alike():
         "assert infos == describe_layers(load_backbone('resnet18', 'none').model, image_size=32)\n"
         "import featx.advise, featx.heads.prediction\n"
         "from featx.advise import recommend\n"
-        "assert featx.advise.__name__ == 'advise' and featx.predict.__module__ == 'featx.heads.prediction'\n"
+        "assert featx.advise.__name__ == 'advise' and featx.predict.__module__ == 'featx.head_api'\n"
         "print(format_layers_table(infos).splitlines()[-2])"
     )
     assert out.split()[:3] == ["flatten", "512", "512"]

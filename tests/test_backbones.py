@@ -186,7 +186,7 @@ def test_cached_file_with_pickled_code_is_refused(hub, tmp_path):
 
 
 def test_partial_loading_reports_every_key():
-    """The documents' recipe: pretrained weights into a model with a new head and an extra module."""
+    """The PyTorch transfer-learning tutorial's recipe: pretrained weights into a model with a new head and an extra module."""
     source = seeded("resnet18", 1).state_dict()
     source["aux.weight"] = torch.ones(3)
     model = seeded("resnet18", 2, num_classes=10)

@@ -38,7 +38,7 @@ def test_extract_writes_schema_rows(folder, tmp_path):
 
 
 def _reference_rows(paths, tap, pooling_fn):
-    """What the documents' loop computes: torchvision transforms (on uint8 tensors, antialiased, as the weights'
+    """What the tutorial's loop computes: torchvision transforms (on uint8 tensors, antialiased, as the weights'
     presets run them), fp32, the model called on the batch."""
     torch.manual_seed(0)  # the same seeded init featx uses for -w none
     model = torchvision.models.resnet18().eval()
@@ -194,8 +194,8 @@ def test_bad_options_are_one_line_errors(folder, tmp_path, kwargs, match):
 API_CHECK = """
 import importlib, sys, types, featx
 functions = {"extract": "featx.extract", "finetune": "featx.finetune.api", "open_store": "featx.store",
-             "fit_head": "featx.heads.api", "load_head": "featx.heads.persistence", "evaluate": "featx.heads.api",
-             "layers": "featx.layer_table", "advise": "featx.advise", "predict": "featx.heads.prediction"}
+             "fit_head": "featx.head_api", "load_head": "featx.heads.persistence", "evaluate": "featx.head_api",
+             "layers": "featx.layer_table", "advise": "featx.advise", "predict": "featx.head_api"}
 for name, module in functions.items():
     value = getattr(featx, name)
     assert callable(value) and value is getattr(importlib.import_module(module), name), (name, value)

@@ -16,7 +16,7 @@ from torch import nn
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.finetune import finetune
-from featx.finetune.api import build_model
+from featx.finetune.classify import build_model
 from featx.finetune.checkpoint import load_checkpoint, seed_everything
 from featx.finetune.freezing import (
     freeze_table, frozen_batchnorms, frozen_parameters, loaded_parameters, set_frozen, train_mode,

@@ -138,3 +138,13 @@ def test_stopping_early_chooses_the_c_of_the_full_search(tmp_path, monkeypatch):
     skipped = stepwise.metrics["cv"]["skipped"]
     assert skipped and min(skipped) > stepwise.C and len(stepwise.metrics["cv"]["grid"]) == 18 - len(skipped)
     assert stepwise.C == full.C == sklearn.C
+
+
+def test_large_stores_are_cross_validated_on_three_folds_unless_told(tmp_path, monkeypatch):
+    from featx.heads import cv
+
+    blob_store(tmp_path / "s.h5")
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1", plots=False).metrics["cv"]["folds"] == cv.FOLDS
+    monkeypatch.setattr(cv, "FEW_FOLDS_FROM", 10)  # this store's training rows count as many
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1", plots=False).metrics["cv"]["folds"] == 3
+    assert fit_head(tmp_path / "s.h5", "avgpool", grid="1e-2:1e1", folds=4, plots=False).metrics["cv"]["folds"] == 4

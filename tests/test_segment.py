@@ -23,7 +23,7 @@ from featx.segment.metrics import confusion, summarize
 from featx.segment.model import build_segmenter, default_tap, parse_decoder
 from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
-from featx.segment.train import SegmentLoss
+from featx.finetune.segment import SegmentLoss
 from featx.sources import load_source
 from maskgen import make_mask_folder, make_pair
 
@@ -310,6 +310,30 @@ def test_dense_probe_bad_input(data, maps, tmp_path):
         fit_dense_probe(maps, other, binary=True)
     out = _cli("fit-head", maps, "--task", "segment", "-o", tmp_path / "h")
     assert out.returncode == 2 and "--masks MASKS" in out.stderr
+
+
+def test_the_api_functions_take_segmentation_heads_as_the_command_line_does(data, maps, tmp_path):
+    """featx.fit_head / predict / evaluate choose the dense probe by task or head folder, as the CLI does."""
+    head = featx.fit_head(maps, output=tmp_path / "head", task="segment", masks=data, binary=True, grid="1",
+                          pixels_per_image=16)
+    assert head.segment["classes"] == ["background", "foreground"] and (tmp_path / "head" / "segment.json").is_file()
+    metrics = featx.evaluate(tmp_path / "head", maps, masks=data, split="val")
+    assert metrics["miou"] == pytest.approx(featx.evaluate(head, maps, masks=data, split="val")["miou"])
+    written = featx.predict(tmp_path / "head", data, tmp_path / "pred")
+    assert written["written"] == 12 and (tmp_path / "pred" / "val" / "images" / "p000.png").is_file()
+    for call, message in [
+        (lambda: featx.fit_head(maps, task="segment", masks=data, binary=True, head="mlp"), "^--head: not for a segm"),
+        (lambda: featx.fit_head(maps, task="segment", masks=data, solver="torch"), "^--solver: not for a segm"),
+        (lambda: featx.fit_head(maps, masks=data), "^--masks: segmentation options, they need --task segment"),
+        (lambda: featx.fit_head(maps, task="segments"), "^--task 'segments': expected one of classify, segment"),
+        (lambda: featx.predict(tmp_path / "head", data), "is a segmentation head: give the folder"),
+        (lambda: featx.predict(tmp_path / "head", data, tmp_path / "p2", x="X"), "^--x: not for a segmentation"),
+        (lambda: featx.evaluate(tmp_path / "head", maps), "give the store's masks with --masks MASKS"),
+        (lambda: featx.evaluate(tmp_path / "head", maps, masks=data, tap="layer3"), "^--tap: not for a segm"),
+    ]:
+        with pytest.raises(FeatxError, match=message):
+            call()
+    assert not (tmp_path / "p2").exists()
 
 
 # ---- masks as pictures and as run lengths ------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_client_mistakes_are_one_line_4xx(client, made):
     two = [("file", ("a.png", image, PNG)), ("file", ("b.png", image, PNG))]
     for args, status, needle in (
         (dict(url="/v1/heads/people/predict?mask=png", files=two), 422, "a PNG answer holds one mask"),
-        (dict(url="/v1/heads/people/predict?mask=jpeg", files=two), 422, "mask=jpeg: expected one of rle, array, png"),
+        (dict(url="/v1/heads/people/predict?mask=jpeg", files=two), 422, "mask: Input should be 'rle', 'array' or 'png'"),
         (dict(url="/v1/heads/people/predict?top_k=2", files=two), 422, "it answers masks, not classes"),
         (dict(url="/v1/heads/people/predict", json={"embeddings": [[0.0] * 128]}), 422, "send images"),
         (dict(url="/v1/heads/people/predict", content=b"not an image", headers={"content-type": PNG}), 422,

@@ -3,7 +3,7 @@
 (a) probe       featx.extract (the subset's training images, every tap in one pass) + featx.fit_head (logistic, C by
                 5-fold CV on the training rows); scored by featx.evaluate on a store of the val images.
 (b) fixed       featx.finetune --freeze backbone: the frozen backbone runs on every batch of every epoch, only the new
-                head trains (the documents' "fixed feature extractor").
+                head trains (the PyTorch transfer-learning tutorial's "fixed feature extractor").
 (c) finetune    featx.finetune --freeze none.
 (d) probe+ft    (a), then featx.finetune --freeze none --init-head <the probe's head>; its cost is (a)'s plus its own.
 (e) scratch     featx.finetune -w none --freeze none (same architecture, seeded random init), for reference.

@@ -1,6 +1,6 @@
-"""Seed time-to-accuracy: the source documents' fixed-feature-extractor loop vs `featx extract` + `featx fit-head`.
+"""Seed time-to-accuracy: the PyTorch transfer-learning tutorial's fixed-feature-extractor loop vs `featx extract` + `featx fit-head`.
 
-The loop is written the way the documents write it: torchvision ImageFolder + transforms (RandomResizedCrop + flip for
+The loop is written the way the PyTorch transfer-learning tutorial writes it: torchvision ImageFolder + transforms (RandomResizedCrop + flip for
 train, Resize + CenterCrop for val, with the weights' preset size, interpolation, mean and std), the classifier
 replaced by a new Linear, every other parameter frozen, Adam lr 1e-3, batch 16, 5 epochs, fp32 eager, validation
 after every epoch. featx runs the two commands a user types. Each side is one whole command (a new Python process,
@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def build_model(backbone: str, weights: str, match: str):
-    """The documents' model: the constructor, then the weights file (by key, or by position for another
+    """The PyTorch transfer-learning tutorial's model: the constructor, then the weights file (by key, or by position for another
     implementation's file: the i-th tensor of the file into the i-th of the model, BatchNorm counters aside)."""
     import torch
     import torchvision
@@ -60,10 +60,10 @@ def preset(backbone: str):
     return 224, 256, InterpolationMode.BILINEAR, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def documents_loop(data_dir: str, backbone: str, weights: str, match: str, epochs: int = 5, batch_size: int = 16,
+def tutorial_loop(data_dir: str, backbone: str, weights: str, match: str, epochs: int = 5, batch_size: int = 16,
                    lr: float = 1e-3, seed: int = 0) -> dict:
-    """The fixed-feature-extractor recipe of the documents, on CUDA when there is a GPU (as they write it); returns
-    per-epoch times and val accuracies."""
+    """The fixed-feature-extractor recipe of the PyTorch transfer-learning tutorial, on CUDA when there is a GPU (as
+    the tutorial writes it); returns per-epoch times and val accuracies."""
     import torch
     from torch import nn, optim
     from torch.utils.data import DataLoader
@@ -183,7 +183,7 @@ def run_seed(data_dir: Path, backbone: str, weights: str, match: str, work: Path
 def seed_markdown(res: dict, machine: str) -> str:
     loop, fx = res["loop"], res["featx"]
     lines = [
-        "# Seed time-to-accuracy: the documents' fixed-extractor loop vs featx",
+        "# Seed time-to-accuracy: the PyTorch transfer-learning tutorial's fixed-extractor loop vs featx",
         "",
         f"Machine: {machine}. Measured alone (an exclusive lock held every other job on this machine off).",
         "",
@@ -194,7 +194,7 @@ def seed_markdown(res: dict, machine: str) -> str:
         "",
         "| | whole command, wall s | CPU s | images through the backbone | val accuracy |",
         "|---|---:|---:|---:|---:|",
-        f"| documents' loop (fp32 eager, Adam 1e-3, batch 16, {loop['epochs']} epochs, val every epoch) | "
+        f"| the tutorial's loop (fp32 eager, Adam 1e-3, batch 16, {loop['epochs']} epochs, val every epoch) | "
         f"{loop['seconds']:.1f} | {loop['cpu_seconds']:.1f} | {loop['images']:,} | {100 * loop['final_acc']:.1f} % |",
         f"| `featx extract` ({fx['precision']}) + `featx fit-head` (logistic, C by CV) | {fx['seconds']:.1f} "
         f"({fx['extract']['seconds']:.1f} + {fx['fit_head']['seconds']:.1f}) | {fx['cpu_seconds']:.1f} | "
@@ -228,4 +228,4 @@ def seed_markdown(res: dict, machine: str) -> str:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["loop"]:
     _, _, data, bb, w, m, out = sys.argv
-    Path(out).write_text(json.dumps(documents_loop(data, bb, w, m)))
+    Path(out).write_text(json.dumps(tutorial_loop(data, bb, w, m)))

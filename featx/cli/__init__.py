@@ -21,13 +21,14 @@ def main() -> None:
     featx finetune data/ -b resnet50 --freeze until:layer2 -o runs/pets/
     featx advise data/ -b resnet50               probe or finetune? measured, with the command
     featx serve pets-head/ --port 8000
+    featx export pets.h5 -o pets-emb/           npy + parquet for numpy, pandas, faiss
     """
 
 
 def _register() -> None:
-    from . import advise_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd
+    from . import advise_cmd, export_cmd, extract_cmds, finetune_cmd, head_cmds, serve_cmd
 
-    for module in (extract_cmds, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
+    for module in (extract_cmds, export_cmd, head_cmds, finetune_cmd, advise_cmd, serve_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..choices import DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
+from ..choices import DECODER_HELP, DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
 from ..errors import FeatxError
 from ..finetune.choices import (
-    AUGMENT_HELP, AUGMENTS, DECODER_HELP, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS, WARMUP_HELP,
+    AUGMENT_HELP, AUGMENTS, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS, WARMUP_HELP,
 )
 from .common import BACKBONE_HELP, echo_json, on_interrupt
 

@@ -1,4 +1,4 @@
-"""CLI: `featx fit-head`, `featx predict`, `featx evaluate` (thin wrappers over featx.heads)."""
+"""CLI: `featx fit-head`, `featx predict`, `featx evaluate` (thin wrappers over featx.head_api)."""
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +45,7 @@ def _feature_keys(f):
 @click.option("--head", "kind", type=click.Choice(list(HEAD_TYPES)), help=f"Default: logistic, or ridge for float targets. {HEAD_HELP}.")
 @click.option("--normalize", type=click.Choice(NORMALIZERS), default="standard", show_default=True, help="Preprocessing of the rows.")
 @click.option("--grid", help=f"C values: LO:HI (per decade, then refined), a list 0.1,1,10, or one value (no CV). Default: {DEFAULT_GRID} ({GRID_DEFAULTS}).")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds (fewer when a class is rarer).")
+@click.option("--folds", type=click.IntRange(min=2), help="Cross-validation folds [default: 5, and 3 from 50,000 training rows on; fewer when a class is rarer].")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True, help="Held-out fraction for the metrics when the store has no 'val' split.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -74,33 +74,24 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
     C is chosen by stratified k-fold cross-validation; the head is refit on all training rows ('train' split, or
     all labelled rows less --val-split) and measured on the held-out rows.
     """
-    from ..heads import fit_head
+    from ..head_api import fit_head
     from ..heads.metrics import metrics_table
 
-    if task == "segment":
-        if not masks:
-            raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
-        if solver not in ("auto", "sklearn") or device != "auto":
-            raise FeatxError("--solver, --device: the segmentation probe fits with scikit-learn; drop them")
-        from ..segment.probe import fit_dense_probe, segment_table
-
-        head = fit_dense_probe(store, masks, output, tap=tap, binary=binary, num_classes=num_classes,
-                               pixels_per_image=pixels_per_image, grid=grid, folds=folds, normalize=normalize,
-                               val_split=val_split, seed=seed, n_jobs=n_jobs, overwrite=overwrite)
-        click.echo(json.dumps({"path": str(head.path), **head.metrics}, indent=2) if as_json else
-                   f"{segment_table(head.metrics)}\nhead written to {head.path}")
-        return
-    if masks or binary or num_classes:
-        raise FeatxError("--masks, --binary, --num-classes: segmentation options, they need --task segment")
     with _warnings_as_lines():
         head = fit_head(
-            store, tap, output, head=kind, normalize=normalize, grid=grid, folds=folds,
+            store, tap, output, task=task, masks=masks, binary=binary, num_classes=num_classes,
+            pixels_per_image=pixels_per_image, head=kind, normalize=normalize, grid=grid, folds=folds,
             class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
             n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, chunk_rows=chunk_rows,
             solver=solver, device=device, joblib=joblib_export, plots=plots, overwrite=overwrite,
         )
     if as_json:
         echo_json({"path": str(head.path), **head.metrics})
+        return
+    if getattr(head, "segment", None) is not None:
+        from ..segment.probe import segment_table
+
+        click.echo(f"{segment_table(head.metrics)}\nhead written to {head.path}")
         return
     click.echo(metrics_table(head.metrics))
     click.echo(f"head written to {head.path}")
@@ -133,35 +124,23 @@ def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overl
     """Predict with HEAD (a head folder) on DATA: images (folders, CSVs, lists or image files, one or several;
     extracted with the head's backbone, weights and tap, through a cache) or a feature file (.h5 store made with
     the same extractor, or HDF5/NPZ with --x)."""
-    from ..heads import predict
+    from ..head_api import predict
     from ..segment import is_segment_head
 
     data = data[0] if len(data) == 1 else list(data)
-    if is_segment_head(head):
-        from ..segment.probe import predict_dense
-
-        if not output:
-            raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
-        written = predict_dense(head, data, output, overlay=overlay, store=store, weights=weights,
-                                batch_size=batch_size,
-                                device=device, workers=workers, progress=not quiet,
-                                log=lambda line: click.echo(line, err=True))
-        for path, reason in written["failed"]:
-            warn(f"not predicted: {path}: {reason}")
-        pictures = f", overlays in {overlay}" if overlay else ""
-        click.echo(f"{written['written']} masks written to {output}{pictures}", err=True)
-        return
-    if overlay:
-        raise FeatxError(f"--overlay: {head} is not a segmentation head; overlays show predicted masks")
-    if output:
+    if output and not is_segment_head(head):
         param = next(p for p in click.get_current_context().command.params if p.name == "output")
         PREDICTIONS_FILE.convert(output, param, click.get_current_context())
     with _warnings_as_lines():
-        result = predict(head, data, store=store, weights=weights, x=x_key, trust=trust, batch_size=batch_size,
-                         device=device, workers=workers, progress=not quiet,
+        result = predict(head, data, output, overlay=overlay, store=store, weights=weights, x=x_key, trust=trust,
+                         batch_size=batch_size, device=device, workers=workers, progress=not quiet,
                          log=lambda line: click.echo(line, err=True))
-    for path, reason in result.failed:
+    for path, reason in result["failed"] if isinstance(result, dict) else result.failed:
         warn(f"not predicted: {path}: {reason}")
+    if isinstance(result, dict):  # a segmentation head's mask files
+        pictures = f", overlays in {overlay}" if overlay else ""
+        click.echo(f"{result['written']} masks written to {output}{pictures}", err=True)
+        return
     with click.open_file(output or "-", "w", encoding="utf-8") as file:
         if as_json:
             file.write(json.dumps(result.records(top_k), indent=2) + "\n")
@@ -189,31 +168,24 @@ def evaluate_cmd(head, data, split, tap, x_key, y_key, masks, store, weights, tr
     """Measure HEAD on the labelled rows of DATA (a store or HDF5/NPZ file, or labelled images: folders, CSVs)
     and say which rows were scored: accuracy, balanced accuracy, macro F1, per-class precision/recall/F1 and the
     confusion matrix; R², MAE and RMSE for regression."""
-    from ..heads import evaluate
+    from ..head_api import evaluate
     from ..heads.metrics import metrics_table
     from ..heads.prediction import is_feature_file
-    from ..segment import is_segment_head
 
     data = data[0] if len(data) == 1 else list(data)
     if is_feature_file(data):
         param = next(p for p in click.get_current_context().command.params if p.name == "data")
         FEATURES_FILE.convert(data, param, click.get_current_context())
-    if is_segment_head(head):
-        from ..segment.probe import evaluate_dense, segment_table
-
-        if not masks:
-            raise FeatxError(f"{head} is a segmentation head: give the store's masks with --masks MASKS")
-        metrics = evaluate_dense(head, data, masks, split=split)
-        click.echo(json.dumps(metrics, indent=2) if as_json else segment_table(metrics))
-        return
-    if masks:
-        raise FeatxError(f"--masks: {head} is not a segmentation head (fit one with fit-head --task segment)")
     with _warnings_as_lines():
-        metrics = evaluate(head, data, split=split, tap=tap, x=x_key, y=y_key, trust=trust, store=store,
+        metrics = evaluate(head, data, masks=masks, split=split, tap=tap, x=x_key, y=y_key, trust=trust, store=store,
                            weights=weights, progress=not quiet and not as_json,
                            log=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json(metrics)
+    elif "miou" in metrics:  # a segmentation head's metrics
+        from ..segment.probe import segment_table
+
+        click.echo(segment_table(metrics))
     else:
         click.echo(metrics_table(metrics))
 

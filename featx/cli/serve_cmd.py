@@ -11,8 +11,8 @@ from .common import on_interrupt
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port (0: any free one).")
 @click.option("--trust", is_flag=True, help="Allow heads given as model.joblib pickles.")
-@click.option("--api-key-env", metavar="VAR", help="Require 'Authorization: Bearer <key>', the key read from $VAR "
-                                                   "(needed for a non-loopback --host).")
+@click.option("--api-key-env", metavar="VAR", help="Require the key read from $VAR, as 'Authorization: Bearer <key>' "
+                                                   "or 'X-API-Key: <key>' (needed for a non-loopback --host).")
 @click.option("--max-batch", default=16, show_default=True, type=int, help="Most images per forward pass.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=float,
               help="How long a forward pass waits for more images to batch.")

@@ -11,6 +11,9 @@
     train.py       the epoch loop: unfreeze, save, early stop, resume state
     checkpoint.py  the run folder: atomic files, RNG states, the lock
     report.py      metrics rows, the epoch summary line, curves.png
+    task.py        what a task supplies (data, model, loaders, loss, metrics) and the one trainer builder
+    classify.py    the classification task and its model
+    segment.py     the segmentation task (featx.segment's masks, decoder and metrics): loss, totals, preview PNG
     api.py         finetune() and its FinetuneResult
 """
 from __future__ import annotations

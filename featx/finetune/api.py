@@ -1,32 +1,21 @@
 """`finetune`: a backbone (torchvision or timm) with a new head, trained on an image source into a run folder."""
 from __future__ import annotations
 
-import functools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torchvision
-from torch import nn
-
-from .. import __version__
-from ..backbones import Backbone, classifier_path, load_backbone
+from ..backbones import load_backbone
 from ..errors import FeatxError
 from ..memory import check_batch_memory, out_of_memory_as_error
-from ..runtime import Runtime, default_workers, prepare_model, resolve_runtime
-from ..sources import load_source
+from ..runtime import resolve_runtime
 from . import ddp
-from .checkpoint import CHECKPOINT, RunDir, seed_everything
-from .data import Splits, make_loader, split_items
+from .checkpoint import CHECKPOINT, RunDir
+from .classify import ClassifyTask
 from .decoded import DEFAULT_LIMIT_MB, DecodedCache
-from .freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
-from .heads import parse_head, replace_classifier
-from .optim import build_optimizer, run_scheduler
 from .options import TrainOptions
-from .probe import check_probe_features, init_from_probe
+from .task import Task, build_trainer
 from .train import Trainer
 
 # Config fields recorded for provenance; every other field must be the same when a run is resumed.
@@ -141,7 +130,7 @@ def finetune(
         raise FeatxError(f"--workers {workers!r}: expected 0 or more")
     if isinstance(decode_cache_mb, bool) or not isinstance(decode_cache_mb, (int, float)) or decode_cache_mb < 0:
         raise FeatxError(f"--decode-cache-mb {decode_cache_mb!r}: expected a number of megabytes >= 0")
-    build = _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
+    job = _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
     session = ddp.join(device)  # under torchrun: this rank's place, its device, the process group
     try:
         session.check_batch(opts.batch_size)
@@ -158,9 +147,9 @@ def finetune(
             with out_of_memory_as_error("--batch-size", opts.batch_size, runtime.device):
                 setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
                 cache_lines: list[str] = []  # shown after the data and model lines
-                cache = _decoded_cache(decode_cache, decode_cache_mb, run, task, cache_lines.append)
-                trainer = build(data, bb, weights, init_head, opts, runtime, workers, run, progress,
-                                setup_lines.append, cache)
+                cache = _decoded_cache(decode_cache, decode_cache_mb, run, job, cache_lines.append)
+                trainer = build_trainer(job, data, bb, weights, init_head, opts, runtime, workers, run, progress,
+                                        setup_lines.append, cache)
                 setup_lines += cache_lines
                 trainer.config["ranks"] = session.world
                 session.check_same(trainer.config, PROVENANCE)
@@ -200,143 +189,31 @@ def _resume_lines(checkpoint: dict | None, epochs: int, path: Path, steps_per_ep
             f"{epochs}-epoch run"]
 
 
-def _task_trainer(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
-    """The function that builds the Trainer of `task`; FeatxError for options of the other task."""
+def _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
+    """The Task object for `task`; FeatxError for options of the other task."""
     if task == "classify":
         given = [name for name, value, default in (("--tap", tap, None), ("--decoder", decoder, "conv:256"),
                  ("--binary", binary, False), ("--num-classes", num_classes, None), ("--dice-weight", dice_weight, 0))
                  if value != default]
         if given:
             raise FeatxError(f"{', '.join(given)}: segmentation options, they need --task segment")
-        return _trainer
+        return ClassifyTask(init_head)
     if task != "segment":
         raise FeatxError(f"--task {task!r}: expected classify or segment")
     if init_head is not None or head != "linear":
         raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
-    from ..segment.train import segment_trainer
+    from .segment import SegmentTask
 
-    def build(data, bb, weights, _init_head, opts, runtime, workers, run, progress, log, _cache):
-        return segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, tap=tap,
-                               decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
-    return build
+    return SegmentTask(tap=tap, decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
 
 
-def _decoded_cache(where, limit_mb: float, run: RunDir, task: str, log) -> DecodedCache | None:
-    """The run's decoded-image cache (classification only), or None when off or not writable (one log line)."""
-    if where is None or str(where) == "none" or task != "classify" or not limit_mb:
+def _decoded_cache(where, limit_mb: float, run: RunDir, task: Task, log) -> DecodedCache | None:
+    """The run's decoded-image cache (tasks whose loaders use one), or None when off or not writable (one log line)."""
+    if where is None or str(where) == "none" or not task.uses_decoded_cache or not limit_mb:
         return None
     if str(where) == "auto":
         return DecodedCache.open(run / "decoded", limit_mb, log, remove_when_done=True)
     return DecodedCache.open(where, limit_mb, log)
-
-
-def _trainer(data, bb: Backbone, weights, init_head, opts: TrainOptions, runtime: Runtime, workers, run: RunDir,
-             progress: bool, log, cache: DecodedCache | None = None) -> Trainer:
-    """Load the data, put the new head on the backbone, freeze, and build the loaders, optimizer and schedule."""
-    source = load_source(data)
-    splits = split_items(source, opts.val_split, opts.seed)
-    if opts.batch_size > len(splits.train):
-        raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training images")
-    log(f"data: {source.description}; validation: {splits.how}")
-    report = bb.load_report
-    if report is not None:
-        log(report.summary())
-        if report.missing or report.unexpected or report.mismatched:
-            log(report.details())
-    spec = bb.transform.with_sizes(opts.image_size)
-    seed_everything(opts.seed)
-    loaded = loaded_parameters(bb)
-    model, head_path = build_model(bb, splits.classes, opts.head, spec.crop, init_head, log)
-    frozen = frozen_parameters(model, opts.freeze, head_path, loaded)
-    set_frozen(model, frozen)
-    log(freeze_table(model))
-    model = prepare_model(model, runtime)
-
-    workers = default_workers() if workers is None else workers
-    loader_args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda,
-                       cache=cache)
-    train_loader = make_loader(splits.train, spec, opts.augment, train=True, **loader_args)
-    val_loader = make_loader(splits.val, spec, "none", train=False, **loader_args) if splits.val else None
-    optimizer = build_optimizer(model, head_path, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
-                                opts.weight_decay)
-    schedule = functools.partial(run_scheduler, optimizer, opts.schedule, opts.warmup, opts.epochs, len(train_loader))
-    config = _config(data, bb, weights, init_head, opts, splits, source.description, spec, runtime, head_path, workers)
-    meta = {
-        "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": opts.head,
-        "classifier": head_path, "transform": spec.to_dict(), "weights_id": bb.weights_id,
-        "weights_sha256": bb.weights_sha256, "weights_match": bb.weights_match, "featx_version": __version__,
-    }
-    return Trainer(
-        model=model, optimizer=optimizer, scheduler=schedule(),
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-        criterion=nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing), train_loader=train_loader,
-        val_loader=val_loader, spec=spec, runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at,
-        train_bn=opts.train_bn, epochs=opts.epochs, early_stop=opts.early_stop, run=run, config=config,
-        model_meta=meta, progress=progress, log=log, reschedule=schedule,
-        loss_name="cross-entropy" + (f" (label smoothing {opts.label_smoothing:g})" if opts.label_smoothing else ""),
-    )
-
-
-def build_model(bb: Backbone, classes: list[str], head: str = "linear", crop: int | None = None, init_head=None,
-                log=None) -> tuple[nn.Module, str]:
-    """`bb.model` with its classifier replaced by a new `head` for `classes` (warm-started from the linear head
-    folder `init_head` when given), checked to run on `crop` px inputs; returns (model, dotted name of the head)."""
-    log = log or (lambda line: None)
-    crop = crop or bb.transform.crop
-    model = bb.model
-    _dry_run(model, bb.name, crop)
-    head_path = classifier_path(model)
-    probe = None
-    if init_head is not None:
-        from ..heads import load_head
-
-        probe = load_head(init_head)
-        check_probe_features(probe, bb, crop)
-    new_head = replace_classifier(model, head_path, parse_head(head), len(classes))
-    if probe is not None:
-        init_from_probe(new_head, probe, classes)
-        log(f"head {head_path} initialised from the probe {probe.path}")
-    return model, head_path
-
-
-def _dry_run(model: nn.Module, name: str, size: int) -> None:
-    """Fail fast, before any image is decoded, when the model cannot take this input size."""
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, 3, size, size))
-    except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-        raise FeatxError(
-            f"backbone {name} cannot run on {size}x{size} inputs ({str(err).splitlines()[0][:150]}): check --image-size"
-        ) from err
-
-
-def _config(data, bb: Backbone, weights, init_head, opts: TrainOptions, splits: Splits, description: str, spec,
-            runtime: Runtime, head_path: str, workers: int) -> dict:
-    """config.json: what decides the run's numbers (compared on resume), plus provenance (PROVENANCE)."""
-    config = {
-        "data": os.path.abspath(data) if os.path.exists(str(data)) else str(data),
-        "source": description,
-        "classes": splits.classes,
-        "n_train": len(splits.train),
-        "n_val": len(splits.val),
-        "backbone": bb.name,
-        "weights": bb.weights_id,
-        "weights_sha256": bb.weights_sha256,
-        "weights_path": os.path.abspath(weights) if os.path.isfile(str(weights)) else None,
-        "weights_match": bb.weights_match,
-        "init_head": os.path.abspath(init_head) if init_head is not None else None,
-        **opts.to_dict(),
-        "classifier": head_path,
-        "transform": spec.to_dict(),
-        "precision": runtime.precision,
-        "device": str(runtime.device),
-        "workers": workers,
-        "featx_version": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        **bb.versions,
-    }
-    return json.loads(json.dumps(config))
 
 
 # The option that sets each config field, where it is not the field's own name as an option.

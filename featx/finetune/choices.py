@@ -13,4 +13,3 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle", "none")
 WARMUP_HELP = "epochs (2, 0.5) or steps (300steps)"
 TASKS = ("classify", "segment")
-DECODER_HELP = "conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes) or linear (a 1x1 conv probe)"

@@ -7,7 +7,6 @@ whatever the number of workers.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from ..crop_box import random_resized_box
 from ..errors import FeatxError
 from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, pixels, resize_pixels
 from ..runtime import loader_workers
@@ -24,8 +24,6 @@ from ..sources import DecodeError, Item, Source, content_keys, decode_image, str
 from .decoded import DecodedCache, stage_key
 
 DEFAULT_VAL_SPLIT = 0.2
-SCALE = (0.08, 1.0)
-RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass
@@ -69,27 +67,6 @@ def split_items(source: Source, val_split: float | None, seed: int) -> Splits:
     if len({item.label for item in train}) < 2:
         raise FeatxError(f"finetune needs training images of at least 2 classes; {source.description}")
     return Splits(train, val, list(source.classes), how)
-
-
-def random_resized_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `rng`."""
-    area = width * height
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return left, top, left + w, top + h
-    ratio = width / height  # fallback: the central crop of the closest allowed aspect ratio
-    w, h = width, height
-    if ratio < RATIO[0]:
-        h = int(round(width / RATIO[0]))
-    elif ratio > RATIO[1]:
-        w = int(round(height * RATIO[1]))
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
 
 
 class TrainTransform:

@@ -1,4 +1,4 @@
-"""One epoch of training and one pass of validation: the loop the documents write, at the runtime's precision."""
+"""One epoch of training and one pass of validation: the loop the PyTorch transfer-learning tutorial writes, at the runtime's precision."""
 from __future__ import annotations
 
 import signal

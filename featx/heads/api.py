@@ -36,7 +36,7 @@ def fit_head(
     head: str | None = None,
     normalize: str = "standard",
     grid=None,
-    folds: int = 5,
+    folds: int | None = None,
     class_weight: str | None = None,
     val_split: float = 0.2,
     seed: int = 0,
@@ -57,7 +57,7 @@ def fit_head(
 
     head: 'logistic' (default; 'ridge' for float targets), 'ridge', 'linear-svm', 'sgd' (streamed) or 'mlp'.
     Training rows are split 'train' when the file has splits, else all labelled rows less a stratified `val_split`
-    fraction held out for the metrics. C is chosen by `folds`-fold cross-validation on `grid` ('LO:HI' searched
+    fraction held out for the metrics. C is chosen by `folds`-fold cross-validation (None: 5, 3 from 50,000 training rows on) on `grid` ('LO:HI' searched
     per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
     training rows. solver 'torch' fits the logistic head by full-batch L-BFGS in torch on `device` (cpu, cuda,
     cuda:N; auto: CUDA when present), minimising scikit-learn's objective at the same C; 'auto' takes it for a

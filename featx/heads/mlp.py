@@ -1,4 +1,4 @@
-"""The MLP head: Linear-ReLU-Dropout-Linear (the documents' fixed-extractor head), trained with Adam in torch.
+"""The MLP head: Linear-ReLU-Dropout-Linear (the PyTorch transfer-learning tutorial's fixed-extractor head), trained with Adam in torch.
 
 After `fit` the weights are plain numpy arrays and inference is numpy, so the head saves and loads without
 pickles and predicts without torch.

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import DECODER_HELP
 from ..errors import FeatxError
-from ..finetune.choices import DECODER_HELP
 from ..layer_table import describe_layers
 from ..layers import channels_last_taps, check_taps, feature_extractor
 

@@ -101,7 +101,7 @@ def _pixels(store, tap, rows, masks, shape, per_image: int, seed: int):
 
 def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, binary: bool = False,
                     num_classes: int | None = None, pixels_per_image: int = PIXELS_PER_IMAGE, grid=None,
-                    folds: int = 5, normalize: str = "standard", val_split: float = 0.2, seed: int = 0,
+                    folds: int | None = None, normalize: str = "standard", val_split: float = 0.2, seed: int = 0,
                     n_jobs: int | None = -1, overwrite: bool = False):
     """Fit a per-pixel logistic regression on the maps of `tap` in the featx store `store_path`, against the masks
     of `masks` (a masks folder or CSV, see featx.segment.source). Returns the Head; with `output` it is saved."""
@@ -142,7 +142,7 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
         values, refine = cv.parse_grid(head_type.default_grid if grid is None else grid)
         result = None
         if len(values) > 1:
-            trainer.set_folds(_group_folds(groups, folds), "accuracy")
+            trainer.set_folds(_group_folds(groups, folds or cv.FOLDS), "accuracy")
             result = cv.search(trainer.score_grid, values, refine, "accuracy")
         C = result.best if result else float(values[0])
         head = Head(trainer.fit(C), kind=head_type.name, task="segmentation", model="linear", classes=names,

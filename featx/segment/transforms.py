@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..finetune.data import random_resized_box
+from ..crop_box import random_resized_box
 from ..preprocess import INTERPOLATIONS, TransformSpec, center_crop, resize_shorter_side, to_uint8_tensor
 from .source import IGNORE
 

@@ -6,6 +6,7 @@
     engine.py    one extractor per distinct head config, and the micro-batcher that feeds it
     training.py  heads fitted through the service on cached rows, as background jobs
     metrics.py   the Prometheus metrics
+    contract.py  the OpenAPI declarations: answer models, the error body, request bodies read by the routes
     app.py       the FastAPI routes;  server.py  binding, start-up and shutdown
 
 Everything here needs the optional `featx[serve]` extra; `featx --help` imports none of it.

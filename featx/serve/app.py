@@ -1,5 +1,7 @@
-"""The HTTP routes (FastAPI; OpenAPI at /docs). Every refusal is JSON {"detail": "one line"} with a 4xx status;
-an unexpected fault is a 500 whose body holds no traceback."""
+"""The HTTP routes (FastAPI; OpenAPI at /openapi.json, Swagger UI at /docs and ReDoc at /redoc from files installed
+with fastapi-offline, so they render with no network). Every refusal is JSON {"detail": "one line"} with a 4xx
+status; an unexpected fault is a 500 whose body holds no traceback. What each route takes and answers is declared
+with featx/serve/contract.py."""
 from __future__ import annotations
 
 import asyncio
@@ -9,18 +11,24 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__
 from ..errors import FeatxError
 from ..heads.prediction import Predictions, apply_head
-from . import masks
+from . import contract, masks
+from .contract import IMAGES, errors, json_body, request_body
 from .errors import ServiceError
 from .service import Service, Upload
 from .training import metrics_summary
@@ -47,14 +55,21 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
             await task
             await run_in_threadpool(service.close)
 
-    app = FastAPI(title="featx serve", version=__version__, lifespan=lifespan,
-                  description="Fitted featx heads and the embedding cache behind one HTTP endpoint.")
+    app = FastAPIOffline(title="featx serve", version=__version__, lifespan=lifespan,
+                         description="Fitted featx heads and the embedding cache behind one HTTP endpoint.",
+                         generate_unique_id_function=lambda route: route.name)
     app.add_middleware(BodyLimit, max_bytes=service.options.max_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     _error_handlers(app)
+    keyed = service.options.api_key is not None
     auth = _auth(service.options.api_key)
 
-    @app.get("/healthz", summary="200 once every extractor is loaded, 503 before")
+    def refusals(*statuses: int) -> dict:
+        """The errors a route can answer, with 401 where a key is required."""
+        return errors(*((401,) if keyed else ()), *statuses)
+
+    @app.get("/healthz", summary="200 once every extractor is loaded, 503 before", response_model=contract.Health,
+             response_model_exclude_none=True, responses={503: {"model": contract.Health, "description": "loading"}})
     async def healthz():
         if service.failure:
             return JSONResponse({"status": "failed", "detail": service.failure}, status_code=503)
@@ -62,17 +77,30 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ready", "heads": service.registry.names(), "extractors": len(service.engine.extractors)}
 
-    @app.get("/metrics", dependencies=[auth], summary="Prometheus metrics")
+    @app.get("/metrics", dependencies=auth, summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {contract.PROMETHEUS_TEXT: {"schema": {"type": "string"}}}},
+                        **refusals()})
     async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(service.metrics.render(), media_type=contract.PROMETHEUS_TEXT)
 
-    @app.get("/v1/heads", dependencies=[auth], summary="The served heads")
+    @app.get("/v1/heads", dependencies=auth, summary="The served heads", response_model=contract.HeadList,
+             responses={200: {"links": {
+                 "predict": {"operationId": "predict", "parameters": {"name": "$response.body#/heads/0/name"}},
+                 "embed": {"operationId": "embed", "parameters": {"head": "$response.body#/heads/0/name"}}}},
+                 **refusals()})
     async def heads():
         return {"heads": [_describe(s) for s in service.registry.all()]}
 
-    @app.post("/v1/heads/{name}/predict", dependencies=[auth], summary="Predict images or embeddings")
+    @app.post("/v1/heads/{name}/predict", dependencies=auth, summary="Predict images or embeddings",
+              response_model=contract.Predictions | contract.Masks, response_model_exclude_none=True,
+              responses={200: {"content": {"image/png": {"schema": contract.BINARY}},
+                               "description": "predictions, or a segmentation head's masks (JSON, or one PNG)"},
+                         **refusals(404, 413, 415, 422, 503)},
+              openapi_extra=request_body(IMAGES, json_body(contract.Embeddings)))
     async def predict(name: str, request: Request, top_k: int | None = Query(None, ge=1),
-                      mask: str | None = Query(None, description="segmentation heads: rle (default), array or png")):
+                      mask: Literal[masks.FORMATS] | None = Query(
+                          None, description="segmentation heads: rle (default), array or png")):
         """Images as multipart `file` fields or a raw image body, or JSON {"embeddings": [[...], ...]}.
         A segmentation head answers each image's mask (?mask=, or Accept: image/png; see featx/serve/masks.py)."""
         _ready(service)
@@ -104,7 +132,9 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
             results.append(record)
         return {"head": served.name, "results": results}
 
-    @app.post("/v1/embed", dependencies=[auth], summary="Stored-row embeddings of images")
+    @app.post("/v1/embed", dependencies=auth, summary="Stored-row embeddings of images",
+              response_model=contract.EmbedAnswer, responses=refusals(404, 413, 415, 422, 503),
+              openapi_extra=request_body(IMAGES))
     async def embed(request: Request, tap: str | None = None, head: str | None = None):
         """The rows `featx extract` stores for these images with the head's extractor (?head= picks it when the
         heads use several; ?tap= one of its taps, by default the head's own or the extractor's last)."""
@@ -118,7 +148,8 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         return {"backbone": extractor.config["backbone"], "tap": tap, "results": [
             {"sha256": e.key, "cached": e.cached, "embedding": np.asarray(e.rows[tap]).tolist()} for e in embedded]}
 
-    @app.post("/v1/admin/reload", dependencies=[auth], summary="Read every head folder again")
+    @app.post("/v1/admin/reload", dependencies=auth, summary="Read every head folder again",
+              response_model=contract.HeadNames, responses=refusals(422))
     async def reload():
         try:
             names = await run_in_threadpool(service.registry.reload)
@@ -126,34 +157,40 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
             raise ServiceError(422, f"reload refused, the loaded heads keep serving: {err}") from None
         return {"heads": names}
 
-    @app.post("/v1/heads", dependencies=[auth], status_code=202, summary="Fit a head on cached rows (background)")
-    async def train(request: Request):
-        """JSON {"name", "head", "like": an existing head whose extractor and tap to use, "tap", "options",
-        "examples": [{"sha256" or "image_base64", "label"}, ...]} -> the job (GET /v1/jobs/{id})."""
+    def training_on() -> None:
         _ready(service)
         if service.trainer is None:
             raise ServiceError(403, "training through the service is off: start featx serve with --allow-training")
-        spec = await _json(request)
-        name, kind, options = spec.get("name"), spec.get("head"), spec.get("options") or {}
-        if not isinstance(options, dict):
-            raise ServiceError(422, "options: expected a JSON object of fit-head options")
-        service.trainer.check_request(name, kind, options)
-        like = service.head(spec["like"]) if spec.get("like") else None
+
+    @app.post("/v1/heads", dependencies=[*auth, Depends(training_on), Depends(contract.json_content)],
+              status_code=202, summary="Fit a head on cached rows (background)", response_model=contract.Job,
+              responses={202: {"links": {"job": {"operationId": "job",
+                                                 "parameters": {"job_id": "$response.body#/id"}}}},
+                         **refusals(403, 404, 409, 413, 415, 422, 503)})
+    async def train(spec: contract.TrainRequest):
+        """A head named `name` fitted on the labelled `examples` (an embedded image's sha256, or the image in
+        base64), with the extractor and tap of the head `like` -> the job (GET /v1/jobs/{id})."""
+        options = spec.options.model_dump(exclude_unset=True) if spec.options else {}
+        service.trainer.check_request(spec.name, spec.head, options)
+        like = service.head(spec.like) if spec.like else None
         extractor = await service.extractor_for(like) if like else service.only_extractor("POST /v1/heads")
-        tap = spec.get("tap") or (like.head.tap if like else extractor.taps[-1])
+        tap = spec.tap or (like.head.tap if like else extractor.taps[-1])
         if tap not in extractor.taps:
             raise ServiceError(422, f"tap {tap!r}: this extractor computes {', '.join(extractor.taps)}")
-        keys, labels, rows = await _examples(service, extractor, spec.get("examples"), tap)
-        job = service.trainer.start(name, kind, options, extractor.config, extractor.key, tap, keys, labels, rows)
+        keys, labels, rows = await _examples(service, extractor, spec.examples, tap)
+        job = service.trainer.start(spec.name, spec.head, options, extractor.config, extractor.key, tap, keys, labels,
+                                    rows)
         return job.to_dict()
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[auth], summary="A fit's state and metrics")
+    @app.get("/v1/jobs/{job_id}", dependencies=auth, summary="A fit's state and metrics", response_model=contract.Job,
+             responses=refusals(404))
     async def job(job_id: str):
         found = service.trainer.jobs.get(job_id) if service.trainer else None
         if found is None:
             raise ServiceError(404, f"no job {job_id!r}")
         return found.to_dict()
 
+    contract.declare_errors(app)
     return app
 
 
@@ -235,21 +272,17 @@ def _embeddings_json(body: dict, width: int) -> np.ndarray:
     return X
 
 
-async def _examples(service: Service, extractor, examples, tap: str):
+async def _examples(service: Service, extractor, examples: list, tap: str):
     """(keys, labels, rows of `tap`) of the labelled examples: sha256 keys in the cache, or base64 images."""
-    if not isinstance(examples, list) or not examples:
-        raise ServiceError(422, 'examples: expected a list of {"sha256" or "image_base64", "label"}')
     keys, labels, rows, uploads = [], [], [], {}
     for i, example in enumerate(examples):
-        if not isinstance(example, dict) or "label" not in example:
-            raise ServiceError(422, f"examples[{i}]: expected an object with a label")
-        if "image_base64" in example:
+        if isinstance(example, contract.ImageExample):
             try:
-                uploads[i] = Upload(f"examples[{i}]", base64.b64decode(example["image_base64"], validate=True))
-            except (binascii.Error, TypeError, ValueError):
+                uploads[i] = Upload(f"examples[{i}]", base64.b64decode(example.image_base64, validate=True))
+            except (binascii.Error, ValueError):
                 raise ServiceError(422, f"examples[{i}].image_base64: not valid base64") from None
-        keys.append(example.get("sha256"))
-        labels.append(str(example["label"]))
+        keys.append(getattr(example, "sha256", None))
+        labels.append(str(example.label))
     embedded = dict(zip(uploads, await service.embed(extractor, list(uploads.values())))) if uploads else {}
     for i, key in enumerate(keys):
         if i in embedded:
@@ -263,19 +296,23 @@ async def _examples(service: Service, extractor, examples, tap: str):
     return keys, labels, np.stack(rows)
 
 
-def _auth(api_key: str | None):
-    """A dependency requiring `Authorization: Bearer <key>` when the server has a key."""
-    bearer = HTTPBearer(auto_error=False)
+def _auth(api_key: str | None) -> list:
+    """The dependencies of a guarded route: none without a key (and no security in the OpenAPI document); with
+    one, `Authorization: Bearer <key>` or `X-API-Key: <key>` (either one right lets the request in), both
+    declared as security schemes."""
+    if api_key is None:
+        return []
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
 
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        if api_key is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key>",
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+                    key: str | None = Depends(header)):
+        given = [credentials.credentials if credentials is not None else "", key or ""]
+        if not any(secrets.compare_digest(g.encode(), api_key.encode()) for g in given):
+            raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key: <key>",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    return Depends(check)
+    return [Depends(check)]
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -285,13 +322,33 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()]
+        parts = [_invalid(e) for e in err.errors()]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 400 and err.__cause__ is not None:  # FastAPI could not read a JSON body
+            return JSONResponse({"detail": f"request body: not valid JSON ({err.__cause__})"}, status_code=422)
+        if err.status_code == 405:  # every method of the path, not only those of its first route
+            allowed = sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
+                              for m in getattr(r, "methods", ())})
+            return JSONResponse({"detail": f"method {request.method}: expected {', '.join(allowed)}"},
+                                status_code=405, headers={"Allow": ", ".join(allowed)})
+        return await http_exception_handler(request, err)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception):
         log.error("internal error on %s: %s", request.url.path, err, exc_info=err)
         return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server log"}, status_code=500)
+
+
+def _invalid(error: dict) -> str:
+    """One of FastAPI's validation errors as `where: what` (the field's dotted path, or `request body`)."""
+    if error["type"] == "json_invalid":
+        return f"request body: not valid JSON ({error.get('ctx', {}).get('error', error['msg'])})"
+    loc = error["loc"]
+    where = ".".join(str(p) for p in loc[1:]) or ("request body" if loc[0] == "body" else str(loc[0]))
+    return f"{where}: {error['msg']}"
 
 
 class RequestMetrics:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import FeatxError
 
-EXTRA_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+EXTRA_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "multipart", "prometheus_client")
 
 
 @dataclass

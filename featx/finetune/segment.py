@@ -1,4 +1,4 @@
-"""`featx finetune --task segment`: pairs, loss, metric totals and the trainer of a segmentation run.
+"""`featx finetune --task segment`: the segmentation task (pairs, loss, metric totals, trainer) of a run.
 
 The run reuses classification's machinery whole: TrainOptions, freezing, optimizer and schedule, RunDir with its
 checkpoints and --resume, metrics.jsonl and curves.png. What differs is here: the loss (cross-entropy, or BCE on
@@ -16,20 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
 from ..errors import FeatxError
-from ..finetune.checkpoint import atomic_write, seed_everything
-from ..finetune.data import ImageDataset, Splits, hold_out, loader_for
-from ..finetune.freezing import freeze_table, frozen_parameters, loaded_parameters, set_frozen
-from ..finetune.loop import PassStats
-from ..finetune.optim import build_optimizer, run_scheduler
-from ..finetune.train import Trainer
 from ..preprocess import normalize_batch
+from ..segment.metrics import confusion, predicted_ids, summarize
+from ..segment.model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
+from ..segment.source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
+from ..segment.transforms import JointTransform, mask_image
 from ..sources import DecodeError, decode_image
-from .metrics import confusion, predicted_ids, summarize
-from .model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
-from .source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
-from .transforms import JointTransform, mask_image
+from .checkpoint import atomic_write
+from .data import ImageDataset, Splits, hold_out, loader_for
+from .loop import PassStats
+from .options import TrainOptions
+from .task import Task
+from .train import Trainer
 
 PREVIEW = "predictions.png"
 PREVIEW_IMAGES = 4
@@ -163,60 +162,50 @@ def write_preview(model: nn.Module, dataset: PairDataset, spec, runtime, path) -
     atomic_write(path, FigureCanvasAgg(fig).print_png)
 
 
-def segment_trainer(data, bb, weights, opts, runtime, workers, run, progress, log, *, tap, decoder, binary,
-                    num_classes, dice_weight) -> Trainer:
-    """Load the pairs, cut the loaded Backbone `bb` at the tap, freeze, and build the loaders, optimizer and schedule of a run."""
-    from ..finetune.api import _config
+class SegmentTask(Task):
+    """Segmentation: image + mask pairs, the backbone cut at `tap` with a `decoder`; `binary` masks train one logit
+    with BCE, `num_classes` bounds the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of
+    highest val mean IoU."""
 
-    if not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
-        raise FeatxError(f"--dice-weight {dice_weight!r}: expected a number of 0 or more")
-    spec_decoder = parse_decoder(decoder)
-    source = load_mask_source(data, binary=binary, num_classes=num_classes)
-    for relpath, reason in source.failed:
-        log(f"featx: warning: pair left out: {relpath}: {reason}")
-    splits = split_pairs(source, opts.val_split, opts.seed)
-    if opts.batch_size > len(splits.train):
-        raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training pairs")
-    log(f"data: {source.description}; validation: {splits.how}")
-    if bb.load_report is not None:
-        log(bb.load_report.summary())
-    spec = bb.transform.with_sizes(opts.image_size)
-    seed_everything(opts.seed)
-    loaded = loaded_parameters(bb)
-    tap = tap or default_tap(bb.model)
-    model = build_segmenter(bb.model, tap, spec_decoder, source.n_outputs, spec.crop, bb.name)
-    frozen = frozen_parameters(model, opts.freeze, HEAD_NAME, loaded)
-    set_frozen(model, frozen)
-    log(f"tap {tap}, decoder {spec_decoder}, {source.n_outputs} output channel(s)")
-    log(freeze_table(model))
-    from ..runtime import default_workers, prepare_model
+    name = "segment"
+    unit = "pairs"
+    trainer_class = SegmentTrainer
 
-    model = prepare_model(model, runtime)
-    workers = default_workers() if workers is None else workers
-    args = dict(batch_size=opts.batch_size, workers=workers, seed=opts.seed, pin_memory=runtime.is_cuda)
-    train_loader = loader_for(PairDataset(splits.train, JointTransform(spec, opts.augment), binary), train=True, **args)
-    val_loader = loader_for(PairDataset(splits.val, JointTransform(spec, "none"), binary), train=False,
-                            **args) if splits.val else None
-    optimizer = build_optimizer(model, HEAD_NAME, opts.optimizer, opts.lr, opts.backbone_lr, opts.momentum,
-                                opts.weight_decay)
-    schedule = functools.partial(run_scheduler, optimizer, opts.schedule, opts.warmup, opts.epochs, len(train_loader))
-    segment = {"task": "segment", "tap": tap, "decoder": str(spec_decoder), "binary": bool(binary),
-               "num_classes": source.num_classes, "dice_weight": float(dice_weight)}
-    config = {**_config(data, bb, weights, None, opts, splits, source.description, spec, runtime, HEAD_NAME,
-                        workers), **segment}
-    meta = {
-        "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes), "head": str(spec_decoder),
-        "classifier": HEAD_NAME, "transform": spec.to_dict(), "weights_id": bb.weights_id,
-        "weights_sha256": bb.weights_sha256, "featx_version": __version__, **segment,
-    }
-    criterion = SegmentLoss(dice_weight)
-    return SegmentTrainer(
-        model=model, optimizer=optimizer, scheduler=schedule(), reschedule=schedule,
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-        criterion=criterion, train_loader=train_loader, val_loader=val_loader, spec=spec,
-        runtime=runtime, frozen=frozen, unfreeze_at=opts.unfreeze_at, train_bn=opts.train_bn, epochs=opts.epochs,
-        early_stop=opts.early_stop, run=run, config=config, model_meta=meta, progress=progress, log=log,
-        make_totals=functools.partial(SegmentTotals, classes=splits.classes),
-        val_criterion=SegmentLoss(dice_weight, reduction="sum"), score_key="val_miou",
-        loss_name=criterion.name(binary), acc_name="pixel accuracy",
-    )
+    def __init__(self, *, tap=None, decoder="conv:256", binary=False, num_classes=None, dice_weight=0.0):
+        if isinstance(dice_weight, bool) or not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
+            raise FeatxError(f"--dice-weight {dice_weight!r}: expected a number of 0 or more")
+        self.tap, self.decoder, self.binary = tap, parse_decoder(decoder), binary
+        self.num_classes, self.dice_weight = num_classes, float(dice_weight)
+        self.source = None
+
+    def load(self, data, opts: TrainOptions, log) -> tuple[str, Splits]:
+        self.source = load_mask_source(data, binary=self.binary, num_classes=self.num_classes)
+        for relpath, reason in self.source.failed:
+            log(f"featx: warning: pair left out: {relpath}: {reason}")
+        return self.source.description, split_pairs(self.source, opts.val_split, opts.seed)
+
+    def build_model(self, bb, splits: Splits, crop: int, opts: TrainOptions, log) -> tuple[nn.Module, str]:
+        self.tap = self.tap or default_tap(bb.model)
+        model = build_segmenter(bb.model, self.tap, self.decoder, self.source.n_outputs, crop, bb.name)
+        log(f"tap {self.tap}, decoder {self.decoder}, {self.source.n_outputs} output channel(s)")
+        return model, HEAD_NAME
+
+    def loaders(self, splits: Splits, spec, opts: TrainOptions, loader_args: dict):
+        train = loader_for(PairDataset(splits.train, JointTransform(spec, opts.augment), self.binary), train=True,
+                           **loader_args)
+        val = loader_for(PairDataset(splits.val, JointTransform(spec, "none"), self.binary), train=False,
+                         **loader_args) if splits.val else None
+        return train, val
+
+    def head_name(self, opts: TrainOptions) -> str:
+        return str(self.decoder)
+
+    def record(self, splits: Splits) -> dict:
+        return {"task": "segment", "tap": self.tap, "decoder": str(self.decoder), "binary": bool(self.binary),
+                "num_classes": self.source.num_classes, "dice_weight": self.dice_weight}
+
+    def trainer_options(self, splits: Splits, opts: TrainOptions) -> dict:
+        criterion = SegmentLoss(self.dice_weight)
+        return {"criterion": criterion, "make_totals": functools.partial(SegmentTotals, classes=splits.classes),
+                "val_criterion": SegmentLoss(self.dice_weight, reduction="sum"), "score_key": "val_miou",
+                "loss_name": criterion.name(self.binary), "acc_name": "pixel accuracy"}
