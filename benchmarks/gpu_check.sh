@@ -82,10 +82,13 @@ if [ "$dry" = 1 ] || [ -d "$SEED_DATA" ]; then
   step "seed time-to-accuracy" 120 benchmarks/probe_vs_finetune.py --part seed --seed-data "$SEED_DATA" \
     --out benchmarks/results --tag "seed-gpu-$day"
 else
-  echo "== seed time-to-accuracy: skipped, no data at $SEED_DATA (SEED_DATA=FOLDER, an ImageFolder with train/ and val/)"
+  echo "== seed time-to-accuracy: skipped, no data at $SEED_DATA (SEED_DATA=FOLDER: an ImageFolder, train/ val/)"
   failed=1
 fi
 step "torch solver, 100,000 x 2048" 90 benchmarks/scale_heads.py --rows 100000 --features 2048 --streamed-rows 0 \
   --streamed-cv-rows 0 --fit-options="--solver torch --device cuda"
-echo "gpu_check: $([ "$dry" = 1 ] && echo "dry run ")done in $(( $(date +%s) - started )) s$([ "$failed" = 1 ] && echo ", with failures")"
+what="done"
+[ "$dry" = 1 ] && what="dry run done"
+[ "$failed" = 1 ] && what="$what, with failures"
+echo "gpu_check: $what in $(( $(date +%s) - started )) s"
 exit "$failed"

@@ -9,9 +9,9 @@ fit_head_full_search, fit_head_streamed, fit_head_in_memory_refused, on stores f
 that a benchmark gathering all scale figures can import and call them. Prints the CPU capability, then one line
 per run and a Markdown summary with each size's time as a multiple of the previous size's.
 
-    python benchmarks/scale_heads.py [--rows 10000,100000] [--features 1280] [--reference] [--streamed-rows 1000000]
-        [--five-folds] [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000] [--memory-cap-mb 2048] [--keep DIR]
-        [--fit-options="--solver torch --device cuda"]
+    python benchmarks/scale_heads.py [--rows 10000,100000] [--features 1280] [--reference] [--five-folds]
+        [--streamed-rows 1000000] [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000]
+        [--memory-cap-mb 2048] [--keep DIR] [--fit-options="--solver torch --device cuda"]
 
 --five-folds also runs the defaults with `--folds 5` (the fold count below 50,000 training rows) for the saving of
 three folds, side by side. --reference also runs the previous default's C search (scikit-learn's lbfgs, every decade of the default grid on
@@ -210,7 +210,8 @@ def main() -> None:
             print(f"{args.streamed_rows} rows, defaults under {cap:.0f} MB: {json.dumps(refused)}", flush=True)
             streamed = fit_head_streamed(store, folder / "head-sgd", cap, *args.streamed_options.split())
             print(f"{args.streamed_rows} rows, --head sgd {args.streamed_options}: {json.dumps(streamed)}", flush=True)
-            lines += ["", f"{args.streamed_rows:,} rows x {args.features} ({store.stat().st_size / 1e9:.1f} GB), address "
+            size = store.stat().st_size / 1e9
+            lines += ["", f"{args.streamed_rows:,} rows x {args.features} ({size:.1f} GB), address "
                       f"space capped at {cap:.0f} MB:",
                       f"- `fit-head` defaults: exit {refused['returncode']} in {refused['seconds']:.1f} s: "
                       f"`{refused['message']}`",
@@ -233,7 +234,8 @@ def defaults_table(folder: Path, sizes: list[int], reference: bool, five_folds: 
     """Markdown rows of fit-head's defaults (plus `options`) per store size of d columns (with `five_folds`, also at
     --folds 5; with `reference`, also the full search)."""
     given = f" {' '.join(options)}" if options else ""
-    lines = [f"| rows x {d} | fit-head (defaults{given}) s | x previous size | peak RSS MB | solver | C | CV acc | val acc |"
+    lines = [f"| rows x {d} | fit-head (defaults{given}) s | x previous size | peak RSS MB | solver | C | CV acc "
+             "| val acc |"
              + (" --folds 5 s | defaults / --folds 5 | its C |" if five_folds else "")
              + (" full search s | its C | CV acc | val acc | same C |" if reference else ""),
              "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if five_folds else "")

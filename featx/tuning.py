@@ -14,9 +14,9 @@ count, which OMP_NUM_THREADS or torch.set_num_threads may have lowered), of the 
 those within TIE of it the one with the fewest processes and threads. Workers and threads may add up to more than
 C: a worker that decodes faster than the model needs sleeps most of the time, and its core serves the model.
 
-m(T) is measured at T = 1 and T = C (or torch's count) and follows a straight speed-up line in between (s(T) = 1 + (T - 1) (m(1) /
-m(C) - 1) / (C - 1), m(T) = m(1) / s(T)), so that threads that do not pay (a busy machine, where each OpenMP
-thread waits for a core) are not chosen.
+m(T) is measured at T = 1 and T = C (or torch's count) and follows a straight speed-up line in between
+(s(T) = 1 + (T - 1) (m(1) / m(C) - 1) / (C - 1), m(T) = m(1) / s(T)), so that threads that do not pay (a busy
+machine, where each OpenMP thread waits for a core) are not chosen.
 
 The batch: the one whose model time is BATCH_SECONDS, so that the costs paid per batch (a worker's hand-over, a
 segment written per batch) stay small beside it, within MIN_BATCH..MAX_BATCH and what fits in memory; and small
@@ -166,7 +166,8 @@ def decide(costs: Costs, cores: int, n_images: int, *, workers: int | None = Non
 
 
 def defaults(workers: int | None, threads: int | None, batch_size: int | None, why: str) -> Choice:
-    """The fixed defaults (one worker per spare core, torch's threads, batch DEFAULT_BATCH) where nothing is measured."""
+    """The fixed defaults (one worker per spare core, torch's threads, batch DEFAULT_BATCH), where nothing is
+    measured."""
     import torch
 
     from .runtime import default_workers
