@@ -96,12 +96,16 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> str:
     return f"min cosine {cosine.min():.6f}   max |diff| / max |cpu| {relative:.2e}"
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4096, help="JPEGs timed end to end")
     parser.add_argument("--agree-images", type=int, default=128, help="JPEGs compared between CPU and GPU")
     parser.add_argument("--workers", type=int, default=None, help="featx extract --workers (default: featx's)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: torch sees no CUDA device")
     workers = [] if args.workers is None else ["--workers", str(args.workers)]

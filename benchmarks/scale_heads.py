@@ -9,8 +9,9 @@ fit_head_full_search, fit_head_streamed, fit_head_in_memory_refused, on stores f
 that a benchmark gathering all scale figures can import and call them. Prints the CPU capability, then one line
 per run and a Markdown summary with each size's time as a multiple of the previous size's.
 
-    python benchmarks/scale_heads.py [--rows 10000,100000] [--reference] [--streamed-rows 1000000]
-        [--five-folds] [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000] [--memory-cap-mb 2048] [--keep DIR]
+    python benchmarks/scale_heads.py [--rows 10000,100000] [--features 1280] [--reference] [--five-folds]
+        [--streamed-rows 1000000] [--streamed-options "--grid 0.01"] [--streamed-cv-rows 100000]
+        [--memory-cap-mb 2048] [--keep DIR] [--fit-options="--solver torch --device cuda"]
 
 --five-folds also runs the defaults with `--folds 5` (the fold count below 50,000 training rows) for the saving of
 three folds, side by side. --reference also runs the previous default's C search (scikit-learn's lbfgs, every decade of the default grid on
@@ -159,22 +160,23 @@ def same_c(a: float, b: float) -> bool:
     return abs(np.log10(a) - np.log10(b)) <= 0.25 + 1e-9
 
 
-def store_of(folder: Path, n: int) -> Path:
-    """The n-row embedding store in folder, written once and reused."""
-    path = folder / f"embeddings-{n}x{FEATURES}.h5"
+def store_of(folder: Path, n: int, d: int = FEATURES) -> Path:
+    """The n-row, d-column embedding store in folder, written once and reused."""
+    path = folder / f"embeddings-{n}x{d}.h5"
     if not path.exists():
         started = time.perf_counter()
-        write_embedding_store(path, n)
+        write_embedding_store(path, n, d)
         print(f"  wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - started:.0f} s",
               flush=True)
     return path
 
 
-def main() -> None:
-    import torch
-
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10000,100000", help="store sizes for fit-head's defaults")
+    parser.add_argument("--features", type=int, default=FEATURES, help="columns of every store")
+    parser.add_argument("--fit-options", default="", help="fit-head options added to the defaults' runs, e.g. "
+                        "\"--solver torch --device cuda\"")
     parser.add_argument("--reference", action="store_true", help="also run the full scikit-learn C search")
     parser.add_argument("--five-folds", action="store_true", help="also run the defaults with --folds 5")
     parser.add_argument("--streamed-rows", type=int, default=1_000_000, help="store size for --head sgd (0: skip)")
@@ -185,7 +187,13 @@ def main() -> None:
     parser.add_argument("--streamed-cv-options", default="--epochs 1", help="its options besides --head sgd")
     parser.add_argument("--memory-cap-mb", type=float, default=2048, help="address-space cap of the streamed fits")
     parser.add_argument("--keep", type=Path, help="folder for the stores (kept and reused); default: a temporary one")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
 
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start",
@@ -193,22 +201,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featx-scale-heads-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        lines = defaults_table(folder, [int(part) for part in args.rows.split(",")], args.reference, args.five_folds)
+        lines = defaults_table(folder, [int(part) for part in args.rows.split(",")], args.reference, args.five_folds,
+                               args.features, args.fit_options.split())
         cap = args.memory_cap_mb
         if args.streamed_rows:
-            store = store_of(folder, args.streamed_rows)
+            store = store_of(folder, args.streamed_rows, args.features)
             refused = fit_head_in_memory_refused(store, folder / "head-refused", cap)
             print(f"{args.streamed_rows} rows, defaults under {cap:.0f} MB: {json.dumps(refused)}", flush=True)
             streamed = fit_head_streamed(store, folder / "head-sgd", cap, *args.streamed_options.split())
             print(f"{args.streamed_rows} rows, --head sgd {args.streamed_options}: {json.dumps(streamed)}", flush=True)
-            lines += ["", f"{args.streamed_rows:,} rows x {FEATURES} ({store.stat().st_size / 1e9:.1f} GB), address "
+            size = store.stat().st_size / 1e9
+            lines += ["", f"{args.streamed_rows:,} rows x {args.features} ({size:.1f} GB), address "
                       f"space capped at {cap:.0f} MB:",
                       f"- `fit-head` defaults: exit {refused['returncode']} in {refused['seconds']:.1f} s: "
                       f"`{refused['message']}`",
                       f"- `fit-head --head sgd {args.streamed_options}`: {streamed['seconds']:.1f} s, peak RSS "
                       f"{streamed['peak_rss_mb']:.0f} MB, val acc {streamed['val_accuracy']:.4f}"]
         if args.streamed_cv_rows:
-            store = store_of(folder, args.streamed_cv_rows)
+            store = store_of(folder, args.streamed_cv_rows, args.features)
             streamed = fit_head_streamed(store, folder / "head-sgd-cv", cap, *args.streamed_cv_options.split())
             print(f"{args.streamed_cv_rows} rows, --head sgd {args.streamed_cv_options}: {json.dumps(streamed)}",
                   flush=True)
@@ -219,18 +229,21 @@ def main() -> None:
     print("\n".join(["", *lines, "", f"load average {os.getloadavg()[0]:.2f} at end"]))
 
 
-def defaults_table(folder: Path, sizes: list[int], reference: bool, five_folds: bool = False) -> list[str]:
-    """Markdown rows of fit-head's defaults per store size (with `five_folds`, also at --folds 5; with `reference`,
-    also the full search)."""
-    lines = ["| rows x 1280 | fit-head (defaults) s | x previous size | peak RSS MB | solver | C | CV acc | val acc |"
+def defaults_table(folder: Path, sizes: list[int], reference: bool, five_folds: bool = False, d: int = FEATURES,
+                   options: list[str] = ()) -> list[str]:
+    """Markdown rows of fit-head's defaults (plus `options`) per store size of d columns (with `five_folds`, also at
+    --folds 5; with `reference`, also the full search)."""
+    given = f" {' '.join(options)}" if options else ""
+    lines = [f"| rows x {d} | fit-head (defaults{given}) s | x previous size | peak RSS MB | solver | C | CV acc "
+             "| val acc |"
              + (" --folds 5 s | defaults / --folds 5 | its C |" if five_folds else "")
              + (" full search s | its C | CV acc | val acc | same C |" if reference else ""),
              "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if five_folds else "")
              + (" ---: | ---: | ---: | ---: | --- |" if reference else "")]
     previous = None
     for n in sizes:
-        store = store_of(folder, n)
-        run = fit_head_defaults(store, folder / "head")
+        store = store_of(folder, n, d)
+        run = fit_head_defaults(store, folder / "head", *options)
         print(f"{n} rows: fit-head defaults {json.dumps(run)}", flush=True)
         growth = f"{run['seconds'] / previous:.2f}" if previous else ""
         previous = run["seconds"]

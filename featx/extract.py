@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import __version__, distributed
 from .backbones import Backbone, check_backbone, check_complete, load_backbone
 from .choices import DECODES, DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
+from .cpu import torch_threads
 from .errors import FeatxError
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
@@ -34,6 +35,7 @@ from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
 from .sources import DecodeError, Source, decode_image, load_source, unreadable_reason
 from .rowfiles import store_bytes
 from .store import config_fingerprint, open_store
+from .tuning import DEFAULT_BATCH, PROBE_IMAGES, Choice, check_counts, defaults, tune
 from .writer import StoreWriter
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -123,26 +125,29 @@ def _collate_encoded(items):
 
 
 def _collate_pixels(items):
-    """(indices, uint8 (B, 3, H, W) batch in channels_last memory, reasons): the images' HWC memory is stacked as
-    it is, so the model's layout costs no copy here and the float conversion reads pixels in order."""
+    """(indices, uint8 (B, 3, H, W) batch, reasons), see _stack_pixels."""
     indices, images, reasons = zip(*items)
-    batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-    return list(indices), batch, list(reasons)
+    return list(indices), _stack_pixels(images), list(reasons)
 
 
-def _validate(pooling, token_pool, dtype, batch_size, on_error, workers, retention, size_limit) -> None:
+def _stack_pixels(images) -> torch.Tensor:
+    """uint8 (B, 3, H, W) batch in channels_last memory: the images' HWC memory is stacked as it is, so the model's
+    layout costs no copy here and the float conversion reads pixels in order."""
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
+def _validate(pooling, token_pool, dtype, batch_size, on_error, workers, threads, retention, size_limit) -> None:
     if pooling not in POOLINGS:
         raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
     if token_pool not in TOKEN_POOLINGS:
         raise FeatxError(f"--token-pool {token_pool!r}: expected one of {', '.join(TOKEN_POOLINGS)}")
     if dtype not in DTYPES:
         raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise FeatxError(f"--batch-size {batch_size!r}: expected a positive integer")
     if on_error not in ON_ERROR:
         raise FeatxError(f"--on-error {on_error!r}: expected one of {', '.join(ON_ERROR)}")
-    if workers is not None and workers < 0:
-        raise FeatxError(f"--workers {workers}: expected 0 or more")
+    check_counts(workers, threads)
     if retention not in RETENTIONS:
         raise FeatxError(f"retention {retention!r}: expected one of {', '.join(RETENTIONS)}")
     if size_limit is not None and (not isinstance(size_limit, int) or size_limit < 0):
@@ -167,20 +172,17 @@ def _check_output(output: Path) -> None:
 class FeatureRunner:
     """The model side: a traced extractor for the taps, run under the runtime's precision, pooled to rows."""
 
-    def __init__(self, bb: Backbone, taps, pooling, token_pool, transform, runtime: Runtime, dtype,
-                 compiled_batch: int | None = None):
+    def __init__(self, bb: Backbone, taps, pooling, token_pool, transform, runtime: Runtime, dtype):
         self.runtime = runtime
         self.transform = transform
         self.pooling, self.token_pool, self.dtype = pooling, token_pool, DTYPES[dtype]
         self.taps = list(taps)
+        self.name = bb.name
         self.nhwc = channels_last_taps(bb.model, self.taps)
         extractor = feature_extractor(bb.model, {tap: tap for tap in self.taps})
         self.model = prepare_model(extractor.eval(), runtime)
         self.compiled_batch = None
         self._dry_run(bb.name)
-        if compiled_batch:
-            self.compiled_batch = compiled_batch
-            self._compile()
 
     def _dry_run(self, name: str) -> None:
         """Fail fast, before any I/O, when the model cannot take this input size."""
@@ -193,9 +195,10 @@ class FeatureRunner:
                 f"({str(err).splitlines()[0][:150]}): check --image-size"
             ) from err
 
-    def _compile(self) -> None:
-        """torch.compile the extractor (inductor, weights frozen as constants) and warm it up on one full batch;
-        every later batch is padded to that size, so it compiles once."""
+    def compile(self, batch_size: int) -> None:
+        """torch.compile the extractor (inductor, weights frozen as constants) and warm it up on one full batch of
+        `batch_size`; every later batch is padded to that size, so it compiles once."""
+        self.compiled_batch = batch_size
         self.model = torch.compile(self.model, dynamic=False, options={"freezing": True})
         try:
             self(torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8))
@@ -239,8 +242,9 @@ def extract(
     token_pool: str = "cls",
     image_size: int | None = None,
     resize: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float32",
@@ -286,7 +290,7 @@ def extract(
     if checked.result is not None:
         return checked.result
     log = log or (lambda line: None)
-    _validate(pooling, token_pool, dtype, batch_size, on_error, workers, retention, size_limit)
+    _validate(pooling, token_pool, dtype, batch_size, on_error, workers, threads, retention, size_limit)
     shard = distributed.discover(num_shards, shard_index)
     _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model)
     if backbone is not None:
@@ -307,10 +311,13 @@ def extract(
         taps = list(taps) if taps else [penultimate_node(bb.model)]
         check_taps(bb.model, taps)
         transform = bb.transform.with_sizes(image_size, resize)
+        fits = None  # the largest batch that fits in memory, where known
         if runtime is not None:  # before the store's folder exists: a batch that cannot fit leaves nothing behind
-            check_batch_memory(bb.model, transform.crop, batch_size, runtime.device, n_images=len(source.items),
-                               resize=transform.resize, resize_option="--resize" if resize else None,
-                               decoders=loader_workers(workers, len(source.items), batch_size))
+            fits = check_batch_memory(bb.model, transform.crop, batch_size or 1, runtime.device,
+                                      n_images=len(source.items), resize=transform.resize,
+                                      resize_option="--resize" if resize else None,
+                                      batch_option="--batch-size" if batch_size else None,
+                                      decoders=loader_workers(workers, len(source.items), batch_size or DEFAULT_BATCH))
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
         config["request"] = record(arguments, bb.weights_file)
@@ -331,19 +338,27 @@ def extract(
             to_compute = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
             failures: dict[str, str] = {}
             compute_seconds = 0.0
+            choice = None
             if to_compute:
                 paths = [source.items[i].path for i in to_compute]
-                batch = min(batch_size, len(paths))  # no batch is larger than the images there are
                 t0 = time.perf_counter()
                 if cluster:
+                    batch = min(batch_size or DEFAULT_BATCH, len(paths))  # no batch larger than the images there are
                     batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
-                    with out_of_memory_as_error("--batch-size", batch_size, runtime.device,
-                                                decode_options="--resize, --image-size or --workers"):
-                        runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype,
-                                               compiled_batch=batch if compile_model else None)
-                        batches = _local_batches(paths, runner, batch, workers, decode)
+                    with out_of_memory_as_error("--batch-size", batch_size or PROBE_IMAGES, runtime.device):
+                        runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
+                        choice = _choose(paths, runner, shard, decode, fits, workers, threads, batch_size,
+                                         log if progress else None)
+                    config["tuning"] = choice.to_dict()  # sealed with the store
+                    batch = min(choice.batch_size, len(paths))
+                    with out_of_memory_as_error("--batch-size", batch, runtime.device,
+                                                decode_options="--resize, --image-size or --workers"), \
+                            torch_threads(choice.threads):
+                        if compile_model:
+                            runner.compile(batch)
+                        batches = _local_batches(paths, runner, batch, choice.workers, decode)
                         _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
@@ -382,6 +397,7 @@ def extract(
         n_dropped=plan.dropped if plan else 0,
         other=plan.other if plan else {},
         rows=ours,
+        tuning=choice.to_dict() if choice else None,
     )
 
 
@@ -402,6 +418,26 @@ def _unread_note(source: Source) -> str:
     others = f" and {more} more folder{'s' if more > 1 else ''}" if more else ""
     return (f"{Path(source.root, folder)}: {reason}{others}: left out, the store keeps the rows it has of them "
             f"(--on-error fail stops instead)")
+
+
+def _choose(paths, runner: FeatureRunner, shard, decode, fits, workers, threads, batch_size, log) -> Choice:
+    """Workers, threads and batch size for computing `paths` with `runner` (featx.tuning): measured or cached where
+    the model runs on this process's CPU alone, the fixed defaults elsewhere; a measurement is told to `log`."""
+    device = runner.runtime.device
+    if device.type != "cpu" or decode == "gpu":
+        return defaults(workers, threads, batch_size, f"model on {device}" if device.type != "cpu" else "--decode gpu")
+    if shard.is_split:
+        return defaults(workers, threads, batch_size, f"{shard.name}: processes may share this machine")
+    spec = runner.transform
+    setting = {"backbone": runner.name, "taps": runner.taps, "crop": spec.crop, "resize": spec.resize,
+               "interpolation": spec.interpolation, "precision": runner.runtime.precision,
+               "device": str(device)}
+    decoder = CpuDecoder(spec, decode)
+    choice = tune(paths, lambda path: decoder(path)[0], lambda images: runner(_stack_pixels(images)), setting,
+                  workers=workers, threads=threads, batch_size=batch_size, max_batch=fits)
+    if choice.how == "measured" and log:
+        log(f"tuned for this machine: {choice.describe()}")
+    return choice
 
 
 def _check_all_readable(source: Source, keys: list[str | None]) -> None:

@@ -62,21 +62,21 @@ def batch_memory(model: nn.Module, image_size: int, *, training: bool = False, e
 def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, device: torch.device, *,
                        training: bool = False, every_output: bool = False, resize: int | None = None,
                        decoders: int = 1, size_option: str | None = "--image-size", resize_option: str | None = None,
-                       batch_option: str | None = "--batch-size", n_images: int | None = None) -> None:
+                       batch_option: str | None = "--batch-size", n_images: int | None = None) -> int | None:
     """FeatxError (one line naming the options, the bytes needed and available) when a batch of `batch_size`
     images (at most `n_images`, the images there are) cannot fit in the memory `device` has available; devices
-    whose free memory is unknown (MPS) pass.
+    whose free memory is unknown (MPS) pass. Returns the largest batch that fits (None where unknown).
 
     The options name what the user typed: `size_option` None when the size is not the user's (a head's crop),
     `resize_option` when the resize was given, `batch_option` None when the batch is not the user's."""
     available = available_bytes(device)
     if available is None:
-        return
+        return None
     need = batch_memory(model, image_size, training=training, every_output=every_output, resize=resize,
                         decoders=decoders, on_device=device.type != "cpu")
     batch = min(batch_size, n_images or batch_size)
     if need.bytes(batch) <= available:
-        return
+        return need.largest_batch(available)
     given = [f"{size_option} {image_size}" if size_option else f"{image_size}x{image_size} images"]
     given += [f"{resize_option} {resize}"] if resize_option else []
     sizes = [option for option in (size_option, resize_option) if option]

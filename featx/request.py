@@ -23,11 +23,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .choices import DEFAULT_DECODE, recorded_decode
+from .cpu import cpu_fields
 from .errors import FeatxError
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
 
-NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "compile_model", "on_error", "retention",
+NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "threads", "compile_model", "on_error", "retention",
                           "size_limit", "rehash", "progress", "log", "checked"})
 FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
 DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
@@ -35,7 +36,8 @@ DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --
 # (and torch); tests/test_request.py holds this equal to extract's signature.
 EXTRACT_DEFAULTS = {
     "backbone": None, "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
-    "token_pool": "cls", "image_size": None, "resize": None, "batch_size": 64, "workers": None, "device": "auto",
+    "token_pool": "cls", "image_size": None, "resize": None, "batch_size": None, "workers": None, "threads": None,
+    "device": "auto",
     "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
     "overwrite": False, "retention": "mirror", "size_limit": None, "num_shards": None, "shard_index": None,
     "rehash": False, "engine": "local", "ray_address": None, "num_gpus_per_worker": None, "progress": False, "log": None, "checked": None,
@@ -66,6 +68,7 @@ class ExtractResult:
     n_dropped: int = 0
     other: dict[str, int] = field(default_factory=dict)
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    tuning: dict | None = None  # the workers, threads and batch size the computing used (featx.tuning.Choice)
 
     def summary(self) -> str:
         size = self.store_bytes / 1e6
@@ -95,7 +98,7 @@ class ExtractResult:
             "reused": self.n_reused, "dropped": self.n_dropped, "failed": self.n_failed,
             "other_data": dict(self.other), "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2), "bytes": self.store_bytes,
-            "failures": [{"path": p, "reason": r} for p, r in self.failed],
+            "failures": [{"path": p, "reason": r} for p, r in self.failed], "tuning": self.tuning,
         }
 
 
@@ -171,12 +174,7 @@ def _version(name: str) -> str | None:
 
 def _host() -> dict:
     """What `--device auto` and `--precision auto` depend on: the CPU's feature flags and the GPUs present."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].strip() for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
+    flags = cpu_fields()["flags"]
     try:
         gpus = sorted(name for name in os.listdir("/dev") if name.startswith(("nvidia", "dri", "kfd")))
     except OSError:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .choices import DEVICE_CHOICES, PRECISIONS
+from .cpu import usable_cores
 from .errors import FeatxError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +116,4 @@ def loader_workers(workers: int | None, n_items: int, batch_size: int) -> int:
 
 def default_workers() -> int:
     """DataLoader workers: one per spare core, at least one so decoding overlaps with compute."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, usable_cores() - 1))

@@ -213,12 +213,14 @@ def test_names_longer_than_the_file_system_allows(folder, tmp_path):
 
 
 def test_numbers_beyond_any_batch_or_worker_count(folder, tmp_path):
-    """A batch or worker count larger than the images there are is that many: --batch-size 10**30 used to reach
-    the DataLoader (larger than sys.maxsize), and --workers 10**9 started that many processes."""
-    huge = [*FAST[:6], "--batch-size", str(10**30), "--workers", str(10**9), "--json"]
+    """A batch larger than the images there are is that many (--batch-size 10**30 used to reach the DataLoader,
+    larger than sys.maxsize); a worker count beyond 4 per core is refused in one line before anything starts."""
+    huge = [*FAST[:6], "--batch-size", str(10**30), "--workers", "0", "--json"]
     res = run("extract", folder, "-o", tmp_path / "s.h5", *huge)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["computed"] == 6
+    line = _error_line(run("extract", folder, "-o", tmp_path / "t.h5", *FAST[:6], "--workers", str(10**9)))
+    assert "--workers" in line and "1000000000" in line
 
 
 def test_a_fixed_size_model_names_its_size(folder, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+import featx.cpu as cpu
 import featx.heads.torchfit as torchfit
 from featx import evaluate, fit_head, load_head
 from featx.errors import FeatxError
@@ -338,12 +339,12 @@ def test_cpu_solves_use_the_idle_cores(tmp_path, monkeypatch):
 
     overlapping_store(tmp_path / "s.h5", 3)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(torchfit.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 4)
     for load, idle in ((4.0, 1), (2.6, 1), (1.4, 3), (0.0, 4)):
-        monkeypatch.setattr(torchfit.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        monkeypatch.setattr(cpu.os, "getloadavg", lambda: (load, 0.0, 0.0))
         assert torchfit.idle_cores() == idle
     seen = []
-    monkeypatch.setattr(torchfit.os, "getloadavg", lambda: (4.0, 0.0, 0.0))
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (4.0, 0.0, 0.0))
     solve = torchfit.TorchFit._solve
     monkeypatch.setattr(torchfit.TorchFit, "_solve", lambda *args: seen.append(torch.get_num_threads()) or solve(*args))
     with open_rows(tmp_path / "s.h5", "avgpool") as rows:

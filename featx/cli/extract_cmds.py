@@ -5,6 +5,8 @@ import click
 
 from ..choices import (DECODES, DEFAULT_DECODE, DEVICE_CHOICES, POOLINGS, PRECISIONS, TOKEN_POOLINGS, WEIGHTS_MATCHES,
                        recorded_decode)
+from ..cpu import usable_cores
+from ..tuning import max_workers
 from .common import BACKBONE_HELP, echo_json
 
 
@@ -21,8 +23,9 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--token-pool", type=click.Choice(TOKEN_POOLINGS), default="cls", show_default=True, help="Transformer token outputs: class token or mean of tokens.")
 @click.option("--image-size", type=click.IntRange(min=8), help="Center-crop size (default: the weights' preset).")
 @click.option("--resize", type=click.IntRange(min=8), help="Shorter-side resize before the crop (default: keeps the preset's ratio).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers (default: cores - 1).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch (default: fitted to the machine, see docs/performance.md).")
+@click.option("--workers", type=click.IntRange(0, max_workers()), help="Decode worker processes, 0 = decode in the main process (default: fitted to the machine).")
+@click.option("--threads", type=click.IntRange(1, usable_cores()), help="torch threads of the model on the CPU (default: fitted to the machine).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_CHOICES)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto = bf16 on CPUs that support it, bf16/fp16 on CUDA.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype of the rows.")
@@ -40,7 +43,7 @@ from .common import BACKBONE_HELP, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, token_pool, image_size, resize, batch_size, workers,
-                device, precision, dtype, on_error, overwrite, prune, decode, compile_model, engine, ray_address,
+                threads, device, precision, dtype, on_error, overwrite, prune, decode, compile_model, engine, ray_address,
                 num_gpus_per_worker, num_shards, shard_index, rehash, as_json, quiet):
     """Compute embeddings of DATA into an HDF5 store, reusing rows already there.
 
@@ -55,7 +58,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
     options = dict(
         data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
         taps=list(taps) or None, pooling=pooling, token_pool=token_pool, image_size=image_size, resize=resize,
-        batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, on_error=on_error,
+        batch_size=batch_size, workers=workers, threads=threads, device=device, precision=precision, dtype=dtype, on_error=on_error,
         overwrite=overwrite, retention="prune" if prune else "mirror", decode=decode, compile_model=compile_model, engine=engine, ray_address=ray_address,
         num_gpus_per_worker=num_gpus_per_worker, num_shards=num_shards, shard_index=shard_index, rehash=rehash,
         progress=not quiet and not as_json,

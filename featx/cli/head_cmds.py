@@ -11,6 +11,7 @@ from ..choices import DEVICE_CHOICES
 from ..errors import FeatxError
 from ..heads.cv import DEFAULT_GRID
 from ..heads.estimators import HEAD_TYPES, NORMALIZERS, SOLVERS
+from ..tuning import max_workers
 from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
@@ -119,7 +120,7 @@ WEIGHTS = click.option("-w", "--weights", metavar="FILE", help="The head's weigh
 @TRUST
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|cuda:N|mps")
-@click.option("--workers", type=click.IntRange(min=0), help="Image decoding workers (default: cores - 1).")
+@click.option("--workers", type=click.IntRange(0, max_workers()), help="Image decoding workers (default: fitted to the machine, see docs/performance.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict_cmd(head, data, output, as_json, top_k, store, x_key, weights, overlay, trust, batch_size, device, workers,
                 quiet):

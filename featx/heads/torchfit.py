@@ -23,11 +23,9 @@ evaluated point where max |gradient in W| <= 1e-4. It takes about half the itera
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 
+from ..cpu import idle_cores, torch_threads
 from ..errors import FeatxError
 from .cv import score
 from .class_weights import balanced_weights
@@ -268,32 +266,6 @@ class TorchFit:
         with torch.no_grad():
             z = self._logits(W[None], b[None], lo, hi)[0]
             return ((z[0] > 0).long() if len(z) == 1 else z.argmax(0)).cpu().numpy()
-
-
-def idle_cores() -> int:
-    """The cores other processes leave idle: the cores less the 1-minute load average, rounded, at least 1 (every
-    core where the system has no load average). Read before the fit's own threads add to the load."""
-    cores = os.cpu_count() or 1
-    try:
-        return max(1, min(cores, round(cores - os.getloadavg()[0])))
-    except OSError:
-        return cores
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch's intra-op threads set to `threads` inside the block (None: left alone)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is None or threads == previous:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _rows_on_device(rows, train: np.ndarray, order: np.ndarray, normalize: str, chunk_rows: int, device):
