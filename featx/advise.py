@@ -176,6 +176,18 @@ def _labelled_counts(source, data) -> dict[str, int]:
     return counts
 
 
+def check_request(data, budget_seconds: float | None, seed: int) -> tuple:
+    """(source, images per class) of the labelled `data`, after checking the seed and the budget (one-line
+    FeatxErrors)."""
+    from .sources import load_source
+
+    check_seed(seed)
+    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
+        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
+    source = load_source(data)
+    return source, _labelled_counts(source, data)
+
+
 def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weights_match: str = "name",
            store=None, taps=None, image_size: int | None = None, budget_seconds: float | None = None, seed: int = 0,
            log=None) -> Advice:
@@ -186,16 +198,10 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     --freeze / full finetune. `log` receives progress lines. Returns the Advice (`.table()`, `.to_dict()`; the
     recommendation and the alternatives with their commands), also saved beside the store (.advice.json)."""
     from .backbones import load_backbone
-    from .extract import extract
-    from .sources import load_source
 
     started = time.perf_counter()
     log = log or (lambda line: None)
-    check_seed(seed)
-    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
-        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
-    source = load_source(data)
-    counts = _labelled_counts(source, data)
+    source, counts = check_request(data, budget_seconds, seed)
     bb = load_backbone(backbone, weights, match=weights_match)
     taps = list(taps) if taps else advice_taps(bb.model)
     size = image_size or bb.transform.crop
@@ -215,16 +221,8 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     store = Path(store) if store is not None else Path(f"{Path(str(data)).name or 'data'}.featx.h5")
     per_class = min(counts.values())
     take = affordable
-    with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
-        spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
-        part = "all images" if take >= max(counts.values()) else \
-            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
-        log(f"extracting {part} at taps {', '.join(taps)} into {store}")
-        # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
-        # another data each time, so earlier rows go (reported in the summary line)
-        result = extract(spec, store, backbone=bb.name, weights=weights, weights_match=weights_match, taps=taps,
-                         image_size=image_size, retention="prune", log=log)
-        log(result.summary())
+    result = extract_measured(data, source, counts, store, take, seed, budget, log, backbone=bb.name, weights=weights,
+                              weights_match=weights_match, taps=taps, image_size=image_size)
     costs = {**costs, "extract_seconds": result.seconds, "full_finetune_seconds": full_ft}
     advice = recommend(store, per_class_full=per_class, costs=costs, budget_seconds=budget, seed=seed,
                        started=started, command_data=str(data), image_size=image_size)
@@ -233,6 +231,24 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     advice.seconds = time.perf_counter() - started
     advice_path(store).write_text(json.dumps(advice.to_dict(), indent=2, default=str))
     return advice
+
+
+def extract_measured(data, source, counts: dict, store: Path, take: int, seed: int, budget: float, log,
+                     **options):
+    """Extract at most `take` seeded images per class of `data` (all of it when that covers every class) into
+    `store` with extract's `options` (backbone, weights, taps, ...); returns extract's result."""
+    from .extract import extract
+
+    with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
+        spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
+        part = "all images" if take >= max(counts.values()) else \
+            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
+        log(f"extracting {part} at taps {', '.join(options['taps'])} into {store}")
+        # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
+        # another data each time, so earlier rows go (reported in the summary line)
+        result = extract(spec, store, retention="prune", log=log, **options)
+        log(result.summary())
+    return result
 
 
 def advice_path(store) -> Path:
@@ -330,6 +346,23 @@ def _pooled(held_acc: float, n_held: int, cv: dict | None, n_train: int) -> floa
     return (held_acc * n_held + cv_acc * n_train) / (n_held + n_train)
 
 
+def project(curve: list[dict], per_class_full: int) -> tuple[float, float]:
+    """(accuracy projected to `per_class_full` images per class, slope in accuracy per doubling) of a learning
+    curve: its last point plus the slope over its last doubling or more, extrapolated at most MAX_DOUBLINGS."""
+    earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
+    span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
+    # Over more than MAX_DOUBLINGS (a curve the budget cut short) the early steep part would overstate the slope.
+    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, span) if earlier and span <= MAX_DOUBLINGS else 0.0
+    doublings = math.log2(max(1.0, per_class_full / curve[-1]["n"]))
+    return min(1.0, curve[-1]["acc"] + max(0.0, slope) * min(doublings, MAX_DOUBLINGS)), slope
+
+
+def accuracy_range(projected: float, held_out: int) -> tuple[float, float]:
+    """The 95 % interval of an accuracy measured on `held_out` rows."""
+    se = math.sqrt(max(projected * (1 - projected), 1e-4) / max(1, held_out))
+    return max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)
+
+
 def _recent_mean(curve: list[dict]) -> float:
     """Mean accuracy of a curve's points within a doubling of its last."""
     return float(np.mean([p["acc"] for p in curve if p["n"] >= curve[-1]["n"] / 2]))
@@ -379,15 +412,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     best_shallow = max(shallow, key=shallow.get) if shallow else None
     gap = final[penultimate] - (shallow[best_shallow] if shallow else 0.0)
     best_tap = penultimate if gap >= 0 or not shallow else best_shallow
-    curve = curves[curve_name(best_tap, normalize[best_tap])]
-    # Accuracy gained per doubling, over the last doubling or more (a fraction of one is all noise).
-    earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
-    span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
-    # Over more than MAX_DOUBLINGS (a curve the budget cut short) the early steep part would overstate the slope.
-    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, span) if earlier and span <= MAX_DOUBLINGS else 0.0
     per_class_full = per_class_full or per_class_store
-    doublings = math.log2(max(1.0, per_class_full / info["n_max"]))
-    projected = min(1.0, curve[-1]["acc"] + max(0.0, slope) * min(doublings, MAX_DOUBLINGS))
+    projected, slope = project(curves[curve_name(best_tap, normalize[best_tap])], per_class_full)
     se = math.sqrt(max(projected * (1 - projected), 1e-4) / max(1, info["held_out"]))
     n_full = per_class_full * k
     fwd, train = costs["forward_seconds_per_image"], costs["train_seconds_per_image"]
@@ -404,9 +430,7 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     hp = f"--optimizer adam --lr 1e-4 --epochs {FINETUNE_EPOCHS}"
     head_dir = Path(store).with_name(Path(store).stem + "-head")
     scaling = "" if normalize[best_tap] == "standard" else f" --normalize {normalize[best_tap]}"
-    probe = Choice("probe", best_tap, None, normalize[best_tap],
-                   (max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)),
-                   probe_s, f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
+    probe = Choice("probe", best_tap, None, normalize[best_tap], accuracy_range(projected, info["held_out"]), probe_s, f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
     ft_range = (max(0.0, projected - 1.96 * se), min(1.0, projected + (1 - projected) / 2))
     full = Choice("finetune", None, "none", None, ft_range, ft_s, f"{base} --freeze none {hp} -o runs/finetune")
     partial = Choice("finetune-freeze", best_tap, f"until:{best_tap}", None, ft_range, freeze_s,

@@ -20,9 +20,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False):
-    """A featx store whose taps separate the classes by `separation[tap]` noise standard deviations (`same`: every
-    tap holds the first tap's rows)."""
+def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False, backbone="resnet18"):
+    """A featx store of `backbone` whose taps separate the classes by `separation[tap]` noise standard deviations
+    (`same`: every tap holds the first tap's rows)."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), per_class)
     centres = rng.normal(size=(classes, dim))
@@ -32,7 +32,7 @@ def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, see
     if same:
         features = {t: features[TAPS[0]] for t in TAPS}
     n = len(labels)
-    return write_store(path, config={"backbone": "resnet18", "weights": "none", "taps": TAPS},
+    return write_store(path, config={"backbone": backbone, "weights": "none", "taps": TAPS},
                        keys=[f"{i:064x}" for i in range(n)], paths=[f"img/{i}.png" for i in range(n)],
                        labels=labels, classes=[f"c{i}" for i in range(classes)], features=features)
 
