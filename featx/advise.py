@@ -279,8 +279,8 @@ def _subset_csv(source, per_class: int, seed: int, folder: Path) -> Path:
 def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = None) -> tuple[dict, dict]:
     """Probe accuracy (held-out rows and the training rows' CV folds pooled, see _pooled) per tap, normalisation
     (NORMALIZATIONS, curves named by curve_name) and class-balanced n per class (nested subsets; 3 seeds below 8
-    per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows, else a stratified quarter of its
-    labelled rows. Past `deadline`
+    per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows when they leave every class 2
+    training rows, else a stratified quarter of its labelled rows. Past `deadline`
     (time.perf_counter()) the curve jumps to its last point (every training row). Returns (curves, info)."""
     from .heads import evaluate, fit_head
     from .store import open_store
@@ -293,7 +293,9 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
     if not labelled.any():
         raise FeatxError(f"{store}: no labelled rows; advise needs class labels")
     val = labelled & (splits == "val")
-    if not val.any() or not (labelled & ~val).any():
+    fit_rows = labelled & ~val & (splits != "test")
+    if not val.any() or min(int((fit_rows & (labels == c)).sum()) for c in np.unique(labels[labelled])) < 2:
+        # no val rows, or a class they leave with fewer than 2 training rows (a few images drawn across splits)
         val = np.zeros(len(labels), dtype=bool)
         rng = np.random.default_rng(seed)
         for c in np.unique(labels[labelled]):
