@@ -131,6 +131,7 @@ def run_cell(ds, prepared, n, seed, val: dict, work: Path) -> dict:
             if c.backbone == p["backbone"]:
                 outcome[(c.backbone, c.tap)] = measured(rows, c.tap, c.normalize, train, held, work)
     cands = [{"backbone": c.backbone, "tap": c.tap, "normalize": c.normalize, "projected": c.accuracy,
+              "curve": c.curve_accuracy,
               "range": c.expected_accuracy, "measured": outcome[(c.backbone, c.tap)],
               "s_per_image": c.extract_seconds_per_image, "size": c.embedding_size} for c in comparison.candidates]
     top = {}  # backbone -> its top-ranked candidate (candidates are ranked best first)
@@ -140,8 +141,11 @@ def run_cell(ds, prepared, n, seed, val: dict, work: Path) -> dict:
     advised = top[comparison.best.backbone]
     cheap = next(c for c in cands if (c["backbone"], c["tap"]) == (comparison.cheapest.backbone,
                                                                   comparison.cheapest.tap))
-    rho_backbones = spearmanr([c["projected"] for c in top.values()], [c["measured"] for c in top.values()])[0]
-    rho_all = spearmanr([c["projected"] for c in cands], [c["measured"] for c in cands])[0]
+    # the advice's ranking (candidates come best first) against the measured accuracies
+    rank = {(c["backbone"], c["tap"]): -i for i, c in enumerate(cands)}
+    rho_backbones = spearmanr([rank[(c["backbone"], c["tap"])] for c in top.values()],
+                              [c["measured"] for c in top.values()])[0]
+    rho_all = spearmanr(list(rank.values()), [c["measured"] for c in cands])[0]
     return {"target": ds.name, "n": nv, "seed": seed, "advised": advised["backbone"], "advised_tap": advised["tap"],
             "advised_measured": advised["measured"], "best_backbone": max(top.values(), key=lambda c: c["measured"])[
                 "backbone"], "best_measured": best_measured, "right": advised["measured"] >= best_measured - 0.01,
@@ -236,7 +240,8 @@ def write_report(args, cells: list[dict], info: dict) -> None:
              "(advise-2026-12-02.md).", "",
              f"- advised (best) backbone right: **{agreement(cells, 'right')}** of cells (target >= 90 %)",
              f"- cheapest-within-a-point candidate right: {agreement(cells, 'cheapest_right')}",
-             f"- Spearman rank correlation projected vs measured, the 4 backbones: {mean_rho(cells, 'rho_backbones')}",
+             "- Spearman rank correlation, the advice's ranking vs measured accuracy, the 4 backbones: "
+             f"{mean_rho(cells, 'rho_backbones')}",
              f"- the same over every backbone x tap (12 per cell): {mean_rho(cells, 'rho_candidates')}", "",
              "| dataset | n/class | seed | advised (tap) | its measured % | best measured | best % | cheapest (tap) "
              "| its % | projected % mb2/l0/l1/l2 | measured % mb2/l0/l1/l2 | rho | right | load |",

@@ -365,7 +365,7 @@ def accuracy_range(projected: float, held_out: int) -> tuple[float, float]:
     return max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)
 
 
-def _recent_mean(curve: list[dict]) -> float:
+def recent_mean(curve: list[dict]) -> float:
     """Mean accuracy of a curve's points within a doubling of its last."""
     return float(np.mean([p["acc"] for p in curve if p["n"] >= curve[-1]["n"] / 2]))
 
@@ -406,7 +406,7 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     penultimate = taps[-1]
     # Each tap's accuracy over the curve's points within a doubling of its last (the last two of a full curve; the
     # last alone when the budget cut the curve short): one point alone swings by several points.
-    scored = {(t, m): _recent_mean(curves[curve_name(t, m)]) for t in taps for m in NORMALIZATIONS}
+    scored = {(t, m): recent_mean(curves[curve_name(t, m)]) for t in taps for m in NORMALIZATIONS}
     rows_scored = info["held_out"] + curves[taps[0]][-1]["n"] * k
     normalize = {t: _normalization(scored[(t, "standard")], scored[(t, "none")], rows_scored) for t in taps}
     final = {t: scored[(t, normalize[t])] for t in taps}
@@ -432,7 +432,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     hp = f"--optimizer adam --lr 1e-4 --epochs {FINETUNE_EPOCHS}"
     head_dir = Path(store).with_name(Path(store).stem + "-head")
     scaling = "" if normalize[best_tap] == "standard" else f" --normalize {normalize[best_tap]}"
-    probe = Choice("probe", best_tap, None, normalize[best_tap], accuracy_range(projected, info["held_out"]), probe_s, f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
+    probe = Choice("probe", best_tap, None, normalize[best_tap], accuracy_range(projected, info["held_out"]), probe_s,
+                   f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
     ft_range = (max(0.0, projected - 1.96 * se), min(1.0, projected + (1 - projected) / 2))
     full = Choice("finetune", None, "none", None, ft_range, ft_s, f"{base} --freeze none {hp} -o runs/finetune")
     partial = Choice("finetune-freeze", best_tap, f"until:{best_tap}", None, ft_range, freeze_s,

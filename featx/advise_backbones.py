@@ -5,10 +5,11 @@ The budget covers all the backbones: each extracts the same images per class (th
 seconds per image affords), into a store of its own beside `-o`, so the learning curves compare the backbones on
 equal rows. Every tap of every backbone is a candidate, with its probe's accuracy projected to the full data (the
 curve's last point plus its slope, as featx.advise projects its recommendation) and that accuracy's 95 % range, the
-seconds per image to extract it and the size of its rows. The best candidate is the most accurate; the cheapest is
-the fastest to extract (then the smallest rows) among those within WITHIN of the best. The recommendation is the
-best candidate's backbone with that backbone's own advice (probe at the candidate's tap, or finetune when its
-measurement says so).
+seconds per image to extract it and the size of its rows. The best candidate is the most accurate (projections
+capped at 100 % are told apart by the curve's recent points, as featx.advise scores taps); the cheapest is
+the fastest to extract (then the smallest rows) among those within WITHIN of the best, projected and on the curve.
+The recommendation is the best candidate's backbone with that backbone's own advice (probe at the candidate's tap,
+or finetune when its measurement says so).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .advise import (DECODE_FACTOR, DEFAULT_BUDGET_SHARE, FINETUNE_EPOCHS, Advice, Choice, accuracy_range,
                      advice_path, advice_taps, check_request, curve_name, extract_measured, measure_costs, project,
-                     recommend)
+                     recent_mean, recommend)
 from .errors import FeatxError
 
 SCHEMA = 3  # featx.advise's schema 2 fields (of the recommended backbone) plus `backbones` and `candidates`
@@ -37,7 +38,8 @@ class Candidate:
     store: str
     tap: str
     normalize: str
-    accuracy: float
+    accuracy: float  # projected to the full data (capped at 1)
+    curve_accuracy: float  # the curve's points within a doubling of its last (ranks candidates the cap ties)
     expected_accuracy: tuple[float, float]
     extract_seconds_per_image: float
     embedding_size: int
@@ -72,23 +74,27 @@ class Comparison:
         a = self.chosen()
         lines = [f"{a.data}: {a.images} images, {a.classes} classes (smallest {a.per_class}); {len(self.advices)} "
                  f"backbones on {a.extracted_per_class} images per class each; {self.seconds:.0f} s of a "
-                 f"{self.budget_seconds:.0f} s budget", "",
-                 f"{'':9}{'backbone (weights)':<44}{'tap':<24}{'expected acc %':>15}{'s/image':>10}{'row size':>10}"]
+                 f"{self.budget_seconds:.0f} s budget", ""]
+        rows = [("", "backbone (weights)", "tap", "expected acc %", "s/image", "row size")]
         for c in self.candidates:
-            mark = ("best" if c is self.best else "") + ("+cheap" if c is self.cheapest and c is self.best else
-                                                          "cheapest" if c is self.cheapest else "")
+            mark = "best" if c is self.best else ""
+            mark += ("+" if mark else "") + "cheapest" if c is self.cheapest else ""
             lo, hi = c.expected_accuracy
-            lines.append(f"{mark:<9}{f'{c.backbone} ({c.weights})':<44}{curve_name(c.tap, c.normalize):<24}"
-                         f"{f'{100 * lo:.1f}-{100 * hi:.1f}':>15}{c.extract_seconds_per_image:>10.4f}"
-                         f"{c.embedding_size:>10}")
+            weights = Path(c.weights.removeprefix("file:")).name
+            rows.append((mark, f"{c.backbone} ({weights})", curve_name(c.tap, c.normalize),
+                         f"{100 * lo:.1f}-{100 * hi:.1f}", f"{c.extract_seconds_per_image:.4f}", str(c.embedding_size)))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines += ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+                  for r in rows]
         r = self.recommendation
         what = {"probe": f"probe at {curve_name(r.tap, r.normalize)}", "finetune": "full finetune",
                 "finetune-freeze": f"finetune --freeze {r.freeze}"}[r.method]
         lines += ["", f"recommended: {what} on {self.best.backbone} ({a.signal['reason']})", f"  {r.command}"]
         if self.cheapest is not self.best:
             c = self.cheapest
+            ratio = self.best.extract_seconds_per_image / max(1e-12, c.extract_seconds_per_image)
             lines += [f"cheapest within {100 * WITHIN:.0f} point of it: probe at {curve_name(c.tap, c.normalize)} on "
-                      f"{c.backbone}, {self.best.extract_seconds_per_image / max(1e-12, c.extract_seconds_per_image):.1f}"
+                      f"{c.backbone}, {ratio:.1f}"
                       f"x faster to extract", f"  {c.command}"]
         return "\n".join(lines)
 
@@ -171,9 +177,10 @@ def candidates_of(advice: Advice) -> list[Candidate]:
     taps = sorted(advice.signal["normalize"], key=lambda t: t != advice.signal["best_tap"])  # its own pick first
     for tap in taps:
         norm = advice.signal["normalize"][tap]
-        accuracy, _ = project(advice.curves[curve_name(tap, norm)], advice.per_class)
+        curve = advice.curves[curve_name(tap, norm)]
+        accuracy, _ = project(curve, advice.per_class)
         scaling = "" if norm == "standard" else f" --normalize {norm}"
-        out.append(Candidate(advice.backbone, advice.weights, advice.store, tap, norm, accuracy,
+        out.append(Candidate(advice.backbone, advice.weights, advice.store, tap, norm, accuracy, recent_mean(curve),
                              accuracy_range(accuracy, advice.signal["held_out"]), per_image, sizes[tap],
                              f"featx fit-head {advice.store} -l {tap}{scaling} -o {head_dir}"))
     return out
@@ -183,10 +190,12 @@ def compare(advices: list[Advice]) -> Comparison:
     """Rank every backbone x tap of `advices`; the recommendation is the best candidate's backbone's own advice,
     probing at the best candidate's tap unless that advice is to finetune."""
     candidates = sorted((c for a in advices for c in candidates_of(a)),
-                        key=lambda c: (-c.accuracy, c.extract_seconds_per_image, c.embedding_size))
+                        key=lambda c: (-c.accuracy, -c.curve_accuracy, c.extract_seconds_per_image, c.embedding_size))
     best = candidates[0]
-    close = [c for c in candidates if c.accuracy >= best.accuracy - WITHIN]
-    cheapest = min(close, key=lambda c: (c.extract_seconds_per_image, c.embedding_size, -c.accuracy))
+    close = [c for c in candidates if c.accuracy >= best.accuracy - WITHIN  # and measured as close (a cap ties)
+             and c.curve_accuracy >= best.curve_accuracy - WITHIN]
+    cheapest = min(close, key=lambda c: (c.extract_seconds_per_image, c.embedding_size, -c.accuracy,
+                                         -c.curve_accuracy))
     own = next(a for a in advices if a.store == best.store).recommendation
     recommendation = own if own.method != "probe" else Choice(
         "probe", best.tap, None, best.normalize, best.expected_accuracy, own.seconds, best.command)

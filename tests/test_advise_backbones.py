@@ -63,7 +63,7 @@ def test_cli_two_backbones_made_uninformative_weights_lose(tmp_path, data):
               "--budget-seconds", "300", "-o", tmp_path / "adv.h5", "--json")
     assert out.exit_code == 0, out.output
     advice = json.loads(out.output[out.output.index("\n{") + 1:])
-    assert advice["schema"] == 3 and advice["backbone"] == "mobilenet_v2" and advice["best"]["backbone"] == "mobilenet_v2"
+    assert advice["schema"] == 3 and advice["backbone"] == advice["best"]["backbone"] == "mobilenet_v2"
     assert {"data", "store", "classes", "images", "curves", "signal", "recommendation", "alternatives"} <= set(advice)
     assert [b["backbone"] for b in advice["backbones"]] == ["resnet18", "mobilenet_v2"]
     assert len(advice["candidates"]) == 6 and advice["candidates"][-1]["backbone"] == "resnet18"
@@ -100,3 +100,17 @@ def test_bad_backbone_lists_are_one_line_and_lose_nothing(tmp_path, data):
         assert out.output.count("\n") == 1 and expected in out.output, out.output
     assert kept.read_bytes() == b"rows extracted earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "x.resnet18-none.h5"]
+
+
+def test_projections_capped_at_100_are_told_apart_by_the_measured_curve(tmp_path):
+    # Both project to 100 % (a steep curve extrapolated), but only one measured near it: cost must not decide.
+    steady = advice_of(tmp_path / "steady.h5", {"flatten": 6.0}, "resnet50", 0.05)
+    steep = advice_of(tmp_path / "steep.h5", {"flatten": 6.0}, "mobilenet_v2", 0.001)
+    for advice, points in ((steady, (0.98, 1.0)), (steep, (0.6, 0.9))):
+        for name in list(advice.curves):
+            advice.curves[name] = [{"n": 2, "acc": points[0]}, {"n": 4, "acc": points[1]}]
+    comparison = compare([steep, steady])
+    assert comparison.candidates[0].accuracy == comparison.candidates[-1].accuracy == 1.0
+    assert comparison.best.backbone == "resnet50" and comparison.best.curve_accuracy == pytest.approx(0.99)
+    assert comparison.cheapest is comparison.best  # 1000x cheaper, but 24 points below on the curve
+    assert "best" in comparison.table() and "resnet50 (none)" in comparison.table()
