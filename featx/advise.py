@@ -176,6 +176,18 @@ def _labelled_counts(source, data) -> dict[str, int]:
     return counts
 
 
+def check_request(data, budget_seconds: float | None, seed: int) -> tuple:
+    """(source, images per class) of the labelled `data`, after checking the seed and the budget (one-line
+    FeatxErrors)."""
+    from .sources import load_source
+
+    check_seed(seed)
+    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
+        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
+    source = load_source(data)
+    return source, _labelled_counts(source, data)
+
+
 def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weights_match: str = "name",
            store=None, taps=None, image_size: int | None = None, budget_seconds: float | None = None, seed: int = 0,
            log=None) -> Advice:
@@ -186,16 +198,10 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     --freeze / full finetune. `log` receives progress lines. Returns the Advice (`.table()`, `.to_dict()`; the
     recommendation and the alternatives with their commands), also saved beside the store (.advice.json)."""
     from .backbones import load_backbone
-    from .extract import extract
-    from .sources import load_source
 
     started = time.perf_counter()
     log = log or (lambda line: None)
-    check_seed(seed)
-    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
-        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
-    source = load_source(data)
-    counts = _labelled_counts(source, data)
+    source, counts = check_request(data, budget_seconds, seed)
     bb = load_backbone(backbone, weights, match=weights_match)
     taps = list(taps) if taps else advice_taps(bb.model)
     size = image_size or bb.transform.crop
@@ -215,16 +221,8 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     store = Path(store) if store is not None else Path(f"{Path(str(data)).name or 'data'}.featx.h5")
     per_class = min(counts.values())
     take = affordable
-    with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
-        spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
-        part = "all images" if take >= max(counts.values()) else \
-            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
-        log(f"extracting {part} at taps {', '.join(taps)} into {store}")
-        # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
-        # another data each time, so earlier rows go (reported in the summary line)
-        result = extract(spec, store, backbone=bb.name, weights=weights, weights_match=weights_match, taps=taps,
-                         image_size=image_size, retention="prune", log=log)
-        log(result.summary())
+    result = extract_measured(data, source, counts, store, take, seed, budget, log, backbone=bb.name, weights=weights,
+                              weights_match=weights_match, taps=taps, image_size=image_size)
     costs = {**costs, "extract_seconds": result.seconds, "full_finetune_seconds": full_ft}
     advice = recommend(store, per_class_full=per_class, costs=costs, budget_seconds=budget, seed=seed,
                        started=started, command_data=str(data), image_size=image_size)
@@ -233,6 +231,24 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     advice.seconds = time.perf_counter() - started
     advice_path(store).write_text(json.dumps(advice.to_dict(), indent=2, default=str))
     return advice
+
+
+def extract_measured(data, source, counts: dict, store: Path, take: int, seed: int, budget: float, log,
+                     **options):
+    """Extract at most `take` seeded images per class of `data` (all of it when that covers every class) into
+    `store` with extract's `options` (backbone, weights, taps, ...); returns extract's result."""
+    from .extract import extract
+
+    with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
+        spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
+        part = "all images" if take >= max(counts.values()) else \
+            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
+        log(f"extracting {part} at taps {', '.join(options['taps'])} into {store}")
+        # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
+        # another data each time, so earlier rows go (reported in the summary line)
+        result = extract(spec, store, retention="prune", log=log, **options)
+        log(result.summary())
+    return result
 
 
 def advice_path(store) -> Path:
@@ -263,8 +279,8 @@ def _subset_csv(source, per_class: int, seed: int, folder: Path) -> Path:
 def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = None) -> tuple[dict, dict]:
     """Probe accuracy (held-out rows and the training rows' CV folds pooled, see _pooled) per tap, normalisation
     (NORMALIZATIONS, curves named by curve_name) and class-balanced n per class (nested subsets; 3 seeds below 8
-    per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows, else a stratified quarter of its
-    labelled rows. Past `deadline`
+    per class; at most MAX_CURVE_PER_CLASS). Held out: the store's 'val' rows when they leave every class 2
+    training rows, else a stratified quarter of its labelled rows. Past `deadline`
     (time.perf_counter()) the curve jumps to its last point (every training row). Returns (curves, info)."""
     from .heads import evaluate, fit_head
     from .store import open_store
@@ -277,7 +293,9 @@ def learning_curves(store, taps=None, seed: int = 0, deadline: float | None = No
     if not labelled.any():
         raise FeatxError(f"{store}: no labelled rows; advise needs class labels")
     val = labelled & (splits == "val")
-    if not val.any() or not (labelled & ~val).any():
+    fit_rows = labelled & ~val & (splits != "test")
+    if not val.any() or min(int((fit_rows & (labels == c)).sum()) for c in np.unique(labels[labelled])) < 2:
+        # no val rows, or a class they leave with fewer than 2 training rows (a few images drawn across splits)
         val = np.zeros(len(labels), dtype=bool)
         rng = np.random.default_rng(seed)
         for c in np.unique(labels[labelled]):
@@ -330,7 +348,24 @@ def _pooled(held_acc: float, n_held: int, cv: dict | None, n_train: int) -> floa
     return (held_acc * n_held + cv_acc * n_train) / (n_held + n_train)
 
 
-def _recent_mean(curve: list[dict]) -> float:
+def project(curve: list[dict], per_class_full: int) -> tuple[float, float]:
+    """(accuracy projected to `per_class_full` images per class, slope in accuracy per doubling) of a learning
+    curve: its last point plus the slope over its last doubling or more, extrapolated at most MAX_DOUBLINGS."""
+    earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
+    span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
+    # Over more than MAX_DOUBLINGS (a curve the budget cut short) the early steep part would overstate the slope.
+    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, span) if earlier and span <= MAX_DOUBLINGS else 0.0
+    doublings = math.log2(max(1.0, per_class_full / curve[-1]["n"]))
+    return min(1.0, curve[-1]["acc"] + max(0.0, slope) * min(doublings, MAX_DOUBLINGS)), slope
+
+
+def accuracy_range(projected: float, held_out: int) -> tuple[float, float]:
+    """The 95 % interval of an accuracy measured on `held_out` rows."""
+    se = math.sqrt(max(projected * (1 - projected), 1e-4) / max(1, held_out))
+    return max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)
+
+
+def recent_mean(curve: list[dict]) -> float:
     """Mean accuracy of a curve's points within a doubling of its last."""
     return float(np.mean([p["acc"] for p in curve if p["n"] >= curve[-1]["n"] / 2]))
 
@@ -371,7 +406,7 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     penultimate = taps[-1]
     # Each tap's accuracy over the curve's points within a doubling of its last (the last two of a full curve; the
     # last alone when the budget cut the curve short): one point alone swings by several points.
-    scored = {(t, m): _recent_mean(curves[curve_name(t, m)]) for t in taps for m in NORMALIZATIONS}
+    scored = {(t, m): recent_mean(curves[curve_name(t, m)]) for t in taps for m in NORMALIZATIONS}
     rows_scored = info["held_out"] + curves[taps[0]][-1]["n"] * k
     normalize = {t: _normalization(scored[(t, "standard")], scored[(t, "none")], rows_scored) for t in taps}
     final = {t: scored[(t, normalize[t])] for t in taps}
@@ -379,15 +414,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     best_shallow = max(shallow, key=shallow.get) if shallow else None
     gap = final[penultimate] - (shallow[best_shallow] if shallow else 0.0)
     best_tap = penultimate if gap >= 0 or not shallow else best_shallow
-    curve = curves[curve_name(best_tap, normalize[best_tap])]
-    # Accuracy gained per doubling, over the last doubling or more (a fraction of one is all noise).
-    earlier = [p for p in curve[:-1] if p["n"] <= curve[-1]["n"] / 2] or curve[:-1]
-    span = math.log2(curve[-1]["n"] / earlier[-1]["n"]) if earlier else 0.0
-    # Over more than MAX_DOUBLINGS (a curve the budget cut short) the early steep part would overstate the slope.
-    slope = (curve[-1]["acc"] - earlier[-1]["acc"]) / max(1e-9, span) if earlier and span <= MAX_DOUBLINGS else 0.0
     per_class_full = per_class_full or per_class_store
-    doublings = math.log2(max(1.0, per_class_full / info["n_max"]))
-    projected = min(1.0, curve[-1]["acc"] + max(0.0, slope) * min(doublings, MAX_DOUBLINGS))
+    projected, slope = project(curves[curve_name(best_tap, normalize[best_tap])], per_class_full)
     se = math.sqrt(max(projected * (1 - projected), 1e-4) / max(1, info["held_out"]))
     n_full = per_class_full * k
     fwd, train = costs["forward_seconds_per_image"], costs["train_seconds_per_image"]
@@ -404,9 +432,8 @@ def recommend(store, *, per_class_full: int | None = None, costs: dict, budget_s
     hp = f"--optimizer adam --lr 1e-4 --epochs {FINETUNE_EPOCHS}"
     head_dir = Path(store).with_name(Path(store).stem + "-head")
     scaling = "" if normalize[best_tap] == "standard" else f" --normalize {normalize[best_tap]}"
-    probe = Choice("probe", best_tap, None, normalize[best_tap],
-                   (max(0.0, projected - 1.96 * se), min(1.0, projected + 1.96 * se)),
-                   probe_s, f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
+    probe = Choice("probe", best_tap, None, normalize[best_tap], accuracy_range(projected, info["held_out"]), probe_s,
+                   f"featx fit-head {store} -l {best_tap}{scaling} -o {head_dir}")
     ft_range = (max(0.0, projected - 1.96 * se), min(1.0, projected + (1 - projected) / 2))
     full = Choice("finetune", None, "none", None, ft_range, ft_s, f"{base} --freeze none {hp} -o runs/finetune")
     partial = Choice("finetune-freeze", best_tap, f"until:{best_tap}", None, ft_range, freeze_s,

@@ -20,9 +20,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False):
-    """A featx store whose taps separate the classes by `separation[tap]` noise standard deviations (`same`: every
-    tap holds the first tap's rows)."""
+def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False, backbone="resnet18"):
+    """A featx store of `backbone` whose taps separate the classes by `separation[tap]` noise standard deviations
+    (`same`: every tap holds the first tap's rows)."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(classes), per_class)
     centres = rng.normal(size=(classes, dim))
@@ -32,7 +32,7 @@ def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, see
     if same:
         features = {t: features[TAPS[0]] for t in TAPS}
     n = len(labels)
-    return write_store(path, config={"backbone": "resnet18", "weights": "none", "taps": TAPS},
+    return write_store(path, config={"backbone": backbone, "weights": "none", "taps": TAPS},
                        keys=[f"{i:064x}" for i in range(n)], paths=[f"img/{i}.png" for i in range(n)],
                        labels=labels, classes=[f"c{i}" for i in range(classes)], features=features)
 
@@ -164,3 +164,19 @@ def test_the_advice_store_holds_exactly_the_images_measured(tmp_path):
     assert f"12 images in {store} " in out.output and "4 dropped" in out.output
     with open_store(store) as st:
         assert st.root_counts() == {str(data.resolve()): 12}
+
+
+def test_val_rows_that_leave_a_class_one_training_row_give_way_to_a_stratified_hold_out(tmp_path):
+    """A few images per class drawn across the train and val folders can leave a class with a single training row:
+    the curves then hold out a stratified part of all rows instead of refusing."""
+    from featx.advise import learning_curves
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 4)
+    splits = ["train", "val", "val", "val", "train", "train", "val", "val"]  # class 0: a single training row
+    x = (3.0 * labels[:, None] + rng.normal(size=(8, 4))).astype(np.float32)
+    store = write_store(tmp_path / "s.h5", config={"backbone": "resnet18", "weights": "none", "taps": ["flatten"]},
+                        keys=[f"{i:064x}" for i in range(8)], paths=[f"img/{i}.png" for i in range(8)],
+                        labels=labels, splits=splits, classes=["a", "b"], features={"flatten": x})
+    curves, info = learning_curves(store, ["flatten"])
+    assert info["held_out"] == 2 and info["n_max"] == 3 and curves["flatten"][-1]["n"] == 3
