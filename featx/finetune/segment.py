@@ -164,8 +164,8 @@ def write_preview(model: nn.Module, dataset: PairDataset, spec, runtime, path) -
 
 class SegmentTask(Task):
     """Segmentation: image + mask pairs, the backbone cut at `tap` (a name, or a list of them for an fpn decoder)
-    with a `decoder`; `binary` masks train one logit with BCE, `num_classes` bounds the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of
-    highest val mean IoU."""
+    with a `decoder`; `binary` masks train one logit with BCE, `num_classes` bounds the mask ids, `dice_weight`
+    adds a soft Dice term; the best epoch is the one of highest val mean IoU."""
 
     name = "segment"
     unit = "pairs"

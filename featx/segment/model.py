@@ -115,8 +115,9 @@ def pyramid_taps(model: nn.Module) -> list[str]:
             by_stride[round(reference / shape[-1])] = name
     taps = [by_stride[s] for s in PYRAMID_STRIDES if s in by_stride]
     if len(taps) < 2:
-        raise FeatxError(f"--decoder fpn: found {len(taps)} stage map(s) of stride {'/'.join(map(str, PYRAMID_STRIDES))}"
-                         f" in this backbone; name two or more with --tap (featx layers BACKBONE --all)")
+        strides = "/".join(map(str, PYRAMID_STRIDES))
+        raise FeatxError(f"--decoder fpn: found {len(taps)} stage map(s) of stride {strides} in this backbone; name "
+                         f"two or more with --tap (featx layers BACKBONE --all)")
     return taps
 
 
@@ -179,14 +180,14 @@ def build_segmenter(model: nn.Module, taps, spec: DecoderSpec, n_out: int, crop:
     if spec.fuses:
         order = sorted(taps, key=lambda tap: -shapes[tap][2] * shapes[tap][3])  # finest first (stable: forward order)
         decoder = PyramidDecoder([shapes[tap][1] for tap in order], n_out, spec)
-        inputs = (tuple(keys[tap] for tap in order),)
+        inputs = tuple(keys[tap] for tap in order)
     else:
         decoder = Decoder(shapes[taps[0]][1], n_out, spec)
-        inputs = (keys[taps[0]],)
+        inputs = keys[taps[0]]
     trunk.add_submodule(HEAD_NAME, decoder)
     for graph in {id(g): g for g in (trunk.graph, getattr(trunk, "train_graph", trunk.graph),
                                      getattr(trunk, "eval_graph", trunk.graph))}.values():
-        _append_decoder(graph, inputs[0])
+        _append_decoder(graph, inputs)
     trunk.recompile()
     return trunk
 
