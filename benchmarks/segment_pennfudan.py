@@ -5,14 +5,18 @@
   decoder   featx finetune --task segment --freeze backbone: conv:256 decoder trained on the frozen backbone
   finetune  featx finetune --task segment --freeze none: decoder and backbone trained together
   finetune-bn  the same with --freeze '*bn*': every conv trains, BatchNorm layers stay fixed (statistics included)
+  fpn       featx finetune --task segment --decoder fpn:128 --freeze backbone: a feature-pyramid decoder on the
+            frozen backbone's stage maps of stride 4, 8, 16 and 32 (one pass reads them all)
 
 Every method sees the same images through the same transform (the weights' eval preset at --image-size: shorter
 side resized in the preset's ratio, center crop) and is scored on the 34 val images the same way (pixel confusion
 at the crop's resolution): mean IoU over {background, person} and the person's Dice. Seconds are wall time and CPU seconds of this process
-(decoding runs in-process: workers=0, so CPU seconds cover everything).
+(decoding runs in-process: workers=0, so CPU seconds cover everything); the machine's load average is printed with
+them, since wall seconds on a shared machine stretch with it while CPU seconds do not.
 
     python benchmarks/segment_pennfudan.py --part accuracy     # the full comparison (run under flock -s)
     python benchmarks/segment_pennfudan.py --part timing       # probe + one epoch of each (run under flock -x)
+    python benchmarks/segment_pennfudan.py --methods probe fpn --epochs 8 --dice-weight 0.5   # the pyramid decoder
     python benchmarks/segment_pennfudan.py --smoke             # generated pairs, seconds: checks that it runs
 
 Weights: -b timm/tf_efficientnet_lite0 -w FILE --weights-match order (ImageNet, from the efficientnet-lite0-pytorch-
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -37,11 +42,12 @@ from featx.segment.probe import fit_dense_probe
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "pennfudan"
 RESULTS = HERE / "results"
-DATE = "2026-12-02"
-METHODS = ("probe", "decoder", "finetune", "finetune-bn")
+DATE = "2026-12-05"
+METHODS = ("probe", "decoder", "finetune", "finetune-bn", "fpn")
 # --freeze of each finetune method: finetune-bn trains every conv and the decoder but keeps BatchNorm fixed (its
 # statistics and affine parameters): batches of 8 images give noisy batch statistics.
-FREEZE = {"decoder": "backbone", "finetune": "none", "finetune-bn": "*bn*"}
+FREEZE = {"decoder": "backbone", "finetune": "none", "finetune-bn": "*bn*", "fpn": "backbone"}
+DECODER = {"decoder": "conv:256", "finetune": "conv:256", "finetune-bn": "conv:256", "fpn": "fpn:128"}
 
 
 def pretrained() -> dict | None:
@@ -60,6 +66,15 @@ def pretrained() -> dict | None:
         return options
     except (ImportError, FeatxError, TypeError):
         return None
+
+
+def cpu_flags() -> str:
+    """Which of avx512_bf16 / amx_bf16 / avx2 /proc/cpuinfo lists."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "flags unknown"
+    return " ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16", "avx2"))
 
 
 class Clock:
@@ -90,11 +105,12 @@ def model_for_extract(model: dict) -> dict:
 
 
 def run_finetune(data, work: Path, model: dict, size: dict, tap: str, method: str, epochs: int,
-                 backbone_lr: float) -> dict:
+                 backbone_lr: float, dice_weight: float) -> dict:
     freeze = FREEZE[method]
     with Clock() as clock:
         result = featx.finetune(
-            data, work / method, task="segment", binary=True, tap=tap, decoder="conv:256", freeze=freeze,
+            data, work / method, task="segment", binary=True, tap=None if method == "fpn" else tap,
+            decoder=DECODER[method], freeze=freeze, dice_weight=dice_weight,
             optimizer="adam", lr=1e-3, backbone_lr=backbone_lr, epochs=epochs, batch_size=8, augment="flip", workers=0,
             overwrite=True, **model_for_extract(model), **size,
         )
@@ -110,14 +126,16 @@ def table(report: dict) -> str:
         f"Penn-Fudan val ({report['part']}), binary person vs background: {report['backbone']} "
         f"({report['weights']}), tap {report['tap']}, {report['image_size']} px, {report['epochs']} epochs for the "
         f"finetunes (Adam, decoder lr 1e-3, backbone lr {report['backbone_lr']:g}, batch 8, --augment flip), "
-        f"{report['threads']} threads, CPU {report['cpu_capability']}",
+        f"dice weight {report.get('dice_weight', 0):g}, {report['threads']} threads, CPU {report['cpu_capability']} "
+        f"({report.get('cpu_flags', '')}), load average {report.get('load', '?')} at the start",
         "",
         "| method | val mIoU | val Dice | pixel acc | wall s | CPU s | wall / probe |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"probe": "dense probe (extract once + fit-head --task segment)",
              "decoder": "decoder conv:256, frozen backbone", "finetune": "decoder conv:256 + full finetune",
-             "finetune-bn": "decoder conv:256 + finetune, BatchNorm fixed (--freeze '*bn*')"}
+             "finetune-bn": "decoder conv:256 + finetune, BatchNorm fixed (--freeze '*bn*')",
+             "fpn": "decoder fpn:128 on the stride 4/8/16/32 stages, frozen backbone"}
     lines += [f"| {names[r['method']]} | {r['miou']:.3f} | {r['dice']:.3f} | {r['pixel_acc']:.3f} | {r['wall_s']:.1f} | "
               f"{r['cpu_s']:.1f} | {r['wall_vs_probe']:.2f}x |" for r in report["rows"]]
     return "\n".join(lines)
@@ -130,6 +148,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--backbone-lr", type=float, default=2e-5, help="Adam rate of the backbone when it trains")
+    parser.add_argument("--dice-weight", type=float, default=0.0, help="soft Dice term of the finetunes' loss")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="run only these (their rows replace those of an earlier result file)")
     parser.add_argument("--smoke", action="store_true")
@@ -154,8 +173,9 @@ def main() -> None:
 
         bb = load_backbone(model["backbone"], model["weights"], match=model.get("weights_match", "name"))
         tap = default_tap(bb.model)
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         rows = [run_probe(data, work, model, size, tap)] if "probe" in args.methods else []
-        rows += [run_finetune(data, work, model, size, tap, method, epochs, args.backbone_lr)
+        rows += [run_finetune(data, work, model, size, tap, method, epochs, args.backbone_lr, args.dice_weight)
                  for method in args.methods if method != "probe"]
         saved = RESULTS / f"segment-{DATE}-{args.part}.json"
         if saved.is_file() and not args.smoke and set(args.methods) != set(METHODS):  # complete an earlier run
@@ -164,6 +184,7 @@ def main() -> None:
                           key=lambda r: METHODS.index(r["method"]))
         report = {"date": DATE, "part": args.part, "data": str(data), "backbone": model["backbone"], "weights": label,
                   "tap": tap, "image_size": image, "epochs": epochs, "backbone_lr": args.backbone_lr,
+                  "dice_weight": args.dice_weight, "load": load, "cpu_flags": cpu_flags(),
                   "threads": torch.get_num_threads(),
                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
         probe = next(r for r in rows if r["method"] == "probe")

@@ -11,7 +11,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's tensors by key and shape, or by position
 EXPORT_FORMATS = ("npy", "parquet")  # featx export: clip-retrieval's npy + parquet layout, or one parquet file
 # --decoder of a segmentation head
-DECODER_HELP = "conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes) or linear (a 1x1 conv probe)"
+DECODER_HELP = ("conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes), linear (a 1x1 conv probe), or fpn:WIDTH "
+                "(fuses several --tap maps: 1x1 lateral convs to WIDTH, top-down upsample and add, 3x3 conv-ReLU, "
+                "1x1 conv to the classes)")
 # --decode: full-size decode, the reference pipelines' pixels ('exact'); JPEGs decoded at a reduced DCT scale that
 # keeps both sides >= 2x the resize ('fast') or >= the resize ('reduced', what stores made before 'exact' hold:
 # recorded as 'cpu', or not at all); JPEGs decoded on the CUDA device ('gpu')

@@ -20,7 +20,7 @@ from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.finetune.checkpoint import load_checkpoint
 from featx.segment.metrics import confusion, summarize
-from featx.segment.model import build_segmenter, default_tap, parse_decoder
+from featx.segment.model import build_segmenter, default_tap, parse_decoder, pyramid_taps
 from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
 from featx.finetune.segment import SegmentLoss
@@ -139,6 +139,67 @@ def test_decoder_shapes_names_and_taps():
         build_segmenter(model, "layer9", parse_decoder("linear"), 1, 64, "resnet18")
     with pytest.raises(FeatxError, match=r"--decoder 'conv'"):
         parse_decoder("conv")
+
+
+def test_pyramid_decoder_fuses_the_stage_maps():
+    model = load_backbone("resnet18", "none").model
+    assert pyramid_taps(model) == ["layer1", "layer2", "layer3", "layer4"]
+    net = build_segmenter(model, None, parse_decoder("fpn:16"), 2, 64, "resnet18")
+    assert net(torch.zeros(2, 3, 64, 80)).shape == (2, 2, 64, 80)
+    decoder = dict(net.decoder.named_parameters())
+    assert [decoder[f"lateral.{i}.weight"].shape[1] for i in range(4)] == [64, 128, 256, 512]  # finest first
+    assert decoder["smooth.weight"].shape == (16, 16, 3, 3) and decoder["classify.weight"].shape == (2, 16, 1, 1)
+    # the taps' order on the command line does not matter: the decoder takes them finest first
+    two = build_segmenter(model, ["layer3", "layer1"], parse_decoder("fpn:8"), 1, 64, "resnet18")
+    assert [two.decoder.lateral[i].weight.shape[1] for i in range(2)] == [64, 256]
+    assert not any(name.startswith("layer4") for name, _ in two.named_parameters())
+    # every tap reaches the logits: a change in the finest map changes them
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = two(image)
+        two.decoder.lateral[0].weight.add_(1.0)
+        assert not torch.allclose(before, two(image))
+
+
+@pytest.mark.parametrize("taps, decoder, message", [
+    (["layer1"], "fpn:8", r"--decoder fpn:8 with one --tap layer1: a pyramid fuses two or more taps"),
+    (["layer1", "layer2"], "conv:8", r"--decoder conv:8 reads one tap, got --tap layer1 --tap layer2"),
+    (["layer2", "layer2"], "fpn:8", r"--tap layer2 given twice"),
+    (["layer1", "layer1.1"], "fpn:8", r"--tap layer1 and --tap layer1.1 are the same node"),
+    (["layer1", "flatten"], "fpn:8", r"--tap flatten: gives \(512,\) per image, not a spatial map"),
+    (["layer1", "layer9"], "fpn:8", r"--tap layer9: unknown tap for resnet18"),
+])
+def test_pyramid_tap_mistakes(taps, decoder, message):
+    with pytest.raises(FeatxError, match=message):
+        build_segmenter(load_backbone("resnet18", "none").model, taps, parse_decoder(decoder), 1, 64, "resnet18")
+
+
+def test_pyramid_cli_mistakes_are_one_line_exit_2(data, tmp_path):
+    base = ("finetune", data, "--task", "segment", "--binary", "-b", "resnet18", "-w", "none", "--image-size", "64")
+    for extra, message in ((("--decoder", "fpn:0"), "--decoder 'fpn:0': expected"),
+                           (("--decoder", "fpn:8", "--tap", "layer2"), "a pyramid fuses two or more taps"),
+                           (("--tap", "layer2", "--tap", "layer3"), "--decoder conv:256 reads one tap")):
+        out = _cli(*base, *extra, "-o", tmp_path / "run")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_pyramid_decoder_learns_masks_and_records_its_taps(tmp_path):
+    data = make_mask_folder(tmp_path / "data", splits={"train": 16, "val": 6}, seed=3)
+    truth = [np.asarray(Image.open(p)) > 0 for p in sorted((data / "val" / "masks").iterdir())]
+    all_background = np.mean([1 - t.mean() for t in truth]) / 2  # mean IoU of predicting background everywhere
+    options = {**FAST, "decoder": "fpn:16", "epochs": 4, "augment": "none"}
+    result = featx.finetune(data, tmp_path / "run", binary=True, freeze="backbone", optimizer="adam", lr=3e-3,
+                            **options)
+    best = max(row["val_miou"] for row in result.history)
+    assert best > all_background + 0.25, (best, all_background)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tap"] == ["layer1", "layer2", "layer3", "layer4"] and config["decoder"] == "fpn:16"
+    weights = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    assert weights["decoder.lateral.3.weight"].shape == (16, 512, 1, 1)
+    with pytest.raises(FeatxError, match=r"--resume .*tap"):
+        featx.finetune(data, tmp_path / "run", binary=True, freeze="backbone", optimizer="adam", lr=3e-3,
+                       **options, tap=["layer1", "layer2"], resume=True)
 
 
 def test_metrics_from_a_known_confusion():

@@ -51,7 +51,7 @@ from .common import BACKBONE_HELP, echo_json, on_interrupt
 @click.option("--decode-cache", default="auto", show_default=True, metavar="auto|DIR|none", help="Where each training image's decoded pixels are kept so later epochs skip decoding (auto: RUN/decoded/, removed when the call ends; a folder is kept and shared by runs).")
 @click.option("--decode-cache-mb", type=click.FloatRange(min=0), default=4096, show_default=True, help="Size limit of the decoded-image cache; images beyond it are decoded every epoch.")
 @click.option("--task", type=click.Choice(TASKS), default="classify", show_default=True, help="segment: DATA holds image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
-@click.option("--tap", help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map).")
+@click.option("--tap", multiple=True, help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map); give it once per map for --decoder fpn (default: the stage maps of stride 4, 8, 16 and 32).")
 @click.option("--decoder", default="conv:256", show_default=True, help=f"segment: {DECODER_HELP}.")
 @click.option("--binary", is_flag=True, help="segment: every non-zero mask pixel is foreground (one logit, BCE).")
 @click.option("--num-classes", type=click.IntRange(min=1), help="segment: mask ids are 0 (background) to this (default: the largest id found).")
@@ -87,7 +87,7 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
         schedule=schedule, warmup=warmup, label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size,
         augment=augment, image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed,
         precision=precision, device=device, workers=workers, decode_cache=decode_cache,
-        decode_cache_mb=decode_cache_mb, overwrite=overwrite, task=task, tap=tap, decoder=decoder, binary=binary,
+        decode_cache_mb=decode_cache_mb, overwrite=overwrite, task=task, tap=list(tap) or None, decoder=decoder, binary=binary,
         num_classes=num_classes, dice_weight=dice_weight,
     )
     if resume_dir:  # the run's record, and on top of it what was given on this command line

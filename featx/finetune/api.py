@@ -93,7 +93,7 @@ def finetune(
     progress: bool = False,
     log=None,
     task: str = "classify",
-    tap: str | None = None,
+    tap: str | list[str] | None = None,
     decoder: str = "conv:256",
     binary: bool = False,
     num_classes: int | None = None,
@@ -115,7 +115,8 @@ def finetune(
     that fills in the recorded settings); `overwrite` starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
 
     task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for
-    ResNets) with a `decoder` ('conv:256' or 'linear'); `binary` masks train one logit with BCE, `num_classes` bounds
+    ResNets) with a `decoder` ('conv:256' or 'linear'), or at several taps fused by 'fpn:WIDTH' (`tap` a list;
+    default: the stage maps of stride 4, 8, 16 and 32); `binary` masks train one logit with BCE, `num_classes` bounds
     the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of highest val mean IoU.
     """
     started = time.perf_counter()
@@ -192,7 +193,7 @@ def _resume_lines(checkpoint: dict | None, epochs: int, path: Path, steps_per_ep
 def _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
     """The Task object for `task`; FeatxError for options of the other task."""
     if task == "classify":
-        given = [name for name, value, default in (("--tap", tap, None), ("--decoder", decoder, "conv:256"),
+        given = [name for name, value, default in (("--tap", tap or None, None), ("--decoder", decoder, "conv:256"),
                  ("--binary", binary, False), ("--num-classes", num_classes, None), ("--dice-weight", dice_weight, 0))
                  if value != default]
         if given:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import FeatxError
 from ..preprocess import normalize_batch
 from ..segment.metrics import confusion, predicted_ids, summarize
-from ..segment.model import HEAD_NAME, build_segmenter, default_tap, parse_decoder
+from ..segment.model import HEAD_NAME, build_segmenter, check_tap_count, parse_decoder, segment_taps
 from ..segment.source import IGNORE, MaskPair, MaskSource, load_mask_source, read_mask
 from ..segment.transforms import JointTransform, mask_image
 from ..sources import DecodeError, decode_image
@@ -163,9 +163,9 @@ def write_preview(model: nn.Module, dataset: PairDataset, spec, runtime, path) -
 
 
 class SegmentTask(Task):
-    """Segmentation: image + mask pairs, the backbone cut at `tap` with a `decoder`; `binary` masks train one logit
-    with BCE, `num_classes` bounds the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of
-    highest val mean IoU."""
+    """Segmentation: image + mask pairs, the backbone cut at `tap` (a name, or a list of them for an fpn decoder)
+    with a `decoder`; `binary` masks train one logit with BCE, `num_classes` bounds the mask ids, `dice_weight`
+    adds a soft Dice term; the best epoch is the one of highest val mean IoU."""
 
     name = "segment"
     unit = "pairs"
@@ -174,7 +174,11 @@ class SegmentTask(Task):
     def __init__(self, *, tap=None, decoder="conv:256", binary=False, num_classes=None, dice_weight=0.0):
         if isinstance(dice_weight, bool) or not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
             raise FeatxError(f"--dice-weight {dice_weight!r}: expected a number of 0 or more")
-        self.tap, self.decoder, self.binary = tap, parse_decoder(decoder), binary
+        self.decoder, self.binary = parse_decoder(decoder), binary
+        self.taps = [tap] if isinstance(tap, str) else list(tap or [])
+        if not all(isinstance(name, str) and name for name in self.taps):
+            raise FeatxError(f"--tap {tap!r}: expected a tap name, or a list of them")
+        check_tap_count(self.taps, self.decoder)
         self.num_classes, self.dice_weight = num_classes, float(dice_weight)
         self.source = None
 
@@ -185,9 +189,10 @@ class SegmentTask(Task):
         return self.source.description, split_pairs(self.source, opts.val_split, opts.seed)
 
     def build_model(self, bb, splits: Splits, crop: int, opts: TrainOptions, log) -> tuple[nn.Module, str]:
-        self.tap = self.tap or default_tap(bb.model)
-        model = build_segmenter(bb.model, self.tap, self.decoder, self.source.n_outputs, crop, bb.name)
-        log(f"tap {self.tap}, decoder {self.decoder}, {self.source.n_outputs} output channel(s)")
+        self.taps = segment_taps(bb.model, self.taps, self.decoder)
+        model = build_segmenter(bb.model, self.taps, self.decoder, self.source.n_outputs, crop, bb.name)
+        log(f"{'taps' if len(self.taps) > 1 else 'tap'} {', '.join(self.taps)}, decoder {self.decoder}, "
+            f"{self.source.n_outputs} output channel(s)")
         return model, HEAD_NAME
 
     def loaders(self, splits: Splits, spec, opts: TrainOptions, loader_args: dict):
@@ -201,7 +206,8 @@ class SegmentTask(Task):
         return str(self.decoder)
 
     def record(self, splits: Splits) -> dict:
-        return {"task": "segment", "tap": self.tap, "decoder": str(self.decoder), "binary": bool(self.binary),
+        tap = self.taps if len(self.taps) > 1 else self.taps[0]  # one tap: a name, as runs have always recorded it
+        return {"task": "segment", "tap": tap, "decoder": str(self.decoder), "binary": bool(self.binary),
                 "num_classes": self.source.num_classes, "dice_weight": self.dice_weight}
 
     def trainer_options(self, splits: Splits, opts: TrainOptions) -> dict:
