@@ -8,20 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 
 import featx
 from featx.backbones import load_backbone
 from featx.cli import main
 from featx.errors import FeatxError
+from cli_support import invoke as run
 from heads_support import blob_store
 from imagegen import make_image_folder
 
 EXTRACT = dict(taps=["avgpool"], image_size=32, workers=0, precision="fp32")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def random_weights(path, seed: int, featx_meta: dict | None = None, num_classes: int = 1000):
