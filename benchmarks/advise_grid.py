@@ -30,7 +30,7 @@ from protocol.grid import Rows, cell_files, n_value  # noqa: E402
 
 def advised_label(choice, partial_tap: str | None) -> str | None:
     """The grid's name for an advised method (None: the grid did not measure it); (f) froze up to `partial_tap`."""
-    from featx.advise import curve_name
+    from featx.advice import curve_name
 
     if choice.method == "finetune-freeze":
         return "partial" if partial_tap and choice.freeze == f"until:{partial_tap}" else None
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default=f"advise-{time.strftime('%Y-%m-%d')}")
     p.add_argument("--seeds", type=int, default=3, help="advise from the subsets of seeds 0..SEEDS-1 (default 3)")
     args = p.parse_args(argv)
-    from featx.advise import measure_costs, recommend
+    from featx.advice import measure_costs, recommend
     from featx.backbones import load_backbone
 
     warnings.filterwarnings("ignore")
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         extracts = {r["target"]: r for r in map(json.loads, (args.work / "journal.jsonl").read_text().splitlines())
                     if r["kind"] == "extract"}
     bb = load_backbone(cfg["backbone"], cfg["weights"], match=cfg["weights_match"] or "name")
-    advise_version = hashlib.sha256(Path(sys.modules["featx.advise"].__file__).read_bytes()).hexdigest()
+    advise_version = hashlib.sha256(Path(sys.modules["featx.advice"].__file__).read_bytes()).hexdigest()
     cache_file = args.work / "advice-cache.json"  # advice per cell, kept so that a rerun only re-joins the grid
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rows_out, costs_by_size = [], {}
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
 def judge(cached: dict, w: dict, name: str, nv: int, seed: int, partial_tap: str | None) -> dict:
     """One cell's advice against the grid's measured accuracies of the cell (means over the grid's seeds)."""
-    from featx.advise import Choice
+    from featx.advice import Choice
 
     choice = Choice(**cached["choice"])
     label = advised_label(choice, partial_tap)

@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision import transforms
 
 import featx
-from featx.request import ExtractResult
+from featx.extract_request import ExtractResult
 from featx.runtime import default_workers, resolve_runtime
 from featx.sources import load_source
 from precision_layouts import images_per_second

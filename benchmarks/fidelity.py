@@ -29,8 +29,8 @@ from PIL import Image
 import featx
 from featx.backbones import load_backbone
 from featx.backbones.catalog import OFFLINE_PACKAGES
-from featx.extract import CpuDecoder
-from featx.layers import penultimate_node
+from featx.runner import CpuDecoder
+from featx.taps import penultimate_node
 from featx.sources import load_source
 from featx.store import open_store
 

@@ -27,7 +27,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
-from featx.finetune import finetune
+from featx.finetuning import finetune
 from featx.runtime import default_workers, resolve_runtime
 
 HERE = Path(__file__).resolve().parent

@@ -293,7 +293,7 @@ def train_source(args, fm: D.Dataset, work: Path, cfg: dict) -> dict:
 
 def source_finetune(csv_path: Path, out: Path, opts: dict) -> dict:
     """The source training keeps its val rows (source classes) for the per-epoch report; nothing is chosen on them."""
-    from featx.finetune import finetune
+    from featx.finetuning import finetune
 
     result = finetune(str(csv_path), out, **opts)
     from protocol.methods import summarize_finetune
@@ -489,7 +489,7 @@ def pretrained(args, work: Path, stem: str) -> None:
     taps = ["layer2", "layer3", "avgpool"] if backbone.startswith(("resnet", "resnext", "wide_resnet")) else None
     if taps is None:
         from featx.backbones import load_backbone
-        from featx.layers import penultimate_node
+        from featx.taps import penultimate_node
 
         taps = [penultimate_node(load_backbone(backbone, "none").model)]
     cfg = {"backbone": backbone, "weights": args.weights, "image_size": args.image_size, "taps": taps,

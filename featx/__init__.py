@@ -20,8 +20,6 @@ Every command is a Python function (each documents what it takes and returns):
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -32,33 +30,18 @@ from .errors import FeatxError  # noqa: E402
 _FUNCTIONS = {
     "layers": "featx.layer_table",
     "weights": "featx.backbones.catalog",
-    "extract": "featx.extract",
+    "extract": "featx.extraction",
     "open_store": "featx.store",
     "fit_head": "featx.head_api",
     "load_head": "featx.heads.persistence",
     "predict": "featx.head_api",
     "evaluate": "featx.head_api",
     "neighbors": "featx.heads.neighbors",
-    "finetune": "featx.finetune.api",
-    "advise": "featx.advise",
-    "export": "featx.export",
+    "finetune": "featx.finetuning.api",
+    "advise": "featx.advice",
+    "export": "featx.exporter",
 }
 __all__ = ["FeatxError", "__version__", *_FUNCTIONS]
-
-
-class _Package(types.ModuleType):
-    """featx's module type: `featx.layers`, `featx.extract`, `featx.finetune`, `featx.advise` and `featx.export` stay
-    the functions after their submodules load.
-
-    Importing a submodule makes Python set it as an attribute of its package (`featx.extract = <module>`), which
-    would hide the function of the same name. That one assignment is ignored here; the submodules stay reachable
-    through `sys.modules` (`from featx.extract import ...`, `importlib.import_module("featx.extract")`).
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
 
 
 def __getattr__(name: str):
@@ -74,5 +57,3 @@ def __dir__() -> list[str]:
     """The API, so that dir(featx) and completion show the functions, also those not imported yet."""
     return sorted(__all__)
 
-
-sys.modules[__name__].__class__ = _Package

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .advise import (DECODE_FACTOR, DEFAULT_BUDGET_SHARE, FINETUNE_EPOCHS, Advice, Choice, accuracy_range,
+from .advice import (DECODE_FACTOR, DEFAULT_BUDGET_SHARE, FINETUNE_EPOCHS, Advice, Choice, accuracy_range,
                      advice_path, advice_taps, check_request, curve_name, extract_measured, measure_costs, project,
                      recent_mean, recommend)
 from .errors import FeatxError

@@ -14,7 +14,7 @@ are replaced while its size, mtime_ns, ctime_ns, inode and device all stay the s
 be set from user space, so this takes a clock set back, a file system that does not keep ctime, or a tool that
 rewrites a block device under the file system); `--rehash` reads every byte.
 
-A run reads each file at most once: `featx.request.check` keys the data, and the real run (`featx.extract`) takes
+A run reads each file at most once: `featx.extract_request.check` keys the data, and the real run (`featx.extraction`) takes
 those keys over (its `checked` argument).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `featx layers` table: a backbone's taps with their shapes at an image size and their row sizes.
 
-Built on the tap analysis of `featx.layers` and the memory check of `featx.memory`, so that neither of those
+Built on the tap analysis of `featx.taps` and the memory check of `featx.memory`, so that neither of those
 needs the other's caller.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import FeatxError
-from .layers import ITEMSIZE, Graph, LayerInfo, human_bytes, probe_shapes, reference_size, usual_rows
+from .taps import ITEMSIZE, Graph, LayerInfo, human_bytes, probe_shapes, reference_size, usual_rows
 from .memory import check_batch_memory
 from .pooling import POOLINGS, pooled_shape
 

@@ -1,7 +1,7 @@
 """Will a batch fit? The memory one batch of images needs, against what the device has available.
 
 A size typed by the user (--image-size, --resize, --batch-size, --max-batch) drives the first allocation of a run.
-`check_batch_memory` estimates that allocation from the model's traced graph (`featx.layers.activation_bytes`) and
+`check_batch_memory` estimates that allocation from the model's traced graph (`featx.taps.activation_bytes`) and
 refuses a batch that cannot fit in one line naming the options, before any file is written; `out_of_memory_as_error`
 turns an allocation that fails anyway (the estimate is approximate) into one line as well.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import FeatxError
-from .layers import activation_bytes, human_bytes
+from .taps import activation_bytes, human_bytes
 
 DECODED_BYTES = 3  # a pixel of the decoded uint8 batch (the normalized float batch is the graph's input)
 RESIZED_ASPECT = 2  # a decoder resizes the shorter side to --resize: images up to 2:1 are counted

@@ -118,7 +118,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             return store.features(tap, np.array([rows[k] for k in keys], dtype=np.int64))
 
     def _arguments(self, data) -> dict:
-        from .request import call_arguments
+        from .extract_request import call_arguments
 
         return call_arguments(data, self.store_, backbone=self.backbone, weights=os.fspath(self.weights),
                               weights_match=self.weights_match, taps=[self.tap] if self.tap else None,
@@ -128,7 +128,7 @@ class Embedder(TransformerMixin, BaseEstimator):
     def _stored_keys(self) -> set | None:
         """The content keys the store holds when it was made with these parameters; None when it is missing or
         another call made it (then extract decides: it reuses the rows of the same extractor or refuses another)."""
-        from .request import describe
+        from .extract_request import describe
         from .sources import sha256_file
         from .store import open_store
 
@@ -143,7 +143,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             return set(store.keys)
 
     def _extract(self, files: list[str]) -> None:
-        from .extract import extract
+        from .extraction import extract
 
         self.store_.parent.mkdir(parents=True, exist_ok=True)
         result = extract(**self._arguments(files[0] if len(files) == 1 else files))

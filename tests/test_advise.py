@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from click.testing import CliRunner
 
-from featx.advise import recommend
-from featx.cli import main
+from featx.advice import recommend
 from featx.store import write_store
 from imagegen import make_image, make_image_folder
+from cli_support import invoke as run
 
 TAPS = ["layer2", "layer3", "flatten"]
 COSTS = {"forward_seconds_per_image": 0.01, "train_seconds_per_image": 0.03, "extract_seconds": 1.0}
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def synthetic_store(path, separation: dict, per_class=24, classes=3, dim=16, seed=0, same=False, backbone="resnet18"):
@@ -151,7 +146,7 @@ def test_unscaled_rows_are_advised_when_standardising_hurts(tmp_path):
 def test_the_advice_store_holds_exactly_the_images_measured(tmp_path):
     """The learning curves read every row of the store, so rows of other data (an earlier subset, another folder)
     go, and the summary line says so."""
-    from featx.extract import extract
+    from featx.extraction import extract
     from featx.store import open_store
 
     data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=6)
@@ -169,7 +164,7 @@ def test_the_advice_store_holds_exactly_the_images_measured(tmp_path):
 def test_val_rows_that_leave_a_class_one_training_row_give_way_to_a_stratified_hold_out(tmp_path):
     """A few images per class drawn across the train and val folders can leave a class with a single training row:
     the curves then hold out a stratified part of all rows instead of refusing."""
-    from featx.advise import learning_curves
+    from featx.advice import learning_curves
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(2), 4)

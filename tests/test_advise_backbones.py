@@ -6,17 +6,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from test_advise import COSTS, TAPS, synthetic_store
+from test_advise import COSTS, synthetic_store
 
-from featx.advise import recommend
+from featx.advice import recommend
 from featx.advise_backbones import WITHIN, compare
-from featx.cli import main
 from imagegen import make_image_folder
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+from cli_support import invoke as run
 
 
 def advice_of(path, separation, backbone, seconds_per_image, seed=0):

@@ -44,18 +44,19 @@ def test_import_featx_lists_the_api_without_loading_torch_or_sklearn():
     assert out["dir"] == sorted(out["all"]) and {"layers", "predict", "advise", "evaluate"} <= set(out["dir"])
 
 
-def test_layers_is_the_function_and_featx_layers_the_module_alike():
+def test_the_api_functions_stay_functions_after_their_modules_are_imported():
     out = run_python(
         "import featx\n"
         "infos = featx.layers('resnet18', image_size=32)\n"
-        "import featx.layers\n"
+        "import featx.taps\n"
         "from featx.layer_table import describe_layers, format_layers_table, layers\n"
         "from featx.backbones import load_backbone\n"
         "assert callable(featx.layers) and featx.layers is layers\n"
         "assert infos == describe_layers(load_backbone('resnet18', 'none').model, image_size=32)\n"
-        "import featx.advise, featx.heads.prediction\n"
-        "from featx.advise import recommend\n"
-        "assert featx.advise.__name__ == 'advise' and featx.predict.__module__ == 'featx.head_api'\n"
+        "import featx.advice, featx.heads.prediction\n"
+        "from featx.advice import recommend\n"
+        "assert featx.advise.__name__ == 'advise' and featx.advice.__name__ == 'featx.advice'\n"
+        "assert featx.predict.__module__ == 'featx.head_api'\n"
         "print(format_layers_table(infos).splitlines()[-2])"
     )
     assert out.split()[:3] == ["flatten", "512", "512"]

@@ -25,7 +25,7 @@ from featx.backbones import (
     sha256_file,
 )
 from featx.errors import FeatxError
-from featx.layers import is_channels_last
+from featx.taps import is_channels_last
 from featx.preprocess import TransformSpec
 
 SMALL = "mobilenet_v3_small"

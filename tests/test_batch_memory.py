@@ -13,8 +13,9 @@ import torch
 
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
-from featx.extract import FeatureRunner, extract, runner_from_config
-from featx.finetune import finetune
+from featx.extraction import extract
+from featx.runner import FeatureRunner, runner_from_config
+from featx.finetuning import finetune
 from featx.layer_table import describe_layers
 from featx import memory
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
@@ -81,7 +82,7 @@ def test_estimate_is_near_the_measured_peak():
     script = textwrap.dedent("""
         import json, torch
         from featx.backbones import load_backbone
-        from featx.layers import feature_extractor
+        from featx.taps import feature_extractor
         from featx.memory import batch_memory
         from featx.preprocess import TransformSpec, normalize_batch
         from featx.runtime import prepare_model, resolve_runtime

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
+from cli_support import invoke as run
 from imagegen import make_image_folder
 
 FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
@@ -16,10 +17,6 @@ FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", 
 @pytest.fixture
 def folder(tmp_path):
     return make_image_folder(tmp_path / "data", per_class=3)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_extract_info_round_trip(folder, tmp_path):
@@ -110,7 +107,7 @@ assert not heavy, "importing the CLI loaded " + ", ".join(heavy)
 
 def test_help_and_info_do_not_import_torch(tmp_path):
     """`featx --help` and `featx info` take a fraction of a second: every command builds its options without torch
-    (the choice lists live in featx/choices.py and featx/finetune/choices.py) and imports the engine when it runs."""
+    (the choice lists live in featx/choices.py and featx/finetuning/choices.py) and imports the engine when it runs."""
     import subprocess
     import sys
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,17 +10,11 @@ import numpy as np
 import pytest
 
 from featx.store import open_store
+from cli_support import featx
 from imagegen import make_image_folder
 
 ARGS = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--batch-size", "4", "--workers", "0", "-q",
         "-l", "layer3", "-l", "avgpool"]
-
-
-def featx(*args, wait=True):
-    cmd = [sys.executable, "-m", "featx", *map(str, args)]
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _wait_for_segments(parts: Path, count: int, proc, timeout=120.0) -> None:

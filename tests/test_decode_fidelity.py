@@ -12,7 +12,7 @@ from PIL import Image
 from featx.backbones import load_backbone
 from featx.cli import main
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import open_store
 
 pytest.importorskip("timm")
@@ -102,7 +102,7 @@ def test_default_decode_gives_the_reference_pixels(photos):
     """The input tensors themselves: within 2 grey levels of timm's bicubic PIL pipeline at every pixel."""
     import timm
 
-    from featx.extract import CpuDecoder
+    from featx.runner import CpuDecoder
     from featx.preprocess import TransformSpec
 
     spec = TransformSpec(resize=168, crop=160, interpolation="bicubic")

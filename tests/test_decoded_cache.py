@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from featx.finetune import finetune
-from featx.finetune import data as D
-from featx.finetune.decoded import DecodedCache
+from featx.finetuning import finetune
+from featx.finetuning import data as D
+from featx.finetuning.decoded import DecodedCache
 from featx.preprocess import TransformSpec
 from featx.sources import load_source
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from featx import distributed
-from featx.distributed import Shard, discover
+from featx.sharding import Shard, discover
 from featx.errors import FeatxError
 
 JOB = {"config": "c" * 64, "data": "d" * 64}

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from featx.cli import main
 from featx.errors import FeatxError
-from featx.export import STAGING, export
+from featx.exporter import STAGING, export
 from featx.store import Store, open_store, write_store
 from readonly import read_only
 from test_store_readers import make_store

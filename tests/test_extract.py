@@ -10,7 +10,8 @@ import torchvision
 from PIL import Image
 
 from featx.errors import FeatxError
-from featx.extract import extract, extract_options_from_config
+from featx.extract_request import extract_options_from_config
+from featx.extraction import extract
 from featx.store import open_store
 from imagegen import make_image, make_image_folder
 
@@ -193,30 +194,31 @@ def test_bad_options_are_one_line_errors(folder, tmp_path, kwargs, match):
 
 API_CHECK = """
 import importlib, sys, types, featx
-functions = {"extract": "featx.extract", "finetune": "featx.finetune.api", "open_store": "featx.store",
+functions = {"extract": "featx.extraction", "finetune": "featx.finetuning.api", "open_store": "featx.store",
              "fit_head": "featx.head_api", "load_head": "featx.heads.persistence", "evaluate": "featx.head_api",
-             "layers": "featx.layer_table", "advise": "featx.advise", "predict": "featx.head_api"}
+             "layers": "featx.layer_table", "advise": "featx.advice", "predict": "featx.head_api"}
 for name, module in functions.items():
     value = getattr(featx, name)
     assert callable(value) and value is getattr(importlib.import_module(module), name), (name, value)
-for module in ("featx.extract", "featx.finetune", "featx.layers", "featx.advise"):
+for module in ("featx.extraction", "featx.finetuning", "featx.taps", "featx.advice"):
     assert isinstance(sys.modules[module], types.ModuleType), module
 """
 
 
 @pytest.mark.parametrize("first", [
-    "import featx.extract, featx.finetune, featx.finetune.api, featx.store, featx.heads.api, featx.layers, "
-    "featx.advise",  # submodules first
-    "import featx.cli, featx.cli.extract_cmds, featx.cli.finetune_cmd; import featx.extract, featx.finetune",  # CLI
-    "import featx; featx.extract, featx.finetune, featx.layers, featx.advise; import featx.extract, "
-    "featx.finetune.train, featx.layers, featx.advise",  # functions first
+    "import featx.extraction, featx.finetuning, featx.finetuning.api, featx.store, featx.heads.api, featx.taps, "
+    "featx.advice",  # submodules first
+    "import featx.cli, featx.cli.extract_cmds, featx.cli.finetune_cmd; import featx.extraction, featx.finetuning",  # CLI
+    "import featx; featx.extract, featx.finetune, featx.layers, featx.advise; import featx.extraction, "
+    "featx.finetuning.train, featx.taps, featx.advice",  # functions first
 ])
 def test_api_names_stay_functions_after_their_submodules_load(first):
-    """`import featx.extract` binds the submodule on the package; featx.extract(...) must still be the function."""
+    """No submodule is named like an API function, so importing any of them leaves featx.extract(...) and the
+    others the functions."""
     import subprocess
     import sys
 
-    code = f"{first}\nimport featx.extract\n{API_CHECK}"
+    code = f"{first}\n{API_CHECK}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

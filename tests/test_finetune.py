@@ -15,13 +15,13 @@ from torch import nn
 
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
-from featx.finetune import finetune
-from featx.finetune.classify import build_model
-from featx.finetune.checkpoint import load_checkpoint, seed_everything
-from featx.finetune.freezing import (
+from featx.finetuning import finetune
+from featx.finetuning.classify import build_model
+from featx.finetuning.checkpoint import load_checkpoint, seed_everything
+from featx.finetuning.freezing import (
     freeze_table, frozen_batchnorms, frozen_parameters, loaded_parameters, set_frozen, train_mode,
 )
-from featx.finetune.train import Trainer
+from featx.finetuning.train import Trainer
 from featx.preprocess import EvalTransform, normalize_batch
 from featx.sources import decode_image
 
@@ -175,7 +175,7 @@ def test_mlp_head_goes_where_the_classifier_is():
 
 @pytest.mark.parametrize("head", ["mlp", "mlp:0", "mlp:8,1.5", "conv", "mlp:x"])
 def test_bad_head_is_an_error(head):
-    from featx.finetune.heads import parse_head
+    from featx.finetuning.heads import parse_head
 
     with pytest.raises(FeatxError, match="--head"):
         parse_head(head)
@@ -184,7 +184,7 @@ def test_bad_head_is_an_error(head):
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     """A 3-class image folder, its resnet18 (-w none) store at SIZE px and a logistic head fitted on it."""
-    from featx.extract import extract
+    from featx.extraction import extract
     from featx.heads import fit_head
 
     root = tmp_path_factory.mktemp("probe")
@@ -216,7 +216,7 @@ def test_init_head_gives_the_probe_logits_at_step_0(probe):
 
 def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe):
     """A binary logistic head has one score s: the new head's logits (-s/2, s/2) give softmax = sigmoid(s)."""
-    from featx.extract import extract
+    from featx.extraction import extract
     from featx.heads import fit_head, load_head
     from featx.store import open_store
 
@@ -345,7 +345,7 @@ def _lrs(scheduler, optimizer, steps: int) -> list[tuple[float, float]]:
 
 
 def test_optimizer_groups_and_schedules_with_warmup():
-    from featx.finetune.optim import build_optimizer, build_scheduler, warmup_steps
+    from featx.finetuning.optim import build_optimizer, build_scheduler, warmup_steps
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     for name, kind in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
@@ -375,7 +375,7 @@ def test_optimizer_groups_and_schedules_with_warmup():
 @pytest.mark.parametrize("schedule", ["cosine", "step", "onecycle"])
 def test_a_scheduler_continued_after_n_steps_is_that_schedule_from_step_n(schedule):
     """build_scheduler(done_steps=n) on a loaded optimizer: the rates of the same schedule stepped n times."""
-    from featx.finetune.optim import build_optimizer, build_scheduler
+    from featx.finetuning.optim import build_optimizer, build_scheduler
 
     def fresh():
         return build_optimizer(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "1", "adam", lr=0.1,
@@ -585,7 +585,7 @@ def test_resuming_a_complete_run_trains_nothing_and_says_so(data, clean_run):
 
 def test_more_epochs_extend_a_finished_run_on_the_longer_schedule(data, tmp_path):
     """Epochs 1-2 stay as they were; epoch 3 runs at the rates a 3-epoch run has from step 2 x steps on."""
-    from featx.finetune.optim import build_optimizer, build_scheduler
+    from featx.finetuning.optim import build_optimizer, build_scheduler
 
     options = dict(FAST, epochs=2, lr=0.05, optimizer="adam", warmup="2steps")
     first = finetune(data, tmp_path / "run", **options)
@@ -605,7 +605,7 @@ def test_more_epochs_extend_a_finished_run_on_the_longer_schedule(data, tmp_path
 
 
 def test_the_run_lock_refuses_a_second_writer_and_leaves_with_its_holder(tmp_path):
-    from featx.finetune.checkpoint import CHECKPOINT, LOCK, RunDir
+    from featx.finetuning.checkpoint import CHECKPOINT, LOCK, RunDir
 
     run = tmp_path / "run"
     run.mkdir()

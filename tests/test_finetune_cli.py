@@ -9,20 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from featx.cli import main
 from featx.store import open_store
+from cli_support import invoke as featx
 from finetune_support import digest
 from imagegen import make_image_folder
 
 FAST = ("-b", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "3", "--workers", "0", "--precision",
         "fp32", "--device", "cpu", "-q")
 FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "last.pt", "curves.png")
-
-
-def featx(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from featx.finetune.data import EpochSampler
-from featx.finetune.ddp import RankSampler
+from featx.finetuning.data import EpochSampler
+from featx.finetuning.ddp import RankSampler
 from imagegen import make_image_folder
 
 # One process on one thread against 2 ranks on one thread each (torchrun sets OMP_NUM_THREADS=1): random-init
@@ -94,7 +94,7 @@ def test_validation_images_are_neither_dropped_nor_repeated(n, world):
 def _batch_norm_worker(rank, port, results):
     import torch.distributed as dist
 
-    from featx.finetune.ddp import use_global_batch_norm
+    from featx.finetuning.ddp import use_global_batch_norm
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

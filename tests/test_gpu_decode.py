@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from featx.errors import FeatxError
-from featx.extract import CpuDecoder, extract, identity_key
+from featx.extraction import extract
+from featx.runner import CpuDecoder, identity_key
 from featx.gpu_decode import DeviceDecoder, check_decoder, orient, read_encoded
 from featx.preprocess import TransformSpec
 from featx.store import open_store

@@ -8,18 +8,13 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from featx import fit_head
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.heads import predict
+from cli_support import invoke as run
 from heads_support import blob_store, write_rows
 from imagegen import make_image_folder
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_fit_predict_evaluate_commands(tmp_path):
@@ -77,7 +72,7 @@ def test_wrong_kind_of_path_is_one_line_naming_the_option(tmp_path, args, messag
 
 
 def test_predict_on_images_equals_predict_on_the_store(tmp_path):
-    from featx.extract import extract
+    from featx.extraction import extract
 
     data = make_image_folder(tmp_path / "data", classes=("ants", "bees", "wasps"), per_class=5)
     extract(data, tmp_path / "s.h5", backbone="resnet18", weights="none", taps=["layer3", "avgpool"],
@@ -108,7 +103,7 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
     import torch
     import torchvision
 
-    from featx.extract import extract
+    from featx.extraction import extract
 
     weights = tmp_path / "w.pth"
     torch.manual_seed(0)
@@ -127,7 +122,7 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
 @pytest.fixture
 def trained(tmp_path):
     """A labelled folder, its store and a head fitted on it (resnet18 -w none at 32 px)."""
-    from featx.extract import extract
+    from featx.extraction import extract
 
     data = make_image_folder(tmp_path / "data", per_class=4, splits={"train": 3, "val": 2})
     extract(data, tmp_path / "train.h5", backbone="resnet18", weights="none", image_size=32, workers=0)

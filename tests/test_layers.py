@@ -11,7 +11,7 @@ from torchvision.models import get_model
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.layer_table import describe_layers, format_layers_table
-from featx.layers import activation_bytes, check_taps, penultimate_node, usual_taps, valid_taps
+from featx.taps import activation_bytes, check_taps, penultimate_node, usual_taps, valid_taps
 
 
 

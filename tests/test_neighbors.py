@@ -7,22 +7,17 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import featx
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.heads import search
 from featx.heads.neighbors import duplicates, neighbors
 from heads_support import blob_store, write_rows
 from imagegen import make_image_folder
+from cli_support import invoke as run
 
 EXTRACT = dict(backbone="resnet18", weights="none", taps=["avgpool"], image_size=32, workers=0, precision="fp32")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def brute_force(Q, X, k, exclude):

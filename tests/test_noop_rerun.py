@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from featx.request import EXTRACT_DEFAULTS, FORCING, NOT_IDENTITY, describe
+from featx.extract_request import EXTRACT_DEFAULTS, FORCING, NOT_IDENTITY, describe
 from imagegen import make_image, make_image_folder
 
 FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
@@ -135,7 +135,7 @@ def test_description_covers_every_extract_option():
     """A new option of extract is part of the identity unless it is declared unable to change rows."""
     import inspect
 
-    from featx.extract import extract
+    from featx.extraction import extract
 
     parameters = set(inspect.signature(extract).parameters)
     assert set(describe({name: None for name in parameters})) == parameters - NOT_IDENTITY - FORCING
@@ -144,10 +144,10 @@ def test_description_covers_every_extract_option():
 
 
 def test_extract_defaults_are_extracts_own():
-    """featx.request completes a call's arguments without importing extract: its defaults must be extract's."""
+    """featx.extract_request completes a call's arguments without importing extract: its defaults must be extract's."""
     import inspect
 
-    from featx.extract import extract
+    from featx.extraction import extract
 
     parameters = inspect.signature(extract).parameters
     assert EXTRACT_DEFAULTS == {name: p.default for name, p in parameters.items() if p.default is not p.empty}

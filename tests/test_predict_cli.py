@@ -6,31 +6,19 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import featx
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.sources import load_source
 from heads_support import blob_store, every_fifth_val, write_rows
 from imagegen import make_image, make_image_folder
 from readonly import read_only
+from cli_support import featx as featx_cli, invoke as run
 
 EXTRACT = dict(backbone="resnet18", weights="none", taps=["avgpool"], image_size=32, workers=0, precision="fp32")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def featx_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

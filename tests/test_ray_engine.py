@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import open_store
 from imagegen import make_image_folder
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import main
-from featx.extract import extract
+from featx.extraction import extract
 from imagegen import make_image_folder
 
 FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", "--batch-size", "2", "-q"]

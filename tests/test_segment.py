@@ -7,8 +7,6 @@ import importlib
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,14 +16,15 @@ from PIL import Image
 import featx
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
-from featx.finetune.checkpoint import load_checkpoint
+from featx.finetuning.checkpoint import load_checkpoint
 from featx.segment.metrics import confusion, summarize
 from featx.segment.model import build_segmenter, default_tap, parse_decoder, pyramid_taps
 from featx.segment.probe import fit_dense_probe, load_segment_head, predict_dense
 from featx.segment.source import IGNORE, load_mask_source
-from featx.finetune.segment import SegmentLoss
+from featx.finetuning.segment import SegmentLoss
 from featx.sources import load_source
-from maskgen import make_mask_folder, make_pair
+from cli_support import featx as _cli
+from maskgen import make_mask_folder
 
 FAST = dict(backbone="resnet18", weights="none", image_size=64, batch_size=4, workers=0, precision="fp32",
             device="cpu", task="segment", decoder="conv:8", epochs=2, augment="default")
@@ -35,10 +34,6 @@ COMPARED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_miou
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_mask_folder(tmp_path_factory.mktemp("seg") / "data", instances=True)
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 # ---- the masks source ---------------------------------------------------------------------------------------------
@@ -287,7 +282,7 @@ def test_resume_equals_an_uninterrupted_run(data, clean_run, tmp_path):
 
 def _curve_labels(monkeypatch) -> list[tuple[str, str]]:
     """The axis labels of every curves.png the runs write (what the loss and the accuracy are)."""
-    report = importlib.import_module("featx.finetune.report")
+    report = importlib.import_module("featx.finetuning.report")
     labels, draw = [], report.curves_figure
 
     def recording(history, loss_name="cross-entropy", acc_name="accuracy"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import open_store
+from cli_support import featx
 from imagegen import make_image_folder
 
 FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0)
@@ -89,14 +89,6 @@ def test_rows_of_a_finished_shard_that_are_not_there_are_refused(folder, tmp_pat
 def test_overwrite_is_refused_for_shards(folder, tmp_path):
     with pytest.raises(FeatxError, match="--overwrite: not with several shards"):
         extract(folder, tmp_path / "s.h5", overwrite=True, num_shards=2, shard_index=0, **FAST)
-
-
-def featx(*args, env=None, launcher=None, wait=True):
-    cmd = [*(launcher or [sys.executable, "-m"]), "featx", *map(str, args)]
-    env = {**os.environ, **(env or {})}
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]

@@ -101,7 +101,7 @@ def test_embedder_in_a_grid_search_extracts_each_image_once(images, tmp_path, mo
     _, paths, labels = images
     import importlib
 
-    extract_module = importlib.import_module("featx.extract")
+    extract_module = importlib.import_module("featx.extraction")
     calls = []
     real = extract_module.extract
     monkeypatch.setattr(extract_module, "extract", lambda *a, **k: calls.append(k["data"]) or real(*a, **k))

@@ -94,7 +94,7 @@ def test_same_stat_replacement_is_trusted_unless_rehash(made, monkeypatch):
     """A file replaced while size, mtime_ns, ctime_ns and inode stay the same (ctime cannot be set from user
     space: the stat is pinned here) keeps its old key: the documented risk; --rehash finds it."""
     from featx import keys
-    from featx.extract import extract
+    from featx.extraction import extract
 
     data, out = made
     victim = sorted((data / "bees").iterdir())[0]

@@ -15,7 +15,7 @@ import pytest
 
 from featx import rowfiles, writer
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import open_store
 from imagegen import make_image, make_image_folder
 

@@ -9,26 +9,22 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 timm = pytest.importorskip("timm")
 
 from featx.backbones import LoadReport, check_backbone, list_backbones, load_backbone  # noqa: E402
-from featx.cli import main  # noqa: E402
 from featx.errors import FeatxError  # noqa: E402
-from featx.extract import extract, extract_options_from_config  # noqa: E402
+from featx.extract_request import extract_options_from_config  # noqa: E402
+from featx.extraction import extract  # noqa: E402
 from featx.heads import fit_head, load_head, predict  # noqa: E402
 from featx.preprocess import IMAGENET_MEAN, IMAGENET_STD, TransformSpec  # noqa: E402
 from featx.store import open_store  # noqa: E402
+from cli_support import invoke as featx  # noqa: E402
 from imagegen import make_image_folder  # noqa: E402
 
 NAME = "timm/test_efficientnet"
 ARCH = "test_efficientnet"
 FAST = ("--image-size", "32", "--workers", "0", "--precision", "fp32", "--device", "cpu", "-q")
-
-
-def featx(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def renamed_file(path, seed=1, drop_last=False):
@@ -266,10 +262,10 @@ def test_without_timm_a_timm_backbone_is_one_line_naming_the_extra(data, tmp_pat
     """Blocks the timm import in a fresh interpreter: torchvision backbones still work and never import timm."""
     script = f"""
 import sys
-from click.testing import CliRunner
 sys.modules["timm"] = None  # import timm raises ImportError
-from featx.cli import main
+from click.testing import CliRunner
 from featx.backbones import list_backbones, load_backbone
+from featx.cli import main
 load_backbone("resnet18", "none")
 assert "timm/test_efficientnet" not in list_backbones() and "resnet18" in list_backbones()
 out = CliRunner().invoke(main, ["extract", {str(data)!r}, "-b", "{NAME}", "-w", "none", "-o", {str(tmp_path / 'x.h5')!r}])

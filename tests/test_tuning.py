@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import featx.tuning as tuning
 from featx import extract, open_store
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.tuning import Costs, decide, tune
 from imagegen import make_image_folder
+from cli_support import invoke as run
 
 SETTING = {"backbone": "resnet18", "taps": ["flatten"], "crop": 32, "resize": 36, "precision": "fp32", "device": "cpu"}
 
@@ -170,10 +169,6 @@ def test_cache_folder_follows_xdg(monkeypatch, tmp_path):
 
 
 # -- featx extract ----------------------------------------------------------------------------------------------
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
 
 @pytest.fixture
 def folder(tmp_path):

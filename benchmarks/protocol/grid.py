@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.advise import curve_name
+from featx.advice import curve_name
 
 from . import data as D
 from .methods import Budget, Methods, remove_store

@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from featx.advise import curve_name
+from featx.advice import curve_name
 
 from . import data as D
 from . import report as R

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.extract import extract
-from featx.finetune import finetune
+from featx.extraction import extract
+from featx.finetuning import finetune
 from featx.heads import evaluate, fit_head
 
 

@@ -90,8 +90,8 @@ def _fmt_cell(v):
 
 def aggregate(records: list[dict]) -> dict:
     """(target, method, tap, n) -> {acc_mean, acc_std, k, seconds, images} averaged over seeds; a probe's tap
-    carries its normalisation (featx.advise.curve_name: TAP/none for unscaled rows)."""
-    from featx.advise import curve_name
+    carries its normalisation (featx.advice.curve_name: TAP/none for unscaled rows)."""
+    from featx.advice import curve_name
     groups = defaultdict(list)
     for r in records:
         groups[(r["target"], r["method"], curve_name(r.get("tap") or "", r.get("normalize")), r["n"])].append(r)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import FeatxError
-from ..layers import final_layer, model_label
+from ..taps import final_layer, model_label
 from ..preprocess import TransformSpec
 from .weights import (
     BN_COUNTER,

@@ -28,7 +28,7 @@ def advise_cmd(data, backbones, weights, weights_match, store, taps, image_size,
     every backbone x tap is measured on the same images within the one budget and ranked: the most accurate, and
     the cheapest to extract within a point of it.
     """
-    from ..advise import advice_path, advise
+    from ..advice import advice_path, advise
 
     log = lambda line: click.echo(line, err=True)  # noqa: E731
     specs = backbone_specs(backbones, weights, weights_match)

@@ -24,7 +24,7 @@ from .common import echo_json, on_interrupt
 def export_cmd(store, output, fmt, tap, shard_rows, chunk_rows, overwrite, as_json, quiet):
     """Export the rows of a tap of STORE with their paths, keys, labels, class names and splits, for numpy,
     pandas, polars, DuckDB, embedding-reader and faiss. Streams in chunks: memory holds one chunk."""
-    from ..export import export
+    from ..exporter import export
 
     on_interrupt(f"featx: interrupted (no partial export is left in {output})")
     result = export(store, output, format=fmt, tap=tap, shard_rows=shard_rows, chunk_rows=chunk_rows,

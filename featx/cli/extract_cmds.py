@@ -53,7 +53,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
     The store keeps the rows of other data it holds, and drops the rows of files gone from DATA (a few; more only
     with --prune). The summary says how many rows were computed, reused, dropped and failed.
     """
-    from ..request import check
+    from ..extract_request import check
 
     options = dict(
         data=data, output=output, backbone=backbone, weights=weights, weights_match=weights_match,
@@ -66,7 +66,7 @@ def extract_cmd(data, output, backbone, weights, weights_match, taps, pooling, t
     checked = check(options)  # an unchanged rerun answers here, before torch is imported
     result = checked.result
     if result is None:
-        from ..extract import extract
+        from ..extraction import extract
 
         result = extract(**options, log=lambda line: click.echo(line, err=True), checked=checked)
     if as_json:

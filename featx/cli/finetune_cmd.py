@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from ..choices import DECODER_HELP, DEVICE_CHOICES, PRECISIONS, WEIGHTS_MATCHES
 from ..errors import FeatxError
-from ..finetune.choices import (
+from ..finetuning.choices import (
     AUGMENT_HELP, AUGMENTS, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS, WARMUP_HELP,
 )
 from .common import BACKBONE_HELP, echo_json, on_interrupt
@@ -69,9 +69,9 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
     or 'digits' (with --task segment: image + mask pairs, see --task). Each epoch prints its losses and accuracies and writes checkpoint.pt atomically; model.pt holds the
     best epoch by val accuracy and works as -w for extract, fit-head and finetune.
     """
-    from ..distributed import discover
-    from ..finetune import finetune
-    from ..finetune.resume import resume_arguments
+    from ..sharding import discover
+    from ..finetuning import finetune
+    from ..finetuning.resume import resume_arguments
 
     if resume_dir and output and os.path.abspath(resume_dir) != os.path.abspath(output):
         raise FeatxError(f"--resume {resume_dir} and -o {output}: give one run folder")
@@ -112,7 +112,7 @@ def finetune_cmd(data, output, resume_dir, overwrite, backbone, weights, weights
 
 def _interrupted(run) -> str:
     """What Ctrl-C left: the completed epochs and how to continue them, or nothing (no epoch had completed)."""
-    from ..finetune.checkpoint import CHECKPOINT, METRICS
+    from ..finetuning.checkpoint import CHECKPOINT, METRICS
 
     if not (Path(run) / CHECKPOINT).is_file():
         return f"featx: interrupted before the first epoch completed: nothing was kept in {run}"

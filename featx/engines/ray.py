@@ -127,7 +127,7 @@ def _resolve_precision(device: str, precision: str) -> tuple[bool, str]:
 def decode_batch(batch: dict, transform: dict, decode: str = DEFAULT_DECODE) -> dict:
     """The CPU stage: decode and crop each path to uint8 (3, crop, crop); a broken file gets a zero image and
     its reason, and fails alone."""
-    from ..extract import CpuDecoder
+    from ..runner import CpuDecoder
     from ..preprocess import TransformSpec
 
     decoder = CpuDecoder(TransformSpec.from_dict(transform), decode)
@@ -146,7 +146,7 @@ class Embedder:
         import torch
 
         from ..backbones import load_backbone
-        from ..extract import FeatureRunner
+        from ..runner import FeatureRunner
         from ..preprocess import TransformSpec
         from ..runtime import Runtime
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FeatxError
+from .search import knn_votes, l2_normalize
 
 # Config fields that decide what a row of a tap means; precision, dtype and versions may differ.
 IDENTITY_FIELDS = ("backbone", "weights_sha256", "weights_match", "pooling", "token_pool", "transform")
@@ -39,14 +40,6 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 def expit(x: np.ndarray) -> np.ndarray:
     """The logistic sigmoid 1 / (1 + exp(-x)) (scipy.special.expit's formula)."""
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, in place, with sklearn.preprocessing.normalize's steps (near-zero rows kept)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
-    norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
-    X /= norms[:, None]
-    return X
 
 
 class ArrayModel:
@@ -99,8 +92,6 @@ class ArrayModel:
         if self.model == "mlp":
             return mlp_logits(X, a["w1"], a["b1"], a["w2"], a["b2"])
         if self.model == "knn":  # the normalised votes (featx.heads.knn: numpy and the search only)
-            from .search import knn_votes
-
             return knn_votes(X, a["rows"], a["labels"], int(a["labels"].max()) + 1, int(a["n_neighbors"]),
                              float(a["temperature"]))
         scores = X @ a["coef"].T + a["intercept"]

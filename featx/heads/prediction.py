@@ -187,7 +187,7 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
 def extractor_options(config: dict, tap: str, weights=None) -> dict:
     """`extract` keyword arguments that rebuild the extractor of a store `config` for one tap (weights: a moved
     weights file, checked against the recorded sha256 before any work)."""
-    from ..request import extract_options_from_config
+    from ..extract_request import extract_options_from_config
 
     return {**extract_options_from_config(config, weights or ()), "taps": [tap]}
 
@@ -197,15 +197,15 @@ def extract_images(options: dict, data, store, config: dict, owner: str, size_li
                    log=None):
     """Extract `data` into the cache store `store` with `options` (from extractor_options), keeping every row it
     held (retention 'add', bounded by `size_limit` bytes); returns the ExtractResult. When the store already holds
-    every image (featx.request.up_to_date), nothing is built and torch is not imported. The extracted store's
+    every image (featx.extract_request.up_to_date), nothing is built and torch is not imported. The extracted store's
     weights must be those of `config` (`owner` names whose, in the message). `log` gets the cache's summary line."""
-    from ..request import call_arguments, up_to_date
+    from ..extract_request import call_arguments, up_to_date
 
     arguments = call_arguments(data, store, **options, batch_size=batch_size, device=device, workers=workers,
                                retention="add", size_limit=size_limit, progress=progress, log=log)
     result = up_to_date(arguments)
     if result is None:
-        from ..extract import extract
+        from ..extraction import extract
 
         result = extract(**arguments)
     _check_weights(config, owner, options["weights"], result.config.get("weights_sha256"))

@@ -17,7 +17,6 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import FeatxError
-from .model import l2_normalize
 
 CHUNK_BYTES = 64 << 20  # gallery rows read at a time (float32)
 SCORE_CELLS = 2 << 20  # queries x gallery rows scored at a time
@@ -32,6 +31,14 @@ class Hits:
 
     rows: np.ndarray
     scores: np.ndarray
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, in place, with sklearn.preprocessing.normalize's steps (near-zero rows kept)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
+    X /= norms[:, None]
+    return X
 
 
 def normalized(X: np.ndarray, copy: bool = True) -> np.ndarray:

@@ -26,7 +26,7 @@ from torch import fx, nn
 from ..choices import DECODER_HELP
 from ..errors import FeatxError
 from ..layer_table import describe_layers
-from ..layers import Graph, channels_last_taps, check_taps, feature_extractor, reference_size, usual_rows
+from ..taps import Graph, channels_last_taps, check_taps, feature_extractor, reference_size, usual_rows
 
 HEAD_NAME = "decoder"
 PYRAMID_STRIDES = (4, 8, 16, 32)  # the default taps of an fpn decoder: the last stage map of each of these strides

@@ -17,7 +17,7 @@ import torch
 
 from ..choices import recorded_decode
 from ..errors import FeatxError
-from ..extract import CpuDecoder, identity_key, runner_from_config
+from ..runner import CpuDecoder, identity_key, runner_from_config
 from ..sources import DecodeError, sha256_file
 from .cache import EmbeddingCache, Rows
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FeatxError
-from ..finetune.checkpoint import CONFIG as RUN_CONFIG
-from ..finetune.checkpoint import MODEL as RUN_MODEL
+from ..finetuning.checkpoint import CONFIG as RUN_CONFIG
+from ..finetuning.checkpoint import MODEL as RUN_MODEL
 from ..heads.model import Head
 from ..heads.persistence import HEAD_FILE, WEIGHTS_FILE, is_head_folder, load_head
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatxError
-from ..extract import identity_key
-from ..request import weights_for
+from ..runner import identity_key
+from ..extract_request import weights_for
 from ..sources import DecodeError, content_key, sha256_file
 from .cache import EmbeddingCache, match_store
 from .engine import Engine, Extractor, weights_of

@@ -52,9 +52,10 @@ _shared: dict = {}  # built once per process: the fitted head and the reference 
 
 def _head_and_runner():
     """A head fitted on a small store made with OPTIONS (for `predict --store`), and the extractor those rows come
-    from (featx.extract.runner_from_config, fed one file at a time: the clean computation rows are compared with)."""
+    from (featx.runner.runner_from_config, fed one file at a time: the clean computation rows are compared with)."""
     if not _shared:
-        from featx.extract import CpuDecoder, extract, runner_from_config
+        from featx.extraction import extract
+        from featx.runner import CpuDecoder, runner_from_config
         from featx.heads import fit_head
 
         folder = Path(tempfile.mkdtemp(prefix="featx-machine-head-"))
@@ -174,7 +175,7 @@ class StoreMachine(RuleBasedStateMachine):
     # -- runs ------------------------------------------------------------------------------------------------------
     @rule(name=st.sampled_from(FOLDERS), flag=st.sampled_from(["", "", "prune", "overwrite"]))
     def extract(self, name, flag):
-        from featx.extract import extract
+        from featx.extraction import extract
 
         after = self._after(name, flag or "mirror")
         try:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from featx.extract import extract
+from featx.extraction import extract
 from featx.store import open_store
 
 from .helpers import FAST, Child, assert_one_line_error, listing, write_pngs

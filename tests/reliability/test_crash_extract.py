@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featx.extract import extract
+from featx.extraction import extract
 from featx.sources import load_source
 from featx.store import open_store
 

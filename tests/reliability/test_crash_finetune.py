@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from featx.finetune import finetune
-from featx.finetune.checkpoint import load_checkpoint
+from featx.finetuning import finetune
+from featx.finetuning.checkpoint import load_checkpoint
 
 from .helpers import Child, featx as run_featx, write_pngs
 

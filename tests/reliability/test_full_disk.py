@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx.extract import extract
+from featx.extraction import extract
 from featx.errors import FeatxError
 from featx.store import open_store
 from featx.writer import StoreWriter

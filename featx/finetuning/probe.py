@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import FeatxError
-from ..layers import check_taps, feature_extractor, is_channels_last, penultimate_node
+from ..taps import check_taps, feature_extractor, is_channels_last, penultimate_node
 from ..pooling import pool
 
 FOLDABLE = ("standard", "none")

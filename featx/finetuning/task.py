@@ -32,7 +32,7 @@ class Task:
 
     name = ""
     unit = "images"  # what one training example is called in messages
-    uses_decoded_cache = False  # whether the loaders can keep decoded pixels (featx.finetune.decoded)
+    uses_decoded_cache = False  # whether the loaders can keep decoded pixels (featx.finetuning.decoded)
     trainer_class = Trainer
 
     def load(self, data, opts: TrainOptions, log) -> tuple[str, Splits]:

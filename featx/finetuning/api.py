@@ -110,8 +110,8 @@ def finetune(
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
     decode_cache: where each image's decoded pixels are kept so that later epochs do not decode it again ('auto':
     OUTPUT/decoded/, removed when the call ends, completed or not; a folder: kept and shared by runs; None or 'none': off), within
-    `decode_cache_mb` (see featx.finetune.decoded). `resume` continues the run in `output` after its last completed
-    epoch (with the same settings; more `epochs` than recorded extend it, see featx.finetune.resume for the call
+    `decode_cache_mb` (see featx.finetuning.decoded). `resume` continues the run in `output` after its last completed
+    epoch (with the same settings; more `epochs` than recorded extend it, see featx.finetuning.resume for the call
     that fills in the recorded settings); `overwrite` starts a new run where one exists. `log` receives the report lines. Returns a FinetuneResult.
 
     task 'segment': `data` is image + mask pairs (featx.segment.source), the backbone is cut at `tap` (layer4 for

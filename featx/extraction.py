@@ -18,90 +18,30 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import __version__, distributed
-from .backbones import Backbone, check_backbone, check_complete, load_backbone
-from .choices import DECODES, DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
+from . import sharding
+from .backbones import check_backbone, check_complete, load_backbone
+from .choices import DECODES, DEFAULT_DECODE
 from .cpu import torch_threads
 from .errors import FeatxError
+from .extract_request import DEFAULT_MATCH, Check, ExtractResult, check, record
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
-from .layers import channels_last_taps, check_taps, feature_extractor, penultimate_node
+from .keys import StatIndex, file_keys
 from .memory import check_batch_memory, out_of_memory_as_error
 from .pooling import POOLINGS, TOKEN_POOLINGS, pool
-from .preprocess import EvalTransform, TransformSpec, normalize_batch
-from .keys import StatIndex, file_keys
-from .request import DEFAULT_MATCH, Check, ExtractResult, check, extract_options_from_config, record
+from .preprocess import TransformSpec
 from .retention import RETENTIONS, data_root, data_rows
-from .runtime import Runtime, loader_workers, prepare_model, resolve_runtime
-from .sources import DecodeError, Source, decode_image, load_source, unreadable_reason
 from .rowfiles import store_bytes
+from .runner import DTYPES, build_config, identity_key, CpuDecoder, FeatureRunner
+from .runtime import loader_workers, resolve_runtime
+from .sources import Source, load_source, unreadable_reason
 from .store import config_fingerprint, open_store
+from .taps import check_taps, penultimate_node
 from .tuning import DEFAULT_BATCH, PROBE_IMAGES, Choice, check_counts, defaults, tune
 from .writer import StoreWriter
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
 ON_ERROR = ("skip", "fail")
-# Config fields that decide the numbers in a row; versions and timestamps are recorded but do not invalidate a cache.
-IDENTITY_FIELDS = ("backbone", "weights", "weights_sha256", "weights_match", "decode", "taps", "pooling", "token_pool", "transform",
-                   "precision", "dtype")
 ENGINES = ("local", "ray")
 MAX_PENDING_WRITES = 4
-
-
-def build_config(bb: Backbone, taps, pooling, token_pool, transform: TransformSpec, precision, dtype, weights_arg,
-                 decode: str = DEFAULT_DECODE) -> dict:
-    """The store's config: how its rows were computed (identity fields) plus provenance."""
-    return {
-        "backbone": bb.name,
-        "weights": bb.weights_id,
-        "weights_sha256": bb.weights_sha256,
-        "weights_path": str(Path(weights_arg).resolve()) if bb.weights_id.startswith("file:") else None,
-        "weights_match": bb.weights_match,
-        "decode": decode,
-        "taps": list(taps),
-        "pooling": pooling,
-        "token_pool": token_pool,
-        "transform": transform.to_dict(),
-        "precision": precision,
-        "dtype": dtype,
-        "featx_version": __version__,
-        "torch": torch.__version__,
-        "torchvision": __import__("torchvision").__version__,
-        **bb.versions,
-    }
-
-
-def identity_key(config: dict) -> str:
-    """The fingerprint of a config's identity fields; stores made before a field existed keep their key (the field
-    is left out at the value those stores hold)."""
-    fields = {name: config.get(name) for name in IDENTITY_FIELDS}
-    if fields["weights_match"] in (None, DEFAULT_MATCH):
-        del fields["weights_match"]
-    fields["decode"] = recorded_decode(config)
-    if fields["decode"] == LEGACY_DECODE:
-        del fields["decode"]
-    return config_fingerprint(fields)
-
-
-# --decode mode -> the smallest side a JPEG's reduced-scale (DCT) decode may keep, in units of the resize; None:
-# decoded at full size, as the reference pipelines (PIL, then the resize) do
-DRAFT_FACTORS = {"exact": None, "fast": 2, "reduced": 1, "gpu": None}
-
-
-class CpuDecoder:
-    """Decodes and crops one image: (uint8 (3, crop, crop), ''), or a zero image and the reason of a broken file.
-    `decode` is the --decode mode (the CPU side of 'gpu', for the files the device does not take, is 'exact')."""
-
-    def __init__(self, transform: TransformSpec, decode: str = DEFAULT_DECODE):
-        self.transform = EvalTransform(transform)
-        factor = DRAFT_FACTORS[decode]
-        self.min_size = transform.resize * factor if factor else None
-
-    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
-        spec = self.transform.spec
-        try:
-            return self.transform(decode_image(path, min_size=self.min_size)), ""
-        except DecodeError as err:
-            return torch.zeros(3, spec.crop, spec.crop, dtype=torch.uint8), str(err) or "undecodable image"
 
 
 class _DecodeDataset(Dataset):
@@ -169,58 +109,6 @@ def _check_output(output: Path) -> None:
         raise FeatxError(f"-o {output}: folder {parent} is not writable ({err.strerror})") from err
 
 
-class FeatureRunner:
-    """The model side: a traced extractor for the taps, run under the runtime's precision, pooled to rows."""
-
-    def __init__(self, bb: Backbone, taps, pooling, token_pool, transform, runtime: Runtime, dtype):
-        self.runtime = runtime
-        self.transform = transform
-        self.pooling, self.token_pool, self.dtype = pooling, token_pool, DTYPES[dtype]
-        self.taps = list(taps)
-        self.name = bb.name
-        self.nhwc = channels_last_taps(bb.model, self.taps)
-        extractor = feature_extractor(bb.model, {tap: tap for tap in self.taps})
-        self.model = prepare_model(extractor.eval(), runtime)
-        self.compiled_batch = None
-        self._dry_run(bb.name)
-
-    def _dry_run(self, name: str) -> None:
-        """Fail fast, before any I/O, when the model cannot take this input size."""
-        x = torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8)
-        try:
-            self(x)
-        except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-            raise FeatxError(
-                f"backbone {name} cannot run on {self.transform.crop}x{self.transform.crop} inputs "
-                f"({str(err).splitlines()[0][:150]}): check --image-size"
-            ) from err
-
-    def compile(self, batch_size: int) -> None:
-        """torch.compile the extractor (inductor, weights frozen as constants) and warm it up on one full batch of
-        `batch_size`; every later batch is padded to that size, so it compiles once."""
-        self.compiled_batch = batch_size
-        self.model = torch.compile(self.model, dynamic=False, options={"freezing": True})
-        try:
-            self(torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8))
-        except Exception as err:  # noqa: BLE001 - inductor fails in many ways (no C++ compiler, unsupported ops)
-            raise FeatxError(f"--compile: torch.compile failed ({str(err).splitlines()[0][:150]}); run without "
-                             "--compile") from err
-
-    @torch.inference_mode()
-    def __call__(self, batch_uint8: torch.Tensor) -> dict[str, np.ndarray]:
-        n = len(batch_uint8)
-        if self.compiled_batch and n < self.compiled_batch:
-            pad = batch_uint8.new_zeros((self.compiled_batch - n, *batch_uint8.shape[1:]))
-            batch_uint8 = torch.cat([batch_uint8, pad])
-        x = normalize_batch(batch_uint8, self.transform, self.runtime.device, self.runtime.channels_last)
-        with self.runtime.autocast():
-            outputs = self.model(x)
-        return {
-            tap: pool(outputs[tap][:n], self.pooling, self.token_pool, self.nhwc[tap]).cpu().numpy().astype(self.dtype)
-            for tap in self.taps
-        }
-
-
 def _commit_error(err: OSError, writer: StoreWriter) -> FeatxError:
     what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file size limit reached"}.get(err.errno, err.strerror or str(err))
@@ -280,9 +168,9 @@ def extract(
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
     this process commits and seals. `log` (a callable taking one line) receives notes such as the weights load
     report. Content keys come from the store's stat index (featx/keys.py) where a file's stat is unchanged;
-    `rehash` reads every file. `checked`: what featx.request.check found for this very call, when the caller ran it
+    `rehash` reads every file. `checked`: what featx.extract_request.check found for this very call, when the caller ran it
     first (the CLI does, before importing torch): its source and keys are reused. Returns an ExtractResult; an
-    unchanged rerun (see featx.request) returns before anything is built.
+    unchanged rerun (see featx.extract_request) returns before anything is built.
     """
     arguments = dict(locals())  # first statement: exactly the call's arguments
     started = time.perf_counter()
@@ -291,7 +179,7 @@ def extract(
         return checked.result
     log = log or (lambda line: None)
     _validate(pooling, token_pool, dtype, batch_size, on_error, workers, threads, retention, size_limit)
-    shard = distributed.discover(num_shards, shard_index)
+    shard = sharding.discover(num_shards, shard_index)
     _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model)
     if backbone is not None:
         check_backbone(backbone)
@@ -331,7 +219,7 @@ def extract(
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
         with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
-            distributed.start(shard, writer.parts, job)
+            sharding.start(shard, writer.parts, job)
             readable = {k for k in keys if k is not None}  # a refused drop is refused before any work
             writer.plan(data_rows(root, source, keys, readable, {}), retention, size_limit)
             n_known = sum(1 for k in keys if k is not None and k in writer.available)
@@ -495,7 +383,7 @@ def _data_fingerprint(source: Source, keys: list[str | None]) -> str:
 def _finish_shard(shard, writer: StoreWriter, job: dict, keys, failures: dict[str, str]) -> str:
     """Leave this shard's marker; when every shard is done, take the store for sealing and gather every shard's
     rows and failures into `writer` and `failures`. Returns why this process does not seal, or ''."""
-    reports, waiting = distributed.finish(shard, writer.parts, job, {"failed": failures})
+    reports, waiting = sharding.finish(shard, writer.parts, job, {"failed": failures})
     if waiting:
         others = f"shard {waiting[0]} is" if len(waiting) == 1 else f"shards {', '.join(map(str, waiting))} are"
         return f"{shard.name} of {writer.output} committed, the store is sealed once {others} done"
@@ -595,21 +483,3 @@ def _drain(pending: list[cf.Future], writer: StoreWriter, keep: int) -> list[cf.
     return pending
 
 
-def runner_from_config(config: dict, device: str = "auto", weights=(), max_batch: int = 1) -> FeatureRunner:
-    """The extractor that a store's (or a head's) `config` describes, for callers that decode images themselves
-    (the service): `runner.transform` is the eval transform, `runner(uint8_batch)` gives {tap: rows} for batches
-    of up to `max_batch` images (--max-batch: FeatxError when such a batch cannot fit in memory). `weights`: the
-    weights files the user gave (-w), for a recorded file that moved (featx.request.weights_for)."""
-    options = extract_options_from_config(config, weights)
-    bb = load_backbone(options["backbone"], options["weights"], match=options["weights_match"])
-    if bb.weights_sha256 != config.get("weights_sha256"):
-        raise FeatxError(
-            f"weights {options['weights']} have sha256 {str(bb.weights_sha256)[:16]}..., but the rows were computed "
-            f"with weights of sha256 {str(config.get('weights_sha256'))[:16]}...: use the weights file they were made with"
-        )
-    runtime = resolve_runtime(device, options["precision"])
-    transform = TransformSpec.from_dict(config["transform"])
-    check_batch_memory(bb.model, transform.crop, max_batch, runtime.device, resize=transform.resize,
-                       size_option=None, batch_option="--max-batch")
-    return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
-                         options["dtype"])

@@ -7,7 +7,7 @@ that resolved it (library versions, the host's CPU flags and GPUs, cache locatio
 `config["request"]`. `up_to_date` compares both with the present call and the files' content keys with the store's
 rows, without importing torch: an unchanged rerun answers in well under a second and touches nothing. Content keys
 come from the store's stat index (featx/keys.py): only files whose stat changed are read. `check` also hands the
-source and keys it found to the real run (`featx.extract.run`), so that no file is read twice.
+source and keys it found to the real run (`featx.extraction.run`), so that no file is read twice.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Finetuning under torchrun: DistributedDataParallel over the ranks, with the run the user asked for.
 
-`join(device)` reads the torchrun environment (featx.distributed.discover) and, with more than one rank, joins a
+`join(device)` reads the torchrun environment (featx.sharding.discover) and, with more than one rank, joins a
 process group: nccl when this rank trains on its GPU (cuda:LOCAL_RANK), gloo on the CPU. The `Session` it returns
 is what the trainer asks about distribution; in a single process every method is a no-op.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .. import distributed
+from .. import sharding
 from ..errors import FeatxError
 from .data import EpochSampler
 
@@ -150,7 +150,7 @@ class Session:
         for rank, theirs in enumerate(configs):
             if theirs != configs[0]:
                 raise FeatxError(
-                    f"rank {rank} disagrees with rank 0 on the run ({distributed.disagreement(configs[0], theirs)} "
+                    f"rank {rank} disagrees with rank 0 on the run ({sharding.disagreement(configs[0], theirs)} "
                     f"differ): start every rank with the same options and data"
                 )
 
@@ -219,7 +219,7 @@ class Session:
 def join(device: str) -> Session:
     """This process's Session: under torchrun (WORLD_SIZE > 1) the process group is joined here, nccl on this
     rank's GPU or gloo on the CPU; FeatxError when the other ranks cannot be reached."""
-    shard = distributed.discover()
+    shard = sharding.discover()
     if not shard.is_split:
         return Session(device=device)
     device = shard.device(device)
@@ -230,5 +230,5 @@ def join(device: str) -> Session:
         raise FeatxError(f"--device {device}: finetune under torchrun trains on cpu or cuda")
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
-    distributed.join(shard, "nccl" if resolved.type == "cuda" else "gloo")
+    sharding.join(shard, "nccl" if resolved.type == "cuda" else "gloo")
     return Session(rank=shard.index, world=shard.count, device=str(resolved))

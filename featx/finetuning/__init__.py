@@ -27,4 +27,4 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
-    raise AttributeError(f"module 'featx.finetune' has no attribute {name!r}")
+    raise AttributeError(f"module 'featx.finetuning' has no attribute {name!r}")

@@ -115,7 +115,7 @@ def curve_name(tap: str, normalize: str | None) -> str:
 
 def advice_taps(model) -> list[str]:
     """The usual taps worth a probe: the last two stage outputs before the final stage, and the pre-logits."""
-    from .layers import penultimate_node, usual_taps
+    from .taps import penultimate_node, usual_taps
 
     penultimate = penultimate_node(model)
     stages = [t for t in usual_taps(model) if t != penultimate]
@@ -237,7 +237,7 @@ def extract_measured(data, source, counts: dict, store: Path, take: int, seed: i
                      **options):
     """Extract at most `take` seeded images per class of `data` (all of it when that covers every class) into
     `store` with extract's `options` (backbone, weights, taps, ...); returns extract's result."""
-    from .extract import extract
+    from .extraction import extract
 
     with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
         spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
