@@ -23,6 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx.store import fsync_path  # as featx.store.publish does before every rename into place
+
 INSERTIONS = 10
 
 
@@ -52,15 +54,6 @@ def order(n: int, k: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def durable(path: Path) -> None:
-    """fsync, as featx.store.publish does before every rename into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rewrite(folder: Path, n: int, new: np.ndarray) -> None:
     rows = order(n, len(new))
     with h5py.File(folder / "store.h5", "r") as old, h5py.File(folder / "next.h5", "w") as out:
@@ -75,7 +68,7 @@ def rewrite(folder: Path, n: int, new: np.ndarray) -> None:
             block[part < n] = src[old_part[0]:old_part[-1] + 1][old_part - old_part[0]] if len(old_part) else 0
             block[part >= n] = new[part[part >= n] - n]
             dst[start:start + len(part)] = block
-    durable(folder / "next.h5")
+    fsync_path(folder / "next.h5")
     os.replace(folder / "next.h5", folder / "store.h5")
 
 
@@ -83,7 +76,7 @@ def virtual(folder: Path, n: int, new: np.ndarray) -> None:
     rows_dir = folder / "store.h5.rows"
     with h5py.File(rows_dir / "new.h5", "w") as f:
         f.create_dataset("features/t", data=new)
-    durable(rows_dir / "new.h5")
+    fsync_path(rows_dir / "new.h5")
     rows = order(n, len(new))
     layout = h5py.VirtualLayout((n + len(new), new.shape[1]), np.float32)
     base = h5py.VirtualSource("store.h5.rows/base.h5", "features/t", (n, new.shape[1]))
@@ -95,7 +88,7 @@ def virtual(folder: Path, n: int, new: np.ndarray) -> None:
     with h5py.File(folder / "next.h5", "w") as out:
         metadata(out, n + len(new))
         out.create_virtual_dataset("features/t", layout, fillvalue=np.nan)
-    durable(folder / "next.h5")
+    fsync_path(folder / "next.h5")
     os.replace(folder / "next.h5", folder / "store.h5")
 
 
@@ -108,7 +101,7 @@ def in_place(folder: Path, n: int, new: np.ndarray) -> None:
             h5[name].resize(n + len(new), axis=0)
         h5["items/key"][n:] = np.array([f"{i:064x}" for i in range(n, n + len(new))], dtype="S64")
         h5["items/path"][n:] = np.array([f"new/{i}.jpg" for i in range(len(new))], dtype=object)
-    durable(folder / "store.h5")
+    fsync_path(folder / "store.h5")
 
 
 def prepare(folder: Path, n: int, dim: int, way: str) -> None:

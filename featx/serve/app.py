@@ -29,7 +29,7 @@ from ..errors import FeatxError
 from ..heads.prediction import Predictions, apply_head
 from . import contract, masks
 from .contract import IMAGES, errors, json_body, request_body
-from .errors import ServiceError
+from .errors import ServiceError, embeddings_json
 from .search import add_search_route
 from .service import Service, Upload
 from .training import metrics_summary
@@ -112,7 +112,7 @@ def create_app(service: Service, on_failure=None) -> FastAPI:
         if mask is not None:
             raise ServiceError(422, f"mask={mask}: {name!r} is not a segmentation head; it answers classes")
         if _content_type(request) == "application/json":
-            X, keys, cached = _embeddings_json(await _json(request), head.n_features_in_), None, None
+            X, keys, cached = embeddings_json(await _json(request), head.n_features_in_, "the head expects"), None, None
         else:
             uploads = await _uploads(request)
             embedded = await service.embed(await service.extractor_for(served), uploads)
@@ -261,21 +261,6 @@ async def _uploads(request: Request) -> list[Upload]:
         return [Upload("request body", body)]
     raise ServiceError(415, f"content type {kind or 'none'!r}: expected multipart/form-data with `file` fields, "
                             "an image/* body, or application/json embeddings")
-
-
-def _embeddings_json(body: dict, width: int) -> np.ndarray:
-    """JSON {"embeddings": [[...], ...]} as float32 rows of the head's width."""
-    try:
-        X = np.asarray(body["embeddings"], dtype=np.float32)
-    except KeyError:
-        raise ServiceError(422, 'JSON body: expected {"embeddings": [[...], ...]}') from None
-    except (TypeError, ValueError):
-        raise ServiceError(422, "embeddings: expected a list of equal-length lists of numbers") from None
-    if X.ndim != 2 or X.shape[1] != width or len(X) == 0:
-        raise ServiceError(422, f"embeddings of shape {X.shape}: the head expects (rows, {width})")
-    if not np.isfinite(X).all():
-        raise ServiceError(422, "embeddings: NaN or infinite values")
-    return X
 
 
 async def _examples(service: Service, extractor, examples: list, tap: str):

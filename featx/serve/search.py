@@ -23,7 +23,7 @@ from ..heads.data import available_memory
 from ..heads.neighbors import gallery_blocks
 from ..store import open_store
 from .contract import IMAGES, Answer, Embeddings, json_body, request_body
-from .errors import ServiceError
+from .errors import ServiceError, embeddings_json
 
 class Hit(Answer):
     rank: int
@@ -131,7 +131,7 @@ def add_search_route(app, service, auth, refusals, uploads, read_json, content_t
                                     f"{', '.join(chosen.taps)}" + ("; choose one with ?tap=" if tap is None else ""))
         keys = None
         if content_type(request) == "application/json":
-            queries = _embeddings(await read_json(request), chosen.widths[tap])
+            queries = embeddings_json(await read_json(request), chosen.widths[tap], "the search store's rows are")
         else:
             extractor = await run_in_threadpool(service.engine.extractor, chosen.config)  # built at start-up
             embedded = await service.embed(extractor, await uploads(request))
@@ -157,17 +157,3 @@ def _store(stores: dict, name: str | None):
     if name not in stores:
         raise ServiceError(404, f"no search store named {name!r} (served: {', '.join(stores)})")
     return stores[name]
-
-
-def _embeddings(body: dict, width: int) -> np.ndarray:
-    try:
-        X = np.asarray(body["embeddings"], dtype=np.float32)
-    except KeyError:
-        raise ServiceError(422, 'JSON body: expected {"embeddings": [[...], ...]}') from None
-    except (TypeError, ValueError):
-        raise ServiceError(422, "embeddings: expected a list of equal-length lists of numbers") from None
-    if X.ndim != 2 or X.shape[1] != width or len(X) == 0:
-        raise ServiceError(422, f"embeddings of shape {X.shape}: the search store's rows are (rows, {width})")
-    if not np.isfinite(X).all():
-        raise ServiceError(422, "embeddings: NaN or infinite values")
-    return X
