@@ -16,7 +16,6 @@ from .cv import DEFAULT_GRID
 
 NORMALIZERS = ("standard", "l2", "none")
 SOLVERS = ("auto", "sklearn", "torch")
-CLASS_WEIGHTS = (None, "balanced")
 LBFGS_MAX_ITER = 200
 SVM_MAX_ITER = 2000
 
