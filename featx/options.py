@@ -13,6 +13,7 @@ a Python caller reads `workers=-1`, and the command line (featx.cli.common) read
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import numbers
@@ -28,8 +29,9 @@ SPEC = "featx.option"  # the key of a field's Spec in its metadata
 
 class OptionError(FeatxError):
     """A bad value of one or more parameters. `template` names each as `{name}` (the parameter), `{name=}` (the
-    parameter and the value in `values[name]`) or `{name=text}` (the parameter set to the string `text`); the other
-    fields are filled from `values` as str.format does."""
+    parameter and the value in `values[name]`) or `{name=text}` (the parameter set to `text`, read as a Python
+    literal where it is one: `{num_shards=4}`); the other fields are filled from `values` as str.format does, so
+    a parameter with a value in `values` is always written with `=`."""
 
     def __init__(self, template: str, **values):
         self.template, self.values = template, values
@@ -49,10 +51,18 @@ class _Spelling:
     def __getitem__(self, key: str):
         name, has_value, literal = key.partition("=")
         if has_value:
-            return self.spell(name, literal or self.values[name])
+            return self.spell(name, _literal(literal) if literal else self.values[name])
         if key in self.values:
             return self.values[key]
         return self.spell(key, dataclasses.MISSING)
+
+
+def _literal(text: str):
+    """The value `{name=text}` stands for: a number or a constant where `text` reads as one, else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _keyword(name: str, value) -> str:

@@ -79,8 +79,7 @@ def discover(num_shards: int | None = None, shard_index: int | None = None, envi
     """This process's shard, from `num_shards`/`shard_index` or torchrun's environment (one-line FeatxErrors)."""
     environ = os.environ if environ is None else environ
     if (num_shards is None) != (shard_index is None):
-        raise OptionError("{num_shards} and {shard_index}: give both (e.g. {num_shards=} {shard_index=}) or neither",
-                          num_shards=4, shard_index=0)
+        raise OptionError("{num_shards} and {shard_index}: give both (e.g. {num_shards=4} {shard_index=0}) or neither")
     world = _env_int(environ, "WORLD_SIZE") if "WORLD_SIZE" in environ else 1
     if num_shards is not None:
         if world > 1:

@@ -155,9 +155,9 @@ def test_head_folder_write_rules(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("grid", "1:0.1", r"--grid '1:0.1': expected LO:HI"),
-    ("grid", "a,b", r"--grid 'a,b': expected"),
-    ("grid", -1, r"--grid -1: expected"),
+    ("grid", "1:0.1", r"grid='1:0.1': expected LO:HI"),
+    ("grid", "a,b", r"grid='a,b': expected"),
+    ("grid", -1, r"grid=-1: expected"),
     ("head", "forest", r"head='forest': expected one of logistic, ridge, linear-svm, sgd, mlp"),
     ("normalize", "minmax", r"normalize='minmax': expected one of standard, l2, none"),
     ("class_weight", "auto", r"class_weight='auto': expected one of none, balanced"),

@@ -224,8 +224,8 @@ def _grid(head_type, grid):
     if head_type.regularized:
         return cv.parse_grid(head_type.default_grid if grid is None else grid)
     if grid is not None:
-        raise FeatxError(f"--grid {grid}: the {head_type.name} head has no C to search; set --neighbors and "
-                         "--temperature")
+        raise OptionError("{grid=}: the {kind} head has no C to search; set {neighbors} and {temperature}", grid=grid,
+                          kind=head_type.name)
     return [None], False
 
 
