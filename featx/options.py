@@ -144,10 +144,16 @@ class Options:
 
     @classmethod
     def from_command_line(cls, params: dict):
-        """The options among the parameters click parsed (a repeatable option given no times: its default)."""
+        """The options among the parameters click parsed (a repeatable option given no times: its default); a
+        value out of range is a click.UsageError naming the flag, as click's own types would raise."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        return cls(**{name: (list(value) or fields[name].default) if fields[name].metadata[SPEC].multiple else value
-                      for name, value in params.items() if name in fields})
+        try:
+            return cls(**{name: (list(value) or fields[name].default) if fields[name].metadata[SPEC].multiple
+                          else value for name, value in params.items() if name in fields})
+        except OptionError as err:
+            flags = {name: f.metadata[SPEC].flags[0].split("/")[0] for name, f in fields.items()
+                     if f.metadata[SPEC].flags}
+            raise click.UsageError(err.spelled(flag_spelling(flags)), click.get_current_context(silent=True)) from None
 
     @classmethod
     def click_options(cls, command):
@@ -165,8 +171,9 @@ class Options:
 
 
 def _click_settings(default, spec: Spec) -> dict:
-    """click.option's keywords for a field."""
-    settings = {"help": spec.help, "metavar": spec.metavar, "multiple": spec.multiple}
+    """click.option's keywords for a field. A number's range is checked when the options are built, not by click,
+    so that the command line and a Python call read the same words; the help shows it as click would."""
+    settings = {"help": _with_range(spec), "metavar": spec.metavar, "multiple": spec.multiple}
     if spec.flag_value is not None:
         return {**settings, "flag_value": spec.flag_value, "default": default}
     if spec.kind is bool and "/" not in spec.flags[0]:
@@ -179,11 +186,20 @@ def _click_settings(default, spec: Spec) -> dict:
 def _click_type(spec: Spec):
     if spec.choices is not None:
         return click.Choice([str(c) for c in spec.choices])
-    low, high = spec.bounds()
-    if spec.kind in (int, float) and (low is not None or high is not None):
-        ranged = click.IntRange if spec.kind is int else click.FloatRange
-        return ranged(low, high, min_open=spec.low_open, max_open=spec.high_open)
     return spec.kind if spec.kind in (int, float) else None
+
+
+def _with_range(spec: Spec) -> str | None:
+    """The help with a number's range after it, `[0<=x<=8]`."""
+    low, high = spec.bounds() if spec.kind in (int, float) else (None, None)
+    if low is None and high is None:
+        return spec.help
+    below, above = ("<" if spec.low_open else "<="), ("<" if spec.high_open else "<=")
+    if high is None:
+        shown = f"x{'>' if spec.low_open else '>='}{low}"
+    else:
+        shown = f"x{above}{high}" if low is None else f"{low}{below}x{above}{high}"
+    return f"{spec.help or ''}  [{shown}]".lstrip()
 
 
 def check_value(name: str, value, default, spec: Spec) -> None:
@@ -227,9 +243,9 @@ def _check_number(name: str, value, spec: Spec) -> None:
         left, right = "(" if spec.low_open else "[", ")" if spec.high_open else "]"
         expected = (f"{what} from {low} to {high}" if whole else f"{what} in {left}{low:g}, {high:g}{right}")
     elif low is not None:
-        expected = f"{what} {'>' if spec.low_open else '>='} {low:g}"
+        expected = f"{what} greater than {low:g}" if spec.low_open else f"{what} >= {low:g}"
     elif high is not None:
-        expected = f"{what} {'<' if spec.high_open else '<='} {high:g}"
+        expected = f"{what} less than {high:g}" if spec.high_open else f"{what} <= {high:g}"
     else:
         expected = what if whole else "a finite number"
     note = spec.note() if callable(spec.note) else spec.note

@@ -496,7 +496,7 @@ def _text_file(tmp_path):
 BAD = [
     (dict(freeze="until:nope"), r"--freeze until:nope: no module named 'nope'; top-level modules: features, avgpool"),
     (dict(freeze=["backbone", "layer9.*"]), r"--freeze 'layer9\.\*': no parameter name matches.*top-level modules"),
-    (dict(lr=0), r"lr=0: expected a number > 0"),
+    (dict(lr=0), r"lr=0: expected a number greater than 0"),
     (dict(lr=-0.1), r"lr=-0\.1"),
     (dict(backbone_lr=0.0), r"backbone_lr=0\.0"),
     (dict(batch_size=7), r"--batch-size 7: larger than the 6 training images"),

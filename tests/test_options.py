@@ -58,7 +58,7 @@ def test_the_api_signatures_default_as_the_options_do():
     (ExtractOptions, {"rehash": "yes"}, r"^rehash='yes': expected True or False$"),
     (FitHeadOptions, {"dropout": 1}, r"^dropout=1: expected a number in \[0, 1\)$"),
     (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
-    (TrainOptions, {"lr": 0}, r"^lr=0: expected a number > 0$"),
+    (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
 ])
 def test_a_bad_value_names_the_keyword(options, change, message):
     with pytest.raises(OptionError, match=message):
@@ -90,9 +90,9 @@ def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
     assert result.output.strip() == "featx: error: --num-gpus-per-worker: only with --engine ray"
 
 
-def test_click_types_carry_the_ranges():
+def test_click_types_and_help_carry_the_choices_and_ranges():
     params = {p.name: p for p in main.commands["extract"].params}
-    assert isinstance(params["workers"].type, click.IntRange) and params["workers"].type.min == 0
+    assert params["workers"].type is click.INT and "[0<=x<=" in params["workers"].help
     assert isinstance(params["pooling"].type, click.Choice)
     assert params["retention"].is_flag and params["retention"].flag_value == "prune"
     assert params["retention"].default == "mirror"

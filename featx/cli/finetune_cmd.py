@@ -30,6 +30,7 @@ def finetune_cmd(data, output, resume_dir, as_json, quiet, **params):
     from ..finetuning import finetune
     from ..finetuning.resume import resume_arguments
 
+    options = FinetuneOptions.from_command_line(params).to_dict()  # a value out of range: a usage error first
     if resume_dir and output and os.path.abspath(resume_dir) != os.path.abspath(output):
         raise FeatxError(f"--resume {resume_dir} and -o {output}: give one run folder")
     if not (resume_dir or output):
@@ -37,7 +38,7 @@ def finetune_cmd(data, output, resume_dir, as_json, quiet, **params):
     if not (data or resume_dir):
         raise FeatxError("featx finetune: give DATA (an ImageFolder, a CSV of path,label, or 'digits') and -o RUN_DIR")
     log = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    arguments = dict(data=data, output=output, **FinetuneOptions.from_command_line(params).to_dict())
+    arguments = dict(data=data, output=output, **options)
     if resume_dir:  # the run's record, and on top of it what was given on this command line
         ctx = click.get_current_context()
         given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
