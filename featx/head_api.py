@@ -62,8 +62,10 @@ def predict(head, data, output=None, *, overlay=None, **options):
     `output` (required), and with `overlay` the images with their masks blended in
     (featx.segment.probe.predict_dense); returns {written, output, overlay, failed}.
     """
+    from .heads.options import PredictOptions
     from .heads.prediction import predict as predict_rows
 
+    PredictOptions.of({**options, "overlay": overlay})  # an OptionError for a value an option does not take
     if not _is_segment(head):
         if overlay:
             raise OptionError("{overlay}: {path} is not a segmentation head; overlays show predicted masks", path=head)
@@ -87,7 +89,9 @@ def evaluate(head, data, *, masks=None, split: str | None = None, **options) -> 
     head: pixel accuracy, mean IoU, Dice and per-class IoU on the rows of the store `data` against the image + mask
     pairs `masks` (required; featx.segment.probe.evaluate_dense). Returns the metrics dict."""
     from .heads.api import evaluate as evaluate_rows
+    from .heads.options import EvaluateOptions
 
+    EvaluateOptions.of({**options, "masks": masks, "split": split})  # an OptionError for a value out of range
     if not _is_segment(head):
         if masks:
             raise OptionError("{masks}: {path} is not a segmentation head (fit one with fit-head --task segment)",

@@ -156,12 +156,19 @@ class Options:
             raise click.UsageError(err.spelled(flag_spelling(flags)), click.get_current_context(silent=True)) from None
 
     @classmethod
-    def click_options(cls, command):
-        """Decorate a click command with one option per field that has flags, in the fields' order."""
+    def click_options(cls, command=None, **types):
+        """Decorate a click command with one option per field that has flags, in the fields' order; `types` (by
+        field name) replace the click types made from the fields, for the command line's own checks such as a
+        path's (used as `@Options.click_options(store=PathParam(...))`)."""
+        if command is None:
+            return lambda command: cls.click_options(command, **types)
         for f in reversed(dataclasses.fields(cls)):
             spec = f.metadata[SPEC]
             if spec.flags:
-                command = click.option(*spec.flags, f.name, **_click_settings(f.default, spec))(command)
+                settings = _click_settings(f.default, spec)
+                if f.name in types:
+                    settings["type"] = types[f.name]
+                command = click.option(*spec.flags, f.name, **settings)(command)
         return command
 
     def to_dict(self) -> dict:

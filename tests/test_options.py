@@ -13,10 +13,11 @@ from featx.cli import main
 from featx.errors import FeatxError
 from featx.extract_options import ExtractOptions
 from featx.finetuning.options import FinetuneOptions, TrainOptions
-from featx.heads.options import FitHeadOptions
+from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
-COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions}
+COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
+            "predict": PredictOptions, "evaluate": EvaluateOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -47,6 +48,13 @@ def test_the_api_signatures_default_as_the_options_do():
     segment = set(FitHeadOptions.names(fits="segment")) | {"task"}
     assert {name: fit_defaults[name] for name in FitHeadOptions.names() if name not in segment} == {
         name: default for name, default in FitHeadOptions.defaults().items() if name not in segment}
+    from featx.heads.api import evaluate
+    from featx.heads.prediction import predict
+
+    for options, function in ((PredictOptions, predict), (EvaluateOptions, evaluate)):
+        defaults = _signature_defaults(function)
+        rows = [name for name in options.names() if name not in options.names(fits="segment")]
+        assert {name: defaults[name] for name in rows} == {name: options.defaults()[name] for name in rows}
 
 
 @pytest.mark.parametrize("options, change, message", [

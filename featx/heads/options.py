@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..choices import DEVICE_CHOICES, MAX_SEED
 from ..options import OptionError, Options, option
+from ..tuning import max_workers
 from .cv import DEFAULT_GRID
 from .estimators import HEAD_TYPES, NORMALIZERS, SOLVERS
 
@@ -84,3 +85,46 @@ class FitHeadOptions(Options):
         if self.solver == "sklearn" and str(self.device).strip().lower() != "auto":
             raise OptionError("{device=}: only {solver=} runs on a device; add {solver=}", device=self.device,
                               solver="torch")
+
+
+@dataclass(frozen=True)
+class HeadDataOptions(Options):
+    """How a head reaches the rows of its data (predict, evaluate): a feature file's array, or images whose features
+    are extracted with the head's extractor through a cache store."""
+
+    store: str | None = option(None, "--store", help="Images: the store for their features (default: HEAD/cache/).")
+    weights: str | None = option(
+        None, "-w", "--weights", metavar="FILE",
+        help="The head's weights file, when it is no longer where the head recorded it (its sha256 must be the "
+             "recorded one).")
+    x: str | None = option(None, "--x", kind=str, metavar="KEY", help="Foreign HDF5/NPZ DATA: the 2-D feature array.")
+    trust: bool = option(False, "--trust",
+                         help="Allow HEAD to be a model.joblib pickle (it can run code when loaded).")
+    batch_size: int = option(64, "--batch-size", low=1, help="Images per batch.")
+    device: str = option("auto", "--device", help=DEVICE_CHOICES)
+    workers: int | None = option(
+        None, "--workers", kind=int, low=0, high=max_workers,
+        help="Image decoding workers (default: fitted to the machine, see docs/performance.md).")
+
+
+@dataclass(frozen=True)
+class PredictOptions(HeadDataOptions):
+    """The options of `featx predict` and `featx.predict` besides the head, the data and the output."""
+
+    overlay: str | None = option(
+        None, "--overlay", metavar="DIR", metadata=SEGMENT,
+        help="Segmentation head: also write each image with its mask blended in, as DIR/<image path>.jpg.")
+
+
+@dataclass(frozen=True)
+class EvaluateOptions(HeadDataOptions):
+    """The options of `featx evaluate` and `featx.evaluate` besides the head and the data."""
+
+    split: str | None = option(
+        None, "--split", kind=str,
+        help="Only rows of this split (train, val, test), or 'all' for every labelled row. Default: the val split "
+             "when DATA has one, else test, else every labelled row.")
+    tap: str | None = option(None, "-l", "--layer", kind=str, help="Tap to read (default: the head's).")
+    y: str | None = option(None, "--y", kind=str, metavar="KEY", help="Foreign HDF5/NPZ DATA: the label vector.")
+    masks: str | None = option(None, "--masks", metadata=SEGMENT,
+                               help="Segmentation head: the image + mask pairs of the store's images.")
