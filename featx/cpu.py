@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 
 CPUINFO = "/proc/cpuinfo"
+PROC_STAT = "/proc/stat"
+SAMPLE_SECONDS = 0.1  # how long idle_cores watches the system's CPU time
 
 
 def cpu_fields() -> dict[str, str]:
@@ -34,14 +37,46 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def idle_cores() -> int:
-    """The cores other processes leave idle: the cores less the 1-minute load average, rounded, at least 1 (every
-    core where the system has no load average). Read before a run's own threads add to the load."""
-    cores = os.cpu_count() or 1
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) clock ticks of all cores since boot, from /proc/stat's first line; None where there is none."""
     try:
-        return max(1, min(cores, round(cores - os.getloadavg()[0])))
+        with open(PROC_STAT, encoding="ascii") as f:
+            fields = f.readline().split()
     except OSError:
-        return cores
+        return None
+    if len(fields) < 6 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """Cores' worth of CPU time the system used over the next `seconds` (this process, asleep meanwhile, adds
+    nothing); None where /proc/stat is not there."""
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = _cpu_times()
+    total = after[1] - before[1] if after else 0
+    if total <= 0:
+        return None
+    return (os.cpu_count() or 1) * (1.0 - (after[0] - before[0]) / total)
+
+
+def idle_cores() -> int:
+    """The cores other processes leave idle now: the cores less the CPU time the system uses over a tenth of a
+    second, rounded, at least 1. Where /proc/stat is missing, the 1-minute load average stands in for that use
+    (it lags by minutes: a command that just ended still counts), and without either every core counts as idle.
+    Read before a run's own threads add to the load."""
+    cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return cores
+    return max(1, min(cores, round(cores - busy)))
 
 
 @contextlib.contextmanager

@@ -330,7 +330,7 @@ def test_auto_solver_takes_torch_from_the_threshold_on(tmp_path, monkeypatch):
 
 
 def test_cpu_solves_use_the_idle_cores(tmp_path, monkeypatch):
-    """Cores busy with other processes (a load average as high as the core count) leave the solves one thread;
+    """Cores busy with other processes (as much CPU time as there are cores) leave the solves one thread;
     idle ones, torch's own count; the count is restored after each solve."""
     import torch
 
@@ -341,10 +341,10 @@ def test_cpu_solves_use_the_idle_cores(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu.os, "cpu_count", lambda: 4)
     for load, idle in ((4.0, 1), (2.6, 1), (1.4, 3), (0.0, 4)):
-        monkeypatch.setattr(cpu.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        monkeypatch.setattr(cpu, "busy_cores", lambda: load)
         assert torchfit.idle_cores() == idle
     seen = []
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (4.0, 0.0, 0.0))
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 4.0)
     solve = torchfit.TorchFit._solve
     monkeypatch.setattr(torchfit.TorchFit, "_solve", lambda *args: seen.append(torch.get_num_threads()) or solve(*args))
     with open_rows(tmp_path / "s.h5", "avgpool") as rows:

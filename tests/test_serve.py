@@ -104,6 +104,8 @@ def test_json_embeddings(client, made):
     ({"content": b"vm\n", "headers": {"content-type": "image/png"}}, 422, "not a recognised image format"),
     ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
     ({"files": [("other", ("a.txt", b"x", "text/plain"))]}, 422, "no `file` field"),
+    ({"content": b"--b\r\n[{'x': 1}]--b--\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}}, 422,
+     "multipart body: Invalid multipart data"),
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
 ])
 def test_bad_requests_are_4xx_with_a_reason(client, request_args, status, reason):

@@ -263,7 +263,9 @@ def test_without_timm_a_timm_backbone_is_one_line_naming_the_extra(data, tmp_pat
     script = f"""
 import sys
 sys.modules["timm"] = None  # import timm raises ImportError
+from click.testing import CliRunner
 from featx.backbones import list_backbones, load_backbone
+from featx.cli import main
 load_backbone("resnet18", "none")
 assert "timm/test_efficientnet" not in list_backbones() and "resnet18" in list_backbones()
 out = CliRunner().invoke(main, ["extract", {str(data)!r}, "-b", "{NAME}", "-w", "none", "-o", {str(tmp_path / 'x.h5')!r}])

@@ -246,7 +246,10 @@ async def _uploads(request: Request) -> list[Upload]:
     """The images of a request: multipart `file` fields, or the raw body with an image content type."""
     kind = _content_type(request)
     if kind == "multipart/form-data":
-        form = await request.form()
+        try:
+            form = await request.form()
+        except StarletteHTTPException as err:  # Starlette's 400 for a body its multipart parser cannot read
+            raise ServiceError(422, f"multipart body: {err.detail}") from None
         files = [f for f in form.getlist("file") if hasattr(f, "read")]
         if not files:
             raise ServiceError(422, "multipart body: no `file` field with an image")
