@@ -1,15 +1,15 @@
 """A command's options spelled once: one dataclass whose fields carry their flags, type, range and help.
 
 A field made with `option(default, *flags, ...)` is an option of the command (no flags: of the Python call only).
-From the dataclass come the click options of the command (`Options.click_options`), the check of every value when
-an instance is built (`__post_init__`: an OptionError naming the keyword, `workers=-1: expected an integer from 0
-to 64`), and the plain dict a run records (`Options.to_dict`). Click parses and range-checks the command line with
-the types made here; a Python caller gets the same checks from `__post_init__`.
+From the dataclass come the click options of the command (`Options.click_options`: types and choices, the range
+in the help), the check of every value when an instance is built (`__post_init__`: an OptionError naming the
+keyword, `workers=-1: expected an integer from 0 to 64`), and the plain dict a run records (`Options.to_dict`).
+Ranges are checked there alone, so a Python call and the command line read the same words.
 
 An OptionError names the parameters it is about as format fields, `{name}`, `{name=}` (with the value given) or
-`{name=text}` (with the string `text`):
-a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads the flag the value came from,
-`--workers -1`. Click has no notion of a parameter error that outlives its parsing, hence this small module.
+`{name=text}`: a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads the flag the value
+came from, `--workers -1`. Click checks values only while it parses and dataclasses check none, hence this small
+module.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class Spec:
     high_open: bool = False
     multiple: bool = False
     metavar: str | None = None
-    click_type: object = None  # a click type that replaces the one made from kind, choices and range
+    click_type: object = None  # a click type that replaces the one made from kind and choices
     flag_value: object = None  # a flag that sets this value (the default stays the field's default)
     note: object = None  # said after the expected range: text or a callable giving it
     optional: bool = False  # None is taken too (it always is where the default is None)
