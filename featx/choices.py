@@ -8,6 +8,14 @@ POOLINGS = ("avg", "max", "avgmax", "gem", "flatten", "none")
 TOKEN_POOLINGS = ("cls", "mean")
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKBONE_HELP = ("torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers "
+                 "--list. Default: the backbone a -w file from featx finetune records, else resnet50.")
+WEIGHTS_MATCH_HELP = ("How a -w FILE's tensors pair with the model's: by key and shape, or by position (a file of "
+                      "the same architecture in another implementation's names).")
+DTYPES = ("float32", "float16")  # --dtype: how a store keeps its rows
+ON_ERROR = ("skip", "fail")  # --on-error: an image that cannot be read is a failed row, or stops the run
+ENGINES = ("local", "ray")  # --engine of featx extract
+RETENTIONS = ("mirror", "add", "prune")  # what a store keeps of rows whose files are gone (featx.retention)
 WEIGHTS_MATCHES = ("name", "order")  # --weights-match: pair a weights file's tensors by key and shape, or by position
 EXPORT_FORMATS = ("npy", "parquet")  # featx export: clip-retrieval's npy + parquet layout, or one parquet file
 # --decoder of a segmentation head

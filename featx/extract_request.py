@@ -22,26 +22,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .choices import DEFAULT_DECODE, recorded_decode
+from .choices import recorded_decode
 from .cpu import cpu_fields
 from .errors import FeatxError
+from .extract_options import DEFAULT_MATCH, ExtractOptions
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
 
-NOT_IDENTITY = frozenset({"data", "output", "batch_size", "workers", "threads", "compile_model", "on_error", "retention",
-                          "size_limit", "rehash", "progress", "log", "checked"})
-FORCING = frozenset({"overwrite", "num_shards", "shard_index"})  # when given, the call always runs for real
-DEFAULT_MATCH = "name"  # left out of the identity key, so stores made before --weights-match keep their key
+# The parameters of `extract` that are not options: what and where, and the call's plumbing
+CALL = {"progress": False, "log": None, "checked": None}
+NOT_IDENTITY = frozenset({"data", "output", *CALL, *ExtractOptions.names(identity=False)})
+FORCING = frozenset(ExtractOptions.names(forcing=True))  # when given, the call always runs for real
 # featx.extract's defaults, so that callers can complete a call's arguments and check it without importing extract
-# (and torch); tests/test_request.py holds this equal to extract's signature.
-EXTRACT_DEFAULTS = {
-    "backbone": None, "weights": "DEFAULT", "weights_match": DEFAULT_MATCH, "taps": None, "pooling": "avg",
-    "token_pool": "cls", "image_size": None, "resize": None, "batch_size": None, "workers": None, "threads": None,
-    "device": "auto",
-    "precision": "auto", "dtype": "float32", "decode": DEFAULT_DECODE, "compile_model": False, "on_error": "skip",
-    "overwrite": False, "retention": "mirror", "size_limit": None, "num_shards": None, "shard_index": None,
-    "rehash": False, "engine": "local", "ray_address": None, "num_gpus_per_worker": None, "progress": False, "log": None, "checked": None,
-}
+# (and torch); tests/test_noop_rerun.py holds this equal to extract's signature.
+EXTRACT_DEFAULTS = {**ExtractOptions.defaults(), **CALL}
 LIBRARIES = ("featx", "torch", "torchvision", "timm")
 ENVIRONMENT = ("TORCH_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "FEATX_OFFLINE")
 

@@ -20,27 +20,26 @@ from tqdm import tqdm
 
 from . import sharding
 from .backbones import check_backbone, check_complete, load_backbone
-from .choices import DECODES, DEFAULT_DECODE
+from .choices import DEFAULT_DECODE
 from .cpu import torch_threads
 from .errors import FeatxError
-from .extract_request import DEFAULT_MATCH, Check, ExtractResult, check, record
+from .extract_options import DEFAULT_MATCH, ExtractOptions
+from .extract_request import Check, ExtractResult, check, record
 from .gpu_decode import DeviceDecoder, check_decoder, read_encoded
 from .keys import StatIndex, file_keys
 from .memory import check_batch_memory, out_of_memory_as_error
-from .pooling import POOLINGS, TOKEN_POOLINGS, pool
+from .options import OptionError
 from .preprocess import TransformSpec
-from .retention import RETENTIONS, data_root, data_rows
+from .retention import data_root, data_rows
 from .rowfiles import store_bytes
-from .runner import DTYPES, build_config, identity_key, CpuDecoder, FeatureRunner
+from .runner import build_config, identity_key, CpuDecoder, FeatureRunner
 from .runtime import loader_workers, resolve_runtime
 from .sources import Source, load_source, unreadable_reason
 from .store import config_fingerprint, open_store
 from .taps import check_taps, penultimate_node
-from .tuning import DEFAULT_BATCH, PROBE_IMAGES, Choice, check_counts, defaults, tune
+from .tuning import DEFAULT_BATCH, PROBE_IMAGES, Choice, defaults, tune
 from .writer import StoreWriter
 
-ON_ERROR = ("skip", "fail")
-ENGINES = ("local", "ray")
 MAX_PENDING_WRITES = 4
 
 
@@ -74,24 +73,6 @@ def _stack_pixels(images) -> torch.Tensor:
     """uint8 (B, 3, H, W) batch in channels_last memory: the images' HWC memory is stacked as it is, so the model's
     layout costs no copy here and the float conversion reads pixels in order."""
     return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-
-
-def _validate(pooling, token_pool, dtype, batch_size, on_error, workers, threads, retention, size_limit) -> None:
-    if pooling not in POOLINGS:
-        raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-    if token_pool not in TOKEN_POOLINGS:
-        raise FeatxError(f"--token-pool {token_pool!r}: expected one of {', '.join(TOKEN_POOLINGS)}")
-    if dtype not in DTYPES:
-        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise FeatxError(f"--batch-size {batch_size!r}: expected a positive integer")
-    if on_error not in ON_ERROR:
-        raise FeatxError(f"--on-error {on_error!r}: expected one of {', '.join(ON_ERROR)}")
-    check_counts(workers, threads)
-    if retention not in RETENTIONS:
-        raise FeatxError(f"retention {retention!r}: expected one of {', '.join(RETENTIONS)}")
-    if size_limit is not None and (not isinstance(size_limit, int) or size_limit < 0):
-        raise FeatxError(f"size_limit {size_limit!r}: expected a number of bytes, 0 or more")
 
 
 def _check_output(output: Path) -> None:
@@ -174,11 +155,11 @@ def extract(
     """
     arguments = dict(locals())  # first statement: exactly the call's arguments
     started = time.perf_counter()
+    ExtractOptions.of(arguments)  # an OptionError for a value the option does not take
     checked = checked or check(arguments)
     if checked.result is not None:
         return checked.result
     log = log or (lambda line: None)
-    _validate(pooling, token_pool, dtype, batch_size, on_error, workers, threads, retention, size_limit)
     shard = sharding.discover(num_shards, shard_index)
     _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model)
     if backbone is not None:
@@ -343,29 +324,26 @@ def _check_all_readable(source: Source, keys: list[str | None]) -> None:
 
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
-    """One-line FeatxErrors for options that do not go together."""
-    if decode not in DECODES:
-        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
+    """One-line OptionErrors for options that do not go together."""
     if shard.is_split and overwrite:
-        raise FeatxError(
-            f"--overwrite: not with several shards ({shard.name}), each would discard the others' work: "
-            f"run one process with --overwrite, or remove the old store first"
-        )
-    if engine not in ENGINES:
-        raise FeatxError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        raise OptionError(
+            "{overwrite}: not with several shards ({shards}), each would discard the others' work: run one process "
+            "with {overwrite}, or remove the old store first", shards=shard.name)
     if engine == "local":
-        for option, value in (("--ray-address", ray_address), ("--num-gpus-per-worker", num_gpus_per_worker)):
+        for name, value in (("ray_address", ray_address), ("num_gpus_per_worker", num_gpus_per_worker)):
             if value is not None:
-                raise FeatxError(f"{option}: only with --engine ray")
+                raise OptionError("{%s}: only with {engine=ray}" % name)
         return
     if shard.is_split:
-        raise FeatxError(f"--engine ray: not with torchrun or --num-shards ({shard.name}): Ray spreads the work itself")
+        raise OptionError("{engine=}: not with torchrun or {num_shards} ({shards}): Ray spreads the work itself",
+                          engine=engine, shards=shard.name)
     if decode == "gpu":
-        raise FeatxError(f"--decode {decode}: only with --engine local (Ray workers decode on their CPUs)")
+        raise OptionError("{decode=}: only with {engine=local} (Ray workers decode on their CPUs)", decode=decode)
     if compile_model:
-        raise FeatxError("--compile: only with --engine local")
+        raise OptionError("{compile_model}: only with {engine=local}")
     if (device or "auto") != "auto":
-        raise FeatxError(f"--device {device}: not with --engine ray (workers use GPUs when --num-gpus-per-worker > 0)")
+        raise OptionError("{device=}: not with {engine=} (workers use GPUs when {num_gpus_per_worker} > 0)",
+                          device=device, engine=engine)
 
 
 def _ray_cluster(address, num_gpus_per_worker, progress):

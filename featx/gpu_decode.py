@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .choices import DECODES
-from .errors import FeatxError
+from .options import OptionError
 from .preprocess import EvalTransform, TransformSpec
 from .sources import DEFAULT_MAX_PIXELS
 
@@ -30,13 +30,14 @@ CpuDecode = Callable[[str], "tuple[torch.Tensor, str]"]
 
 
 def check_decoder(decode: str, device: torch.device) -> None:
-    """One-line FeatxError unless --decode `decode` can run with the model on `device`."""
+    """One-line OptionError unless `decode` can run with the model on `device`."""
     if decode not in DECODES:
-        raise FeatxError(f"--decode {decode!r}: expected one of {', '.join(DECODES)}")
+        raise OptionError("{decode=}: expected one of {choices}", decode=decode, choices=", ".join(DECODES))
     if decode == "gpu" and device.type != "cuda":
         if not torch.cuda.is_available():
-            raise FeatxError("--decode gpu: CUDA is not available on this machine (use --decode exact)")
-        raise FeatxError(f"--decode gpu: the model runs on {device}, expected a CUDA device (--device cuda or auto)")
+            raise OptionError("{decode=gpu}: CUDA is not available on this machine (use {decode=exact})")
+        raise OptionError("{decode=gpu}: the model runs on {where}, expected a CUDA device ({device=cuda} or auto)",
+                          where=str(device))
 
 
 @dataclass

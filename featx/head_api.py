@@ -3,21 +3,16 @@
 A head predicts classes or values from rows (featx.heads), or the class of every pixel from maps (featx.segment's
 dense probe). These functions choose the kind, by the call's `task` (fit_head) or by the head folder (predict,
 evaluate), so that a Python caller and the command line take the same path; the CLI parses options and prints
-what comes back. An option of the other kind given with a value of its own is one FeatxError line.
+what comes back. An option of the other kind given with a value of its own is one OptionError line.
 """
 from __future__ import annotations
 
 import inspect
 import os
 
-from .errors import FeatxError
+from .options import OptionError
 from .segment import is_segment_head
 
-TASKS = ("classify", "segment")  # fit_head's task
-# Options of the segmentation probe, with their defaults; the classification heads take none of them.
-SEGMENT_FIT = {"masks": None, "binary": False, "num_classes": None, "pixels_per_image": 256}
-# Options that both kinds take, passed to the segmentation probe as they are.
-SHARED_FIT = ("grid", "folds", "normalize", "val_split", "seed", "n_jobs", "overwrite")
 SHARED_PREDICT = ("store", "weights", "batch_size", "device", "workers", "progress", "log")
 
 
@@ -31,27 +26,32 @@ def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify
     search options grid, folds, normalize, val_split, seed, n_jobs, overwrite).
     """
     from .heads.api import fit_head as fit_rows_head
+    from .heads.options import FitHeadOptions
 
-    segment = {"masks": masks, "binary": binary, "num_classes": num_classes, "pixels_per_image": pixels_per_image}
+    checked = FitHeadOptions.of({**options, "task": task, "masks": masks, "binary": binary,
+                                 "num_classes": num_classes, "pixels_per_image": pixels_per_image})
+    options = {**options, **checked.to_dict()}  # an unknown keyword stays: a TypeError, as Python's own
+    defaults = FitHeadOptions.defaults()
+    segment_only = FitHeadOptions.names(fits="segment")
+    task, masks = options.pop("task"), options["masks"]
     if task == "classify":
-        given = _given(segment, SEGMENT_FIT)
+        given = _given({name: options.pop(name) for name in segment_only}, defaults)
         if given:
-            raise FeatxError(f"{_flags(given)}: segmentation options, they need --task segment")
+            raise OptionError(f"{_fields(given)}: segmentation options, they need {{task=}}", task="segment")
         return fit_rows_head(data, tap, output, **options)
-    if task != "segment":
-        raise FeatxError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if not masks:
-        raise FeatxError("fit-head --task segment: give the masks with --masks MASKS")
-    others = _given({k: v for k, v in options.items() if k not in SHARED_FIT and (k, v) != ("solver", "sklearn")},
-                    _defaults(fit_rows_head))
+        raise OptionError("{task=}: give the image + mask pairs with {masks=MASKS}", task=task)
+    shared = FitHeadOptions.names(fits="both")
+    others = _given({k: v for k, v in options.items() if k not in shared + segment_only
+                     and (k, v) != ("solver", "sklearn")}, defaults)
     if others:
-        raise FeatxError(f"{_flags(others)}: not for a segmentation head (the dense probe fits a logistic "
-                         f"regression with scikit-learn); drop them")
+        raise OptionError(f"{_fields(others)}: not for a segmentation head (the dense probe fits a logistic "
+                          f"regression with scikit-learn); drop them")
     from .segment.probe import fit_dense_probe
 
-    shared = {k: v for k, v in options.items() if k in SHARED_FIT and (k, v) != ("normalize", None)}  # None: default
-    return fit_dense_probe(data, masks, output, tap=tap, binary=binary, num_classes=num_classes,
-                           pixels_per_image=pixels_per_image, **shared)
+    kept = {k: v for k, v in options.items() if k in shared and (k, v) != ("normalize", None)}  # None: default
+    return fit_dense_probe(data, masks, output, tap=tap, **{k: options[k] for k in segment_only if k != "masks"},
+                           **kept)
 
 
 def predict(head, data, output=None, *, overlay=None, **options):
@@ -62,17 +62,20 @@ def predict(head, data, output=None, *, overlay=None, **options):
     `output` (required), and with `overlay` the images with their masks blended in
     (featx.segment.probe.predict_dense); returns {written, output, overlay, failed}.
     """
+    from .heads.options import PredictOptions
     from .heads.prediction import predict as predict_rows
 
+    PredictOptions.of({**options, "overlay": overlay})  # an OptionError for a value an option does not take
     if not _is_segment(head):
         if overlay:
-            raise FeatxError(f"--overlay: {head} is not a segmentation head; overlays show predicted masks")
+            raise OptionError("{overlay}: {path} is not a segmentation head; overlays show predicted masks", path=head)
         return predict_rows(head, data, **options)
     if not output:
-        raise FeatxError(f"{head} is a segmentation head: give the folder for its mask PNGs with -o DIR")
+        raise OptionError("{path} is a segmentation head: give the folder for its mask PNGs with {output=DIR}",
+                          path=head)
     others = _given({k: v for k, v in options.items() if k not in SHARED_PREDICT}, _defaults(predict_rows))
     if others:
-        raise FeatxError(f"{_flags(others)}: not for a segmentation head, which predicts masks of images")
+        raise OptionError(f"{_fields(others)}: not for a segmentation head, which predicts masks of images")
     from .segment.probe import predict_dense
 
     shared = {k: v for k, v in options.items() if k in SHARED_PREDICT}
@@ -86,16 +89,19 @@ def evaluate(head, data, *, masks=None, split: str | None = None, **options) -> 
     head: pixel accuracy, mean IoU, Dice and per-class IoU on the rows of the store `data` against the image + mask
     pairs `masks` (required; featx.segment.probe.evaluate_dense). Returns the metrics dict."""
     from .heads.api import evaluate as evaluate_rows
+    from .heads.options import EvaluateOptions
 
+    EvaluateOptions.of({**options, "masks": masks, "split": split})  # an OptionError for a value out of range
     if not _is_segment(head):
         if masks:
-            raise FeatxError(f"--masks: {head} is not a segmentation head (fit one with fit-head --task segment)")
+            raise OptionError("{masks}: {path} is not a segmentation head (fit one with fit-head --task segment)",
+                              path=head)
         return evaluate_rows(head, data, split=split, **options)
     if not masks:
-        raise FeatxError(f"{head} is a segmentation head: give the store's masks with --masks MASKS")
+        raise OptionError("{path} is a segmentation head: give the store's masks with {masks=MASKS}", path=head)
     others = _given({k: v for k, v in options.items() if k not in ("progress", "log")}, _defaults(evaluate_rows))
     if others:
-        raise FeatxError(f"{_flags(others)}: not for a segmentation head, which is evaluated on a store's maps")
+        raise OptionError(f"{_fields(others)}: not for a segmentation head, which is evaluated on a store's maps")
     from .segment.probe import evaluate_dense
 
     return evaluate_dense(head, data, masks, split=split)
@@ -119,6 +125,6 @@ def _given(values: dict, defaults: dict) -> list[str]:
     return [name for name, value in values.items() if name not in defaults or value != defaults[name]]
 
 
-def _flags(names: list[str]) -> str:
-    """The options' names as the command line spells them."""
-    return ", ".join("--" + name.replace("_", "-") for name in names)
+def _fields(names: list[str]) -> str:
+    """The parameters `names` as OptionError fields (each read as the caller spells it)."""
+    return ", ".join("{%s}" % name for name in names)

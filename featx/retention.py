@@ -29,10 +29,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .choices import RETENTIONS
 from .errors import FeatxError
 from .sources import DIGITS_SPEC, unreadable_reason
 
-RETENTIONS = ("mirror", "add", "prune")
 UNRECORDED = ""  # the root of rows of a store written before stores recorded their data (store.UNRECORDED_ROOT)
 DROP_LIMIT_ROWS = 5  # a mirroring call may drop this many rows of gone files ...
 DROP_LIMIT_SHARE = 0.1  # ... or this share of the store's rows, whichever is more; beyond that it needs --prune

@@ -9,7 +9,7 @@ import torch
 
 from .choices import DEVICE_CHOICES, PRECISIONS
 from .cpu import usable_cores
-from .errors import FeatxError
+from .options import OptionError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,18 +55,17 @@ def resolve_device(spec: str = "auto") -> torch.device:
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
     if match:
         if not torch.cuda.is_available():
-            raise FeatxError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise OptionError("{device=}: CUDA is not available on this machine (use {device=cpu} or auto)", device=spec)
         index = int(match.group(1) or 0)
         if index >= torch.cuda.device_count():
-            raise FeatxError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
+            raise OptionError("{device=}: only {n} CUDA device(s) here (cuda:0..cuda:{last})", device=spec,
+                              n=torch.cuda.device_count(), last=torch.cuda.device_count() - 1)
         return torch.device("cuda", index)
     if spec == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise FeatxError("--device mps: MPS is not available on this machine (use --device cpu or auto)")
+            raise OptionError("{device=mps}: MPS is not available on this machine (use {device=cpu} or auto)")
         return torch.device("mps")
-    raise FeatxError(f"--device {spec!r}: expected one of {DEVICE_CHOICES}")
+    raise OptionError("{device=}: expected one of {choices}", device=spec, choices=DEVICE_CHOICES)
 
 
 def cpu_supports_bf16() -> bool:
@@ -81,10 +80,10 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     """Turn --precision into fp32/bf16/fp16 for this device ('auto': bf16 where fast, fp16 on older GPUs)."""
     spec = (spec or "auto").strip().lower()
     if spec not in PRECISIONS:
-        raise FeatxError(f"--precision {spec!r}: expected one of {'|'.join(PRECISIONS)}")
+        raise OptionError("{precision=}: expected one of {choices}", precision=spec, choices="|".join(PRECISIONS))
     if spec != "auto":
         if spec == "fp16" and device.type == "cpu":
-            raise FeatxError("--precision fp16 is not supported on the CPU: use bf16 or fp32")
+            raise OptionError("{precision=fp16}: fp16 is not supported on the CPU, use bf16 or fp32")
         return spec
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .errors import FeatxError
+from .options import OptionError
 
 RENDEZVOUS_TIMEOUT_ENV = "FEATX_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT = 300.0
@@ -75,20 +76,20 @@ def _env_int(environ, name: str) -> int:
 
 
 def discover(num_shards: int | None = None, shard_index: int | None = None, environ=None) -> Shard:
-    """This process's shard, from --num-shards/--shard-index or torchrun's environment (one-line FeatxErrors)."""
+    """This process's shard, from `num_shards`/`shard_index` or torchrun's environment (one-line FeatxErrors)."""
     environ = os.environ if environ is None else environ
     if (num_shards is None) != (shard_index is None):
-        raise FeatxError("--num-shards and --shard-index: give both (e.g. --num-shards 4 --shard-index 0) or neither")
+        raise OptionError("{num_shards} and {shard_index}: give both (e.g. {num_shards=4} {shard_index=0}) or neither")
     world = _env_int(environ, "WORLD_SIZE") if "WORLD_SIZE" in environ else 1
     if num_shards is not None:
         if world > 1:
-            raise FeatxError(
-                f"--num-shards: not under torchrun (WORLD_SIZE={world} already splits the work between the ranks)"
-            )
+            raise OptionError("{num_shards}: not under torchrun (WORLD_SIZE={world} already splits the work between "
+                              "the ranks)", world=world)
         if num_shards < 1:
-            raise FeatxError(f"--num-shards {num_shards}: expected 1 or more")
+            raise OptionError("{num_shards=}: expected 1 or more", num_shards=num_shards)
         if not 0 <= shard_index < num_shards:
-            raise FeatxError(f"--shard-index {shard_index}: expected 0..{num_shards - 1} for --num-shards {num_shards}")
+            raise OptionError("{shard_index=}: expected 0..{last} for {num_shards=}", shard_index=shard_index,
+                              num_shards=num_shards, last=num_shards - 1)
         return Shard(shard_index, num_shards, 0, "shards") if num_shards > 1 else Shard()
     if world < 1:
         raise FeatxError(f"WORLD_SIZE={world}: expected 1 or more")

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cpu import cpu_fields, idle_cores, torch_threads, usable_cores
-from .errors import FeatxError
 
 PROBE_IMAGES = 4
 PROBE_RUN = 4 * PROBE_IMAGES  # images through the model when measuring (a warm-up and a timed call at two counts)
@@ -62,16 +61,6 @@ def max_workers() -> int:
     """The most decode workers --workers accepts: 4 per usable core (workers waiting on a network file system may
     pay beyond one per core; more only spends memory)."""
     return 4 * usable_cores()
-
-
-def check_counts(workers: int | None, threads: int | None) -> None:
-    """One-line FeatxErrors for --workers / --threads out of range."""
-    top = max_workers()
-    if workers is not None and (not isinstance(workers, int) or not 0 <= workers <= top):
-        raise FeatxError(f"--workers {workers!r}: expected 0 to {top} (4 per core; {usable_cores()} cores here)")
-    cores = usable_cores()
-    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= cores):
-        raise FeatxError(f"--threads {threads!r}: expected 1 to {cores} (the cores this process may use)")
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ POOLS = {  # by the option's name (arguments as arg:NAME): the values a user wou
     "warmup": pool(["0", "1", "3steps"], ["-1", "1.5", "x", "nan", "10000000000000000000000steps"]),
     "decoder": pool(["conv:8", "linear"], ["conv:0", "conv:-3", "conv:x", "conv:1000000000000"]),
     "grid": pool(["0.1:10", "0.1,1", "1"], ["0", "-1", "10:0.1", "nan", "inf", "1e400", "x:y", "1:"]),
-    "x_key": pool(["features/flatten"], ["items/label", "nope", "features"]),
-    "y_key": pool(["items/label"], ["features/flatten", "nope", "items"]),
+    "x": pool(["features/flatten"], ["items/label", "nope", "features"]),
+    "y": pool(["items/label"], ["features/flatten", "nope", "items"]),
     "host": pool(["127.0.0.1", "localhost", "::1"], ["0.0.0.0", "999.1.1.1", "not a host", "::"]),
     "api_key_env": pool(["FEATX_FUZZ_KEY"], ["FEATX_FUZZ_UNSET"]),
     "ray_address": pool([], ["127.0.0.1:1", "x"]),  # only with --engine ray, never drawn
@@ -167,11 +167,11 @@ def command_lines(draw, name: str) -> list[str]:
 
 
 def _pool(param: click.Parameter) -> tuple[list[str], list[str]]:
-    """(accepted values, mistakes) for `param`: by its name when it has a pool, else by its type."""
+    """(accepted values, mistakes) for `param`: by its name when it has a pool and no choices, else by its type."""
     key = param.name if isinstance(param, click.Option) else f"arg:{param.name}"
-    if key in POOLS:
-        return POOLS[key]
     kind = param.type
+    if key in POOLS and not isinstance(kind, click.Choice):  # a choice's values are its own (fit-head's --head)
+        return POOLS[key]
     if isinstance(kind, click.Choice):
         return [str(c) for c in kind.choices if c not in NEVER.get(param.name, ())], JUNK
     if isinstance(kind, click.types.IntParamType):

@@ -132,6 +132,6 @@ def test_default_cache_lives_in_the_run_until_training_ends_and_a_given_folder_i
 def test_bad_limit_is_an_error(data, tmp_path):
     from featx.errors import FeatxError
 
-    with pytest.raises(FeatxError, match="--decode-cache-mb -1"):
+    with pytest.raises(FeatxError, match="decode_cache_mb=-1"):
         finetune(data, tmp_path / "run", **FAST, decode_cache_mb=-1)
     assert not (tmp_path / "run").exists()

@@ -32,9 +32,9 @@ def test_discover_single_torchrun_and_shards():
 @pytest.mark.parametrize("args, environ, match", [
     ((2, None), {}, "give both"),
     ((None, 0), {}, "give both"),
-    ((0, 0), {}, "--num-shards 0: expected 1 or more"),
-    ((2, 2), {}, r"--shard-index 2: expected 0\.\.1"),
-    ((2, -1), {}, "--shard-index -1"),
+    ((0, 0), {}, "num_shards=0: expected 1 or more"),
+    ((2, 2), {}, r"shard_index=2: expected 0\.\.1 for num_shards=2"),
+    ((2, -1), {}, "shard_index=-1"),
     ((2, 0), {"WORLD_SIZE": "2", "RANK": "0"}, "not under torchrun"),
     ((None, None), {"WORLD_SIZE": "2"}, "RANK=None: expected an integer"),
     ((None, None), {"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),

@@ -178,10 +178,10 @@ def test_csv_regression_and_unlabelled_list(tmp_path):
         (dict(data="missing-folder"), "missing-folder"),
         (dict(backbone="resnet5"), "resnet50"),
         (dict(taps=["layer9"]), "layer9"),
-        (dict(pooling="median"), "--pooling"),
-        (dict(batch_size=0), "--batch-size"),
-        (dict(precision="fp8"), "--precision"),
-        (dict(device="tpu"), "--device"),
+        (dict(pooling="median"), "pooling='median'"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(precision="fp8"), "precision='fp8'"),
+        (dict(device="tpu"), "device='tpu'"),
     ],
 )
 def test_bad_options_are_one_line_errors(folder, tmp_path, kwargs, match):

@@ -113,10 +113,10 @@ def test_decoder_is_part_of_the_identity_and_old_stores_keep_theirs():
 
 
 def test_decode_gpu_needs_cuda(monkeypatch):
-    with pytest.raises(FeatxError, match="--decode 'png': expected one of exact, fast, reduced, gpu"):
+    with pytest.raises(FeatxError, match="decode='png': expected one of exact, fast, reduced, gpu"):
         check_decoder("png", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(FeatxError, match=r"^--decode gpu: CUDA is not available on this machine \(use --decode exact\)$"):
+    with pytest.raises(FeatxError, match=r"^decode='gpu': CUDA is not available on this machine \(use decode='exact'\)$"):
         check_decoder("gpu", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(FeatxError, match="the model runs on cpu, expected a CUDA device"):

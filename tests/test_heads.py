@@ -129,7 +129,7 @@ def test_ridge_regression_on_float_targets(tmp_path):
     assert head.metrics["r2"] > 0.95 and {"mae", "rmse"} <= set(head.metrics)
     np.testing.assert_allclose(load_head(tmp_path / "head").predict(X), head.predict(X), rtol=1e-12)
     assert evaluate(tmp_path / "head", tmp_path / "r.h5", split="val")["r2"] == pytest.approx(head.metrics["r2"])
-    with pytest.raises(FeatxError, match="--head logistic: needs class labels.*use --head ridge"):
+    with pytest.raises(FeatxError, match="head='logistic': needs class labels.*use head='ridge'"):
         fit_head(tmp_path / "r.h5", "avgpool", head="logistic")
 
 

@@ -155,17 +155,17 @@ def test_head_folder_write_rules(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("grid", "1:0.1", r"--grid '1:0.1': expected LO:HI"),
-    ("grid", "a,b", r"--grid 'a,b': expected"),
-    ("grid", -1, r"--grid -1: expected"),
-    ("head", "forest", r"--head 'forest': expected one of logistic, ridge, linear-svm, sgd, mlp"),
-    ("normalize", "minmax", r"--normalize 'minmax': expected one of standard, l2, none"),
-    ("class_weight", "auto", r"--class-weight 'auto': expected 'balanced' or none"),
-    ("val_split", 1.0, r"--val-split 1.0: expected a fraction in \[0, 1\)"),
-    ("folds", 1, r"--folds 1: expected an integer of 2 or more"),
-    ("dropout", 1.5, r"--dropout 1.5: expected a fraction"),
-    ("seed", 2**32, r"--seed 4294967296: expected an integer from 0 to 4294967295"),  # scikit-learn's limit
-    ("seed", -1, r"--seed -1: expected an integer from 0 to 4294967295"),
+    ("grid", "1:0.1", r"grid='1:0.1': expected LO:HI"),
+    ("grid", "a,b", r"grid='a,b': expected"),
+    ("grid", -1, r"grid=-1: expected"),
+    ("head", "forest", r"head='forest': expected one of logistic, ridge, linear-svm, sgd, mlp"),
+    ("normalize", "minmax", r"normalize='minmax': expected one of standard, l2, none"),
+    ("class_weight", "auto", r"class_weight='auto': expected one of none, balanced"),
+    ("val_split", 1.0, r"val_split=1.0: expected a number in \[0, 1\)"),
+    ("folds", 1, r"folds=1: expected an integer >= 2"),
+    ("dropout", 1.5, r"dropout=1.5: expected a number in \[0, 1\)"),
+    ("seed", 2**32, r"seed=4294967296: expected an integer from 0 to 4294967295"),  # scikit-learn's limit
+    ("seed", -1, r"seed=-1: expected an integer from 0 to 4294967295"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, option, value, message):
     blob_store(tmp_path / "s.h5")

@@ -152,15 +152,15 @@ def test_normalisation_on_the_device_equals_sklearn(tmp_path):
 
 def test_bad_solver_options_are_one_line_errors(tmp_path):
     overlapping_store(tmp_path / "s.h5", 3)
-    with pytest.raises(FeatxError, match=r"--solver torch: only the logistic head.*--head ridge"):
+    with pytest.raises(FeatxError, match=r"solver='torch': only the logistic head.*head='ridge'"):
         fit_head(tmp_path / "s.h5", "avgpool", head="ridge", solver="torch")
-    with pytest.raises(FeatxError, match=r"--solver 'jax': expected one of auto, sklearn, torch"):
+    with pytest.raises(FeatxError, match=r"solver='jax': expected one of auto, sklearn, torch"):
         fit_head(tmp_path / "s.h5", "avgpool", solver="jax")
-    with pytest.raises(FeatxError, match=r"--device cpu: only --solver torch runs on a device"):
+    with pytest.raises(FeatxError, match=r"device='cpu': only solver='torch' runs on a device"):
         fit_head(tmp_path / "s.h5", "avgpool", solver="sklearn", device="cpu")
-    with pytest.raises(FeatxError, match=r"--device cpu: only the logistic head runs on a device .*--head ridge"):
+    with pytest.raises(FeatxError, match=r"device='cpu': only the logistic head runs on a device .*head='ridge'"):
         fit_head(tmp_path / "s.h5", "avgpool", head="ridge", device="cpu")
-    with pytest.raises(FeatxError, match=r"--device 'tpu'"):
+    with pytest.raises(FeatxError, match=r"device='tpu'"):
         fit_head(tmp_path / "s.h5", "avgpool", solver="torch", device="tpu")
 
 

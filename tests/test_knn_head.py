@@ -98,5 +98,5 @@ def test_cli(tmp_path):
 
 def test_grid_refused_in_the_api(tmp_path):
     blob_store(tmp_path / "s.h5", n=30, d=4, k=3)
-    with pytest.raises(FeatxError, match="--temperature"):
+    with pytest.raises(FeatxError, match="temperature=-1.0"):
         featx.fit_head(tmp_path / "s.h5", "avgpool", head="knn", temperature=-1.0)

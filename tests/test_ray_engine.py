@@ -49,12 +49,12 @@ def test_engine_ray_without_ray_installed_is_one_line(folder, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(engine="spark"), "--engine 'spark': expected one of local, ray"),
-    (dict(ray_address="10.0.0.1:6379"), "--ray-address: only with --engine ray"),
-    (dict(num_gpus_per_worker=1), "--num-gpus-per-worker: only with --engine ray"),
-    (dict(engine="ray", num_shards=2, shard_index=0), "--engine ray: not with torchrun or --num-shards"),
-    (dict(engine="ray", decode="gpu"), "--decode gpu: only with --engine local"),
-    (dict(engine="ray", device="cpu"), "--device cpu: not with --engine ray"),
+    (dict(engine="spark"), "engine='spark': expected one of local, ray"),
+    (dict(ray_address="10.0.0.1:6379"), "ray_address: only with engine='ray'"),
+    (dict(num_gpus_per_worker=1), "num_gpus_per_worker: only with engine='ray'"),
+    (dict(engine="ray", num_shards=2, shard_index=0), "engine='ray': not with torchrun or num_shards"),
+    (dict(engine="ray", decode="gpu"), "decode='gpu': only with engine='local'"),
+    (dict(engine="ray", device="cpu"), "device='cpu': not with engine='ray'"),
 ])
 def test_engine_option_mistakes(folder, tmp_path, kwargs, match):
     with pytest.raises(FeatxError, match=match) as err:

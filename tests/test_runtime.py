@@ -17,8 +17,8 @@ def test_cpu_and_auto_resolve_here(spec):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("gpu", "--device 'gpu': expected one of"),
-    ("cuda:x", "--device 'cuda:x': expected one of"),
+    ("gpu", "device='gpu': expected one of"),
+    ("cuda:x", "device='cuda:x': expected one of"),
 ])
 def test_unknown_devices_name_the_option(spec, message):
     with pytest.raises(FeatxError, match=message):
@@ -27,7 +27,7 @@ def test_unknown_devices_name_the_option(spec, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_cuda_says_what_to_use():
-    with pytest.raises(FeatxError, match="CUDA is not available.*--device cpu"):
+    with pytest.raises(FeatxError, match="CUDA is not available.*device='cpu'"):
         resolve_device("cuda:0")
 
 
@@ -36,7 +36,7 @@ def test_precision_choices_on_the_cpu(monkeypatch):
     assert resolve_precision("BF16", CPU) == "bf16"
     with pytest.raises(FeatxError, match="fp16 is not supported on the CPU"):
         resolve_precision("fp16", CPU)
-    with pytest.raises(FeatxError, match="--precision 'int8': expected one of"):
+    with pytest.raises(FeatxError, match="precision='int8': expected one of"):
         resolve_precision("int8", CPU)
     for fast, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda fast=fast: fast)

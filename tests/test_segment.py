@@ -378,14 +378,14 @@ def test_the_api_functions_take_segmentation_heads_as_the_command_line_does(data
     written = featx.predict(tmp_path / "head", data, tmp_path / "pred")
     assert written["written"] == 12 and (tmp_path / "pred" / "val" / "images" / "p000.png").is_file()
     for call, message in [
-        (lambda: featx.fit_head(maps, task="segment", masks=data, binary=True, head="mlp"), "^--head: not for a segm"),
-        (lambda: featx.fit_head(maps, task="segment", masks=data, solver="torch"), "^--solver: not for a segm"),
-        (lambda: featx.fit_head(maps, masks=data), "^--masks: segmentation options, they need --task segment"),
-        (lambda: featx.fit_head(maps, task="segments"), "^--task 'segments': expected one of classify, segment"),
+        (lambda: featx.fit_head(maps, task="segment", masks=data, binary=True, head="mlp"), "^head: not for a segm"),
+        (lambda: featx.fit_head(maps, task="segment", masks=data, solver="torch"), "^solver: not for a segm"),
+        (lambda: featx.fit_head(maps, masks=data), "^masks: segmentation options, they need task='segment'"),
+        (lambda: featx.fit_head(maps, task="segments"), "^task='segments': expected one of classify, segment"),
         (lambda: featx.predict(tmp_path / "head", data), "is a segmentation head: give the folder"),
-        (lambda: featx.predict(tmp_path / "head", data, tmp_path / "p2", x="X"), "^--x: not for a segmentation"),
-        (lambda: featx.evaluate(tmp_path / "head", maps), "give the store's masks with --masks MASKS"),
-        (lambda: featx.evaluate(tmp_path / "head", maps, masks=data, tap="layer3"), "^--tap: not for a segm"),
+        (lambda: featx.predict(tmp_path / "head", data, tmp_path / "p2", x="X"), "^x: not for a segmentation"),
+        (lambda: featx.evaluate(tmp_path / "head", maps), "give the store's masks with masks='MASKS'"),
+        (lambda: featx.evaluate(tmp_path / "head", maps, masks=data, tap="layer3"), "^tap: not for a segm"),
     ]:
         with pytest.raises(FeatxError, match=message):
             call()

@@ -87,7 +87,7 @@ def test_rows_of_a_finished_shard_that_are_not_there_are_refused(folder, tmp_pat
 
 
 def test_overwrite_is_refused_for_shards(folder, tmp_path):
-    with pytest.raises(FeatxError, match="--overwrite: not with several shards"):
+    with pytest.raises(FeatxError, match="overwrite: not with several shards"):
         extract(folder, tmp_path / "s.h5", overwrite=True, num_shards=2, shard_index=0, **FAST)
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..choices import WEIGHTS_MATCHES
+from ..choices import BACKBONE_HELP, WEIGHTS_MATCHES
 from ..errors import FeatxError
-from .common import BACKBONE_HELP, echo_json
+from .common import echo_json
 
 
 @click.command("advise")

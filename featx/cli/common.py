@@ -9,10 +9,9 @@ from pathlib import Path
 import click
 
 from ..errors import FeatxError
+from ..options import OptionError, flag_spelling
 
 
-BACKBONE_HELP = ("torchvision model name, or timm/<name> for a timm model (pip install featx[timm]); featx layers "
-                 "--list. Default: the backbone a -w file from featx finetune records, else resnet50.")
 INTERRUPTED = "interrupted"  # ctx.meta key: what Ctrl-C left, set by the running command (on_interrupt)
 RESUMABLE = "featx: interrupted (completed work is kept; run the same command again to resume)"
 # What Ctrl-C leaves behind, per command that keeps work (the others have written nothing: a head folder is written
@@ -47,6 +46,9 @@ class FeatxGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except OptionError as err:  # named by the keyword: the flag it came from
+            raise OneLineError(err.spelled(flag_spelling(_flags(self.commands.get(ctx.invoked_subcommand)))),
+                               err.exit_code) from None
         except FeatxError as err:
             raise OneLineError(str(err), err.exit_code) from None
         except click.UsageError as err:
@@ -64,6 +66,12 @@ class FeatxGroup(click.Group):
                                                                       "featx: interrupted (nothing was written)")
             click.echo(said() if callable(said) else said, err=True)
             ctx.exit(130)
+
+
+def _flags(command: click.Command | None) -> dict[str, str]:
+    """Parameter name -> how the command line spells it: an option's first flag (-o), an argument's name (DATA)."""
+    return {param.name: param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            for param in (command.params if command else ())}
 
 
 def _usage_error(err: click.UsageError, command: str) -> OneLineError:

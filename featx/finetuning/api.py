@@ -9,12 +9,14 @@ from pathlib import Path
 from ..backbones import load_backbone
 from ..errors import FeatxError
 from ..memory import check_batch_memory, out_of_memory_as_error
+from ..options import OptionError
 from ..runtime import resolve_runtime
 from . import ddp
 from .checkpoint import CHECKPOINT, RunDir
 from .classify import ClassifyTask
-from .decoded import DEFAULT_LIMIT_MB, DecodedCache
-from .options import TrainOptions
+from .choices import DEFAULT_LIMIT_MB
+from .decoded import DecodedCache
+from .options import FinetuneOptions
 from .task import Task, build_trainer
 from .train import Trainer
 
@@ -119,19 +121,11 @@ def finetune(
     default: the stage maps of stride 4, 8, 16 and 32); `binary` masks train one logit with BCE, `num_classes` bounds
     the mask ids, `dice_weight` adds a soft Dice term; the best epoch is the one of highest val mean IoU.
     """
+    options = FinetuneOptions.of(locals())  # first statement: an OptionError for a value an option does not take
     started = time.perf_counter()
     log = log or (lambda line: None)
-    opts = TrainOptions(
-        head=head, freeze=freeze, unfreeze_at=unfreeze_at, train_bn=train_bn, optimizer=optimizer, lr=lr,
-        backbone_lr=backbone_lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
-        label_smoothing=label_smoothing, epochs=epochs, batch_size=batch_size, augment=augment,
-        image_size=image_size, val_split=val_split, early_stop=early_stop, seed=seed,
-    ).resolved()
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise FeatxError(f"--workers {workers!r}: expected 0 or more")
-    if isinstance(decode_cache_mb, bool) or not isinstance(decode_cache_mb, (int, float)) or decode_cache_mb < 0:
-        raise FeatxError(f"--decode-cache-mb {decode_cache_mb!r}: expected a number of megabytes >= 0")
-    job = _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight)
+    opts = options.train_options()
+    job = _task(options)
     session = ddp.join(device)  # under torchrun: this rank's place, its device, the process group
     try:
         session.check_batch(opts.batch_size)
@@ -190,22 +184,22 @@ def _resume_lines(checkpoint: dict | None, epochs: int, path: Path, steps_per_ep
             f"{epochs}-epoch run"]
 
 
-def _task(task, init_head, head, tap, decoder, binary, num_classes, dice_weight):
-    """The Task object for `task`; FeatxError for options of the other task."""
-    if task == "classify":
-        given = [name for name, value, default in (("--tap", tap or None, None), ("--decoder", decoder, "conv:256"),
-                 ("--binary", binary, False), ("--num-classes", num_classes, None), ("--dice-weight", dice_weight, 0))
-                 if value != default]
+def _task(options: FinetuneOptions):
+    """The Task object for `options.task`; an OptionError for options of the other task."""
+    segment = {name: getattr(options, name) for name in FinetuneOptions.names(fits="segment")}
+    if options.task == "classify":
+        defaults = FinetuneOptions.defaults()
+        given = [name for name, value in segment.items()
+                 if ((value or None) if name == "tap" else value) != defaults[name]]
         if given:
-            raise FeatxError(f"{', '.join(given)}: segmentation options, they need --task segment")
-        return ClassifyTask(init_head)
-    if task != "segment":
-        raise FeatxError(f"--task {task!r}: expected classify or segment")
-    if init_head is not None or head != "linear":
-        raise FeatxError("--task segment: --init-head and --head are for classification; use --decoder")
+            raise OptionError(", ".join("{%s}" % name for name in given) + ": segmentation options, they need {task=}",
+                              task="segment")
+        return ClassifyTask(options.init_head)
+    if options.init_head is not None or options.head != "linear":
+        raise OptionError("{task=}: {init_head} and {head} are for classification; use {decoder}", task=options.task)
     from .segment import SegmentTask
 
-    return SegmentTask(tap=tap, decoder=decoder, binary=binary, num_classes=num_classes, dice_weight=dice_weight)
+    return SegmentTask(**segment)
 
 
 def _decoded_cache(where, limit_mb: float, run: RunDir, task: Task, log) -> DecodedCache | None:

@@ -13,3 +13,4 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle", "none")
 WARMUP_HELP = "epochs (2, 0.5) or steps (300steps)"
 TASKS = ("classify", "segment")
+DEFAULT_LIMIT_MB = 4096  # --decode-cache-mb: the decoded-image cache's size limit

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_LIMIT_MB = 4096
 SUFFIX = ".npy"
 
 

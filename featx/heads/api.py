@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import check_seed
 from ..errors import FeatxError
+from ..options import OptionError
 from . import cv
 from .data import ALL_ROWS, Rows, available_memory, evaluation_rows, no_labels_error, open_rows, train_eval_rows
-from .estimators import CLASS_WEIGHTS, SOLVERS, HeadOptions, get_head_type
+from .estimators import HeadOptions, get_head_type
 from .inmemory import InMemoryFit
 from .metrics import classification_metrics, regression_metrics
 from .model import Head
+from .options import FitHeadOptions
 from .persistence import atomic_folder, check_output, load_head, save_head
 from .plots import write_plots
 from .prediction import is_feature_file, predict
@@ -59,7 +60,8 @@ def fit_head(
 
     head: 'logistic' (default; 'ridge' for float targets), 'ridge', 'linear-svm', 'sgd' (streamed), 'mlp' or 'knn'
     (weighted k-NN on cosine similarity, `neighbors` k and `temperature` T; it has no C and keeps its training rows).
-    normalize: 'standard', 'l2' or 'none' (None: 'none' for knn, else 'standard').
+    normalize: 'standard', 'l2' or 'none' (None: 'none' for knn, else 'standard'). class_weight: 'balanced', or
+    None ('none') for equal weights. featx.heads.options.FitHeadOptions holds every option's range.
     Training rows are split 'train' when the file has splits, else all labelled rows less a stratified `val_split`
     fraction held out for the metrics. C is chosen by `folds`-fold cross-validation (None: 5, 3 from 50,000 training rows on) on `grid` ('LO:HI' searched
     per decade then refined, a list of values, or one value to skip the search), and the head is refit on all
@@ -69,7 +71,8 @@ def fit_head(
     otherwise. With `output` the head folder is written atomically (`overwrite` replaces a head there;
     `joblib` adds a model.joblib pickle, `plots` the PNGs). Returns the Head, with its metrics.
     """
-    _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device, neighbors, temperature)
+    FitHeadOptions.of(locals())  # an OptionError for a value the option does not take
+    class_weight = None if class_weight == "none" else class_weight
     if output is not None:
         check_output(Path(output), overwrite)
     started = time.perf_counter()
@@ -195,12 +198,12 @@ def choose_solver(solver: str, head: str, work: int, device: str) -> str:
     if solver == "auto":
         if head != "logistic":
             if device_named:
-                raise FeatxError(f"--device {device}: only the logistic head runs on a device (--head {head} fits "
-                                 "with scikit-learn); drop --device")
+                raise OptionError("{device=}: only the logistic head runs on a device ({head=} fits with "
+                                  "scikit-learn); drop {device}", device=device, head=head)
             return "sklearn"
         return "torch" if device_named or work >= TORCH_MIN_WORK else "sklearn"
     if solver == "torch" and head != "logistic":
-        raise FeatxError(f"--solver torch: only the logistic head has a torch solver, not --head {head}")
+        raise OptionError("{solver=torch}: only the logistic head has a torch solver, not {head=}", head=head)
     return solver
 
 
@@ -221,33 +224,9 @@ def _grid(head_type, grid):
     if head_type.regularized:
         return cv.parse_grid(head_type.default_grid if grid is None else grid)
     if grid is not None:
-        raise FeatxError(f"--grid {grid}: the {head_type.name} head has no C to search; set --neighbors and "
-                         "--temperature")
+        raise OptionError("{grid=}: the {kind} head has no C to search; set {neighbors} and {temperature}", grid=grid,
+                          kind=head_type.name)
     return [None], False
-
-
-def _validate(class_weight, n_jobs, chunk_rows, epochs, hidden, dropout, seed, solver, device, neighbors,
-              temperature) -> None:
-    if class_weight not in CLASS_WEIGHTS:
-        raise FeatxError(f"--class-weight {class_weight!r}: expected 'balanced' or none")
-    if solver not in SOLVERS:
-        raise FeatxError(f"--solver {solver!r}: expected one of {', '.join(SOLVERS)}")
-    if solver == "sklearn" and str(device).strip().lower() != "auto":
-        raise FeatxError(f"--device {device}: only --solver torch runs on a device; add --solver torch")
-    checks = [
-        ("--jobs", n_jobs, n_jobs is None or (isinstance(n_jobs, int) and n_jobs != 0), "a non-zero integer"),
-        ("--chunk-rows", chunk_rows, isinstance(chunk_rows, int) and chunk_rows > 0, "a positive integer"),
-        ("--epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs > 0), "a positive integer"),
-        ("--hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive integer"),
-        ("--dropout", dropout, isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a fraction in [0, 1)"),
-        ("--neighbors", neighbors, isinstance(neighbors, int) and neighbors > 0, "a positive integer"),
-        ("--temperature", temperature, isinstance(temperature, (int, float)) and 0 < temperature < float("inf"),
-         "a positive number"),
-    ]
-    for option, value, ok, expected in checks:
-        if not ok:
-            raise FeatxError(f"{option} {value!r}: expected {expected}")
-    check_seed(seed)
 
 
 def _targets(rows: Rows, train: np.ndarray):

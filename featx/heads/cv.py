@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 
 DEFAULT_GRID = "1e-6:1e5"
 REFINE_STEPS = 4  # values per decade when refining
@@ -75,7 +76,8 @@ class CVResult:
 
 def parse_grid(grid) -> tuple[np.ndarray, bool]:
     """(C values, refine?) from 'LO:HI' (one value per decade, then refined), a list of values or one value."""
-    what = f"--grid {grid!r}: expected LO:HI (a log range such as 1e-6:1e5) or positive values such as 0.1,1,10"
+    what = OptionError("{grid=}: expected LO:HI (a log range such as 1e-6:1e5) or positive values such as 0.1,1,10",
+                       grid=grid)
     try:
         if isinstance(grid, str) and ":" in grid:
             lo, hi = (float(part) for part in grid.split(":"))
@@ -87,9 +89,9 @@ def parse_grid(grid) -> tuple[np.ndarray, bool]:
             grid = grid.split(",")
         values = np.unique(np.atleast_1d(np.asarray(grid, dtype=np.float64)))
     except (TypeError, ValueError) as err:
-        raise FeatxError(what) from err
+        raise what from err
     if values.size == 0 or not np.all(np.isfinite(values)) or values.min() <= 0:
-        raise FeatxError(what)
+        raise what
     return values, False
 
 

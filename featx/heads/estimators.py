@@ -12,11 +12,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .cv import DEFAULT_GRID
 
 NORMALIZERS = ("standard", "l2", "none")
 SOLVERS = ("auto", "sklearn", "torch")
-CLASS_WEIGHTS = (None, "balanced")
 LBFGS_MAX_ITER = 200
 SVM_MAX_ITER = 2000
 
@@ -129,7 +129,8 @@ def get_head_type(name: str | None, task: str, where: str) -> HeadType:
         raise FeatxError(f"--head {name!r}: expected one of {', '.join(HEAD_TYPES)}")
     head = HEAD_TYPES[name]
     if task in ("classification", "regression") and task not in head.tasks:
-        raise FeatxError(f"--head {name}: needs class labels, but {where} holds float targets; use --head ridge")
+        raise OptionError("{head=}: needs class labels, but {where} holds float targets; use {head=ridge}", head=name,
+                          where=where)
     return head
 
 

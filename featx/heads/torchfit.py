@@ -27,6 +27,7 @@ import numpy as np
 
 from ..cpu import idle_cores, torch_threads
 from ..errors import FeatxError
+from ..options import OptionError
 from .cv import score
 from .class_weights import balanced_weights
 from .estimators import LBFGS_MAX_ITER, make_normalizer
@@ -61,7 +62,7 @@ class TorchFit:
         if device.type == "mps" and str(options.device).strip().lower() == "auto":
             device = torch.device("cpu")  # auto: CUDA when present, else the CPU
         if device.type not in ("cpu", "cuda"):
-            raise FeatxError(f"--device {options.device}: --solver torch runs on cpu or cuda")
+            raise OptionError("{device=}: {solver=torch} runs on cpu or cuda", device=options.device)
         self.device = device
         # CPU solves use the idle cores only: on cores busy with other processes torch's OpenMP threads spin at every
         # barrier for a core another process holds (100,000 rows x 1280 on 2 cores at load 2.5: 124 s with 2

@@ -1,0 +1,108 @@
+"""featx.options: a command's options spelled once. The click options, the checks of a Python call and the API
+signatures' defaults agree; errors name the keyword for Python callers and the flag on the command line."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.errors import FeatxError
+from featx.extract_options import ExtractOptions
+from featx.finetuning.options import FinetuneOptions, TrainOptions
+from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
+from featx.options import SPEC, OptionError, flag_spelling
+
+COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
+            "predict": PredictOptions, "evaluate": EvaluateOptions}
+
+
+def _signature_defaults(function) -> dict:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not p.empty}
+
+
+@pytest.mark.parametrize("command, options", COMMANDS.items())
+def test_every_option_with_flags_is_a_click_option_of_its_command(command, options):
+    params = {p.name: p for p in main.commands[command].params}
+    for field in dataclasses.fields(options):
+        spec = field.metadata[SPEC]
+        if spec.flags:
+            assert params[field.name].opts[0] == spec.flags[0].split("/")[0], field.name
+            if not spec.multiple and spec.flag_value is None:
+                assert params[field.name].default == field.default, field.name
+
+
+def test_the_api_signatures_default_as_the_options_do():
+    from featx.finetuning.api import finetune
+    from featx.heads.api import fit_head
+
+    finetune_defaults = _signature_defaults(finetune)
+    for name, default in FinetuneOptions.defaults().items():
+        expected = "none" if name == "freeze" else default  # a strategy or a list of them
+        assert finetune_defaults[name] == expected, name
+    fit_defaults = _signature_defaults(fit_head)
+    segment = set(FitHeadOptions.names(fits="segment")) | {"task"}
+    assert {name: fit_defaults[name] for name in FitHeadOptions.names() if name not in segment} == {
+        name: default for name, default in FitHeadOptions.defaults().items() if name not in segment}
+    from featx.heads.api import evaluate
+    from featx.heads.prediction import predict
+
+    for options, function in ((PredictOptions, predict), (EvaluateOptions, evaluate)):
+        defaults = _signature_defaults(function)
+        rows = [name for name in options.names() if name not in options.names(fits="segment")]
+        assert {name: defaults[name] for name in rows} == {name: options.defaults()[name] for name in rows}
+
+
+@pytest.mark.parametrize("options, change, message", [
+    (ExtractOptions, {"workers": -1}, r"^workers=-1: expected an integer from 0 to \d+ \(4 per core; \d+ cores here\)$"),
+    (ExtractOptions, {"pooling": "sum"}, r"^pooling='sum': expected one of avg, max, avgmax, gem, flatten, none$"),
+    (ExtractOptions, {"taps": [3]}, r"^taps=\[3\]: expected a name or a list of names$"),
+    (ExtractOptions, {"batch_size": True}, r"^batch_size=True: expected an integer >= 1$"),
+    (ExtractOptions, {"num_gpus_per_worker": float("nan")}, r"^num_gpus_per_worker=nan: expected a number >= 0$"),
+    (ExtractOptions, {"rehash": "yes"}, r"^rehash='yes': expected True or False$"),
+    (FitHeadOptions, {"dropout": 1}, r"^dropout=1: expected a number in \[0, 1\)$"),
+    (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
+    (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
+])
+def test_a_bad_value_names_the_keyword(options, change, message):
+    with pytest.raises(OptionError, match=message):
+        options(**change)
+
+
+def test_values_within_range_are_taken_as_given():
+    import numpy as np
+
+    assert ExtractOptions(workers=np.int64(0), taps="layer3", num_gpus_per_worker=1).workers == 0
+    assert FitHeadOptions(n_jobs=None, class_weight="balanced").n_jobs is None
+    assert TrainOptions(freeze=["backbone", "layer1.*"], lr=1e-3).to_dict()["freeze"] == ["backbone", "layer1.*"]
+
+
+def test_an_option_error_reads_as_keywords_in_python_and_as_flags_on_the_command_line():
+    err = OptionError("{ray_address}: only with {engine=} (not {decode=}, {size_limit=})", engine="ray",
+                      decode="a b", size_limit=-1)
+    assert isinstance(err, FeatxError)
+    assert str(err) == "ray_address: only with engine='ray' (not decode='a b', size_limit=-1)"
+    spell = flag_spelling({"ray_address": "--ray-address", "engine": "--engine", "decode": "--decode"})
+    assert err.spelled(spell) == "--ray-address: only with --engine ray (not --decode 'a b', size_limit=-1)"
+
+
+def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "data"), "-o", str(tmp_path / "s.h5"),
+                                       "--num-gpus-per-worker", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "featx: error: --num-gpus-per-worker: only with --engine ray"
+
+
+def test_click_types_and_help_carry_the_choices_and_ranges():
+    params = {p.name: p for p in main.commands["extract"].params}
+    assert params["workers"].type is click.INT and "[0<=x<=" in params["workers"].help
+    assert isinstance(params["pooling"].type, click.Choice)
+    assert params["retention"].is_flag and params["retention"].flag_value == "prune"
+    assert params["retention"].default == "mirror"
+    fit = {p.name: p for p in main.commands["fit-head"].params}
+    assert fit["plots"].secondary_opts == ["--no-plots"] and fit["plots"].default is True
