@@ -120,6 +120,20 @@ def option(default, *flags: str, kind: type | None = None, multiple: bool = Fals
                                             **(metadata or {})})
 
 
+SEGMENT = {"fits": "segment"}  # metadata of an option that only segmentation runs take
+
+
+def binary_mask_option(help: str = "segment: every non-zero mask pixel is foreground."):
+    """--binary of the commands that read masks."""
+    return option(False, "--binary", metadata=SEGMENT, help=help)
+
+
+def num_classes_option():
+    """--num-classes of the commands that read masks."""
+    return option(None, "--num-classes", kind=int, low=1, metadata=SEGMENT,
+                  help="segment: mask ids are 0 (background) to this (default: the largest id found).")
+
+
 class Options:
     """The base of a command's options dataclass (a frozen dataclass whose fields are made with `option`)."""
 

@@ -13,11 +13,10 @@ import click
 
 from ..choices import (BACKBONE_HELP, DECODER_HELP, DEVICE_CHOICES, MAX_SEED, PRECISIONS, WEIGHTS_MATCH_HELP,
                        WEIGHTS_MATCHES)
-from ..options import OptionError, Options, option
+from ..options import SEGMENT, OptionError, Options, binary_mask_option, num_classes_option, option
 from .choices import (AUGMENT_HELP, AUGMENTS, DEFAULT_LIMIT_MB, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS,
                       WARMUP_HELP)
 
-SEGMENT = {"fits": "segment"}
 
 
 @dataclass(frozen=True)
@@ -121,11 +120,8 @@ class FinetuneOptions(TrainOptions):
         help="segment: where the backbone is cut (default: layer4 for ResNets, else the last stage map); give it "
              "once per map for --decoder fpn (default: the stage maps of stride 4, 8, 16 and 32).")
     decoder: str = option("conv:256", "--decoder", metadata=SEGMENT, help=f"segment: {DECODER_HELP}.")
-    binary: bool = option(False, "--binary", metadata=SEGMENT,
-                          help="segment: every non-zero mask pixel is foreground (one logit, BCE).")
-    num_classes: int | None = option(
-        None, "--num-classes", kind=int, low=1, metadata=SEGMENT,
-        help="segment: mask ids are 0 (background) to this (default: the largest id found).")
+    binary: bool = binary_mask_option("segment: every non-zero mask pixel is foreground (one logit, BCE).")
+    num_classes: int | None = num_classes_option()
     dice_weight: float = option(0.0, "--dice-weight", low=0, metadata=SEGMENT,
                                 help="segment: weight of a soft Dice term added to the loss.")
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..choices import DEVICE_CHOICES, MAX_SEED
-from ..options import OptionError, Options, option
+from ..options import SEGMENT, OptionError, Options, binary_mask_option, num_classes_option, option
 from ..tuning import max_workers
 from .cv import DEFAULT_GRID
 from .estimators import HEAD_TYPES, NORMALIZERS, SOLVERS
 
 TASKS = ("classify", "segment")
-SEGMENT = {"fits": "segment"}
 BOTH = {"fits": "both"}
 HEAD_HELP = "; ".join(f"{name}: {head.help}" for name, head in HEAD_TYPES.items())
 GRID_DEFAULTS = "; ".join(
@@ -70,11 +69,8 @@ class FitHeadOptions(Options):
     masks: str | None = option(
         None, "--masks", metadata=SEGMENT,
         help="segment: the image + mask pairs ({train,val}/{images,masks}/<name>, or a CSV image,mask[,split]).")
-    binary: bool = option(False, "--binary", metadata=SEGMENT,
-                          help="segment: every non-zero mask pixel is foreground.")
-    num_classes: int | None = option(
-        None, "--num-classes", kind=int, low=1, metadata=SEGMENT,
-        help="segment: mask ids are 0 (background) to this (default: the largest id found).")
+    binary: bool = binary_mask_option()
+    num_classes: int | None = num_classes_option()
     pixels_per_image: int = option(256, "--pixels-per-image", low=1, metadata=SEGMENT,
                                    help="segment: labelled pixels drawn from each training image for the fit.")
 
