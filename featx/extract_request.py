@@ -240,15 +240,15 @@ def check(arguments: dict) -> Check:
             source = load_source(arguments["data"])
             root = data_root(arguments["data"])
             keys = file_keys(source, root, StatIndex.of_store(store), arguments["rehash"])
-            fresh = data_rows(root, source, keys.keys, set(store.keys), {})
+            fresh = data_rows(root, source, keys.keys, set(store.keys), {}, keys.stats)
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
-            if source.failed:
-                return Check(None, source, keys)  # the real run reports the folders it could not read
+            if source.failed or fresh.failed:
+                return Check(None, source, keys)  # new or unreadable files; the real run reports unread folders
             if holds_as_is(store, fresh, max_rows):
                 other, rows = {}, np.arange(len(fresh.keys))
             else:
                 plan = merge(store, fresh, arguments["retention"], max_rows)
-                if fresh.failed or not holds(store, plan):
+                if not holds(store, plan):
                     return Check(None, source, keys)
                 other, rows = plan.other, plan.data_rows
             config_key = store.config_key
@@ -257,8 +257,7 @@ def check(arguments: dict) -> Check:
     if keys.worth_recording:
         from .writer import record_file_stats
 
-        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"],
-                          {item.relpath: stat for item, stat in zip(source.items, keys.stats)})
+        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"])
     return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
         seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=store_bytes(output),

@@ -23,6 +23,7 @@ import concurrent.futures as cf
 import os
 import socket
 import time
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -61,13 +62,16 @@ class StatIndex:
     """Trusted keys of a store's rows by (data root, path), from its `/items/stat` (see the module docstring)."""
 
     def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None):
-        self._entries: dict[tuple[str, str], int] = {}
+        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> row
         self._keys, self._stats = keys, stats
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
-        trusted = _trusted_later(stats).tolist()
-        row_root = [roots[r] for r in np.asarray(row_roots).tolist()]
-        self._entries = {(root, str(path)): i for i, (root, path, ok) in enumerate(zip(row_root, paths, trusted)) if ok}
+        trusted = np.flatnonzero(trusted_later(stats))
+        paths, row_roots = np.asarray(paths, dtype=object), np.asarray(row_roots)
+        for r, root in enumerate(roots):
+            rows = trusted[row_roots[trusted] == r]
+            if len(rows):
+                self._entries.setdefault(root, {}).update(zip(map(str, paths[rows].tolist()), rows.tolist()))
 
     @classmethod
     def of_store(cls, store) -> "StatIndex":
@@ -75,24 +79,26 @@ class StatIndex:
         return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(map(len, self._entries.values()))
 
     def keys(self, root: str, paths: list[str], stats: np.ndarray) -> list[str | None]:
         """The recorded key of each of `paths` under `root` whose stat (first 5 STAT_FIELDS) is the recorded one,
         else None."""
-        rows = np.array([self._entries.get((root, path), -1) for path in paths], dtype=np.int64)
+        entries = self._entries.get(root, {})
+        rows = np.fromiter(map(entries.get, paths, repeat(-1)), dtype=np.int64, count=len(paths))
         found = rows >= 0
         if self._stats is not None and found.any():
             found[found] = (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
-        return [str(self._keys[row]) if ok else None for row, ok in zip(rows.tolist(), found.tolist())]
+        recorded = [str(key) for key in np.asarray(self._keys, dtype=object)[rows[found]].tolist()]
+        if len(recorded) == len(paths):
+            return recorded
+        keys: list[str | None] = [None] * len(paths)
+        for i, key in zip(np.flatnonzero(found).tolist(), recorded):
+            keys[i] = key
+        return keys
 
-    def stat(self, root: str, path: str, key: str) -> np.ndarray | None:
-        """The recorded stat row of `path` under `root` when it holds `key`, else None."""
-        row = self._entries.get((root, path))
-        return None if row is None or str(self._keys[row]) != key else self._stats[row]
 
-
-def _trusted_later(stats: np.ndarray) -> np.ndarray:
+def trusted_later(stats: np.ndarray) -> np.ndarray:
     """Which stat rows a later run would trust: recorded, and not racily clean."""
     return (stats[:, 5] > 0) & (np.maximum(stats[:, 1], stats[:, 2]) < stats[:, 5] - RACY_NS)
 
@@ -117,21 +123,18 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
               progress: bool = False) -> FileKeys:
     """The content key of every item of `source` (a featx.sources.Source of data `root`): trusted from `index`
     where the file's stat is unchanged, read (in threads) otherwise; every file when `rehash`."""
-    from tqdm import tqdm
-
     n = len(source.items)
     keys: list[str | None] = [None] * n
     stats = np.zeros((n, len(STAT_FIELDS)), dtype=np.int64)
     now = time.time_ns()
-    found = [file_stat(item.path) for item in source.items]  # None: gone, or a dangling link (read: key None)
-    readable = np.array([stat is not None for stat in found], dtype=bool)
-    if readable.any():
-        stats[readable, :5] = [stat for stat in found if stat is not None]
+    stats[:, :5], readable = _stats(source.items)
     if index is not None and not rehash:
         keys = index.keys(root, [item.relpath for item in source.items], stats)
-    trusted = readable & np.array([key is not None for key in keys], dtype=bool)
+    trusted = readable & np.fromiter((key is not None for key in keys), dtype=bool, count=n)
     stats[trusted, 5] = now
     to_read = np.flatnonzero(~trusted).tolist()
+    if not to_read:
+        return FileKeys(keys, stats, 0, 0)
 
     def read(i: int):
         path = source.items[i].path
@@ -144,6 +147,8 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
         after = file_stat(path)
         return i, key, before if before is not None and before == after else None, read_ns
 
+    from tqdm import tqdm
+
     with cf.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
         done = pool.map(read, to_read, chunksize=64)
         for i, key, stat, read_ns in tqdm(done, total=len(to_read), desc="hashing", unit="file", leave=False,
@@ -151,5 +156,20 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
             keys[i] = key
             if stat is not None:
                 stats[i] = (*stat, read_ns)
-    gained = int(_trusted_later(stats[to_read]).sum()) if to_read else 0
+    gained = int(trusted_later(stats[to_read]).sum())
     return FileKeys(keys, stats, len(to_read), gained)
+
+
+def _stats(items) -> tuple[np.ndarray, np.ndarray]:
+    """The file_stat of each item's file, zeros where it cannot be examined (gone, a dangling link), and which
+    could: one stat call per file and no other per-file work, for the unchanged rerun of a large folder."""
+    values: list[int] = []
+    unreadable: list[int] = []
+    for i, stat in enumerate(map(file_stat, [item.path for item in items])):
+        if stat is None:
+            unreadable.append(i)
+            stat = (0, 0, 0, 0, 0)
+        values += stat
+    readable = np.ones(len(items), dtype=bool)
+    readable[unreadable] = False
+    return np.array(values, dtype=np.int64).reshape(len(items), 5), readable
