@@ -25,6 +25,7 @@ import numpy as np
 from .choices import DEFAULT_DECODE, recorded_decode
 from .cpu import cpu_fields
 from .errors import FeatxError
+from .gcpause import without_gc
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
 
@@ -212,6 +213,7 @@ def up_to_date(arguments: dict) -> ExtractResult | None:
     return check(arguments).result
 
 
+@without_gc
 def check(arguments: dict) -> Check:
     """Whether the call has nothing to do: same request and environment, same weights file content, every file's
     content key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .gcpause import without_gc
 from .sources import content_key
 
 STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev", "read_ns")
@@ -119,6 +120,7 @@ class FileKeys(NamedTuple):
         return self.n_gained > 0 and self.n_gained >= min(1000, max(1, len(self.keys) // 100))
 
 
+@without_gc
 def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = False,
               progress: bool = False) -> FileKeys:
     """The content key of every item of `source` (a featx.sources.Source of data `root`): trusted from `index`

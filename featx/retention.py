@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import FeatxError
+from .gcpause import without_gc
 from .sources import DIGITS_SPEC, unreadable_reason
 
 RETENTIONS = ("mirror", "add", "prune")
@@ -77,6 +78,7 @@ class DataRows:
     stats: np.ndarray | None = field(default=None, repr=False)
 
 
+@without_gc
 def data_rows(root: str, source, keys, available, failures: dict[str, str], stats: np.ndarray | None = None) -> DataRows:
     """The rows of `source` (a featx.sources.Source) whose content key is in `available`, in source order; the
     other items are failures (unreadable, a recorded decode failure, or not computed), after the folders the
@@ -95,7 +97,8 @@ def data_rows(root: str, source, keys, available, failures: dict[str, str], stat
                 reason = unreadable_reason(item.path) if key is None else failures.get(key, "not computed")
                 failed.append((item.relpath, reason))
         rows = [items[i] for i in taken]
-    _, paths, labels, targets, splits = map(list, zip(*rows)) if rows else ([], [], [], [], [])
+    paths, splits = [item.relpath for item in rows], [item.split for item in rows]
+    labels, targets = [item.label for item in rows], [item.target for item in rows]
     regression = source.task == "regression"
     return DataRows(
         root=root,
@@ -138,9 +141,11 @@ class SealPlan:
 
 
 def _objects(values) -> np.ndarray:
-    """A column of strings as a 1-D object array of str."""
+    """A column of strings (a list or an array) as a 1-D object array."""
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        return values
     out = np.empty(len(values), dtype=object)
-    out[:] = [str(v) for v in values] if not isinstance(values, np.ndarray) or values.dtype != object else values
+    out[:] = values.tolist() if isinstance(values, np.ndarray) else values
     return out
 
 
@@ -157,6 +162,7 @@ def _old_roots(old, fresh: DataRows) -> list[str]:
     return roots
 
 
+@without_gc
 def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None = None) -> SealPlan:
     """The plan of the store sealed from `old` (a featx.store.Store's metadata, or None) and this call's `fresh`
     rows under `retention` (see the module docstring); `max_rows` bounds a private cache. FeatxError when
@@ -175,8 +181,8 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
     ours = np.flatnonzero(is_ours)
     present = set(fresh.paths).union(path for path, _ in fresh.failed)
     computed = set(fresh.keys)
-    missing = ours[np.array([path not in present and key not in computed
-                             for path, key in zip(paths[ours].tolist(), keys[ours].tolist())], dtype=bool)]
+    unseen = ours[~np.fromiter(map(present.__contains__, paths[ours].tolist()), dtype=bool, count=len(ours))]
+    missing = unseen[~np.fromiter(map(computed.__contains__, keys[unseen].tolist()), dtype=bool, count=len(unseen))]
     unread = tuple(folder.rstrip("/") + "/" for folder in fresh.unread)
     under = np.array([bool(unread) and path.startswith(unread) for path in paths[missing].tolist()], dtype=bool)
     held, gone = missing[under], missing[~under]  # held: not seen, kept as they are
@@ -186,7 +192,7 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
         others, carried = _bound(others, carried, max_rows - len(fresh.keys))
     kept_keys = computed.union(keys[others].tolist(), keys[carried].tolist())
     if retention == "mirror":
-        lost = sum(1 for key in keys[gone].tolist() if key not in kept_keys)
+        lost = len(gone) - sum(map(kept_keys.__contains__, keys[gone].tolist()))
         if lost > drop_limit(len(keys)):
             raise FeatxError(
                 f"{old.path}: this run would drop {lost} rows of files gone from {fresh.root} (more than "
@@ -195,7 +201,7 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
             )
     kept_roots = [] if retention == "prune" else [root for root in old_roots if root != fresh.root]
     plan = _assemble(old, old_roots, kept_roots, fresh, others, carried)
-    plan.dropped = sum(1 for key in keys.tolist() if key not in kept_keys)
+    plan.dropped = len(keys) - sum(map(kept_keys.__contains__, keys.tolist()))
     return plan
 
 

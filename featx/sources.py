@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import FeatxError
+from .gcpause import without_gc
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 SPLITS = ("train", "val", "test")
@@ -83,6 +84,7 @@ class DecodeError(Exception):
 # load_source
 
 
+@without_gc
 def load_source(spec) -> Source:
     """Load a data source: a folder (ImageFolder, split ImageFolder or flat), a .csv, a .txt list, an image file,
     'digits', or a list or tuple of several of these (see `merge_sources`).

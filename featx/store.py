@@ -36,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .gcpause import without_gc
 from .rowfiles import hold_row_files, missing_row_files, rows_folder, store_bytes
 from .store_attrs import describe_datasets
 
@@ -180,7 +181,9 @@ def create_store(tmp: Path, final: Path, config: dict, config_key: str):
 
 
 def _write_strings(group: h5py.Group, name: str, values) -> None:
-    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=UTF8)
+    data = np.empty(len(values), dtype=object)
+    data[:] = values if all(type(v) is str for v in values) else [str(v) for v in values]
+    group.create_dataset(name, data=data, dtype=UTF8)
 
 
 def create_items(
@@ -711,6 +714,7 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return block[inverse]
 
 
+@without_gc
 def open_store(path) -> Store:
     """Open a featx store read-only (`featx info`): returns a Store (rows, labels, splits, config; `.features(tap)`,
     `.summary()`; a context manager); a one-line FeatxError when it is missing, damaged, foreign or newer."""

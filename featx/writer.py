@@ -31,6 +31,7 @@ import numpy as np
 
 from .choices import recorded_decode
 from .errors import FeatxError
+from .gcpause import without_gc
 from .keys import STAT_FIELDS, host_id, trusted_later
 from .retention import DataRows, SealPlan, holds, merge, row_bound
 from .rowfiles import (
@@ -187,6 +188,7 @@ class StoreWriter:
             if seg not in self._indexed:
                 self._index_segment(seg)
 
+    @without_gc
     def _index_old_store(self) -> None:
         try:
             old = open_store(self.output)
@@ -201,7 +203,9 @@ class StoreWriter:
             keys = old.keys.tolist()
             rows = range(len(keys) - 1, -1, -1)
             self._old_index = dict(zip(reversed(keys), rows))  # the first row of each key
-            self.available = {**dict(zip(reversed(keys), map(RowSource, repeat(self.output), rows))), **self.available}
+            # RowSource's own constructor, without its Python-level __new__ (a million rows in a blink)
+            sources = map(tuple.__new__, repeat(RowSource), zip(repeat(self.output), rows))
+            self.available = {**dict(zip(reversed(keys), sources)), **self.available}
         self._old = old
         self._row_bytes = old.row_bytes
 
@@ -258,6 +262,7 @@ class StoreWriter:
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
         return old is not None and not self._segment_files() and holds(old, plan)
 
+    @without_gc
     def seal(self, plan: SealPlan, taps: list[str]) -> None:
         """Write the final store from the old store and the segments, rename it into place, drop the parts. The
         stat index records the plan's entries for the call's rows (`SealPlan.data_stats`); rows carried over keep
