@@ -63,16 +63,13 @@ class StatIndex:
     """Trusted keys of a store's rows by (data root, path), from its `/items/stat` (see the module docstring)."""
 
     def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None):
-        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> row
-        self._keys, self._stats = keys, stats
+        self._roots, self._row_roots = list(roots), np.asarray(row_roots)
+        self._paths, self._keys, self._stats = np.asarray(paths, dtype=object), keys, stats
+        self._trusted: np.ndarray | None = None  # the rows whose entries are trusted; None: the index is ignored
+        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> row, built when a look-up needs it
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
-        trusted = np.flatnonzero(trusted_later(stats))
-        paths, row_roots = np.asarray(paths, dtype=object), np.asarray(row_roots)
-        for r, root in enumerate(roots):
-            rows = trusted[row_roots[trusted] == r]
-            if len(rows):
-                self._entries.setdefault(root, {}).update(zip(map(str, paths[rows].tolist()), rows.tolist()))
+        self._trusted = trusted_later(stats)
 
     @classmethod
     def of_store(cls, store) -> "StatIndex":
@@ -80,23 +77,41 @@ class StatIndex:
         return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host)
 
     def __len__(self) -> int:
-        return sum(map(len, self._entries.values()))
+        return sum(len(self._by_path(root)) for root in set(self._roots)) if self._trusted is not None else 0
 
     def keys(self, root: str, paths: list[str], stats: np.ndarray) -> list[str | None]:
         """The recorded key of each of `paths` under `root` whose stat (first 5 STAT_FIELDS) is the recorded one,
         else None."""
-        entries = self._entries.get(root, {})
-        rows = np.fromiter(map(entries.get, paths, repeat(-1)), dtype=np.int64, count=len(paths))
+        n = len(paths)
+        if self._trusted is None:
+            return [None] * n
+        rows = self._rows_of(root)
+        if len(rows) != n or not (self._paths[rows] == np.asarray(paths, dtype=object)).all():
+            entries = self._by_path(root)  # the data differs from the store's rows of it: look each path up
+            rows = np.fromiter(map(entries.get, paths, repeat(-1)), dtype=np.int64, count=n)
         found = rows >= 0
-        if self._stats is not None and found.any():
-            found[found] = (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
+        if found.any():
+            found[found] = self._trusted[rows[found]] & (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
         recorded = [str(key) for key in np.asarray(self._keys, dtype=object)[rows[found]].tolist()]
-        if len(recorded) == len(paths):
+        if len(recorded) == n:
             return recorded
-        keys: list[str | None] = [None] * len(paths)
+        keys: list[str | None] = [None] * n
         for i, key in zip(np.flatnonzero(found).tolist(), recorded):
             keys[i] = key
         return keys
+
+    def _rows_of(self, root: str) -> np.ndarray:
+        """The store's rows of data `root`, in its order."""
+        codes = [r for r, name in enumerate(self._roots) if name == root]
+        return np.flatnonzero(np.isin(self._row_roots, codes)) if codes else np.empty(0, dtype=np.int64)
+
+    def _by_path(self, root: str) -> dict[str, int]:
+        """The trusted rows of data `root` by path."""
+        if root not in self._entries:
+            rows = self._rows_of(root)
+            rows = rows[self._trusted[rows]]
+            self._entries[root] = dict(zip(map(str, self._paths[rows].tolist()), rows.tolist()))
+        return self._entries[root]
 
 
 def trusted_later(stats: np.ndarray) -> np.ndarray:
@@ -129,7 +144,7 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
     keys: list[str | None] = [None] * n
     stats = np.zeros((n, len(STAT_FIELDS)), dtype=np.int64)
     now = time.time_ns()
-    stats[:, :5], readable = _stats(source.items)
+    stats[:, :5], readable = file_stats([item.path for item in source.items])
     if index is not None and not rehash:
         keys = index.keys(root, [item.relpath for item in source.items], stats)
     trusted = readable & np.fromiter((key is not None for key in keys), dtype=bool, count=n)
@@ -162,16 +177,41 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
     return FileKeys(keys, stats, len(to_read), gained)
 
 
-def _stats(items) -> tuple[np.ndarray, np.ndarray]:
-    """The file_stat of each item's file, zeros where it cannot be examined (gone, a dangling link), and which
-    could: one stat call per file and no other per-file work, for the unchanged rerun of a large folder."""
+def file_stats(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """file_stat of many files: an (N, 5) array, zeros where a file cannot be examined (gone, a dangling link), and
+    which could. The files of one folder are examined relative to it (fstatat), which spares the kernel a walk of
+    every path: the one cost per file of an unchanged rerun."""
     values: list[int] = []
     unreadable: list[int] = []
-    for i, stat in enumerate(map(file_stat, [item.path for item in items])):
-        if stat is None:
-            unreadable.append(i)
-            stat = (0, 0, 0, 0, 0)
-        values += stat
-    readable = np.ones(len(items), dtype=bool)
+    relative = os.stat in os.supports_dir_fd
+    folder, fd = None, None
+    try:
+        for i, path in enumerate(paths):
+            parent, _, name = path.rpartition(os.sep)
+            if relative and parent != folder:
+                if fd is not None:
+                    os.close(fd)
+                folder, fd = parent, _open_folder(parent)
+            try:
+                st = os.stat(name, dir_fd=fd) if fd is not None else os.stat(path)
+            except (OSError, ValueError):
+                unreadable.append(i)
+                values += (0, 0, 0, 0, 0)
+                continue
+            values += (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    readable = np.ones(len(paths), dtype=bool)
     readable[unreadable] = False
-    return np.array(values, dtype=np.int64).reshape(len(items), 5), readable
+    return np.array(values, dtype=np.int64).reshape(len(paths), 5), readable
+
+
+def _open_folder(folder: str) -> int | None:
+    """A descriptor of `folder` (an absolute path) to examine its files by name; None when it cannot be opened."""
+    if not folder:
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (OSError, ValueError):
+        return None
