@@ -181,7 +181,8 @@ def _load_folder(folder: str, kind: str) -> Source:
         for label, paths in [(-1, loose), *((index[name], paths) for name, paths in sorted(by_class.items()))]:
             paths = sorted(paths)
             relpaths = [p[cut:] for p in paths] if os.sep == "/" else [p[cut:].replace(os.sep, "/") for p in paths]
-            items += map(Item, paths, relpaths, repeat(label), repeat(math.nan), repeat(split))
+            fields = zip(paths, relpaths, repeat(label), repeat(math.nan), repeat(split))
+            items += map(tuple.__new__, repeat(Item), fields)  # Item(...) without its Python-level __new__
     if not items:
         raise FeatxError(
             f"no images found in {folder}: expected ImageFolder root/<class>/<image> (optionally under "
