@@ -26,6 +26,7 @@ from .choices import recorded_decode
 from .cpu import cpu_fields
 from .errors import FeatxError
 from .extract_options import DEFAULT_MATCH, ExtractOptions
+from .gcpause import without_gc
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
 from .sources import Source, load_source, sha256_file
 
@@ -206,6 +207,7 @@ def up_to_date(arguments: dict) -> ExtractResult | None:
     return check(arguments).result
 
 
+@without_gc
 def check(arguments: dict) -> Check:
     """Whether the call has nothing to do: same request and environment, same weights file content, every file's
     content key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of
@@ -234,15 +236,15 @@ def check(arguments: dict) -> Check:
             source = load_source(arguments["data"])
             root = data_root(arguments["data"])
             keys = file_keys(source, root, StatIndex.of_store(store), arguments["rehash"])
-            fresh = data_rows(root, source, keys.keys, set(store.keys), {})
+            fresh = data_rows(root, source, keys.keys, set(store.keys), {}, keys.stats)
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
-            if source.failed:
-                return Check(None, source, keys)  # the real run reports the folders it could not read
+            if source.failed or fresh.failed:
+                return Check(None, source, keys)  # new or unreadable files; the real run reports unread folders
             if holds_as_is(store, fresh, max_rows):
                 other, rows = {}, np.arange(len(fresh.keys))
             else:
                 plan = merge(store, fresh, arguments["retention"], max_rows)
-                if fresh.failed or not holds(store, plan):
+                if not holds(store, plan):
                     return Check(None, source, keys)
                 other, rows = plan.other, plan.data_rows
             config_key = store.config_key
@@ -251,8 +253,7 @@ def check(arguments: dict) -> Check:
     if keys.worth_recording:
         from .writer import record_file_stats
 
-        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"],
-                          {item.relpath: stat for item, stat in zip(source.items, keys.stats)})
+        record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"])
     return Check(ExtractResult(
         store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
         seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=store_bytes(output),

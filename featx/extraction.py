@@ -196,7 +196,9 @@ def extract(
             _check_all_readable(source, keys)
         if source.failed:
             log(_unread_note(source))
-        job = {"config": identity_key(config), "data": _data_fingerprint(source, keys), "retention": retention}
+        job = {"config": identity_key(config), "retention": retention}
+        if shard.is_split:  # what the shards must agree on
+            job["data"] = _data_fingerprint(source, keys)
         subfolder = f"shard-{shard.index}-of-{shard.count}" if shard.is_split else None
 
         with StoreWriter(output, config, job["config"], overwrite=overwrite, subfolder=subfolder) as writer:
@@ -232,17 +234,16 @@ def extract(
                 compute_seconds = time.perf_counter() - t0
             note = _finish_shard(shard, writer, job, keys, failures) if shard.is_split else ""
             plan = None if note else writer.plan(
-                data_rows(root, source, keys, writer.available, failures), retention, size_limit)
+                data_rows(root, source, keys, writer.available, failures, found.stats), retention, size_limit)
             sealed = plan is not None and not writer.is_unchanged(plan)
-            stats = {item.relpath: stat for item, stat in zip(source.items, found.stats)}
             if sealed:
                 try:
-                    writer.seal(plan, taps, stats)
+                    writer.seal(plan, taps)
                 except OSError as err:
                     raise _commit_error(err, writer) from err
             elif plan is not None and found.worth_recording:  # no row changes: a new stat index spares later reads
                 try:
-                    writer.seal(plan, taps, stats)
+                    writer.seal(plan, taps)
                 except OSError:
                     writer.remove_parts()  # read-only or full: later runs read those files again, nothing is lost
             elif plan is not None:

@@ -23,10 +23,12 @@ import concurrent.futures as cf
 import os
 import socket
 import time
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
 
+from .gcpause import without_gc
 from .sources import content_key
 
 STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev", "read_ns")
@@ -61,13 +63,13 @@ class StatIndex:
     """Trusted keys of a store's rows by (data root, path), from its `/items/stat` (see the module docstring)."""
 
     def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None):
-        self._entries: dict[tuple[str, str], int] = {}
-        self._keys, self._stats = keys, stats
+        self._roots, self._row_roots = list(roots), np.asarray(row_roots)
+        self._paths, self._keys, self._stats = np.asarray(paths, dtype=object), keys, stats
+        self._trusted: np.ndarray | None = None  # the rows whose entries are trusted; None: the index is ignored
+        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> row, built when a look-up needs it
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
-        trusted = _trusted_later(stats).tolist()
-        row_root = [roots[r] for r in np.asarray(row_roots).tolist()]
-        self._entries = {(root, str(path)): i for i, (root, path, ok) in enumerate(zip(row_root, paths, trusted)) if ok}
+        self._trusted = trusted_later(stats)
 
     @classmethod
     def of_store(cls, store) -> "StatIndex":
@@ -75,24 +77,44 @@ class StatIndex:
         return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(self._by_path(root)) for root in set(self._roots)) if self._trusted is not None else 0
 
     def keys(self, root: str, paths: list[str], stats: np.ndarray) -> list[str | None]:
         """The recorded key of each of `paths` under `root` whose stat (first 5 STAT_FIELDS) is the recorded one,
         else None."""
-        rows = np.array([self._entries.get((root, path), -1) for path in paths], dtype=np.int64)
+        n = len(paths)
+        if self._trusted is None:
+            return [None] * n
+        rows = self._rows_of(root)
+        if len(rows) != n or not (self._paths[rows] == np.asarray(paths, dtype=object)).all():
+            entries = self._by_path(root)  # the data differs from the store's rows of it: look each path up
+            rows = np.fromiter(map(entries.get, paths, repeat(-1)), dtype=np.int64, count=n)
         found = rows >= 0
-        if self._stats is not None and found.any():
-            found[found] = (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
-        return [str(self._keys[row]) if ok else None for row, ok in zip(rows.tolist(), found.tolist())]
+        if found.any():
+            found[found] = self._trusted[rows[found]] & (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
+        recorded = [str(key) for key in np.asarray(self._keys, dtype=object)[rows[found]].tolist()]
+        if len(recorded) == n:
+            return recorded
+        keys: list[str | None] = [None] * n
+        for i, key in zip(np.flatnonzero(found).tolist(), recorded):
+            keys[i] = key
+        return keys
 
-    def stat(self, root: str, path: str, key: str) -> np.ndarray | None:
-        """The recorded stat row of `path` under `root` when it holds `key`, else None."""
-        row = self._entries.get((root, path))
-        return None if row is None or str(self._keys[row]) != key else self._stats[row]
+    def _rows_of(self, root: str) -> np.ndarray:
+        """The store's rows of data `root`, in its order."""
+        codes = [r for r, name in enumerate(self._roots) if name == root]
+        return np.flatnonzero(np.isin(self._row_roots, codes)) if codes else np.empty(0, dtype=np.int64)
+
+    def _by_path(self, root: str) -> dict[str, int]:
+        """The trusted rows of data `root` by path."""
+        if root not in self._entries:
+            rows = self._rows_of(root)
+            rows = rows[self._trusted[rows]]
+            self._entries[root] = dict(zip(map(str, self._paths[rows].tolist()), rows.tolist()))
+        return self._entries[root]
 
 
-def _trusted_later(stats: np.ndarray) -> np.ndarray:
+def trusted_later(stats: np.ndarray) -> np.ndarray:
     """Which stat rows a later run would trust: recorded, and not racily clean."""
     return (stats[:, 5] > 0) & (np.maximum(stats[:, 1], stats[:, 2]) < stats[:, 5] - RACY_NS)
 
@@ -113,25 +135,23 @@ class FileKeys(NamedTuple):
         return self.n_gained > 0 and self.n_gained >= min(1000, max(1, len(self.keys) // 100))
 
 
+@without_gc
 def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = False,
               progress: bool = False) -> FileKeys:
     """The content key of every item of `source` (a featx.sources.Source of data `root`): trusted from `index`
     where the file's stat is unchanged, read (in threads) otherwise; every file when `rehash`."""
-    from tqdm import tqdm
-
     n = len(source.items)
     keys: list[str | None] = [None] * n
     stats = np.zeros((n, len(STAT_FIELDS)), dtype=np.int64)
     now = time.time_ns()
-    found = [file_stat(item.path) for item in source.items]  # None: gone, or a dangling link (read: key None)
-    readable = np.array([stat is not None for stat in found], dtype=bool)
-    if readable.any():
-        stats[readable, :5] = [stat for stat in found if stat is not None]
+    stats[:, :5], readable = file_stats([item.path for item in source.items])
     if index is not None and not rehash:
         keys = index.keys(root, [item.relpath for item in source.items], stats)
-    trusted = readable & np.array([key is not None for key in keys], dtype=bool)
+    trusted = readable & np.fromiter((key is not None for key in keys), dtype=bool, count=n)
     stats[trusted, 5] = now
     to_read = np.flatnonzero(~trusted).tolist()
+    if not to_read:
+        return FileKeys(keys, stats, 0, 0)
 
     def read(i: int):
         path = source.items[i].path
@@ -144,6 +164,8 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
         after = file_stat(path)
         return i, key, before if before is not None and before == after else None, read_ns
 
+    from tqdm import tqdm
+
     with cf.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
         done = pool.map(read, to_read, chunksize=64)
         for i, key, stat, read_ns in tqdm(done, total=len(to_read), desc="hashing", unit="file", leave=False,
@@ -151,5 +173,45 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
             keys[i] = key
             if stat is not None:
                 stats[i] = (*stat, read_ns)
-    gained = int(_trusted_later(stats[to_read]).sum()) if to_read else 0
+    gained = int(trusted_later(stats[to_read]).sum())
     return FileKeys(keys, stats, len(to_read), gained)
+
+
+def file_stats(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """file_stat of many files: an (N, 5) array, zeros where a file cannot be examined (gone, a dangling link), and
+    which could. The files of one folder are examined relative to it (fstatat), which spares the kernel a walk of
+    every path: the one cost per file of an unchanged rerun."""
+    values: list[int] = []
+    unreadable: list[int] = []
+    relative = os.stat in os.supports_dir_fd
+    folder, fd = None, None
+    try:
+        for i, path in enumerate(paths):
+            parent, _, name = path.rpartition(os.sep)
+            if relative and parent != folder:
+                if fd is not None:
+                    os.close(fd)
+                folder, fd = parent, _open_folder(parent)
+            try:
+                st = os.stat(name, dir_fd=fd) if fd is not None else os.stat(path)
+            except (OSError, ValueError):
+                unreadable.append(i)
+                values += (0, 0, 0, 0, 0)
+                continue
+            values += (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    readable = np.ones(len(paths), dtype=bool)
+    readable[unreadable] = False
+    return np.array(values, dtype=np.int64).reshape(len(paths), 5), readable
+
+
+def _open_folder(folder: str) -> int | None:
+    """A descriptor of `folder` (an absolute path) to examine its files by name; None when it cannot be opened."""
+    if not folder:
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (OSError, ValueError):
+        return None

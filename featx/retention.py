@@ -22,15 +22,14 @@ Rows of other data are always kept otherwise: a store extracted from a second fo
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from .choices import RETENTIONS
 from .errors import FeatxError
+from .gcpause import without_gc
 from .sources import DIGITS_SPEC, unreadable_reason
 
 UNRECORDED = ""  # the root of rows of a store written before stores recorded their data (store.UNRECORDED_ROOT)
@@ -64,7 +63,8 @@ def drop_limit(n_rows: int) -> int:
 @dataclass
 class DataRows:
     """The rows one call brings for its data, in its order: labels index `classes` (-1 unlabelled), or `targets`
-    (regression); `failed` are (path, reason) of its files that gave no row."""
+    (regression); `failed` are (path, reason) of its files that gave no row; `stats`, when known, the stat index
+    entry of each row's file (featx.keys.STAT_FIELDS), which the sealed store records."""
 
     root: str
     keys: list[str]
@@ -75,31 +75,42 @@ class DataRows:
     targets: list[float] | None
     failed: list[tuple[str, str]]
     unread: list[str] = field(default_factory=list)  # folders of the data that could not be listed
+    stats: np.ndarray | None = field(default=None, repr=False)
 
 
-def data_rows(root: str, source, keys, available, failures: dict[str, str]) -> DataRows:
+@without_gc
+def data_rows(root: str, source, keys, available, failures: dict[str, str], stats: np.ndarray | None = None) -> DataRows:
     """The rows of `source` (a featx.sources.Source) whose content key is in `available`, in source order; the
     other items are failures (unreadable, a recorded decode failure, or not computed), after the folders the
-    source could not read."""
-    rows, failed = [], list(source.failed)
-    for item, key in zip(source.items, keys):
-        if key is None:
-            failed.append((item.relpath, unreadable_reason(item.path)))
-        elif key in available:
-            rows.append((item, key))
-        else:
-            failed.append((item.relpath, failures.get(key, "not computed")))
+    source could not read. `stats`: the stat row of each item (featx.keys.FileKeys.stats)."""
+    items = source.items
+    failed = list(source.failed)
+    if all(map(available.__contains__, keys)):  # the usual case: every item gives a row
+        taken, rows = slice(None), items
+    else:
+        taken = []
+        for i, key in enumerate(keys):
+            if key is not None and key in available:
+                taken.append(i)
+            else:
+                item = items[i]
+                reason = unreadable_reason(item.path) if key is None else failures.get(key, "not computed")
+                failed.append((item.relpath, reason))
+        rows = [items[i] for i in taken]
+    paths, splits = [item.relpath for item in rows], [item.split for item in rows]
+    labels, targets = [item.label for item in rows], [item.target for item in rows]
     regression = source.task == "regression"
     return DataRows(
         root=root,
-        keys=[key for _, key in rows],
-        paths=[item.relpath for item, _ in rows],
-        splits=[item.split for item, _ in rows],
+        keys=list(keys) if isinstance(taken, slice) else [keys[i] for i in taken],
+        paths=paths,
+        splits=splits,
         classes=list(source.classes),
-        labels=None if regression else [item.label for item, _ in rows],
-        targets=[item.target for item, _ in rows] if regression else None,
+        labels=None if regression else labels,
+        targets=targets if regression else None,
         failed=failed,
         unread=[folder for folder, _ in source.failed],
+        stats=None if stats is None else np.asarray(stats, dtype=np.int64)[taken],
     )
 
 
@@ -107,8 +118,10 @@ def data_rows(root: str, source, keys, available, failures: dict[str, str]) -> D
 class SealPlan:
     """Everything the sealed store holds besides features, in row order, and what changed.
 
-    `data_rows` are the plan's rows of the call's data (in its order); `dropped` counts old rows whose content the
-    sealed store no longer holds; `other` maps each other data whose rows are kept to their count."""
+    `data_rows` are the plan's rows of the call's data (in its order); `old_rows` the row of the old store each row
+    is carried over from (-1 for the call's rows); `data_stats` the stat index entries of the call's rows, when the
+    call knew them; `dropped` counts old rows whose content the sealed store no longer holds; `other` maps each
+    other data whose rows are kept to their count."""
 
     roots: list[str]
     row_roots: np.ndarray
@@ -121,37 +134,19 @@ class SealPlan:
     failed: list[tuple[str, str]]
     failed_roots: np.ndarray
     data_rows: np.ndarray = field(repr=False)
+    old_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    data_stats: np.ndarray | None = field(default=None, repr=False)
     dropped: int = 0
     other: dict[str, int] = field(default_factory=dict)
 
 
-class _Row(NamedTuple):
-    root: str
-    path: str
-    key: str
-    split: str
-    label: str | None  # class name
-    target: float  # nan without one
-
-
-def _old_rows(old, roots: list[str]) -> list[_Row]:
-    targets = old.targets
-    return [
-        _Row(roots[r], str(path), str(key), str(split),
-             old.classes[label] if targets is None and 0 <= label < len(old.classes) else None,
-             float(targets[i]) if targets is not None else math.nan)
-        for i, (r, path, key, split, label) in enumerate(zip(old.row_roots, old.paths, old.keys, old.splits, old.labels))
-    ]
-
-
-def _fresh_rows(fresh: DataRows) -> list[_Row]:
-    n = len(fresh.keys)
-    labels = fresh.labels if fresh.labels is not None else [-1] * n
-    targets = fresh.targets if fresh.targets is not None else [math.nan] * n
-    return [
-        _Row(fresh.root, path, key, split, fresh.classes[label] if label >= 0 else None, float(target))
-        for path, key, split, label, target in zip(fresh.paths, fresh.keys, fresh.splits, labels, targets)
-    ]
+def _objects(values) -> np.ndarray:
+    """A column of strings (a list or an array) as a 1-D object array."""
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        return values
+    out = np.empty(len(values), dtype=object)
+    out[:] = values.tolist() if isinstance(values, np.ndarray) else values
+    return out
 
 
 def _old_roots(old, fresh: DataRows) -> list[str]:
@@ -167,42 +162,50 @@ def _old_roots(old, fresh: DataRows) -> list[str]:
     return roots
 
 
+@without_gc
 def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None = None) -> SealPlan:
     """The plan of the store sealed from `old` (a featx.store.Store's metadata, or None) and this call's `fresh`
     rows under `retention` (see the module docstring); `max_rows` bounds a private cache. FeatxError when
-    mirroring would drop more than `drop_limit` rows, or when the data's labels cannot share one store."""
+    mirroring would drop more than `drop_limit` rows, or when the data's labels cannot share one store.
+
+    Rows are handled as index arrays into the old store's columns, so that a plan costs array operations and a few
+    set look-ups per row, not an object per row."""
     if retention not in RETENTIONS:
         raise FeatxError(f"retention {retention!r}: expected one of {', '.join(RETENTIONS)}")
     old_roots = _old_roots(old, fresh) if old is not None else []
-    old_rows = _old_rows(old, old_roots) if old is not None else []
-    ours = [row for row in old_rows if row.root == fresh.root]
-    others = [] if retention == "prune" else [row for row in old_rows if row.root != fresh.root]
-    present = set(fresh.paths) | {path for path, _ in fresh.failed}
+    keys = _objects(old.keys) if old is not None else np.empty(0, dtype=object)
+    paths = _objects(old.paths) if old is not None else np.empty(0, dtype=object)
+    row_root = np.asarray(old.row_roots, dtype=np.int64) if old is not None else np.empty(0, dtype=np.int64)
+    is_ours = np.array([root == fresh.root for root in old_roots], dtype=bool)[row_root] if len(keys) else \
+        np.zeros(0, dtype=bool)
+    ours = np.flatnonzero(is_ours)
+    present = set(fresh.paths).union(path for path, _ in fresh.failed)
     computed = set(fresh.keys)
+    unseen = ours[~np.fromiter(map(present.__contains__, paths[ours].tolist()), dtype=bool, count=len(ours))]
+    missing = unseen[~np.fromiter(map(computed.__contains__, keys[unseen].tolist()), dtype=bool, count=len(unseen))]
     unread = tuple(folder.rstrip("/") + "/" for folder in fresh.unread)
-    missing = [row for row in ours if row.path not in present and row.key not in computed]
-    held = [row for row in missing if unread and row.path.startswith(unread)]  # not seen: kept as they are
-    gone = [row for row in missing if not (unread and row.path.startswith(unread))]
-    carried = (gone if retention == "add" else []) + held
-    new = _fresh_rows(fresh)
+    under = np.array([bool(unread) and path.startswith(unread) for path in paths[missing].tolist()], dtype=bool)
+    held, gone = missing[under], missing[~under]  # held: not seen, kept as they are
+    carried = np.concatenate([gone if retention == "add" else missing[:0], held])
+    others = missing[:0] if retention == "prune" else np.flatnonzero(~is_ours)
     if max_rows is not None:
-        others, carried = _bound(others, carried, max_rows - len(new))
-    kept_keys = {row.key for row in [*others, *carried, *new]}
+        others, carried = _bound(others, carried, max_rows - len(fresh.keys))
+    kept_keys = computed.union(keys[others].tolist(), keys[carried].tolist())
     if retention == "mirror":
-        lost = [row for row in gone if row.key not in kept_keys]
-        if len(lost) > drop_limit(len(old_rows)):
+        lost = len(gone) - sum(map(kept_keys.__contains__, keys[gone].tolist()))
+        if lost > drop_limit(len(keys)):
             raise FeatxError(
-                f"{old.path}: this run would drop {len(lost)} rows of files gone from {fresh.root} (more than "
-                f"{drop_limit(len(old_rows))} of the store's {len(old_rows)} rows); nothing was changed: check the "
+                f"{old.path}: this run would drop {lost} rows of files gone from {fresh.root} (more than "
+                f"{drop_limit(len(keys))} of the store's {len(keys)} rows); nothing was changed: check the "
                 f"data path, or pass --prune to mirror {fresh.root} exactly"
             )
     kept_roots = [] if retention == "prune" else [root for root in old_roots if root != fresh.root]
-    plan = _assemble(old, old_roots, kept_roots, fresh, others, [*new, *carried])
-    plan.dropped = sum(1 for row in old_rows if row.key not in kept_keys)
+    plan = _assemble(old, old_roots, kept_roots, fresh, others, carried)
+    plan.dropped = len(keys) - sum(map(kept_keys.__contains__, keys.tolist()))
     return plan
 
 
-def _bound(others: list[_Row], carried: list[_Row], room: int) -> tuple[list[_Row], list[_Row]]:
+def _bound(others: np.ndarray, carried: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
     """At most `room` rows of other data and of files gone from this data, the oldest dropped first."""
     room = max(0, room)
     carried = carried[max(0, len(carried) - room):]
@@ -210,36 +213,64 @@ def _bound(others: list[_Row], carried: list[_Row], room: int) -> tuple[list[_Ro
     return others[max(0, len(others) - room):], carried
 
 
-def _assemble(old, old_roots: list[str], kept_roots: list[str], fresh: DataRows, others: list[_Row],
-              ours: list[_Row]) -> SealPlan:
-    """Rows grouped by root, roots in the order they came into the store (this data last when it is new)."""
+def _assemble(old, old_roots: list[str], kept_roots: list[str], fresh: DataRows, others: np.ndarray,
+              carried: np.ndarray) -> SealPlan:
+    """Rows grouped by root, roots in the order they came into the store (this data last when it is new): the rows
+    of each other data in their old order, then this data's rows followed by the rows `carried` over."""
     order = list(dict.fromkeys([*old_roots, fresh.root]))
-    by_root: dict[str, list[_Row]] = {root: [] for root in order}
-    for row in others:
-        by_root[row.root].append(row)
-    by_root[fresh.root] = ours
+    position = {root: i for i, root in enumerate(order)}
+    others_at = np.array([position[root] for root in old_roots], dtype=np.int64)[np.asarray(old.row_roots)[others]] \
+        if len(others) else np.empty(0, dtype=np.int64)
+    others = others[np.argsort(others_at, kind="stable")]
+    others_at = np.sort(others_at, kind="stable")
+    counts = np.bincount(others_at, minlength=len(order))
+    counts[position[fresh.root]] = len(fresh.keys) + len(carried)
     failures = _kept_failures(old, old_roots, set(kept_roots), fresh)
-    roots = [root for root in order if by_root[root] or any(r == root for r, _ in failures)]
-    rows = [row for root in roots for row in by_root[root]]
+    failing = {root for root, _ in failures}
+    roots = [root for root in order if counts[position[root]] or root in failing]
     index = {root: i for i, root in enumerate(roots)}
     failures.sort(key=lambda failure: index[failure[0]])  # grouped by root too (a stable sort)
-    classes = _classes(old, [*others, *ours[len(fresh.keys):]], fresh)
-    start = sum(len(by_root[root]) for root in roots[: index[fresh.root]]) if fresh.root in index else 0
-    labels, targets = _labels(rows, classes, fresh, old)
+    blocks, lengths, start = [], [], 0
+    for root in roots:
+        if root == fresh.root:
+            start = sum(lengths)
+            block = np.concatenate([np.full(len(fresh.keys), -1, dtype=np.int64), carried])
+        else:
+            lo, hi = np.searchsorted(others_at, [position[root], position[root] + 1])
+            block = others[lo:hi]
+        blocks.append(block.astype(np.int64))
+        lengths.append(len(block))
+    old_rows = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+    row_roots = np.repeat(np.arange(len(roots), dtype=np.int32), lengths)
+    data = np.arange(start, start + len(fresh.keys))
+    classes = _classes(old, len(others) + len(carried), fresh)
+    labels, targets = _labels(old, old_rows, data, classes, fresh, roots, row_roots)
     return SealPlan(
         roots=roots,
-        row_roots=np.array([index[row.root] for row in rows], dtype=np.int32),
-        keys=[row.key for row in rows],
-        paths=[row.path for row in rows],
-        splits=[row.split for row in rows],
+        row_roots=row_roots,
+        keys=_column(old.keys if old is not None else (), fresh.keys, old_rows, data),
+        paths=_column(old.paths if old is not None else (), fresh.paths, old_rows, data),
+        splits=_column(old.splits if old is not None else (), fresh.splits, old_rows, data),
         classes=classes,
         labels=labels,
         targets=targets,
         failed=[failure for _, failure in failures],
         failed_roots=np.array([index[root] for root, _ in failures], dtype=np.int32),
-        data_rows=np.arange(start, start + len(fresh.keys)),
-        other={root: len(by_root[root]) for root in roots if root != fresh.root and by_root[root]},
+        data_rows=data,
+        old_rows=old_rows,
+        data_stats=fresh.stats,
+        other={root: int(counts[position[root]]) for root in roots if root != fresh.root and counts[position[root]]},
     )
+def _column(old_values, fresh_values: list, old_rows: np.ndarray, data: np.ndarray) -> list:
+    """One column of the plan (keys, paths or splits): the old store's values of the rows carried over, this call's
+    values at its rows."""
+    out = np.empty(len(old_rows), dtype=object)
+    carried = old_rows >= 0
+    if carried.any():
+        out[carried] = _objects(old_values)[old_rows[carried]]
+    if len(data):
+        out[data[0]:data[-1] + 1] = _objects(fresh_values)
+    return out.tolist()
 
 
 def _kept_failures(old, old_roots: list[str], kept_roots: set[str], fresh: DataRows) -> list[tuple[str, tuple[str, str]]]:
@@ -252,29 +283,51 @@ def _kept_failures(old, old_roots: list[str], kept_roots: set[str], fresh: DataR
     return kept + [(fresh.root, tuple(failure)) for failure in fresh.failed]
 
 
-def _classes(old, kept_old: list[_Row], fresh: DataRows) -> list[str]:
-    """This data's classes when no old row stays (a store of one data lists exactly its classes); else the old
-    classes in their order, then this data's new ones, so that extracting several data in turn never renumbers a
-    label (a class left without rows costs one name)."""
+def _classes(old, kept_old: int, fresh: DataRows) -> list[str]:
+    """This data's classes when no old row stays (`kept_old` rows do: a store of one data lists exactly its
+    classes); else the old classes in their order, then this data's new ones, so that extracting several data in
+    turn never renumbers a label (a class left without rows costs one name)."""
     if not kept_old:
         return list(fresh.classes)
     return list(old.classes) + [c for c in fresh.classes if c not in old.classes]
 
 
-def _labels(rows: list[_Row], classes: list[str], fresh: DataRows, old) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(labels, None), or (None, targets) when the rows hold regression targets; one store holds one kind."""
-    regression = fresh.targets is not None or any(not math.isnan(row.target) for row in rows)
+def _labels(old, old_rows: np.ndarray, data: np.ndarray, classes: list[str], fresh: DataRows, roots: list[str],
+            row_roots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(labels, None), or (None, targets) when the rows hold regression targets; one store holds one kind. A row's
+    label is its class name's index in `classes`."""
+    carried = old_rows >= 0
+    kept = old_rows[carried]
+    old_targets = None if old is None else old.targets
+    regression = fresh.targets is not None or (
+        old_targets is not None and bool((~np.isnan(np.asarray(old_targets, dtype=np.float64)[kept])).any()))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.full(len(old_rows), -1, dtype=np.int64)
+    if old is not None and old_targets is None and len(kept):
+        table = np.array([index[c] for c in old.classes] or [-1], dtype=np.int64)
+        old_labels = np.asarray(old.labels, dtype=np.int64)[kept]
+        named = (old_labels >= 0) & (old_labels < len(old.classes))
+        labels[carried] = np.where(named, table[np.where(named, old_labels, 0)], -1)
+    if fresh.labels is not None and len(data):
+        fresh_labels = np.asarray(fresh.labels, dtype=np.int64)
+        table = np.array([index[c] for c in fresh.classes] or [-1], dtype=np.int64)
+        labels[data] = np.where(fresh_labels >= 0, table[np.where(fresh_labels >= 0, fresh_labels, 0)], -1)
     if not regression:
-        index = {c: i for i, c in enumerate(classes)}
-        return np.array([index[row.label] if row.label is not None else -1 for row in rows], dtype=np.int64), None
-    labelled = next((row for row in rows if row.label is not None), None)
-    if labelled is not None:
+        return labels, None
+    labelled = np.flatnonzero(labels >= 0)
+    if len(labelled):
         where = old.path if old is not None else "the store"
+        root = roots[row_roots[labelled[0]]]
         raise FeatxError(
-            f"{where}: rows of {labelled.root or 'the store'} have class labels and rows of "
+            f"{where}: rows of {root or 'the store'} have class labels and rows of "
             f"{fresh.root} regression targets; one store holds one kind: choose another -o, or pass --prune"
         )
-    return None, np.array([row.target for row in rows], dtype=np.float64)
+    targets = np.full(len(old_rows), np.nan, dtype=np.float64)
+    if old_targets is not None:
+        targets[carried] = np.asarray(old_targets, dtype=np.float64)[kept]
+    if fresh.targets is not None:
+        targets[data] = np.asarray(fresh.targets, dtype=np.float64)
+    return None, targets
 
 
 def holds_as_is(old, fresh: DataRows, max_rows: int | None = None) -> bool:

@@ -22,6 +22,7 @@ import struct
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import FeatxError
+from .gcpause import without_gc
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 SPLITS = ("train", "val", "test")
@@ -51,9 +53,9 @@ _PIL_FAILURES = (
 )
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of a source: where it is, and what is known about it."""
+class Item(NamedTuple):
+    """One image of a source: where it is, and what is known about it (a named tuple: a million of them are made
+    in a second)."""
 
     path: str  # absolute file path
     relpath: str  # path relative to Source.root, '/'-separated (absolute when the file lies outside the root)
@@ -82,6 +84,7 @@ class DecodeError(Exception):
 # load_source
 
 
+@without_gc
 def load_source(spec) -> Source:
     """Load a data source: a folder (ImageFolder, split ImageFolder or flat), a .csv, a .txt list, an image file,
     'digits', or a list or tuple of several of these (see `merge_sources`).
@@ -110,9 +113,11 @@ def load_source(spec) -> Source:
 
 
 def _make_source(root: str, items: list[Item], classes: list[str], task: str, kind: str,
-                 failed: list[tuple[str, str]] = (), missing: int = 0) -> Source:
-    """A Source with its items in the canonical order and a one-line description."""
-    items = sorted(items, key=lambda it: (_SPLIT_ORDER[it.split], it.label, it.relpath))
+                 failed: list[tuple[str, str]] = (), missing: int = 0, ordered: bool = False) -> Source:
+    """A Source with its items in the canonical order (split, label, relpath; `ordered`: they already are) and a
+    one-line description."""
+    if not ordered:
+        items = sorted(items, key=lambda it: (_SPLIT_ORDER[it.split], it.label, it.relpath))
     summary = _summary(items, classes, task)
     if missing:
         summary += f", {missing} not found"
@@ -169,16 +174,22 @@ def _load_folder(folder: str, kind: str) -> Source:
     found = {split: _without_masks(*walk.level(path)) for split, path in levels.items()}
     classes = sorted({name for by_class, _ in found.values() for name in by_class})
     index = {name: i for i, name in enumerate(classes)}
+    cut = len(root.rstrip(os.sep)) + 1  # every path found starts with the root and a separator
     items = []
-    for split, (by_class, loose) in found.items():
-        items += [_item(p, root, -1, split) for p in loose]
-        items += [_item(p, root, index[name], split) for name, paths in by_class.items() for p in paths]
+    for split in sorted(found, key=_SPLIT_ORDER.__getitem__):  # in the canonical order of _make_source
+        by_class, loose = found[split]
+        for label, paths in [(-1, loose), *((index[name], paths) for name, paths in sorted(by_class.items()))]:
+            paths = sorted(paths)
+            relpaths = [p[cut:] for p in paths] if os.sep == "/" else [p[cut:].replace(os.sep, "/") for p in paths]
+            fields = zip(paths, relpaths, repeat(label), repeat(math.nan), repeat(split))
+            items += map(tuple.__new__, repeat(Item), fields)  # Item(...) without its Python-level __new__
     if not items:
         raise FeatxError(
             f"no images found in {folder}: expected ImageFolder root/<class>/<image> (optionally under "
             f"root/train, root/val, root/test) or a flat folder of images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind, failed)
+    return _make_source(root, items, classes, "classification" if classes else "unlabelled", kind, failed,
+                        ordered=True)
 
 
 def _without_masks(by_class: dict[str, list[str]], loose: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -186,11 +197,6 @@ def _without_masks(by_class: dict[str, list[str]], loose: list[str]) -> tuple[di
     if set(by_class) == {"images", "masks"}:
         return {}, loose + by_class["images"]
     return by_class, loose
-
-
-def _item(path: str, root: str, label: int, split: str) -> Item:
-    """An Item for an image file found under `root`."""
-    return Item(path, _relpath(path, root), label, math.nan, split)
 
 
 class _Walk:
@@ -223,6 +229,14 @@ class _Walk:
         visited.add(real)
         images = []
         for entry in self._entries(folder):
+            name = entry.name
+            if name[name.rfind("."):].lower() in IMAGE_EXTENSIONS:  # most entries: an image file, one test
+                try:
+                    if entry.is_file():
+                        images.append(entry.path)
+                        continue
+                except OSError:
+                    pass
             if _is_folder(entry):
                 images += self._images(entry.path, visited)
             elif _is_image_file(entry):

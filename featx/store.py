@@ -36,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .gcpause import without_gc
 from .rowfiles import hold_row_files, missing_row_files, rows_folder, store_bytes
 from .store_attrs import describe_datasets
 
@@ -180,7 +181,9 @@ def create_store(tmp: Path, final: Path, config: dict, config_key: str):
 
 
 def _write_strings(group: h5py.Group, name: str, values) -> None:
-    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=UTF8)
+    data = np.empty(len(values), dtype=object)
+    data[:] = values if all(type(v) is str for v in values) else [str(v) for v in values]
+    group.create_dataset(name, data=data, dtype=UTF8)
 
 
 def create_items(
@@ -270,7 +273,30 @@ def config_fingerprint(config: dict) -> str:
 
 def _strings(ds) -> np.ndarray:
     _expect(ds, "strings", h5py.check_string_dtype(ds.dtype) is not None)
-    return np.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in ds[...]], dtype=object)
+    return decode_strings(ds[...])
+
+
+def decode_strings(values: np.ndarray, encoding: str = "utf-8", errors: str = "replace") -> np.ndarray:
+    """Strings as h5py reads them (bytes) as an object array of str: joined and decoded in one call (HDF5 strings
+    hold no NUL byte), one by one where that does not give them back."""
+    values = np.asarray(values).ravel()
+    if values.dtype.kind == "S":  # fixed length: sliced from one decoded text when every value fills its width
+        raw, width = values.tobytes(), values.dtype.itemsize
+        text = raw.decode(encoding, errors) if b"\0" not in raw else ""
+        if width and len(values) and len(text) == len(raw):
+            out = np.empty(len(values), dtype=object)
+            out[:] = [text[i:i + width] for i in range(0, len(text), width)]
+            return out
+        values = values.astype(object)
+    if len(values) and all(type(v) is bytes for v in values):
+        joined = b"\0".join(values).decode(encoding, errors).split("\0")
+        if len(joined) == len(values):
+            out = np.empty(len(values), dtype=object)
+            out[:] = joined
+            return out
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v.decode(encoding, errors) if isinstance(v, bytes) else str(v) for v in values]
+    return out
 
 
 def _expect(ds, what: str, ok: bool) -> None:
@@ -331,13 +357,23 @@ def _check_string_heaps(h5: h5py.File, path: Path) -> None:
                         collections[start + found - base] = size
                     found = gap.find(b"GCOL", found + 4)
             start = max(start, hi)
-        reference = struct.Struct("<I" + formats[addr_size] + "I")  # length, collection address, object index
+        # a reference: length, collection address, object index (packed, little-endian)
+        reference = np.dtype([("length", "<u4"), ("address", f"<u{addr_size}"), ("index", "<u4")])
+        starts = np.array(sorted(collections), dtype=np.uint64)
+        sizes = np.array([collections[a] for a in sorted(collections)], dtype=np.int64)
         for name, offset, nbytes in strings:
             f.seek(offset)
             refs = f.read(nbytes)
-            for length, address, _ in reference.iter_unpack(refs[: len(refs) - len(refs) % reference.size]):
-                if (length or address) and length > collections.get(address, -1):
-                    raise FeatxError(f"{path}: damaged featx store (a string of {name} points outside its heap)")
+            refs = np.frombuffer(refs, dtype=reference, count=len(refs) // reference.itemsize)
+            used = refs[(refs["length"] != 0) | (refs["address"] != 0)]
+            if not len(used):
+                continue
+            at = np.searchsorted(starts, used["address"].astype(np.uint64))
+            inside = at < len(starts)
+            inside[inside] = starts[at[inside]] == used["address"][inside]
+            room = np.where(inside, sizes[np.minimum(at, max(len(sizes) - 1, 0))] if len(sizes) else -1, -1)
+            if (used["length"].astype(np.int64) > room).any():
+                raise FeatxError(f"{path}: damaged featx store (a string of {name} points outside its heap)")
 
 
 def _walk_heap_collection(f, address: int, file_size: int, header: int, size_format: str, path: Path) -> int | None:
@@ -350,16 +386,43 @@ def _walk_heap_collection(f, address: int, file_size: int, header: int, size_for
     (size,) = struct.unpack_from(size_format, head, 8)
     if size > file_size - address:
         return None
-    heap = head + f.read(size - header)
-    pos = header
-    while pos + header <= size:
-        (index,) = struct.unpack_from("<H", heap, pos)
-        (obj_size,) = struct.unpack_from(size_format, heap, pos + 8)
-        step = header + -(-obj_size // 8) * 8 if index else obj_size
-        if step == 0:
-            raise FeatxError(f"{path}: damaged featx store (global heap collection at byte {address} is corrupt)")
-        pos += step
+    heap = np.frombuffer(head + f.read(size - header), dtype=np.uint8)
+    ends = _walk_ends(heap, header, 8 if header % 8 == 0 else 4)
+    if ends is None:  # the walk left the grid of aligned positions (a free-space object of odd size)
+        ends = _walk_ends(heap, header, 1)
+    if not ends:
+        raise FeatxError(f"{path}: damaged featx store (global heap collection at byte {address} is corrupt)")
     return size
+
+
+def _walk_ends(heap: np.ndarray, header: int, grid: int) -> bool | None:
+    """Whether libhdf5's walk over the objects of a heap collection (`heap`, its bytes) ends, or reaches an object
+    that does not advance it (index 0 and size 0); None when the walk leaves the positions `header + k * grid`.
+
+    Each object starts with a `header`-byte header: index (2 bytes), reference count, reserved, size (from byte 8);
+    the walk starts at `header` and goes on while a header fits, by `header` + the size rounded up to 8 (index
+    0, free space: by the size). The step from every position of the grid is computed at once, and the walk's end
+    found by pointer doubling (log2 of the positions steps) instead of one Python step per object."""
+    size = len(heap)
+    at = np.arange(header, size - header + 1, grid, dtype=np.int64)  # where an object header fits
+    n = len(at)
+    if not n:
+        return True
+    index = heap[at].astype(np.int64) | heap[at + 1].astype(np.int64) << 8
+    length = np.zeros(n, dtype=np.uint64)
+    for byte in range(header - 8):
+        length |= heap[at + 8 + byte].astype(np.uint64) << np.uint64(8 * byte)
+    length = np.minimum(length, np.uint64(size)).astype(np.int64)  # larger ends the walk all the same
+    step = np.where(index != 0, header + (length + 7) // 8 * 8, length)
+    target = at + step
+    end, stuck, off = n, n + 1, n + 2  # states the walk stays in
+    following = np.where(step == 0, stuck, np.where(
+        target + header > size, end, np.where((target - header) % grid != 0, off, (target - header) // grid)))
+    following = np.concatenate([following, [end, stuck, off]])
+    for _ in range(n.bit_length() + 1):
+        following = following[following]
+    state = following[0]
+    return None if state == off else bool(state == end)
 
 
 class Store:
@@ -377,7 +440,7 @@ class Store:
             self.config_key: str = str(h5.attrs.get("config_key", ""))
             items = h5["items"]
             _expect(items["key"], "ASCII keys", items["key"].dtype.kind == "S")
-            self.keys = np.array([k.decode("ascii") for k in items["key"][...]], dtype=object)
+            self.keys = decode_strings(items["key"][...], "ascii", "strict")
             self.paths = _strings(items["path"])
             self.splits = _strings(items["split"]) if "split" in items else np.full(len(self.keys), "", dtype=object)
             if "target" in items:
@@ -651,6 +714,7 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return block[inverse]
 
 
+@without_gc
 def open_store(path) -> Store:
     """Open a featx store read-only (`featx info`): returns a Store (rows, labels, splits, config; `.features(tap)`,
     `.summary()`; a context manager); a one-line FeatxError when it is missing, damaged, foreign or newer."""

@@ -22,15 +22,17 @@ import fcntl
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from .choices import recorded_decode
 from .errors import FeatxError
-from .keys import NO_STAT, STAT_FIELDS, StatIndex, host_id
+from .gcpause import without_gc
+from .keys import STAT_FIELDS, host_id, trusted_later
 from .retention import DataRows, SealPlan, holds, merge, row_bound
 from .rowfiles import (
     APPEND_FROM_BYTES, DEAD_SHARE, MAX_ROW_FILES, MAX_RUNS, Layout, link_as_row_file, new_row_file_name,
@@ -44,8 +46,7 @@ from .store import (
 LOCK_RETRIES = 20
 
 
-@dataclass(frozen=True)
-class RowSource:
+class RowSource(NamedTuple):
     """Where the features of one content key already are: a file (the old store or a segment) and a row."""
 
     file: Path
@@ -85,6 +86,7 @@ class StoreWriter:
         self._indexed: set[Path] = set()
         self.available: dict[str, RowSource] = {}
         self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
+        self._old_index: dict[str, int] = {}  # content key -> its first row in the old store
         self._replaced: Store | None = None  # with overwrite: the old store's metadata, to count what goes
         self._row_bytes = 0  # bytes of one row over every tap, once a store or segment has shown it
         self._plans: list[SealPlan] = []  # the plans `plan` made: the only ones `seal` writes
@@ -186,6 +188,7 @@ class StoreWriter:
             if seg not in self._indexed:
                 self._index_segment(seg)
 
+    @without_gc
     def _index_old_store(self) -> None:
         try:
             old = open_store(self.output)
@@ -197,8 +200,12 @@ class StoreWriter:
                     f"{self.output} was made with another config ({describe_config(old.config)}); this run asks for "
                     f"({describe_config(self.config)}): choose another -o, or pass --overwrite to replace it"
                 )
-            for row, key in enumerate(old.keys):
-                self.available.setdefault(key, RowSource(self.output, row))
+            keys = old.keys.tolist()
+            rows = range(len(keys) - 1, -1, -1)
+            self._old_index = dict(zip(reversed(keys), rows))  # the first row of each key
+            # RowSource's own constructor, without its Python-level __new__ (a million rows in a blink)
+            sources = map(tuple.__new__, repeat(RowSource), zip(repeat(self.output), rows))
+            self.available = {**dict(zip(reversed(keys), sources)), **self.available}
         self._old = old
         self._row_bytes = old.row_bytes
 
@@ -255,16 +262,13 @@ class StoreWriter:
         old = self._old  # read by _index_old_store under this run's lock, so still what is on disk
         return old is not None and not self._segment_files() and holds(old, plan)
 
-    def seal(self, plan: SealPlan, taps: list[str], stats: dict[str, np.ndarray] | None = None) -> None:
-        """Write the final store from the old store and the segments, rename it into place, drop the parts.
-        `stats`: the stat index entries of the call's files by path (featx.keys.FileKeys.stats); rows of other data
-        keep theirs."""
+    @without_gc
+    def seal(self, plan: SealPlan, taps: list[str]) -> None:
+        """Write the final store from the old store and the segments, rename it into place, drop the parts. The
+        stat index records the plan's entries for the call's rows (`SealPlan.data_stats`); rows carried over keep
+        theirs."""
         if not any(plan is made for made in self._plans):
             raise ValueError("StoreWriter.seal writes only a plan made by StoreWriter.plan")
-        sources: dict[Path, list[tuple[int, int]]] = {}
-        for dest, key in enumerate(plan.keys):
-            loc = self.available[key]
-            sources.setdefault(loc.file, []).append((loc.row, dest))
         layout = self._appended(plan, taps)
         tmp = self.parts / "sealing.tmp"
         with create_store(tmp, self.output, self.config, self.config_key) as h5:  # on failure old store, segments stay
@@ -273,8 +277,12 @@ class StoreWriter:
                 targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,
                 row_roots=plan.row_roots, failed_roots=plan.failed_roots,
             )
-            write_file_stats(h5, self._row_stats(plan, stats or {}), host_id())
+            write_file_stats(h5, self._row_stats(plan), host_id())
             if layout is None:
+                sources: dict[Path, list[tuple[int, int]]] = {}
+                for dest, key in enumerate(plan.keys):
+                    loc = self.available[key]
+                    sources.setdefault(loc.file, []).append((loc.row, dest))
                 self._copy_features(h5, sources, taps, len(plan.keys))
             else:
                 write_layout(h5, self.output, layout, taps)
@@ -287,8 +295,9 @@ class StoreWriter:
         Writes that row file (and links a self-contained old store as the first one)."""
         if self._old is None or not len(self._old) or not taps:
             return None
-        sources = [self.available[key] for key in plan.keys]
-        kept = np.array([loc.file == self.output for loc in sources], dtype=bool)
+        index = self._old_index
+        old_rows = np.fromiter((index.get(key, -1) for key in plan.keys), dtype=np.int64, count=len(plan.keys))
+        kept = old_rows >= 0  # rows whose features the old store holds
         if int(kept.sum()) * self._row_bytes < APPEND_FROM_BYTES:
             return None
         n_old = len(self._old)
@@ -300,7 +309,6 @@ class StoreWriter:
         total = sum(lengths) + len(new)
         if total - len(plan.keys) > DEAD_SHARE * total or len(old.files) + bool(len(new)) > MAX_ROW_FILES:
             return None
-        old_rows = np.array([loc.row for loc in sources], dtype=np.int64)
         file = np.full(len(plan.keys), len(old.files), dtype=np.int32)
         row = np.zeros(len(plan.keys), dtype=np.int64)
         file[kept], row[kept] = old.file[old_rows[kept]], old.row[old_rows[kept]]
@@ -314,34 +322,38 @@ class StoreWriter:
             except OSError:
                 return None  # a file system without hard links: written whole
         if len(new):
-            layout.files.append(self._write_row_file(plan, new, sources, taps))
+            layout.files.append(self._write_row_file(plan, new, taps))
         return layout
 
-    def _write_row_file(self, plan: SealPlan, new: np.ndarray, sources: list[RowSource], taps: list[str]) -> str:
+    def _write_row_file(self, plan: SealPlan, new: np.ndarray, taps: list[str]) -> str:
         """The rows `new` of `plan` (computed in segments) as a new row file, written atomically; its name."""
         name = new_row_file_name(self.output)
         final = self.output.parent / name
         by_file: dict[Path, list[tuple[int, int]]] = {}
         for dest, i in enumerate(new.tolist()):
-            by_file.setdefault(sources[i].file, []).append((sources[i].row, dest))
+            loc = self.available[plan.keys[i]]
+            by_file.setdefault(loc.file, []).append((loc.row, dest))
         with create_h5(final.with_name(final.name + ".tmp"), final) as h5:
             h5.create_dataset("key", data=np.asarray([plan.keys[i] for i in new], dtype=KEY_DTYPE))
             self._copy_features(h5, by_file, taps, len(new))
         return name
 
-    def _row_stats(self, plan: SealPlan, stats: dict[str, np.ndarray]) -> np.ndarray:
-        """The stat index of the sealed store: the call's entries for its rows, the old store's for the others."""
+    def _row_stats(self, plan: SealPlan) -> np.ndarray:
+        """The stat index of the sealed store: the call's entries for its rows, and for the rows carried over from
+        the old store the entries of its index that a later run would trust (featx.keys.StatIndex)."""
         rows = np.zeros((len(plan.keys), len(STAT_FIELDS)), dtype=np.int64)
-        for i in plan.data_rows:
-            rows[i] = stats.get(plan.paths[i], NO_STAT)
-        if self._old is not None:
-            old = StatIndex.of_store(self._old)
-            fresh = set(plan.data_rows.tolist())
-            for i, (r, path, key) in enumerate(zip(plan.row_roots, plan.paths, plan.keys)):
-                if i not in fresh:
-                    kept = old.stat(plan.roots[r], path, key)
-                    if kept is not None:
-                        rows[i] = kept
+        if plan.data_stats is not None and len(plan.data_rows):
+            rows[plan.data_rows] = plan.data_stats
+        old = self._old
+        stats = None if old is None else old.file_stats
+        if stats is None or old.file_stats_host != host_id() or stats.shape != (len(old), len(STAT_FIELDS)):
+            return rows
+        carried = np.flatnonzero(plan.old_rows >= 0)
+        source = plan.old_rows[carried]
+        same_root = np.array([root in plan.roots for root in old.roots], dtype=bool)  # not adopted by another data
+        root_here = np.array([plan.roots.index(root) if ok else -1 for root, ok in zip(old.roots, same_root)])
+        trusted = trusted_later(stats[source]) & (root_here[old.row_roots[source]] == plan.row_roots[carried])
+        rows[carried[trusted]] = stats[source[trusted]]
         return rows
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
@@ -367,9 +379,9 @@ class StoreWriter:
 
 
 def record_file_stats(output: Path, config: dict, config_key: str, fresh: DataRows, retention: str,
-                      size_limit: int | None, stats: dict[str, np.ndarray]) -> bool:
-    """Seal the store at `output` again with the stat index entries `stats` (by path) when it still holds exactly
-    the rows `fresh` asks for: no row changes, later runs trust those files' keys without reading them. Best
+                      size_limit: int | None) -> bool:
+    """Seal the store at `output` again with the stat index entries of `fresh` (DataRows.stats) when it still holds
+    exactly the rows `fresh` asks for: no row changes, later runs trust those files' keys without reading them. Best
     effort: False when the store is busy, read-only, on a full disk or changed meanwhile (the next run reads those
     files again, nothing is lost)."""
     try:
@@ -380,7 +392,7 @@ def record_file_stats(output: Path, config: dict, config_key: str, fresh: DataRo
                 return False
             with open_store(output) as store:
                 taps = list(store.taps)
-            writer.seal(plan, taps, stats)
+            writer.seal(plan, taps)
             return True
     except (FeatxError, OSError):
         return False

@@ -103,8 +103,14 @@ def test_same_stat_replacement_is_trusted_unless_rehash(made, monkeypatch):
     new_bytes = bytearray(victim.read_bytes())
     new_bytes[-5] ^= 0xFF  # same size, other content
     victim.write_bytes(bytes(new_bytes))
-    real = keys.file_stat
-    monkeypatch.setattr(keys, "file_stat", lambda path: recorded if path == str(victim) else real(path))
+    real = keys.file_stats
+
+    def pinned(paths):
+        stats, readable = real(paths)
+        stats[paths.index(str(victim))] = recorded
+        return stats, readable
+
+    monkeypatch.setattr(keys, "file_stats", pinned)
     options = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0)
     trusted = extract(data, out, **options)
     assert (trusted.n_computed, trusted.sealed) == (0, False)
