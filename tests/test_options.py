@@ -9,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from featx.advise_options import AdviseOptions
 from featx.cli import main
 from featx.errors import FeatxError
 from featx.extract_options import ExtractOptions
@@ -17,7 +18,7 @@ from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
-            "predict": PredictOptions, "evaluate": EvaluateOptions}
+            "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -57,6 +58,17 @@ def test_the_api_signatures_default_as_the_options_do():
         assert {name: defaults[name] for name in rows} == {name: options.defaults()[name] for name in rows}
 
 
+def test_the_other_api_signatures_default_as_their_options_do():
+    from featx.advice import advise
+    from featx.advise_backbones import advise_backbones
+
+    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones)):
+        defaults = _signature_defaults(function)
+        assert {name: defaults[name] for name in options.names() if name in defaults} == {
+            name: default for name, default in options.defaults().items() if name in defaults}, function.__name__
+    assert set(AdviseOptions.names()) <= set(_signature_defaults(advise))
+
+
 @pytest.mark.parametrize("options, change, message", [
     (ExtractOptions, {"workers": -1}, r"^workers=-1: expected an integer from 0 to \d+ \(4 per core; \d+ cores here\)$"),
     (ExtractOptions, {"pooling": "sum"}, r"^pooling='sum': expected one of avg, max, avgmax, gem, flatten, none$"),
@@ -67,6 +79,9 @@ def test_the_api_signatures_default_as_the_options_do():
     (FitHeadOptions, {"dropout": 1}, r"^dropout=1: expected a number in \[0, 1\)$"),
     (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
     (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
+    (AdviseOptions, {"budget_seconds": float("inf")}, r"^budget_seconds=inf: expected a positive, finite number"),
+    (AdviseOptions, {"weights_match": ["name", "sum"]}, r"^weights_match='sum': expected one of name, order$"),
+    (AdviseOptions, {"backbone": ["a", "b"], "weights": "none"}, r"^weights given 1 times for 2 backbone\(s\)"),
 ])
 def test_a_bad_value_names_the_keyword(options, change, message):
     with pytest.raises(OptionError, match=message):
