@@ -12,13 +12,15 @@ from click.testing import CliRunner
 from featx.advise_options import AdviseOptions
 from featx.cli import main
 from featx.errors import FeatxError
+from featx.export_options import ExportOptions
 from featx.extract_options import ExtractOptions
 from featx.finetuning.options import FinetuneOptions, TrainOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
-            "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions}
+            "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
+            "export": ExportOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -61,12 +63,14 @@ def test_the_api_signatures_default_as_the_options_do():
 def test_the_other_api_signatures_default_as_their_options_do():
     from featx.advice import advise
     from featx.advise_backbones import advise_backbones
+    from featx.exporter import export
 
-    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones)):
+    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones), (ExportOptions, export)):
         defaults = _signature_defaults(function)
         assert {name: defaults[name] for name in options.names() if name in defaults} == {
             name: default for name, default in options.defaults().items() if name in defaults}, function.__name__
     assert set(AdviseOptions.names()) <= set(_signature_defaults(advise))
+    assert set(ExportOptions.names()) <= set(_signature_defaults(export))
 
 
 @pytest.mark.parametrize("options, change, message", [
@@ -79,6 +83,7 @@ def test_the_other_api_signatures_default_as_their_options_do():
     (FitHeadOptions, {"dropout": 1}, r"^dropout=1: expected a number in \[0, 1\)$"),
     (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
     (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
+    (ExportOptions, {"chunk_rows": 0}, r"^chunk_rows=0: expected a whole number of rows >= 1$"),
     (AdviseOptions, {"budget_seconds": float("inf")}, r"^budget_seconds=inf: expected a positive, finite number"),
     (AdviseOptions, {"weights_match": ["name", "sum"]}, r"^weights_match='sum': expected one of name, order$"),
     (AdviseOptions, {"backbone": ["a", "b"], "weights": "none"}, r"^weights given 1 times for 2 backbone\(s\)"),
