@@ -15,12 +15,13 @@ from featx.errors import FeatxError
 from featx.export_options import ExportOptions
 from featx.extract_options import ExtractOptions
 from featx.finetuning.options import FinetuneOptions, TrainOptions
+from featx.heads.neighbor_options import NeighborsOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
             "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
-            "export": ExportOptions}
+            "export": ExportOptions, "neighbors": NeighborsOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -64,13 +65,17 @@ def test_the_other_api_signatures_default_as_their_options_do():
     from featx.advice import advise
     from featx.advise_backbones import advise_backbones
     from featx.exporter import export
+    from featx.heads.neighbors import duplicates, neighbors
 
-    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones), (ExportOptions, export)):
+    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones), (ExportOptions, export),
+                              (NeighborsOptions, neighbors), (NeighborsOptions, duplicates)):
         defaults = _signature_defaults(function)
         assert {name: defaults[name] for name in options.names() if name in defaults} == {
             name: default for name, default in options.defaults().items() if name in defaults}, function.__name__
     assert set(AdviseOptions.names()) <= set(_signature_defaults(advise))
     assert set(ExportOptions.names()) <= set(_signature_defaults(export))
+    for function in (neighbors, duplicates):
+        assert set(NeighborsOptions().keywords(function.__name__)) <= set(_signature_defaults(function))
 
 
 @pytest.mark.parametrize("options, change, message", [
@@ -84,6 +89,8 @@ def test_the_other_api_signatures_default_as_their_options_do():
     (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
     (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
     (ExportOptions, {"chunk_rows": 0}, r"^chunk_rows=0: expected a whole number of rows >= 1$"),
+    (NeighborsOptions, {"threshold": 1.5}, r"^threshold=1.5: expected a cosine similarity from -1 to 1$"),
+    (NeighborsOptions, {"k": 0}, r"^k=0: expected an integer >= 1$"),
     (AdviseOptions, {"budget_seconds": float("inf")}, r"^budget_seconds=inf: expected a positive, finite number"),
     (AdviseOptions, {"weights_match": ["name", "sum"]}, r"^weights_match='sum': expected one of name, order$"),
     (AdviseOptions, {"backbone": ["a", "b"], "weights": "none"}, r"^weights given 1 times for 2 backbone\(s\)"),
