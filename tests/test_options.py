@@ -17,11 +17,13 @@ from featx.extract_options import ExtractOptions
 from featx.finetuning.options import FinetuneOptions, TrainOptions
 from featx.heads.neighbor_options import NeighborsOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
+from featx.layers_options import LayersOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
             "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
-            "export": ExportOptions, "neighbors": NeighborsOptions}
+            "export": ExportOptions, "neighbors": NeighborsOptions,
+            "layers": LayersOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -66,14 +68,18 @@ def test_the_other_api_signatures_default_as_their_options_do():
     from featx.advise_backbones import advise_backbones
     from featx.exporter import export
     from featx.heads.neighbors import duplicates, neighbors
+    from featx.layer_table import format_layers_table, layers
 
     for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones), (ExportOptions, export),
-                              (NeighborsOptions, neighbors), (NeighborsOptions, duplicates)):
+                              (NeighborsOptions, neighbors), (NeighborsOptions, duplicates),
+                              (LayersOptions, layers), (LayersOptions, format_layers_table)):
         defaults = _signature_defaults(function)
         assert {name: defaults[name] for name in options.names() if name in defaults} == {
             name: default for name, default in options.defaults().items() if name in defaults}, function.__name__
     assert set(AdviseOptions.names()) <= set(_signature_defaults(advise))
     assert set(ExportOptions.names()) <= set(_signature_defaults(export))
+    assert set(LayersOptions().keywords()) <= set(_signature_defaults(layers))
+    assert set(LayersOptions().keywords(table=True)) <= set(_signature_defaults(format_layers_table))
     for function in (neighbors, duplicates):
         assert set(NeighborsOptions().keywords(function.__name__)) <= set(_signature_defaults(function))
 
