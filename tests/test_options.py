@@ -18,12 +18,13 @@ from featx.finetuning.options import FinetuneOptions, TrainOptions
 from featx.heads.neighbor_options import NeighborsOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.layers_options import LayersOptions
+from featx.serve.options import ServeOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
             "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
             "export": ExportOptions, "neighbors": NeighborsOptions,
-            "layers": LayersOptions}
+            "layers": LayersOptions, "serve": ServeOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -97,6 +98,8 @@ def test_the_other_api_signatures_default_as_their_options_do():
     (ExportOptions, {"chunk_rows": 0}, r"^chunk_rows=0: expected a whole number of rows >= 1$"),
     (NeighborsOptions, {"threshold": 1.5}, r"^threshold=1.5: expected a cosine similarity from -1 to 1$"),
     (NeighborsOptions, {"k": 0}, r"^k=0: expected an integer >= 1$"),
+    (ServeOptions, {"port": 70000}, r"^port=70000: expected 0 to 65535$"),
+    (ServeOptions, {"host": "0.0.0.0"}, r"^host='0.0.0.0': not a loopback address, .* \(api_key_env='VAR'\)$"),
     (AdviseOptions, {"budget_seconds": float("inf")}, r"^budget_seconds=inf: expected a positive, finite number"),
     (AdviseOptions, {"weights_match": ["name", "sum"]}, r"^weights_match='sum': expected one of name, order$"),
     (AdviseOptions, {"backbone": ["a", "b"], "weights": "none"}, r"^weights given 1 times for 2 backbone\(s\)"),
