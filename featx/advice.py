@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import check_seed
+from .advise_options import AdviseOptions
 from .errors import FeatxError
+from .options import OptionError
 
 FT_MIN_PER_CLASS = 500
 GAP_SIMILAR = 0.03
@@ -176,14 +177,10 @@ def _labelled_counts(source, data) -> dict[str, int]:
     return counts
 
 
-def check_request(data, budget_seconds: float | None, seed: int) -> tuple:
-    """(source, images per class) of the labelled `data`, after checking the seed and the budget (one-line
-    FeatxErrors)."""
+def check_request(data) -> tuple:
+    """(source, images per class) of the labelled `data` (one-line FeatxErrors)."""
     from .sources import load_source
 
-    check_seed(seed)
-    if budget_seconds is not None and not 0 < budget_seconds < math.inf:
-        raise FeatxError(f"--budget-seconds {budget_seconds}: expected a positive, finite number of seconds")
     source = load_source(data)
     return source, _labelled_counts(source, data)
 
@@ -200,8 +197,12 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     from .backbones import load_backbone
 
     started = time.perf_counter()
+    specs = AdviseOptions.of(locals()).specs()  # an OptionError for a value the option does not take
+    if len(specs) != 1:
+        raise OptionError("{backbone=}: one backbone (featx.advise_backbones compares several)", backbone=backbone)
+    (backbone, weights, weights_match), = specs
     log = log or (lambda line: None)
-    source, counts = check_request(data, budget_seconds, seed)
+    source, counts = check_request(data)
     bb = load_backbone(backbone, weights, match=weights_match)
     taps = list(taps) if taps else advice_taps(bb.model)
     size = image_size or bb.transform.crop
@@ -215,9 +216,9 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     affordable = int(min(0.8 * budget / (per_image * k), max(counts.values())))  # a huge budget affords them all
     if affordable < 2:
         need = 2 * k * per_image / 0.8
-        raise FeatxError(f"--budget-seconds {budget:g}: too small to measure anything here; extracting the minimum "
-                         f"(2 images per class, {2 * k} images) takes about {need:.1f} s on this machine: pass at "
-                         f"least --budget-seconds {math.ceil(need)}")
+        raise OptionError("{budget_seconds=}: too small to measure anything here; extracting the minimum (2 images "
+                          "per class, %d images) takes about %.1f s on this machine: pass at least "
+                          "{budget_seconds=%d}" % (2 * k, need, math.ceil(need)), budget_seconds=float(f"{budget:g}"))
     store = Path(store) if store is not None else Path(f"{Path(str(data)).name or 'data'}.featx.h5")
     per_class = min(counts.values())
     take = affordable

@@ -23,7 +23,8 @@ from pathlib import Path
 from .advice import (DECODE_FACTOR, DEFAULT_BUDGET_SHARE, FINETUNE_EPOCHS, Advice, Choice, accuracy_range,
                      advice_path, advice_taps, check_request, curve_name, extract_measured, measure_costs, project,
                      recent_mean, recommend)
-from .errors import FeatxError
+from .advise_options import AdviseOptions
+from .options import OptionError
 
 SCHEMA = 3  # featx.advise's schema 2 fields (of the recommended backbone) plus `backbones` and `candidates`
 WITHIN = 0.01  # accuracy given up for a cheaper candidate
@@ -118,13 +119,15 @@ def advise_backbones(data, specs: list[tuple[str | None, str, str]], *, store=No
 
     started = time.perf_counter()
     log = log or (lambda line: None)
-    source, counts = check_request(data, budget_seconds, seed)
+    AdviseOptions.of(locals())  # an OptionError for a value the option does not take
+    source, counts = check_request(data)
     seen: set = set()
     loaded = []
     for name, weights, match in specs:
         bb = load_backbone(name, weights, match=match)
         if (bb.name, str(weights)) in seen:
-            raise FeatxError(f"-b {bb.name} -w {weights}: listed twice; give each backbone (and weights) once")
+            raise OptionError("{backbone=} {weights=}: listed twice; give each backbone (and weights) once",
+                              backbone=bb.name, weights=weights)
         seen.add((bb.name, str(weights)))
         costs = measure_costs(bb.model, image_size or bb.transform.crop)
         loaded.append((bb.name, str(weights), match, advice_taps(bb.model), costs))
@@ -136,9 +139,10 @@ def advise_backbones(data, specs: list[tuple[str | None, str, str]], *, store=No
     take = int(min(0.8 * budget / (sum(per_image) * k), max(counts.values())))
     if take < 2:
         need = 2 * k * sum(per_image) / 0.8
-        raise FeatxError(f"--budget-seconds {budget:g}: too small to compare {len(specs)} backbones here; extracting "
-                         f"the minimum (2 images per class, {2 * k} images) with each takes about {need:.1f} s on "
-                         f"this machine: pass at least --budget-seconds {math.ceil(need)}")
+        raise OptionError("{budget_seconds=}: too small to compare %d backbones here; extracting the minimum (2 "
+                          "images per class, %d images) with each takes about %.1f s on this machine: pass at least "
+                          "{budget_seconds=%d}" % (len(specs), 2 * k, need, math.ceil(need)),
+                          budget_seconds=float(f"{budget:g}"))
     base = Path(store) if store is not None else Path(f"{Path(str(data)).name or 'data'}.featx.h5")
     stores = [backbone_store(base, name, weights) for name, weights, *_ in loaded]
     for (name, weights, match, taps, costs), path in zip(loaded, stores):

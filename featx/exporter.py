@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import EXPORT_FORMATS
 from .errors import FeatxError
+from .export_options import SHARD_ROWS, ExportOptions
 from .store import Store, fsync_path, open_store
 
-SHARD_ROWS = 1_000_000  # rows per npy shard: clip-retrieval's default write batch
 STAGING = ".featx-export.partial"
 PARQUET_FILE = "embeddings.parquet"
 OUTPUTS = ("img_emb", "metadata", PARQUET_FILE)  # what an export puts in its folder, and --overwrite replaces
@@ -71,11 +70,7 @@ def export(store, output, format: str = "npy", tap: str | None = None, shard_row
     `shard_rows` rows per file) or 'parquet' (one file). Reads `chunk_rows` rows at a time (default: about 64 MiB).
     A non-empty `output` is refused unless `overwrite` (which replaces only an export's own files there).
     Returns an ExportResult (the files written, rows, dimension, dtype)."""
-    if format not in EXPORT_FORMATS:
-        raise FeatxError(f"--format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    for name, value in (("--shard-rows", shard_rows), ("--chunk-rows", chunk_rows)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise FeatxError(f"{name} {value!r}: expected a whole number of rows >= 1")
+    ExportOptions.of(locals())  # an OptionError for a value the option does not take
     output = Path(output)
     if output.suffix.lower() in (".parquet", ".npy"):
         raise FeatxError(f"-o {output}: expected a folder (featx export writes files inside it), not a file name")

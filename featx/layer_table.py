@@ -13,7 +13,8 @@ from torch import nn
 from .errors import FeatxError
 from .taps import ITEMSIZE, Graph, LayerInfo, human_bytes, probe_shapes, reference_size, usual_rows
 from .memory import check_batch_memory
-from .pooling import POOLINGS, pooled_shape
+from .layers_options import LayersOptions
+from .pooling import pooled_shape
 
 
 def describe_layers(
@@ -23,8 +24,7 @@ def describe_layers(
 
     By default: top-level modules, stage blocks and the usual taps; `include_all` lists every graph node.
     """
-    if pooling not in POOLINGS:
-        raise FeatxError(f"--pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+    LayersOptions(image_size=image_size, pooling=pooling, include_all=include_all)  # an OptionError for a bad value
     graph = Graph(model)
     rows, shapes, marks = usual_rows(graph, model)
     if include_all:
@@ -44,8 +44,7 @@ def describe_layers(
 
 def format_layers_table(infos: list[LayerInfo], n_images: int | None = None, dtype: str = "float32") -> str:
     """An aligned text table of taps; with `n_images`, the store size those rows take at `dtype`."""
-    if dtype not in ITEMSIZE:
-        raise FeatxError(f"--dtype {dtype!r}: expected one of {', '.join(ITEMSIZE)}")
+    LayersOptions(n_images=n_images, dtype=dtype)  # an OptionError for a bad value
     itemsize = ITEMSIZE[dtype]
     header = ["tap", "output shape", "row dim", f"bytes/image ({dtype})"]
     if n_images:
@@ -73,6 +72,7 @@ def layers(backbone: str | None = None, weights: str = "none", *, weights_match:
     from .backbones import load_backbone
     from .backbones.weights import looks_like_path
 
+    LayersOptions.of(locals())  # an OptionError for a value the option does not take
     if backbone is None and (str(weights).lower() == "none" or not looks_like_path(str(weights))):
         raise FeatxError("featx layers: give a BACKBONE name (or -w a model.pt written by featx finetune, which "
                          "records its backbone), or --list to see them all")

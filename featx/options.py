@@ -103,6 +103,7 @@ class Spec:
     click_type: object = None  # a click type that replaces the one made from kind and choices
     flag_value: object = None  # a flag that sets this value (the default stays the field's default)
     note: object = None  # said after the expected range: text or a callable giving it
+    expected: str | None = None  # what an error says is expected, instead of the range in words
     optional: bool = False  # None is taken too (it always is where the default is None)
 
     def bounds(self) -> tuple:
@@ -201,6 +202,8 @@ def _click_settings(default, spec: Spec) -> dict:
         return {**settings, "is_flag": True, "default": default}
     kind = spec.click_type or _click_type(spec)
     shown = default is not None and default is not False and not spec.multiple
+    if spec.multiple and isinstance(default, str):  # given no times: the field's default (from_command_line)
+        default = None
     return {**settings, "type": kind, "default": default, "show_default": shown}
 
 
@@ -228,19 +231,26 @@ def check_value(name: str, value, default, spec: Spec) -> None:
     if value is None and (default is None or spec.optional):
         return
     if spec.multiple:
-        if not isinstance(value, str) and not all(isinstance(item, str) for item in _items(value)):
+        items = [value] if isinstance(value, str) else _items(value)
+        if not all(isinstance(item, str) for item in items):
             raise OptionError("{%s=}: expected a name or a list of names" % name, **{name: value})
+        for item in items if spec.choices is not None else ():
+            _check_choice(name, item, spec.choices)
         return
     if spec.choices is not None:
-        if value not in spec.choices:
-            raise OptionError("{%s=}: expected one of {choices}" % name, **{name: value},
-                              choices=", ".join(map(str, spec.choices)))
+        _check_choice(name, value, spec.choices)
         return
     if spec.kind is bool:
         if not isinstance(value, bool):
             raise OptionError("{%s=}: expected True or False" % name, **{name: value})
     elif spec.kind in (int, float):
         _check_number(name, value, spec)
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise OptionError("{%s=}: expected one of {choices}" % name, **{name: value},
+                          choices=", ".join(map(str, choices)))
 
 
 def _items(value) -> list:
@@ -260,7 +270,9 @@ def _check_number(name: str, value, spec: Spec) -> None:
     if fits:
         return
     what = "an integer" if whole else "a number"
-    if low is not None and high is not None:
+    if spec.expected is not None:
+        expected = spec.expected
+    elif low is not None and high is not None:
         left, right = "(" if spec.low_open else "[", ")" if spec.high_open else "]"
         expected = (f"{what} from {low} to {high}" if whole else f"{what} in {left}{low:g}, {high:g}{right}")
     elif low is not None:

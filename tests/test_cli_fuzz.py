@@ -62,7 +62,7 @@ POOLS = {  # by the option's name (arguments as arg:NAME): the values a user wou
     "arg:data": DATA, "arg:store": STORES, "arg:head": HEADS, "arg:heads": HEADS, "arg:backbone": BACKBONES,
     "arg:queries": pool(["data/ants/ants_000.png", "data", "data.csv", "data/bees"],
                         ["notes.jpg", "notes.txt", "missing", "store.h5", "ro"]),
-    "output": OUTPUTS, "store": STORES, "cache_store": STORES, "search_stores": STORES, "query_store": STORES,
+    "output": OUTPUTS, "store": STORES, "cache": STORES, "search": STORES, "query_store": STORES,
     "backbone": BACKBONES,
     "weights": pool(["none"] * 4 + ["run/model.pt"], ["DEFAULT", "IMAGENET1K_V1", "notes.txt", "missing.pth", "store.h5",
                                                      "head", "data"]),

@@ -122,7 +122,7 @@ def test_a_non_empty_folder_is_refused_unless_overwrite(store, tmp_path):
     (["-l", "avgpool", "-o", "x.parquet"], "-o x.parquet: expected a folder"),
     (["-l", "avgpool", "-o", "s.h5"], "-o s.h5: is a file, expected a folder"),
     (["-l", "avgpool", "--format", "csv"], "Invalid value for '--format'"),
-    (["-l", "avgpool", "--shard-rows", "0"], "Invalid value for '--shard-rows'"),
+    (["-l", "avgpool", "--shard-rows", "0"], "--shard-rows 0: expected a whole number of rows >= 1"),
 ])
 def test_mistakes_are_one_line_and_leave_nothing(store, tmp_path, monkeypatch, words, message):
     monkeypatch.chdir(tmp_path)

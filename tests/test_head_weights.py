@@ -95,7 +95,7 @@ def test_serve_takes_moved_weights_files(moved):
                                          r"served heads"):
         Service(ServeOptions(heads=[str(root / "head")], weights=[str(root / "elsewhere" / "w.pth"),
                                                                   str(root / "other.pth")]).checked())
-    with pytest.raises(FeatxError, match=r"^-w .*nope\.pth: no such file"):
+    with pytest.raises(FeatxError, match=r"^weights='.*nope\.pth': no such file"):
         ServeOptions(heads=[str(root / "head")], weights=[str(root / "nope.pth")]).checked()
     service = Service(ServeOptions(heads=[str(root / "head")], weights=[str(root / "renamed.pth")]).checked())
     try:

@@ -68,7 +68,7 @@ def test_pooling_sets_row_size(resnet18, pooling, dim):
 
 
 def test_bad_pooling(resnet18):
-    with pytest.raises(FeatxError, match="--pooling 'sum': expected one of avg, max"):
+    with pytest.raises(FeatxError, match="pooling='sum': expected one of avg, max"):
         describe_layers(resnet18, image_size=64, pooling="sum")
 
 
@@ -94,7 +94,7 @@ def test_table_with_store_estimate(resnet18):
     assert next(line for line in half if line.startswith("layer4 ")).split()[3:6] == ["1,024", "1.0", "MB"]
     plain = format_layers_table(infos).splitlines()
     assert "store" not in plain[0] and len(plain) == len(infos) + 1
-    with pytest.raises(FeatxError, match="--dtype 'int8'"):
+    with pytest.raises(FeatxError, match="dtype='int8'"):
         format_layers_table(infos, dtype="int8")
 
 

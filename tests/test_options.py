@@ -9,15 +9,22 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from featx.advise_options import AdviseOptions
 from featx.cli import main
 from featx.errors import FeatxError
+from featx.export_options import ExportOptions
 from featx.extract_options import ExtractOptions
 from featx.finetuning.options import FinetuneOptions, TrainOptions
+from featx.heads.neighbor_options import NeighborsOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
+from featx.layers_options import LayersOptions
+from featx.serve.options import ServeOptions
 from featx.options import SPEC, OptionError, flag_spelling
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
-            "predict": PredictOptions, "evaluate": EvaluateOptions}
+            "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
+            "export": ExportOptions, "neighbors": NeighborsOptions,
+            "layers": LayersOptions, "serve": ServeOptions}
 
 
 def _signature_defaults(function) -> dict:
@@ -57,6 +64,27 @@ def test_the_api_signatures_default_as_the_options_do():
         assert {name: defaults[name] for name in rows} == {name: options.defaults()[name] for name in rows}
 
 
+def test_the_other_api_signatures_default_as_their_options_do():
+    from featx.advice import advise
+    from featx.advise_backbones import advise_backbones
+    from featx.exporter import export
+    from featx.heads.neighbors import duplicates, neighbors
+    from featx.layer_table import format_layers_table, layers
+
+    for options, function in ((AdviseOptions, advise), (AdviseOptions, advise_backbones), (ExportOptions, export),
+                              (NeighborsOptions, neighbors), (NeighborsOptions, duplicates),
+                              (LayersOptions, layers), (LayersOptions, format_layers_table)):
+        defaults = _signature_defaults(function)
+        assert {name: defaults[name] for name in options.names() if name in defaults} == {
+            name: default for name, default in options.defaults().items() if name in defaults}, function.__name__
+    assert set(AdviseOptions.names()) <= set(_signature_defaults(advise))
+    assert set(ExportOptions.names()) <= set(_signature_defaults(export))
+    assert set(LayersOptions().keywords()) <= set(_signature_defaults(layers))
+    assert set(LayersOptions().keywords(table=True)) <= set(_signature_defaults(format_layers_table))
+    for function in (neighbors, duplicates):
+        assert set(NeighborsOptions().keywords(function.__name__)) <= set(_signature_defaults(function))
+
+
 @pytest.mark.parametrize("options, change, message", [
     (ExtractOptions, {"workers": -1}, r"^workers=-1: expected an integer from 0 to \d+ \(4 per core; \d+ cores here\)$"),
     (ExtractOptions, {"pooling": "sum"}, r"^pooling='sum': expected one of avg, max, avgmax, gem, flatten, none$"),
@@ -67,6 +95,14 @@ def test_the_api_signatures_default_as_the_options_do():
     (FitHeadOptions, {"dropout": 1}, r"^dropout=1: expected a number in \[0, 1\)$"),
     (FitHeadOptions, {"n_jobs": 0}, r"^n_jobs=0: expected a non-zero integer"),
     (TrainOptions, {"lr": 0}, r"^lr=0: expected a number greater than 0$"),
+    (ExportOptions, {"chunk_rows": 0}, r"^chunk_rows=0: expected a whole number of rows >= 1$"),
+    (NeighborsOptions, {"threshold": 1.5}, r"^threshold=1.5: expected a cosine similarity from -1 to 1$"),
+    (NeighborsOptions, {"k": 0}, r"^k=0: expected an integer >= 1$"),
+    (ServeOptions, {"port": 70000}, r"^port=70000: expected 0 to 65535$"),
+    (ServeOptions, {"host": "0.0.0.0"}, r"^host='0.0.0.0': not a loopback address, .* \(api_key_env='VAR'\)$"),
+    (AdviseOptions, {"budget_seconds": float("inf")}, r"^budget_seconds=inf: expected a positive, finite number"),
+    (AdviseOptions, {"weights_match": ["name", "sum"]}, r"^weights_match='sum': expected one of name, order$"),
+    (AdviseOptions, {"backbone": ["a", "b"], "weights": "none"}, r"^weights given 1 times for 2 backbone\(s\)"),
 ])
 def test_a_bad_value_names_the_keyword(options, change, message):
     with pytest.raises(OptionError, match=message):

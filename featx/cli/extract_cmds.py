@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..choices import DTYPES, POOLINGS, WEIGHTS_MATCH_HELP, WEIGHTS_MATCHES, recorded_decode
+from ..choices import recorded_decode
 from ..extract_options import ExtractOptions
+from ..layers_options import LayersOptions
 from .common import echo_json
 
 
@@ -83,33 +84,26 @@ def info_cmd(store, as_json, show_failed):
 
 @click.command("layers")
 @click.argument("backbone", required=False)
-@click.option("-w", "--weights", default="none", show_default=True, help="Weights to load first (a file shows its load report); the shapes do not depend on them.")
-@click.option("--weights-match", type=click.Choice(WEIGHTS_MATCHES), default="name", show_default=True,
-              help=WEIGHTS_MATCH_HELP)
 @click.option("--list", "list_models", is_flag=True, help="List every backbone name.")
-@click.option("--all", "include_all", is_flag=True, help="Every graph node, not only the usual taps.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8))
-@click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True)
-@click.option("-n", "--images", type=click.IntRange(min=1), help="Estimate the store size for this many images.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@LayersOptions.click_options
 @click.option("--json", "as_json", is_flag=True)
-def layers_cmd(backbone, weights, weights_match, list_models, include_all, image_size, pooling, images, dtype, as_json):
+def layers_cmd(backbone, list_models, as_json, **params):
     """Show the taps of BACKBONE (default: the one a -w file from featx finetune records) with output shapes and
     bytes per image after pooling."""
     from ..backbones import list_backbones
     from ..layer_table import format_layers_table, layers
 
+    options = LayersOptions.from_command_line(params)
     if list_models:
         names = list_backbones()
         echo_json(names) if as_json else click.echo("\n".join(names))
         return
-    infos = layers(backbone, weights, weights_match=weights_match, image_size=image_size, pooling=pooling,
-                   include_all=include_all, log=lambda line: click.echo(line, err=True))
+    infos = layers(backbone, **options.keywords(), log=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json([{"name": i.name, "shape": list(i.shape), "pooled_dim": i.pooled_dim,
                     "bytes_per_image": i.bytes_per_image, "usual": i.usual} for i in infos])
         return
-    click.echo(format_layers_table(infos, n_images=images, dtype=dtype))
+    click.echo(format_layers_table(infos, **options.keywords(table=True)))
 
 
 COMMANDS = [extract_cmd, info_cmd, layers_cmd]

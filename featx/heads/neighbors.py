@@ -19,9 +19,8 @@ import numpy as np
 from ..errors import FeatxError
 from ..store import Store, open_store
 from . import search
+from .neighbor_options import MAX_PAIRS, NeighborsOptions
 from .prediction import HEAD_CACHE_BYTES, can_write_in, extract_images, extractor_options
-
-MAX_PAIRS = 100_000
 
 
 @dataclass
@@ -85,8 +84,7 @@ def neighbors(store, queries, *, k: int = 10, tap: str | None = None, query_stor
     `featx.predict`. k above the rows a query can get is clamped, with a `note`; an image that cannot be decoded
     is a FeatxError naming it. `chunk_rows`: gallery rows read at a time (default: 64 MiB of them). Returns a
     NeighborResult (`.records`: per query its neighbours' rank, score, path, key, label, split and row)."""
-    if not isinstance(k, int) or k < 1:
-        raise FeatxError(f"-k {k!r}: expected a positive integer")
+    NeighborsOptions.of(locals())  # an OptionError for a value the option does not take
     queries = [str(q) for q in ([queries] if isinstance(queries, (str, os.PathLike)) else queries)]
     if not queries:
         raise FeatxError("QUERY: give at least one image, folder, or key or path of a stored row")
@@ -118,10 +116,7 @@ def duplicates(store, *, tap: str | None = None, threshold: float = 0.98, max_pa
     """Every pair of rows of `store` whose cosine similarity is at least `threshold` (exact, chunked), most similar
     first. More than `max_pairs` pairs is a FeatxError (the threshold is too low to mean duplicates). Returns a
     DuplicateResult (`.pairs`: a, b, score, a_key, b_key)."""
-    if not -1.0 <= threshold <= 1.0:
-        raise FeatxError(f"--threshold {threshold}: expected a cosine similarity from -1 to 1")
-    if not isinstance(max_pairs, int) or max_pairs < 1:
-        raise FeatxError(f"--max-pairs {max_pairs!r}: expected a positive integer")
+    NeighborsOptions.of(locals())  # an OptionError for a value the option does not take
     with open_store(store) as gallery:
         tap = gallery_tap(gallery, tap)
         pairs, scores = search.duplicate_pairs(gallery_blocks(gallery, tap, chunk_rows), threshold, max_pairs)

@@ -9,5 +9,5 @@
     contract.py  the OpenAPI declarations: answer models, the error body, request bodies read by the routes
     app.py       the FastAPI routes;  server.py  binding, start-up and shutdown
 
-Everything here needs the optional `featx[serve]` extra; `featx --help` imports none of it.
+Everything here but options.py needs the optional `featx[serve]` extra; `featx --help` imports options.py alone.
 """

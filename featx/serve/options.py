@@ -1,63 +1,75 @@
-"""The options of `featx serve`, checked up front: a bad one is one FeatxError line before anything loads."""
+"""The options of `featx serve`, spelled once (featx.options) and checked up front: a bad one is one line before
+anything loads."""
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FeatxError
+from ..options import OptionError, Options, option
 
 EXTRA_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "multipart", "prometheus_client")
 
 
-@dataclass
-class ServeOptions:
-    """What `featx serve` was asked to do (the CLI's options, one field each)."""
+@dataclass(frozen=True)
+class ServeOptions(Options):
+    """What `featx serve` was asked to do: the heads (the command's arguments) and its options."""
 
-    heads: list[str]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    trust: bool = False
-    api_key_env: str | None = None
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    cache_items: int = 10000
-    cache: str | None = None
-    max_bytes: int = 20_000_000
-    heads_dir: str | None = None
-    allow_training: bool = False
-    device: str = "auto"
-    weights: list[str] = field(default_factory=list)  # -w: heads' weights files that moved
-    search: list[str] = field(default_factory=list)  # --search: stores served by POST /v1/search
-    api_key: str | None = field(default=None, repr=False)
+    heads: tuple[str, ...] = option((), multiple=True)
+    host: str = option("127.0.0.1", "--host", help="Address to listen on (loopback by default).")
+    port: int = option(8000, "--port", low=0, high=65535, expected="0 to 65535", help="Port (0: any free one).")
+    trust: bool = option(False, "--trust", help="Allow heads given as model.joblib pickles.")
+    api_key_env: str | None = option(
+        None, "--api-key-env", kind=str, metavar="VAR",
+        help="Require the key read from $VAR, as 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (needed for a "
+             "non-loopback --host).")
+    max_batch: int = option(16, "--max-batch", low=1, help="Most images per forward pass.")
+    max_wait_ms: float = option(5.0, "--max-wait-ms", low=0, high=10_000, expected="milliseconds from 0 to 10000",
+                                help="How long a forward pass waits for more images to batch.")
+    cache_items: int = option(10000, "--cache-items", low=1, help="Embeddings kept in memory (LRU).")
+    cache: str | None = option(
+        None, "--cache", kind=str, metavar="STORE",
+        help="A featx store backing the cache: its rows answer without the backbone, new rows are added to it.")
+    max_bytes: int = option(20_000_000, "--max-bytes", low=1, help="Largest request body (413).")
+    heads_dir: str | None = option(
+        None, "--heads-dir", kind=str, metavar="DIR",
+        help="Where heads fitted through the service are written (and loaded from at start-up).")
+    allow_training: bool = option(False, "--allow-training", help="Enable POST /v1/heads (fits on cached rows).")
+    device: str = option("auto", "--device", help="auto | cpu | cuda[:N] | mps")
+    search: tuple[str, ...] = option(
+        (), "--search", multiple=True, metavar="STORE",
+        help="A featx store served by POST /v1/search (nearest stored images); repeat for several.")
+    weights: tuple[str, ...] = option(
+        (), "-w", "--weights", multiple=True, metavar="FILE",
+        help="A head's weights file that is no longer where the head recorded it (matched by sha256); repeat for "
+             "several.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.api_key_env and not is_loopback(self.host):
+            raise OptionError("{host=}: not a loopback address, so the server needs an API key ({api_key_env=VAR})",
+                              host=self.host)
+        if self.allow_training and not self.heads_dir:
+            raise OptionError("{allow_training}: needs {heads_dir=DIR}, where fitted heads are written")
+
+    @property
+    def api_key(self) -> str | None:
+        """The key requests must carry: the value of $api_key_env (None: no key is asked for)."""
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
 
     def checked(self) -> "ServeOptions":
-        """Check every option; read the API key from its environment variable. Returns self."""
-        positive = [("--max-batch", self.max_batch), ("--cache-items", self.cache_items),
-                    ("--max-bytes", self.max_bytes)]
-        for option, value in positive:
-            if not isinstance(value, int) or value < 1:
-                raise FeatxError(f"{option} {value!r}: expected a positive integer")
-        if not 0 <= self.max_wait_ms <= 10_000:
-            raise FeatxError(f"--max-wait-ms {self.max_wait_ms!r}: expected milliseconds from 0 to 10000")
-        if not 0 <= self.port <= 65535:
-            raise FeatxError(f"--port {self.port}: expected 0 to 65535")
-        if self.api_key_env:
-            self.api_key = os.environ.get(self.api_key_env) or None
-            if self.api_key is None:
-                raise FeatxError(f"--api-key-env {self.api_key_env}: that environment variable is unset or empty")
-        elif not is_loopback(self.host):
-            raise FeatxError(
-                f"--host {self.host}: not a loopback address, so the server needs an API key (--api-key-env VAR)"
-            )
+        """Check what the options name on this machine: the API key's variable, the weights files, the heads
+        folder. Returns self."""
+        if self.api_key_env and self.api_key is None:
+            raise OptionError("{api_key_env=}: that environment variable is unset or empty",
+                              api_key_env=self.api_key_env)
         for file in self.weights:
             if not Path(file).is_file():
-                raise FeatxError(f"-w {file}: no such file, expected a weights file of a served head")
-        if self.allow_training and not self.heads_dir:
-            raise FeatxError("--allow-training: needs --heads-dir DIR, where fitted heads are written")
+                raise OptionError("{weights=}: no such file, expected a weights file of a served head", weights=file)
         if self.heads_dir and Path(self.heads_dir).exists() and not Path(self.heads_dir).is_dir():
-            raise FeatxError(f"--heads-dir {self.heads_dir}: is a file, expected a folder")
+            raise OptionError("{heads_dir=}: is a file, expected a folder", heads_dir=self.heads_dir)
         return self
 
 
