@@ -21,23 +21,27 @@ SHARED_FIT = ("grid", "folds", "normalize", "val_split", "seed", "n_jobs", "over
 SHARED_PREDICT = ("store", "weights", "batch_size", "device", "workers", "progress", "log")
 
 
-def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify", masks=None, binary: bool = False,
+def fit_head(data, tap: str | list[str] | None = None, output=None, *, task: str = "classify", masks=None, binary: bool = False,
              num_classes: int | None = None, pixels_per_image: int = 256, **options):
     """Fit a head on the rows of `tap` in `data` and return it (saved to `output` when given).
 
     task 'classify' (default): featx.heads.api.fit_head with `options` (classes, or values for float targets).
-    task 'segment': the dense per-pixel probe on the maps of a `--pooling none` store against the image + mask
-    pairs `masks` (featx.segment.probe.fit_dense_probe: `binary`, `num_classes`, `pixels_per_image`, and the
+    task 'segment': the dense per-pixel probe on the maps of a `--pooling none` store (`tap` may be a list: the
+    maps of several taps, fused at the finest one's size) against the image + mask pairs `masks` (featx.segment.probe.fit_dense_probe: `binary`, `num_classes`, `pixels_per_image`, and the
     search options grid, folds, normalize, val_split, seed, n_jobs, overwrite).
     """
     from .heads.api import fit_head as fit_rows_head
 
+    taps = [tap] if tap is None or isinstance(tap, str) else list(tap) or [None]
     segment = {"masks": masks, "binary": binary, "num_classes": num_classes, "pixels_per_image": pixels_per_image}
     if task == "classify":
         given = _given(segment, SEGMENT_FIT)
         if given:
             raise FeatxError(f"{_flags(given)}: segmentation options, they need --task segment")
-        return fit_rows_head(data, tap, output, **options)
+        if len(taps) > 1:
+            raise FeatxError(f"-l {' -l '.join(map(str, taps))}: a classification head reads one tap; several taps "
+                             f"are for --task segment")
+        return fit_rows_head(data, taps[0], output, **options)
     if task != "segment":
         raise FeatxError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if not masks:
@@ -50,7 +54,7 @@ def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify
     from .segment.probe import fit_dense_probe
 
     shared = {k: v for k, v in options.items() if k in SHARED_FIT and (k, v) != ("normalize", None)}  # None: default
-    return fit_dense_probe(data, masks, output, tap=tap, binary=binary, num_classes=num_classes,
+    return fit_dense_probe(data, masks, output, tap=taps if len(taps) > 1 else taps[0], binary=binary, num_classes=num_classes,
                            pixels_per_image=pixels_per_image, **shared)
 
 

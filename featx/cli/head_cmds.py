@@ -40,7 +40,7 @@ def _feature_keys(f):
 
 @click.command("fit-head")
 @click.argument("store", type=FEATURES_FILE)
-@click.option("-l", "--layer", "tap", help="Tap whose rows train the head (default: the store's only tap).")
+@click.option("-l", "--layer", "tap", multiple=True, help="Tap whose rows train the head (default: the store's only tap); --task segment: repeat it to fuse the maps of several taps.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head folder to write (atomically).")
 @click.option("--head", "kind", type=click.Choice(list(HEAD_TYPES)), help=f"Default: logistic, or ridge for float targets. {HEAD_HELP}.")
 @click.option("--normalize", type=click.Choice(NORMALIZERS), help="Preprocessing of the rows. Default: standard (knn: none, cosine on the raw rows).")
@@ -81,7 +81,7 @@ def fit_head_cmd(store, tap, output, kind, normalize, grid, folds, class_weight,
 
     with _warnings_as_lines():
         head = fit_head(
-            store, tap, output, task=task, masks=masks, binary=binary, num_classes=num_classes,
+            store, list(tap), output, task=task, masks=masks, binary=binary, num_classes=num_classes,
             pixels_per_image=pixels_per_image, head=kind, normalize=normalize, grid=grid, folds=folds,
             class_weight=None if class_weight == "none" else class_weight, val_split=val_split, seed=seed,
             n_jobs=n_jobs, x=x_key, y=y_key, epochs=epochs, hidden=hidden, dropout=dropout, neighbors=neighbors,
