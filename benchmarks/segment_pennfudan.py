@@ -138,7 +138,7 @@ def multitap_table(report: dict) -> str:
         f"({extract['wall_s']:.1f} s wall, {extract['cpu_s']:.1f} s CPU), {report['threads']} threads, CPU "
         f"{report['cpu_capability']} ({report['cpu_flags']}), load average {report['load']} at the start",
         "",
-        "| taps (-l, in order) | fused map C x h x w | val mIoU | val Dice | pixel acc | C | fit wall s | fit CPU s |",
+        "| taps (-l, in order) | fused map C x h x w | val mIoU | val Dice | pixel acc | C | fit wall s | fit CPU s (main process; CV runs in joblib workers) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {' + '.join(r['taps'])} | {' x '.join(map(str, r['map_shape']))} | {r['miou']:.3f} | {r['dice']:.3f} "
