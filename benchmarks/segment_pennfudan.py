@@ -8,6 +8,9 @@
   fpn       featx finetune --task segment --decoder fpn:128 --freeze backbone: a feature-pyramid decoder on the
             frozen backbone's stage maps of stride 4, 8, 16 and 32 (one pass reads them all)
 
+--part multitap compares dense probes on one store holding the stage maps: each stage alone and several fused
+(featx fit-head --task segment -l A -l B: maps upsampled to the finest one's size, channels concatenated per cell).
+
 Every method sees the same images through the same transform (the weights' eval preset at --image-size: shorter
 side resized in the preset's ratio, center crop) and is scored on the 34 val images the same way (pixel confusion
 at the crop's resolution): mean IoU over {background, person} and the person's Dice. Seconds are wall time and CPU seconds of this process
@@ -17,6 +20,7 @@ them, since wall seconds on a shared machine stretch with it while CPU seconds d
     python benchmarks/segment_pennfudan.py --part accuracy     # the full comparison (run under flock -s)
     python benchmarks/segment_pennfudan.py --part timing       # probe + one epoch of each (run under flock -x)
     python benchmarks/segment_pennfudan.py --methods probe fpn --epochs 8 --dice-weight 0.5   # the pyramid decoder
+    python benchmarks/segment_pennfudan.py --part multitap     # dense probes on one tap and on several
     python benchmarks/segment_pennfudan.py --smoke             # generated pairs, seconds: checks that it runs
 
 Weights: -b timm/tf_efficientnet_lite0 -w FILE --weights-match order (ImageNet, from the efficientnet-lite0-pytorch-
@@ -100,6 +104,49 @@ def run_probe(data, work: Path, model: dict, size: dict, tap: str) -> dict:
             "extract_wall_s": extract_clock.wall, "fit_wall_s": fit_clock.wall}
 
 
+def tap_sets(pyramid: list[str], last: str) -> list[list[str]]:
+    """The tap lists of --part multitap, finest first: each stage alone, then each stage fused with every coarser one
+    (the last map included)."""
+    stages = [tap for tap in pyramid if tap != last] + [last]
+    return [[tap] for tap in stages] + [stages[i:] for i in range(len(stages) - 1)] + \
+        [stages[i:-1] for i in range(len(stages) - 2)]
+
+
+def run_probes(data, work: Path, model: dict, size: dict, sets: list[list[str]]) -> tuple[dict, list[dict]]:
+    """Extract the maps of every tap in `sets` once, then fit a dense probe on each tap list."""
+    store = work / "maps.h5"
+    taps = list(dict.fromkeys(tap for taps in sets for tap in taps))
+    with Clock() as extract_clock:
+        featx.extract(data, store, taps=taps, pooling="none", workers=0, **model_for_extract(model), **size)
+    rows = []
+    for fused in sets:
+        with Clock() as fit_clock:
+            m = fit_dense_probe(store, data, work / "probe", tap=fused if len(fused) > 1 else fused[0], binary=True,
+                                overwrite=True).metrics
+        rows.append({"taps": fused, "map_shape": m["map_shape"], "miou": m["miou"], "dice": m["dice"],
+                     "pixel_acc": m["pixel_acc"], "C": m["C"], "fit_wall_s": fit_clock.wall, "fit_cpu_s": fit_clock.cpu})
+        print(rows[-1], flush=True)
+    return {"wall_s": extract_clock.wall, "cpu_s": extract_clock.cpu, "taps": taps}, rows
+
+
+def multitap_table(report: dict) -> str:
+    extract = report["extract"]
+    lines = [
+        f"Penn-Fudan val, dense probes (featx fit-head --task segment, logistic regression, C by grouped CV, "
+        f"{report['pixels_per_image']} pixels per training image), binary person vs background: {report['backbone']} "
+        f"({report['weights']}), {report['image_size']} px, one extraction of {', '.join(extract['taps'])} "
+        f"({extract['wall_s']:.1f} s wall, {extract['cpu_s']:.1f} s CPU), {report['threads']} threads, CPU "
+        f"{report['cpu_capability']} ({report['cpu_flags']}), load average {report['load']} at the start",
+        "",
+        "| taps (-l, in order) | fused map C x h x w | val mIoU | val Dice | pixel acc | C | fit wall s | fit CPU s (main process; CV runs in joblib workers) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {' + '.join(r['taps'])} | {' x '.join(map(str, r['map_shape']))} | {r['miou']:.3f} | {r['dice']:.3f} "
+              f"| {r['pixel_acc']:.3f} | {r['C']:g} | {r['fit_wall_s']:.1f} | {r['fit_cpu_s']:.1f} |"
+              for r in report["rows"]]
+    return "\n".join(lines)
+
+
 def model_for_extract(model: dict) -> dict:
     return {k: v for k, v in model.items() if k in ("backbone", "weights", "weights_match")}
 
@@ -143,7 +190,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("accuracy", "timing"), default="accuracy")
+    parser.add_argument("--part", choices=("accuracy", "timing", "multitap"), default="accuracy")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=5)
@@ -174,6 +221,19 @@ def main() -> None:
         bb = load_backbone(model["backbone"], model["weights"], match=model.get("weights_match", "name"))
         tap = default_tap(bb.model)
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        if args.part == "multitap":
+            from featx.segment.model import pyramid_taps
+
+            extract, rows = run_probes(data, work, model, size, tap_sets(pyramid_taps(bb.model), tap))
+            report = {"date": DATE, "part": args.part, "data": str(data), "backbone": model["backbone"],
+                      "weights": label, "image_size": image, "pixels_per_image": 256, "extract": extract, "rows": rows,
+                      "load": load, "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            print(multitap_table(report))
+            if not args.smoke:
+                (RESULTS / f"segment-{DATE}-multitap.json").write_text(json.dumps(report, indent=2) + "\n")
+                (RESULTS / f"segment-{DATE}-multitap.md").write_text(multitap_table(report) + "\n")
+            return
         rows = [run_probe(data, work, model, size, tap)] if "probe" in args.methods else []
         rows += [run_finetune(data, work, model, size, tap, method, epochs, args.backbone_lr, args.dice_weight)
                  for method in args.methods if method != "probe"]

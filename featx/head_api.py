@@ -10,19 +10,21 @@ from __future__ import annotations
 import inspect
 import os
 
+from .errors import FeatxError
 from .options import OptionError
 from .segment import is_segment_head
 
 SHARED_PREDICT = ("store", "weights", "batch_size", "device", "workers", "progress", "log")
 
 
-def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify", masks=None, binary: bool = False,
+def fit_head(data, tap: str | list[str] | None = None, output=None, *, task: str = "classify", masks=None, binary: bool = False,
              num_classes: int | None = None, pixels_per_image: int = 256, **options):
     """Fit a head on the rows of `tap` in `data` and return it (saved to `output` when given).
 
     task 'classify' (default): featx.heads.api.fit_head with `options` (classes, or values for float targets).
-    task 'segment': the dense per-pixel probe on the maps of a `--pooling none` store against the image + mask
-    pairs `masks` (featx.segment.probe.fit_dense_probe: `binary`, `num_classes`, `pixels_per_image`, and the
+    task 'segment': the dense per-pixel probe on the maps of a `--pooling none` store (`tap` may be a list: the
+    maps of several taps, fused at the finest one's size) against the image + mask pairs `masks`
+    (featx.segment.probe.fit_dense_probe: `binary`, `num_classes`, `pixels_per_image`, and the
     search options grid, folds, normalize, val_split, seed, n_jobs, overwrite).
     """
     from .heads.api import fit_head as fit_rows_head
@@ -34,11 +36,15 @@ def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify
     defaults = FitHeadOptions.defaults()
     segment_only = FitHeadOptions.names(fits="segment")
     task, masks = options.pop("task"), options["masks"]
+    taps = [tap] if tap is None or isinstance(tap, str) else list(tap) or [None]
     if task == "classify":
         given = _given({name: options.pop(name) for name in segment_only}, defaults)
         if given:
             raise OptionError(f"{_fields(given)}: segmentation options, they need {{task=}}", task="segment")
-        return fit_rows_head(data, tap, output, **options)
+        if len(taps) > 1:
+            raise FeatxError(f"-l {' -l '.join(map(str, taps))}: a classification head reads one tap; several taps "
+                             f"are for --task segment")
+        return fit_rows_head(data, taps[0], output, **options)
     if not masks:
         raise OptionError("{task=}: give the image + mask pairs with {masks=MASKS}", task=task)
     shared = FitHeadOptions.names(fits="both")
@@ -50,8 +56,8 @@ def fit_head(data, tap: str | None = None, output=None, *, task: str = "classify
     from .segment.probe import fit_dense_probe
 
     kept = {k: v for k, v in options.items() if k in shared and (k, v) != ("normalize", None)}  # None: default
-    return fit_dense_probe(data, masks, output, tap=tap, **{k: options[k] for k in segment_only if k != "masks"},
-                           **kept)
+    segment = {k: options[k] for k in segment_only if k != "masks"}
+    return fit_dense_probe(data, masks, output, tap=taps if len(taps) > 1 else taps[0], **segment, **kept)
 
 
 def predict(head, data, output=None, *, overlay=None, **options):

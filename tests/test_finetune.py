@@ -154,6 +154,26 @@ def test_small_batches_keep_every_batch_norm_fixed_unless_train_bn():
     assert all(m.training for m in model.modules())
 
 
+def test_a_head_started_from_a_probe_keeps_batch_norm_fixed_unless_train_bn(probe):
+    """The probe was fitted on features normalised with the running statistics: with batch statistics the same
+    images give other features, and the probe's logits at step 0 would be lost."""
+    model = torchvision.models.resnet18()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    train_mode(model, train_bn=False, batch_size=64, from_probe=True)
+    assert model.training and not any(m.training for m in norms)
+    train_mode(model, train_bn=True, batch_size=64, from_probe=True)
+    assert all(m.training for m in norms)
+    model, _ = build_model(load_backbone("resnet18", "none"), ["ants", "bees", "wasps"], "linear", SIZE,
+                           init_head=probe[2])
+    x = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        train_mode(model, train_bn=False, batch_size=16, from_probe=True)
+        assert torch.allclose(model(x), expected, atol=1e-5)  # the probe's logits, in training mode too
+        train_mode(model, train_bn=False, batch_size=16)
+        assert not torch.allclose(model(x), expected, atol=1e-3)  # batch statistics change them
+
+
 # ---- the new head and the warm start from a probe ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -212,6 +232,17 @@ def test_init_head_gives_the_probe_logits_at_step_0(probe):
     expected = load_head(head_dir).decision_function(features)
     assert expected.shape == logits.shape == (12, 3)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_finetune_from_a_probe_says_batch_norm_stays_fixed(probe, tmp_path, monkeypatch):
+    from featx.finetuning import freezing, train
+
+    for module in (freezing, train):  # batches of the 12 images are not small: only the probe fixes BatchNorm
+        monkeypatch.setattr(module, "SMALL_BATCH", 2)
+    lines = []
+    finetune(probe[0], tmp_path / "run", backbone="resnet18", weights="none", init_head=probe[2], epochs=1,
+             batch_size=8, image_size=SIZE, workers=0, device="cpu", precision="fp32", log=lines.append)
+    assert "BatchNorm statistics stay fixed: the head starts from a probe (--train-bn updates them)" in lines
 
 
 def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe):

@@ -392,6 +392,83 @@ def test_the_api_functions_take_segmentation_heads_as_the_command_line_does(data
     assert not (tmp_path / "p2").exists()
 
 
+@pytest.fixture(scope="module")
+def two_taps(data, tmp_path_factory):
+    """A store with the stride 4 (16x16 at 64 px) and stride 8 (8x8) maps of one backbone pass."""
+    store = tmp_path_factory.mktemp("taps") / "taps.h5"
+    featx.extract(data, store, backbone="resnet18", weights="none", taps=["layer1", "layer2"], pooling="none",
+                  image_size=64, workers=0, precision="fp32", device="cpu")
+    return store
+
+
+def test_dense_probe_on_two_taps_predicts_at_the_finest_maps_size(data, two_taps, tmp_path):
+    from types import SimpleNamespace
+
+    from featx.preprocess import TransformSpec
+    from featx.segment.probe import fuse_maps, image_masks
+    from featx.store import open_store
+
+    out = _cli("fit-head", two_taps, "--task", "segment", "-l", "layer2", "-l", "layer1", "--masks", data, "--binary",
+               "--grid", "1", "--pixels-per-image", "32", "-o", tmp_path / "head", "--json")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    assert metrics["taps"] == ["layer2", "layer1"] and metrics["tap"] == "layer1"
+    assert metrics["map_shape"] == [128 + 64, 16, 16] and metrics["miou"] > 0.6
+    head = load_segment_head(tmp_path / "head")
+    assert head.segment["taps"] == ["layer2", "layer1"] and head.tap == "layer1" and head.n_features_in_ == 192
+
+    with open_store(two_taps) as store:
+        fine, coarse = store.features("layer1", np.arange(2)), store.features("layer2", np.arange(2))
+        paths = [store.paths[i] for i in range(2)]
+    fused = fuse_maps([coarse, fine])
+    assert fused.shape == (2, 192, 16, 16) and np.array_equal(fused[:, 128:], fine)
+    assert np.allclose(fused[:, :128, ::2, ::2].mean(), coarse.mean(), atol=0.1)  # the coarse map, upsampled
+    # per-cell scores change within a coarse cell: the mask follows the 16x16 map, not the 8x8 one
+    channels = fused.shape[1]
+    scores = head.decision_function(fused.transpose(0, 2, 3, 1).reshape(-1, channels)).reshape(2, 8, 2, 8, 2)
+    assert np.abs(np.diff(scores, axis=2)).max() > 1e-3 and np.abs(np.diff(scores, axis=4)).max() > 1e-3
+
+    out = _cli("evaluate", tmp_path / "head", two_taps, "--masks", data, "--split", "val", "--json")
+    assert out.returncode == 0, out.stderr
+    evaluated = json.loads(out.stdout)
+    assert evaluated["miou"] == pytest.approx(metrics["miou"]) and evaluated["taps"] == ["layer2", "layer1"]
+
+    out = _cli("predict", tmp_path / "head", data, "-o", tmp_path / "pred", "-q")
+    assert out.returncode == 0, out.stderr
+    spec = TransformSpec.from_dict(head.config["transform"])
+    sizes = [Image.open(data / p).size for p in paths]
+    expected = image_masks(head, fused, sizes, spec)
+    for path, ids in zip(paths, expected):
+        written = np.asarray(Image.open(tmp_path / "pred" / f"{path.rsplit('.', 1)[0]}.png"))
+        assert np.array_equal(written, ids)
+    # the service fuses the rows of the head's taps as predict does
+    pytest.importorskip("fastapi")
+    from featx.serve.masks import _masks
+
+    embedded = [SimpleNamespace(rows={"layer1": fine[i], "layer2": coarse[i]}) for i in range(2)]
+    uploads = [SimpleNamespace(data=(data / p).read_bytes()) for p in paths]
+    assert all(np.array_equal(a, b) for a, b in zip(_masks(head, embedded, uploads), expected))
+    assert "taps" not in json.loads((tmp_path / "head" / "head.json").read_text())
+
+
+def test_dense_probe_taps_that_cannot_be_fused_are_one_line(data, two_taps, tmp_path):
+    pooled = tmp_path / "pooled.h5"
+    featx.extract(data, pooled, backbone="resnet18", weights="none", taps=["layer1", "layer2"], image_size=64,
+                  workers=0, precision="fp32", device="cpu")
+    for store, taps, message in [
+        (two_taps, ["layer1", "layer3"], "-l layer3: no such tap in"),
+        (pooled, ["layer1", "layer2"], "tap layer1 holds (64,) rows per image"),
+        (two_taps, ["layer1", "layer1"], "-l layer1: given twice; give each tap once"),
+        (two_taps, [], "holds several taps (layer1, layer2): choose one with -l/--layer"),
+    ]:
+        out = _cli("fit-head", store, "--task", "segment", *[a for t in taps for a in ("-l", t)], "--masks", data,
+                   "--binary", "-o", tmp_path / "head")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    out = _cli("fit-head", pooled, "-l", "layer1", "-l", "layer2", "-o", tmp_path / "head")
+    assert out.returncode == 2 and "a classification head reads one tap" in out.stderr, out.stderr
+    assert not (tmp_path / "head").exists()
+
+
 # ---- masks as pictures and as run lengths ------------------------------------------------------------------------
 
 def test_palette_png_keeps_the_ids_and_shows_them():

@@ -25,7 +25,7 @@ def _warnings_as_lines():
 
 @click.command("fit-head")
 @click.argument("store", type=FEATURES_FILE)
-@click.option("-l", "--layer", "tap", help="Tap whose rows train the head (default: the store's only tap).")
+@click.option("-l", "--layer", "tap", multiple=True, help="Tap whose rows train the head (default: the store's only tap); --task segment: repeat it to fuse the maps of several taps.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Head folder to write (atomically).")
 @FitHeadOptions.click_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
@@ -39,7 +39,7 @@ def fit_head_cmd(store, tap, output, as_json, **params):
     from ..heads.metrics import metrics_table
 
     with _warnings_as_lines():
-        head = fit_head(store, tap, output, **FitHeadOptions.from_command_line(params).to_dict())
+        head = fit_head(store, list(tap), output, **FitHeadOptions.from_command_line(params).to_dict())
     if as_json:
         echo_json({"path": str(head.path), **head.metrics})
         return

@@ -132,20 +132,22 @@ def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
 SMALL_BATCH = 16
 
 
-def batch_norm_fixed(batch_size: int, train_bn: bool) -> bool:
+def batch_norm_fixed(batch_size: int, train_bn: bool, from_probe: bool = False) -> bool:
     """Whether every BatchNorm layer keeps its running statistics (eval mode; its scale and shift still train):
-    batches under SMALL_BATCH, unless `train_bn`."""
-    return batch_size < SMALL_BATCH and not train_bn
+    batches under SMALL_BATCH, or a head started from a probe (`from_probe`, --init-head: the probe was fitted on
+    features normalised with the running statistics, and batch statistics feed it other features, so its logits
+    are no longer the probe's), unless `train_bn`."""
+    return (batch_size < SMALL_BATCH or from_probe) and not train_bn
 
 
-def train_mode(model: nn.Module, train_bn: bool, batch_size: int = SMALL_BATCH) -> None:
+def train_mode(model: nn.Module, train_bn: bool, batch_size: int = SMALL_BATCH, from_probe: bool = False) -> None:
     """model.train(), except BatchNorm layers whose running statistics stay fixed: the frozen ones (unless
-    `train_bn`), and all of them at a batch of fewer than SMALL_BATCH images (unless `train_bn`)."""
+    `train_bn`), and all of them when batch_norm_fixed(batch_size, train_bn, from_probe)."""
     model.train()
     if train_bn:
         return
     fixed = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
-        if batch_norm_fixed(batch_size, train_bn) else frozen_batchnorms(model)
+        if batch_norm_fixed(batch_size, train_bn, from_probe) else frozen_batchnorms(model)
     for module in fixed:
         module.eval()
 

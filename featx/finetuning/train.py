@@ -70,6 +70,11 @@ class Trainer:
         return min(self.config["batch_size"], self.config["n_train"])
 
     @property
+    def from_probe(self) -> bool:
+        """Whether the head was started from a probe (--init-head): BatchNorm then keeps its running statistics."""
+        return self.config.get("init_head") is not None
+
+    @property
     def stopped_early(self) -> bool:
         if not (self.early_stop and self.history and self.val_loader is not None):
             return False
@@ -86,8 +91,9 @@ class Trainer:
         """Train the epochs not done yet (all of them, or those after the checkpoint's), unless stopped early."""
         start = len(self.history) + 1
         batch = self.batch
-        if start <= self.epochs and batch_norm_fixed(batch, self.train_bn):
-            self.log(f"BatchNorm statistics stay fixed: batch {batch} < {SMALL_BATCH} images (--train-bn updates them)")
+        if start <= self.epochs and batch_norm_fixed(batch, self.train_bn, self.from_probe):
+            why = f"batch {batch} < {SMALL_BATCH} images" if batch < SMALL_BATCH else "the head starts from a probe"
+            self.log(f"BatchNorm statistics stay fixed: {why} (--train-bn updates them)")
         for epoch in range(start, self.epochs + 1):
             if self.stopped_early:
                 self.log(f"early stop: no val accuracy gain in {self.early_stop} epochs (best: epoch {self.best['epoch']})")
@@ -99,7 +105,7 @@ class Trainer:
         set_frozen(self.model, set() if unfrozen else self.frozen)
         if unfrozen and epoch == self.unfreeze_at:
             self.log(f"epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--unfreeze-at)")
-        train_mode(self.model, self.train_bn, self.batch)
+        train_mode(self.model, self.train_bn, self.batch, self.from_probe)
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()

@@ -172,7 +172,9 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     if not head.config:
         raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
                          "(.h5/.npz with --x), not images")
-    options = extractor_options(head.config, head.tap, weights)
+    from ..segment import head_taps
+
+    options = extractor_options(head.config, head_taps(head), weights)
     size_limit = None
     if store is None:
         if head.path is None:
@@ -184,12 +186,12 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     return result.store_path, result.rows, result.failed
 
 
-def extractor_options(config: dict, tap: str, weights=None) -> dict:
-    """`extract` keyword arguments that rebuild the extractor of a store `config` for one tap (weights: a moved
-    weights file, checked against the recorded sha256 before any work)."""
+def extractor_options(config: dict, tap: str | list[str], weights=None) -> dict:
+    """`extract` keyword arguments that rebuild the extractor of a store `config` for one tap or a list of taps
+    (weights: a moved weights file, checked against the recorded sha256 before any work)."""
     from ..extract_request import extract_options_from_config
 
-    return {**extract_options_from_config(config, weights or ()), "taps": [tap]}
+    return {**extract_options_from_config(config, weights or ()), "taps": [tap] if isinstance(tap, str) else list(tap)}
 
 
 def extract_images(options: dict, data, store, config: dict, owner: str, size_limit: int | None = None, *,

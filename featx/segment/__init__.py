@@ -4,7 +4,8 @@
     transforms.py  the same crop and flip for an image and its mask (masks resized with nearest)
     model.py     the backbone cut at a tap plus a decoder (--decoder conv:256 | linear), upsampled to the input
     metrics.py   pixel accuracy, per-class IoU, mean IoU and Dice from a confusion matrix
-    probe.py     the cheap path: a per-pixel linear head on cached (N, C, H, W) maps, its predict and evaluate
+    probe.py     the cheap path: a per-pixel linear head on cached (N, C, H, W) maps of one or several taps, its
+                 predict and evaluate
 
 Importing this package loads nothing heavy; the modules import torch / sklearn themselves.
 """
@@ -18,3 +19,8 @@ SEGMENT_FILE = "segment.json"  # in a head folder: the head is a dense (per-pixe
 def is_segment_head(path) -> bool:
     """Whether the head folder at `path` holds a segmentation head."""
     return (Path(path) / SEGMENT_FILE).is_file()
+
+
+def head_taps(head) -> list[str]:
+    """The taps whose maps a head reads: a dense probe's `taps` (segment.json, when it fuses several), else its tap."""
+    return list((getattr(head, "segment", None) or {}).get("taps") or [head.tap])

@@ -1,5 +1,9 @@
 """The dense probe: a per-pixel linear head on cached (N, C, H, W) maps (`featx extract --pooling none`).
 
+The maps of several taps of one store can be fused: each is upsampled bilinearly to the finest map's size and the
+channels are concatenated per cell, so a cell sees the fine tap's detail and the coarse tap's context; the head
+records its taps in segment.json (`taps`, in the order given) and head.json's tap is the finest one.
+
 Each store row is matched to its mask by the image's content key, and the mask goes through the store's own
 transform (resize the shorter side with nearest, center crop) and then to the map's size. `pixels_per_image`
 labelled pixels of each training image are drawn (seeded) and the heads' machinery fits a logistic regression on
@@ -24,7 +28,7 @@ from ..errors import FeatxError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
 from ..store import open_store
-from . import SEGMENT_FILE
+from . import SEGMENT_FILE, head_taps
 from .metrics import summarize
 from .render import oriented_size, overlay_image, palette_image
 from .source import IGNORE, load_mask_source, read_mask
@@ -45,6 +49,36 @@ def _map_tap(store, tap: str | None) -> tuple[str, tuple[int, ...]]:
         raise FeatxError(f"{store.path}: tap {tap} holds {shape} rows per image (pooling "
                          f"{store.config.get('pooling')}); a segmentation head needs maps: featx extract --pooling none")
     return tap, shape
+
+
+def _map_taps(store, taps) -> tuple[list[str], str, tuple[int, int, int]]:
+    """(taps, the finest of them, (C, h, w) of their fused maps: channels summed, the finest map's size) for one
+    tap (a name or None: the store's only tap) or a list of taps; FeatxError for a tap given twice."""
+    taps = [taps] if taps is None or isinstance(taps, str) else list(taps) or [None]
+    twice = sorted({tap for tap in taps if taps.count(tap) > 1})
+    if twice:
+        raise FeatxError(f"-l {twice[0]}: given twice; give each tap once")
+    shapes = dict(_map_tap(store, tap) for tap in taps)
+    finest = max(shapes, key=lambda tap: shapes[tap][1] * shapes[tap][2])
+    return list(shapes), finest, (sum(shape[0] for shape in shapes.values()), *shapes[finest][1:])
+
+
+def fuse_maps(maps: list[np.ndarray]) -> np.ndarray:
+    """Maps (n, C_i, h_i, w_i) of one or several taps as one (n, sum C_i, h, w) array at the finest map's size:
+    the coarser maps upsampled bilinearly (align_corners False, as the scores in crop_ids), channels in order."""
+    if len(maps) == 1:
+        return maps[0]
+    import torch
+    import torch.nn.functional as F
+
+    h, w = max((m.shape[2:] for m in maps), key=lambda size: size[0] * size[1])
+    return np.concatenate([m if m.shape[2:] == (h, w) else F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)), size=(h, w), mode="bilinear",
+        align_corners=False).numpy() for m in maps], axis=1)
+
+
+def _read_maps(store, taps: list[str], rows) -> np.ndarray:
+    return fuse_maps([store.features(tap, rows) for tap in taps])
 
 
 def _row_masks(store, masks, binary: bool, num_classes: int | None, rows: np.ndarray, spec: TransformSpec):
@@ -81,14 +115,14 @@ def _rows_of(store, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray
     return rows[keep], np.sort(rows[~keep]), f"{val_split:g} of the images held out (seed {seed})"
 
 
-def _pixels(store, tap, rows, masks, shape, per_image: int, seed: int):
+def _pixels(store, taps, rows, masks, shape, per_image: int, seed: int):
     """(X (n, C), ids (n,), image index (n,)): up to `per_image` labelled cells of each image, drawn seeded."""
     channels, h, w = shape
     rng = np.random.default_rng(seed)
     xs, ys, groups = [], [], []
     for start in range(0, len(rows), CHUNK_IMAGES):
         chunk = rows[start : start + CHUNK_IMAGES]
-        maps = store.features(tap, chunk)
+        maps = _read_maps(store, taps, chunk)
         for k, row in enumerate(chunk):
             ids = _at(masks[int(row)], h, w).reshape(-1)
             cells = np.flatnonzero(ids != IGNORE)
@@ -99,12 +133,13 @@ def _pixels(store, tap, rows, masks, shape, per_image: int, seed: int):
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(groups)
 
 
-def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, binary: bool = False,
+def fit_dense_probe(store_path, masks, output=None, *, tap: str | list[str] | None = None, binary: bool = False,
                     num_classes: int | None = None, pixels_per_image: int = PIXELS_PER_IMAGE, grid=None,
                     folds: int | None = None, normalize: str = "standard", val_split: float = 0.2, seed: int = 0,
                     n_jobs: int | None = -1, overwrite: bool = False):
-    """Fit a per-pixel logistic regression on the maps of `tap` in the featx store `store_path`, against the masks
-    of `masks` (a masks folder or CSV, see featx.segment.source). Returns the Head; with `output` it is saved."""
+    """Fit a per-pixel logistic regression on the maps of `tap` in the featx store `store_path` (a list of taps:
+    their fused maps, see fuse_maps), against the masks of `masks` (a masks folder or CSV, see
+    featx.segment.source). Returns the Head; with `output` it is saved."""
     from ..heads import cv
     from ..heads.data import Rows
     from ..heads.estimators import HeadOptions, get_head_type
@@ -119,13 +154,13 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
         check_output(Path(output), overwrite)
     started = time.perf_counter()
     with open_store(store_path) as store:
-        tap, shape = _map_tap(store, tap)
+        taps, tap, shape = _map_taps(store, tap)
         spec = TransformSpec.from_dict(store.config["transform"])
         train, held, how = _rows_of(store, val_split, seed)
         if not len(train):
             raise FeatxError(f"{store.path}: no training rows (split 'train', or rows without a split)")
         source, masks_by_row = _row_masks(store, masks, binary, num_classes, np.concatenate([train, held]), spec)
-        X, y, groups = _pixels(store, tap, train, masks_by_row, shape, pixels_per_image, seed)
+        X, y, groups = _pixels(store, taps, train, masks_by_row, shape, pixels_per_image, seed)
         present, y_index = np.unique(y, return_inverse=True)
         if len(present) < 2:
             raise FeatxError(f"{masks}: every sampled training pixel is of class {source.classes[present[0]]!r}; a "
@@ -149,17 +184,17 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
                     n_features=shape[0], tap=tap, normalize=normalize, link=head_type.link, C=C,
                     config=dict(store.config), config_key=store.config_key)
         segment = {"featx_segment": FORMAT, "classes": source.classes, "binary": bool(binary),
-                   "num_classes": source.num_classes, "masks": os.path.abspath(masks)}
+                   "num_classes": source.num_classes, "masks": os.path.abspath(masks), **_several(taps)}
         head.segment = segment
         head.metrics = {
-            "head": head_type.name, "task": "segmentation", "tap": tap, "map_shape": list(shape),
+            "head": head_type.name, "task": "segmentation", "tap": tap, **_several(taps), "map_shape": list(shape),
             "trained_on": str(store.path), "masks": segment["masks"], "pixels_per_image": pixels_per_image,
             "rows": {"train": len(train), "eval": len(held)}, "fit_pixels": len(X), "C": C,
             "cv": result.to_dict() if result else None, "converged": trainer.converged,
             "fit_seconds": time.perf_counter() - fit_started,
         }
         if len(held):
-            matrix = _confusion(head, store, tap, held, masks_by_row, spec, source.classes)
+            matrix = _confusion(head, store, taps, held, masks_by_row, spec, source.classes)
             head.metrics.update(evaluated_on=how, **summarize(matrix, source.classes))
         head.metrics["total_seconds"] = time.perf_counter() - started
     if output is not None:
@@ -168,6 +203,11 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | None = None, b
             (folder / SEGMENT_FILE).write_text(json.dumps(segment, indent=2))
         head.path = Path(output)
     return head
+
+
+def _several(taps: list[str]) -> dict:
+    """{"taps": taps} for a head on several taps; nothing for one, whose files stay as they were."""
+    return {"taps": taps} if len(taps) > 1 else {}
 
 
 def _group_folds(groups: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -207,12 +247,12 @@ def crop_ids(head, maps: np.ndarray, crop: int) -> np.ndarray:
     return ids[index.numpy()]
 
 
-def _confusion(head, store, tap, rows, masks_by_row, spec: TransformSpec, classes) -> np.ndarray:
+def _confusion(head, store, taps, rows, masks_by_row, spec: TransformSpec, classes) -> np.ndarray:
     k = len(classes)
     matrix = np.zeros((k, k), dtype=np.int64)
     for start in range(0, len(rows), CHUNK_IMAGES):
         chunk = rows[start : start + CHUNK_IMAGES]
-        predicted = crop_ids(head, store.features(tap, chunk), spec.crop)
+        predicted = crop_ids(head, _read_maps(store, taps, chunk), spec.crop)
         for row, pred in zip(chunk, predicted):
             true = masks_by_row[int(row)]
             keep = true != IGNORE
@@ -230,13 +270,13 @@ def evaluate_dense(head, store_path, masks, *, split: str | None = None) -> dict
         raise FeatxError(f"DATA: a segmentation head is evaluated on one store (.h5 from featx extract of the images), "
                          f"not {len(store_path)} inputs")
     with open_store(store_path) as store:
-        tap, shape = _map_tap(store, head.tap)
-        _check_store(head, store, tap, shape[0])
+        taps, tap, shape = _map_taps(store, head_taps(head))
+        _check_store(head, store, "+".join(taps), shape[0])
         spec = TransformSpec.from_dict(store.config["transform"])
         rows, chosen, where = evaluation_rows(np.ones(len(store), dtype=bool), store.splits, split, store.path)
         _, masks_by_row = _row_masks(store, masks, head.segment["binary"], head.segment["num_classes"], rows, spec)
-        matrix = _confusion(head, store, tap, rows, masks_by_row, spec, head.segment["classes"])
-    return {"head": head.kind, "task": "segmentation", "tap": tap, "data": str(store_path), "masks": str(masks),
+        matrix = _confusion(head, store, taps, rows, masks_by_row, spec, head.segment["classes"])
+    return {"head": head.kind, "task": "segmentation", "tap": tap, **_several(taps), "data": str(store_path), "masks": str(masks),
             "split": chosen, "rows": {"eval": len(rows)}, "evaluated_on": where,
             **summarize(matrix, head.segment["classes"])}
 
@@ -272,14 +312,14 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
                         progress=progress, log=log) as (store_path, selected, failed), open_store(store_path) as st:
-        tap, shape = _map_tap(st, head.tap)
-        _check_store(head, st, tap, shape[0])
+        taps, _, shape = _map_taps(st, head_taps(head))
+        _check_store(head, st, "+".join(taps), shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
         for start in range(0, len(selected), CHUNK_IMAGES):
             rows = selected[start : start + CHUNK_IMAGES]
             chunk = [items[st.paths[row]] for row in rows]
             sizes = [oriented_size(item.path) for item in chunk]
-            for item, ids in zip(chunk, image_masks(head, st.features(tap, rows), sizes, spec)):
+            for item, ids in zip(chunk, image_masks(head, _read_maps(st, taps, rows), sizes, spec)):
                 stem = os.path.splitext(item.relpath)[0]
                 _save(palette_image(ids), folders[0] / f"{stem}.png")
                 if overlay is not None:
@@ -307,7 +347,7 @@ def _save(image: Image.Image, path: Path, **options) -> None:
 
 def image_masks(head, maps: np.ndarray, sizes, spec: TransformSpec) -> list[np.ndarray]:
     """Class-id masks (H, W) at each image's own size ((width, height) in `sizes`) from the maps (n, C, h, w) of
-    the head's tap: scores per cell upsampled to the crop (crop_ids), then the crop and the resize undone."""
+    the head's tap (its taps: fused, fuse_maps): scores per cell upsampled to the crop (crop_ids), then the crop and the resize undone."""
     return [uncrop(ids, size, spec) for ids, size in zip(crop_ids(head, maps, spec.crop), sizes)]
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ..preprocess import TransformSpec
-from ..segment.probe import image_masks
+from ..segment import head_taps
+from ..segment.probe import fuse_maps, image_masks
 from ..segment.render import oriented_size, palette_png, run_lengths
 from .errors import ServiceError
 
@@ -49,7 +50,7 @@ def _sizes(uploads) -> list[tuple[int, int]]:
 
 
 def _masks(head, embedded, uploads) -> list[np.ndarray]:
-    maps = np.stack([np.asarray(e.rows[head.tap], dtype=np.float32) for e in embedded])
+    maps = fuse_maps([np.stack([np.asarray(e.rows[tap], dtype=np.float32) for e in embedded]) for tap in head_taps(head)])
     return image_masks(head, maps, _sizes(uploads), TransformSpec.from_dict(head.config["transform"]))
 
 
