@@ -1,4 +1,4 @@
-"""featx.distributed: shard discovery from torchrun's environment or --num-shards, assignment by content key, and
+"""featx.sharding: shard discovery from torchrun's environment or --num-shards, assignment by content key, and
 the start/finish hand-off through marker files."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from featx import distributed
+from featx import sharding
 from featx.sharding import Shard, discover
 from featx.errors import FeatxError
 
@@ -70,37 +70,37 @@ def test_device_is_the_local_gpu_under_torchrun(monkeypatch):
 
 def test_last_shard_to_finish_gets_every_report(tmp_path):
     first, last = Shard(1, 2, 0, "shards"), Shard(0, 2, 0, "shards")
-    assert distributed.finish(first, tmp_path, JOB, {"failed": {"k1": "bad"}}) == ([{"failed": {"k1": "bad"}}], [0])
-    reports, waiting = distributed.finish(last, tmp_path, JOB, {"failed": {}})
+    assert sharding.finish(first, tmp_path, JOB, {"failed": {"k1": "bad"}}) == ([{"failed": {"k1": "bad"}}], [0])
+    reports, waiting = sharding.finish(last, tmp_path, JOB, {"failed": {}})
     assert waiting == [] and reports == [{"failed": {}}, {"failed": {"k1": "bad"}}]
     other_data = {**JOB, "data": "e" * 64}  # markers of a run on other data are not this job's
-    assert distributed.finish(last, tmp_path, other_data, {"failed": {}})[1] == [1]
+    assert sharding.finish(last, tmp_path, other_data, {"failed": {}})[1] == [1]
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_independent_shard_refuses_markers_of_another_config(tmp_path):
-    distributed.finish(Shard(0, 2, 0, "shards"), tmp_path, JOB, {"failed": {}})
-    distributed.start(Shard(1, 2, 0, "shards"), tmp_path, JOB)
-    distributed.start(Shard(1, 3, 0, "shards"), tmp_path, {**JOB, "config": "x"})  # another split: not compared
+    sharding.finish(Shard(0, 2, 0, "shards"), tmp_path, JOB, {"failed": {}})
+    sharding.start(Shard(1, 2, 0, "shards"), tmp_path, JOB)
+    sharding.start(Shard(1, 3, 0, "shards"), tmp_path, {**JOB, "config": "x"})  # another split: not compared
     with pytest.raises(FeatxError, match="another config") as err:
-        distributed.start(Shard(1, 2, 0, "shards"), tmp_path, {**JOB, "config": "x"})
+        sharding.start(Shard(1, 2, 0, "shards"), tmp_path, {**JOB, "config": "x"})
     assert "done-0-of-2.json" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_rendezvous_timeout_must_be_positive(value):
     with pytest.raises(FeatxError, match="FEATX_RENDEZVOUS_TIMEOUT"):
-        distributed.rendezvous_timeout({"FEATX_RENDEZVOUS_TIMEOUT": value})
+        sharding.rendezvous_timeout({"FEATX_RENDEZVOUS_TIMEOUT": value})
 
 
 RANK = """
 import json, sys
 from pathlib import Path
-from featx import distributed
+from featx import sharding
 from featx.errors import FeatxError
 folder, job = Path(sys.argv[1]), json.loads(sys.argv[2])
 try:
-    distributed.start(distributed.discover(), folder, job)
+    sharding.start(sharding.discover(), folder, job)
     print("ok")
 except FeatxError as err:
     print("error:", err)
@@ -114,7 +114,7 @@ def _free_port() -> int:
 
 
 def _ranks(folders, jobs, world=None, timeout="60"):
-    """Run distributed.start in one process per rank (as torchrun would start them); their output lines."""
+    """Run sharding.start in one process per rank (as torchrun would start them); their output lines."""
     port = str(_free_port())
     procs = []
     for rank, (folder, job) in enumerate(zip(folders, jobs)):
@@ -147,4 +147,4 @@ def test_missing_rendezvous_is_one_line(tmp_path):
 def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(FeatxError, match="WORLD_SIZE=2 is set but MASTER_ADDR/MASTER_PORT are not: launch with torchrun"):
-        distributed.start(Shard(0, 2, 0, "torchrun"), tmp_path, JOB)
+        sharding.start(Shard(0, 2, 0, "torchrun"), tmp_path, JOB)
