@@ -196,6 +196,8 @@ def advise(data, *, backbone: str | None = None, weights: str = "DEFAULT", weigh
     recommendation and the alternatives with their commands), also saved beside the store (.advice.json)."""
     from .backbones import load_backbone
 
+    if isinstance(taps, str):  # one tap by name, not a list of its letters
+        taps = [taps]
     started = time.perf_counter()
     specs = AdviseOptions.of(locals()).specs()  # an OptionError for a value the option does not take
     if len(specs) != 1:

@@ -154,6 +154,8 @@ def extract(
     unchanged rerun (see featx.extract_request) returns before anything is built.
     """
     arguments = dict(locals())  # first statement: exactly the call's arguments
+    if isinstance(taps, str):  # one tap by name, not a list of its letters
+        taps = arguments["taps"] = [taps]
     started = time.perf_counter()
     ExtractOptions.of(arguments)  # an OptionError for a value the option does not take
     checked = checked or check(arguments)

@@ -23,6 +23,12 @@ def folder(tmp_path):
     return make_image_folder(tmp_path / "data", per_class=3, splits={"train": 3, "val": 2})
 
 
+def test_one_tap_given_as_a_string_is_that_tap(folder, tmp_path):
+    extract(folder, tmp_path / "s.h5", taps="layer2", **FAST)
+    with open_store(tmp_path / "s.h5") as st:
+        assert st.taps == ["layer2"]
+
+
 def test_extract_writes_schema_rows(folder, tmp_path):
     out = tmp_path / "s.h5"
     result = extract(folder, out, taps=["layer2", "avgpool"], **FAST)
