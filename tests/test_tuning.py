@@ -209,8 +209,8 @@ def test_counts_out_of_range_one_line_exit_2(folder, tmp_path, option, value):
     assert not (tmp_path / "s.h5").exists()
 
 
-@pytest.mark.parametrize("given, message", [(dict(workers=100000), "--workers"), (dict(threads=0), "--threads"),
-                                            (dict(threads=100000), "--threads"), (dict(workers=1.5), "--workers")])
+@pytest.mark.parametrize("given, message", [(dict(workers=100000), "workers=100000"), (dict(threads=0), "threads=0"),
+                                            (dict(threads=100000), "threads=100000"), (dict(workers=1.5), "workers=1.5")])
 def test_api_counts_out_of_range(folder, tmp_path, given, message):
     with pytest.raises(FeatxError, match=message):
         extract(folder, tmp_path / "s.h5", backbone="resnet18", weights="none", **given)
