@@ -9,8 +9,10 @@ the same images for the same number of epochs; the last epoch's training images 
              fp32, no channels_last, no workers, model.train(), loss.backward(), optimizer.step()
 Also printed: the model's pure training step at featx's precision on pre-made tensors (no data at all), the most
 featx can reach, and its ratio to the tutorial's loop. Both run on --device (cpu by default). Target on a 2-core CPU: featx / tutorial >= 2.5.
+--decode compares finetune's decode modes instead (no tutorial loop): the last epoch's img/s of each, and the ratio.
 
     python benchmarks/finetune_throughput.py [--data ../shared/data/hymenoptera_data] [--epochs 2]
+    python benchmarks/finetune_throughput.py --decode exact --decode fast --epochs 1   # fast / exact
     python benchmarks/finetune_throughput.py --smoke    # seconds: generated images, 32 px, 1 epoch (checks it runs)
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from featx.choices import DEFAULT_DECODE, TRAIN_DECODES
 from featx.finetuning import finetune
 from featx.runtime import default_workers, resolve_runtime
 
@@ -63,12 +66,13 @@ def tutorial_loop(train_dir: Path, epochs: int, batch_size: int, image_size: int
     return speed
 
 
-def featx_loop(data: Path, epochs: int, batch_size: int, image_size: int, device: str) -> float:
-    """featx.finetune on the same data; returns the last epoch's training images per second."""
+def featx_loop(data: Path, epochs: int, batch_size: int, image_size: int, device: str,
+               decode: str = DEFAULT_DECODE) -> float:
+    """featx.finetune on the same data (--decode `decode`); returns the last epoch's training images per second."""
     with tempfile.TemporaryDirectory() as tmp:
         result = finetune(str(data), Path(tmp) / "run", backbone="resnet18", weights="none", epochs=epochs,
                           batch_size=batch_size, image_size=image_size, optimizer="sgd", lr=0.01, schedule="none",
-                          device=device)
+                          device=device, decode=decode)
     return result.history[-1]["images_per_second"]
 
 
@@ -117,22 +121,45 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu", help="device of both loops (default: cpu)")
+    parser.add_argument("--decode", action="append", choices=TRAIN_DECODES,
+                        help="time featx finetune with this --decode (give it twice to compare modes; no tutorial loop)")
     parser.add_argument("--smoke", action="store_true",
                         help="generated images, 32 px, batch 4, 1 epoch: checks that it runs")
     args = parser.parse_args()
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             args.data, args.epochs, args.batch_size, args.image_size = write_smoke_data(Path(tmp)), 1, 4, 32
-            run(args)
+            (compare_decodes if args.decode else run)(args)
         return
-    run(args)
+    (compare_decodes if args.decode else run)(args)
+
+
+def describe_machine(args) -> None:
+    """The CPU's capability and flags that decide bf16 speed, the data and the settings."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, flags "
+          f"{' '.join(shown) or 'none of avx2/avx512/amx'}")
+    print(f"data {args.data}, resnet18 -w none, batch {args.batch_size}, {args.image_size} px, "
+          f"{args.epochs} epochs each, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def compare_decodes(args) -> None:
+    """featx finetune once per --decode mode on args.data; the last epoch's img/s of each, and their ratios."""
+    describe_machine(args)
+    speeds = {}
+    for mode in args.decode:
+        speeds[mode] = featx_loop(args.data, args.epochs, args.batch_size, args.image_size, args.device, mode)
+        print(f"featx finetune --decode {mode} ({resolve_runtime(args.device).describe()}, {default_workers()} "
+              f"workers)  {speeds[mode]:7.1f} img/s")
+    first = args.decode[0]
+    for mode in args.decode[1:]:
+        print(f"ratio {mode} / {first}: {speeds[mode] / speeds[first]:.2f}")
 
 
 def run(args) -> None:
     """Both loops on args.data, then the ratio."""
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")
-    print(f"data {args.data}, resnet18 -w none, batch {args.batch_size}, {args.image_size} px, "
-          f"{args.epochs} epochs each, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    describe_machine(args)
     ours = featx_loop(args.data, args.epochs, args.batch_size, args.image_size, args.device)
     print(f"featx finetune ({resolve_runtime(args.device).describe()}, {default_workers()} workers)  {ours:7.1f} img/s")
     theirs = tutorial_loop(args.data / "train", args.epochs, args.batch_size, args.image_size, args.device)

@@ -26,7 +26,10 @@ DECODER_HELP = ("conv:WIDTH (3x3 conv-ReLU, then a 1x1 conv to the classes), lin
 # keeps both sides >= 2x the resize ('fast') or >= the resize ('reduced', what stores made before 'exact' hold:
 # recorded as 'cpu', or not at all); JPEGs decoded on the CUDA device ('gpu')
 DECODES = ("exact", "fast", "reduced", "gpu")
+TRAIN_DECODES = ("exact", "fast")  # --decode of featx finetune
 DEFAULT_DECODE = "exact"
+DECODE_HELP = ("exact: every image at full size, the reference pipelines' pixels; fast: large JPEGs decoded at a "
+               "reduced scale (>= 2x the resize) first, faster, pixels a little off")
 LEGACY_DECODE = "reduced"
 MAX_SEED = 2**32 - 1  # --seed: numpy's RandomState and scikit-learn take 32-bit seeds
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .choices import (BACKBONE_HELP, DECODES, DEFAULT_DECODE, DEVICE_CHOICES, DTYPES, ENGINES, ON_ERROR, POOLINGS,
-                      PRECISIONS, RETENTIONS, TOKEN_POOLINGS, WEIGHTS_MATCH_HELP, WEIGHTS_MATCHES)
+from .choices import (BACKBONE_HELP, DECODE_HELP, DECODES, DEFAULT_DECODE, DEVICE_CHOICES, DTYPES, ENGINES, ON_ERROR,
+                      POOLINGS, PRECISIONS, RETENTIONS, TOKEN_POOLINGS, WEIGHTS_MATCH_HELP, WEIGHTS_MATCHES)
 from .cpu import usable_cores
 from .options import Options, option
 from .tuning import max_workers
@@ -57,9 +57,8 @@ class ExtractOptions(Options):
     dtype: str = option("float32", "--dtype", choices=DTYPES, help="Storage dtype of the rows.")
     decode: str = option(
         DEFAULT_DECODE, "--decode", choices=DECODES,
-        help="exact: every image at full size, the reference pipelines' pixels; fast: large JPEGs decoded at a "
-             "reduced scale (>= 2x the resize) first, faster, rows a little off; reduced: >= 1x the resize (stores "
-             "made before exact); gpu: JPEGs in batches on the CUDA device (nvJPEG). Part of the store's identity.")
+        help=f"{DECODE_HELP}; reduced: >= 1x the resize (stores made before exact); gpu: JPEGs in batches on the "
+             "CUDA device (nvJPEG). Part of the store's identity.")
     compile_model: bool = option(
         False, "--compile", metadata=NO_ROW_CHANGE,
         help="Run the model through torch.compile: a warm-up of seconds to a minute, then faster batches (for large "

@@ -60,6 +60,17 @@ class TransformSpec:
             new_resize = self.resize
         return TransformSpec(new_resize, crop, self.mean, self.std, self.interpolation)
 
+# --decode mode -> the smallest side a JPEG's reduced-scale (DCT) decode may keep, in units of the resize; None:
+# decoded at full size, as the reference pipelines (PIL, then the resize) do
+DRAFT_FACTORS = {"exact": None, "fast": 2, "reduced": 1, "gpu": None}
+
+
+def draft_size(spec: TransformSpec, decode: str) -> int | None:
+    """The `min_size` of sources.decode_image for a --decode mode: the smallest side a JPEG may be decoded to
+    before `spec`'s resize (None: full size)."""
+    factor = DRAFT_FACTORS[decode]
+    return spec.resize * factor if factor else None
+
 
 def shorter_side_to(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) after resizing so that the shorter side is `size`, rounded as torchvision does."""

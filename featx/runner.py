@@ -19,15 +19,12 @@ from .errors import FeatxError
 from .extract_request import DEFAULT_MATCH, extract_options_from_config
 from .memory import check_batch_memory
 from .pooling import pool
-from .preprocess import EvalTransform, TransformSpec, normalize_batch
+from .preprocess import EvalTransform, TransformSpec, draft_size, normalize_batch
 from .runtime import Runtime, prepare_model, resolve_runtime
 from .sources import DecodeError, decode_image
 from .store import config_fingerprint
 from .taps import channels_last_taps, feature_extractor
 
-# --decode mode -> the smallest side a JPEG's reduced-scale (DCT) decode may keep, in units of the resize; None:
-# decoded at full size, as the reference pipelines (PIL, then the resize) do
-DRAFT_FACTORS = {"exact": None, "fast": 2, "reduced": 1, "gpu": None}
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 # Config fields that decide the numbers in a row; versions and timestamps are recorded but do not invalidate a cache.
@@ -76,8 +73,7 @@ class CpuDecoder:
 
     def __init__(self, transform: TransformSpec, decode: str = DEFAULT_DECODE):
         self.transform = EvalTransform(transform)
-        factor = DRAFT_FACTORS[decode]
-        self.min_size = transform.resize * factor if factor else None
+        self.min_size = draft_size(transform, decode)
 
     def __call__(self, path: str) -> tuple[torch.Tensor, str]:
         spec = self.transform.spec

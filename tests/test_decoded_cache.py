@@ -10,11 +10,11 @@ import torch
 
 from featx.finetuning import finetune
 from featx.finetuning import data as D
-from featx.finetuning.decoded import DecodedCache
+from featx.finetuning.decoded import DecodedCache, stage_key
 from featx.preprocess import TransformSpec
-from featx.sources import load_source
+from featx.sources import content_key, load_source
 
-from imagegen import make_image_folder
+from imagegen import make_image, make_image_folder
 
 SPEC = TransformSpec(resize=24, crop=20, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 FAST = dict(backbone="mobilenet_v3_small", weights="none", image_size=16, batch_size=3, workers=0,
@@ -135,3 +135,25 @@ def test_bad_limit_is_an_error(data, tmp_path):
     with pytest.raises(FeatxError, match="decode_cache_mb=-1"):
         finetune(data, tmp_path / "run", **FAST, decode_cache_mb=-1)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("augment", ["default", "none"])
+def test_fast_and_exact_keep_their_own_pixels_which_differ_for_a_large_jpeg_only(tmp_path, augment):
+    """One cache folder, both modes: each image has an entry per mode; an 800x600 JPEG decoded at a reduced DCT
+    scale (fast) gives other pixels than at full size (exact), a JPEG under 2x the resize the same ones."""
+    for cls, name in enumerate(("large", "small")):
+        make_image(tmp_path / "data" / f"class{cls}" / f"{name}.jpg", cls, cls, (800, 600) if cls == 0 else (40, 30))
+    items = load_source(str(tmp_path / "data")).items
+    cache = DecodedCache.open(tmp_path / "cache", 64, print)
+    pixels = {}
+    for mode in ("exact", "fast"):
+        loader = D.make_loader(items, SPEC, augment, train=False, batch_size=1, workers=0, seed=7, pin_memory=False,
+                               cache=cache, decode=mode)
+        list(loader)
+        stage = D.TrainTransform(SPEC, augment, mode).describe()
+        pixels[mode] = {item.path: cache.get(stage_key(content_key(item.path), stage)) for item in items}
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(items)
+    for item in items:
+        exact, fast = pixels["exact"][item.path], pixels["fast"][item.path]
+        assert exact is not None and fast is not None and exact.shape == fast.shape
+        assert torch.equal(exact, fast) == item.path.endswith("small.jpg"), item.path

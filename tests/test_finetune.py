@@ -6,6 +6,8 @@ architecture families, --unfreeze-at, resume = an uninterrupted run, and the one
 """
 from __future__ import annotations
 
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,12 +18,15 @@ from torch import nn
 from featx.backbones import load_backbone
 from featx.errors import FeatxError
 from featx.finetuning import finetune
+from featx.finetuning import data as D
 from featx.finetuning.classify import build_model
 from featx.finetuning.checkpoint import load_checkpoint, seed_everything
 from featx.finetuning.freezing import (
     freeze_table, frozen_batchnorms, frozen_parameters, loaded_parameters, set_frozen, train_mode,
 )
+from featx.finetuning.resume import resume_arguments
 from featx.finetuning.train import Trainer
+from featx.options import OptionError
 from featx.preprocess import EvalTransform, normalize_batch
 from featx.sources import decode_image
 
@@ -496,9 +501,50 @@ def test_resume_with_other_settings_is_an_error(data, clean_run):
     before = digest(run)
     with pytest.raises(FeatxError, match=r"--resume .*lr 0\.05 there, 0\.1 now"):
         finetune(data, run, **{**UNFREEZE, "lr": 0.1}, resume=True)
+    with pytest.raises(FeatxError, match=r"--resume .*\(--decode exact there, fast now\)"):
+        finetune(data, run, **{**UNFREEZE, "decode": "fast"}, resume=True)
     with pytest.raises(FeatxError, match=r"--resume .*freeze"):
         finetune(data, run, **{**UNFREEZE, "freeze": "features.0"}, resume=True)
     assert digest(run) == before
+
+
+def test_the_decode_mode_is_recorded_and_fast_decodes_jpegs_at_a_reduced_scale(tmp_path, monkeypatch, clean_run):
+    run, _ = clean_run
+    assert json.loads((run / "config.json").read_text())["decode"] == "exact"
+    assert torch.load(run / "model.pt", weights_only=True)["featx"]["decode"] == "exact"
+    data = make_image_folder(tmp_path / "data", per_class=4, size=(20, 20), ext="jpg")
+    sizes = []
+    real = D.decode_image
+    monkeypatch.setattr(D, "decode_image", lambda path, **kw: sizes.append(kw.get("min_size")) or real(path, **kw))
+    resize = load_backbone("mobilenet_v3_small", "none").transform.with_sizes(SIZE).resize
+    finetune(data, tmp_path / "fast", **FAST, epochs=1, decode="fast", decode_cache="none")
+    assert sizes and set(sizes) == {2 * resize}  # training and val images
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["decode"] == "fast"
+    assert torch.load(tmp_path / "fast" / "model.pt", weights_only=True)["featx"]["decode"] == "fast"
+
+
+def test_a_run_recorded_before_the_decode_mode_resumes_as_exact(data, clean_run, tmp_path):
+    run, _ = clean_run
+    old = tmp_path / "run"
+    shutil.copytree(run, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["decode"]
+    (old / "config.json").write_text(json.dumps(config))
+    checkpoint = load_checkpoint(old / "checkpoint.pt")
+    del checkpoint["config"]["decode"]
+    torch.save(checkpoint, old / "checkpoint.pt")
+    with pytest.raises(FeatxError, match=r"\(--decode exact there, fast now\)"):
+        finetune(data, old, **{**UNFREEZE, "decode": "fast", "epochs": 3}, resume=True)
+    result = finetune(**resume_arguments(old, {"epochs": 3, "workers": 0, "device": "cpu"}))
+    assert result.trained_epochs == 1
+    assert json.loads((old / "config.json").read_text())["decode"] == "exact"
+
+
+def test_segmentation_refuses_fast_decoding(data, tmp_path):
+    with pytest.raises(OptionError, match=r"^decode='fast' is for classification: task='segment' decodes images "
+                                          r"at full size") as err:
+        finetune(data, tmp_path / "seg", **FAST, task="segment", decode="fast")
+    assert "\n" not in str(err.value) and not (tmp_path / "seg").exists()
 
 
 def test_resume_of_a_completed_run_removes_stale_temporary_files_and_changes_nothing(data, clean_run):

@@ -46,6 +46,7 @@ def test_run_prints_epoch_lines_and_writes_the_run_folder(trained):
     assert [row["epoch"] for row in rows] == [1, 2]
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == "mobilenet_v3_small" and config["epochs"] == 2 and config["lr"] == 0.05
+    assert config["decode"] == "exact"
 
 
 def test_model_pt_as_weights_of_extract_fit_head_and_predict(trained, tmp_path):
@@ -88,6 +89,7 @@ BAD = [
     (("--batch-size", "50"), "--batch-size 50: larger than the 6 training images"),
     (("-w", _not_weights), "-w "),
     (("--head", "mlp:x"), "--head 'mlp:x'"),
+    (("--task", "segment", "--decode", "fast"), "--decode fast is for classification: --task segment decodes images"),
 ]
 
 
@@ -111,6 +113,7 @@ def test_resume_errors(trained, tmp_path):
     for args, needle in (
         (("--resume", run, "--lr", "0.5"),
          "the run was recorded with other settings (--lr 0.05 there, 0.5 now): leave those options out"),
+        (("--resume", run, "--decode", "fast"), "other settings (--decode exact there, fast now): leave those"),
         (("--resume", run, "--epochs", "1"), "--epochs 1: the run in "),
         (("--resume", tmp_path / "nothing"), "no such run folder"),
         (("--resume", run, "-o", tmp_path / "other"), "give one run folder"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones import load_backbone
+from ..choices import DEFAULT_DECODE
 from ..errors import FeatxError
 from ..memory import check_batch_memory, out_of_memory_as_error
 from ..options import OptionError
@@ -22,6 +23,8 @@ from .train import Trainer
 
 # Config fields recorded for provenance; every other field must be the same when a run is resumed.
 PROVENANCE = ("device", "workers", "ranks", "source", "weights_path", "featx_version", "torch", "torchvision")
+# Config fields that runs recorded before they existed resume with, and the value they take there.
+ADDED_FIELDS = {"decode": DEFAULT_DECODE}
 
 
 @dataclass
@@ -81,6 +84,7 @@ def finetune(
     epochs: int = 10,
     batch_size: int = 32,
     augment: str = "default",
+    decode: str = DEFAULT_DECODE,
     image_size: int | None = None,
     val_split: float | None = None,
     early_stop: int | None = None,
@@ -110,6 +114,8 @@ def finetune(
     ('order'). init_head: a head folder written by `featx fit-head` whose linear head starts the new head.
     Validation is the data's val split, else a stratified `val_split` hold-out (0.2 by default, 0 for none). lr defaults to 0.01 (sgd)
     or 1e-3 (adam, adamw); backbone_lr to lr. warmup: epochs ('2') or steps ('300steps').
+    decode: how images are decoded, 'exact' (full size, the reference pipelines' pixels) or 'fast' (large JPEGs
+    at a reduced scale first, as `featx extract --decode fast`; classification only); recorded by the run.
     decode_cache: where each image's decoded pixels are kept so that later epochs do not decode it again ('auto':
     OUTPUT/decoded/, removed when the call ends, completed or not; a folder: kept and shared by runs; None or 'none': off), within
     `decode_cache_mb` (see featx.finetuning.decoded). `resume` continues the run in `output` after its last completed
@@ -197,6 +203,9 @@ def _task(options: FinetuneOptions):
         return ClassifyTask(options.init_head)
     if options.init_head is not None or options.head != "linear":
         raise OptionError("{task=}: {init_head} and {head} are for classification; use {decoder}", task=options.task)
+    if options.decode != DEFAULT_DECODE:
+        raise OptionError("{decode=} is for classification: {task=} decodes images at full size, as their masks are",
+                          decode=options.decode, task=options.task)
     from .segment import SegmentTask
 
     return SegmentTask(**segment)
@@ -219,7 +228,7 @@ OPTION_OF = {"data": "DATA", "source": "DATA", "classes": "DATA", "n_train": "DA
 def _check_resumable(checkpoint: dict, new: dict, path: Path) -> None:
     """FeatxError when this call cannot continue the checkpoint's run: a setting differs (naming the options), or
     fewer epochs than recorded are asked for. More epochs extend the run; PROVENANCE fields may differ."""
-    old = checkpoint["config"]
+    old = {**ADDED_FIELDS, **checkpoint["config"]}
     differ = [key for key in {**old, **new} if key not in PROVENANCE and key != "epochs"
               and old.get(key) != new.get(key) and not _same_weights_file(key, old, new)]
     if differ:

@@ -32,8 +32,9 @@ class ClassifyTask(Task):
         return build_model(bb, splits.classes, opts.head, crop, self.init_head, log)
 
     def loaders(self, splits: Splits, spec, opts: TrainOptions, loader_args: dict):
-        train = make_loader(splits.train, spec, opts.augment, train=True, **loader_args)
-        val = make_loader(splits.val, spec, "none", train=False, **loader_args) if splits.val else None
+        train = make_loader(splits.train, spec, opts.augment, train=True, decode=opts.decode, **loader_args)
+        val = make_loader(splits.val, spec, "none", train=False, decode=opts.decode, **loader_args) \
+            if splits.val else None
         return train, val
 
     def head_name(self, opts: TrainOptions) -> str:

@@ -16,9 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from ..choices import DEFAULT_DECODE
 from ..crop_box import random_resized_box
 from ..errors import FeatxError
-from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, pixels, resize_pixels
+from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, draft_size, pixels, resize_pixels
 from ..runtime import loader_workers
 from ..sources import DecodeError, Item, Source, content_keys, decode_image, stratified_holdout
 from .decoded import DecodedCache, stage_key
@@ -71,23 +72,26 @@ def split_items(source: Source, val_split: float | None, seed: int) -> Splits:
 
 class TrainTransform:
     """--augment in two steps: `stage`, the deterministic decoding step whose pixels a DecodedCache can keep, then
-    `augment`, the random part drawn from an `rng` argument, to a uint8 (3, crop, crop) tensor.
+    `augment`, the random part drawn from an `rng` argument, to a uint8 (3, crop, crop) tensor. `decode`, a
+    --decode mode, is how a JPEG is decoded first: at full size ('exact'), or at the reduced scale of extract's
+    'fast' (`min_size`, for sources.decode_image).
 
     'default' keeps the image at the working size (shorter side shrunk to the transform's resize; smaller images as
     they are) and takes torchvision's RandomResizedCrop box from it, resized to the crop, then a random flip; 'flip'
     keeps the eval transform's crop and flips it at random; 'none' is the eval transform alone.
     """
 
-    def __init__(self, spec: TransformSpec, augment: str):
+    def __init__(self, spec: TransformSpec, augment: str, decode: str = DEFAULT_DECODE):
         self.spec = spec
         self.augment = augment
+        self.decode = decode
         self.eval = EvalTransform(spec)
-        self.min_size = spec.crop if augment == "default" else spec.resize
+        self.min_size = draft_size(spec, decode)
 
     def describe(self) -> dict:
         """What `stage` computes (the cache's key for it)."""
         kind = "working-size" if self.augment == "default" else "eval"
-        return {"stage": kind, **self.spec.to_dict()}
+        return {"stage": kind, "decode": self.decode, **self.spec.to_dict()}
 
     def stage(self, img: Image.Image) -> torch.Tensor:
         """The image's uint8 (3, H, W) pixels before any random choice."""
@@ -167,14 +171,16 @@ class EpochSampler(Sampler):
 
 
 def make_loader(items: list[Item], spec: TransformSpec, augment: str, *, train: bool, batch_size: int, workers: int,
-                seed: int, pin_memory: bool, cache: DecodedCache | None = None) -> DataLoader:
+                seed: int, pin_memory: bool, cache: DecodedCache | None = None,
+                decode: str = DEFAULT_DECODE) -> DataLoader:
     """A loader of (uint8 images, labels, ok) batches; training batches are shuffled per epoch and full-size.
 
-    `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform). With a `cache`,
-    each image is decoded once (its content key is computed here, in threads).
+    `augment` is an --augment value; validation loaders take 'none' (the weights' eval transform); `decode` a
+    --decode mode of finetune. With a `cache`, each image is decoded once (its content key is computed here, in
+    threads).
     """
     keys = content_keys([item.path for item in items]) if cache is not None else None
-    return loader_for(ImageDataset(items, TrainTransform(spec, augment), cache, keys), train=train,
+    return loader_for(ImageDataset(items, TrainTransform(spec, augment, decode), cache, keys), train=train,
                       batch_size=batch_size, workers=workers, seed=seed, pin_memory=pin_memory)
 
 

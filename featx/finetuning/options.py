@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import click
 
-from ..choices import (BACKBONE_HELP, DECODER_HELP, DEVICE_CHOICES, MAX_SEED, PRECISIONS, WEIGHTS_MATCH_HELP,
-                       WEIGHTS_MATCHES)
+from ..choices import (BACKBONE_HELP, DECODE_HELP, DECODER_HELP, DEFAULT_DECODE, DEVICE_CHOICES, MAX_SEED, PRECISIONS,
+                       TRAIN_DECODES, WEIGHTS_MATCH_HELP, WEIGHTS_MATCHES)
 from ..options import SEGMENT, OptionError, Options, binary_mask_option, num_classes_option, option
 from .choices import (AUGMENT_HELP, AUGMENTS, DEFAULT_LIMIT_MB, FREEZE_HELP, HEAD_HELP, OPTIMIZERS, SCHEDULES, TASKS,
                       WARMUP_HELP)
@@ -47,6 +47,8 @@ class TrainOptions(Options):
     epochs: int = option(10, "--epochs", low=1)
     batch_size: int = option(32, "--batch-size", low=1)
     augment: str = option("default", "--augment", choices=AUGMENTS, help=AUGMENT_HELP + ".")
+    decode: str = option(DEFAULT_DECODE, "--decode", choices=TRAIN_DECODES,
+                         help=f"How training and val images are decoded: {DECODE_HELP}. Recorded by the run.")
     image_size: int | None = option(None, "--image-size", kind=int, low=8,
                                     help="Training crop and eval center crop (default: the weights' preset).")
     val_split: float | None = option(

@@ -94,7 +94,7 @@ def build_trainer(task: Task, data, bb: Backbone, weights, init_head, opts: Trai
                            workers), **extra}
     meta = {
         "backbone": bb.name, "classes": splits.classes, "num_classes": len(splits.classes),
-        "head": task.head_name(opts), "classifier": head_path, "transform": spec.to_dict(),
+        "head": task.head_name(opts), "classifier": head_path, "transform": spec.to_dict(), "decode": opts.decode,
         "weights_id": bb.weights_id, "weights_sha256": bb.weights_sha256, "weights_match": bb.weights_match,
         "featx_version": __version__, **extra,
     }
