@@ -64,6 +64,7 @@ class ExtractResult:
     other: dict[str, int] = field(default_factory=dict)
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
     tuning: dict | None = None  # the workers, threads and batch size the computing used (featx.tuning.Choice)
+    n_unchanged_failed: int = 0  # failures of files whose content failed before: not decoded again
 
     def summary(self) -> str:
         size = self.store_bytes / 1e6
@@ -73,9 +74,16 @@ class ExtractResult:
         state = "" if self.sealed else " (already up to date)"
         return (
             f"{self.n_items} images in {self.store_path} ({size:.1f} MB){state}: {self.n_computed} computed, "
-            f"{self.n_reused} reused, {self.n_dropped} dropped, {self.n_failed} failed, {self.seconds:.1f} s{speed}"
-            f"{self.other_summary()}"
+            f"{self.n_reused} reused, {self.n_dropped} dropped, {self.n_failed} failed{self.unchanged_summary()}, "
+            f"{self.seconds:.1f} s{speed}{self.other_summary()}"
         )
+
+    def unchanged_summary(self) -> str:
+        """' (2 still fail: unchanged since they failed, not retried)' when some failures were not retried."""
+        n = self.n_unchanged_failed
+        if not n:
+            return ""
+        return f" ({n} still fail{'s' if n == 1 else ''}: unchanged since {'it' if n == 1 else 'they'} failed, not retried)"
 
     def other_summary(self) -> str:
         """'; it also keeps 398 rows of /data/hym' when the store holds rows of other data, else ''."""
@@ -91,6 +99,7 @@ class ExtractResult:
         return {
             "store": str(self.store_path), "items": self.n_items, "computed": self.n_computed,
             "reused": self.n_reused, "dropped": self.n_dropped, "failed": self.n_failed,
+            "still_failing": self.n_unchanged_failed,
             "other_data": dict(self.other), "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2), "bytes": self.store_bytes,
             "failures": [{"path": p, "reason": r} for p, r in self.failed], "tuning": self.tuning,
@@ -210,8 +219,9 @@ def up_to_date(arguments: dict) -> ExtractResult | None:
 @without_gc
 def check(arguments: dict) -> Check:
     """Whether the call has nothing to do: same request and environment, same weights file content, every file's
-    content key, path, label and split in the store, nothing failed, no unfinished run, and the same rows of
-    other data under the call's retention."""
+    content key, path, label and split in the store or among its recorded decode failures (a failed file whose
+    content is unchanged fails again: it is not retried), every folder readable, no unfinished run, and the same
+    rows of other data under the call's retention."""
     started = time.perf_counter()
     arguments = {**EXTRACT_DEFAULTS, **arguments}
     if any(arguments.get(name) for name in FORCING) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -236,9 +246,10 @@ def check(arguments: dict) -> Check:
             source = load_source(arguments["data"])
             root = data_root(arguments["data"])
             keys = file_keys(source, root, StatIndex.of_store(store), arguments["rehash"])
-            fresh = data_rows(root, source, keys.keys, set(store.keys), {}, keys.stats)
+            failures = recorded_failures(store, root)
+            fresh = data_rows(root, source, keys.keys, set(store.keys), failures, keys.stats)
             max_rows = row_bound(arguments["size_limit"], store.row_bytes, len(fresh.keys))
-            if source.failed or fresh.failed:
+            if source.failed or not all(fresh.failed_keys):
                 return Check(None, source, keys)  # new or unreadable files; the real run reports unread folders
             if holds_as_is(store, fresh, max_rows):
                 other, rows = {}, np.arange(len(fresh.keys))
@@ -255,10 +266,18 @@ def check(arguments: dict) -> Check:
 
         record_file_stats(output, config, config_key, fresh, arguments["retention"], arguments["size_limit"])
     return Check(ExtractResult(
-        store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys), n_failed=0,
-        seconds=time.perf_counter() - started, images_per_second=0.0, store_bytes=store_bytes(output),
-        sealed=False, config=config, other=other, rows=rows,
+        store_path=output, n_items=len(fresh.keys), n_computed=0, n_reused=len(fresh.keys),
+        n_failed=len(fresh.failed), seconds=time.perf_counter() - started, images_per_second=0.0,
+        store_bytes=store_bytes(output), sealed=False, config=config, failed=fresh.failed, other=other, rows=rows,
+        n_unchanged_failed=len(fresh.failed),
     ), source, keys)
+
+
+def recorded_failures(store, root: str) -> dict[str, str]:
+    """Content key -> reason of the files of data `root` that the store records as not decodable."""
+    codes = {r for r, name in enumerate(store.roots) if name == root}
+    return {str(key): reason for key, (_, reason), r in zip(store.failed_keys, store.failed, store.failed_roots.tolist())
+            if key and r in codes}
 
 
 def _same_weights(weights_file: str | None, config: dict) -> bool:

@@ -149,7 +149,8 @@ def extract(
     seals. `engine='ray'` runs decoding and the model on a Ray cluster (`ray_address`, `num_gpus_per_worker`) while
     this process commits and seals. `log` (a callable taking one line) receives notes such as the weights load
     report. Content keys come from the store's stat index (featx/keys.py) where a file's stat is unchanged;
-    `rehash` reads every file. `checked`: what featx.extract_request.check found for this very call, when the caller ran it
+    `rehash` reads every file. A file whose content the store records as not decodable is not decoded again (it
+    stays a failure until its content changes; `overwrite` retries it). `checked`: what featx.extract_request.check found for this very call, when the caller ran it
     first (the CLI does, before importing torch): its source and keys are reused. Returns an ExtractResult; an
     unchanged rerun (see featx.extract_request) returns before anything is built.
     """
@@ -208,8 +209,10 @@ def extract(
             readable = {k for k in keys if k is not None}  # a refused drop is refused before any work
             writer.plan(data_rows(root, source, keys, readable, {}), retention, size_limit)
             n_known = sum(1 for k in keys if k is not None and k in writer.available)
-            to_compute = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])]
-            failures: dict[str, str] = {}
+            failures = {k: writer.failures[k] for k in keys if k in writer.failures and k not in writer.available}
+            n_unchanged_failed = sum(1 for k in keys if k in failures)  # failed before, not decoded again
+            to_compute = [i for i in _unique_missing(keys, writer.available) if shard.owns(keys[i])
+                          and keys[i] not in failures]
             compute_seconds = 0.0
             choice = None
             if to_compute:
@@ -270,6 +273,7 @@ def extract(
         other=plan.other if plan else {},
         rows=ours,
         tuning=choice.to_dict() if choice else None,
+        n_unchanged_failed=n_unchanged_failed,
     )
 
 

@@ -23,7 +23,8 @@ import concurrent.futures as cf
 import os
 import socket
 import time
-from itertools import repeat
+from itertools import chain, repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +36,7 @@ STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev", "read_ns")
 RACY_NS = 2_000_000_000  # FAT keeps mtimes to 2 s; coarser clocks are rarer still
 HASH_THREADS = 4  # hashing releases the GIL
 NO_STAT = np.zeros(len(STAT_FIELDS), dtype=np.int64)
+_STAT_FIELDS_OF = attrgetter("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")  # of an os.stat_result
 
 
 def host_id() -> str:
@@ -53,28 +55,38 @@ def host_id() -> str:
 def file_stat(path: str) -> tuple | None:
     """(size, mtime_ns, ctime_ns, inode, device) of a file, following links; None when it cannot be examined."""
     try:
-        st = os.stat(path)
+        return _STAT_FIELDS_OF(os.stat(path))
     except (OSError, ValueError):
         return None
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 class StatIndex:
-    """Trusted keys of a store's rows by (data root, path), from its `/items/stat` (see the module docstring)."""
+    """Trusted keys of a store's rows and of its failures that have one, by (data root, path), from its
+    `/items/stat` and `/failed/stat` (see the module docstring)."""
 
-    def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None):
-        self._roots, self._row_roots = list(roots), np.asarray(row_roots)
-        self._paths, self._keys, self._stats = np.asarray(paths, dtype=object), keys, stats
-        self._trusted: np.ndarray | None = None  # the rows whose entries are trusted; None: the index is ignored
-        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> row, built when a look-up needs it
+    def __init__(self, roots, row_roots, paths, keys, stats: np.ndarray | None, host: str | None,
+                 failures=None):
+        """`failures`: (failed_roots, paths, keys, stats) of the store's failures, entries without a key ignored."""
+        self._roots, self._n_rows = list(roots), len(keys)
+        self._trusted: np.ndarray | None = None  # the entries that are trusted; None: the index is ignored
+        self._entries: dict[str, dict[str, int]] = {}  # root -> path -> entry, built when a look-up needs it
+        f_roots, f_paths, f_keys, f_stats = failures if failures is not None else ([], [], [], None)
+        self._row_roots = np.concatenate([np.asarray(row_roots, dtype=np.int64), np.asarray(f_roots, dtype=np.int64)])
+        self._paths = np.concatenate([np.asarray(paths, dtype=object), np.asarray(f_paths, dtype=object)])
+        self._keys = np.concatenate([np.asarray(keys, dtype=object), np.asarray(f_keys, dtype=object)])
         if stats is None or host != host_id() or stats.shape != (len(keys), len(STAT_FIELDS)):
             return
-        self._trusted = trusted_later(stats)
+        if f_stats is None or np.shape(f_stats) != (len(f_keys), len(STAT_FIELDS)):
+            f_stats = np.zeros((len(f_keys), len(STAT_FIELDS)), dtype=np.int64)
+        self._stats = np.concatenate([stats, f_stats])
+        self._trusted = trusted_later(self._stats) & (self._keys != "")
 
     @classmethod
     def of_store(cls, store) -> "StatIndex":
         """The index of a featx.store.Store (empty when it has none)."""
-        return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host)
+        failures = (store.failed_roots, [path for path, _ in store.failed], store.failed_keys, store.failed_stats)
+        return cls(store.roots, store.row_roots, store.paths, store.keys, store.file_stats, store.file_stats_host,
+                   failures)
 
     def __len__(self) -> int:
         return sum(len(self._by_path(root)) for root in set(self._roots)) if self._trusted is not None else 0
@@ -85,14 +97,15 @@ class StatIndex:
         n = len(paths)
         if self._trusted is None:
             return [None] * n
-        rows = self._rows_of(root)
-        if len(rows) != n or not (self._paths[rows] == np.asarray(paths, dtype=object)).all():
-            entries = self._by_path(root)  # the data differs from the store's rows of it: look each path up
-            rows = np.fromiter(map(entries.get, paths, repeat(-1)), dtype=np.int64, count=n)
-        found = rows >= 0
+        entries = self._in_order(root, paths)
+        if entries is None:  # the data differs from the store's entries of it: look each path up
+            by_path = self._by_path(root)
+            entries = np.fromiter(map(by_path.get, paths, repeat(-1)), dtype=np.int64, count=n)
+        found = entries >= 0
         if found.any():
-            found[found] = self._trusted[rows[found]] & (self._stats[rows[found], :5] == stats[found, :5]).all(axis=1)
-        recorded = [str(key) for key in np.asarray(self._keys, dtype=object)[rows[found]].tolist()]
+            at = entries[found]
+            found[found] = self._trusted[at] & (self._stats[at, :5] == stats[found, :5]).all(axis=1)
+        recorded = [str(key) for key in self._keys[entries[found]].tolist()]
         if len(recorded) == n:
             return recorded
         keys: list[str | None] = [None] * n
@@ -100,17 +113,38 @@ class StatIndex:
             keys[i] = key
         return keys
 
-    def _rows_of(self, root: str) -> np.ndarray:
-        """The store's rows of data `root`, in its order."""
+    def _in_order(self, root: str, paths: list[str]) -> np.ndarray | None:
+        """The entry of each of `paths` when the store's entries of data `root` are exactly these paths: its rows in
+        their order, with its failures among them where the data has them; else None."""
+        rows, failures = self._entries_of(root)
+        n = len(paths)
+        if len(rows) + len(failures) != n:
+            return None
+        entries = rows
+        if len(failures):
+            where = dict(zip(self._paths[failures].tolist(), failures.tolist()))
+            entries = np.fromiter(map(where.get, paths, repeat(-1)), dtype=np.int64, count=n)
+            failing = entries >= 0
+            if int(failing.sum()) != len(failures):
+                return None
+            entries[~failing] = rows
+        return entries if (self._paths[entries] == np.asarray(paths, dtype=object)).all() else None
+
+    def _entries_of(self, root: str) -> tuple[np.ndarray, np.ndarray]:
+        """The store's rows of data `root`, in its order, and its failures' entries."""
         codes = [r for r, name in enumerate(self._roots) if name == root]
-        return np.flatnonzero(np.isin(self._row_roots, codes)) if codes else np.empty(0, dtype=np.int64)
+        if not codes:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        entries = np.flatnonzero(np.isin(self._row_roots, codes))
+        split = np.searchsorted(entries, self._n_rows)
+        return entries[:split], entries[split:]
 
     def _by_path(self, root: str) -> dict[str, int]:
-        """The trusted rows of data `root` by path."""
+        """The trusted entries of data `root` by path."""
         if root not in self._entries:
-            rows = self._rows_of(root)
-            rows = rows[self._trusted[rows]]
-            self._entries[root] = dict(zip(map(str, self._paths[rows].tolist()), rows.tolist()))
+            entries = np.concatenate(self._entries_of(root))
+            entries = entries[self._trusted[entries]]
+            self._entries[root] = dict(zip(map(str, self._paths[entries].tolist()), entries.tolist()))
         return self._entries[root]
 
 
@@ -179,39 +213,19 @@ def file_keys(source, root: str, index: StatIndex | None = None, rehash: bool = 
 
 def file_stats(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """file_stat of many files: an (N, 5) array, zeros where a file cannot be examined (gone, a dangling link), and
-    which could. The files of one folder are examined relative to it (fstatat), which spares the kernel a walk of
-    every path: the one cost per file of an unchanged rerun."""
-    values: list[int] = []
-    unreadable: list[int] = []
-    relative = os.stat in os.supports_dir_fd
-    folder, fd = None, None
+    which could. The one cost per file of an unchanged rerun: when every file can be examined (the usual case) the
+    stats are taken and unpacked in C-level maps, with no Python step per file."""
+    n = len(paths)
     try:
-        for i, path in enumerate(paths):
-            parent, _, name = path.rpartition(os.sep)
-            if relative and parent != folder:
-                if fd is not None:
-                    os.close(fd)
-                folder, fd = parent, _open_folder(parent)
-            try:
-                st = os.stat(name, dir_fd=fd) if fd is not None else os.stat(path)
-            except (OSError, ValueError):
-                unreadable.append(i)
-                values += (0, 0, 0, 0, 0)
-                continue
-            values += (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-    finally:
-        if fd is not None:
-            os.close(fd)
-    readable = np.ones(len(paths), dtype=bool)
-    readable[unreadable] = False
-    return np.array(values, dtype=np.int64).reshape(len(paths), 5), readable
-
-
-def _open_folder(folder: str) -> int | None:
-    """A descriptor of `folder` (an absolute path) to examine its files by name; None when it cannot be opened."""
-    if not folder:
-        return None
-    try:
-        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        values = np.fromiter(chain.from_iterable(map(_STAT_FIELDS_OF, map(os.stat, paths))), dtype=np.int64,
+                             count=5 * n)
+        return values.reshape(n, 5), np.ones(n, dtype=bool)
     except (OSError, ValueError):
-        return None
+        pass  # some file cannot be examined: one at a time
+    stats = np.zeros((n, 5), dtype=np.int64)
+    readable = np.zeros(n, dtype=bool)
+    for i, path in enumerate(paths):
+        stat = file_stat(path)
+        if stat is not None:
+            stats[i], readable[i] = stat, True
+    return stats, readable

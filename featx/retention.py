@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,8 +64,9 @@ def drop_limit(n_rows: int) -> int:
 @dataclass
 class DataRows:
     """The rows one call brings for its data, in its order: labels index `classes` (-1 unlabelled), or `targets`
-    (regression); `failed` are (path, reason) of its files that gave no row; `stats`, when known, the stat index
-    entry of each row's file (featx.keys.STAT_FIELDS), which the sealed store records."""
+    (regression); `failed` are (path, reason) of its files that gave no row, `failed_keys` the content key of each
+    that could be read but not decoded ('' for the others); `stats`, when known, the stat index entry of each row's
+    file (featx.keys.STAT_FIELDS), which the sealed store records, and `failed_stats` those of the failures."""
 
     root: str
     keys: list[str]
@@ -76,15 +78,19 @@ class DataRows:
     failed: list[tuple[str, str]]
     unread: list[str] = field(default_factory=list)  # folders of the data that could not be listed
     stats: np.ndarray | None = field(default=None, repr=False)
+    failed_keys: list[str] = field(default_factory=list)
+    failed_stats: np.ndarray | None = field(default=None, repr=False)
 
 
 @without_gc
 def data_rows(root: str, source, keys, available, failures: dict[str, str], stats: np.ndarray | None = None) -> DataRows:
     """The rows of `source` (a featx.sources.Source) whose content key is in `available`, in source order; the
-    other items are failures (unreadable, a recorded decode failure, or not computed), after the folders the
-    source could not read. `stats`: the stat row of each item (featx.keys.FileKeys.stats)."""
+    other items are failures (unreadable, a decode failure of `failures`: content key -> reason, or not computed),
+    after the folders the source could not read. `stats`: the stat row of each item (featx.keys.FileKeys.stats)."""
     items = source.items
     failed = list(source.failed)
+    failed_keys = [""] * len(failed)
+    failing: list[int] = []  # items that failed to decode
     if all(map(available.__contains__, keys)):  # the usual case: every item gives a row
         taken, rows = slice(None), items
     else:
@@ -92,14 +98,26 @@ def data_rows(root: str, source, keys, available, failures: dict[str, str], stat
         for i, key in enumerate(keys):
             if key is not None and key in available:
                 taken.append(i)
+                continue
+            item = items[i]
+            if key is None:
+                reason = unreadable_reason(item.path)
+            elif key in failures:
+                reason = failures[key]
+                failing.append(i)
             else:
-                item = items[i]
-                reason = unreadable_reason(item.path) if key is None else failures.get(key, "not computed")
-                failed.append((item.relpath, reason))
+                reason = "not computed"
+            failed.append((item.relpath, reason))
+            failed_keys.append(key if key in failures else "")
         rows = [items[i] for i in taken]
     paths, splits = [item.relpath for item in rows], [item.split for item in rows]
     labels, targets = [item.label for item in rows], [item.target for item in rows]
     regression = source.task == "regression"
+    failed_stats = None
+    if stats is not None:
+        stats = np.asarray(stats, dtype=np.int64)
+        failed_stats = np.zeros((len(failed), stats.shape[1]), dtype=np.int64)
+        failed_stats[np.flatnonzero([bool(key) for key in failed_keys])] = stats[failing]
     return DataRows(
         root=root,
         keys=list(keys) if isinstance(taken, slice) else [keys[i] for i in taken],
@@ -110,7 +128,9 @@ def data_rows(root: str, source, keys, available, failures: dict[str, str], stat
         targets=targets if regression else None,
         failed=failed,
         unread=[folder for folder, _ in source.failed],
-        stats=None if stats is None else np.asarray(stats, dtype=np.int64)[taken],
+        stats=None if stats is None else stats[taken],
+        failed_keys=failed_keys,
+        failed_stats=failed_stats,
     )
 
 
@@ -120,7 +140,9 @@ class SealPlan:
 
     `data_rows` are the plan's rows of the call's data (in its order); `old_rows` the row of the old store each row
     is carried over from (-1 for the call's rows); `data_stats` the stat index entries of the call's rows, when the
-    call knew them; `dropped` counts old rows whose content the sealed store no longer holds; `other` maps each
+    call knew them; `failed_keys` the content key of each failure ('' when none); `old_failed` the old store's
+    failure each failure is carried over from (-1 for the call's, whose stat index entries are `data_failed_stats`);
+    `dropped` counts old rows whose content the sealed store no longer holds; `other` maps each
     other data whose rows are kept to their count."""
 
     roots: list[str]
@@ -136,6 +158,9 @@ class SealPlan:
     data_rows: np.ndarray = field(repr=False)
     old_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
     data_stats: np.ndarray | None = field(default=None, repr=False)
+    failed_keys: list[str] = field(default_factory=list)
+    old_failed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    data_failed_stats: np.ndarray | None = field(default=None, repr=False)
     dropped: int = 0
     other: dict[str, int] = field(default_factory=dict)
 
@@ -226,10 +251,10 @@ def _assemble(old, old_roots: list[str], kept_roots: list[str], fresh: DataRows,
     counts = np.bincount(others_at, minlength=len(order))
     counts[position[fresh.root]] = len(fresh.keys) + len(carried)
     failures = _kept_failures(old, old_roots, set(kept_roots), fresh)
-    failing = {root for root, _ in failures}
+    failing = {failure.root for failure in failures}
     roots = [root for root in order if counts[position[root]] or root in failing]
     index = {root: i for i, root in enumerate(roots)}
-    failures.sort(key=lambda failure: index[failure[0]])  # grouped by root too (a stable sort)
+    failures.sort(key=lambda failure: index[failure.root])  # grouped by root too (a stable sort)
     blocks, lengths, start = [], [], 0
     for root in roots:
         if root == fresh.root:
@@ -254,11 +279,14 @@ def _assemble(old, old_roots: list[str], kept_roots: list[str], fresh: DataRows,
         classes=classes,
         labels=labels,
         targets=targets,
-        failed=[failure for _, failure in failures],
-        failed_roots=np.array([index[root] for root, _ in failures], dtype=np.int32),
+        failed=[failure.entry for failure in failures],
+        failed_roots=np.array([index[failure.root] for failure in failures], dtype=np.int32),
         data_rows=data,
         old_rows=old_rows,
         data_stats=fresh.stats,
+        failed_keys=[failure.key for failure in failures],
+        old_failed=np.array([failure.old for failure in failures], dtype=np.int64),
+        data_failed_stats=fresh.failed_stats,
         other={root: int(counts[position[root]]) for root in roots if root != fresh.root and counts[position[root]]},
     )
 def _column(old_values, fresh_values: list, old_rows: np.ndarray, data: np.ndarray) -> list:
@@ -273,14 +301,25 @@ def _column(old_values, fresh_values: list, old_rows: np.ndarray, data: np.ndarr
     return out.tolist()
 
 
-def _kept_failures(old, old_roots: list[str], kept_roots: set[str], fresh: DataRows) -> list[tuple[str, tuple[str, str]]]:
-    """(root, (path, reason)): the failures of the other data kept, then this call's."""
+class _Failure(NamedTuple):
+    """One failure of a plan: its data root, (path, reason), content key ('' when none), and the old store's
+    failure it is carried over from (-1: the call's)."""
+
+    root: str
+    entry: tuple[str, str]
+    key: str
+    old: int
+
+
+def _kept_failures(old, old_roots: list[str], kept_roots: set[str], fresh: DataRows) -> list[_Failure]:
+    """The failures of the other data kept, then this call's."""
     kept = []
     if old is not None:
-        for r, failure in zip(old.failed_roots, old.failed):
+        for i, (r, failure, key) in enumerate(zip(old.failed_roots, old.failed, old.failed_keys)):
             if old_roots[r] in kept_roots:
-                kept.append((old_roots[r], tuple(failure)))
-    return kept + [(fresh.root, tuple(failure)) for failure in fresh.failed]
+                kept.append(_Failure(old_roots[r], tuple(failure), str(key), i))
+    keys = fresh.failed_keys or [""] * len(fresh.failed)
+    return kept + [_Failure(fresh.root, tuple(failure), key, -1) for failure, key in zip(fresh.failed, keys)]
 
 
 def _classes(old, kept_old: int, fresh: DataRows) -> list[str]:
@@ -335,7 +374,9 @@ def holds_as_is(old, fresh: DataRows, max_rows: int | None = None) -> bool:
     retention would plan `old` as it is (`holds`). Array comparisons instead of a merge row by row, for the
     unchanged rerun of a large store; False says nothing (merge decides)."""
     n = len(fresh.keys)
-    if list(old.roots) != [fresh.root] or len(old.keys) != n or old.failed or fresh.failed or fresh.unread:
+    if list(old.roots) != [fresh.root] or len(old.keys) != n or fresh.unread:
+        return False
+    if [tuple(f) for f in old.failed] != fresh.failed or list(old.failed_keys) != list(fresh.failed_keys):
         return False
     if (max_rows is not None and max_rows < n) or list(old.classes) != list(fresh.classes):
         return False
@@ -365,5 +406,6 @@ def holds(old, plan: SealPlan) -> bool:
         and list(old.splits) == plan.splits
         and old.classes == plan.classes
         and [tuple(f) for f in old.failed] == plan.failed
+        and list(old.failed_keys) == plan.failed_keys
         and np.array_equal(old.failed_roots, plan.failed_roots)
     )

@@ -24,10 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageFile
 
 from .errors import FeatxError
 from .gcpause import without_gc
@@ -47,10 +49,15 @@ EXPECTED_SOURCE = "expected a folder, a .csv of path,label, a .txt list of image
 _SPLIT_ORDER = {name: rank for rank, name in enumerate((*SPLITS, ""))}
 _HASH_BLOCK = 1 << 20
 _WHITE = (255, 255, 255, 255)
-# What PIL raises on bad input (its plugins are not consistent about it); every one of them becomes a DecodeError.
-_PIL_FAILURES = (
-    OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
-)
+
+
+@functools.cache
+def _pil_failures() -> tuple[type[BaseException], ...]:
+    """What PIL raises on bad input (its plugins are not consistent about it); every one of them becomes a
+    DecodeError. PIL is imported here, on the first decode, so that listing and keying files does not load it."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
 
 
 class Item(NamedTuple):
@@ -480,6 +487,7 @@ def _materialize_digits(cache: Path, final: Path) -> None:
     Built in a private temporary folder and renamed into place, so a concurrent run or a kill never leaves a partial
     dataset where `final` is; when another process wins the race its copy is kept.
     """
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -593,11 +601,11 @@ def decode_image(path, min_size: int | None = None, max_pixels: int = DEFAULT_MA
         _check_pixels(image.size, max_pixels)
         try:
             image = _load(image, min_size)
-        except _PIL_FAILURES as err:
+        except _pil_failures() as err:
             raise DecodeError(f"truncated or corrupt image data: {_one_line(err)}") from None
     try:
         return _to_rgb(image)
-    except _PIL_FAILURES as err:
+    except _pil_failures() as err:
         raise DecodeError(f"cannot convert a {image.mode} image to RGB: {_one_line(err)}") from None
 
 
@@ -613,20 +621,22 @@ def _identify(fp: BinaryIO, filename: str) -> ImageFile.ImageFile:
         raise DecodeError(_cannot_read(err)) from None
     if not prefix:
         raise DecodeError("empty file (0 bytes)")
+    from PIL import Image
+
     Image.init()
     header_error = None
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
         try:
             accepted = accept(prefix) if accept else None
-        except _PIL_FAILURES:  # some signature checks unpack more bytes than a tiny file has
+        except _pil_failures():  # some signature checks unpack more bytes than a tiny file has
             continue
         if accept and (not accepted or isinstance(accepted, str)):
             continue
         fp.seek(0)
         try:
             return factory(fp, filename)
-        except _PIL_FAILURES as err:
+        except _pil_failures() as err:
             if accepted:  # the format's signature matched, so this is a broken file of that format
                 header_error = header_error or f"{fmt} header: {_one_line(err)}"
     if header_error:
@@ -646,6 +656,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 def _load(image: ImageFile.ImageFile, min_size: int | None) -> Image.Image:
     """Decode the first frame (JPEGs at a reduced scale when `min_size` allows) and apply the EXIF orientation."""
+    from PIL import ImageOps
+
     image.seek(0)
     if min_size:
         image.draft("RGB", (min_size, min_size))  # a no-op for formats other than JPEG
@@ -656,6 +668,8 @@ def _load(image: ImageFile.ImageFile, min_size: int | None) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """An RGB image (the decoded one itself when it is RGB already): high bit-depth gray scaled to 8 bits, transparency composited onto white."""
+    from PIL import Image
+
     if image.mode.startswith("I;16") or image.mode == "I":
         gray = np.clip(np.asarray(image), 0, 65535) >> 8
         image = Image.fromarray(gray.astype(np.uint8))

@@ -14,10 +14,13 @@ Layout (row i of every per-item dataset is the same image)::
     /features/<tap>  (N, D) float32|float16, chunked by rows  (or (N, C, H, W) with pooling 'none'); in a store
                  that grew by appending, a virtual dataset over row files in <store>.rows/ (featx/rowfiles.py)
     /failed/path, /failed/reason  (F,) utf-8;  /failed/root (F,) int32 index into /roots
+    /failed/key  (F,) S64   content key of each file that could not be decoded ('' when it could not be read)
+    /failed/stat (F, 6) int64 the stat index entry of each failed file, as /items/stat
 
 No pickles: strings are HDF5 string types, the config is JSON text. Any HDF5 reader understands it. /roots,
 /items/root and /failed/root came later within schema 1: a store without them reads as holding one data whose root
-was not recorded (''), and readers that do not know them ignore them.
+was not recorded (''), and readers that do not know them ignore them. /items/stat, /failed/key and /failed/stat came
+later still: without them a store's files are read again and its failures decoded again.
 
 An unfinished run keeps its committed batches in ``<store>.parts/`` (featx/writer.py) as segment files
 ``seg-*.h5``, each with a ``key`` dataset and one dataset per tap.
@@ -188,10 +191,10 @@ def _write_strings(group: h5py.Group, name: str, values) -> None:
 
 def create_items(
     h5: h5py.File, *, keys, paths, splits, labels=None, targets=None, classes=(), failed=(), roots=None,
-    row_roots=None, failed_roots=None,
+    row_roots=None, failed_roots=None, failed_keys=None,
 ) -> None:
     """Write /items, /classes and /failed (and /roots with the rows' and failures' root indices, when `roots` is
-    given) into an open, empty file."""
+    given; /failed/key, the content key of each failure or '', when `failed_keys` is) into an open, empty file."""
     items = h5.create_group("items")
     items.create_dataset("key", data=np.asarray(keys, dtype=KEY_DTYPE))
     _write_strings(items, "path", paths)
@@ -204,6 +207,8 @@ def create_items(
     fail = h5.create_group("failed")
     _write_strings(fail, "path", [p for p, _ in failed])
     _write_strings(fail, "reason", [r for _, r in failed])
+    if failed_keys is not None:
+        fail.create_dataset("key", data=np.asarray(failed_keys, dtype=KEY_DTYPE).reshape(len(failed)))
     if roots is not None:
         _write_strings(h5, "roots", roots)
         items.create_dataset("root", data=np.asarray(row_roots, dtype=ROOT_DTYPE).reshape(len(keys)))
@@ -218,10 +223,12 @@ def create_features(h5: h5py.File, tap: str, shape: tuple[int, ...], dtype) -> h
     )
 
 
-def write_file_stats(h5: h5py.File, stats: np.ndarray, host: str) -> None:
-    """/items/stat: one stat row per item (featx.keys.STAT_FIELDS), read on machine `host`."""
-    ds = h5["items"].create_dataset("stat", data=np.asarray(stats, dtype=np.int64))
-    ds.attrs["host"] = host
+def write_file_stats(h5: h5py.File, stats: np.ndarray, failed_stats: np.ndarray, host: str) -> None:
+    """/items/stat and /failed/stat: one stat row per item and per failure (featx.keys.STAT_FIELDS), read on
+    machine `host`."""
+    for group, values in (("items", stats), ("failed", failed_stats)):
+        ds = h5[group].create_dataset("stat", data=np.asarray(values, dtype=np.int64))
+        ds.attrs["host"] = host
 
 
 def set_root_attrs(h5: h5py.File, config: dict, config_key: str) -> None:
@@ -452,12 +459,13 @@ class Store:
             else:
                 self.labels = np.full(len(self.keys), -1, dtype=np.int64)
             self.classes = list(_strings(h5["classes"])) if "classes" in h5 else []
-            self._read_file_stats(items)
             self.taps = list(h5["features"].keys()) if "features" in h5 else []
             self.failed = (
                 list(zip(_strings(h5["failed/path"]), _strings(h5["failed/reason"]))) if "failed" in h5 else []
             )
             self._read_roots(h5)
+            self._read_failure_keys(h5)
+            self._read_file_stats(items, h5.get("failed"))
             lengths = {"/items/path": len(self.paths), "/items/split": len(self.splits), "/items/label": len(self.labels),
                        "/items/root": len(self.row_roots)}
             if self.targets is not None:
@@ -506,12 +514,28 @@ class Store:
                              f"together with that folder")
         self._rows_fd = hold_row_files(self.path)
 
-    def _read_file_stats(self, items: h5py.Group) -> None:
-        """`file_stats` ((N, 6) int64, see featx/keys.py) and `file_stats_host`; None when the store has none."""
+    def _read_failure_keys(self, h5: h5py.File) -> None:
+        """`failed_keys`: the content key of each failure, '' where the file could not be read or the store does not
+        record it."""
+        key = h5.get("failed/key")
+        if isinstance(key, h5py.Dataset) and key.dtype.kind == "S" and key.shape == (len(self.failed),):
+            self.failed_keys = decode_strings(key[...], "ascii", "strict")
+        else:
+            self.failed_keys = np.full(len(self.failed), "", dtype=object)
+
+    def _read_file_stats(self, items: h5py.Group, failed: h5py.Group | None) -> None:
+        """`file_stats` ((N, 6) int64, see featx/keys.py), `failed_stats` ((F, 6), zeros where not recorded) and
+        `file_stats_host`; all None when the store has no stat index."""
         stat = items.get("stat")
         usable = isinstance(stat, h5py.Dataset) and stat.dtype.kind == "i" and len(stat.shape) == 2
         self.file_stats = stat[...].astype(np.int64) if usable else None
         self.file_stats_host = str(stat.attrs.get("host", "")) if usable else None
+        self.failed_stats = None
+        if usable:
+            shape = (len(self.failed), stat.shape[1])
+            stat = failed.get("stat") if failed is not None else None
+            recorded = isinstance(stat, h5py.Dataset) and stat.dtype.kind == "i" and stat.shape == shape
+            self.failed_stats = stat[...].astype(np.int64) if recorded else np.zeros(shape, dtype=np.int64)
 
     def root_counts(self) -> dict[str, int]:
         """Rows per data root, in the store's order."""

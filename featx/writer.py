@@ -85,6 +85,7 @@ class StoreWriter:
         self._counter = 0
         self._indexed: set[Path] = set()
         self.available: dict[str, RowSource] = {}
+        self.failures: dict[str, str] = {}  # content key -> why the old store's file of it could not be decoded
         self._old: Store | None = None  # the old store's metadata (closed) when its config matches this run's
         self._old_index: dict[str, int] = {}  # content key -> its first row in the old store
         self._replaced: Store | None = None  # with overwrite: the old store's metadata, to count what goes
@@ -206,6 +207,7 @@ class StoreWriter:
             # RowSource's own constructor, without its Python-level __new__ (a million rows in a blink)
             sources = map(tuple.__new__, repeat(RowSource), zip(repeat(self.output), rows))
             self.available = {**dict(zip(reversed(keys), sources)), **self.available}
+            self.failures = {str(key): reason for key, (_, reason) in zip(old.failed_keys, old.failed) if key}
         self._old = old
         self._row_bytes = old.row_bytes
 
@@ -275,9 +277,9 @@ class StoreWriter:
             create_items(
                 h5, keys=plan.keys, paths=plan.paths, splits=plan.splits, labels=plan.labels,
                 targets=plan.targets, classes=plan.classes, failed=plan.failed, roots=plan.roots,
-                row_roots=plan.row_roots, failed_roots=plan.failed_roots,
+                row_roots=plan.row_roots, failed_roots=plan.failed_roots, failed_keys=plan.failed_keys,
             )
-            write_file_stats(h5, self._row_stats(plan), host_id())
+            write_file_stats(h5, *self._row_stats(plan), host_id())
             if layout is None:
                 sources: dict[Path, list[tuple[int, int]]] = {}
                 for dest, key in enumerate(plan.keys):
@@ -338,23 +340,30 @@ class StoreWriter:
             self._copy_features(h5, by_file, taps, len(new))
         return name
 
-    def _row_stats(self, plan: SealPlan) -> np.ndarray:
-        """The stat index of the sealed store: the call's entries for its rows, and for the rows carried over from
-        the old store the entries of its index that a later run would trust (featx.keys.StatIndex)."""
+    def _row_stats(self, plan: SealPlan) -> tuple[np.ndarray, np.ndarray]:
+        """The stat index of the sealed store, for its rows and for its failures: the call's entries for its own,
+        and for those carried over from the old store the entries of its index that a later run would trust
+        (featx.keys.StatIndex)."""
         rows = np.zeros((len(plan.keys), len(STAT_FIELDS)), dtype=np.int64)
+        failed = np.zeros((len(plan.failed), len(STAT_FIELDS)), dtype=np.int64)
         if plan.data_stats is not None and len(plan.data_rows):
             rows[plan.data_rows] = plan.data_stats
+        if plan.data_failed_stats is not None:
+            failed[plan.old_failed < 0] = plan.data_failed_stats
         old = self._old
         stats = None if old is None else old.file_stats
         if stats is None or old.file_stats_host != host_id() or stats.shape != (len(old), len(STAT_FIELDS)):
-            return rows
-        carried = np.flatnonzero(plan.old_rows >= 0)
-        source = plan.old_rows[carried]
+            return rows, failed
         same_root = np.array([root in plan.roots for root in old.roots], dtype=bool)  # not adopted by another data
         root_here = np.array([plan.roots.index(root) if ok else -1 for root, ok in zip(old.roots, same_root)])
-        trusted = trusted_later(stats[source]) & (root_here[old.row_roots[source]] == plan.row_roots[carried])
-        rows[carried[trusted]] = stats[source[trusted]]
-        return rows
+        for out, old_index, old_stats, old_roots, new_roots in (
+                (rows, plan.old_rows, stats, old.row_roots, plan.row_roots),
+                (failed, plan.old_failed, old.failed_stats, old.failed_roots, plan.failed_roots)):
+            carried = np.flatnonzero(old_index >= 0)
+            source = old_index[carried]
+            trusted = trusted_later(old_stats[source]) & (root_here[old_roots[source]] == new_roots[carried])
+            out[carried[trusted]] = old_stats[source[trusted]]
+        return rows, failed
 
     def _copy_features(self, h5: h5py.File, sources, taps: list[str], n_rows: int) -> None:
         for tap in taps:

@@ -76,6 +76,17 @@ def test_a_store_of_two_data_answers_either_rerun_before_importing_torch(made, t
     assert probe == {"torch": False, "code": 0}
 
 
+def test_an_unchanged_undecodable_file_keeps_the_fast_path_and_is_reported(made):
+    data, out = made
+    (data / "ants" / "notes.jpg").write_text("a text file named .jpg")
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe["torch"] is True and (result["computed"], result["failed"], result["still_failing"]) == (0, 1, 0)
+    text, probe, err = featx("extract", data, "-o", out, *FAST[:-1])
+    assert probe == {"torch": False, "code": 0}
+    assert "failed: ants/notes.jpg: " in err
+    assert "(already up to date): 0 computed, 6 reused, 0 dropped, 1 failed (1 still fails: unchanged" in text
+
+
 def test_options_that_do_not_change_rows_keep_the_fast_path(made):
     data, out = made
     _, probe, _ = featx("extract", data, "-o", out, *FAST[:-3], "--batch-size", "2", "--workers", "1", "--json")

@@ -27,7 +27,7 @@ def sealed(plan) -> SimpleNamespace:
         path="s.h5", roots=plan.roots, row_roots=plan.row_roots, keys=np.array(plan.keys, dtype=object),
         paths=np.array(plan.paths, dtype=object), splits=np.array(plan.splits, dtype=object), classes=plan.classes,
         labels=plan.labels if plan.labels is not None else np.full(len(plan.keys), -1), targets=plan.targets,
-        failed=plan.failed, failed_roots=plan.failed_roots,
+        failed=plan.failed, failed_roots=plan.failed_roots, failed_keys=np.array(plan.failed_keys, dtype=object),
     )
 
 

@@ -20,18 +20,20 @@ from featx.store import open_store
 from imagegen import make_image, make_image_folder
 
 FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
-# Runs the CLI in a fresh interpreter with featx.keys.content_key counting the files it reads, and prints the count
-# (and whether torch was imported) after it.
+# Runs the CLI in a fresh interpreter with featx.keys.content_key counting the files it reads and
+# featx.sources.decode_image the images it decodes (before featx.runner takes it), and prints the counts (and whether
+# torch was imported) after it.
 PROBE = (
     "import sys, json\n"
-    "import featx.keys as keys\n"
-    "read = []\n"
-    "real = keys.content_key\n"
+    "import featx.keys as keys, featx.sources as sources\n"
+    "read, decoded = [], []\n"
+    "real, real_decode = keys.content_key, sources.decode_image\n"
     "keys.content_key = lambda path: read.append(path) or real(path)\n"
+    "sources.decode_image = lambda path, **kw: decoded.append(path) or real_decode(path, **kw)\n"
     "from featx.cli import main\n"
     "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
-    "print(json.dumps({'read': len(read), 'distinct': len(set(read)), 'torch': 'torch' in sys.modules, "
-    "'code': code}))\n"
+    "print(json.dumps({'read': len(read), 'distinct': len(set(read)), 'decoded': len(decoded), "
+    "'torch': 'torch' in sys.modules, 'code': code}))\n"
 )
 
 
@@ -61,7 +63,7 @@ def test_unchanged_rerun_reads_no_image_bytes(made):
     data, out = made
     result, probe, _ = featx("extract", data, "-o", out, *FAST)
     assert (result["computed"], result["reused"]) == (0, 6)
-    assert probe == {"read": 0, "distinct": 0, "torch": False, "code": 0}
+    assert probe == {"read": 0, "distinct": 0, "decoded": 0, "torch": False, "code": 0}
 
 
 def test_rehash_reads_every_file_once(made):
@@ -202,3 +204,61 @@ def test_a_read_only_store_answers_an_unchanged_rerun_without_recording(made):
         result, probe, err = featx("extract", data, "-o", out, *FAST)
     assert (result["computed"], result["reused"], probe["read"], probe["code"]) == (0, 6, 6, 0), err
     assert out.read_bytes() == before
+
+
+@pytest.fixture
+def failing(tmp_path):
+    """A store of 6 images and one undecodable file (text named .jpg), all old enough to be trusted."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    bad = data / "bees" / "bad.jpg"
+    bad.write_text("not an image")
+    time.sleep(RACY_NS / 1e9 + 0.1)
+    out = tmp_path / "s.h5"
+    result, probe, err = featx("extract", data, "-o", out, *FAST)
+    assert probe["code"] == 0, err
+    assert (result["computed"], result["failed"], probe["decoded"]) == (6, 1, 7)
+    return data, out, bad
+
+
+def test_an_unchanged_undecodable_file_is_neither_read_nor_decoded_again(failing):
+    data, out, bad = failing
+    with open_store(out) as store:
+        assert store.failed_keys.tolist() == [hashlib.sha256(bad.read_bytes()).hexdigest()]
+        assert store.failed_stats[0, :5].tolist() == list(file_stat(str(bad)))
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert probe == {"read": 0, "distinct": 0, "decoded": 0, "torch": False, "code": 0}
+    assert (result["computed"], result["reused"], result["failed"], result["still_failing"]) == (0, 6, 1, 1)
+    assert [f["path"] for f in result["failures"]] == ["bees/bad.jpg"]
+    victim = next((data / "ants").iterdir())
+    make_image(victim, cls=0, seed=99)
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)  # a real run does not decode it either
+    assert (result["computed"], result["failed"], result["still_failing"]) == (1, 1, 1)
+    assert (probe["read"], probe["decoded"], probe["torch"]) == (1, 1, True)
+
+
+def test_an_undecodable_file_whose_content_changed_is_tried_again(failing):
+    data, out, bad = failing
+    bad.write_text("still not an image, but other bytes")
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (result["computed"], result["failed"], result["still_failing"]) == (0, 1, 0)
+    assert (probe["read"], probe["decoded"]) == (1, 1)
+    with open_store(out) as store:
+        assert store.failed_keys.tolist() == [hashlib.sha256(bad.read_bytes()).hexdigest()]
+    make_image(bad, cls=1, seed=5)  # now a good image
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (result["computed"], result["failed"], result["items"], probe["decoded"]) == (1, 0, 7, 1)
+    with open_store(out) as store:
+        assert store.failed == [] and "bees/bad.jpg" in set(store.paths)
+
+
+def test_failures_recorded_without_keys_are_decoded_once_more_and_then_recorded(failing):
+    """A store written before failures had keys (or by another tool): its failures are tried again, once."""
+    data, out, bad = failing
+    with h5py.File(out, "r+") as h5:
+        del h5["failed/key"], h5["failed/stat"]
+    result, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (result["failed"], result["still_failing"], probe["decoded"], probe["torch"]) == (1, 0, 1, True)
+    with open_store(out) as store:
+        assert store.failed_keys.tolist() == [hashlib.sha256(bad.read_bytes()).hexdigest()]
+    _, probe, _ = featx("extract", data, "-o", out, *FAST)
+    assert (probe["decoded"], probe["torch"]) == (0, False)
