@@ -186,8 +186,8 @@ def extract(
         if runtime is not None:  # before the store's folder exists: a batch that cannot fit leaves nothing behind
             fits = check_batch_memory(bb.model, transform.crop, batch_size or 1, runtime.device,
                                       n_images=len(source.items), resize=transform.resize,
-                                      resize_option="--resize" if resize else None,
-                                      batch_option="--batch-size" if batch_size else None,
+                                      resize_option="resize" if resize else None,
+                                      batch_option="batch_size" if batch_size else None,
                                       decoders=loader_workers(workers, len(source.items), batch_size or DEFAULT_BATCH))
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
@@ -220,14 +220,14 @@ def extract(
                     batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
-                    with out_of_memory_as_error("--batch-size", batch_size or PROBE_IMAGES, runtime.device):
+                    with out_of_memory_as_error("batch_size", batch_size or PROBE_IMAGES, runtime.device):
                         runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
                         choice = _choose(paths, runner, shard, decode, fits, workers, threads, batch_size,
                                          log if progress else None)
                     config["tuning"] = choice.to_dict()  # sealed with the store
                     batch = min(choice.batch_size, len(paths))
-                    with out_of_memory_as_error("--batch-size", batch, runtime.device,
-                                                decode_options="--resize, --image-size or --workers"), \
+                    with out_of_memory_as_error("batch_size", batch, runtime.device,
+                                                decode_options=("resize", "image_size", "workers")), \
                             torch_threads(choice.threads):
                         if compile_model:
                             runner.compile(batch)

@@ -37,9 +37,16 @@ class OptionError(FeatxError):
         self.template, self.values = template, values
         super().__init__(self.spelled(_keyword))
 
+    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver with its fields)
+        return _option_error, (self.template, self.values)
+
     def spelled(self, spell) -> str:
         """The message with each parameter written by `spell(name, value)` (value: the given one, or MISSING)."""
         return self.template.format_map(_Spelling(self.values, spell))
+
+
+def _option_error(template: str, values: dict) -> OptionError:
+    return OptionError(template, **values)
 
 
 class _Spelling:
@@ -70,19 +77,36 @@ def _keyword(name: str, value) -> str:
     return name if value is dataclasses.MISSING else f"{name}={value!r}"
 
 
-def flag_spelling(flags: dict[str, str]):
-    """How a command-line user reads a parameter: its flag (`flags`: parameter -> flag), and the value as it would
-    be typed (`--workers -1`, `--pooling ''`); a parameter without a flag is written as a Python caller reads it."""
+def flag_spelling(params):
+    """How a command-line user reads a parameter of a command whose click parameters are `params`: the value as it
+    would be typed after its flag (`--workers -1`, `--pooling ''`, `-l a -l b` for a repeated option), a switch as
+    the switch alone (`--overwrite` for True, `--no-plots`, `--prune` for the value it sets), an argument as its
+    value alone (its name, `DATA`, when no value is given); a parameter the command lacks, or a value no flag
+    gives, is written as a Python caller reads it."""
+    by_name = {param.name: param for param in params}
 
     def spell(name: str, value) -> str:
-        if name not in flags:
+        param = by_name.get(name)
+        if param is None:
             return _keyword(name, value)
+        if isinstance(param, click.Argument):
+            return param.human_readable_name if value is dataclasses.MISSING else _typed(value)
         if value is dataclasses.MISSING:
-            return flags[name]
-        shown = shlex.quote(value) if isinstance(value, str) else value
-        return f"{flags[name]} {shown}"
+            return param.opts[0]
+        if param.is_flag:
+            if param.is_bool_flag and value is False and param.secondary_opts:
+                return param.secondary_opts[0]
+            return param.opts[0] if value == param.flag_value else _keyword(name, value)
+        if param.multiple and isinstance(value, (list, tuple)):
+            return " ".join(f"{param.opts[0]} {_typed(item)}" for item in value)
+        return f"{param.opts[0]} {_typed(value)}"
 
     return spell
+
+
+def _typed(value) -> str:
+    """A value as a shell user types it."""
+    return shlex.quote(value) if isinstance(value, str) else str(value)
 
 
 @dataclass(frozen=True)
@@ -166,9 +190,8 @@ class Options:
             return cls(**{name: (list(value) or fields[name].default) if fields[name].metadata[SPEC].multiple
                           else value for name, value in params.items() if name in fields})
         except OptionError as err:
-            flags = {name: f.metadata[SPEC].flags[0].split("/")[0] for name, f in fields.items()
-                     if f.metadata[SPEC].flags}
-            raise click.UsageError(err.spelled(flag_spelling(flags)), click.get_current_context(silent=True)) from None
+            ctx = click.get_current_context(silent=True)
+            raise click.UsageError(err.spelled(flag_spelling(ctx.command.params if ctx else ())), ctx) from None
 
     @classmethod
     def click_options(cls, command=None, **types):

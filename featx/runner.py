@@ -154,6 +154,6 @@ def runner_from_config(config: dict, device: str = "auto", weights=(), max_batch
     runtime = resolve_runtime(device, options["precision"])
     transform = TransformSpec.from_dict(config["transform"])
     check_batch_memory(bb.model, transform.crop, max_batch, runtime.device, resize=transform.resize,
-                       size_option=None, batch_option="--max-batch")
+                       size_option=None, batch_option="max_batch")
     return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
                          options["dtype"])

@@ -122,8 +122,19 @@ def test_an_option_error_reads_as_keywords_in_python_and_as_flags_on_the_command
                       decode="a b", size_limit=-1)
     assert isinstance(err, FeatxError)
     assert str(err) == "ray_address: only with engine='ray' (not decode='a b', size_limit=-1)"
-    spell = flag_spelling({"ray_address": "--ray-address", "engine": "--engine", "decode": "--decode"})
+    spell = flag_spelling(main.commands["extract"].params)
     assert err.spelled(spell) == "--ray-address: only with --engine ray (not --decode 'a b', size_limit=-1)"
+
+
+def test_the_command_line_spells_switches_repeated_options_and_arguments_as_typed():
+    err = OptionError("{data=}: {overwrite=True}, {retention=prune}, {retention=add}, {taps=}, {overwrite=False}",
+                      data="my data", taps=["a", "b"])
+    assert str(err) == ("data='my data': overwrite=True, retention='prune', retention='add', taps=['a', 'b'], "
+                        "overwrite=False")
+    assert err.spelled(flag_spelling(main.commands["extract"].params)) == (
+        "'my data': --overwrite, --prune, retention='add', -l a -l b, overwrite=False")
+    assert OptionError("{store}, {plots=False}, {plots=True}").spelled(flag_spelling(main.commands["fit-head"].params)) \
+        == "STORE, --no-plots, --plots"
 
 
 def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):

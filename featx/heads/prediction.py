@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .data import open_rows
 from .model import Head
 from .persistence import load_head
@@ -81,7 +82,7 @@ class Predictions:
 
 def _check_top_k(top_k) -> None:
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise FeatxError(f"--top-k {top_k!r}: expected a positive integer")
+        raise OptionError("{top_k=}: expected a positive integer", top_k=top_k)
 
 
 def _plain(value):
