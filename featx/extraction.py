@@ -77,17 +77,19 @@ def _stack_pixels(images) -> torch.Tensor:
 
 def _check_output(output: Path) -> None:
     if output.exists() and output.is_dir():
-        raise FeatxError(f"-o {output}: is a folder, expected a .h5 file path")
+        raise OptionError("{output=}: is a folder, expected a .h5 file path", output=str(output))
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FeatxError(f"-o {output}: cannot create folder {parent} ({err.strerror})") from err
+        raise OptionError("{output=}: cannot create folder {parent} ({reason})", output=str(output), parent=parent,
+                          reason=err.strerror) from err
     try:  # a nameless file where the OS allows it (O_TMPFILE), so that a kill here leaves nothing behind
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise FeatxError(f"-o {output}: folder {parent} is not writable ({err.strerror})") from err
+        raise OptionError("{output=}: folder {parent} is not writable ({reason})", output=str(output), parent=parent,
+                          reason=err.strerror) from err
 
 
 def _commit_error(err: OSError, writer: StoreWriter) -> FeatxError:
@@ -313,7 +315,8 @@ def _choose(paths, runner: FeatureRunner, shard, decode, fits, workers, threads,
 
 
 def _check_all_readable(source: Source, keys: list[str | None]) -> None:
-    """--on-error fail: a FeatxError for the first folder or file that cannot be read, before anything is written."""
+    """on_error 'fail': an OptionError for the first folder or file that cannot be read, before anything is
+    written."""
     files = [item.path for item, key in zip(source.items, keys) if key is None]
     count = len(source.failed) + len(files)
     if not count:
@@ -323,7 +326,7 @@ def _check_all_readable(source: Source, keys: list[str | None]) -> None:
     else:
         path, reason = files[0], unreadable_reason(files[0])
     more = f" (and {count - 1} more)" if count > 1 else ""
-    raise FeatxError(f"{path}: {reason}{more} (--on-error fail)")
+    raise OptionError("{path}: {reason}{more} ({on_error=fail})", path=path, reason=reason, more=more)
 
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
@@ -442,7 +445,8 @@ def _commit_batches(batches, source, keys, to_compute, writer, on_error, failure
                     if reason:
                         item = source.items[to_compute[j]]
                         if on_error == "fail":
-                            raise FeatxError(f"{item.path}: {reason} (--on-error fail; rerun resumes after the last batch)")
+                            raise OptionError("{path}: {reason} ({on_error=fail}; rerun resumes after the last batch)",
+                                              path=item.path, reason=reason)
                         failures[keys[to_compute[j]]] = reason
                 batch_keys = [keys[to_compute[j]] for j, reason in zip(indices, reasons) if not reason]
                 if batch_keys:

@@ -29,9 +29,10 @@ SPEC = "featx.option"  # the key of a field's Spec in its metadata
 
 class OptionError(FeatxError):
     """A bad value of one or more parameters. `template` names each as `{name}` (the parameter), `{name=}` (the
-    parameter and the value in `values[name]`) or `{name=text}` (the parameter set to `text`, read as a Python
-    literal where it is one: `{num_shards=4}`); the other fields are filled from `values` as str.format does, so
-    a parameter with a value in `values` is always written with `=`."""
+    parameter and the value in `values[name]`), `{name=$key}` (the parameter and the value in `values[key]`) or
+    `{name=text}` (the parameter set to `text`, read as a Python literal where it is one: `{num_shards=4}`); the
+    other fields are filled from `values` as str.format does, so a parameter with a value in `values[name]` is
+    always written with `=` (`{name=$key}` lets a message name it bare too)."""
 
     def __init__(self, template: str, **values):
         self.template, self.values = template, values
@@ -58,7 +59,9 @@ class _Spelling:
     def __getitem__(self, key: str):
         name, has_value, literal = key.partition("=")
         if has_value:
-            return self.spell(name, _literal(literal) if literal else self.values[name])
+            value = self.values[literal[1:]] if literal.startswith("$") else _literal(literal) if literal else \
+                self.values[name]
+            return self.spell(name, value)
         if key in self.values:
             return self.values[key]
         return self.spell(key, dataclasses.MISSING)
@@ -93,9 +96,10 @@ def flag_spelling(params):
             return param.human_readable_name if value is dataclasses.MISSING else _typed(value)
         if value is dataclasses.MISSING:
             return param.opts[0]
+        if param.is_bool_flag and isinstance(value, bool):
+            switch = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            return switch or _keyword(name, value)
         if param.is_flag:
-            if param.is_bool_flag and value is False and param.secondary_opts:
-                return param.secondary_opts[0]
             return param.opts[0] if value == param.flag_value else _keyword(name, value)
         if param.multiple and isinstance(value, (list, tuple)):
             return " ".join(f"{param.opts[0]} {_typed(item)}" for item in value)

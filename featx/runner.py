@@ -16,6 +16,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .choices import DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
 from .errors import FeatxError
+from .options import OptionError
 from .extract_request import DEFAULT_MATCH, extract_options_from_config
 from .memory import check_batch_memory
 from .pooling import pool
@@ -108,10 +109,8 @@ class FeatureRunner:
         try:
             self(x)
         except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-            raise FeatxError(
-                f"backbone {name} cannot run on {self.transform.crop}x{self.transform.crop} inputs "
-                f"({str(err).splitlines()[0][:150]}): check --image-size"
-            ) from err
+            raise OptionError("backbone {name} cannot run on {crop}x{crop} inputs ({reason}): check {image_size}",
+                              name=name, crop=self.transform.crop, reason=str(err).splitlines()[0][:150]) from err
 
     def compile(self, batch_size: int) -> None:
         """torch.compile the extractor (inductor, weights frozen as constants) and warm it up on one full batch of
@@ -121,8 +120,8 @@ class FeatureRunner:
         try:
             self(torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8))
         except Exception as err:  # noqa: BLE001 - inductor fails in many ways (no C++ compiler, unsupported ops)
-            raise FeatxError(f"--compile: torch.compile failed ({str(err).splitlines()[0][:150]}); run without "
-                             "--compile") from err
+            raise OptionError("{compile_model=True}: torch.compile failed ({reason}); run without {compile_model}",
+                              reason=str(err).splitlines()[0][:150]) from err
 
     @torch.inference_mode()
     def __call__(self, batch_uint8: torch.Tensor) -> dict[str, np.ndarray]:

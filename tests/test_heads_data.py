@@ -62,7 +62,7 @@ def test_taps_must_be_named_and_known(tmp_path):
     blob_store(tmp_path / "s.h5")
     with pytest.raises(FeatxError, match=r"holds several taps \(avgpool, layer4\): choose one with -l/--layer"):
         fit_head(tmp_path / "s.h5")
-    with pytest.raises(FeatxError, match=r"-l fc: no such tap in .*s.h5; it holds: avgpool, layer4"):
+    with pytest.raises(FeatxError, match=r"tap='fc': no such tap in .*s.h5; it holds: avgpool, layer4"):
         fit_head(tmp_path / "s.h5", "fc")
 
 
