@@ -127,16 +127,16 @@ def weights_for(config: dict, given=()) -> str:
     for file in files:
         if not os.path.isfile(file):
             raise OptionError("{weights=$file}: no such file, expected the weights file the features were computed with",
-                              file=file)
+                              file=os.fspath(file))
         if not recorded:
             raise OptionError("{weights=$file}: the features were computed with weights {recorded}, not with a file: "
-                              "drop {weights}", file=file, recorded=config.get("weights"))
+                              "drop {weights}", file=os.fspath(file), recorded=config.get("weights"))
         if sha256_file(file) == expected:
             return os.fspath(file)
     wanted = f"the file of sha256 {str(expected)[:16]}..."
     if files:
         raise OptionError("{weights=}: sha256 {sha}..., but the features were computed with {name} ({wanted}): pass "
-                          "that file", weights=files[0], sha=sha256_file(files[0])[:16],
+                          "that file", weights=os.fspath(files[0]), sha=sha256_file(files[0])[:16],
                           name=os.path.basename(recorded), wanted=wanted)
     if not recorded:
         return config["weights"]
