@@ -126,8 +126,8 @@ def weights_for(config: dict, given=()) -> str:
     recorded, expected = config.get("weights_path"), config.get("weights_sha256")
     for file in files:
         if not os.path.isfile(file):
-            raise OptionError("{weights=$file}: no such file, expected the weights file the features were computed with",
-                              file=os.fspath(file))
+            raise OptionError("{weights=$file}: no such file, expected the weights file the features were computed "
+                              "with", file=os.fspath(file))
         if not recorded:
             raise OptionError("{weights=$file}: the features were computed with weights {recorded}, not with a file: "
                               "drop {weights}", file=os.fspath(file), recorded=config.get("weights"))

@@ -6,10 +6,10 @@ in the help), the check of every value when an instance is built (`__post_init__
 keyword, `workers=-1: expected an integer from 0 to 64`), and the plain dict a run records (`Options.to_dict`).
 Ranges are checked there alone, so a Python call and the command line read the same words.
 
-An OptionError names the parameters it is about as format fields, `{name}`, `{name=}` (with the value given) or
-`{name=text}`: a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads the flag the value
-came from, `--workers -1`. Click checks values only while it parses and dataclasses check none, hence this small
-module.
+An OptionError names the parameters it is about as format fields, `{name}`, `{name=}` (with the value given),
+`{name=$key}` or `{name=text}`: a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads
+the flag the value came from, `--workers -1` (`flag_spelling`). Click checks values only while it parses and
+dataclasses check none, hence this small module.
 """
 from __future__ import annotations
 

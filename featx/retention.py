@@ -195,9 +195,9 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
     if retention == "mirror":
         lost = len(gone) - sum(map(kept_keys.__contains__, keys[gone].tolist()))
         if lost > drop_limit(len(keys)):
-            raise OptionError("{path}: this run would drop {lost} rows of files gone from {root} (more than {limit} of the "
-                              "store's {n} rows); nothing was changed: check the data path, or pass {retention=prune} to "
-                              "mirror {root} exactly", path=old.path, lost=lost, root=fresh.root,
+            raise OptionError("{path}: this run would drop {lost} rows of files gone from {root} (more than {limit} "
+                              "of the store's {n} rows); nothing was changed: check the data path, or pass "
+                              "{retention=prune} to mirror {root} exactly", path=old.path, lost=lost, root=fresh.root,
                               limit=drop_limit(len(keys)), n=len(keys))
     kept_roots = [] if retention == "prune" else [root for root in old_roots if root != fresh.root]
     plan = _assemble(old, old_roots, kept_roots, fresh, others, carried)

@@ -144,8 +144,8 @@ def _file_backbone(name: str | None, path: str, meta: dict) -> str:
     A name that contradicts the file's record is an OptionError naming both."""
     trained_on = meta.get("backbone")
     if name is not None and trained_on and trained_on != name:
-        raise OptionError("{weights=}: was trained from backbone {trained_on}, not {backbone=$name} (drop {backbone} to "
-                          "use {trained_on})", weights=path, name=name, trained_on=trained_on)
+        raise OptionError("{weights=}: was trained from backbone {trained_on}, not {backbone=$name} (drop {backbone} "
+                          "to use {trained_on})", weights=path, name=name, trained_on=trained_on)
     return name or trained_on or DEFAULT_BACKBONE
 
 

@@ -77,8 +77,8 @@ def _pretrained_cfg(name: str, weights: str):
     cfgs = {key.partition(".")[2]: cfg for key, cfg in get_arch_pretrained_cfgs(name).items()}
     tags = [tag for tag in cfgs if tag]
     if not tags or not any(_has_source(cfgs[tag]) for tag in tags):
-        raise OptionError("{weights=}: timm has no pretrained weights for {name}: pass {weights=FILE} or {weights=none}",
-                          weights=weights, name=PREFIX + name)
+        raise OptionError("{weights=}: timm has no pretrained weights for {name}: pass {weights=FILE} or "
+                          "{weights=none}", weights=weights, name=PREFIX + name)
     tag = tags[0] if weights.upper() == "DEFAULT" else weights.removeprefix(f"{name}.")
     if tag not in cfgs or not _has_source(cfgs[tag]):
         shown = ", ".join(["DEFAULT", *(t for t in tags if _has_source(cfgs[t]))][:12])

@@ -124,7 +124,8 @@ def ensure_hub_file(what: str, url: str, cache: str = "torchvision's cache") -> 
         return path
     folder, filename = os.path.split(path)
     offline = OptionError("weights {what} are not in {cache} and cannot be downloaded (offline?): {missing}, or pass "
-                          "{weights=}", what=what, cache=cache, missing=missing_file(url), weights="path/to/weights.pth")
+                          "{weights=}", what=what, cache=cache, missing=missing_file(url),
+                          weights="path/to/weights.pth")
     if is_offline():
         raise offline
     try:

@@ -198,8 +198,8 @@ def load_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], *, weig
     for i, (mine, other) in enumerate(zip(ours, theirs)):
         if tuple(own[mine].shape) != tuple(state_dict[other].shape):
             raise OptionError(
-                "{weights=} {weights_match=order}: tensor {i} of {n} does not fit by position: file {other} {theirs} vs "
-                "model {mine} {ours} (a file for another architecture?)", weights=weights, i=i + 1, n=len(theirs),
+                "{weights=} {weights_match=order}: tensor {i} of {n} does not fit by position: file {other} {theirs} "
+                "vs model {mine} {ours} (a file for another architecture?)", weights=weights, i=i + 1, n=len(theirs),
                 other=other, theirs=tuple(state_dict[other].shape), mine=mine, ours=tuple(own[mine].shape))
     if len(ours) != len(theirs):
         extra = theirs[len(ours)] if len(theirs) > len(ours) else ours[len(theirs)]

@@ -69,8 +69,8 @@ class Cluster:
         if num_gpus < 0:
             raise OptionError("{num_gpus_per_worker=}: expected 0 or more", num_gpus_per_worker=num_gpus)
         if num_gpus > self.gpus:
-            raise OptionError("{num_gpus_per_worker=}: the Ray cluster has {gpus:g} GPUs (use 0 to run the model on the "
-                              "workers' CPUs)", num_gpus_per_worker=num_gpus, gpus=self.gpus)
+            raise OptionError("{num_gpus_per_worker=}: the Ray cluster has {gpus:g} GPUs (use 0 to run the model on "
+                              "the workers' CPUs)", num_gpus_per_worker=num_gpus, gpus=self.gpus)
 
     def __enter__(self) -> "Cluster":
         return self

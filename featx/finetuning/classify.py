@@ -73,5 +73,5 @@ def _dry_run(model: nn.Module, name: str, size: int) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, 3, size, size))
     except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-        raise OptionError("backbone {name} cannot run on {size}x{size} inputs ({reason}): check {image_size}", name=name,
-                          size=size, reason=str(err).splitlines()[0][:150]) from err
+        raise OptionError("backbone {name} cannot run on {size}x{size} inputs ({reason}): check {image_size}",
+                          name=name, size=size, reason=str(err).splitlines()[0][:150]) from err

@@ -58,9 +58,9 @@ def check_probe_features(head, bb, size: int) -> None:
         raise OptionError("{init_head=}: fitted on {probe} features, the finetune backbone is {name}", **where,
                           probe=config.get("backbone"), name=bb.name)
     if config.get("weights_sha256") != bb.weights_sha256 or config.get("weights_match", "name") != bb.weights_match:
-        raise OptionError("{init_head=}: fitted on features of weights {probe} ({weights_match=%s}), not of the weights "
-                          "being finetuned ({id}, {weights_match=})" % config.get("weights_match", "name"), **where,
-                          probe=config.get("weights"), id=bb.weights_id, weights_match=bb.weights_match)
+        raise OptionError("{init_head=}: fitted on features of weights {probe} ({weights_match=%s}), not of the "
+                          "weights being finetuned ({id}, {weights_match=})" % config.get("weights_match", "name"),
+                          **where, probe=config.get("weights"), id=bb.weights_id, weights_match=bb.weights_match)
     pooling, token_pool = config.get("pooling", "avg"), config.get("token_pool", "cls")
     check_taps(bb.model, [head.tap])
     feeds = penultimate_node(bb.model)

@@ -215,8 +215,8 @@ def _out_of_memory_in_one_line(data):
     except MemoryError:
         available = available_memory()
         free = f" ({available / 1e9:.1f} GB available)" if available is not None else ""
-        raise OptionError("{data}: out of memory while fitting the head{free}: {head=sgd} streams the rows, {chunk_rows} "
-                          "rows at a time", data=data, free=free) from None
+        raise OptionError("{data}: out of memory while fitting the head{free}: {head=sgd} streams the rows, "
+                          "{chunk_rows} rows at a time", data=data, free=free) from None
 
 
 def _grid(head_type, grid):

@@ -46,7 +46,8 @@ def check_output(folder: Path, overwrite: bool) -> None:
         raise OptionError("{output=}: is a file, expected a folder for the head", output=str(folder))
     if is_head_folder(folder):
         if not overwrite:
-            raise OptionError("{output=}: holds a head already; pass {overwrite=True} to replace it", output=str(folder))
+            raise OptionError("{output=}: holds a head already; pass {overwrite=True} to replace it",
+                              output=str(folder))
     elif any(folder.iterdir()):
         raise OptionError("{output=}: is a folder that holds no featx head; choose another {output=DIR} (it is never "
                           "replaced)", output=str(folder))

@@ -171,8 +171,8 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     `data`, failed images). The store only gains rows (retention 'add'); the head's own cache is bounded by
     HEAD_CACHE_BYTES. `log` gets the cache's summary line."""
     if not head.config:
-        raise OptionError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
-                          "(.h5/.npz with {x}), not images")
+        raise OptionError("this head was fitted on foreign features (no extractor config): predict takes a feature "
+                          "file (.h5/.npz with {x}), not images")
     from ..segment import head_taps
 
     options = extractor_options(head.config, head_taps(head), weights)

@@ -292,8 +292,8 @@ def _rows_on_device(rows, train: np.ndarray, order: np.ndarray, normalize: str, 
             raise
         need = len(train) * rows.n_features * 4
         raise OptionError("{rows}: {n} rows x {features} float32 features ({gb:.1f} GB) do not fit on {device}: use "
-                          "{solver=sklearn} or {head=sgd}", rows=rows.describe(), n=len(train), features=rows.n_features,
-                          gb=need / 1e9, device=device) from None
+                          "{solver=sklearn} or {head=sgd}", rows=rows.describe(), n=len(train),
+                          features=rows.n_features, gb=need / 1e9, device=device) from None
     if normalize == "standard":
         X -= torch.as_tensor(normalizer.mean_, dtype=X.dtype, device=device)
         X /= torch.as_tensor(normalizer.scale_, dtype=X.dtype, device=device)

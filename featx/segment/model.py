@@ -164,8 +164,8 @@ def build_segmenter(model: nn.Module, taps, spec: DecoderSpec, n_out: int, crop:
         with torch.no_grad():
             out = trunk.eval()(torch.zeros(1, 3, crop, crop))
     except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-        raise OptionError("backbone {name} cannot run on {crop}x{crop} inputs ({reason}): check {image_size}", name=name,
-                          crop=crop, reason=str(err).splitlines()[0][:150]) from err
+        raise OptionError("backbone {name} cannot run on {crop}x{crop} inputs ({reason}): check {image_size}",
+                          name=name, crop=crop, reason=str(err).splitlines()[0][:150]) from err
     shapes = {tap: tuple(out[keys[tap]].shape) for tap in taps}
     for tap, shape in shapes.items():
         if len(shape) != 4:

@@ -132,8 +132,8 @@ def _check_pair(pair: MaskPair, binary: bool, num_classes: int | None) -> int:
     if highest > limit:
         expected = "{num_classes=$given} allows ids 0..{given}" if num_classes is not None else "ids 0..{high}"
         raise OptionError("{mask}: mask value {highest} is above the class ids expected (" + expected + "); pass "
-                          "{binary=True} for instance masks, or a larger {num_classes}", mask=pair.mask, highest=highest,
-                          given=num_classes, high=IGNORE - 1)
+                          "{binary=True} for instance masks, or a larger {num_classes}", mask=pair.mask,
+                          highest=highest, given=num_classes, high=IGNORE - 1)
     return highest
 
 
