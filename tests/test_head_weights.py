@@ -47,7 +47,7 @@ def moved(tmp_path_factory):
 def test_predict_names_the_option_for_a_moved_weights_file(moved):
     root, data, _ = moved
     with pytest.raises(FeatxError, match=r"^the weights file .*/w\.pth that the features were computed with is missing: "
-                                         r"pass -w FILE, that file where it is now \(the file of sha256 [0-9a-f]{16}"):
+                                         r"pass weights=.FILE., that file where it is now \(the file of sha256 [0-9a-f]{16}"):
         featx.predict(root / "head", data, workers=0)
     out = run("predict", root / "head", data, "-q")
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "pass -w FILE" in out.output, out.output
@@ -129,7 +129,7 @@ def test_a_featx_weights_file_names_its_backbone(tmp_path):
 
     table = run("layers", "-w", model_pt, "--image-size", "32")
     assert table.exit_code == 0 and "flatten" in table.output, table.output
-    for args, message in [(("resnet34", "-w", model_pt), "was trained from backbone resnet18, not -b resnet34"),
+    for args, message in [(("resnet34", "-w", model_pt), "was trained from backbone resnet18, not resnet34 (drop BACKBONE to use resnet18)"),
                           (("-w", plain), "records no backbone (it was not written by featx finetune)"),
                           ((), "give a BACKBONE name")]:
         out = run("layers", *args)
