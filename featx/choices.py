@@ -41,8 +41,8 @@ def recorded_decode(config: dict) -> str:
 
 
 def check_seed(seed) -> None:
-    """FeatxError unless `seed` is an integer numpy's RandomState and scikit-learn accept (0 to 2**32 - 1)."""
-    from .errors import FeatxError
+    """OptionError unless `seed` is an integer numpy's RandomState and scikit-learn accept (0 to 2**32 - 1)."""
+    from .options import OptionError
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise FeatxError(f"--seed {seed!r}: expected an integer from 0 to {MAX_SEED}")
+        raise OptionError("{seed=}: expected an integer from 0 to {max}", seed=seed, max=MAX_SEED)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatxError
+from .options import OptionError
 from .export_options import SHARD_ROWS, ExportOptions
 from .store import Store, fsync_path, open_store
 
@@ -73,7 +74,8 @@ def export(store, output, format: str = "npy", tap: str | None = None, shard_row
     ExportOptions.of(locals())  # an OptionError for a value the option does not take
     output = Path(output)
     if output.suffix.lower() in (".parquet", ".npy"):
-        raise FeatxError(f"-o {output}: expected a folder (featx export writes files inside it), not a file name")
+        raise OptionError("{output=}: expected a folder (featx export writes files inside it), not a file name",
+                          output=str(output))
     try:
         import pyarrow  # noqa: F401
     except ImportError:
@@ -99,36 +101,40 @@ def _export_folder(output: Path, overwrite: bool):
     `output`; removed whatever happens, with the folders this call made when they stay empty."""
     made = [p for p in [output, *output.parents] if not p.exists()][::-1]
     if output.exists() and not output.is_dir():
-        raise FeatxError(f"-o {output}: is a file, expected a folder for the exported files")
+        raise OptionError("{output=}: is a file, expected a folder for the exported files", output=str(output))
     try:
         output.mkdir(parents=True, exist_ok=True)
         fd = os.open(output, os.O_RDONLY)
     except OSError as err:
-        raise FeatxError(f"-o {output}: cannot create the folder ({err.strerror})") from None
+        raise OptionError("{output=}: cannot create the folder ({reason})", output=str(output),
+                          reason=err.strerror) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FeatxError(f"-o {output}: another featx export is writing there; wait for it to finish") from None
+            raise OptionError("{output=}: another featx export is writing there; wait for it to finish",
+                              output=str(output)) from None
         try:
             held = sorted(p.name for p in output.iterdir() if p.name != STAGING)
         except OSError as err:
-            raise FeatxError(f"-o {output}: cannot list the folder ({err.strerror})") from None
+            raise OptionError("{output=}: cannot list the folder ({reason})", output=str(output),
+                              reason=err.strerror) from None
         if held and not overwrite:
-            raise FeatxError(f"-o {output}: the folder is not empty ({', '.join(held[:3])}"
-                             f"{', ...' if len(held) > 3 else ''}): choose a new or empty folder, or pass --overwrite "
-                             f"to replace an earlier export there")
+            raise OptionError("{output=}: the folder is not empty ({held}): choose a new or empty folder, or pass "
+                              "{overwrite=True} to replace an earlier export there", output=str(output),
+                              held=", ".join(held[:3]) + (", ..." if len(held) > 3 else ""))
         staging = output / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
         try:
             staging.mkdir()
         except OSError as err:
-            raise FeatxError(f"-o {output}: cannot write in the folder ({err.strerror})") from None
+            raise OptionError("{output=}: cannot write in the folder ({reason})", output=str(output),
+                              reason=err.strerror) from None
         try:
             yield staging
         except OSError as err:
-            raise FeatxError(f"-o {output}: cannot write {err.filename or 'the export'} ({err.strerror}); "
-                             f"nothing was exported") from None
+            raise OptionError("{output=}: cannot write {what} ({reason}); nothing was exported", output=str(output),
+                              what=err.filename or "the export", reason=err.strerror) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:

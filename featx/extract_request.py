@@ -25,6 +25,7 @@ import numpy as np
 from .choices import recorded_decode
 from .cpu import cpu_fields
 from .errors import FeatxError
+from .options import OptionError
 from .extract_options import DEFAULT_MATCH, ExtractOptions
 from .gcpause import without_gc
 from .retention import data_root, data_rows, holds, holds_as_is, merge, row_bound
@@ -129,29 +130,31 @@ def weights_for(config: dict, given=()) -> str:
     """The -w value that rebuilds the weights a store's (or a head's) `config` records: a file of `given` (one path
     or several: -w FILE) whose sha256 is the recorded one, else the recorded file when it still holds those bytes,
     else the recorded weights name (torchvision or timm weights, or 'none'). A given file of other bytes, and a
-    recorded file that is missing or changed, are one-line FeatxErrors that say what to pass with -w."""
+    recorded file that is missing or changed, are one-line OptionErrors that say what to pass as `weights`."""
     files = [given] if isinstance(given, (str, os.PathLike)) else list(given or ())
     recorded, expected = config.get("weights_path"), config.get("weights_sha256")
     for file in files:
         if not os.path.isfile(file):
-            raise FeatxError(f"-w {file}: no such file, expected the weights file the features were computed with")
+            raise OptionError("{weights=$file}: no such file, expected the weights file the features were computed "
+                              "with", file=os.fspath(file))
         if not recorded:
-            raise FeatxError(f"-w {file}: the features were computed with weights {config.get('weights')}, not with "
-                             f"a file: drop -w")
+            raise OptionError("{weights=$file}: the features were computed with weights {recorded}, not with a file: "
+                              "drop {weights}", file=os.fspath(file), recorded=config.get("weights"))
         if sha256_file(file) == expected:
             return os.fspath(file)
     wanted = f"the file of sha256 {str(expected)[:16]}..."
     if files:
-        raise FeatxError(f"-w {files[0]}: sha256 {sha256_file(files[0])[:16]}..., but the features were computed with "
-                         f"{os.path.basename(recorded)} ({wanted}): pass that file")
+        raise OptionError("{weights=}: sha256 {sha}..., but the features were computed with {name} ({wanted}): pass "
+                          "that file", weights=os.fspath(files[0]), sha=sha256_file(files[0])[:16],
+                          name=os.path.basename(recorded), wanted=wanted)
     if not recorded:
         return config["weights"]
     if not os.path.isfile(recorded):
-        raise FeatxError(f"the weights file {recorded} that the features were computed with is missing: pass -w FILE, "
-                         f"that file where it is now ({wanted})")
+        raise OptionError("the weights file {recorded} that the features were computed with is missing: pass "
+                          "{weights=FILE}, that file where it is now ({wanted})", recorded=recorded, wanted=wanted)
     if sha256_file(recorded) != expected:
-        raise FeatxError(f"the weights file {recorded} has changed since the features were computed: pass -w FILE, "
-                         f"the original weights ({wanted})")
+        raise OptionError("the weights file {recorded} has changed since the features were computed: pass "
+                          "{weights=FILE}, the original weights ({wanted})", recorded=recorded, wanted=wanted)
     return recorded
 
 

@@ -77,17 +77,19 @@ def _stack_pixels(images) -> torch.Tensor:
 
 def _check_output(output: Path) -> None:
     if output.exists() and output.is_dir():
-        raise FeatxError(f"-o {output}: is a folder, expected a .h5 file path")
+        raise OptionError("{output=}: is a folder, expected a .h5 file path", output=str(output))
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FeatxError(f"-o {output}: cannot create folder {parent} ({err.strerror})") from err
+        raise OptionError("{output=}: cannot create folder {parent} ({reason})", output=str(output), parent=parent,
+                          reason=err.strerror) from err
     try:  # a nameless file where the OS allows it (O_TMPFILE), so that a kill here leaves nothing behind
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise FeatxError(f"-o {output}: folder {parent} is not writable ({err.strerror})") from err
+        raise OptionError("{output=}: folder {parent} is not writable ({reason})", output=str(output), parent=parent,
+                          reason=err.strerror) from err
 
 
 def _commit_error(err: OSError, writer: StoreWriter) -> FeatxError:
@@ -187,8 +189,8 @@ def extract(
         if runtime is not None:  # before the store's folder exists: a batch that cannot fit leaves nothing behind
             fits = check_batch_memory(bb.model, transform.crop, batch_size or 1, runtime.device,
                                       n_images=len(source.items), resize=transform.resize,
-                                      resize_option="--resize" if resize else None,
-                                      batch_option="--batch-size" if batch_size else None,
+                                      resize_option="resize" if resize else None,
+                                      batch_option="batch_size" if batch_size else None,
                                       decoders=loader_workers(workers, len(source.items), batch_size or DEFAULT_BATCH))
         resolved = cluster.precision(precision) if cluster else runtime.precision
         config = build_config(bb, taps, pooling, token_pool, transform, resolved, dtype, weights, decode)
@@ -223,14 +225,14 @@ def extract(
                     batches = _ray_batches(cluster, paths, config, weights, batch)
                     _commit_batches(batches, source, keys, to_compute, writer, on_error, failures, progress)
                 else:
-                    with out_of_memory_as_error("--batch-size", batch_size or PROBE_IMAGES, runtime.device):
+                    with out_of_memory_as_error("batch_size", batch_size or PROBE_IMAGES, runtime.device):
                         runner = FeatureRunner(bb, taps, pooling, token_pool, transform, runtime, dtype)
                         choice = _choose(paths, runner, shard, decode, fits, workers, threads, batch_size,
                                          log if progress else None)
                     config["tuning"] = choice.to_dict()  # sealed with the store
                     batch = min(choice.batch_size, len(paths))
-                    with out_of_memory_as_error("--batch-size", batch, runtime.device,
-                                                decode_options="--resize, --image-size or --workers"), \
+                    with out_of_memory_as_error("batch_size", batch, runtime.device,
+                                                decode_options=("resize", "image_size", "workers")), \
                             torch_threads(choice.threads):
                         if compile_model:
                             runner.compile(batch)
@@ -317,7 +319,8 @@ def _choose(paths, runner: FeatureRunner, shard, decode, fits, workers, threads,
 
 
 def _check_all_readable(source: Source, keys: list[str | None]) -> None:
-    """--on-error fail: a FeatxError for the first folder or file that cannot be read, before anything is written."""
+    """on_error 'fail': an OptionError for the first folder or file that cannot be read, before anything is
+    written."""
     files = [item.path for item, key in zip(source.items, keys) if key is None]
     count = len(source.failed) + len(files)
     if not count:
@@ -327,7 +330,7 @@ def _check_all_readable(source: Source, keys: list[str | None]) -> None:
     else:
         path, reason = files[0], unreadable_reason(files[0])
     more = f" (and {count - 1} more)" if count > 1 else ""
-    raise FeatxError(f"{path}: {reason}{more} (--on-error fail)")
+    raise OptionError("{path}: {reason}{more} ({on_error=fail})", path=path, reason=reason, more=more)
 
 
 def _check_engine(engine, shard, ray_address, num_gpus_per_worker, decode, device, overwrite, compile_model) -> None:
@@ -446,7 +449,8 @@ def _commit_batches(batches, source, keys, to_compute, writer, on_error, failure
                     if reason:
                         item = source.items[to_compute[j]]
                         if on_error == "fail":
-                            raise FeatxError(f"{item.path}: {reason} (--on-error fail; rerun resumes after the last batch)")
+                            raise OptionError("{path}: {reason} ({on_error=fail}; rerun resumes after the last batch)",
+                                              path=item.path, reason=reason)
                         failures[keys[to_compute[j]]] = reason
                 batch_keys = [keys[to_compute[j]] for j, reason in zip(indices, reasons) if not reason]
                 if batch_keys:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import os
 
-from .errors import FeatxError
 from .options import OptionError
 from .segment import is_segment_head
 
@@ -42,8 +41,8 @@ def fit_head(data, tap: str | list[str] | None = None, output=None, *, task: str
         if given:
             raise OptionError(f"{_fields(given)}: segmentation options, they need {{task=}}", task="segment")
         if len(taps) > 1:
-            raise FeatxError(f"-l {' -l '.join(map(str, taps))}: a classification head reads one tap; several taps "
-                             f"are for --task segment")
+            raise OptionError("{tap=}: a classification head reads one tap; several taps are for {task=segment}",
+                              tap=taps)
         return fit_rows_head(data, taps[0], output, **options)
     if not masks:
         raise OptionError("{task=}: give the image + mask pairs with {masks=MASKS}", task=task)

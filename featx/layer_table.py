@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import FeatxError
+from .options import OptionError
 from .taps import ITEMSIZE, Graph, LayerInfo, human_bytes, probe_shapes, reference_size, usual_rows
 from .memory import check_batch_memory
 from .layers_options import LayersOptions
@@ -74,12 +75,12 @@ def layers(backbone: str | None = None, weights: str = "none", *, weights_match:
 
     LayersOptions.of(locals())  # an OptionError for a value the option does not take
     if backbone is None and (str(weights).lower() == "none" or not looks_like_path(str(weights))):
-        raise FeatxError("featx layers: give a BACKBONE name (or -w a model.pt written by featx finetune, which "
-                         "records its backbone), or --list to see them all")
+        raise OptionError("featx layers: give a {backbone} name (or {weights=$file} written by featx finetune, which "
+                          "records its backbone), or --list to see them all", file="model.pt")
     bb = load_backbone(backbone, weights, match=weights_match)
     if backbone is None and not bb.meta.get("backbone"):
-        raise FeatxError(f"featx layers: -w {weights} records no backbone (it was not written by featx finetune): "
-                         f"give the BACKBONE name")
+        raise OptionError("featx layers: {weights=} records no backbone (it was not written by featx finetune): give "
+                          "the {backbone} name", weights=weights)
     if bb.load_report is not None and log is not None:
         log(bb.load_report.summary())
     return describe_layers(bb.model, image_size=image_size, pooling=pooling, include_all=include_all)

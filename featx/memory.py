@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FeatxError
+from .options import OptionError
 from .taps import activation_bytes, human_bytes
 
 DECODED_BYTES = 3  # a pixel of the decoded uint8 batch (the normalized float batch is the graph's input)
@@ -61,14 +61,15 @@ def batch_memory(model: nn.Module, image_size: int, *, training: bool = False, e
 
 def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, device: torch.device, *,
                        training: bool = False, every_output: bool = False, resize: int | None = None,
-                       decoders: int = 1, size_option: str | None = "--image-size", resize_option: str | None = None,
-                       batch_option: str | None = "--batch-size", n_images: int | None = None) -> int | None:
-    """FeatxError (one line naming the options, the bytes needed and available) when a batch of `batch_size`
+                       decoders: int = 1, size_option: str | None = "image_size", resize_option: str | None = None,
+                       batch_option: str | None = "batch_size", n_images: int | None = None) -> int | None:
+    """OptionError (one line naming the options, the bytes needed and available) when a batch of `batch_size`
     images (at most `n_images`, the images there are) cannot fit in the memory `device` has available; devices
     whose free memory is unknown (MPS) pass. Returns the largest batch that fits (None where unknown).
 
-    The options name what the user typed: `size_option` None when the size is not the user's (a head's crop),
-    `resize_option` when the resize was given, `batch_option` None when the batch is not the user's."""
+    The options are the parameters the user gave (`image_size`): `size_option` None when the size is not the
+    user's (a head's crop), `resize_option` when the resize was given, `batch_option` None when the batch is not the
+    user's."""
     available = available_bytes(device)
     if available is None:
         return None
@@ -77,20 +78,22 @@ def check_batch_memory(model: nn.Module, image_size: int, batch_size: int, devic
     batch = min(batch_size, n_images or batch_size)
     if need.bytes(batch) <= available:
         return need.largest_batch(available)
-    given = [f"{size_option} {image_size}" if size_option else f"{image_size}x{image_size} images"]
-    given += [f"{resize_option} {resize}"] if resize_option else []
-    sizes = [option for option in (size_option, resize_option) if option]
-    where = f"{device} has {human_bytes(available)} available"
+    given = ["{%s=%d}" % (size_option, image_size) if size_option else f"{image_size}x{image_size} images"]
+    given += ["{%s=%d}" % (resize_option, resize)] if resize_option else []
+    sizes = ["{%s}" % option for option in (size_option, resize_option) if option]
     smaller = f"a smaller {' or '.join(sizes)}" if sizes else ""
+    values = {"where": f"{device} has {human_bytes(available)} available", "one": human_bytes(need.bytes(1)),
+              "batch": batch, "need": human_bytes(need.bytes(batch))}
     if need.bytes(1) > available:
-        raise FeatxError(f"{', '.join(given)}: one image alone needs about {human_bytes(need.bytes(1))} of memory "
-                         f"and {where}" + (f": use {smaller}" if smaller else ""))
-    needs = f"a batch of {batch} images needs about {human_bytes(need.bytes(batch))} of memory and {where}"
+        raise OptionError(", ".join(given) + ": one image alone needs about {one} of memory and {where}"
+                          + (f": use {smaller}" if smaller else ""), **values)
+    needs = "a batch of {batch} images needs about {need} of memory and {where}"
     if batch_option:
         fits = min(need.largest_batch(available), batch - 1)
-        raise FeatxError(f"{', '.join(given)}, {batch_option} {batch_size}: {needs}: use {batch_option} {fits} or less"
-                         + (f", or {smaller}" if smaller else ""))
-    raise FeatxError(f"{', '.join(given)}: {needs}" + (f": use {smaller}" if smaller else ""))
+        raise OptionError(", ".join(given) + ", {%s=%d}: " % (batch_option, batch_size) + needs
+                          + ": use {%s=%d} or less" % (batch_option, fits) + (f", or {smaller}" if smaller else ""),
+                          **values)
+    raise OptionError(", ".join(given) + ": " + needs + (f": use {smaller}" if smaller else ""), **values)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -145,11 +148,11 @@ def _stat(path: Path, name: str) -> int:
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(batch_option: str, batch_size: int, device: torch.device, size_option: str = "--image-size",
-                           decode_options: str = "--workers"):
+def out_of_memory_as_error(batch_option: str, batch_size: int, device: torch.device, size_option: str = "image_size",
+                           decode_options: tuple[str, ...] = ("workers",)):
     """Turn an allocation failure (torch's out-of-memory errors, a MemoryError, a DataLoader worker that ran out or
-    was killed by the system) into a one-line FeatxError saying what to try: a smaller batch, or for a decoding
-    process fewer of `decode_options`."""
+    was killed by the system) into a one-line OptionError saying what to try: a smaller batch, or for a decoding
+    process less of the parameters `decode_options`."""
     try:
         yield
     except (RuntimeError, MemoryError) as err:
@@ -158,8 +161,11 @@ def out_of_memory_as_error(batch_option: str, batch_size: int, device: torch.dev
         if not (killed or isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
                 or "can't allocate memory" in text):
             raise
+        at = "{%s=%d}" % (batch_option, batch_size)
         if killed or "DataLoader worker" in text:
-            raise FeatxError(f"a decoding process ran out of memory at {batch_option} {batch_size} (or the system "
-                             f"killed it for memory): try lower {decode_options}") from None
-        hint = f"try {batch_option} {batch_size // 2}" if batch_size > 1 else f"try a smaller {size_option}"
-        raise FeatxError(f"out of memory on {device} at {batch_option} {batch_size}: {hint}") from None
+            lower = " or ".join(filter(None, [", ".join("{%s}" % name for name in decode_options[:-1]),
+                                              "{%s}" % decode_options[-1]]))
+            raise OptionError(f"a decoding process ran out of memory at {at} (or the system killed it for memory): "
+                              f"try lower {lower}") from None
+        hint = "try {%s=%d}" % (batch_option, batch_size // 2) if batch_size > 1 else "try a smaller {%s}" % size_option
+        raise OptionError(f"out of memory on {{device}} at {at}: {hint}", device=device) from None

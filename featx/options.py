@@ -6,10 +6,10 @@ in the help), the check of every value when an instance is built (`__post_init__
 keyword, `workers=-1: expected an integer from 0 to 64`), and the plain dict a run records (`Options.to_dict`).
 Ranges are checked there alone, so a Python call and the command line read the same words.
 
-An OptionError names the parameters it is about as format fields, `{name}`, `{name=}` (with the value given) or
-`{name=text}`: a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads the flag the value
-came from, `--workers -1`. Click checks values only while it parses and dataclasses check none, hence this small
-module.
+An OptionError names the parameters it is about as format fields, `{name}`, `{name=}` (with the value given),
+`{name=$key}` or `{name=text}`: a Python caller reads `workers=-1`, and the command line (featx.cli.common) reads
+the flag the value came from, `--workers -1` (`flag_spelling`). Click checks values only while it parses and
+dataclasses check none, hence this small module.
 """
 from __future__ import annotations
 
@@ -29,17 +29,25 @@ SPEC = "featx.option"  # the key of a field's Spec in its metadata
 
 class OptionError(FeatxError):
     """A bad value of one or more parameters. `template` names each as `{name}` (the parameter), `{name=}` (the
-    parameter and the value in `values[name]`) or `{name=text}` (the parameter set to `text`, read as a Python
-    literal where it is one: `{num_shards=4}`); the other fields are filled from `values` as str.format does, so
-    a parameter with a value in `values` is always written with `=`."""
+    parameter and the value in `values[name]`), `{name=$key}` (the parameter and the value in `values[key]`) or
+    `{name=text}` (the parameter set to `text`, read as a Python literal where it is one: `{num_shards=4}`); the
+    other fields are filled from `values` as str.format does, so a parameter with a value in `values[name]` is
+    always written with `=` (`{name=$key}` lets a message name it bare too)."""
 
     def __init__(self, template: str, **values):
         self.template, self.values = template, values
         super().__init__(self.spelled(_keyword))
 
+    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver with its fields)
+        return _option_error, (self.template, self.values)
+
     def spelled(self, spell) -> str:
         """The message with each parameter written by `spell(name, value)` (value: the given one, or MISSING)."""
         return self.template.format_map(_Spelling(self.values, spell))
+
+
+def _option_error(template: str, values: dict) -> OptionError:
+    return OptionError(template, **values)
 
 
 class _Spelling:
@@ -51,7 +59,9 @@ class _Spelling:
     def __getitem__(self, key: str):
         name, has_value, literal = key.partition("=")
         if has_value:
-            return self.spell(name, _literal(literal) if literal else self.values[name])
+            value = self.values[literal[1:]] if literal.startswith("$") else _literal(literal) if literal else \
+                self.values[name]
+            return self.spell(name, value)
         if key in self.values:
             return self.values[key]
         return self.spell(key, dataclasses.MISSING)
@@ -70,19 +80,37 @@ def _keyword(name: str, value) -> str:
     return name if value is dataclasses.MISSING else f"{name}={value!r}"
 
 
-def flag_spelling(flags: dict[str, str]):
-    """How a command-line user reads a parameter: its flag (`flags`: parameter -> flag), and the value as it would
-    be typed (`--workers -1`, `--pooling ''`); a parameter without a flag is written as a Python caller reads it."""
+def flag_spelling(params):
+    """How a command-line user reads a parameter of a command whose click parameters are `params`: the value as it
+    would be typed after its flag (`--workers -1`, `--pooling ''`, `-l a -l b` for a repeated option), a switch as
+    the switch alone (`--overwrite` for True, `--no-plots`, `--prune` for the value it sets), an argument as its
+    value alone (its name, `DATA`, when no value is given); a parameter the command lacks, or a value no flag
+    gives, is written as a Python caller reads it."""
+    by_name = {param.name: param for param in params}
 
     def spell(name: str, value) -> str:
-        if name not in flags:
+        param = by_name.get(name)
+        if param is None:
             return _keyword(name, value)
+        if isinstance(param, click.Argument):
+            return param.human_readable_name if value is dataclasses.MISSING else _typed(value)
         if value is dataclasses.MISSING:
-            return flags[name]
-        shown = shlex.quote(value) if isinstance(value, str) else value
-        return f"{flags[name]} {shown}"
+            return param.opts[0]
+        if param.is_bool_flag and isinstance(value, bool):
+            switch = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            return switch or _keyword(name, value)
+        if param.is_flag:
+            return param.opts[0] if value == param.flag_value else _keyword(name, value)
+        if param.multiple and isinstance(value, (list, tuple)):
+            return " ".join(f"{param.opts[0]} {_typed(item)}" for item in value)
+        return f"{param.opts[0]} {_typed(value)}"
 
     return spell
+
+
+def _typed(value) -> str:
+    """A value as a shell user types it."""
+    return shlex.quote(value) if isinstance(value, str) else str(value)
 
 
 @dataclass(frozen=True)
@@ -166,9 +194,8 @@ class Options:
             return cls(**{name: (list(value) or fields[name].default) if fields[name].metadata[SPEC].multiple
                           else value for name, value in params.items() if name in fields})
         except OptionError as err:
-            flags = {name: f.metadata[SPEC].flags[0].split("/")[0] for name, f in fields.items()
-                     if f.metadata[SPEC].flags}
-            raise click.UsageError(err.spelled(flag_spelling(flags)), click.get_current_context(silent=True)) from None
+            ctx = click.get_current_context(silent=True)
+            raise click.UsageError(err.spelled(flag_spelling(ctx.command.params if ctx else ())), ctx) from None
 
     @classmethod
     def click_options(cls, command=None, **types):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .choices import POOLINGS, TOKEN_POOLINGS
-from .errors import FeatxError
+from .options import OptionError
 
 GEM_P = 3.0
 
@@ -31,9 +31,10 @@ def pool(x: torch.Tensor, mode: str = "avg", token_pool: str = "cls", channels_l
     3-D token sequences (B, T, D) use `token_pool` (class token or mean of tokens). 2-D outputs are already rows.
     """
     if mode not in POOLINGS:
-        raise FeatxError(f"--pooling {mode!r}: expected one of {', '.join(POOLINGS)}")
+        raise OptionError("{pooling=}: expected one of {choices}", pooling=mode, choices=", ".join(POOLINGS))
     if token_pool not in TOKEN_POOLINGS:
-        raise FeatxError(f"--token-pool {token_pool!r}: expected one of {', '.join(TOKEN_POOLINGS)}")
+        raise OptionError("{token_pool=}: expected one of {choices}", token_pool=token_pool,
+                          choices=", ".join(TOKEN_POOLINGS))
     x = x.float()
     if x.dim() == 4:
         if channels_last_output:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .choices import RETENTIONS
 from .errors import FeatxError
+from .options import OptionError
 from .gcpause import without_gc
 from .sources import DIGITS_SPEC, unreadable_reason
 
@@ -219,11 +220,10 @@ def merge(old, fresh: DataRows, retention: str = "mirror", max_rows: int | None 
     if retention == "mirror":
         lost = len(gone) - sum(map(kept_keys.__contains__, keys[gone].tolist()))
         if lost > drop_limit(len(keys)):
-            raise FeatxError(
-                f"{old.path}: this run would drop {lost} rows of files gone from {fresh.root} (more than "
-                f"{drop_limit(len(keys))} of the store's {len(keys)} rows); nothing was changed: check the "
-                f"data path, or pass --prune to mirror {fresh.root} exactly"
-            )
+            raise OptionError("{path}: this run would drop {lost} rows of files gone from {root} (more than {limit} "
+                              "of the store's {n} rows); nothing was changed: check the data path, or pass "
+                              "{retention=prune} to mirror {root} exactly", path=old.path, lost=lost, root=fresh.root,
+                              limit=drop_limit(len(keys)), n=len(keys))
     kept_roots = [] if retention == "prune" else [root for root in old_roots if root != fresh.root]
     plan = _assemble(old, old_roots, kept_roots, fresh, others, carried)
     plan.dropped = len(keys) - sum(map(kept_keys.__contains__, keys.tolist()))
@@ -357,10 +357,9 @@ def _labels(old, old_rows: np.ndarray, data: np.ndarray, classes: list[str], fre
     if len(labelled):
         where = old.path if old is not None else "the store"
         root = roots[row_roots[labelled[0]]]
-        raise FeatxError(
-            f"{where}: rows of {root or 'the store'} have class labels and rows of "
-            f"{fresh.root} regression targets; one store holds one kind: choose another -o, or pass --prune"
-        )
+        raise OptionError("{where}: rows of {root} have class labels and rows of {fresh} regression targets; one store "
+                          "holds one kind: choose another {output}, or pass {retention=prune}", where=where,
+                          root=root or "the store", fresh=fresh.root)
     targets = np.full(len(old_rows), np.nan, dtype=np.float64)
     if old_targets is not None:
         targets[carried] = np.asarray(old_targets, dtype=np.float64)[kept]

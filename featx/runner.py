@@ -16,6 +16,7 @@ from . import __version__
 from .backbones import Backbone, load_backbone
 from .choices import DEFAULT_DECODE, LEGACY_DECODE, recorded_decode
 from .errors import FeatxError
+from .options import OptionError
 from .extract_request import DEFAULT_MATCH, extract_options_from_config
 from .memory import check_batch_memory
 from .pooling import pool
@@ -104,10 +105,8 @@ class FeatureRunner:
         try:
             self(x)
         except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-            raise FeatxError(
-                f"backbone {name} cannot run on {self.transform.crop}x{self.transform.crop} inputs "
-                f"({str(err).splitlines()[0][:150]}): check --image-size"
-            ) from err
+            raise OptionError("backbone {name} cannot run on {crop}x{crop} inputs ({reason}): check {image_size}",
+                              name=name, crop=self.transform.crop, reason=str(err).splitlines()[0][:150]) from err
 
     def compile(self, batch_size: int) -> None:
         """torch.compile the extractor (inductor, weights frozen as constants) and warm it up on one full batch of
@@ -117,8 +116,8 @@ class FeatureRunner:
         try:
             self(torch.zeros(1, 3, self.transform.crop, self.transform.crop, dtype=torch.uint8))
         except Exception as err:  # noqa: BLE001 - inductor fails in many ways (no C++ compiler, unsupported ops)
-            raise FeatxError(f"--compile: torch.compile failed ({str(err).splitlines()[0][:150]}); run without "
-                             "--compile") from err
+            raise OptionError("{compile_model=True}: torch.compile failed ({reason}); run without {compile_model}",
+                              reason=str(err).splitlines()[0][:150]) from err
 
     @torch.inference_mode()
     def __call__(self, batch_uint8: torch.Tensor) -> dict[str, np.ndarray]:
@@ -150,6 +149,6 @@ def runner_from_config(config: dict, device: str = "auto", weights=(), max_batch
     runtime = resolve_runtime(device, options["precision"])
     transform = TransformSpec.from_dict(config["transform"])
     check_batch_memory(bb.model, transform.crop, max_batch, runtime.device, resize=transform.resize,
-                       size_option=None, batch_option="--max-batch")
+                       size_option=None, batch_option="max_batch")
     return FeatureRunner(bb, options["taps"], options["pooling"], options["token_pool"], transform, runtime,
                          options["dtype"])

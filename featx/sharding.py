@@ -122,10 +122,8 @@ def join(shard: Shard, backend: str = "gloo"):
     timeout = rendezvous_timeout()
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise FeatxError(
-            f"WORLD_SIZE={shard.count} is set but MASTER_ADDR/MASTER_PORT are not: launch with torchrun, or use "
-            f"--num-shards/--shard-index for independent processes"
-        )
+        raise OptionError("WORLD_SIZE={count} is set but MASTER_ADDR/MASTER_PORT are not: launch with torchrun, or use "
+                          "{num_shards}/{shard_index} for independent processes", count=shard.count)
     try:
         with _native_stderr_held() as held:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
@@ -219,10 +217,9 @@ def start(shard: Shard, folder: Path, identity: dict) -> None:
     for rank, report in enumerate(reports):
         if report["sees"] != list(range(shard.count)):
             missing = sorted(set(range(shard.count)) - set(report["sees"]))
-            raise FeatxError(
-                f"{folder}: not shared between the ranks (rank {rank} on {report['host']} cannot see the files of "
-                f"ranks {', '.join(map(str, missing))}): put -o on a filesystem that every node mounts"
-            )
+            raise OptionError("{folder}: not shared between the ranks (rank {rank} on {host} cannot see the files of "
+                              "ranks {missing}): put {output} on a filesystem that every node mounts", folder=folder,
+                              rank=rank, host=report["host"], missing=", ".join(map(str, missing)))
 
 
 def finish(shard: Shard, folder: Path, identity: dict, report: dict) -> tuple[list[dict], list[int]]:

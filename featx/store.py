@@ -39,6 +39,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError
+from .options import OptionError
 from .gcpause import without_gc
 from .rowfiles import hold_row_files, missing_row_files, rows_folder, store_bytes
 from .store_attrs import describe_datasets
@@ -652,8 +653,10 @@ class Store:
             self._dataset(tap)
             return tap
         if len(self.taps) != 1:
-            raise FeatxError(f"{self.path} holds " + (f"several taps ({', '.join(self.taps)}): choose one (-l/--layer)"
-                                                     if self.taps else "no features"))
+            if not self.taps:
+                raise FeatxError(f"{self.path} holds no features")
+            raise OptionError("{path} holds several taps ({taps}): choose one ({tap})", path=self.path,
+                              taps=", ".join(self.taps))
         return self.taps[0]
 
     def split(self, name: str, tap: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -762,7 +765,8 @@ def open_store(path) -> Store:
         _check_string_heaps(h5, path)
         schema = h5.attrs.get("featx_schema")
         if schema is None or "items" not in h5:
-            raise FeatxError(f"{path}: not a featx store (no featx_schema attribute; for other HDF5/NPZ files use --x/--y)")
+            raise OptionError("{path}: not a featx store (no featx_schema attribute; for other HDF5/NPZ files use "
+                              "{x}/{y})", path=path)
         if int(schema) > SCHEMA_VERSION:
             raise FeatxError(
                 f"{path}: store schema {int(schema)} is newer than this featx understands ({SCHEMA_VERSION}): upgrade featx"

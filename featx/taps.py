@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs, create_feature_extractor
 from torchvision.ops import Permute
 
-from .errors import FeatxError
+from .options import OptionError
 
 REFERENCE_SIZE = 224  # usual taps are decided at the size the models were designed for, whatever --image-size says
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -163,7 +163,7 @@ def _penultimate(graph: Graph, model: nn.Module) -> str:
     head = final_layer(model)
     node = graph.node.get(head) if head else None
     if node is None or not node.all_input_nodes:
-        raise FeatxError(f"cannot find the classifier of {model_label(model)}: name the taps with -l")
+        raise OptionError("cannot find the classifier of {model}: name the taps with {taps}", model=model_label(model))
     return graph.name_of[node.all_input_nodes[0]]
 
 
@@ -213,9 +213,8 @@ def probe_shapes(model: nn.Module, nodes: list[str], size: int) -> dict[str, tup
             outputs = extractor(torch.zeros(1, 3, size, size))
     except Exception as err:  # shape asserts, too-small maps: any failure means this size does not fit the model
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:150]
-        raise FeatxError(
-            f"--image-size {size}: {model_label(model)} cannot run on {size}x{size} images ({reason})"
-        ) from err
+        raise OptionError("{image_size=}: {model} cannot run on {size}x{size} images ({reason})", image_size=size,
+                          model=model_label(model), size=size, reason=reason) from err
     return {
         name: tuple(out.shape[1:])
         for name, out in outputs.items()
@@ -224,10 +223,11 @@ def probe_shapes(model: nn.Module, nodes: list[str], size: int) -> dict[str, tup
 
 
 def check_image_size(model: nn.Module, size: int) -> None:
-    """FeatxError when the model is built for one input size (torchvision's ViT) and `size` is another."""
+    """OptionError when the model is built for one input size (torchvision's ViT) and `size` is another."""
     fixed = getattr(model, "image_size", None)
     if isinstance(fixed, int) and size != fixed:
-        raise FeatxError(f"--image-size {size}: {model_label(model)} takes {fixed}x{fixed} images only")
+        raise OptionError("{image_size=}: {model} takes {fixed}x{fixed} images only", image_size=size,
+                          model=model_label(model), fixed=fixed)
 
 
 def reference_size(model: nn.Module) -> int:
@@ -281,22 +281,22 @@ def usual_taps(model: nn.Module) -> list[str]:
     return [name for name, node in rows.items() if marks.get(node) in ("stage", "penultimate")]
 
 
-def check_taps(model: nn.Module, taps) -> None:
-    """FeatxError unless every tap names a node (or module) of the model, and no two taps name the same node."""
+def check_taps(model: nn.Module, taps, name: str = "taps") -> None:
+    """OptionError about the parameter `name` unless every tap names a node (or module) of the model, and no two
+    taps name the same node."""
     graph = Graph(model)
     seen: dict[str, str] = {}
     for tap in taps:
         node = graph.resolve(tap)
         if node is None:
-            raise FeatxError(_unknown_tap(graph, model, tap))
+            raise _unknown_tap(graph, model, tap, name)
         if node in seen:
-            raise FeatxError(
-                f"-l {seen[node]} and -l {tap} are the same node of {model_label(model)} ({node}): keep one"
-            )
+            raise OptionError("{%s=} are the same node of {model} ({node}): keep one" % name,
+                              **{name: [seen[node], tap]}, model=model_label(model), node=node)
         seen[node] = tap
 
 
-def _unknown_tap(graph: Graph, model: nn.Module, tap: str) -> str:
+def _unknown_tap(graph: Graph, model: nn.Module, tap: str, name: str) -> OptionError:
     """The unknown tap, the closest names (module names and graph nodes), and the usual rows."""
     label = model_label(model)
     rows = list(_default_rows(graph, model, []))
@@ -304,10 +304,8 @@ def _unknown_tap(graph: Graph, model: nn.Module, tap: str) -> str:
     close = difflib.get_close_matches(tap, dict.fromkeys(names), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     shown = ", ".join(rows[:MAX_LISTED]) + (", ..." if len(rows) > MAX_LISTED else "")
-    return (
-        f"-l {tap}: unknown tap for {label}{hint}; valid taps include {shown} "
-        f"(featx layers {label} --all lists all {len(graph.taps())})"
-    )
+    return OptionError("{%s=}: unknown tap for {label}{hint}; valid taps include {shown} (featx layers {label} --all "
+                       "lists all {n})" % name, **{name: tap}, label=label, hint=hint, shown=shown, n=len(graph.taps()))
 
 
 @dataclass(frozen=True)
@@ -326,7 +324,7 @@ def activation_bytes(model: nn.Module, image_size: int) -> ActivationBytes:
     The shapes come from one probe at the model's reference size (as `describe_layers` measures them), scaled by
     the area for maps and token sequences, so that a size too large to run is estimated without running it. A
     node's output is alive from the node until its last user has run. A model built for one input size takes no
-    other (FeatxError).
+    other (OptionError).
     """
     check_image_size(model, image_size)
     graph = Graph(model)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .choices import recorded_decode
 from .errors import FeatxError
+from .options import OptionError
 from .gcpause import without_gc
 from .keys import STAT_FIELDS, host_id, trusted_later
 from .retention import DataRows, SealPlan, holds, merge, row_bound
@@ -197,10 +198,9 @@ class StoreWriter:
             raise FeatxError(f"{err}: featx extract --overwrite replaces it, or choose another store") from err
         with old:
             if old.config_key != self.config_key:
-                raise FeatxError(
-                    f"{self.output} was made with another config ({describe_config(old.config)}); this run asks for "
-                    f"({describe_config(self.config)}): choose another -o, or pass --overwrite to replace it"
-                )
+                raise OptionError("{path} was made with another config ({old}); this run asks for ({new}): choose "
+                                  "another {output}, or pass {overwrite=True} to replace it", path=self.output,
+                                  old=describe_config(old.config), new=describe_config(self.config))
             keys = old.keys.tolist()
             rows = range(len(keys) - 1, -1, -1)
             self._old_index = dict(zip(reversed(keys), rows))  # the first row of each key
@@ -221,10 +221,8 @@ class StoreWriter:
         except (OSError, KeyError) as err:  # renamed into place only when complete, so this is outside damage
             raise FeatxError(f"{seg}: unreadable segment of an unfinished run ({err}); delete it to recompute its rows") from err
         if seg_key != self.config_key:
-            raise FeatxError(
-                f"{self.parts} holds an unfinished run with another config; rerun it with the same options to "
-                f"finish it, or pass --overwrite to discard it"
-            )
+            raise OptionError("{parts} holds an unfinished run with another config; rerun it with the same options to "
+                              "finish it, or pass {overwrite=True} to discard it", parts=self.parts)
         for row, key in enumerate(keys):
             self.available.setdefault(key, RowSource(seg, row))
         self._indexed.add(seg)

@@ -130,7 +130,7 @@ def test_weights_name_offline_says_which_file_to_put_where(hub, weights):
     msg = str(err.value)
     assert f"weights {SMALL} IMAGENET1K_V1 are not in torchvision's cache" in msg
     assert f"put {SMALL_FILE} (from {SMALL_WEIGHTS.url}) into {hub}/" in msg
-    assert "-w path/to/weights.pth" in msg and "\n" not in msg
+    assert "weights='path/to/weights.pth'" in msg and "\n" not in msg
 
 
 def test_failed_download_gives_the_same_message(hub, monkeypatch):
@@ -150,8 +150,8 @@ def test_failed_download_gives_the_same_message(hub, monkeypatch):
 @pytest.mark.parametrize(
     "weights, expected",
     [
-        ("IMAGENET1K_V3", f"-w IMAGENET1K_V3: not a weights name of {SMALL}: expected one of IMAGENET1K_V1, DEFAULT"),
-        ("ResNet50_Weights.IMAGENET1K_V2", f"-w ResNet50_Weights.IMAGENET1K_V2: those weights are not for {SMALL}"),
+        ("IMAGENET1K_V3", f"weights='IMAGENET1K_V3': not a weights name of {SMALL}: expected one of IMAGENET1K_V1, DEFAULT"),
+        ("ResNet50_Weights.IMAGENET1K_V2", f"weights='ResNet50_Weights.IMAGENET1K_V2': those weights are not for {SMALL}"),
     ],
 )
 def test_bad_weights_names(hub, weights, expected):
@@ -248,7 +248,7 @@ def test_files_that_are_not_state_dicts(tmp_path, write, expected):
     write(path)
     with pytest.raises(FeatxError) as err:
         read_weights_file(path)
-    assert expected in str(err.value) and str(err.value).startswith(f"-w {path}") and "\n" not in str(err.value)
+    assert expected in str(err.value) and str(err.value).startswith(f"weights='{path}'") and "\n" not in str(err.value)
 
 
 def test_pickled_code_is_never_executed(tmp_path):
@@ -272,7 +272,7 @@ def test_non_zip_pickle_with_objects_is_one_clear_line(tmp_path, write):
     with pytest.raises(FeatxError) as err:
         read_weights_file(path)
     message = str(err.value)
-    assert message.startswith(f"-w {path}: not a plain state dict or checkpoint that torch.load(weights_only=True) "
+    assert message.startswith(f"weights='{path}': not a plain state dict or checkpoint that torch.load(weights_only=True) "
                               "can read") and "\n" not in message, message
     assert message.endswith("featx never unpickles arbitrary objects: save model.state_dict() with torch.save")
     assert "weights_only=False" not in message and not ran.exists()
@@ -300,7 +300,7 @@ def test_finetuned_file_loads_with_its_head_transform_and_meta(tmp_path):
 def test_file_for_another_backbone_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"model": nn.Linear(2, 2).state_dict(), "featx": {"backbone": "resnet50"}}, path)
-    with pytest.raises(FeatxError, match="trained from backbone resnet50, not -b resnet18"):
+    with pytest.raises(FeatxError, match="trained from backbone resnet50, not backbone='resnet18' \\(drop backbone to use resnet50\\)"):
         load_backbone("resnet18", str(path))
     torch.save(nn.Linear(2, 2).state_dict(), path)
     with pytest.raises(FeatxError, match="none of its 2 tensors fit resnet18"):

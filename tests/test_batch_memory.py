@@ -16,8 +16,10 @@ from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.runner import FeatureRunner, runner_from_config
 from featx.finetuning import finetune
+from featx.options import flag_spelling
 from featx.layer_table import describe_layers
 from featx import memory
+from featx.cli import main
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
 from imagegen import make_image_folder
 
@@ -46,9 +48,11 @@ def test_the_largest_batch_it_suggests_fits_and_one_more_does_not(resnet18, monk
     check_batch_memory(resnet18, 512, 5, CPU)
     with pytest.raises(FeatxError) as err:
         check_batch_memory(resnet18, 512, 64, CPU)
-    assert str(err.value).startswith("--image-size 512, --batch-size 64: a batch of 64 images needs about ")
-    assert str(err.value).endswith(": use --batch-size 5 or less, or a smaller --image-size")
-    with pytest.raises(FeatxError, match=r"--batch-size 20: a batch of 6 images needs .*use --batch-size 5 or less"):
+    assert str(err.value).startswith("image_size=512, batch_size=64: a batch of 64 images needs about ")
+    assert str(err.value).endswith(": use batch_size=5 or less, or a smaller image_size")
+    assert err.value.spelled(flag_spelling(main.commands["extract"].params)).startswith(
+        "--image-size 512, --batch-size 64: a batch of 64 images needs about ")
+    with pytest.raises(FeatxError, match=r"batch_size=20: a batch of 6 images needs .*use batch_size=5 or less"):
         check_batch_memory(resnet18, 512, 20, CPU, n_images=6)  # only 6 images: batches of 6
     check_batch_memory(resnet18, 512, 64, CPU, n_images=5)
 
@@ -56,13 +60,13 @@ def test_the_largest_batch_it_suggests_fits_and_one_more_does_not(resnet18, monk
 def test_one_image_too_large_names_the_sizes(resnet18, monkeypatch):
     limit_memory(monkeypatch, 2 * GB)
     with pytest.raises(FeatxError) as err:
-        check_batch_memory(resnet18, 64, 8, CPU, resize=40_000, resize_option="--resize")
+        check_batch_memory(resnet18, 64, 8, CPU, resize=40_000, resize_option="resize")
     assert str(err.value) == (
-        "--image-size 64, --resize 40000: one image alone needs about 9.6 GB of memory and cpu has 2.0 GB available: "
-        "use a smaller --image-size or --resize"
+        "image_size=64, resize=40000: one image alone needs about 9.6 GB of memory and cpu has 2.0 GB available: "
+        "use a smaller image_size or resize"
     )
-    with pytest.raises(FeatxError, match=r"^224x224 images, --max-batch 4000: a batch of 4000 images .*use --max-batch \d+ or less$"):
-        check_batch_memory(resnet18, 224, 4000, CPU, size_option=None, batch_option="--max-batch")
+    with pytest.raises(FeatxError, match=r"^224x224 images, max_batch=4000: a batch of 4000 images .*use max_batch=\d+ or less$"):
+        check_batch_memory(resnet18, 224, 4000, CPU, size_option=None, batch_option="max_batch")
     limit_memory(monkeypatch, None)  # a device whose free memory is unknown: no check
     check_batch_memory(resnet18, 100_000, 64, CPU)
 
@@ -133,7 +137,7 @@ def test_available_bytes_is_the_lower_of_the_system_and_the_control_group(tmp_pa
 
 
 def test_extract_refuses_a_size_that_cannot_fit_before_creating_anything(data, tmp_path):
-    with pytest.raises(FeatxError, match=r"^--image-size 100000: one image alone needs about .* TB of memory and cpu"):
+    with pytest.raises(FeatxError, match=r"^image_size=100000: one image alone needs about .* TB of memory and cpu"):
         extract(data, tmp_path / "s.h5", **FAST, image_size=100_000, batch_size=6)
     assert list(tmp_path.iterdir()) == [data]
 
@@ -150,7 +154,7 @@ def test_an_allocation_failing_mid_run_keeps_the_committed_batches(data, tmp_pat
 
     monkeypatch.setattr(FeatureRunner, "__call__", failing_second_batch)
     out = tmp_path / "s.h5"
-    with pytest.raises(FeatxError, match=r"^out of memory on cpu at --batch-size 4: try --batch-size 2$"):
+    with pytest.raises(FeatxError, match=r"^out of memory on cpu at batch_size=4: try batch_size=2$"):
         extract(data, out, **FAST, image_size=32, batch_size=4)
     monkeypatch.setattr(FeatureRunner, "__call__", run)
     result = extract(data, out, **FAST, image_size=32, batch_size=4)
@@ -159,19 +163,19 @@ def test_an_allocation_failing_mid_run_keeps_the_committed_batches(data, tmp_pat
 
 def test_out_of_memory_as_error_lets_other_errors_through():
     with pytest.raises(ValueError, match="not memory"):
-        with out_of_memory_as_error("--batch-size", 8, CPU):
+        with out_of_memory_as_error("batch_size", 8, CPU):
             raise ValueError("not memory")
     with pytest.raises(RuntimeError, match="shapes differ"):
-        with out_of_memory_as_error("--batch-size", 8, CPU):
+        with out_of_memory_as_error("batch_size", 8, CPU):
             raise RuntimeError("shapes differ")
-    with pytest.raises(FeatxError, match=r"^out of memory on cpu at --batch-size 1: try a smaller --image-size$"):
-        with out_of_memory_as_error("--batch-size", 1, CPU):
+    with pytest.raises(FeatxError, match=r"^out of memory on cpu at batch_size=1: try a smaller image_size$"):
+        with out_of_memory_as_error("batch_size", 1, CPU):
             raise MemoryError()
     for text in ("DataLoader worker (pid(s) 3676) exited unexpectedly",
                  "Caught RuntimeError in DataLoader worker process 0.\nRuntimeError: can't allocate memory"):
-        with pytest.raises(FeatxError, match=r"^a decoding process ran out of memory at --batch-size 8 .*: try lower "
-                                             r"--resize or --workers$"):
-            with out_of_memory_as_error("--batch-size", 8, CPU, decode_options="--resize or --workers"):
+        with pytest.raises(FeatxError, match=r"^a decoding process ran out of memory at batch_size=8 .*: try lower "
+                                             r"resize or workers$"):
+            with out_of_memory_as_error("batch_size", 8, CPU, decode_options=("resize", "workers")):
                 raise RuntimeError(text)
 
 
@@ -185,7 +189,7 @@ def test_resizing_decoders_count_once_each(resnet18):
 
 def test_finetune_refuses_before_the_run_folder_exists(data, tmp_path, monkeypatch):
     limit_memory(monkeypatch, GB // 2)
-    with pytest.raises(FeatxError, match=r"^--image-size 512, --batch-size 4: a batch .* use --batch-size [12] or less"):
+    with pytest.raises(FeatxError, match=r"^image_size=512, batch_size=4: a batch .* use batch_size=[12] or less"):
         finetune(data, tmp_path / "run", **FAST, image_size=512, batch_size=4, epochs=1)
     assert not (tmp_path / "run").exists()
 
@@ -193,12 +197,12 @@ def test_finetune_refuses_before_the_run_folder_exists(data, tmp_path, monkeypat
 def test_serve_extractor_refuses_a_max_batch_that_cannot_fit(data, tmp_path, monkeypatch):
     result = extract(data, tmp_path / "s.h5", **FAST, image_size=32)
     limit_memory(monkeypatch, GB)
-    with pytest.raises(FeatxError, match=r"^32x32 images, --max-batch 100000000: a batch of 100000000 images needs"):
+    with pytest.raises(FeatxError, match=r"^32x32 images, max_batch=100000000: a batch of 100000000 images needs"):
         runner_from_config(result.config, "cpu", max_batch=10**8)
     assert runner_from_config(result.config, "cpu", max_batch=16).transform.crop == 32
 
 
 def test_layers_probe_at_a_size_that_cannot_fit(resnet18, monkeypatch):
     limit_memory(monkeypatch, GB)
-    with pytest.raises(FeatxError, match=r"^--image-size 8000: one image alone needs about .* use a smaller --image-size$"):
+    with pytest.raises(FeatxError, match=r"^image_size=8000: one image alone needs about .* use a smaller image_size$"):
         describe_layers(resnet18, image_size=8000)

@@ -270,6 +270,6 @@ def test_an_unreadable_subfolder_is_one_line_and_its_rows_stay(tmp_path, monkeyp
     with open_store(out) as store:
         assert sorted(store.keys) == keys
     before = out.read_bytes()
-    with pytest.raises(FeatxError, match=r"bees: cannot read folder: Permission denied \(--on-error fail\)$"):
+    with pytest.raises(FeatxError, match=r"bees: cannot read folder: Permission denied \(on_error='fail'\)$"):
         extract(data, out, **FAST, on_error="fail")
     assert out.read_bytes() == before

@@ -202,7 +202,7 @@ def test_mlp_head_goes_where_the_classifier_is():
 def test_bad_head_is_an_error(head):
     from featx.finetuning.heads import parse_head
 
-    with pytest.raises(FeatxError, match="--head"):
+    with pytest.raises(FeatxError, match="^head="):
         parse_head(head)
 
 
@@ -268,12 +268,12 @@ def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe):
         proba = torch.softmax(model.get_submodule(head)(torch.from_numpy(features).double().float()), 1).numpy()
     np.testing.assert_allclose(proba, load_head(tmp_path / "head").predict_proba(features), rtol=1e-4, atol=1e-5)
 
-    with pytest.raises(FeatxError, match="--init-head .*--head linear"):
+    with pytest.raises(FeatxError, match="^init_head=.*: needs head='linear'"):
         build_model(load_backbone("resnet18", "none"), ["ants", "bees"], "mlp:8", SIZE, init_head=tmp_path / "head")
-    with pytest.raises(FeatxError, match="--init-head .*classes"):
+    with pytest.raises(FeatxError, match="^init_head=.*classes"):
         build_model(load_backbone("resnet18", "none"), ["bees", "ants"], "linear", SIZE, init_head=tmp_path / "head")
     _, _, head3 = probe
-    with pytest.raises(FeatxError, match="--init-head"):
+    with pytest.raises(FeatxError, match="^init_head="):
         build_model(load_backbone("mobilenet_v3_small", "none"), ["ants", "bees", "wasps"], "linear", SIZE,
                     init_head=head3)
 
@@ -317,13 +317,13 @@ def test_every_freeze_strategy(headed, family):
     prefix = pattern.rstrip("*").rstrip(".") + "."
     assert by_pattern and by_pattern == {n for n in names if n.startswith(prefix)}
     assert frozen(f"until:{layer}", pattern) == frozen(f"until:{layer}") | by_pattern
-    with pytest.raises(FeatxError, match=r"--freeze until:nope: .*modules: "):
+    with pytest.raises(FeatxError, match=r"freeze='until:nope': .*modules: "):
         frozen("until:nope")
-    with pytest.raises(FeatxError, match=r"--freeze 'nomatch\*'.*modules: "):
+    with pytest.raises(FeatxError, match=r"freeze='nomatch\*'.*modules: "):
         frozen("nomatch*")
-    with pytest.raises(FeatxError, match="--freeze loaded: -w none"):
+    with pytest.raises(FeatxError, match="freeze='loaded': weights='none'"):
         frozen("loaded")
-    with pytest.raises(FeatxError, match="--freeze none cannot be combined"):
+    with pytest.raises(FeatxError, match="freeze='none' cannot be combined"):
         frozen("none", "backbone")
     with pytest.raises(FeatxError, match="freezes every parameter"):
         frozen("backbone", f"{head}.*")
@@ -402,9 +402,9 @@ def test_optimizer_groups_and_schedules_with_warmup():
     optimizer = build_optimizer(model, "1", "sgd", lr=0.1, backbone_lr=0.1, momentum=0.9, weight_decay=0.0)
     lrs = [head for _, head in _lrs(build_scheduler(optimizer, "step", total_steps=9, warmup=0), optimizer, 9)]
     assert [round(v, 6) for v in lrs] == [0.1] * 3 + [0.01] * 3 + [0.001] * 3
-    with pytest.raises(FeatxError, match="--warmup 4: 12 steps, but the whole run has only 10"):
+    with pytest.raises(FeatxError, match="warmup='4': 12 steps, but the whole run has only 10"):
         warmup_steps("4", 3, 10)
-    with pytest.raises(FeatxError, match="--warmup 'soon'"):
+    with pytest.raises(FeatxError, match="warmup='soon'"):
         warmup_steps("soon", 3, 10)
 
 
@@ -571,18 +571,18 @@ def _text_file(tmp_path):
 
 
 BAD = [
-    (dict(freeze="until:nope"), r"--freeze until:nope: no module named 'nope'; top-level modules: features, avgpool"),
-    (dict(freeze=["backbone", "layer9.*"]), r"--freeze 'layer9\.\*': no parameter name matches.*top-level modules"),
+    (dict(freeze="until:nope"), r"freeze='until:nope': no module named 'nope'; top-level modules: features, avgpool"),
+    (dict(freeze=["backbone", "layer9.*"]), r"freeze='layer9\.\*': no parameter name matches.*top-level modules"),
     (dict(lr=0), r"lr=0: expected a number greater than 0"),
     (dict(lr=-0.1), r"lr=-0\.1"),
     (dict(backbone_lr=0.0), r"backbone_lr=0\.0"),
-    (dict(batch_size=7), r"--batch-size 7: larger than the 6 training images"),
-    (dict(weights=_not_a_state_dict), r"-w .*list\.pt is not a state dict"),
-    (dict(weights=_text_file), r"-w .*notes\.pth: "),
-    (dict(head="mlp:0"), r"--head 'mlp:0'"),
+    (dict(batch_size=7), r"batch_size=7: larger than the 6 training images"),
+    (dict(weights=_not_a_state_dict), r"weights='.*list\.pt' is not a state dict"),
+    (dict(weights=_text_file), r"weights='.*notes\.pth': "),
+    (dict(head="mlp:0"), r"head='mlp:0'"),
     (dict(unfreeze_at=3), r"unfreeze_at=3: the run has only 2 epochs"),
     (dict(freeze="none", unfreeze_at=2), r"unfreeze_at needs a freeze"),
-    (dict(warmup="4"), r"--warmup 4: 8 steps, but the whole run has only 4"),
+    (dict(warmup="4"), r"warmup='4': 8 steps, but the whole run has only 4"),
     (dict(optimizer="lbfgs"), r"optimizer='lbfgs'"),
     (dict(label_smoothing=1.0), r"label_smoothing=1\.0"),
     (dict(val_split=1.5), r"val_split=1\.5"),
@@ -610,7 +610,7 @@ def test_out_of_memory_names_a_batch_size_and_leaves_the_run_folder_alone(data, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "fit", fit)
-    with pytest.raises(FeatxError, match=r"out of memory on cpu at --batch-size 3: try --batch-size 1"):
+    with pytest.raises(FeatxError, match=r"out of memory on cpu at batch_size=3: try batch_size=1"):
         finetune(data, run, **UNFREEZE, overwrite=True)
     assert digest(run) == before
 
@@ -677,7 +677,7 @@ def test_more_epochs_extend_a_finished_run_on_the_longer_schedule(data, tmp_path
     rates = _lrs(build_scheduler(optimizer, "cosine", total_steps=3 * steps, warmup=2), optimizer, 3 * steps)
     assert longer.history[2]["lr"] == pytest.approx(rates[2 * steps][1]) and rates[2 * steps][1] > 0.01
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["epochs"] == 3
-    with pytest.raises(FeatxError, match=r"--epochs 2: the run in .* was recorded with 3 epochs \(3 done\)"):
+    with pytest.raises(FeatxError, match=r"epochs=2: the run in .* was recorded with 3 epochs \(3 done\): give 3 \(or leave epochs out\)"):
         finetune(data, tmp_path / "run", **options, resume=True)
 
 

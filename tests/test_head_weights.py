@@ -47,7 +47,7 @@ def moved(tmp_path_factory):
 def test_predict_names_the_option_for_a_moved_weights_file(moved):
     root, data, _ = moved
     with pytest.raises(FeatxError, match=r"^the weights file .*/w\.pth that the features were computed with is missing: "
-                                         r"pass -w FILE, that file where it is now \(the file of sha256 [0-9a-f]{16}"):
+                                         r"pass weights=.FILE., that file where it is now \(the file of sha256 [0-9a-f]{16}"):
         featx.predict(root / "head", data, workers=0)
     out = run("predict", root / "head", data, "-q")
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "pass -w FILE" in out.output, out.output
@@ -67,7 +67,7 @@ def test_predict_and_evaluate_take_the_moved_file_with_w(moved, given):
 
 def test_a_weights_file_of_other_bytes_is_one_line_naming_both(moved):
     root, data, _ = moved
-    with pytest.raises(FeatxError, match=r"^-w .*other\.pth: sha256 [0-9a-f]{16}\.\.\., but the features were computed "
+    with pytest.raises(FeatxError, match=r"^weights='.*other\.pth': sha256 [0-9a-f]{16}\.\.\., but the features were computed "
                                          r"with w\.pth \(the file of sha256 "):
         featx.predict(root / "head", data, weights=root / "other.pth", workers=0)
     out = run("evaluate", root / "head", data, "-w", root / "nope.pth")
@@ -78,8 +78,8 @@ def test_w_for_a_head_on_named_weights_says_to_drop_it(moved, tmp_path):
     root, data, _ = moved
     blob_store(tmp_path / "s.h5")  # its config: resnet18 with weights 'none'
     featx.fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False, n_jobs=1)
-    with pytest.raises(FeatxError, match=r"^-w .*renamed\.pth: the features were computed with weights none, not "
-                                         r"with a file: drop -w$"):
+    with pytest.raises(FeatxError, match=r"^weights='.*renamed\.pth': the features were computed with weights none, not "
+                                         r"with a file: drop weights$"):
         featx.predict(tmp_path / "head", data, weights=root / "renamed.pth", workers=0)
 
 
@@ -89,9 +89,9 @@ def test_serve_takes_moved_weights_files(moved):
     from featx.serve.service import Service
 
     root, _, _ = moved
-    with pytest.raises(FeatxError, match=r"w\.pth that the features were computed with is missing: pass -w FILE"):
+    with pytest.raises(FeatxError, match=r"w\.pth that the features were computed with is missing: pass weights='FILE'"):
         Service(ServeOptions(heads=[str(root / "head")]).checked())
-    with pytest.raises(FeatxError, match=r"^-w .*other\.pth: sha256 [0-9a-f]{16}\.\.\. is the weights of none of the "
+    with pytest.raises(FeatxError, match=r"^weights='.*other\.pth': sha256 [0-9a-f]{16}\.\.\. is the weights of none of the "
                                          r"served heads"):
         Service(ServeOptions(heads=[str(root / "head")], weights=[str(root / "elsewhere" / "w.pth"),
                                                                   str(root / "other.pth")]).checked())
@@ -116,7 +116,7 @@ def test_a_featx_weights_file_names_its_backbone(tmp_path):
     model_pt = random_weights(tmp_path / "model.pt", seed=3, featx_meta=FINETUNED, num_classes=2)
     bb = load_backbone(None, str(model_pt))
     assert bb.name == "resnet18" and bb.model.fc.out_features == 2
-    with pytest.raises(FeatxError, match=r"^-w .*model\.pt: was trained from backbone resnet18, not -b resnet34"):
+    with pytest.raises(FeatxError, match=r"^weights='.*model\.pt': was trained from backbone resnet18, not backbone='resnet34'"):
         load_backbone("resnet34", str(model_pt))
     plain = random_weights(tmp_path / "plain.pth", seed=3, num_classes=2)
     assert load_backbone(None, "none").name == "resnet50"  # the default when nothing names one
@@ -129,7 +129,7 @@ def test_a_featx_weights_file_names_its_backbone(tmp_path):
 
     table = run("layers", "-w", model_pt, "--image-size", "32")
     assert table.exit_code == 0 and "flatten" in table.output, table.output
-    for args, message in [(("resnet34", "-w", model_pt), "was trained from backbone resnet18, not -b resnet34"),
+    for args, message in [(("resnet34", "-w", model_pt), "was trained from backbone resnet18, not resnet34 (drop BACKBONE to use resnet18)"),
                           (("-w", plain), "records no backbone (it was not written by featx finetune)"),
                           ((), "give a BACKBONE name")]:
         out = run("layers", *args)

@@ -151,5 +151,5 @@ def test_evaluate_measures_a_split(tmp_path):
     assert metrics["accuracy"] == head.metrics["accuracy"] and metrics["rows"] == {"eval": 18}
     assert np.asarray(metrics["confusion_matrix"]).sum() == 18
     assert evaluate(head, tmp_path / "s.h5", split="all")["rows"] == {"eval": 90}
-    with pytest.raises(FeatxError, match="--split test: no labelled rows .*its splits: train, val"):
+    with pytest.raises(FeatxError, match="split='test': no labelled rows .*its splits: train, val; split='all' scores"):
         evaluate(head, tmp_path / "s.h5", split="test")

@@ -28,13 +28,13 @@ def test_foreign_hdf5_needs_keys_when_ambiguous(tmp_path):
     X, y = blobs(60, 5, 2, seed=2)
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["emb/a"], h5["emb/b"], h5["meta/kind"], h5["meta/id"] = X, X[:, :3], y, np.arange(60)
-    with pytest.raises(FeatxError, match=r"which array holds the features\? pass --x KEY .*emb/a \(60, 5\)"):
+    with pytest.raises(FeatxError, match=r"which array holds the features\? pass x='KEY' .*emb/a \(60, 5\)"):
         fit_head(tmp_path / "other.h5")
-    with pytest.raises(FeatxError, match=r"has no labels \(pass --y KEY \(vectors of 60 values: meta/id, meta/kind\)\)"):
+    with pytest.raises(FeatxError, match=r"has no labels \(pass y='KEY' \(vectors of 60 values: meta/id, meta/kind\)\)"):
         fit_head(tmp_path / "other.h5", x="emb/a")
     head = fit_head(tmp_path / "other.h5", x="emb/a", y="meta/kind", grid=1.0)
     assert list(head.classes_) == ["0", "1"] and head.metrics["accuracy"] >= 0.9
-    with pytest.raises(FeatxError, match=r"--y meta/nope: no such array"):
+    with pytest.raises(FeatxError, match=r"y='meta/nope': no such array"):
         fit_head(tmp_path / "other.h5", x="emb/a", y="meta/nope")
 
 
@@ -60,9 +60,9 @@ def test_unlabelled_store_refuses_fit_but_predicts(tmp_path):
 
 def test_taps_must_be_named_and_known(tmp_path):
     blob_store(tmp_path / "s.h5")
-    with pytest.raises(FeatxError, match=r"holds several taps \(avgpool, layer4\): choose one with -l/--layer"):
+    with pytest.raises(FeatxError, match=r"holds several taps \(avgpool, layer4\): choose one with tap$"):
         fit_head(tmp_path / "s.h5")
-    with pytest.raises(FeatxError, match=r"-l fc: no such tap in .*s.h5; it holds: avgpool, layer4"):
+    with pytest.raises(FeatxError, match=r"tap='fc': no such tap in .*s.h5; it holds: avgpool, layer4"):
         fit_head(tmp_path / "s.h5", "fc")
 
 
@@ -109,7 +109,7 @@ def test_store_of_another_extractor_is_refused(tmp_path):
 def test_joblib_needs_trust(tmp_path):
     blob_store(tmp_path / "s.h5")
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, joblib=True, plots=False)
-    with pytest.raises(FeatxError, match=r"model.joblib is a pickle: loading it can run arbitrary code; pass --trust"):
+    with pytest.raises(FeatxError, match=r"model.joblib is a pickle: loading it can run arbitrary code; pass trust=True if"):
         load_head(tmp_path / "head" / "model.joblib")
     assert load_head(tmp_path / "head" / "model.joblib", trust=True).estimator.__class__.__name__ == "Pipeline"
 
@@ -137,11 +137,11 @@ def test_head_folder_write_rules(tmp_path):
     blob_store(tmp_path / "s.h5")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(FeatxError, match="holds no featx head; choose another -o"):
+    with pytest.raises(FeatxError, match="holds no featx head; choose another output='DIR'"):
         fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     first = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=2.0, plots=False)
-    with pytest.raises(FeatxError, match="holds a head already; pass --overwrite"):
+    with pytest.raises(FeatxError, match="holds a head already; pass overwrite=True"):
         fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head")
     second = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=0.5, overwrite=True, plots=False)
     assert load_head(tmp_path / "head").C == second.C == 0.5 != first.C

@@ -103,7 +103,7 @@ def test_check_taps(resnet18):
     with pytest.raises(FeatxError) as err:
         check_taps(resnet18, ["xyzzy"])
     msg = str(err.value)
-    assert msg.startswith("-l xyzzy: unknown tap for resnet18; valid taps include conv1, bn1")
+    assert msg.startswith("taps='xyzzy': unknown tap for resnet18; valid taps include conv1, bn1")
     assert "layer4" in msg and f"(featx layers resnet18 --all lists all {len(valid_taps(resnet18))})" in msg
 
 
@@ -133,13 +133,13 @@ def test_activation_bytes_follow_the_graph():
 
 def test_two_names_for_one_node_are_refused(resnet18):
     """torchvision would return a wrong tensor for one of them (each output node serves one name)."""
-    same = "-l layer4 and -l layer4.1 are the same node of resnet18 \\(layer4.1.relu_1\\)"
+    same = "taps=\\['layer4', 'layer4.1'\\] are the same node of resnet18 \\(layer4.1.relu_1\\)"
     with pytest.raises(FeatxError, match=same):
         check_taps(resnet18, ["layer4", "layer4.1"])
 
 
 def test_image_too_small_for_the_model():
-    with pytest.raises(FeatxError, match="--image-size 16: SqueezeNet cannot run on 16x16 images \\(Given input"):
+    with pytest.raises(FeatxError, match="image_size=16: SqueezeNet cannot run on 16x16 images \\(Given input"):
         describe_layers(zeros_model("squeezenet1_0"), image_size=16)
 
 
@@ -182,7 +182,7 @@ def test_usual_taps_across_families(name, penultimate, output, last_stage):
 @pytest.mark.slow
 def test_vit_tokens_and_class_token():
     model = zeros_model("vit_b_16")
-    with pytest.raises(FeatxError, match="--image-size 64: VisionTransformer takes 224x224 images only"):
+    with pytest.raises(FeatxError, match="image_size=64: VisionTransformer takes 224x224 images only"):
         describe_layers(model, image_size=64)
     rows = by_name(describe_layers(model, image_size=224))
     assert rows["encoder.layers.encoder_layer_11"].shape == (197, 768)

@@ -9,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import featx
 from featx.advise_options import AdviseOptions
 from featx.cli import main
 from featx.errors import FeatxError
@@ -20,6 +21,7 @@ from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.layers_options import LayersOptions
 from featx.serve.options import ServeOptions
 from featx.options import SPEC, OptionError, flag_spelling
+from heads_support import blob_store
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
             "predict": PredictOptions, "evaluate": EvaluateOptions, "advise": AdviseOptions,
@@ -122,8 +124,19 @@ def test_an_option_error_reads_as_keywords_in_python_and_as_flags_on_the_command
                       decode="a b", size_limit=-1)
     assert isinstance(err, FeatxError)
     assert str(err) == "ray_address: only with engine='ray' (not decode='a b', size_limit=-1)"
-    spell = flag_spelling({"ray_address": "--ray-address", "engine": "--engine", "decode": "--decode"})
+    spell = flag_spelling(main.commands["extract"].params)
     assert err.spelled(spell) == "--ray-address: only with --engine ray (not --decode 'a b', size_limit=-1)"
+
+
+def test_the_command_line_spells_switches_repeated_options_and_arguments_as_typed():
+    err = OptionError("{data=}: {overwrite=True}, {retention=prune}, {retention=add}, {taps=}, {overwrite=False}",
+                      data="my data", taps=["a", "b"])
+    assert str(err) == ("data='my data': overwrite=True, retention='prune', retention='add', taps=['a', 'b'], "
+                        "overwrite=False")
+    assert err.spelled(flag_spelling(main.commands["extract"].params)) == (
+        "'my data': --overwrite, --prune, retention='add', -l a -l b, overwrite=False")
+    assert OptionError("{store}, {plots=False}, {plots=True}").spelled(flag_spelling(main.commands["fit-head"].params)) \
+        == "STORE, --no-plots, --plots"
 
 
 def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
@@ -132,6 +145,54 @@ def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
                                        "--num-gpus-per-worker", "1"])
     assert result.exit_code == 2
     assert result.output.strip() == "featx: error: --num-gpus-per-worker: only with --engine ray"
+
+
+def test_a_parameter_named_bare_and_with_a_value_of_another_key():
+    err = OptionError("{tap=$one}: give {tap} once per map", one="layer1")
+    assert str(err) == "tap='layer1': give tap once per map"
+    assert err.spelled(flag_spelling(main.commands["finetune"].params)) == "--tap layer1: give --tap once per map"
+
+
+def _blob_store(path):
+    blob_store(path)
+    return path
+
+
+def _export_into_a_full_folder(tmp_path):
+    store, out = _blob_store(tmp_path / "s.h5"), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return (lambda: featx.export(store, out, tap="avgpool")), ["export", store, "-o", out, "-l", "avgpool"], \
+        (f"output='{out}': the folder is not empty (notes.txt): choose a new or empty folder, or pass overwrite=True to "
+         "replace an earlier export there",
+         f"-o {out}: the folder is not empty (notes.txt): choose a new or empty folder, or pass --overwrite to "
+         "replace an earlier export there")
+
+
+def _a_weights_file_that_is_missing(tmp_path):
+    missing = tmp_path / "missing.pth"
+    return (lambda: featx.layers("resnet18", str(missing))), ["layers", "resnet18", "-w", missing], \
+        (f"weights='{missing}': no such file", f"-w {missing}: no such file")
+
+
+def _a_split_without_rows(tmp_path):
+    store = _blob_store(tmp_path / "s.h5")
+    featx.fit_head(store, "avgpool", tmp_path / "head", grid=1.0, plots=False, n_jobs=1)
+    return (lambda: featx.evaluate(tmp_path / "head", store, split="test")), \
+        ["evaluate", tmp_path / "head", store, "--split", "test"], \
+        (f"split='test': no labelled rows in {store} (its splits: train, val; split='all' scores every labelled row)",
+         f"--split test: no labelled rows in {store} (its splits: train, val; --split all scores every labelled row)")
+
+
+@pytest.mark.parametrize("case", [_export_into_a_full_folder, _a_weights_file_that_is_missing, _a_split_without_rows])
+def test_a_library_error_names_the_keyword_in_python_and_the_flag_on_the_command_line(tmp_path, case):
+    call, argv, (python, command_line) = case(tmp_path)
+    with pytest.raises(OptionError) as err:
+        call()
+    assert str(err.value) == python
+    result = CliRunner().invoke(main, [str(arg) for arg in argv])
+    assert result.exit_code == 2
+    assert result.output == f"featx: error: {command_line}\n"
 
 
 def test_click_types_and_help_carry_the_choices_and_ranges():

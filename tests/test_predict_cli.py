@@ -144,7 +144,7 @@ def test_evaluate_scores_the_val_split_by_default_and_says_so(tmp_path):
     assert default["evaluated_on"] == "split 'val' (by default; --split all scores every labelled row)"
     every = featx.evaluate(head, tmp_path / "s.h5", split="all")
     assert (every["split"], every["rows"], every["evaluated_on"]) == ("all", {"eval": 90}, "all labelled rows")
-    with pytest.raises(FeatxError, match=r"--split test: no labelled rows .*its splits: train, val; --split all"):
+    with pytest.raises(FeatxError, match=r"split='test': no labelled rows .*its splits: train, val; split='all'"):
         featx.evaluate(head, tmp_path / "s.h5", split="test")
 
     write_rows(tmp_path / "t.h5", X, y, splits=np.where(every_fifth_val(90) == "val", "test", "train"))

@@ -76,7 +76,7 @@ def test_mask_of_another_size_names_the_file(data, tmp_path):
 
 
 def test_values_above_num_classes_and_colour_masks(data, tmp_path):
-    with pytest.raises(FeatxError, match=r"mask value \d+ is above .*--num-classes 1 allows ids 0\.\.1"):
+    with pytest.raises(FeatxError, match=r"mask value \d+ is above .*num_classes=1 allows ids 0\.\.1\); pass binary=True .* a larger num_classes$"):
         load_mask_source(data, num_classes=1)
     root = _copy(data, tmp_path)
     colours = np.zeros((40, 48, 3), dtype=np.uint8)
@@ -124,15 +124,15 @@ def test_decoder_shapes_names_and_taps():
                                                               "decoder.classify.weight", "decoder.classify.bias"]
     linear = build_segmenter(model, "layer2", parse_decoder("linear"), 1, 64, "resnet18")
     assert [n for n, _ in linear.decoder.named_parameters()] == ["classify.weight", "classify.bias"]
-    with pytest.raises(FeatxError, match=r"--tap x: too shallow for the decoder"):
+    with pytest.raises(FeatxError, match=r"tap='x': too shallow for the decoder"):
         build_segmenter(model, "x", parse_decoder("linear"), 1, 64, "resnet18")
-    with pytest.raises(FeatxError, match=r"--tap flatten: gives \(512,\) per image, not a spatial map"):
+    with pytest.raises(FeatxError, match=r"tap='flatten': gives \(512,\) per image, not a spatial map"):
         build_segmenter(model, "flatten", parse_decoder("linear"), 1, 64, "resnet18")
     with pytest.raises(FeatxError, match=r"map is 1x1 at 32x32 inputs, too coarse"):
         build_segmenter(model, "layer4", parse_decoder("linear"), 1, 32, "resnet18")
-    with pytest.raises(FeatxError, match=r"--tap layer9: unknown tap for resnet18"):
+    with pytest.raises(FeatxError, match=r"tap='layer9': unknown tap for resnet18"):
         build_segmenter(model, "layer9", parse_decoder("linear"), 1, 64, "resnet18")
-    with pytest.raises(FeatxError, match=r"--decoder 'conv'"):
+    with pytest.raises(FeatxError, match=r"decoder='conv'"):
         parse_decoder("conv")
 
 
@@ -157,12 +157,13 @@ def test_pyramid_decoder_fuses_the_stage_maps():
 
 
 @pytest.mark.parametrize("taps, decoder, message", [
-    (["layer1"], "fpn:8", r"--decoder fpn:8 with one --tap layer1: a pyramid fuses two or more taps"),
-    (["layer1", "layer2"], "conv:8", r"--decoder conv:8 reads one tap, got --tap layer1 --tap layer2"),
-    (["layer2", "layer2"], "fpn:8", r"--tap layer2 given twice"),
-    (["layer1", "layer1.1"], "fpn:8", r"--tap layer1 and --tap layer1.1 are the same node"),
-    (["layer1", "flatten"], "fpn:8", r"--tap flatten: gives \(512,\) per image, not a spatial map"),
-    (["layer1", "layer9"], "fpn:8", r"--tap layer9: unknown tap for resnet18"),
+    (["layer1"], "fpn:8", r"decoder='fpn:8' with one tap='layer1': a pyramid fuses two or more taps; give tap once"),
+    (["layer1", "layer2"], "conv:8", r"decoder='conv:8' reads one tap, got tap=\['layer1', 'layer2'\]: keep one, or use "
+                                     r"decoder='fpn:WIDTH'"),
+    (["layer2", "layer2"], "fpn:8", r"tap='layer2' given twice"),
+    (["layer1", "layer1.1"], "fpn:8", r"tap=\['layer1', 'layer1.1'\] are the same node"),
+    (["layer1", "flatten"], "fpn:8", r"tap='flatten': gives \(512,\) per image, not a spatial map"),
+    (["layer1", "layer9"], "fpn:8", r"tap='layer9': unknown tap for resnet18"),
 ])
 def test_pyramid_tap_mistakes(taps, decoder, message):
     with pytest.raises(FeatxError, match=message):
@@ -171,9 +172,11 @@ def test_pyramid_tap_mistakes(taps, decoder, message):
 
 def test_pyramid_cli_mistakes_are_one_line_exit_2(data, tmp_path):
     base = ("finetune", data, "--task", "segment", "--binary", "-b", "resnet18", "-w", "none", "--image-size", "64")
-    for extra, message in ((("--decoder", "fpn:0"), "--decoder 'fpn:0': expected"),
-                           (("--decoder", "fpn:8", "--tap", "layer2"), "a pyramid fuses two or more taps"),
-                           (("--tap", "layer2", "--tap", "layer3"), "--decoder conv:256 reads one tap")):
+    for extra, message in ((("--decoder", "fpn:0"), "--decoder fpn:0: expected"),
+                           (("--decoder", "fpn:8", "--tap", "layer2"), "--decoder fpn:8 with one --tap layer2: a pyramid "
+                                                                       "fuses two or more taps; give --tap once"),
+                           (("--tap", "layer2", "--tap", "layer3"), "--decoder conv:256 reads one tap, got --tap layer2 "
+                                                                    "--tap layer3: keep one, or use --decoder fpn:WIDTH")):
         out = _cli(*base, *extra, "-o", tmp_path / "run")
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()
@@ -459,7 +462,7 @@ def test_dense_probe_taps_that_cannot_be_fused_are_one_line(data, two_taps, tmp_
         (two_taps, ["layer1", "layer3"], "-l layer3: no such tap in"),
         (pooled, ["layer1", "layer2"], "tap layer1 holds (64,) rows per image"),
         (two_taps, ["layer1", "layer1"], "-l layer1: given twice; give each tap once"),
-        (two_taps, [], "holds several taps (layer1, layer2): choose one with -l/--layer"),
+        (two_taps, [], "holds several taps (layer1, layer2): choose one with -l\n"),
     ]:
         out = _cli("fit-head", store, "--task", "segment", *[a for t in taps for a in ("-l", t)], "--masks", data,
                    "--binary", "-o", tmp_path / "head")

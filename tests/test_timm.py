@@ -55,9 +55,9 @@ def test_timm_names_are_listed_and_checked_with_close_names():
     check_backbone(NAME)
     with pytest.raises(FeatxError, match=r"unknown backbone 'timm/test_efficientnt': did you mean timm/test_efficientnet"):
         check_backbone("timm/test_efficientnt")
-    with pytest.raises(FeatxError, match=r"a pretrained tag goes into -w: -b timm/test_efficientnet -w r160_in1k"):
+    with pytest.raises(FeatxError, match=r"a pretrained tag goes into the weights: backbone='timm/test_efficientnet' weights='r160_in1k'"):
         check_backbone("timm/test_efficientnet.r160_in1k")
-    with pytest.raises(FeatxError, match=r"unknown backbone 'test_efficientnet': it is a timm model, -b timm/test_eff"):
+    with pytest.raises(FeatxError, match=r"unknown backbone 'test_efficientnet': it is a timm model, backbone='timm/test_eff"):
         check_backbone("test_efficientnet")
 
 
@@ -88,7 +88,7 @@ def test_order_matching_of_a_renamed_file_gives_bitwise_equal_tensors(lite_file)
     assert all(torch.equal(loaded[k], own[k]) for k in weights)
     assert isinstance(bb.load_report, LoadReport) and bb.weights_match == "order"
     assert bb.load_report.summary() == f"weights other.pth: {len(weights)}/{len(weights)} tensors loaded by position"
-    with pytest.raises(FeatxError, match="none of its .* tensors fit .*--weights-match order"):
+    with pytest.raises(FeatxError, match="none of its .* tensors fit .*weights_match='order'"):
         load_backbone(NAME, str(path))
 
 
@@ -98,7 +98,7 @@ def test_order_matching_refuses_another_architecture_naming_the_first_pair(tmp_p
     with pytest.raises(FeatxError) as err:
         load_backbone(NAME, str(tmp_path / "resnet.pth"), match="order")
     msg = str(err.value)
-    assert "\n" not in msg and "--weights-match order: tensor 1 of " in msg
+    assert "\n" not in msg and "weights_match='order': tensor 1 of " in msg
     assert "file conv1.0.weight (" in msg and "vs model conv_stem.weight (24, 3, 3, 3)" in msg
 
 
@@ -109,9 +109,9 @@ def test_order_matching_refuses_a_file_with_fewer_tensors(tmp_path):
 
 
 def test_order_needs_a_weights_file():
-    with pytest.raises(FeatxError, match="--weights-match order: pairs the tensors of a weights file"):
+    with pytest.raises(FeatxError, match="weights_match='order': pairs the tensors of a weights file \\(weights='FILE'\\), not weights='none'"):
         load_backbone(NAME, "none", match="order")
-    with pytest.raises(FeatxError, match="--weights-match 'position': expected one of name, order"):
+    with pytest.raises(FeatxError, match="weights_match='position': expected one of name, order"):
         load_backbone(NAME, "none", match="position")
 
 
@@ -177,7 +177,7 @@ def test_pretrained_tag_from_the_cache_and_unknown_tags(hf_cache):
         bb = load_backbone(NAME, tag)
         assert bb.weights_id == "r160_in1k" and bb.weights_sha256 and bb.load_report is None
         assert all(torch.equal(bb.model.state_dict()[k], own[k]) for k in own)
-    with pytest.raises(FeatxError, match="-w in22k: not a pretrained tag of timm/test_efficientnet: expected one of "
+    with pytest.raises(FeatxError, match="weights='in22k': not a pretrained tag of timm/test_efficientnet: expected one of "
                                          "DEFAULT, r160_in1k"):
         load_backbone(NAME, "in22k")
 

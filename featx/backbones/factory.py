@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..taps import final_layer, model_label
 from ..preprocess import TransformSpec
 from .weights import (
@@ -70,24 +71,27 @@ def list_backbones() -> list[str]:
 
 
 def check_backbone(name: str) -> None:
-    """FeatxError with the closest names unless `name` is a model of its source (timm: needs timm installed)."""
+    """OptionError with the closest names unless `name` is a model of its source (timm: needs timm installed)."""
     source, arch = _source(name)
     names = source.names()
     if arch in names:
         return
     close = [source.PREFIX + n for n in difflib.get_close_matches(arch.lower(), names, n=3, cutoff=0.5)]
-    hint = f": did you mean {', '.join(close)}?" if close else ""
-    tag = f" (a pretrained tag goes into -w: -b {source.PREFIX}{arch.partition('.')[0]} -w {arch.partition('.')[2]})" \
-        if source.PREFIX and "." in arch else ""
-    raise FeatxError(f"unknown backbone {name!r}{_timm_hint(source, arch) or hint}{tag} (featx layers --list shows all)")
+    timm_name = _timm_name(source, arch)
+    hint = ": it is a timm model, {backbone=}" if timm_name else ": did you mean {close}?" if close else ""
+    tag = {"backbone": source.PREFIX + arch.partition(".")[0], "weights": arch.partition(".")[2]} \
+        if source.PREFIX and "." in arch else {}
+    raise OptionError("unknown backbone {name!r}" + hint + (" (a pretrained tag goes into the weights: {backbone=} "
+                      "{weights=})" if tag else "") + " (featx layers --list shows all)", name=name,
+                      close=", ".join(close), **({"backbone": timm_name} if timm_name else tag))
 
 
-def _timm_hint(source: ModuleType, arch: str) -> str:
-    """': it is a timm model: -b timm/NAME' when a bare name is timm's (and timm is installed)."""
+def _timm_name(source: ModuleType, arch: str) -> str | None:
+    """timm/NAME when a bare name is timm's (and timm is installed)."""
     timm_source = _source("timm/")[0]
     if source is timm_source or importlib.util.find_spec("timm") is None or arch not in timm_source.names():
-        return ""
-    return f": it is a timm model, -b {timm_source.PREFIX}{arch}"
+        return None
+    return timm_source.PREFIX + arch
 
 
 def classifier_path(model: nn.Module) -> str:
@@ -137,11 +141,11 @@ def _file_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int 
 
 def _file_backbone(name: str | None, path: str, meta: dict) -> str:
     """The backbone for a weights file: `name`, else the one a featx model.pt records, else DEFAULT_BACKBONE.
-    A name that contradicts the file's record is a FeatxError naming both."""
+    A name that contradicts the file's record is an OptionError naming both."""
     trained_on = meta.get("backbone")
     if name is not None and trained_on and trained_on != name:
-        raise FeatxError(f"-w {path}: was trained from backbone {trained_on}, not -b {name} (drop -b to use "
-                         f"{trained_on})")
+        raise OptionError("{weights=}: was trained from backbone {trained_on}, not {backbone=$name} (drop {backbone} "
+                          "to use {trained_on})", weights=path, name=name, trained_on=trained_on)
     return name or trained_on or DEFAULT_BACKBONE
 
 
@@ -151,7 +155,7 @@ def _from_file(source: ModuleType, name: str, arch: str, path: str, state_dict: 
     label = os.path.basename(path)
     if match == "order":
         model = _random_model(source, arch, meta.get("num_classes"))  # a featx model.pt has its own classes
-        report = load_by_order(model, state_dict, where=f"-w {path} --weights-match order", source=label)
+        report = load_by_order(model, state_dict, weights=path, source=label)
         _set_classes(source, model, num_classes)
     else:
         model = _random_model(source, arch, num_classes)
@@ -160,10 +164,10 @@ def _from_file(source: ModuleType, name: str, arch: str, path: str, state_dict: 
         report = load_partial(model, state_dict, source=label)
         if not report.matched:
             example = next(iter(state_dict))
-            raise FeatxError(
-                f"-w {path}: none of its {len(state_dict)} tensors fit {name} (keys like {example!r}): "
-                f"is it for another backbone? (a file in another implementation's names: --weights-match order)"
-            )
+            raise OptionError(
+                "{weights=}: none of its {n} tensors fit {name} (keys like {example!r}): is it for another "
+                "backbone? (a file in another implementation's names: {weights_match=order})", weights=path,
+                n=len(state_dict), name=name, example=example)
     transform = _file_transform(path, meta) or source.transform(model)
     return Backbone(name, model.eval(), f"file:{label}", sha256_file(path), transform, report, meta, match,
                     source.versions(), os.path.realpath(path))
@@ -176,11 +180,12 @@ def _file_transform(path: str, meta: dict) -> TransformSpec | None:
     try:
         return TransformSpec.from_dict(meta["transform"])
     except (KeyError, TypeError, ValueError) as err:
-        raise FeatxError(f"-w {path}: its featx 'transform' entry is malformed ({err!r})") from err
+        raise OptionError("{weights=}: its featx 'transform' entry is malformed ({err!r})", weights=path,
+                          err=err) from err
 
 
 def check_complete(bb: Backbone, weights: str) -> None:
-    """One-line FeatxError unless every tensor of the backbone, its classifier aside, came from the weights file
+    """One-line OptionError unless every tensor of the backbone, its classifier aside, came from the weights file
     `weights`: rows of a partly random backbone mean nothing (a file of another version or architecture)."""
     report = bb.load_report
     if report is None:
@@ -194,11 +199,10 @@ def check_complete(bb: Backbone, weights: str) -> None:
     missing = [key for key in report.missing if in_backbone(key)]
     if mismatched or missing:
         first = mismatched[0] if mismatched else f"{missing[0]} not in the file"
-        raise FeatxError(
-            f"-w {weights}: does not fit {bb.name} (a file of another version or architecture?): "
-            f"{len(mismatched)} of its tensors have other shapes, {len(missing)} are missing ({first}); features "
-            f"need every tensor of the backbone"
-        )
+        raise OptionError(
+            "{weights=}: does not fit {name} (a file of another version or architecture?): {mismatched} of its "
+            "tensors have other shapes, {missing} are missing ({first}); features need every tensor of the backbone",
+            weights=weights, name=bb.name, mismatched=len(mismatched), missing=len(missing), first=first)
 
 
 def load_backbone(name: str | None = None, weights: str = "DEFAULT", *, num_classes: int | None = None,
@@ -216,7 +220,8 @@ def load_backbone(name: str | None = None, weights: str = "DEFAULT", *, num_clas
     weights = str(weights)
     from_file = weights.lower() != "none" and looks_like_path(weights)
     if match == "order" and not from_file:
-        raise FeatxError(f"--weights-match order: pairs the tensors of a weights file (-w FILE), not -w {weights}")
+        raise OptionError("{weights_match=order}: pairs the tensors of a weights file ({weights=FILE}), not "
+                          "{weights=}", weights=weights)
     if from_file:
         state_dict, meta = read_weights_file(weights)
     name = _file_backbone(given, weights, meta) if from_file else given or DEFAULT_BACKBONE

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from torch import nn
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import INTERPOLATIONS, TransformSpec
 from .weights import is_offline, read_weights_file
 
@@ -29,7 +30,8 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise FeatxError(f"timm backbones (-b {PREFIX}...) need timm, which is not installed: {INSTALL}") from None
+        raise OptionError("timm backbones ({backbone=}) need timm, which is not installed: {install}",
+                          backbone=PREFIX + "...", install=INSTALL) from None
     return timm
 
 
@@ -75,14 +77,13 @@ def _pretrained_cfg(name: str, weights: str):
     cfgs = {key.partition(".")[2]: cfg for key, cfg in get_arch_pretrained_cfgs(name).items()}
     tags = [tag for tag in cfgs if tag]
     if not tags or not any(_has_source(cfgs[tag]) for tag in tags):
-        raise FeatxError(f"-w {weights}: timm has no pretrained weights for {PREFIX}{name}: pass -w FILE or -w none")
+        raise OptionError("{weights=}: timm has no pretrained weights for {name}: pass {weights=FILE} or "
+                          "{weights=none}", weights=weights, name=PREFIX + name)
     tag = tags[0] if weights.upper() == "DEFAULT" else weights.removeprefix(f"{name}.")
     if tag not in cfgs or not _has_source(cfgs[tag]):
         shown = ", ".join(["DEFAULT", *(t for t in tags if _has_source(cfgs[t]))][:12])
-        raise FeatxError(
-            f"-w {weights}: not a pretrained tag of {PREFIX}{name}: expected one of {shown}, none, or a path to a "
-            f"weights file"
-        )
+        raise OptionError("{weights=}: not a pretrained tag of {name}: expected one of {shown}, none, or a path to a "
+                          "weights file", weights=weights, name=PREFIX + name, shown=shown)
     return tag, cfgs[tag]
 
 
@@ -198,8 +199,7 @@ def pretrained(name: str, weights: str) -> tuple[nn.Module, str, str, TransformS
     try:
         model = timm.create_model(f"{name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": path})
     except RuntimeError as err:
-        raise FeatxError(
-            f"-w {weights}: the cached file {path} does not fit {PREFIX}{name} ({str(err).splitlines()[0][:120]}): "
-            f"delete it and download it again"
-        ) from err
+        raise OptionError("{weights=}: the cached file {path} does not fit {name} ({reason}): delete it and download "
+                          "it again", weights=weights, path=path, name=PREFIX + name,
+                          reason=str(err).splitlines()[0][:120]) from err
     return model, tag, path, transform(model)

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import TransformSpec
 from ..sources import sha256_file
 from .catalog import package_file_for, packages_hint
@@ -61,15 +61,13 @@ def _weights_enum(name: str, weights: str):
     qualifier, _, member = weights.rpartition(".")
     valid = ", ".join(list(enum.__members__) + ["none"])
     if qualifier and qualifier.lower() != enum.__name__.lower():
-        raise FeatxError(
-            f"-w {weights}: those weights are not for {name} (expected {enum.__name__}.<name>; one of {valid})"
-        )
+        raise OptionError("{weights=}: those weights are not for {name} (expected {enum}.<name>; one of {valid})",
+                          weights=weights, name=name, enum=enum.__name__, valid=valid)
     try:
         return enum[member.upper()]
     except KeyError:
-        raise FeatxError(
-            f"-w {weights}: not a weights name of {name}: expected one of {valid}, or a path to a weights file"
-        ) from None
+        raise OptionError("{weights=}: not a weights name of {name}: expected one of {valid}, or a path to a weights "
+                          "file", weights=weights, name=name, valid=valid) from None
 
 
 def hub_file(url: str) -> str:
@@ -119,16 +117,15 @@ def _from_package(path: str) -> bool:
 def ensure_hub_file(what: str, url: str, cache: str = "torchvision's cache") -> str:
     """Path of the torch.hub cache file of `url`: taken from an installed package that ships it (see
     featx.backbones.catalog), else downloaded as torch.hub does when it is missing and we may; offline, the
-    FeatxError says which file to put where. `what` names the weights ('resnet50 IMAGENET1K_V2'), `cache` the
+    OptionError says which file to put where. `what` names the weights ('resnet50 IMAGENET1K_V2'), `cache` the
     library whose cache it is."""
     path = hub_file(url)
     if os.path.isfile(path) or _from_package(path):
         return path
     folder, filename = os.path.split(path)
-    offline = FeatxError(
-        f"weights {what} are not in {cache} and cannot be downloaded (offline?): {missing_file(url)}, or pass "
-        f"-w path/to/weights.pth"
-    )
+    offline = OptionError("weights {what} are not in {cache} and cannot be downloaded (offline?): {missing}, or pass "
+                          "{weights=}", what=what, cache=cache, missing=missing_file(url),
+                          weights="path/to/weights.pth")
     if is_offline():
         raise offline
     try:
@@ -148,10 +145,9 @@ def pretrained(name: str, weights_arg: str) -> tuple[nn.Module, str, str, Transf
     try:
         model = get_model(name, weights=weights)
     except RuntimeError as err:
-        raise FeatxError(
-            f"-w {weights_arg}: the cached file {path} does not fit {name} ({str(err).splitlines()[0][:120]}): "
-            f"delete it and download it again"
-        ) from err
+        raise OptionError("{weights=}: the cached file {path} does not fit {name} ({reason}): delete it and download "
+                          "it again", weights=weights_arg, path=path, name=name,
+                          reason=str(err).splitlines()[0][:120]) from err
     preset = weights.transforms()
     spec = TransformSpec(
         resize=int(preset.resize_size[0]),

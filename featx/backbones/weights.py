@@ -18,6 +18,7 @@ from torch import nn
 
 from ..choices import WEIGHTS_MATCHES
 from ..errors import FeatxError
+from ..options import OptionError
 from ..sources import sha256_file
 
 OFFLINE_ENV = "FEATX_OFFLINE"
@@ -71,9 +72,10 @@ def is_offline() -> bool:
 
 
 def check_weights_match(match: str) -> str:
-    """`match` when it is a --weights-match mode, else a one-line FeatxError."""
+    """`match` when it is a weights_match mode, else a one-line OptionError."""
     if match not in WEIGHTS_MATCHES:
-        raise FeatxError(f"--weights-match {match!r}: expected one of {', '.join(WEIGHTS_MATCHES)}")
+        raise OptionError("{weights_match=}: expected one of {choices}", weights_match=match,
+                          choices=", ".join(WEIGHTS_MATCHES))
     return match
 
 
@@ -98,7 +100,8 @@ def _safetensors_load(path: Path) -> dict:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise FeatxError(f"-w {path}: reading .safetensors files needs safetensors: pip install safetensors") from None
+        raise OptionError("{weights=}: reading .safetensors files needs safetensors: pip install safetensors",
+                          weights=str(path)) from None
     return load_file(str(path), device="cpu")
 
 
@@ -111,7 +114,7 @@ def read_weights_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FeatxError(f"-w {path}: no such file")
+        raise OptionError("{weights=}: no such file", weights=str(path))
     try:
         obj = _safetensors_load(path) if path.suffix.lower() == ".safetensors" else _torch_load(path)
     except FeatxError:
@@ -120,28 +123,27 @@ def read_weights_file(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise _load_error(path, err) from None  # torch's own message suggests weights_only=False: never show it
     state_dict, meta = _unwrap(obj)
     if not state_dict:
-        raise FeatxError(
-            f"-w {path} is not a state dict: expected a dict of tensors or a checkpoint with a "
-            f"'model'/'state_dict' entry"
-        )
+        raise OptionError("{weights=} is not a state dict: expected a dict of tensors or a checkpoint with a "
+                          "'model'/'state_dict' entry", weights=str(path))
     return state_dict, meta
 
 
-def _load_error(path: Path, err: Exception) -> FeatxError:
+def _load_error(path: Path, err: Exception) -> OptionError:
     """One line for a weights file torch.load(weights_only=True) refused: a pickle of other objects, or no weights."""
     text = str(err)
     refused = isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text
     name = re.search(r"GLOBAL ([\w.]+)", text)
     if name or (refused and _starts_like_pickle(path)):
         detail = f" (it references the Python object {name.group(1)})" if name else ""
-        return FeatxError(
-            f"-w {path}: not a plain state dict or checkpoint that torch.load(weights_only=True) can read{detail}; "
-            f"featx never unpickles arbitrary objects: save model.state_dict() with torch.save"
-        )
+        return OptionError("{weights=}: not a plain state dict or checkpoint that torch.load(weights_only=True) can "
+                           "read{detail}; featx never unpickles arbitrary objects: save model.state_dict() with "
+                           "torch.save", weights=str(path), detail=detail)
     if refused:
-        return FeatxError(f"-w {path}: not a PyTorch weights file (neither a torch.save archive nor a pickle)")
+        return OptionError("{weights=}: not a PyTorch weights file (neither a torch.save archive nor a pickle)",
+                           weights=str(path))
     first_line = (text.strip().splitlines() or [""])[0][:100]
-    return FeatxError(f"-w {path}: not a PyTorch weights file ({type(err).__name__}: {first_line})")
+    return OptionError("{weights=}: not a PyTorch weights file ({kind}: {first_line})", weights=str(path),
+                       kind=type(err).__name__, first_line=first_line)
 
 
 def _starts_like_pickle(path: Path) -> bool:
@@ -183,30 +185,29 @@ def _weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [key for key in state_dict if key.rsplit(".", 1)[-1] != BN_COUNTER]
 
 
-def load_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], *, where: str,
+def load_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], *, weights: str,
                   source: str = "state dict") -> LoadReport:
     """Load the file's tensors into the model's by position (registration order, BatchNorm step counters aside,
     which keep the model's own values), for a file of the same architecture in another implementation's names.
 
-    Every pair must agree in shape and the counts must be equal: otherwise a one-line FeatxError starting with
-    `where` names the first disagreeing pair (both keys and shapes). Returns a LoadReport with every key matched.
+    Every pair must agree in shape and the counts must be equal: otherwise a one-line OptionError about the file
+    `weights` names the first disagreeing pair (both keys and shapes). Returns a LoadReport with every key matched.
     """
     own = model.state_dict()
     ours, theirs = _weights(own), _weights(state_dict)
     for i, (mine, other) in enumerate(zip(ours, theirs)):
         if tuple(own[mine].shape) != tuple(state_dict[other].shape):
-            raise FeatxError(
-                f"{where}: tensor {i + 1} of {len(theirs)} does not fit by position: file {other} "
-                f"{tuple(state_dict[other].shape)} vs model {mine} {tuple(own[mine].shape)} (a file for another "
-                f"architecture?)"
-            )
+            raise OptionError(
+                "{weights=} {weights_match=order}: tensor {i} of {n} does not fit by position: file {other} {theirs} "
+                "vs model {mine} {ours} (a file for another architecture?)", weights=weights, i=i + 1, n=len(theirs),
+                other=other, theirs=tuple(state_dict[other].shape), mine=mine, ours=tuple(own[mine].shape))
     if len(ours) != len(theirs):
         extra = theirs[len(ours)] if len(theirs) > len(ours) else ours[len(theirs)]
         side = "file" if len(theirs) > len(ours) else "model"
-        raise FeatxError(
-            f"{where}: the file has {len(theirs)} tensors and the model {len(ours)} ({BN_COUNTER} aside); the first "
-            f"without a partner is {side} {extra} (a file for another architecture?)"
-        )
+        raise OptionError(
+            "{weights=} {weights_match=order}: the file has {n} tensors and the model {m} ({counter} aside); the first "
+            "without a partner is {side} {extra} (a file for another architecture?)", weights=weights, n=len(theirs),
+            m=len(ours), counter=BN_COUNTER, side=side, extra=extra)
     with torch.no_grad():
         model.load_state_dict({mine: state_dict[other] for mine, other in zip(ours, theirs)}, strict=False)
     return LoadReport(list(ours), [], [], [], source, match="order")

@@ -47,8 +47,8 @@ class FeatxGroup(click.Group):
         try:
             return super().invoke(ctx)
         except OptionError as err:  # named by the keyword: the flag it came from
-            raise OneLineError(err.spelled(flag_spelling(_flags(self.commands.get(ctx.invoked_subcommand)))),
-                               err.exit_code) from None
+            command = self.commands.get(ctx.invoked_subcommand)
+            raise OneLineError(err.spelled(flag_spelling(command.params if command else ())), err.exit_code) from None
         except FeatxError as err:
             raise OneLineError(str(err), err.exit_code) from None
         except click.UsageError as err:
@@ -66,12 +66,6 @@ class FeatxGroup(click.Group):
                                                                       "featx: interrupted (nothing was written)")
             click.echo(said() if callable(said) else said, err=True)
             ctx.exit(130)
-
-
-def _flags(command: click.Command | None) -> dict[str, str]:
-    """Parameter name -> how the command line spells it: an option's first flag (-o), an argument's name (DATA)."""
-    return {param.name: param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
-            for param in (command.params if command else ())}
 
 
 def _usage_error(err: click.UsageError, command: str) -> OneLineError:

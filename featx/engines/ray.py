@@ -16,6 +16,7 @@ import numpy as np
 
 from ..choices import DEFAULT_DECODE
 from ..errors import FeatxError
+from ..options import OptionError
 
 FEATURE_PREFIX = "tap:"
 
@@ -41,7 +42,7 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401  (the ray[data] extra)
     except ImportError:
-        raise FeatxError("--engine ray: Ray Data is not installed here: pip install 'featx[ray]'") from None
+        raise OptionError("{engine=ray}: Ray Data is not installed here: pip install 'featx[ray]'") from None
     return ray
 
 
@@ -57,20 +58,19 @@ class Cluster:
             try:
                 self.ray.init(address=address, logging_level=logging.WARNING, log_to_driver=progress)
             except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"--ray-address {address}" if address else "a local Ray instance"
-                raise FeatxError(f"{where}: cannot start or join Ray ({str(err).splitlines()[0][:150]})") from None
+                where = "{ray_address=}" if address else "a local Ray instance"
+                raise OptionError(where + ": cannot start or join Ray ({reason})", ray_address=address,
+                                  reason=str(err).splitlines()[0][:150]) from None
             self._started = True
         self.ray.data.DataContext.get_current().enable_progress_bars = progress
         self.ray.data.DataContext.get_current().print_on_execution_start = progress
         resources = self.ray.cluster_resources()
         self.cpus, self.gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
         if num_gpus < 0:
-            raise FeatxError(f"--num-gpus-per-worker {num_gpus:g}: expected 0 or more")
+            raise OptionError("{num_gpus_per_worker=}: expected 0 or more", num_gpus_per_worker=num_gpus)
         if num_gpus > self.gpus:
-            raise FeatxError(
-                f"--num-gpus-per-worker {num_gpus:g}: the Ray cluster has {self.gpus:g} GPUs "
-                f"(use 0 to run the model on the workers' CPUs)"
-            )
+            raise OptionError("{num_gpus_per_worker=}: the Ray cluster has {gpus:g} GPUs (use 0 to run the model on "
+                              "the workers' CPUs)", num_gpus_per_worker=num_gpus, gpus=self.gpus)
 
     def __enter__(self) -> "Cluster":
         return self
@@ -88,7 +88,7 @@ class Cluster:
         probe = self.ray.remote(num_cpus=1, num_gpus=self.num_gpus)(_resolve_precision)
         ok, value = self.ray.get(probe.remote(self.device, precision))
         if not ok:
-            raise FeatxError(value)
+            raise value
         return value
 
     def pool_size(self) -> int:
@@ -115,13 +115,13 @@ class Cluster:
             yield batch["index"].astype(np.int64), batch["error"].astype(str), rows
 
 
-def _resolve_precision(device: str, precision: str) -> tuple[bool, str]:
+def _resolve_precision(device: str, precision: str) -> tuple[bool, str | FeatxError]:
     from ..runtime import resolve_runtime
 
     try:
         return True, resolve_runtime(device, precision).precision
-    except FeatxError as err:
-        return False, str(err)
+    except FeatxError as err:  # raised again on the driver, an OptionError with its fields
+        return False, err
 
 
 def decode_batch(batch: dict, transform: dict, decode: str = DEFAULT_DECODE) -> dict:

@@ -145,7 +145,7 @@ def finetune(
         checkpoint = session.prepare_run(run, resume, overwrite)
         trainer = cache = None
         try:
-            with out_of_memory_as_error("--batch-size", opts.batch_size, runtime.device):
+            with out_of_memory_as_error("batch_size", opts.batch_size, runtime.device):
                 setup_lines: list[str] = []  # shown once the run is known to start: a bad input gives one line only
                 cache_lines: list[str] = []  # shown after the data and model lines
                 cache = _decoded_cache(decode_cache, decode_cache_mb, run, job, cache_lines.append)
@@ -239,11 +239,9 @@ def _check_resumable(checkpoint: dict, new: dict, path: Path) -> None:
             f"continue it as recorded ({path / 'config.json'}), or start a new run (another -o, or --overwrite)"
         )
     if new["epochs"] < old["epochs"]:
-        raise FeatxError(
-            f"--epochs {new['epochs']}: the run in {path} was recorded with {old['epochs']} epochs "
-            f"({checkpoint['epoch']} done): give {old['epochs']} (or leave --epochs out) to continue it, or more to "
-            f"extend it"
-        )
+        raise OptionError("{epochs=%d}: the run in {path} was recorded with {old} epochs ({done} done): give {old} (or "
+                          "leave {epochs} out) to continue it, or more to extend it" % new["epochs"], path=path,
+                          old=old["epochs"], done=checkpoint["epoch"])
 
 
 def _same_weights_file(key: str, old: dict, new: dict) -> bool:

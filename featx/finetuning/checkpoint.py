@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..store import publish
 
 CONFIG, CHECKPOINT, MODEL, LAST, METRICS, CURVES = (
@@ -106,14 +107,15 @@ class RunDir:
         completes its first epoch); `resume` needs the folder to exist.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise FeatxError(f"-o {self.path}: is a file, expected a run folder")
+            raise OptionError("{output=}: is a file, expected a run folder", output=str(self.path))
         if resume and not self.path.is_dir():
             raise FeatxError(f"--resume {self.path}: no such run folder")
         missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise FeatxError(f"-o {self.path}: cannot create the run folder ({err.strerror})") from err
+            raise OptionError("{output=}: cannot create the run folder ({reason})", output=str(self.path),
+                              reason=err.strerror) from err
         self._created = missing
         self._lock()
         try:

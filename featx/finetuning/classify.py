@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, classifier_path
-from ..errors import FeatxError
+from ..options import OptionError
 from ..sources import load_source
 from .data import Splits, make_loader, split_items
 from .heads import parse_head, replace_classifier
@@ -74,6 +74,5 @@ def _dry_run(model: nn.Module, name: str, size: int) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, 3, size, size))
     except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-        raise FeatxError(
-            f"backbone {name} cannot run on {size}x{size} inputs ({str(err).splitlines()[0][:150]}): check --image-size"
-        ) from err
+        raise OptionError("backbone {name} cannot run on {size}x{size} inputs ({reason}): check {image_size}",
+                          name=name, size=size, reason=str(err).splitlines()[0][:150]) from err

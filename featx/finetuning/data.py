@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..choices import DEFAULT_DECODE
 from ..crop_box import random_resized_box
 from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import TV_INTERPOLATIONS, EvalTransform, TransformSpec, draft_size, pixels, resize_pixels
 from ..runtime import loader_workers
 from ..sources import DecodeError, Item, Source, content_keys, decode_image, stratified_holdout
@@ -42,11 +43,12 @@ def hold_out(train: list, val: list, val_split: float | None, held_out, noun: st
     no validation) that `held_out(fraction)` marks True; `noun` names the items in the log line and errors."""
     if val:
         if val_split:
-            raise FeatxError(f"--val-split {val_split}: the data has a val split already ({len(val)} {noun})")
+            raise OptionError("{val_split=}: the data has a val split already ({n} {noun})", val_split=val_split,
+                              n=len(val), noun=noun)
         return train, val, f"the data's val split ({len(val)} {noun})"
     fraction = DEFAULT_VAL_SPLIT if val_split is None else float(val_split)
     if not 0 <= fraction < 1:
-        raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+        raise OptionError("{val_split=}: expected a fraction in [0, 1)", val_split=val_split)
     if fraction:
         held = held_out(fraction)
         val = [item for item, h in zip(train, held) if h]

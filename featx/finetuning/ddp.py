@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import sharding
 from ..errors import FeatxError
+from ..options import OptionError
 from .data import EpochSampler
 
 
@@ -115,10 +116,8 @@ class Session:
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size % self.world:
-            raise FeatxError(
-                f"--batch-size {batch_size}: not divisible by the {self.world} ranks (WORLD_SIZE); the global batch "
-                f"is split evenly between them"
-            )
+            raise OptionError("{batch_size=}: not divisible by the {world} ranks (WORLD_SIZE); the global batch is "
+                              "split evenly between them", batch_size=batch_size, world=self.world)
 
     def _broadcast(self, value):
         box = [value]
@@ -227,7 +226,7 @@ def join(device: str) -> Session:
 
     resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):
-        raise FeatxError(f"--device {device}: finetune under torchrun trains on cpu or cuda")
+        raise OptionError("{device=}: finetune under torchrun trains on cpu or cuda", device=device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     sharding.join(shard, "nccl" if resolved.type == "cuda" else "gloo")

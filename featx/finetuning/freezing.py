@@ -19,6 +19,7 @@ from collections import Counter
 from torch import nn
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .choices import FREEZE_HELP
 
 
@@ -30,7 +31,8 @@ def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] 
     """
     specs = [str(s).strip() for s in specs] or ["none"]
     if "none" in specs and len(specs) > 1:
-        raise FeatxError(f"--freeze none cannot be combined with {', '.join(s for s in specs if s != 'none')}")
+        raise OptionError("{freeze=none} cannot be combined with {others}",
+                          others=", ".join(s for s in specs if s != "none"))
     names = [name for name, _ in model.named_parameters()]
     in_head = {name for name in names if in_module(name, head_path)}
     frozen: set[str] = set()
@@ -41,14 +43,14 @@ def frozen_parameters(model: nn.Module, specs, head_path: str, loaded: set[str] 
             frozen |= set(names) - in_head
         elif spec == "loaded":
             if loaded is None:
-                raise FeatxError("--freeze loaded: -w none loads no weights, so nothing would be frozen")
+                raise OptionError("{freeze=loaded}: {weights=none} loads no weights, so nothing would be frozen")
             frozen |= (set(names) & loaded) - in_head
         elif spec.startswith("until:"):
             frozen |= _until(model, spec[len("until:"):].strip())
         else:
             frozen |= _matching(model, spec, names)
     if frozen and len(frozen) == len(names):
-        raise FeatxError(f"--freeze {' '.join(specs)} freezes every parameter: nothing would train")
+        raise OptionError("{freeze=} freezes every parameter: nothing would train", freeze=specs)
     return frozen
 
 
@@ -73,7 +75,8 @@ def _until(model: nn.Module, layer: str) -> set[str]:
     """Parameters of every module up to and including `layer`, in registration (pre-order) order."""
     if not layer:
         example = next((name for name, _ in model.named_children()), "")
-        raise FeatxError(f"--freeze until: needs a module name, e.g. until:{example}; {_module_names(model)}")
+        raise OptionError("{freeze=}: needs a module name, e.g. until:{example}; {names}", freeze="until:",
+                          example=example, names=_module_names(model))
     frozen, reached = set(), False
     for name, module in model.named_modules():
         inside = in_module(name, layer)
@@ -82,7 +85,8 @@ def _until(model: nn.Module, layer: str) -> set[str]:
         reached = reached or inside
         frozen |= {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
     if not reached:
-        raise FeatxError(f"--freeze until:{layer}: no module named {layer!r}; {_module_names(model, layer)}")
+        raise OptionError("{freeze=}: no module named {layer!r}; {names}", freeze=f"until:{layer}", layer=layer,
+                          names=_module_names(model, layer))
     return frozen
 
 
@@ -91,10 +95,8 @@ def _matching(model: nn.Module, pattern: str, names: list[str]) -> set[str]:
     matched = {name for name in names
                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")}
     if not matched:
-        raise FeatxError(
-            f"--freeze {pattern!r}: no parameter name matches (names look like {names[0]}); expected "
-            f"{FREEZE_HELP}; {_module_names(model)}"
-        )
+        raise OptionError("{freeze=}: no parameter name matches (names look like {example}); expected {help}; {names}",
+                          freeze=pattern, example=names[0], help=FREEZE_HELP, names=_module_names(model))
     return matched
 
 

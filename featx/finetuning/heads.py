@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import FeatxError
+from ..options import OptionError
 from .choices import HEAD_HELP
 
 
@@ -34,7 +34,7 @@ class HeadSpec:
 
 
 def parse_head(spec: str) -> HeadSpec:
-    """'linear' | 'mlp:HIDDEN[,DROPOUT]' -> HeadSpec (FeatxError otherwise)."""
+    """'linear' | 'mlp:HIDDEN[,DROPOUT]' -> HeadSpec (OptionError otherwise)."""
     text = str(spec).strip().lower()
     if text == "linear":
         return HeadSpec()
@@ -48,7 +48,7 @@ def parse_head(spec: str) -> HeadSpec:
             parts = []
         if len(parts) in (1, 2) and hidden >= 1 and 0 <= dropout < 1:
             return HeadSpec("mlp", hidden, dropout)
-    raise FeatxError(f"--head {spec!r}: expected {HEAD_HELP}, e.g. mlp:512,0.2")
+    raise OptionError("{head=}: expected {help}, e.g. mlp:512,0.2", head=spec, help=HEAD_HELP)
 
 
 def replace_classifier(model: nn.Module, path: str, spec: HeadSpec, num_classes: int) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import TransformSpec, normalize_batch
 from ..runtime import Runtime
 
@@ -119,8 +119,8 @@ def _forward_in_training(model: nn.Module, x: torch.Tensor):
     except ValueError as err:
         if "more than 1 value per channel" not in str(err):
             raise
-        raise FeatxError(f"--batch-size {len(x)} at --image-size {x.shape[-1]}: batch norm in training needs more "
-                         f"than one value per channel; use a larger --batch-size or --image-size") from None
+        raise OptionError("{batch_size=%d} at {image_size=%d}: batch norm in training needs more than one value per "
+                          "channel; use a larger {batch_size} or {image_size}" % (len(x), x.shape[-1])) from None
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from ..errors import FeatxError
+from ..options import OptionError
 from .choices import WARMUP_HELP
 from .freezing import in_module
 
@@ -26,17 +26,18 @@ def parse_warmup(spec) -> tuple[float, str]:
     """'2' / 2 -> (2.0, 'epochs'); '300steps' -> (300.0, 'steps')."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(steps?|epochs?)?\s*", str(spec))
     if not match:
-        raise FeatxError(f"--warmup {spec!r}: expected {WARMUP_HELP}")
+        raise OptionError("{warmup=}: expected {help}", warmup=spec, help=WARMUP_HELP)
     unit = "steps" if (match.group(2) or "").startswith("step") else "epochs"
     return float(match.group(1)), unit
 
 
 def warmup_steps(spec, steps_per_epoch: int, total_steps: int) -> int:
-    """The warmup in optimizer steps; FeatxError when it is not shorter than the run."""
+    """The warmup in optimizer steps; OptionError when it is not shorter than the run."""
     value, unit = parse_warmup(spec)
     steps = int(round(value if unit == "steps" else value * steps_per_epoch))
     if steps and steps >= total_steps:
-        raise FeatxError(f"--warmup {spec}: {steps} steps, but the whole run has only {total_steps}")
+        raise OptionError("{warmup=}: {steps} steps, but the whole run has only {total}", warmup=spec, steps=steps,
+                          total=total_steps)
     return steps
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import normalize_batch
 from ..segment.metrics import confusion, predicted_ids, summarize
 from ..segment.model import HEAD_NAME, build_segmenter, check_tap_count, parse_decoder, segment_taps
@@ -173,11 +174,11 @@ class SegmentTask(Task):
 
     def __init__(self, *, tap=None, decoder="conv:256", binary=False, num_classes=None, dice_weight=0.0):
         if isinstance(dice_weight, bool) or not (isinstance(dice_weight, (int, float)) and dice_weight >= 0):
-            raise FeatxError(f"--dice-weight {dice_weight!r}: expected a number of 0 or more")
+            raise OptionError("{dice_weight=}: expected a number of 0 or more", dice_weight=dice_weight)
         self.decoder, self.binary = parse_decoder(decoder), binary
         self.taps = [tap] if isinstance(tap, str) else list(tap or [])
         if not all(isinstance(name, str) and name for name in self.taps):
-            raise FeatxError(f"--tap {tap!r}: expected a tap name, or a list of them")
+            raise OptionError("{tap=}: expected a tap name, or a list of them", tap=tap)
         check_tap_count(self.taps, self.decoder)
         self.num_classes, self.dice_weight = num_classes, float(dice_weight)
         self.source = None

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbones import Backbone
-from ..errors import FeatxError
+from ..options import OptionError
 from ..runtime import Runtime, default_workers, prepare_model
 from .checkpoint import RunDir, seed_everything
 from .data import Splits
@@ -65,7 +65,8 @@ def build_trainer(task: Task, data, bb: Backbone, weights, init_head, opts: Trai
     """Load the data, put the task's head on the backbone, freeze, and build the loaders, optimizer and schedule."""
     description, splits = task.load(data, opts, log)
     if opts.batch_size > len(splits.train):
-        raise FeatxError(f"--batch-size {opts.batch_size}: larger than the {len(splits.train)} training {task.unit}")
+        raise OptionError("{batch_size=}: larger than the {n} training {unit}", batch_size=opts.batch_size,
+                          n=len(splits.train), unit=task.unit)
     log(f"data: {description}; validation: {splits.how}")
     report = bb.load_report
     if report is not None:

@@ -209,14 +209,14 @@ def choose_solver(solver: str, head: str, work: int, device: str) -> str:
 
 @contextlib.contextmanager
 def _out_of_memory_in_one_line(data):
-    """A MemoryError during the fit becomes a one-line FeatxError (the head folder is only written afterwards)."""
+    """A MemoryError during the fit becomes a one-line OptionError (the head folder is only written afterwards)."""
     try:
         yield
     except MemoryError:
         available = available_memory()
         free = f" ({available / 1e9:.1f} GB available)" if available is not None else ""
-        raise FeatxError(f"{data}: out of memory while fitting the head{free}: --head sgd streams the rows, "
-                         "--chunk-rows rows at a time") from None
+        raise OptionError("{data}: out of memory while fitting the head{free}: {head=sgd} streams the rows, "
+                          "{chunk_rows} rows at a time", data=data, free=free) from None
 
 
 def _grid(head_type, grid):

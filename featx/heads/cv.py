@@ -157,7 +157,7 @@ def make_folds(y: np.ndarray, folds: int | None, classes: list[str] | None,
         folds = default_folds(len(y))
 
     if not isinstance(folds, int) or folds < 2:
-        raise FeatxError(f"--folds {folds!r}: expected an integer of 2 or more")
+        raise OptionError("{folds=}: expected an integer of 2 or more", folds=folds)
     if classes is None:
         k = min(folds, len(y))
         if k < 2:
@@ -168,10 +168,8 @@ def make_folds(y: np.ndarray, folds: int | None, classes: list[str] | None,
     rarest = present[np.argmin(counts[present])]
     k = min(folds, int(counts[rarest]))
     if k < 2:
-        raise FeatxError(
-            f"class {classes[rarest]!r} has only 1 training row: cross-validation needs 2 or more per class "
-            f"(add rows, or fix C with a single --grid value)"
-        )
+        raise OptionError("class {name!r} has only 1 training row: cross-validation needs 2 or more per class (add "
+                          "rows, or fix C with a single {grid} value)", name=classes[rarest])
     if k < folds:
         warnings.warn(
             f"class {classes[rarest]!r} has only {counts[rarest]} training rows: using {k} cross-validation folds "

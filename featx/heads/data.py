@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..store import open_store, read_rows
 
 X_NAMES = ("x", "features", "embeddings", "feats")
@@ -43,7 +44,7 @@ class Rows:
     config_key: str | None
     _read_index: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     _close: Callable[[], None] = field(repr=False)
-    no_label_hint: str = ""
+    no_label_hint: str = ""  # an OptionError template's words (braces doubled but for the parameters)
 
     @property
     def task(self) -> str:
@@ -193,9 +194,10 @@ def nonfinite_error(rows: Rows, bad: np.ndarray) -> FeatxError:
     )
 
 
-def no_labels_error(rows: Rows, needed_by: str) -> FeatxError:
+def no_labels_error(rows: Rows, needed_by: str) -> OptionError:
     hint = f" ({rows.no_label_hint})" if rows.no_label_hint else ""
-    return FeatxError(f"{rows.path} has no labels{hint}: {needed_by} needs labelled rows (predict works on it)")
+    return OptionError("{path} has no labels" + hint + ": {needed_by} needs labelled rows (predict works on it)",
+                       path=rows.path, needed_by=needed_by)
 
 
 def open_rows(path, tap: str | None = None, x_key: str | None = None, y_key: str | None = None) -> Rows:
@@ -257,10 +259,12 @@ def _choose_tap(store, tap: str | None) -> str:
         raise FeatxError(f"{store.path}: holds no features")
     if tap is None:
         if len(store.taps) > 1:
-            raise FeatxError(f"{store.path} holds several taps ({', '.join(store.taps)}): choose one with -l/--layer")
+            raise OptionError("{path} holds several taps ({taps}): choose one with {tap}", path=store.path,
+                              taps=", ".join(store.taps))
         return store.taps[0]
     if tap not in store.taps:
-        raise FeatxError(f"-l {tap}: no such tap in {store.path}; it holds: {', '.join(store.taps)}")
+        raise OptionError("{tap=}: no such tap in {path}; it holds: {taps}", tap=tap, path=store.path,
+                          taps=", ".join(store.taps))
     return tap
 
 
@@ -305,30 +309,36 @@ def _listing(shapes: dict) -> str:
 def _pick_x(path: Path, shapes: dict, x_key: str | None) -> str:
     if x_key is not None:
         if x_key not in shapes:
-            raise FeatxError(f"--x {x_key}: no such array in {path}; it holds: {_listing(shapes)}")
+            raise OptionError("{x=}: no such array in {path}; it holds: {listing}", x=x_key, path=path,
+                              listing=_listing(shapes))
         if len(shapes[x_key]) < 2:
-            raise FeatxError(f"--x {x_key}: expected a 2-D feature array (rows x features), got shape {shapes[x_key]}")
+            raise OptionError("{x=}: expected a 2-D feature array (rows x features), got shape {shape}", x=x_key,
+                              shape=shapes[x_key])
         return x_key
     matrices = [key for key, shape in shapes.items() if len(shape) == 2]
     named = [key for key in matrices if key.rsplit("/", 1)[-1].lower() in X_NAMES]
     if len(matrices) == 1 or len(named) == 1:
         return (named or matrices)[0]
-    raise FeatxError(f"{path}: which array holds the features? pass --x KEY (it holds: {_listing(shapes)})")
+    raise OptionError("{path}: which array holds the features? pass {x=KEY} (it holds: {listing})", path=path,
+                      listing=_listing(shapes))
 
 
 def _pick_y(path: Path, shapes: dict, y_key: str | None, n: int) -> tuple[str | None, str]:
     """The label vector's key, or (None, a hint for the 'no labels' error)."""
     if y_key is not None:
         if y_key not in shapes:
-            raise FeatxError(f"--y {y_key}: no such array in {path}; it holds: {_listing(shapes)}")
+            raise OptionError("{y=}: no such array in {path}; it holds: {listing}", y=y_key, path=path,
+                              listing=_listing(shapes))
         if tuple(shapes[y_key]) != (n,):
-            raise FeatxError(f"--y {y_key}: expected a vector of {n} labels, got shape {tuple(shapes[y_key])}")
+            raise OptionError("{y=}: expected a vector of {n} labels, got shape {shape}", y=y_key, n=n,
+                              shape=tuple(shapes[y_key]))
         return y_key, ""
     vectors = [key for key, shape in shapes.items() if tuple(shape) == (n,)]
     named = [key for key in vectors if key.rsplit("/", 1)[-1].lower() in Y_NAMES]
     if len(vectors) == 1 or len(named) == 1:
         return (named or vectors)[0], ""
-    return None, f"pass --y KEY (vectors of {n} values: {', '.join(vectors)})" if vectors else "it has no label vector"
+    listed = ", ".join(vectors).replace("{", "{{").replace("}", "}}")
+    return None, f"pass {{y=KEY}} (vectors of {n} values: {listed})" if vectors else "it has no label vector"
 
 
 def _foreign_rows(path, x_key, shape, read_index, y, y_key, hint, close) -> Rows:
@@ -365,7 +375,8 @@ def _labels(path: Path, y_key: str | None, y, n: int):
     if kind == "continuous":
         return np.full(n, -1, dtype=np.int64), None, y.astype(np.float64)
     if kind not in ("binary", "multiclass"):
-        raise FeatxError(f"--y {y_key} in {path}: expected class labels or float targets, got {kind} values")
+        raise OptionError("{y=} in {path}: expected class labels or float targets, got {kind} values", y=y_key,
+                          path=path, kind=kind)
     values, labels = np.unique(y, return_inverse=True)
     return labels.astype(np.int64), [str(v) for v in values], None
 
@@ -383,8 +394,8 @@ def evaluation_rows(labelled: np.ndarray, splits, split: str | None, where) -> t
     chosen = split or next((name for name in DEFAULT_EVAL_SPLITS if name in present), ALL_ROWS)
     selected = labelled if chosen == ALL_ROWS else labelled & (splits == chosen)
     if not selected.any():
-        raise FeatxError(f"--split {chosen}: no labelled rows in {where} (its splits: {', '.join(present) or 'none'}; "
-                         f"--split {ALL_ROWS} scores every labelled row)")
+        raise OptionError("{split=}: no labelled rows in {where} (its splits: {present}; {split=%s} scores every "
+                          "labelled row)" % ALL_ROWS, split=chosen, where=where, present=", ".join(present) or "none")
     how = "all labelled rows" if chosen == ALL_ROWS else f"split {chosen!r}"
     if split is None:
         how += f" (no {' or '.join(DEFAULT_EVAL_SPLITS)} split)" if chosen == ALL_ROWS else \
@@ -399,7 +410,7 @@ def train_eval_rows(rows: Rows, val_split: float = 0.2, seed: int = 0) -> tuple[
     split a stratified, seeded `val_split` fraction of the training rows is held out; 0 holds out nothing.
     """
     if not 0 <= val_split < 1:
-        raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+        raise OptionError("{val_split=}: expected a fraction in [0, 1)", val_split=val_split)
     labelled = rows.labelled
     if not labelled.any():
         raise no_labels_error(rows, "fitting a head")

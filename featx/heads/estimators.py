@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import FeatxError
 from ..options import OptionError
 from .cv import DEFAULT_GRID
 
@@ -126,7 +125,7 @@ def get_head_type(name: str | None, task: str, where: str) -> HeadType:
     if name is None:
         name = "ridge" if task == "regression" else "logistic"
     if name not in HEAD_TYPES:
-        raise FeatxError(f"--head {name!r}: expected one of {', '.join(HEAD_TYPES)}")
+        raise OptionError("{head=}: expected one of {choices}", head=name, choices=", ".join(HEAD_TYPES))
     head = HEAD_TYPES[name]
     if task in ("classification", "regression") and task not in head.tasks:
         raise OptionError("{head=}: needs class labels, but {where} holds float targets; use {head=ridge}", head=name,
@@ -139,7 +138,7 @@ def make_normalizer(mode: str):
     from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 
     if mode not in NORMALIZERS:
-        raise FeatxError(f"--normalize {mode!r}: expected one of {', '.join(NORMALIZERS)}")
+        raise OptionError("{normalize=}: expected one of {choices}", normalize=mode, choices=", ".join(NORMALIZERS))
     return {"standard": StandardScaler, "l2": Normalizer, "none": FunctionTransformer}[mode]()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..store import Store, open_store
 from . import search
 from .neighbor_options import MAX_PAIRS, NeighborsOptions
@@ -131,7 +132,8 @@ def gallery_tap(gallery: Store, tap: str | None) -> str:
         raise FeatxError(f"{gallery.path}: the store holds no rows to search")
     if tap is None:
         if len(gallery.taps) != 1:
-            raise FeatxError(f"{gallery.path} holds taps {', '.join(gallery.taps) or '(none)'}: choose one with -l")
+            raise OptionError("{path} holds taps {taps}: choose one with {tap}", path=gallery.path,
+                              taps=", ".join(gallery.taps) or "(none)")
         tap = gallery.taps[0]
     shape = gallery.feature_shape(tap)  # a tap the store lacks is a FeatxError naming the ones it holds
     if len(shape) != 1:

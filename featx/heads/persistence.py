@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatxError
+from ..options import OptionError
 from .model import ARRAYS, ArrayModel, Head
 
 FORMAT = 1
@@ -42,12 +43,14 @@ def check_output(folder: Path, overwrite: bool) -> None:
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FeatxError(f"-o {folder}: is a file, expected a folder for the head")
+        raise OptionError("{output=}: is a file, expected a folder for the head", output=str(folder))
     if is_head_folder(folder):
         if not overwrite:
-            raise FeatxError(f"-o {folder}: holds a head already; pass --overwrite to replace it")
+            raise OptionError("{output=}: holds a head already; pass {overwrite=True} to replace it",
+                              output=str(folder))
     elif any(folder.iterdir()):
-        raise FeatxError(f"-o {folder}: is a folder that holds no featx head; choose another -o (it is never replaced)")
+        raise OptionError("{output=}: is a folder that holds no featx head; choose another {output=DIR} (it is never "
+                          "replaced)", output=str(folder))
 
 
 @contextlib.contextmanager
@@ -59,7 +62,8 @@ def atomic_folder(folder, overwrite: bool = False):
     try:
         tmp.mkdir(parents=True)
     except OSError as err:
-        raise FeatxError(f"-o {folder}: cannot create a folder there ({err.strerror})") from err
+        raise OptionError("{output=}: cannot create a folder there ({reason})", output=str(folder),
+                          reason=err.strerror) from err
     try:
         yield tmp
         check_output(folder, overwrite)
@@ -165,10 +169,8 @@ def _head(estimator, meta: dict, folder: Path) -> Head:
 
 def _load_pickle(path: Path, trust: bool) -> Head:
     if not trust:
-        raise FeatxError(
-            f"{path} is a pickle: loading it can run arbitrary code; pass --trust (trust=True) if you trust its "
-            f"source, or give the head folder to load it from its arrays"
-        )
+        raise OptionError("{path} is a pickle: loading it can run arbitrary code; pass {trust=True} if you trust its "
+                          "source, or give the head folder to load it from its arrays", path=path)
     if not path.is_file():
         raise FeatxError(f"{path}: no such file")
     import joblib

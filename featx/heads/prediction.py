@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .data import open_rows
 from .model import Head
 from .persistence import load_head
@@ -81,7 +82,7 @@ class Predictions:
 
 def _check_top_k(top_k) -> None:
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise FeatxError(f"--top-k {top_k!r}: expected a positive integer")
+        raise OptionError("{top_k=}: expected a positive integer", top_k=top_k)
 
 
 def _plain(value):
@@ -170,8 +171,8 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     `data`, failed images). The store only gains rows (retention 'add'); the head's own cache is bounded by
     HEAD_CACHE_BYTES. `log` gets the cache's summary line."""
     if not head.config:
-        raise FeatxError("this head was fitted on foreign features (no extractor config): predict takes a feature file "
-                         "(.h5/.npz with --x), not images")
+        raise OptionError("this head was fitted on foreign features (no extractor config): predict takes a feature "
+                          "file (.h5/.npz with {x}), not images")
     from ..segment import head_taps
 
     options = extractor_options(head.config, head_taps(head), weights)

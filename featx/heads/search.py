@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 
 CHUNK_BYTES = 64 << 20  # gallery rows read at a time (float32)
 SCORE_CELLS = 2 << 20  # queries x gallery rows scored at a time
@@ -143,8 +144,9 @@ def duplicate_pairs(blocks: Blocks, threshold: float, max_pairs: int) -> tuple[n
                 i, j = i[keep], j[keep]
                 total += len(i)
                 if total > max_pairs:
-                    raise FeatxError(f"--threshold {threshold}: more than {max_pairs} pairs are that similar; raise "
-                                     f"the threshold (near-duplicates score about 0.95 and above) or --max-pairs")
+                    raise OptionError("{threshold=}: more than {max} pairs are that similar; raise the threshold "
+                                      "(near-duplicates score about 0.95 and above) or {max_pairs}",
+                                      threshold=threshold, max=max_pairs)
                 found_pairs.append(np.stack([i, j], axis=1))
                 found_scores.append(sims[i - sub_start, j - start_b])
     if not found_pairs:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu import idle_cores, torch_threads
-from ..errors import FeatxError
 from ..options import OptionError
 from .cv import score
 from .class_weights import balanced_weights
@@ -292,10 +291,9 @@ def _rows_on_device(rows, train: np.ndarray, order: np.ndarray, normalize: str, 
         if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
             raise
         need = len(train) * rows.n_features * 4
-        raise FeatxError(
-            f"{rows.describe()}: {len(train)} rows x {rows.n_features} float32 features ({need / 1e9:.1f} GB) do "
-            f"not fit on {device}: use --solver sklearn or --head sgd"
-        ) from None
+        raise OptionError("{rows}: {n} rows x {features} float32 features ({gb:.1f} GB) do not fit on {device}: use "
+                          "{solver=sklearn} or {head=sgd}", rows=rows.describe(), n=len(train),
+                          features=rows.n_features, gb=need / 1e9, device=device) from None
     if normalize == "standard":
         X -= torch.as_tensor(normalizer.mean_, dtype=X.dtype, device=device)
         X /= torch.as_tensor(normalizer.scale_, dtype=X.dtype, device=device)

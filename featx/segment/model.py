@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..choices import DECODER_HELP
-from ..errors import FeatxError
+from ..options import OptionError
 from ..layer_table import describe_layers
 from ..taps import Graph, channels_last_taps, check_taps, feature_extractor, reference_size, usual_rows
 
@@ -53,7 +53,7 @@ def parse_decoder(text) -> DecoderSpec:
         return DecoderSpec("linear")
     match = re.fullmatch(r"(conv|fpn):(\d+)", text)
     if not match or int(match.group(2)) < 1:
-        raise FeatxError(f"--decoder {text!r}: expected {DECODER_HELP}")
+        raise OptionError("{decoder=}: expected {help}", decoder=text, help=DECODER_HELP)
     return DecoderSpec(match.group(1), int(match.group(2)))
 
 
@@ -97,8 +97,8 @@ def default_tap(model: nn.Module) -> str:
     maps = [info.name for info in describe_layers(model) if info.usual == "stage" and len(info.shape) == 3
             and not info.channels_last and min(info.shape[1:]) > 1]
     if not maps:
-        raise FeatxError("this backbone has no stage output that is a spatial map: choose one with --tap "
-                         "(featx layers BACKBONE --all)")
+        raise OptionError("this backbone has no stage output that is a spatial map: choose one with {tap} "
+                          "(featx layers BACKBONE --all)")
     return maps[-1]
 
 
@@ -116,23 +116,23 @@ def pyramid_taps(model: nn.Module) -> list[str]:
     taps = [by_stride[s] for s in PYRAMID_STRIDES if s in by_stride]
     if len(taps) < 2:
         strides = "/".join(map(str, PYRAMID_STRIDES))
-        raise FeatxError(f"--decoder fpn: found {len(taps)} stage map(s) of stride {strides} in this backbone; name "
-                         f"two or more with --tap (featx layers BACKBONE --all)")
+        raise OptionError("{decoder=fpn}: found {n} stage map(s) of stride {strides} in this backbone; name two or "
+                          "more with {tap} (featx layers BACKBONE --all)", n=len(taps), strides=strides)
     return taps
 
 
 def check_tap_count(taps: list[str], spec: DecoderSpec) -> None:
-    """FeatxError when `taps` (the names given, maybe none) do not suit `spec`: fpn fuses two or more, the other
+    """OptionError when `taps` (the names given, maybe none) do not suit `spec`: fpn fuses two or more, the other
     decoders read one; no tap twice."""
     twice = next((tap for i, tap in enumerate(taps) if tap in taps[:i]), None)
     if twice:
-        raise FeatxError(f"--tap {twice} given twice: keep one")
+        raise OptionError("{tap=} given twice: keep one", tap=twice)
     if spec.fuses and len(taps) == 1:
-        raise FeatxError(f"--decoder {spec} with one --tap {taps[0]}: a pyramid fuses two or more taps; give --tap "
-                         f"once per map, or leave --tap out for the stride 4/8/16/32 stages")
+        raise OptionError("{decoder=} with one {tap=$one}: a pyramid fuses two or more taps; give {tap} once per map, "
+                          "or leave {tap} out for the stride 4/8/16/32 stages", decoder=str(spec), one=taps[0])
     if not spec.fuses and len(taps) > 1:
-        raise FeatxError(f"--decoder {spec} reads one tap, got --tap {' --tap '.join(taps)}: keep one, or use "
-                         f"--decoder fpn:WIDTH to fuse them")
+        raise OptionError("{decoder=$given} reads one tap, got {tap=}: keep one, or use {decoder=$fpn} to fuse them",
+                          given=str(spec), tap=list(taps), fpn="fpn:WIDTH")
 
 
 def segment_taps(model: nn.Module, taps, spec: DecoderSpec) -> list[str]:
@@ -149,34 +149,32 @@ def build_segmenter(model: nn.Module, taps, spec: DecoderSpec, n_out: int, crop:
     """`model` up to `taps` (a name or a list of them, see segment_taps) plus a decoder named 'decoder', as one fx
     GraphModule returning (B, n_out, H, W)."""
     taps = segment_taps(model, taps, spec)
-    try:
-        check_taps(model, taps)
-    except FeatxError as err:  # the same message, naming this command's option
-        raise FeatxError(re.sub(r"-l (\S+)( and| are|:)", r"--tap \1\2", str(err))) from None
+    check_taps(model, taps, name="tap")
     for tap, nhwc in channels_last_taps(model, taps).items():
         if nhwc:
-            raise FeatxError(f"--tap {tap}: its output is (N, H, W, C); the decoder needs an (N, C, H, W) map")
+            raise OptionError("{tap=}: its output is (N, H, W, C); the decoder needs an (N, C, H, W) map", tap=tap)
     keys = {tap: f"map{i}" for i, tap in enumerate(taps)}
     trunk = feature_extractor(model, keys)
     returned = next(node for node in trunk.graph.nodes if node.op == "output").args[0]
     for tap in taps:
         if not _after_a_layer(trunk, returned[keys[tap]]):
-            raise FeatxError(f"--tap {tap}: too shallow for the decoder, no layer of {name} runs before it; choose a "
-                             f"deeper tap such as {default_tap(model)}")
+            raise OptionError("{tap=}: too shallow for the decoder, no layer of {name} runs before it; choose a deeper "
+                              "tap such as {deeper}", tap=tap, name=name, deeper=default_tap(model))
     try:
         with torch.no_grad():
             out = trunk.eval()(torch.zeros(1, 3, crop, crop))
     except Exception as err:  # noqa: BLE001 - shape errors, traced asserts (ViT), too-small maps: all say the size
-        raise FeatxError(f"backbone {name} cannot run on {crop}x{crop} inputs "
-                         f"({str(err).splitlines()[0][:150]}): check --image-size") from err
+        raise OptionError("backbone {name} cannot run on {crop}x{crop} inputs ({reason}): check {image_size}",
+                          name=name, crop=crop, reason=str(err).splitlines()[0][:150]) from err
     shapes = {tap: tuple(out[keys[tap]].shape) for tap in taps}
     for tap, shape in shapes.items():
         if len(shape) != 4:
-            raise FeatxError(f"--tap {tap}: gives {shape[1:]} per image, not a spatial map the decoder can upsample; "
-                             f"choose a tap before the pooling such as {default_tap(model)}")
+            raise OptionError("{tap=}: gives {shape} per image, not a spatial map the decoder can upsample; choose a "
+                              "tap before the pooling such as {before}", tap=tap, shape=shape[1:],
+                              before=default_tap(model))
         if min(shape[2:]) < 2:
-            raise FeatxError(f"--tap {tap}: its map is {shape[2]}x{shape[3]} at {crop}x{crop} inputs, too coarse to "
-                             f"segment: use a larger --image-size or a shallower tap")
+            raise OptionError("{tap=}: its map is {h}x{w} at {crop}x{crop} inputs, too coarse to segment: use a larger "
+                              "{image_size} or a shallower tap", tap=tap, h=shape[2], w=shape[3], crop=crop)
     if spec.fuses:
         order = sorted(taps, key=lambda tap: -shapes[tap][2] * shapes[tap][3])  # finest first (stable: forward order)
         decoder = PyramidDecoder([shapes[tap][1] for tap in order], n_out, spec)

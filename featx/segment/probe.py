@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..choices import check_seed
 from ..errors import FeatxError
+from ..options import OptionError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
 from ..store import open_store
@@ -53,11 +54,11 @@ def _map_tap(store, tap: str | None) -> tuple[str, tuple[int, ...]]:
 
 def _map_taps(store, taps) -> tuple[list[str], str, tuple[int, int, int]]:
     """(taps, the finest of them, (C, h, w) of their fused maps: channels summed, the finest map's size) for one
-    tap (a name or None: the store's only tap) or a list of taps; FeatxError for a tap given twice."""
+    tap (a name or None: the store's only tap) or a list of taps; OptionError for a tap given twice."""
     taps = [taps] if taps is None or isinstance(taps, str) else list(taps) or [None]
     twice = sorted({tap for tap in taps if taps.count(tap) > 1})
     if twice:
-        raise FeatxError(f"-l {twice[0]}: given twice; give each tap once")
+        raise OptionError("{tap=}: given twice; give each tap once", tap=twice[0])
     shapes = dict(_map_tap(store, tap) for tap in taps)
     finest = max(shapes, key=lambda tap: shapes[tap][1] * shapes[tap][2])
     return list(shapes), finest, (sum(shape[0] for shape in shapes.values()), *shapes[finest][1:])
@@ -108,7 +109,7 @@ def _rows_of(store, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray
         return np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val"), "split 'val'"
     rows = np.flatnonzero(splits != "test")
     if not 0 <= val_split < 1:
-        raise FeatxError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+        raise OptionError("{val_split=}: expected a fraction in [0, 1)", val_split=val_split)
     held = np.random.default_rng(seed).permutation(len(rows))[: int(round(val_split * len(rows)))]
     keep = np.ones(len(rows), dtype=bool)
     keep[held] = False
@@ -148,7 +149,7 @@ def fit_dense_probe(store_path, masks, output=None, *, tap: str | list[str] | No
     from ..heads.persistence import atomic_folder, check_output, save_head
 
     if isinstance(pixels_per_image, bool) or not isinstance(pixels_per_image, int) or pixels_per_image < 1:
-        raise FeatxError(f"--pixels-per-image {pixels_per_image!r}: expected a positive integer")
+        raise OptionError("{pixels_per_image=}: expected a positive integer", pixels_per_image=pixels_per_image)
     check_seed(seed)
     if output is not None:
         check_output(Path(output), overwrite)
@@ -304,10 +305,11 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
                          f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
     folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
-    for option, folder, what in zip(("-o", "--overlay"), folders, ("the mask PNGs", "the overlay pictures")):
-        _check_writable(option, folder, what)
+    for name, folder, what in zip(("output", "overlay"), folders, ("the mask PNGs", "the overlay pictures")):
+        _check_writable(name, folder, what)
     if store is not None and os.path.abspath(store) == os.path.abspath(output):
-        raise FeatxError(f"-o {output} and --store {store}: one path for both; the mask PNGs need a folder of their own")
+        raise OptionError("{output=} and {store=}: one path for both; the mask PNGs need a folder of their own",
+                          output=str(output), store=str(store))
     items = {item.relpath: item for item in load_source(data).items}
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
@@ -329,15 +331,18 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
             "failed": failed}
 
 
-def _check_writable(option: str, folder: Path, what: str) -> None:
-    """FeatxError, before any image is computed, when `what` cannot be written into `folder`."""
+def _check_writable(name: str, folder: Path, what: str) -> None:
+    """OptionError about the parameter `name`, before any image is computed, when `what` cannot be written into
+    `folder`."""
     from ..heads.prediction import can_write_in
 
     existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
     if not existing.is_dir():
-        raise FeatxError(f"{option} {folder}: {existing} is a file, expected a folder for {what}")
+        raise OptionError("{%s=}: {existing} is a file, expected a folder for {what}" % name, **{name: str(folder)},
+                          existing=existing, what=what)
     if not can_write_in(folder):
-        raise FeatxError(f"{option} {folder}: cannot write there, expected a folder you can write for {what}")
+        raise OptionError("{%s=}: cannot write there, expected a folder you can write for {what}" % name,
+                          **{name: str(folder)}, what=what)
 
 
 def _save(image: Image.Image, path: Path, **options) -> None:

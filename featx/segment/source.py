@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..sources import IMAGE_EXTENSIONS, SPLITS, DecodeError
 
 IGNORE = 255
@@ -83,7 +84,8 @@ def load_mask_source(spec, *, binary: bool = False, num_classes: int | None = No
     be decoded leaves its pair out (MaskSource.failed); every other problem is a one-line FeatxError."""
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or not 1 <= num_classes < IGNORE):
-        raise FeatxError(f"--num-classes {num_classes!r}: expected an integer from 1 to {IGNORE - 1}")
+        raise OptionError("{num_classes=}: expected an integer from 1 to {high}", num_classes=num_classes,
+                          high=IGNORE - 1)
     display = os.fspath(spec)
     if os.path.isdir(display):
         root, pairs, kind = os.path.abspath(display), _folder_pairs(display), "masks folder"
@@ -128,10 +130,10 @@ def _check_pair(pair: MaskPair, binary: bool, num_classes: int | None) -> int:
         raise FeatxError(f"{pair.mask}: negative mask values; expected class ids 0..K")
     limit = num_classes if num_classes is not None else IGNORE - 1
     if highest > limit:
-        expected = f"--num-classes {num_classes} allows ids 0..{num_classes}" if num_classes is not None else \
-            f"ids 0..{IGNORE - 1}"
-        raise FeatxError(f"{pair.mask}: mask value {highest} is above the class ids expected ({expected}); "
-                         f"pass --binary for instance masks, or a larger --num-classes")
+        expected = "{num_classes=$given} allows ids 0..{given}" if num_classes is not None else "ids 0..{high}"
+        raise OptionError("{mask}: mask value {highest} is above the class ids expected (" + expected + "); pass "
+                          "{binary=True} for instance masks, or a larger {num_classes}", mask=pair.mask,
+                          highest=highest, given=num_classes, high=IGNORE - 1)
     return highest
 
 

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..retention import DataRows
 from ..store import open_store
 from ..writer import StoreWriter
@@ -156,16 +157,12 @@ def match_store(path, extractors: dict[str, dict]) -> tuple[str, dict]:
     path = Path(path)
     if not path.exists():
         if len(extractors) != 1:
-            raise FeatxError(
-                f"--cache {path}: no such store; the heads use {len(extractors)} extractors, so the store must "
-                "exist (made by featx extract) to say which one it caches"
-            )
+            raise OptionError("{cache=}: no such store; the heads use {n} extractors, so the store must exist (made by "
+                              "featx extract) to say which one it caches", cache=str(path), n=len(extractors))
         return next(iter(extractors.items()))
     with open_store(path) as store:
         if store.config_key in extractors:
             return store.config_key, extractors[store.config_key]
-        raise FeatxError(
-            f"--cache {path}: made with backbone {store.config.get('backbone')} taps "
-            f"{','.join(store.config.get('taps', []))}, a config no served head uses (extract it with the head "
-            "store's options)"
-        )
+        raise OptionError("{cache=}: made with backbone {backbone} taps {taps}, a config no served head uses (extract "
+                          "it with the head store's options)", cache=str(path), backbone=store.config.get("backbone"),
+                          taps=",".join(store.config.get("taps", [])))

@@ -18,6 +18,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..heads import search
 from ..heads.data import available_memory
 from ..heads.neighbors import gallery_blocks
@@ -70,9 +71,9 @@ class SearchStore:
         with open_store(path) as store:
             widths = {tap: store.feature_shape(tap)[0] for tap in store.taps if len(store.feature_shape(tap)) == 1}
             if not len(store):
-                raise FeatxError(f"--search {path}: the store holds no rows to search")
+                raise OptionError("{search=}: the store holds no rows to search", search=str(path))
             if not widths:
-                raise FeatxError(f"--search {path}: no tap of pooled rows (extract one with --pooling avg)")
+                raise OptionError("{search=}: no tap of pooled rows (extract one with --pooling avg)", search=str(path))
             return cls(path.stem, path, store.config, list(widths), store.keys, store.paths, store.labels,
                        store.classes, widths)
 
@@ -105,7 +106,8 @@ def open_search_stores(paths) -> dict[str, SearchStore]:
     for path in paths:
         opened = SearchStore.open(path)
         if opened.name in stores:
-            raise FeatxError(f"--search {path}: another search store is named {opened.name!r} too; rename one")
+            raise OptionError("{search=}: another search store is named {name!r} too; rename one", search=str(path),
+                              name=opened.name)
         stores[opened.name] = opened
     return stores
 

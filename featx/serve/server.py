@@ -12,6 +12,7 @@ import socket
 import sys
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .options import ServeOptions
 
 GRACE_S = 30
@@ -27,11 +28,12 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         if err.errno == errno.EADDRINUSE:
-            raise FeatxError(f"--port {port}: address {host}:{port} is already in use") from None
-        raise FeatxError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+            raise OptionError("{port=}: address {host}:{port} is already in use", host=host, port=port) from None
+        raise OptionError("{host=} {port=}: cannot listen there ({reason})", host=host, port=port,
+                          reason=err.strerror or err) from None
     except (socket.gaierror, UnicodeError) as err:
         sock.close()
-        raise FeatxError(f"--host {host}: not an address of this machine ({err})") from None
+        raise OptionError("{host=}: not an address of this machine ({err})", host=host, err=err) from None
     sock.listen(2048)
     return sock
 

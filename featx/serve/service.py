@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import FeatxError
+from ..options import OptionError
 from ..runner import identity_key
 from ..extract_request import weights_for
 from ..sources import DecodeError, content_key, sha256_file
@@ -66,12 +67,12 @@ class Service:
 
     def _check_weights(self) -> None:
         """Before the port is served: every -w file holds some served head's weights, and every head's weights
-        file is where it was recorded or given with -w (one FeatxError line otherwise)."""
+        file is where it was recorded or given with -w (one OptionError line otherwise)."""
         configs = self.configs().values()
         for file in self.options.weights:
             if not any(weights_of(config, [file]) for config in configs):
-                raise FeatxError(f"-w {file}: sha256 {sha256_file(file)[:16]}... is the weights of none of the served "
-                                 f"heads")
+                raise OptionError("{weights=}: sha256 {sha}... is the weights of none of the served heads",
+                                  weights=file, sha=sha256_file(file)[:16])
         for config in configs:
             weights_for(config, weights_of(config, self.options.weights))
 
