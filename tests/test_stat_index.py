@@ -17,9 +17,10 @@ import pytest
 from featx.keys import RACY_NS, STAT_FIELDS, StatIndex, file_keys, file_stat
 from featx.sources import load_source
 from featx.store import open_store
-from imagegen import make_image, make_image_folder
+from imagegen import make_image
+from options_support import EXTRACT_ARGS
 
-FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
+FAST = [*EXTRACT_ARGS, "--json"]
 # Runs the CLI in a fresh interpreter with featx.keys.content_key counting the files it reads, and prints the count
 # (and whether torch was imported) after it.
 PROBE = (
@@ -46,9 +47,9 @@ def featx(*args) -> tuple[dict, dict, str]:
 
 
 @pytest.fixture
-def made(tmp_path):
+def made(image_folder, tmp_path):
     """A store of 6 images whose stats are old enough to be trusted (not 'racily clean')."""
-    data = make_image_folder(tmp_path / "data", per_class=3)
+    data = image_folder
     time.sleep(RACY_NS / 1e9 + 0.1)
     out = tmp_path / "s.h5"
     result, probe, err = featx("extract", data, "-o", out, *FAST)
@@ -151,8 +152,8 @@ def test_another_folder_of_the_same_files_is_read(made, tmp_path):
     assert (result["computed"], result["reused"], probe["read"]) == (0, 6, 6)
 
 
-def test_racily_clean_entries_are_not_trusted(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_racily_clean_entries_are_not_trusted(tmp_path, image_folders):
+    data = image_folders("data", per_class=2)
     source = load_source(str(data))
     first = file_keys(source, str(data))
     assert first.n_read == 4 and all(first.keys)
