@@ -7,7 +7,6 @@ import inspect
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from featx.advise_options import AdviseOptions
 from featx.cli import main
@@ -126,10 +125,9 @@ def test_an_option_error_reads_as_keywords_in_python_and_as_flags_on_the_command
     assert err.spelled(spell) == "--ray-address: only with --engine ray (not --decode 'a b', size_limit=-1)"
 
 
-def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
+def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path, cli):
     (tmp_path / "data").mkdir()
-    result = CliRunner().invoke(main, ["extract", str(tmp_path / "data"), "-o", str(tmp_path / "s.h5"),
-                                       "--num-gpus-per-worker", "1"])
+    result = cli("extract", tmp_path / "data", "-o", tmp_path / "s.h5", "--num-gpus-per-worker", "1")
     assert result.exit_code == 2
     assert result.output.strip() == "featx: error: --num-gpus-per-worker: only with --engine ray"
 
