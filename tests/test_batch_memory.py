@@ -19,7 +19,6 @@ from featx.finetuning import finetune
 from featx.layer_table import describe_layers
 from featx import memory
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
-from imagegen import make_image_folder
 
 CPU = torch.device("cpu")
 FAST = dict(backbone="resnet18", weights="none", workers=0)
@@ -32,8 +31,8 @@ def resnet18():
 
 
 @pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=3)
+def data(image_folder):
+    return image_folder
 
 
 def limit_memory(monkeypatch, available: int | None) -> None:
