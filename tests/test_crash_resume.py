@@ -11,9 +11,9 @@ import pytest
 
 from featx.store import open_store
 from cli_support import featx
+from options_support import EXTRACT, cli_args
 
-ARGS = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--batch-size", "4", "--workers", "0", "-q",
-        "-l", "layer3", "-l", "avgpool"]
+ARGS = [*cli_args(dict(EXTRACT, image_size=64, taps=["layer3", "avgpool"])), "-q"]
 
 
 def _wait_for_segments(parts: Path, count: int, proc, timeout=120.0) -> None:
