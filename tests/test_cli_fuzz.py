@@ -28,6 +28,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -244,10 +245,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_bl
 @pytest.mark.parametrize("name", COMMANDS)
 @FUZZ
 @given(data=st.data())
-def test_no_traceback_and_a_known_exit_code(world, no_serving, name, data, cli):
+def test_no_traceback_and_a_known_exit_code(world, no_serving, name, data):
     words = data.draw(command_lines(name), label="featx")
     with copy_of(world), time_limit(EXAMPLE_LIMIT_S):
-        result = cli(*words)
+        result = CliRunner().invoke(main, words, prog_name="featx")
     shown = f"featx {' '.join(map(repr, words))} -> exit {result.exit_code}\n{result.output[-3000:]}"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(shown) from result.exception
