@@ -14,17 +14,14 @@ FINETUNE = dict(backbone="mobilenet_v3_small", weights="none", image_size=16, ba
 
 
 def cli_args(options: dict, command=ExtractOptions) -> list[str]:
-    """`options` as the words of `command` (an Options class): its long flag then the value, a list's flag once per
-    item, a true bool's flag alone."""
-    flags = {f.name: next(flag for flag in f.metadata[SPEC].flags if flag.startswith("--")).split("/")[0]
+    """`options` as the words of `command` (an Options class): each option's long flag and its value, a list's flag
+    once per item."""
+    flags = {f.name: next(flag for flag in f.metadata[SPEC].flags if flag.startswith("--"))
              for f in dataclasses.fields(command) if f.metadata[SPEC].flags}
     words = []
     for name, value in options.items():
-        if value is True:
-            words.append(flags[name])
-        else:
-            for item in value if isinstance(value, (list, tuple)) else [value]:
-                words += [flags[name], str(item)]
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            words += [flags[name], str(item)]
     return words
 
 
