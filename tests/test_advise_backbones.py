@@ -10,6 +10,7 @@ from test_advise import COSTS, synthetic_store
 
 from featx.advice import recommend
 from featx.advise_backbones import WITHIN, compare
+from imagegen import make_image_folder
 from cli_support import invoke as run
 
 
@@ -43,8 +44,8 @@ def test_cheapest_within_a_point_is_the_faster_backbone(tmp_path):
 
 
 @pytest.fixture
-def data(image_folders):
-    return image_folders("data", classes=("ants", "bees"), per_class=8)
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=8)
 
 
 def test_cli_two_backbones_made_uninformative_weights_lose(tmp_path, data):

@@ -19,6 +19,7 @@ from featx.finetuning import finetune
 from featx.layer_table import describe_layers
 from featx import memory
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
+from imagegen import make_image_folder
 
 CPU = torch.device("cpu")
 FAST = dict(backbone="resnet18", weights="none", workers=0)
@@ -31,8 +32,8 @@ def resnet18():
 
 
 @pytest.fixture
-def data(image_folder):
-    return image_folder
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=3)
 
 
 def limit_memory(monkeypatch, available: int | None) -> None:

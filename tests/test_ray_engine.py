@@ -10,14 +10,14 @@ import pytest
 from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.store import open_store
-from options_support import EXTRACT
+from imagegen import make_image_folder
 
-FAST = {name: value for name, value in EXTRACT.items() if name != "workers"}  # local runs give workers=0 themselves
+FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4)
 
 
 @pytest.fixture
-def folder(image_folders):
-    root = image_folders("data", per_class=6, splits={"train": 5, "val": 2})
+def folder(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=6, splits={"train": 5, "val": 2})
     (root / "val/bees/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return root
 

@@ -128,11 +128,15 @@ def test_ctrl_c_stops_the_server_and_says_what_it_kept(made, tmp_path):
         assert lines == [f"featx serve: stopped after answering the requests in flight ({said})"]
 
 
-def test_a_finetune_run_folder_is_refused_at_start_up(tmp_path, cli):
+def test_a_finetune_run_folder_is_refused_at_start_up(tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "model.pt").write_bytes(b"weights")
-    out = cli("serve", run, "--port", "0")
+    out = CliRunner().invoke(main, ["serve", str(run), "--port", "0"])
     assert out.exit_code == 2 and out.stderr.count("\n") == 1
     assert f"HEAD_DIR {run}: a featx finetune run, not a head folder" in out.stderr

@@ -10,6 +10,7 @@ import featx.tuning as tuning
 from featx import extract, open_store
 from featx.errors import FeatxError
 from featx.tuning import Costs, decide, tune
+from imagegen import make_image_folder
 from cli_support import invoke as run
 
 SETTING = {"backbone": "resnet18", "taps": ["flatten"], "crop": 32, "resize": 36, "precision": "fp32", "device": "cpu"}
@@ -170,8 +171,8 @@ def test_cache_folder_follows_xdg(monkeypatch, tmp_path):
 # -- featx extract ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def folder(image_folders):
-    return image_folders("data", per_class=tuning.PROBE_RUN // 2)
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=tuning.PROBE_RUN // 2)
 
 
 def test_extract_reports_and_records_the_choice(folder, tmp_path, cache):
