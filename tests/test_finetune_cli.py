@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from featx.store import open_store
-from featx.finetuning.options import FinetuneOptions
-from cli_support import featx as featx_process, invoke as featx
+from cli_support import invoke as featx
 from finetune_support import digest
 from imagegen import make_image_folder
-from options_support import FINETUNE, cli_args
 
-FAST = (*cli_args({name: value for name, value in FINETUNE.items() if name != "weights"}, FinetuneOptions), "-q")
+FAST = ("-b", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "3", "--workers", "0", "--precision",
+        "fp32", "--device", "cpu", "-q")
 FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "last.pt", "curves.png")
 
 
@@ -192,7 +193,8 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_nothing(trained, tmp_pat
 
 def _interrupt(args, after: str) -> tuple[int, str]:
     """Run `featx finetune ARGS`, send SIGINT once a stderr line contains `after`; (exit status, stderr)."""
-    proc = featx_process("finetune", *args, wait=False)
+    proc = subprocess.Popen([sys.executable, "-m", "featx", "finetune", *map(str, args)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -214,15 +216,16 @@ def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(trained, tmp_p
     assert err.strip().splitlines()[-1] == (f"featx: interrupted: {run} keeps 1 completed epoch; continue with: "
                                             f"featx finetune --resume {run}")
     assert {p.name for p in run.iterdir()} == set(FILES)
-    resumed = featx_process("finetune", "--resume", run, "--workers", "0", "-q", timeout=300)
+    resumed = subprocess.run([sys.executable, "-m", "featx", "finetune", "--resume", str(run), "--workers", "0", "-q"],
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {run} after epoch 1/3" in resumed.stderr and "3 epochs in " in resumed.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and set(FILES) == {p.name for p in run.iterdir()}
 
 
 @pytest.mark.slow
-def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(tmp_path, image_folders):
-    data = image_folders("data", per_class=24, size=(48, 48))
+def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=24, size=(48, 48))
     run = tmp_path / "runs" / "first"
     # the signal comes as the loader starts its worker: held back during the fork, then delivered
     code, err = _interrupt([data, "-b", "resnet18", "-w", "none", "--image-size", "48", "--batch-size", "2",
