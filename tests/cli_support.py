@@ -12,7 +12,7 @@ def invoke(*args, env: dict | None = None):
     """`featx ARGS` in this process (click's CliRunner); arguments may be paths or numbers, `env` sets variables."""
     from featx.cli import main
 
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, prog_name="featx")
 
 
 def featx(*args, wait: bool = True, env: dict | None = None, launcher: list | None = None, cwd=None,

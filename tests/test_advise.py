@@ -8,7 +8,6 @@ import numpy as np
 
 from featx.advice import recommend
 from featx.store import write_store
-from imagegen import make_image, make_image_folder
 from cli_support import invoke as run
 
 TAPS = ["layer2", "layer3", "flatten"]
@@ -63,8 +62,8 @@ def test_large_dissimilar_data_gives_finetuning(tmp_path):
     assert full.recommendation.seconds == COSTS["train_seconds_per_image"] * 2000 * 3 * 10
 
 
-def test_cli_json_schema_and_saved_advice(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=6)
+def test_cli_json_schema_and_saved_advice(tmp_path, image_folders):
+    data = image_folders("data", classes=("ants", "bees"), per_class=6)
     store = tmp_path / "adv.h5"
     out = run("advise", data, "-b", "resnet18", "-w", "none", "--image-size", "32", "--budget-seconds", "120",
               "-o", store, "--json")
@@ -90,15 +89,14 @@ def test_finetune_commands_keep_the_image_size(tmp_path):
     assert "--image-size" not in recommend(store, per_class_full=2000, costs=COSTS).recommendation.command
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, image_folders, images):
     flat = tmp_path / "flat"
-    for i in range(4):
-        make_image(flat / f"{i}.png", 0, i)
-    few = make_image_folder(tmp_path / "few", classes=("ants", "bees"), per_class=3)
+    images("flat", 4, cls=0)
+    few = image_folders("few", classes=("ants", "bees"), per_class=3)
     for p in (few / "bees").iterdir():
         if p.name != "bees_000.png":
             p.unlink()
-    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=3)
+    data = image_folders("data", classes=("ants", "bees"), per_class=3)
     cases = [
         ((flat,), "no labelled images"),
         ((few,), "bees (1)"),
@@ -143,14 +141,14 @@ def test_unscaled_rows_are_advised_when_standardising_hurts(tmp_path):
     assert rec.normalize == "standard" and "--normalize" not in rec.command
 
 
-def test_the_advice_store_holds_exactly_the_images_measured(tmp_path):
+def test_the_advice_store_holds_exactly_the_images_measured(tmp_path, image_folders):
     """The learning curves read every row of the store, so rows of other data (an earlier subset, another folder)
     go, and the summary line says so."""
     from featx.extraction import extract
     from featx.store import open_store
 
-    data = make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=6)
-    other = make_image_folder(tmp_path / "other", classes=("ants", "bees"), per_class=2, seed=7)
+    data = image_folders("data", classes=("ants", "bees"), per_class=6)
+    other = image_folders("other", classes=("ants", "bees"), per_class=2, seed=7)
     store = tmp_path / "adv.h5"
     extract(other, store, backbone="resnet18", weights="none", image_size=32, taps=TAPS, workers=0)
     out = run("advise", data, "-b", "resnet18", "-w", "none", "--image-size", "32", "--budget-seconds", "120",

@@ -5,18 +5,14 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 
-from featx.cli import main
 from cli_support import invoke as run
-from imagegen import make_image_folder
-
-FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
+from options_support import EXTRACT_ARGS as FAST
 
 
 @pytest.fixture
-def folder(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=3)
+def folder(image_folder):
+    return image_folder
 
 
 def test_extract_info_round_trip(folder, tmp_path):
@@ -129,16 +125,16 @@ def test_help_and_info_do_not_import_torch(tmp_path):
     (["-w", "none", "extract"], "-w"),
 ])
 def test_usage_mistakes_are_one_line_naming_the_option(args, names):
-    result = CliRunner().invoke(main, args, prog_name="featx")
+    result = run(*args)
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and names in result.output and "Usage:" not in result.output
     assert result.output.startswith("featx: error: ") and "(see featx" in result.output
 
 
-def test_second_data_adds_its_rows_and_prune_mirrors_one(folder, tmp_path):
+def test_second_data_adds_its_rows_and_prune_mirrors_one(folder, tmp_path, image_folders):
     """Extracting another folder into a store keeps the first folder's rows and says so; --prune drops them."""
     out = tmp_path / "s.h5"
-    other = make_image_folder(tmp_path / "other", classes=("cats", "dogs"), per_class=2, seed=5)
+    other = image_folders("other", classes=("cats", "dogs"), per_class=2, seed=5)
     run("extract", folder, "-o", out, *FAST)
     added = run("extract", other, "-o", out, *FAST)
     assert added.exit_code == 0, added.output
@@ -155,8 +151,8 @@ def test_second_data_adds_its_rows_and_prune_mirrors_one(folder, tmp_path):
     assert json.loads(run("info", out, "--json").output)["roots"] == {str(other.resolve()): 4}
 
 
-def test_dropping_many_rows_of_gone_files_needs_prune(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=8)
+def test_dropping_many_rows_of_gone_files_needs_prune(tmp_path, image_folders):
+    data = image_folders("data", per_class=8)
     out = tmp_path / "s.h5"
     run("extract", data, "-o", out, *FAST)
     for victim in sorted((data / "ants").iterdir())[:3]:
@@ -226,7 +222,7 @@ def test_a_fixed_size_model_names_its_size(folder, tmp_path):
 
 
 def test_featx_alone_shows_the_help():
-    result = CliRunner().invoke(main, [], prog_name="featx")
+    result = run()
     assert "Usage: featx [OPTIONS] COMMAND" in result.output and "featx: error" not in result.output
 
 
@@ -261,15 +257,11 @@ def test_links_that_loop_and_missing_csv_files_are_failed_rows(folder, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_reported_inputs_as_real_processes(folder, tmp_path):
+def test_the_reported_inputs_as_real_processes(folder, tmp_path, featx_run):
     """A file link looping to itself is a failed row; --image-size 100000 is one line before anything exists;
     featx's own unknown option is the same one-line format."""
-    import subprocess
-    import sys
-
     def featx(*args):
-        return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=300)
+        return featx_run(*args, cwd=tmp_path, timeout=300)
 
     os.symlink("self.png", folder / "bees" / "self.png")
     done = featx("extract", folder, "-o", "s.h5", *FAST)

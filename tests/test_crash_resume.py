@@ -11,10 +11,9 @@ import pytest
 
 from featx.store import open_store
 from cli_support import featx
-from imagegen import make_image_folder
+from options_support import EXTRACT, cli_args
 
-ARGS = ["-b", "resnet18", "-w", "none", "--image-size", "64", "--batch-size", "4", "--workers", "0", "-q",
-        "-l", "layer3", "-l", "avgpool"]
+ARGS = [*cli_args(dict(EXTRACT, image_size=64, taps=["layer3", "avgpool"])), "-q"]
 
 
 def _wait_for_segments(parts: Path, count: int, proc, timeout=120.0) -> None:
@@ -27,8 +26,8 @@ def _wait_for_segments(parts: Path, count: int, proc, timeout=120.0) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=40, size=(80, 60))
+def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path, image_folders):
+    data = image_folders("data", classes=("a", "b", "c"), per_class=40, size=(80, 60))
     clean, crashed = tmp_path / "clean.h5", tmp_path / "crashed.h5"
     assert featx("extract", data, "-o", clean, *ARGS).returncode == 0
 
@@ -50,8 +49,8 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_writer_is_refused_while_first_completes(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=30, size=(80, 60))
+def test_second_writer_is_refused_while_first_completes(tmp_path, image_folders):
+    data = image_folders("data", per_class=30, size=(80, 60))
     out = tmp_path / "s.h5"
     first = featx("extract", data, "-o", out, *ARGS, wait=False)
     _wait_for_segments(out.with_name("s.h5.parts"), 1, first)

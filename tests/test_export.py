@@ -11,12 +11,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.exporter import STAGING, export
 from featx.store import Store, open_store, write_store
+from cli_support import invoke
 from readonly import read_only
 from test_store_readers import make_store
 
@@ -30,7 +29,7 @@ def store(tmp_path):
 
 
 def featx(*words):
-    result = CliRunner().invoke(main, [str(w) for w in words], prog_name="featx")
+    result = invoke(*words)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result
 

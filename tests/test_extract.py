@@ -13,14 +13,13 @@ from featx.errors import FeatxError
 from featx.extract_request import extract_options_from_config
 from featx.extraction import extract
 from featx.store import open_store
-from imagegen import make_image, make_image_folder
-
-FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0)
+from imagegen import make_image
+from options_support import EXTRACT as FAST
 
 
 @pytest.fixture
-def folder(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=3, splits={"train": 3, "val": 2})
+def folder(image_folders):
+    return image_folders("data", per_class=3, splits={"train": 3, "val": 2})
 
 
 def test_one_tap_given_as_a_string_is_that_tap(folder, tmp_path):
@@ -102,11 +101,11 @@ def test_rerun_computes_only_new_changed_and_drops_removed(folder, tmp_path):
     assert not (tmp_path / "s.h5.parts").exists()
 
 
-def test_cached_rows_equal_fresh_run(folder, tmp_path):
+def test_cached_rows_equal_fresh_run(folder, tmp_path, image_folders):
     extract(folder, tmp_path / "a.h5", **FAST)
     shutil.rmtree(folder / "val")
     extract(folder, tmp_path / "b.h5", **FAST)
-    make_image_folder(tmp_path / "data", per_class=3, splits={"train": 3, "val": 2})
+    image_folders("data", per_class=3, splits={"train": 3, "val": 2})
     extract(folder, tmp_path / "b.h5", **FAST)
     with open_store(tmp_path / "a.h5") as a, open_store(tmp_path / "b.h5") as b:
         assert list(a.paths) == list(b.paths)
@@ -165,8 +164,8 @@ def test_float16_storage_and_options_round_trip(folder, tmp_path):
     assert again.n_computed == 0
 
 
-def test_csv_regression_and_unlabelled_list(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=3)
+def test_csv_regression_and_unlabelled_list(tmp_path, image_folder):
+    data = image_folder
     files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
     (data / "targets.csv").write_text("path,label\n" + "".join(f"{f},{i * 0.5}\n" for i, f in enumerate(files)))
     extract(data / "targets.csv", tmp_path / "r.h5", **FAST)
@@ -230,9 +229,9 @@ def test_api_names_stay_functions_after_their_submodules_load(first):
 
 
 @pytest.mark.slow
-def test_compiled_extractor_gives_the_eager_rows_and_pads_the_last_batch(tmp_path):
+def test_compiled_extractor_gives_the_eager_rows_and_pads_the_last_batch(tmp_path, image_folders):
     """--compile: the same rows as eager (to float tolerance), a short last batch included, one compile."""
-    data = make_image_folder(tmp_path / "data", per_class=5)
+    data = image_folders("data", per_class=5)
     opts = dict(backbone="resnet18", weights="none", taps=["layer3", "avgpool"], image_size=32, batch_size=4,
                 workers=0, precision="fp32", device="cpu")
     eager = extract(str(data), tmp_path / "eager.h5", **opts)
@@ -244,12 +243,12 @@ def test_compiled_extractor_gives_the_eager_rows_and_pads_the_last_batch(tmp_pat
             np.testing.assert_allclose(b.features(tap), a.features(tap), rtol=1e-3, atol=1e-4)
 
 
-def test_an_unreadable_subfolder_is_one_line_and_its_rows_stay(tmp_path, monkeypatch):
+def test_an_unreadable_subfolder_is_one_line_and_its_rows_stay(tmp_path, monkeypatch, image_folder):
     """A folder that cannot be listed (chmod 000, a failing mount) is left out with one line, its rows are kept,
     and --on-error fail refuses the run before anything is written; no unchanged-rerun shortcut hides it."""
     import os
 
-    data = make_image_folder(tmp_path / "data", per_class=3)
+    data = image_folder
     out = tmp_path / "s.h5"
     extract(data, out, **FAST)
     with open_store(out) as store:

@@ -32,10 +32,10 @@ from featx.sources import decode_image
 
 from finetune_support import digest
 from imagegen import make_image_folder
+from options_support import FINETUNE as FAST, HEAD_EXTRACT
 
-SIZE = 16  # px: resnet18 and mobilenet_v3_small run on it
-FAST = dict(backbone="mobilenet_v3_small", weights="none", image_size=SIZE, batch_size=3, workers=0,
-            precision="fp32", device="cpu")
+SIZE = FAST["image_size"]  # px: resnet18 and mobilenet_v3_small run on it
+PROBE_EXTRACT = dict(HEAD_EXTRACT, image_size=SIZE, device="cpu")
 COMPARED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "backbone_lr", "skipped_images")
 
 
@@ -133,9 +133,9 @@ def test_training_leaves_frozen_parameters_and_frozen_bn_statistics_unchanged(da
         assert torch.equal(after[key], before[key]) != train_bn, key  # batch 3: every layer's stay fixed
 
 
-def test_batches_of_16_images_update_the_statistics_of_trained_layers(partial_weights, tmp_path):
+def test_batches_of_16_images_update_the_statistics_of_trained_layers(partial_weights, tmp_path, image_folders):
     path, _ = partial_weights
-    data = make_image_folder(tmp_path / "data", per_class=10, size=(20, 20))  # 16 to train on: one batch of 16
+    data = image_folders("data", per_class=10, size=(20, 20))  # 16 to train on: one batch of 16
     lines = []
     finetune(data, tmp_path / "run", **{**FAST, "backbone": "resnet18", "weights": str(path), "batch_size": 16},
              freeze="loaded", epochs=1, lr=0.05, log=lines.append)
@@ -214,8 +214,7 @@ def probe(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("probe")
     folder = make_image_folder(root / "data", classes=("ants", "bees", "wasps"), per_class=4, size=(20, 20))
-    extract(str(folder), root / "store.h5", backbone="resnet18", weights="none", taps=["avgpool"], image_size=SIZE,
-            workers=0, precision="fp32", device="cpu")
+    extract(str(folder), root / "store.h5", **PROBE_EXTRACT)
     fit_head(root / "store.h5", "avgpool", root / "head", grid="1.0", n_jobs=1, plots=False)
     return folder, root / "store.h5", root / "head"
 
@@ -250,15 +249,14 @@ def test_a_finetune_from_a_probe_says_batch_norm_stays_fixed(probe, tmp_path, mo
     assert "BatchNorm statistics stay fixed: the head starts from a probe (--train-bn updates them)" in lines
 
 
-def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe):
+def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe, image_folders):
     """A binary logistic head has one score s: the new head's logits (-s/2, s/2) give softmax = sigmoid(s)."""
     from featx.extraction import extract
     from featx.heads import fit_head, load_head
     from featx.store import open_store
 
-    folder = make_image_folder(tmp_path / "data", per_class=4, size=(20, 20))
-    extract(str(folder), tmp_path / "s.h5", backbone="resnet18", weights="none", taps=["avgpool"], image_size=SIZE,
-            workers=0, precision="fp32", device="cpu")
+    folder = image_folders("data", per_class=4, size=(20, 20))
+    extract(str(folder), tmp_path / "s.h5", **PROBE_EXTRACT)
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid="1.0", n_jobs=1, plots=False)
     bb = load_backbone("resnet18", "none")
     model, head = build_model(bb, ["ants", "bees"], "linear", SIZE, init_head=tmp_path / "head")

@@ -16,8 +16,9 @@ from featx.errors import FeatxError
 from cli_support import invoke as run
 from heads_support import blob_store
 from imagegen import make_image_folder
+from options_support import HEAD_EXTRACT
 
-EXTRACT = dict(taps=["avgpool"], image_size=32, workers=0, precision="fp32")
+EXTRACT = {name: value for name, value in HEAD_EXTRACT.items() if name not in ("backbone", "weights")}  # per test
 
 
 def random_weights(path, seed: int, featx_meta: dict | None = None, num_classes: int = 1000):
@@ -112,7 +113,7 @@ def test_serve_takes_moved_weights_files(moved):
 FINETUNED = {"backbone": "resnet18", "num_classes": 2, "classes": ["ants", "bees"], "head": "linear"}
 
 
-def test_a_featx_weights_file_names_its_backbone(tmp_path):
+def test_a_featx_weights_file_names_its_backbone(tmp_path, image_folders):
     model_pt = random_weights(tmp_path / "model.pt", seed=3, featx_meta=FINETUNED, num_classes=2)
     bb = load_backbone(None, str(model_pt))
     assert bb.name == "resnet18" and bb.model.fc.out_features == 2
@@ -121,7 +122,7 @@ def test_a_featx_weights_file_names_its_backbone(tmp_path):
     plain = random_weights(tmp_path / "plain.pth", seed=3, num_classes=2)
     assert load_backbone(None, "none").name == "resnet50"  # the default when nothing names one
 
-    data = make_image_folder(tmp_path / "data", per_class=2)
+    data = image_folders("data", per_class=2)
     result = featx.extract(data, tmp_path / "s.h5", weights=str(model_pt), **EXTRACT)
     assert result.config["backbone"] == "resnet18"
     again = featx.extract(data, tmp_path / "s.h5", weights=str(model_pt), **EXTRACT)

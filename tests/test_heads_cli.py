@@ -14,7 +14,6 @@ from featx.errors import FeatxError
 from featx.heads import predict
 from cli_support import invoke as run
 from heads_support import blob_store, write_rows
-from imagegen import make_image_folder
 
 
 def test_fit_predict_evaluate_commands(tmp_path):
@@ -71,10 +70,10 @@ def test_wrong_kind_of_path_is_one_line_naming_the_option(tmp_path, args, messag
     assert message.format(d=tmp_path) in result.output and result.output.count("\n") == 1, result.output
 
 
-def test_predict_on_images_equals_predict_on_the_store(tmp_path):
+def test_predict_on_images_equals_predict_on_the_store(tmp_path, image_folders):
     from featx.extraction import extract
 
-    data = make_image_folder(tmp_path / "data", classes=("ants", "bees", "wasps"), per_class=5)
+    data = image_folders("data", classes=("ants", "bees", "wasps"), per_class=5)
     extract(data, tmp_path / "s.h5", backbone="resnet18", weights="none", taps=["layer3", "avgpool"],
             image_size=32, batch_size=8, workers=0)
     head = fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
@@ -90,16 +89,16 @@ def test_predict_on_images_equals_predict_on_the_store(tmp_path):
     assert out.stdout.splitlines()[1].split(",")[:2] == [on_store.names[0], on_store.predicted[0]]
 
 
-def test_predict_on_images_refuses_other_weights(tmp_path):
+def test_predict_on_images_refuses_other_weights(tmp_path, image_folders):
     blob_store(tmp_path / "s.h5")  # its config claims weights sha256 'aaaa...' for resnet18 / none
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, plots=False)
-    data = make_image_folder(tmp_path / "data", per_class=2)
+    data = image_folders("data", per_class=2)
     with pytest.raises(FeatxError, match=r"weights none have sha256 .*, but the head was trained on features of "
                                          r"weights with sha256 aaaaaaaaaaaaaaaa"):
         predict(tmp_path / "head", data, workers=0)
 
 
-def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
+def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path, image_folders):
     import torch
     import torchvision
 
@@ -108,7 +107,7 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
     weights = tmp_path / "w.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    data = make_image_folder(tmp_path / "data", per_class=3)
+    data = image_folders("data", per_class=3)
     extract(data, tmp_path / "s.h5", backbone="resnet18", weights=str(weights), taps=["avgpool"], image_size=32,
             workers=0)
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
@@ -120,21 +119,21 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path):
 
 
 @pytest.fixture
-def trained(tmp_path):
+def trained(tmp_path, image_folders):
     """A labelled folder, its store and a head fitted on it (resnet18 -w none at 32 px)."""
     from featx.extraction import extract
 
-    data = make_image_folder(tmp_path / "data", per_class=4, splits={"train": 3, "val": 2})
+    data = image_folders("data", per_class=4, splits={"train": 3, "val": 2})
     extract(data, tmp_path / "train.h5", backbone="resnet18", weights="none", image_size=32, workers=0)
     fit_head(tmp_path / "train.h5", None, tmp_path / "head", grid=1.0, val_split=0, plots=False)
     return data, tmp_path / "train.h5", tmp_path / "head"
 
 
-def test_predict_into_a_training_store_only_adds_rows(trained, tmp_path):
+def test_predict_into_a_training_store_only_adds_rows(trained, tmp_path, image_folders):
     from featx.store import open_store
 
     data, store, head = trained
-    few = make_image_folder(tmp_path / "few", classes=("ants",), per_class=3, seed=9)
+    few = image_folders("few", classes=("ants",), per_class=3, seed=9)
     result = run("predict", head, few, "--store", store, "--workers", "0", "-q")
     assert result.exit_code == 0, result.output
     assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["ants/ants_000.png", "ants/ants_001.png",
@@ -146,10 +145,10 @@ def test_predict_into_a_training_store_only_adds_rows(trained, tmp_path):
         assert (st.labels >= 0).sum() == 13 and list(st.splits).count("train") == 6
 
 
-def test_the_heads_cache_keeps_every_folder_predicted(trained, tmp_path):
+def test_the_heads_cache_keeps_every_folder_predicted(trained, tmp_path, image_folders):
     data, _, head = trained
-    few = make_image_folder(tmp_path / "few", classes=("ants",), per_class=2, seed=3)
-    other = make_image_folder(tmp_path / "other", classes=("bees",), per_class=2, seed=4)
+    few = image_folders("few", classes=("ants",), per_class=2, seed=3)
+    other = image_folders("other", classes=("bees",), per_class=2, seed=4)
     lines = []
     for folder in (few, other, few, other):
         predicted = predict(head, folder, workers=0, log=lines.append)
@@ -160,20 +159,20 @@ def test_the_heads_cache_keeps_every_folder_predicted(trained, tmp_path):
     assert "(already up to date)" in cache[3]
 
 
-def test_the_heads_cache_is_bounded_oldest_folders_first(trained, tmp_path, monkeypatch):
+def test_the_heads_cache_is_bounded_oldest_folders_first(trained, tmp_path, monkeypatch, image_folders):
     from featx.heads import prediction
     from featx.store import open_store
 
     data, _, head = trained
     monkeypatch.setattr(prediction, "HEAD_CACHE_BYTES", 5 * 512 * 4)  # five rows of 512 float32
-    folders = [make_image_folder(tmp_path / f"f{i}", classes=("ants",), per_class=2, seed=10 + i) for i in range(3)]
+    folders = [image_folders(f"f{i}", classes=("ants",), per_class=2, seed=10 + i) for i in range(3)]
     for folder in folders:
         predict(head, folder, workers=0)
     cache = next((head / "cache").glob("*.h5"))
     with open_store(cache) as st:  # f0's first row went to make room; f2's rows, the call's own, all stay
         assert st.root_counts() == {str(folders[0].resolve()): 1, str(folders[1].resolve()): 2,
                                     str(folders[2].resolve()): 2}
-    big = make_image_folder(tmp_path / "big", classes=("ants",), per_class=7, seed=20)
+    big = image_folders("big", classes=("ants",), per_class=7, seed=20)
     assert len(predict(head, big, workers=0)) == 7  # more than the bound alone: the call's rows all stay
     with open_store(cache) as st:
         assert st.root_counts() == {str(big.resolve()): 7}

@@ -192,12 +192,8 @@ def test_plots_are_written(tmp_path):
         assert (tmp_path / "head" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rows_larger_than_memory_are_one_line_pointing_to_sgd(tmp_path, monkeypatch):
+def test_rows_larger_than_memory_are_one_line_pointing_to_sgd(tmp_path, monkeypatch, cli):
     """An in-memory head on a tap that does not fit: the store, the tap, the bytes and --head sgd, no traceback."""
-    from click.testing import CliRunner
-
-    from featx.cli import main
-
     X, _ = blob_store(tmp_path / "s.h5")  # 72 'train' rows x 8 features
     real_empty = np.empty
 
@@ -208,35 +204,32 @@ def test_rows_larger_than_memory_are_one_line_pointing_to_sgd(tmp_path, monkeypa
 
     monkeypatch.setattr(np, "empty", empty)
     args = ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head"), "--no-plots"]
-    result = CliRunner().invoke(main, args)
+    result = cli(*args)
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output == (f"featx: error: {tmp_path / 's.h5'}: tap 'avgpool' does not fit in memory (72 rows x 8 "
                              "float32 features need 2,304 bytes, 0.0 GB): use --head sgd, which streams the store "
                              "in chunks\n")
-    streamed = CliRunner().invoke(main, [*args, "--head", "sgd", "--grid", "1"])
+    streamed = cli(*args, "--head", "sgd", "--grid", "1")
     assert streamed.exit_code == 0, streamed.output
 
 
 @pytest.mark.parametrize("solver", ["sklearn", "torch"])
-def test_rows_beyond_available_memory_are_refused_before_allocating(tmp_path, monkeypatch, solver):
+def test_rows_beyond_available_memory_are_refused_before_allocating(tmp_path, monkeypatch, solver, cli):
     """When the training rows need more than the memory this process can still get, fit-head's in-memory paths
     refuse in one line before allocating them (a large allocation would succeed and the kernel would kill the
     process later); --head sgd streams and fits."""
-    from click.testing import CliRunner
-
     import featx.heads.data as data
-    from featx.cli import main
 
     blob_store(tmp_path / "s.h5")  # 72 'train' rows x 8 features: 2,304 bytes
     monkeypatch.setattr(data, "available_memory", lambda: 2000)
     args = ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head"), "--no-plots"]
-    result = CliRunner().invoke(main, [*args, "--solver", solver])
+    result = cli(*args, "--solver", solver)
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output == (f"featx: error: {tmp_path / 's.h5'}: tap 'avgpool' does not fit in memory (72 rows x 8 "
                              "float32 features need 2,304 bytes, 0.0 GB, 0.0 GB available): use --head sgd, which "
                              "streams the store in chunks\n")
     assert not (tmp_path / "head").exists()
-    streamed = CliRunner().invoke(main, [*args, "--head", "sgd", "--grid", "1"])
+    streamed = cli(*args, "--head", "sgd", "--grid", "1")
     assert streamed.exit_code == 0, streamed.output
 
 
@@ -283,11 +276,8 @@ def test_streamed_head_holds_a_bounded_number_of_row_bytes(tmp_path, monkeypatch
     assert peaks["logistic", 6000] - peaks["logistic", 1000] > more_rows * 0.8
 
 
-def test_running_out_of_memory_during_the_fit_is_one_line(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
+def test_running_out_of_memory_during_the_fit_is_one_line(tmp_path, monkeypatch, cli):
     import featx.heads.cv as cv
-    from featx.cli import main
 
     blob_store(tmp_path / "s.h5")
 
@@ -295,7 +285,7 @@ def test_running_out_of_memory_during_the_fit_is_one_line(tmp_path, monkeypatch)
         raise MemoryError("Unable to allocate 64.0 MiB for an array with shape (13107, 1280) and data type float32")
 
     monkeypatch.setattr(cv, "search", exhausted)
-    result = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "-o", str(tmp_path / "head")])
+    result = cli("fit-head", tmp_path / "s.h5", "-l", "avgpool", "-o", tmp_path / "head")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"featx: error: {tmp_path / 's.h5'}: out of memory while fitting the head (")
     assert result.output.endswith("GB available): --head sgd streams the rows, --chunk-rows rows at a time\n")

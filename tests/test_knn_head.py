@@ -6,10 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import featx
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.heads.knn import KNNHead
 from featx.heads.search import knn_votes
@@ -80,19 +78,18 @@ def test_a_random_labelling_is_not_learnt(tmp_path):
     assert head.metrics["accuracy"] < 0.7
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, cli):
     blob_store(tmp_path / "s.h5", n=90, d=8, k=3)
-    answer = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "--head", "knn",
-                                       "--neighbors", "5", "--temperature", "0.5", "-o", str(tmp_path / "h"),
-                                       "--no-plots", "--json", "--jobs", "1"])
+    answer = cli("fit-head", tmp_path / "s.h5", "-l", "avgpool", "--head", "knn", "--neighbors", "5",
+                 "--temperature", "0.5", "-o", tmp_path / "h", "--no-plots", "--json", "--jobs", "1")
     assert answer.exit_code == 0, answer.output
     metrics = json.loads(answer.output)
     assert metrics["neighbors"] == 5 and metrics["temperature"] == 0.5 and metrics["accuracy"] == 1.0
-    table = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "--head", "knn",
-                                      "-o", str(tmp_path / "h2"), "--no-plots", "--jobs", "1"])
+    table = cli("fit-head", tmp_path / "s.h5", "-l", "avgpool", "--head", "knn", "-o", tmp_path / "h2", "--no-plots",
+                "--jobs", "1")
     assert "k-NN       k 20, temperature 0.07" in table.output
-    refused = CliRunner().invoke(main, ["fit-head", str(tmp_path / "s.h5"), "-l", "avgpool", "--head", "knn",
-                                        "--grid", "0.1:10", "-o", str(tmp_path / "h3")])
+    refused = cli("fit-head", tmp_path / "s.h5", "-l", "avgpool", "--head", "knn", "--grid", "0.1:10", "-o",
+                  tmp_path / "h3")
     assert refused.exit_code == 2 and "has no C to search" in refused.output
 
 

@@ -16,8 +16,7 @@ from featx.heads.neighbors import duplicates, neighbors
 from heads_support import blob_store, write_rows
 from imagegen import make_image_folder
 from cli_support import invoke as run
-
-EXTRACT = dict(backbone="resnet18", weights="none", taps=["avgpool"], image_size=32, workers=0, precision="fp32")
+from options_support import HEAD_EXTRACT as EXTRACT
 
 
 def brute_force(Q, X, k, exclude):

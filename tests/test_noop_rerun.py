@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from featx.extract_request import EXTRACT_DEFAULTS, FORCING, NOT_IDENTITY, describe
-from imagegen import make_image, make_image_folder
+from imagegen import make_image
+from options_support import EXTRACT_ARGS
 
-FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
+FAST = [*EXTRACT_ARGS, "--json"]
 # Runs the CLI in a fresh interpreter and reports, after it, whether torch (and scikit-learn) were imported.
 PROBE = (
     "import sys, json\n"
@@ -42,8 +43,8 @@ def listing(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def made(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=3)
+def made(image_folder, tmp_path):
+    data = image_folder
     out = tmp_path / "out" / "s.h5"
     result, probe, _ = featx("extract", data, "-o", out, *FAST)
     assert probe == {"torch": True, "code": 0} and result["computed"] == 6
@@ -62,9 +63,9 @@ def test_unchanged_rerun_imports_no_torch_and_leaves_nothing(made):
     assert f"6 images in {out} " in text and "(already up to date): 0 computed, 6 reused, 0 dropped, 0 failed" in text
 
 
-def test_a_store_of_two_data_answers_either_rerun_before_importing_torch(made, tmp_path):
+def test_a_store_of_two_data_answers_either_rerun_before_importing_torch(made, tmp_path, image_folders):
     data, out = made
-    other = make_image_folder(tmp_path / "other", classes=("cats",), per_class=2, seed=4)
+    other = image_folders("other", classes=("cats",), per_class=2, seed=4)
     added, probe, _ = featx("extract", other, "-o", out, *FAST)
     assert probe["torch"] is True and (added["computed"], added["other_data"]) == (2, {str(data.resolve()): 6})
     for folder, items in ((data, 6), (other, 2), (data, 6)):
@@ -124,11 +125,11 @@ def test_overwrite_runs_for_real(made):
     assert probe["torch"] is True and result["computed"] == 6
 
 
-def test_changed_weights_file_runs_for_real(tmp_path):
+def test_changed_weights_file_runs_for_real(tmp_path, image_folders):
     torch = pytest.importorskip("torch")
     import torchvision
 
-    data = make_image_folder(tmp_path / "data", per_class=2)
+    data = image_folders("data", per_class=2)
     weights = tmp_path / "w.pth"
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18().state_dict(), weights)

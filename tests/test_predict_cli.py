@@ -17,8 +17,7 @@ from heads_support import blob_store, every_fifth_val, write_rows
 from imagegen import make_image, make_image_folder
 from readonly import read_only
 from cli_support import featx as featx_cli, invoke as run
-
-EXTRACT = dict(backbone="resnet18", weights="none", taps=["avgpool"], image_size=32, workers=0, precision="fp32")
+from options_support import HEAD_EXTRACT as EXTRACT
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,10 @@ def fitted(tmp_path_factory):
 # image files as DATA
 
 
-def test_image_files_are_sources_alone_or_together(tmp_path, monkeypatch):
+def test_image_files_are_sources_alone_or_together(tmp_path, monkeypatch, image_folders):
     one = make_image(tmp_path / "few" / "a.JPG", 0, 1, fmt="JPEG")
     two = make_image(tmp_path / "b.png", 1, 2)
-    folder = make_image_folder(tmp_path / "data", per_class=2)
+    folder = image_folders("data", per_class=2)
     single = load_source(one)
     assert (single.task, single.root, [i.relpath for i in single.items]) == ("unlabelled", str(one.parent), ["a.JPG"])
     monkeypatch.chdir(tmp_path)

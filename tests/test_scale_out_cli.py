@@ -5,23 +5,22 @@ from __future__ import annotations
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from featx.cli import main
 from featx.extraction import extract
-from imagegen import make_image_folder
+from options_support import EXTRACT, cli_args
 
-FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--workers", "0", "--batch-size", "2", "-q"]
+OPTIONS = dict(EXTRACT, batch_size=2)
+FAST = [*cli_args(OPTIONS), "-q"]
 
 
 @pytest.fixture
-def unfinished(tmp_path):
+def unfinished(tmp_path, image_folders):
     """A folder and a store whose run stopped at a broken file: committed segments, nothing sealed."""
-    data = make_image_folder(tmp_path / "data", per_class=4)
+    data = image_folders("data", per_class=4)
     (data / "bees/zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     out = tmp_path / "s.h5"
     with pytest.raises(Exception):
-        extract(data, out, backbone="resnet18", weights="none", image_size=32, workers=0, batch_size=2, on_error="fail")
+        extract(data, out, on_error="fail", **OPTIONS)
     segments = sorted(out.with_name("s.h5.parts").rglob("seg-*.h5"))
     assert segments
     return data, out, segments
@@ -36,7 +35,7 @@ def unfinished(tmp_path):
     (["--num-shards", "2", "--shard-index", "0"], {"WORLD_SIZE": "2", "RANK": "0"}, "--num-shards: not under torchrun"),
     (["--ray-address", "127.0.0.1:1"], {}, "--ray-address: only with --engine ray"),
 ])
-def test_scale_out_mistakes_keep_committed_segments(unfinished, monkeypatch, args, env, expected):
+def test_scale_out_mistakes_keep_committed_segments(unfinished, monkeypatch, args, env, expected, cli):
     import torch
 
     data, out, segments = unfinished
@@ -44,16 +43,16 @@ def test_scale_out_mistakes_keep_committed_segments(unfinished, monkeypatch, arg
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    res = CliRunner().invoke(main, ["extract", str(data), "-o", str(out), *FAST, *args])
+    res = cli("extract", data, "-o", out, *FAST, *args)
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith(f"featx: error: {expected}")
     assert sorted(out.with_name("s.h5.parts").rglob("seg-*.h5")) == segments
 
 
-def test_engine_ray_without_ray_is_one_line(unfinished, monkeypatch):
+def test_engine_ray_without_ray_is_one_line(unfinished, monkeypatch, cli):
     data, out, segments = unfinished
     monkeypatch.setitem(sys.modules, "ray", None)
-    res = CliRunner().invoke(main, ["extract", str(data), "-o", str(out), *FAST, "--engine", "ray"])
+    res = cli("extract", data, "-o", out, *FAST, "--engine", "ray")
     assert res.exit_code == 2 and res.output.strip() == "featx: error: --engine ray: Ray Data is not installed here: pip install 'featx[ray]'"
     assert sorted(out.with_name("s.h5.parts").rglob("seg-*.h5")) == segments

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-from click.testing import CliRunner  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 import featx  # noqa: E402
-from featx.cli import main  # noqa: E402
 from featx.heads import load_head, predict  # noqa: E402
 from featx.serve.app import create_app  # noqa: E402
 from featx.serve.options import ServeOptions  # noqa: E402
@@ -231,11 +229,7 @@ def test_cache_store_answers_without_the_backbone(made, tmp_path):
     assert not cache.with_name("cache.h5.parts").exists()
 
 
-def _serve(*args):
-    return CliRunner().invoke(main, ["serve", *args])
-
-
-def test_start_up_errors_are_one_line(made, tmp_path):
+def test_start_up_errors_are_one_line(made, tmp_path, cli):
     head = str(made[3])
     copy = tmp_path / "x" / "colours"
     shutil.copytree(head, copy)
@@ -255,15 +249,15 @@ def test_start_up_errors_are_one_line(made, tmp_path):
             ([str(tmp_path / "pickled" / "model.joblib")], "is a pickle"),
         ]
         for args, message in cases:
-            result = _serve(*args)
+            result = cli("serve", *args)
             assert result.exit_code == 2, (args, result.output)
             assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_without_the_extra_one_line_names_it(made, monkeypatch):
+def test_without_the_extra_one_line_names_it(made, monkeypatch, cli):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
-    result = _serve(str(made[3]))
+    result = cli("serve", made[3])
     assert result.exit_code == 2 and "pip install 'featx[serve]'" in result.output and "uvicorn" in result.output

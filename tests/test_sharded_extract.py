@@ -16,15 +16,14 @@ from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.store import open_store
 from cli_support import featx
-from imagegen import make_image_folder
+from options_support import EXTRACT as FAST, EXTRACT_ARGS
 
-FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0)
-CLI = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "-q"]
+CLI = [*EXTRACT_ARGS, "-q"]
 
 
 @pytest.fixture
-def folder(tmp_path):
-    root = make_image_folder(tmp_path / "data", per_class=6, splits={"train": 6, "val": 2})
+def folder(image_folders):
+    root = image_folders("data", per_class=6, splits={"train": 6, "val": 2})
     shutil.copy(root / "train/ants/ants_000.png", root / "train/bees/copy_of_ant.png")  # one content, two files
     (root / "val/bees/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return root
@@ -128,8 +127,8 @@ def _rank_pid(segments: Path, proc, timeout=120.0) -> int:
 
 
 @pytest.mark.slow
-def test_killed_rank_then_rerun_completes(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=20, size=(80, 60))
+def test_killed_rank_then_rerun_completes(tmp_path, image_folders):
+    data = image_folders("data", classes=("a", "b"), per_class=20, size=(80, 60))
     args = ["extract", data, "-o", tmp_path / "tr.h5", *CLI, "--image-size", "64", "--batch-size", "2"]
     assert featx(*args[:3], tmp_path / "one.h5", *args[4:]).returncode == 0
     run = featx(*args, launcher=TORCHRUN, wait=False)

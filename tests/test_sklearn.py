@@ -24,8 +24,9 @@ from featx.heads.mlp import MLPHead
 from featx.sklearn import Embedder
 from heads_support import blob_store
 from imagegen import make_image_folder
+from options_support import HEAD_EXTRACT
 
-EMBED = dict(backbone="resnet18", weights="none", image_size=32, workers=0, precision="fp32")
+EMBED = {name: value for name, value in HEAD_EXTRACT.items() if name != "taps"}  # an Embedder takes one tap
 
 
 def failures(results) -> list[str]:

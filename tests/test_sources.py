@@ -202,8 +202,8 @@ def test_missing_path_and_unsupported_type(tmp_path):
 
 
 @pytest.fixture
-def three_images(tmp_path) -> list[Path]:
-    return [make_image(tmp_path / "img" / f"{i}.png", i, i) for i in range(3)]
+def three_images(images) -> list[Path]:
+    return images("img", 3)
 
 
 @pytest.mark.parametrize("header", ["", "path,label\n", "file,label\n"])

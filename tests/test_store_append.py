@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,12 +15,11 @@ from featx import rowfiles, writer
 from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.store import open_store
-from imagegen import make_image, make_image_folder
+from imagegen import make_image
+from options_support import EXTRACT, cli_args
 
-OPTIONS = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4, workers=0, precision="fp32",
-               taps=["layer3", "avgpool"])
-CLI = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision",
-       "fp32", "-l", "layer3", "-l", "avgpool", "-q"]
+OPTIONS = dict(EXTRACT, precision="fp32", taps=["layer3", "avgpool"])
+CLI = [*cli_args(OPTIONS), "-q"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +41,8 @@ def same_as_clean(store: Path, data: Path, tmp_path: Path) -> None:
             np.testing.assert_allclose(plain["features"][tap][...], want["features"][tap][...], rtol=1e-4, atol=1e-5)
 
 
-def test_new_rows_go_to_a_row_file_and_old_rows_are_not_rewritten(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=4)
+def test_new_rows_go_to_a_row_file_and_old_rows_are_not_rewritten(tmp_path, image_folders):
+    data = image_folders("data", per_class=4)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
     first = os.stat(out)
@@ -65,8 +62,8 @@ def test_new_rows_go_to_a_row_file_and_old_rows_are_not_rewritten(tmp_path):
     same_as_clean(out, data, tmp_path)
 
 
-def test_dead_rows_are_compacted_when_worth_it(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=6)
+def test_dead_rows_are_compacted_when_worth_it(tmp_path, image_folders):
+    data = image_folders("data", per_class=6)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
     make_image(data / "ants" / "new.png", 0, 600)
@@ -83,8 +80,8 @@ def test_dead_rows_are_compacted_when_worth_it(tmp_path):
     same_as_clean(out, data, tmp_path)
 
 
-def test_a_missing_row_file_is_one_line(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_a_missing_row_file_is_one_line(tmp_path, image_folders, featx_run):
+    data = image_folders("data", per_class=2)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
     make_image(data / "ants" / "zz.png", 0, 500)
@@ -94,13 +91,12 @@ def test_a_missing_row_file_is_one_line(tmp_path):
     os.rename(out, moved / "s.h5")  # moved without its row folder
     with pytest.raises(FeatxError, match=r"live in .*s\.h5\.rows, which lacks .*: copy or move a store together"):
         open_store(moved / "s.h5")
-    proc = subprocess.run([sys.executable, "-m", "featx", "extract", data, "-o", moved / "s.h5", *CLI],
-                          capture_output=True, text=True, timeout=300)
+    proc = featx_run("extract", data, "-o", moved / "s.h5", *CLI, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_a_reader_keeps_its_row_files_until_it_closes(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=6)
+def test_a_reader_keeps_its_row_files_until_it_closes(tmp_path, image_folders):
+    data = image_folders("data", per_class=6)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
     make_image(data / "ants" / "new.png", 0, 600)
@@ -117,8 +113,8 @@ def test_a_reader_keeps_its_row_files_until_it_closes(tmp_path):
     same_as_clean(out, data, tmp_path)
 
 
-def test_rows_added_by_another_tool_are_one_line_and_change_nothing(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_rows_added_by_another_tool_are_one_line_and_change_nothing(tmp_path, image_folders, featx_run):
+    data = image_folders("data", per_class=2)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
     with h5py.File(out, "r+") as h5:  # another tool appends a row to one dataset
@@ -126,28 +122,26 @@ def test_rows_added_by_another_tool_are_one_line_and_change_nothing(tmp_path):
         del h5["features/avgpool"]
         h5["features"].create_dataset("avgpool", data=np.vstack([rows, rows[:1]]))
     before = out.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "featx", "extract", data, "-o", out, *CLI],
-                          capture_output=True, text=True, timeout=300)
+    proc = featx_run("extract", data, "-o", out, *CLI, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "/features/avgpool has 5 rows" in proc.stderr
     assert out.read_bytes() == before
 
 
 @pytest.mark.slow
-def test_kills_while_appending_lose_nothing(tmp_path):
+def test_kills_while_appending_lose_nothing(tmp_path, image_folders, featx_run):
     """A `featx extract` appending to a store, SIGKILLed at random instants: the store is always the old one or
     the new one, complete, and a final run equals a clean extraction."""
     rng = random.Random(3)
-    data = make_image_folder(tmp_path / "data", per_class=8)
+    data = image_folders("data", per_class=8)
     out = tmp_path / "s.h5"
     extract(data, out, **OPTIONS)
-    env = {**os.environ, "FEATX_APPEND_FROM_BYTES": "0"}
+    env = {"FEATX_APPEND_FROM_BYTES": "0"}
     lengths = {16}
     for round_ in range(6):
         for i in range(3):
             make_image(data / ("ants", "bees")[i % 2] / f"r{round_}-{i}.png", i % 2, 1000 + 10 * round_ + i)
         lengths.add(16 + 3 * (round_ + 1))
-        proc = subprocess.Popen([sys.executable, "-m", "featx", "extract", data, "-o", out, *CLI], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = featx_run("extract", data, "-o", out, *CLI, env=env, wait=False)
         time.sleep(rng.uniform(0.5, 6.0))
         proc.kill()
         proc.wait()
@@ -155,8 +149,7 @@ def test_kills_while_appending_lose_nothing(tmp_path):
             assert len(store) in lengths
             for tap in OPTIONS["taps"]:
                 assert np.isfinite(store.features(tap)).all()
-    final = subprocess.run([sys.executable, "-m", "featx", "extract", data, "-o", out, *CLI], env=env,
-                           capture_output=True, text=True, timeout=300)
+    final = featx_run("extract", data, "-o", out, *CLI, env=env, timeout=300)
     assert final.returncode == 0, final.stderr
     same_as_clean(out, data, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) in (["clean", "data", "s.h5", "s.h5.rows"],

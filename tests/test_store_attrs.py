@@ -6,7 +6,6 @@ import numpy as np
 
 from featx import extract
 from featx.store import SCHEMA_VERSION, open_store
-from imagegen import make_image_folder
 from test_store_readers import make_store
 
 
@@ -34,11 +33,11 @@ def test_write_store_describes_every_dataset(tmp_path):
         assert st.schema == 1 and st.taps == ["avgpool", "layer4"]
 
 
-def test_a_sealed_extract_is_described_and_so_is_its_next_seal(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_a_sealed_extract_is_described_and_so_is_its_next_seal(tmp_path, image_folders):
+    data = image_folders("data", per_class=2)
     fast = dict(backbone="resnet18", weights="none", image_size=32, workers=0, taps=["avgpool"], progress=False)
     extract(data, tmp_path / "s.h5", **fast)
-    make_image_folder(tmp_path / "data", per_class=3, seed=0)  # one new image per class: the store is sealed again
+    image_folders("data", per_class=3, seed=0)  # one new image per class: the store is sealed again
     extract(data, tmp_path / "s.h5", **fast)
     with h5py.File(tmp_path / "s.h5", "r") as h5:
         assert h5["items/key"].shape == (6,)

@@ -10,14 +10,12 @@ import sys
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 from torchvision.models import MobileNet_V3_Small_Weights
 
 from featx.backbones import OFFLINE_ENV, catalog, load_backbone
 from featx.backbones import torchvision as tv_source
-from featx.cli import main
 from featx.errors import FeatxError
-from imagegen import make_image_folder
+from cli_support import invoke
 
 SMALL = "mobilenet_v3_small"
 SMALL_FILE = os.path.basename(MobileNet_V3_Small_Weights.IMAGENET1K_V1.url)  # mobilenet_v3_small-047dcff4.pth
@@ -47,7 +45,7 @@ def package(tmp_path, monkeypatch):
 
 
 def run(*args):
-    result = CliRunner().invoke(main, list(args))
+    result = invoke(*args)
     return result.exit_code, result.output
 
 
@@ -113,8 +111,8 @@ def test_without_the_package_the_error_names_its_install_command(hub, package, m
         load_backbone(SMALL, "IMAGENET1K_V1")
 
 
-def test_a_weights_file_of_another_version_is_one_line(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_a_weights_file_of_another_version_is_one_line(tmp_path, image_folders):
+    data = image_folders("data", per_class=2)
     state = torchvision.models.resnet18().state_dict()
     state["layer4.1.conv2.weight"] = state["layer4.1.conv2.weight"][:, :256]  # another version's shapes
     torch.save(state, tmp_path / "other.pth")
@@ -126,9 +124,9 @@ def test_a_weights_file_of_another_version_is_one_line(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-def test_a_lite_file_of_another_variant_is_one_line(tmp_path):
+def test_a_lite_file_of_another_variant_is_one_line(tmp_path, image_folders):
     timm = pytest.importorskip("timm")
-    data = make_image_folder(tmp_path / "data", per_class=2)
+    data = image_folders("data", per_class=2)
     torch.save(timm.create_model("tf_efficientnet_lite1").state_dict(), tmp_path / "lite1.pth")
     code, out = run("extract", str(data), "-o", str(tmp_path / "s.h5"), "-b", "timm/tf_efficientnet_lite0", "-w",
                     str(tmp_path / "lite1.pth"), "--weights-match", "order", "--image-size", "32", "--workers", "0")
