@@ -161,8 +161,9 @@ def knn_votes(X: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_classes: in
     """(len(X), n_classes) normalised votes of the `n_neighbors` training `rows` (normalised) nearest each row of X.
 
     k is at most the training rows. Weights are exp((cos - best cos) / T): the best neighbour's weight is 1, which
-    changes no normalised vote and cannot overflow at a small T."""
-    hits = top_k(normalized(X), array_blocks(rows), len(rows), int(n_neighbors))
+    changes no normalised vote and cannot overflow at a small T. Similarities are taken in float64: float32 BLAS
+    products differ by batch size on some CPUs (AVX2), and a row's votes must not depend on the rows beside it."""
+    hits = top_k(normalized(X).astype(np.float64), array_blocks(rows), len(rows), int(n_neighbors))
     weights = np.exp((hits.scores - hits.scores[:, :1]) / np.float32(temperature))
     votes = np.zeros((len(X), n_classes), dtype=np.float64)
     np.add.at(votes, (np.repeat(np.arange(len(X)), hits.rows.shape[1]), labels[hits.rows].ravel()), weights.ravel())
