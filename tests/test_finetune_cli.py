@@ -88,7 +88,7 @@ BAD = [
     (("--backbone-lr", "-1"), "--backbone-lr -1.0"),
     (("--batch-size", "50"), "--batch-size 50: larger than the 6 training images"),
     (("-w", _not_weights), "-w "),
-    (("--head", "mlp:x"), "--head 'mlp:x'"),
+    (("--head", "mlp:x"), "--head mlp:x"),
     (("--task", "segment", "--decode", "fast"), "--decode fast is for classification: --task segment decodes images"),
 ]
 

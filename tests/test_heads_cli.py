@@ -113,7 +113,7 @@ def test_predict_refuses_a_changed_weights_file_before_extracting(tmp_path, imag
     fit_head(tmp_path / "s.h5", "avgpool", tmp_path / "head", grid=1.0, val_split=0, plots=False)
     torch.manual_seed(1)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    with pytest.raises(FeatxError, match=r"weights file .*w.pth has changed since the features were computed: pass -w"):
+    with pytest.raises(FeatxError, match=r"weights file .*w.pth has changed since the features were computed: pass weights="):
         predict(tmp_path / "head", data, workers=0)
     assert not (tmp_path / "head" / "cache").exists()
 
