@@ -60,7 +60,7 @@ def test_mirror_refuses_dropping_more_than_a_small_share_naming_data_and_count()
     plan = merge(store, rows("/a", dict(list(files(60).items())[6:])))  # 6 gone: allowed
     assert plan.dropped == 6
     with pytest.raises(FeatxError, match=r"s\.h5: this run would drop 7 rows of files gone from /a \(more than 6 of "
-                                         r"the store's 60 rows\).*--prune"):
+                                         r"the store's 60 rows\).*retention='prune'"):
         merge(store, rows("/a", dict(list(files(60).items())[7:])))
     assert merge(store, rows("/a", dict(list(files(60).items())[7:])), "prune").dropped == 7
 

@@ -30,11 +30,12 @@ def test_two_writers_started_at_once(tmp_path):
     write_pngs(data, 240, size=24, classes=3)
     store = tmp_path / "s.h5"
     first, second = (Child("extract", data, "-o", store, *ARGS, "--json") for _ in range(2))
-    results = sorted((first.wait(), second.wait()), key=lambda r: r.returncode)
-    winner, loser = results
-    assert winner.returncode == 0, winner
-    assert_one_line_error(loser, REFUSED)
-    assert json.loads(winner.stdout)["computed"] == 240
+    results = (first.wait(), second.wait())
+    finished = [r for r in results if r.returncode == 0]
+    for refused in (r for r in results if r.returncode != 0):
+        assert_one_line_error(refused, REFUSED)
+    # Usually one is refused; on a loaded machine one may start only after the other sealed, and then reuses it all.
+    assert sorted(json.loads(r.stdout)["computed"] for r in finished) in ([240], [0, 240]), results
     with open_store(store) as st:
         assert len(st) == 240 and len(set(st.paths)) == 240 and st.failed == []
         assert np.isfinite(st.features(st.taps[0])).all()
