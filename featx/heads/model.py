@@ -149,6 +149,12 @@ class Head:
         return f"Head({self.kind}, {what}, tap={self.tap!r}{C}, path={self.path})"
 
     @property
+    def taps(self) -> list[str]:
+        """The taps whose rows the head reads: a dense probe's recorded `taps` (segment.json, when it fuses several
+        maps), else its one tap."""
+        return list((getattr(self, "segment", None) or {}).get("taps") or [self.tap])
+
+    @property
     def has_proba(self) -> bool:
         return self.link is not None
 

@@ -173,9 +173,7 @@ def _extract(head: Head, data, store, batch_size, device, workers, progress, log
     if not head.config:
         raise OptionError("this head was fitted on foreign features (no extractor config): predict takes a feature "
                           "file (.h5/.npz with {x}), not images")
-    from ..segment import head_taps
-
-    options = extractor_options(head.config, head_taps(head), weights)
+    options = extractor_options(head.config, head.taps, weights)
     size_limit = None
     if store is None:
         if head.path is None:

@@ -19,8 +19,3 @@ SEGMENT_FILE = "segment.json"  # in a head folder: the head is a dense (per-pixe
 def is_segment_head(path) -> bool:
     """Whether the head folder at `path` holds a segmentation head."""
     return (Path(path) / SEGMENT_FILE).is_file()
-
-
-def head_taps(head) -> list[str]:
-    """The taps whose maps a head reads: a dense probe's `taps` (segment.json, when it fuses several), else its tap."""
-    return list((getattr(head, "segment", None) or {}).get("taps") or [head.tap])

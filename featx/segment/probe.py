@@ -29,7 +29,7 @@ from ..options import OptionError
 from ..preprocess import TransformSpec, resize_shorter_side
 from ..sources import content_key
 from ..store import open_store
-from . import SEGMENT_FILE, head_taps
+from . import SEGMENT_FILE
 from .metrics import summarize
 from .render import oriented_size, overlay_image, palette_image
 from .source import IGNORE, load_mask_source, read_mask
@@ -271,7 +271,7 @@ def evaluate_dense(head, store_path, masks, *, split: str | None = None) -> dict
         raise FeatxError(f"DATA: a segmentation head is evaluated on one store (.h5 from featx extract of the images), "
                          f"not {len(store_path)} inputs")
     with open_store(store_path) as store:
-        taps, tap, shape = _map_taps(store, head_taps(head))
+        taps, tap, shape = _map_taps(store, head.taps)
         _check_store(head, store, "+".join(taps), shape[0])
         spec = TransformSpec.from_dict(store.config["transform"])
         rows, chosen, where = evaluation_rows(np.ones(len(store), dtype=bool), store.splits, split, store.path)
@@ -314,7 +314,7 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
     written = 0
     with image_features(head, data, store, weights, batch_size=batch_size, device=device, workers=workers,
                         progress=progress, log=log) as (store_path, selected, failed), open_store(store_path) as st:
-        taps, _, shape = _map_taps(st, head_taps(head))
+        taps, _, shape = _map_taps(st, head.taps)
         _check_store(head, st, "+".join(taps), shape[0])
         spec = TransformSpec.from_dict(st.config["transform"])
         for start in range(0, len(selected), CHUNK_IMAGES):

@@ -21,7 +21,6 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ..preprocess import TransformSpec
-from ..segment import head_taps
 from ..segment.probe import fuse_maps, image_masks
 from ..segment.render import oriented_size, palette_png, run_lengths
 from .errors import ServiceError
@@ -50,7 +49,7 @@ def _sizes(uploads) -> list[tuple[int, int]]:
 
 
 def _masks(head, embedded, uploads) -> list[np.ndarray]:
-    maps = fuse_maps([np.stack([np.asarray(e.rows[tap], dtype=np.float32) for e in embedded]) for tap in head_taps(head)])
+    maps = fuse_maps([np.stack([np.asarray(e.rows[tap], dtype=np.float32) for e in embedded]) for tap in head.taps])
     return image_masks(head, maps, _sizes(uploads), TransformSpec.from_dict(head.config["transform"]))
 
 
