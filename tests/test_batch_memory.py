@@ -21,21 +21,15 @@ from featx.layer_table import describe_layers
 from featx import memory
 from featx.cli import main
 from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
-from imagegen import make_image_folder
+from options_support import EXTRACT
 
 CPU = torch.device("cpu")
-FAST = dict(backbone="resnet18", weights="none", workers=0)
 GB = 10**9
 
 
 @pytest.fixture(scope="module")
 def resnet18():
     return load_backbone("resnet18", "none").model
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=3)
 
 
 def limit_memory(monkeypatch, available: int | None) -> None:
@@ -136,13 +130,13 @@ def test_available_bytes_is_the_lower_of_the_system_and_the_control_group(tmp_pa
     assert available_bytes(torch.device("meta")) is None
 
 
-def test_extract_refuses_a_size_that_cannot_fit_before_creating_anything(data, tmp_path):
+def test_extract_refuses_a_size_that_cannot_fit_before_creating_anything(image_folder, tmp_path):
     with pytest.raises(FeatxError, match=r"^image_size=100000: one image alone needs about .* TB of memory and cpu"):
-        extract(data, tmp_path / "s.h5", **FAST, image_size=100_000, batch_size=6)
-    assert list(tmp_path.iterdir()) == [data]
+        extract(image_folder, tmp_path / "s.h5", **{**EXTRACT, "image_size": 100_000, "batch_size": 6})
+    assert list(tmp_path.iterdir()) == [image_folder]
 
 
-def test_an_allocation_failing_mid_run_keeps_the_committed_batches(data, tmp_path, monkeypatch):
+def test_an_allocation_failing_mid_run_keeps_the_committed_batches(image_folder, tmp_path, monkeypatch):
     calls = []
     run = FeatureRunner.__call__
 
@@ -155,9 +149,9 @@ def test_an_allocation_failing_mid_run_keeps_the_committed_batches(data, tmp_pat
     monkeypatch.setattr(FeatureRunner, "__call__", failing_second_batch)
     out = tmp_path / "s.h5"
     with pytest.raises(FeatxError, match=r"^out of memory on cpu at batch_size=4: try batch_size=2$"):
-        extract(data, out, **FAST, image_size=32, batch_size=4)
+        extract(image_folder, out, **EXTRACT)
     monkeypatch.setattr(FeatureRunner, "__call__", run)
-    result = extract(data, out, **FAST, image_size=32, batch_size=4)
+    result = extract(image_folder, out, **EXTRACT)
     assert (result.n_reused, result.n_computed) == (4, 2)
 
 
@@ -187,15 +181,15 @@ def test_resizing_decoders_count_once_each(resnet18):
     assert four.fixed - plain.fixed == 4 * (one.fixed - plain.fixed) and four.per_image == one.per_image
 
 
-def test_finetune_refuses_before_the_run_folder_exists(data, tmp_path, monkeypatch):
+def test_finetune_refuses_before_the_run_folder_exists(image_folder, tmp_path, monkeypatch):
     limit_memory(monkeypatch, GB // 2)
     with pytest.raises(FeatxError, match=r"^image_size=512, batch_size=4: a batch .* use batch_size=[12] or less"):
-        finetune(data, tmp_path / "run", **FAST, image_size=512, batch_size=4, epochs=1)
+        finetune(image_folder, tmp_path / "run", **{**EXTRACT, "image_size": 512}, epochs=1)
     assert not (tmp_path / "run").exists()
 
 
-def test_serve_extractor_refuses_a_max_batch_that_cannot_fit(data, tmp_path, monkeypatch):
-    result = extract(data, tmp_path / "s.h5", **FAST, image_size=32)
+def test_serve_extractor_refuses_a_max_batch_that_cannot_fit(image_folder, tmp_path, monkeypatch):
+    result = extract(image_folder, tmp_path / "s.h5", **EXTRACT)
     limit_memory(monkeypatch, GB)
     with pytest.raises(FeatxError, match=r"^32x32 images, max_batch=100000000: a batch of 100000000 images needs"):
         runner_from_config(result.config, "cpu", max_batch=10**8)
