@@ -10,8 +10,6 @@ import featx.tuning as tuning
 from featx import extract, open_store
 from featx.errors import FeatxError
 from featx.tuning import Costs, decide, tune
-from imagegen import make_image_folder
-from cli_support import invoke as run
 
 SETTING = {"backbone": "resnet18", "taps": ["flatten"], "crop": 32, "resize": 36, "precision": "fp32", "device": "cpu"}
 
@@ -171,13 +169,13 @@ def test_cache_folder_follows_xdg(monkeypatch, tmp_path):
 # -- featx extract ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def folder(tmp_path):
-    return make_image_folder(tmp_path / "data", per_class=tuning.PROBE_RUN // 2)
+def folder(image_folders):
+    return image_folders(per_class=tuning.PROBE_RUN // 2)
 
 
-def test_extract_reports_and_records_the_choice(folder, tmp_path, cache):
+def test_extract_reports_and_records_the_choice(cli, folder, tmp_path, cache):
     out = tmp_path / "s.h5"
-    res = run("extract", folder, "-o", out, "-b", "resnet18", "-w", "none", "--image-size", "32", "--json")
+    res = cli("extract", folder, "-o", out, "-b", "resnet18", "-w", "none", "--image-size", "32", "--json")
     assert res.exit_code == 0, res.output
     chosen = json.loads(res.stdout)["tuning"]
     assert chosen["how"] == "measured" and chosen["given"] == []
@@ -185,7 +183,7 @@ def test_extract_reports_and_records_the_choice(folder, tmp_path, cache):
     assert chosen["decode_seconds"] > 0 and chosen["model_seconds"]
     with open_store(out) as st:
         assert st.config["tuning"] == chosen
-    res = run("extract", folder, "-o", tmp_path / "t.h5", "-b", "resnet18", "-w", "none", "--image-size", "32",
+    res = cli("extract", folder, "-o", tmp_path / "t.h5", "-b", "resnet18", "-w", "none", "--image-size", "32",
               "--json", "--workers", "0", "--threads", "1", "--batch-size", "3")
     chosen = json.loads(res.stdout)["tuning"]
     assert (chosen["workers"], chosen["threads"], chosen["batch_size"]) == (0, 1, 3)
@@ -202,8 +200,8 @@ def test_extract_restores_torch_threads(folder, tmp_path, cache):
 
 @pytest.mark.parametrize("option, value", [("--workers", "-1"), ("--workers", "100000"), ("--threads", "0"),
                                            ("--threads", "100000"), ("--batch-size", "0")])
-def test_counts_out_of_range_one_line_exit_2(folder, tmp_path, option, value):
-    res = run("extract", folder, "-o", tmp_path / "s.h5", "-b", "resnet18", "-w", "none", option, value)
+def test_counts_out_of_range_one_line_exit_2(cli, folder, tmp_path, option, value):
+    res = cli("extract", folder, "-o", tmp_path / "s.h5", "-b", "resnet18", "-w", "none", option, value)
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and option in lines[0], res.output
     assert not (tmp_path / "s.h5").exists()
