@@ -10,8 +10,6 @@ from test_advise import COSTS, synthetic_store
 
 from featx.advice import recommend
 from featx.advise_backbones import WITHIN, compare
-from imagegen import make_image_folder
-from cli_support import invoke as run
 
 
 def advice_of(path, separation, backbone, seconds_per_image, seed=0):
@@ -44,17 +42,17 @@ def test_cheapest_within_a_point_is_the_faster_backbone(tmp_path):
 
 
 @pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / "data", classes=("ants", "bees"), per_class=8)
+def data(image_folders):
+    return image_folders(per_class=8)
 
 
-def test_cli_two_backbones_made_uninformative_weights_lose(tmp_path, data):
+def test_cli_two_backbones_made_uninformative_weights_lose(cli, tmp_path, data):
     from featx.backbones import load_backbone
 
     # resnet18 with every tensor zero: every image gives the same rows.
     zeros = tmp_path / "zeros.pth"
     torch.save({k: torch.zeros_like(v) for k, v in load_backbone("resnet18", "none").model.state_dict().items()}, zeros)
-    out = run("advise", data, "-b", "resnet18", "-w", zeros, "-b", "mobilenet_v2", "-w", "none", "--image-size", "32",
+    out = cli("advise", data, "-b", "resnet18", "-w", zeros, "-b", "mobilenet_v2", "-w", "none", "--image-size", "32",
               "--budget-seconds", "300", "-o", tmp_path / "adv.h5", "--json")
     assert out.exit_code == 0, out.output
     advice = json.loads(out.output[out.output.index("\n{") + 1:])
@@ -68,12 +66,12 @@ def test_cli_two_backbones_made_uninformative_weights_lose(tmp_path, data):
     stores = [tmp_path / "adv.resnet18-zeros.h5", tmp_path / "adv.mobilenet_v2-none.h5"]
     assert all(s.exists() and s.with_name(s.stem + ".advice.json").exists() for s in stores)
     assert json.loads((tmp_path / "adv.advice.json").read_text())["candidates"] == advice["candidates"]
-    table = run("advise", data, "-b", "resnet18", "-w", zeros, "-b", "mobilenet_v2", "-w", "none", "--image-size",
+    table = cli("advise", data, "-b", "resnet18", "-w", zeros, "-b", "mobilenet_v2", "-w", "none", "--image-size",
                 "32", "--budget-seconds", "300", "-o", tmp_path / "adv.h5")
     assert table.exit_code == 0 and "recommended: probe at" in table.output and "on mobilenet_v2" in table.output
 
 
-def test_bad_backbone_lists_are_one_line_and_lose_nothing(tmp_path, data, monkeypatch):
+def test_bad_backbone_lists_are_one_line_and_lose_nothing(cli, tmp_path, data, monkeypatch):
     # The offline case must find no weights file, whether or not this machine has the package that ships it.
     monkeypatch.setattr("featx.backbones.catalog.OfflinePackage.path", lambda self: None)
     kept = tmp_path / "x.resnet18-none.h5"
@@ -92,7 +90,7 @@ def test_bad_backbone_lists_are_one_line_and_lose_nothing(tmp_path, data, monkey
          "put mobilenet_v2-b0353104.pth (from https://"),
     ]
     for args, env, expected in cases:
-        out = run("advise", data, "--image-size", "32", "-o", tmp_path / "x.h5", *args, env=env)
+        out = cli("advise", data, "--image-size", "32", "-o", tmp_path / "x.h5", *args, env=env)
         assert out.exit_code == 2, out.output
         assert out.output.count("\n") == 1 and expected in out.output, out.output
     assert kept.read_bytes() == b"rows extracted earlier"

@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from featx.backbones import load_backbone
-from featx.cli import main
 from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.store import open_store
@@ -114,7 +112,7 @@ def test_default_decode_gives_the_reference_pixels(photos):
         assert reason == "" and (ours.float() - theirs).abs().max() <= 2.0
 
 
-def test_decode_mode_is_part_of_the_store_identity(photos, tmp_path):
+def test_decode_mode_is_part_of_the_store_identity(cli, photos, tmp_path):
     root, _ = photos
     store = tmp_path / "s.h5"
     opts = dict(backbone="timm/test_efficientnet", **OPTIONS)
@@ -124,8 +122,8 @@ def test_decode_mode_is_part_of_the_store_identity(photos, tmp_path):
     assert before[0] == "exact"
     with pytest.raises(FeatxError, match=r"another config \(.*decode=exact\); this run asks for \(.*decode=fast\)"):
         extract(root, store, decode="fast", **opts)
-    result = CliRunner().invoke(main, ["extract", str(root), "-o", str(store), "-b", "timm/test_efficientnet",
-                                       "-w", "none", "--precision", "fp32", "--decode", "fast", "-q"])
+    result = cli("extract", root, "-o", store, "-b", "timm/test_efficientnet", "-w", "none", "--precision", "fp32",
+                 "--decode", "fast", "-q")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "decode=fast" in result.output
     with open_store(store) as s:  # nothing lost

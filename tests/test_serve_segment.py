@@ -128,15 +128,11 @@ def test_ctrl_c_stops_the_server_and_says_what_it_kept(made, tmp_path):
         assert lines == [f"featx serve: stopped after answering the requests in flight ({said})"]
 
 
-def test_a_finetune_run_folder_is_refused_at_start_up(tmp_path):
-    from click.testing import CliRunner
-
-    from featx.cli import main
-
+def test_a_finetune_run_folder_is_refused_at_start_up(cli, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "model.pt").write_bytes(b"weights")
-    out = CliRunner().invoke(main, ["serve", str(run), "--port", "0"])
+    out = cli("serve", run, "--port", "0")
     assert out.exit_code == 2 and out.stderr.count("\n") == 1
     assert f"HEAD_DIR {run}: a featx finetune run, not a head folder" in out.stderr
