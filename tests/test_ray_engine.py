@@ -10,14 +10,12 @@ import pytest
 from featx.errors import FeatxError
 from featx.extraction import extract
 from featx.store import open_store
-from imagegen import make_image_folder
-
-FAST = dict(backbone="resnet18", weights="none", image_size=32, batch_size=4)
+from options_support import EXTRACT
 
 
 @pytest.fixture
-def folder(tmp_path):
-    root = make_image_folder(tmp_path / "data", per_class=6, splits={"train": 5, "val": 2})
+def folder(image_folders):
+    root = image_folders(splits={"train": 5, "val": 2})
     (root / "val/bees/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return root
 
@@ -25,12 +23,12 @@ def folder(tmp_path):
 @pytest.mark.slow
 def test_ray_engine_equals_a_local_run(folder, tmp_path):
     ray = pytest.importorskip("ray")
-    local = extract(folder, tmp_path / "local.h5", workers=0, **FAST)
+    local = extract(folder, tmp_path / "local.h5", **EXTRACT)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         with pytest.raises(FeatxError, match=r"^num_gpus_per_worker=1(\.0)?: the Ray cluster has 0 GPUs"):
-            extract(folder, tmp_path / "ray.h5", engine="ray", num_gpus_per_worker=1, **FAST)
-        res = extract(folder, tmp_path / "ray.h5", engine="ray", **FAST)
+            extract(folder, tmp_path / "ray.h5", engine="ray", num_gpus_per_worker=1, **EXTRACT)
+        res = extract(folder, tmp_path / "ray.h5", engine="ray", **EXTRACT)
         assert ray.is_initialized()  # a cluster the caller started stays up
     finally:
         ray.shutdown()
@@ -39,13 +37,13 @@ def test_ray_engine_equals_a_local_run(folder, tmp_path):
         assert list(a.keys) == list(b.keys) and list(a.paths) == list(b.paths) and a.failed == b.failed
         assert a.config_key == b.config_key
         np.testing.assert_allclose(a.features("flatten"), b.features("flatten"), rtol=1e-5, atol=1e-6)
-    assert not extract(folder, tmp_path / "ray.h5", workers=0, **FAST).sealed  # the same store as a local run's
+    assert not extract(folder, tmp_path / "ray.h5", **EXTRACT).sealed  # the same store as a local run's
 
 
 def test_engine_ray_without_ray_installed_is_one_line(folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(FeatxError, match=r"^engine=.ray.: Ray Data is not installed here: pip install 'featx\[ray\]'$"):
-        extract(folder, tmp_path / "s.h5", engine="ray", **FAST)
+        extract(folder, tmp_path / "s.h5", engine="ray", **EXTRACT)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -58,5 +56,5 @@ def test_engine_ray_without_ray_installed_is_one_line(folder, tmp_path, monkeypa
 ])
 def test_engine_option_mistakes(folder, tmp_path, kwargs, match):
     with pytest.raises(FeatxError, match=match) as err:
-        extract(folder, tmp_path / "s.h5", **{**FAST, **kwargs})
+        extract(folder, tmp_path / "s.h5", **{**EXTRACT, **kwargs})
     assert "\n" not in str(err.value)
