@@ -5,27 +5,25 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
+from featx.finetuning.options import FinetuneOptions
 from featx.store import open_store
-from cli_support import invoke as featx
 from finetune_support import digest
 from imagegen import make_image_folder
+from options_support import FINETUNE, cli_args
 
-FAST = ("-b", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "3", "--workers", "0", "--precision",
-        "fp32", "--device", "cpu", "-q")
+FAST = (*cli_args({name: value for name, value in FINETUNE.items() if name != "weights"}, FinetuneOptions), "-q")
 FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "last.pt", "curves.png")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, cli):
     """A 2-epoch run of the command on 8 tiny images (6 train, 2 val)."""
     root = tmp_path_factory.mktemp("ftcli")
     data = make_image_folder(root / "data", per_class=4, size=(20, 20))
-    result = featx("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "-o", root / "run")
+    result = cli("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "-o", root / "run")
     assert result.exit_code == 0, result.output
     return data, root / "run", result
 
@@ -49,26 +47,26 @@ def test_run_prints_epoch_lines_and_writes_the_run_folder(trained):
     assert config["decode"] == "exact"
 
 
-def test_model_pt_as_weights_of_extract_fit_head_and_predict(trained, tmp_path):
+def test_model_pt_as_weights_of_extract_fit_head_and_predict(cli, trained, tmp_path):
     data, run, _ = trained
     weights = run / "model.pt"
-    out = featx("extract", data, "-b", "mobilenet_v3_small", "-w", weights, "--image-size", "16", "--workers", "0",
-                "--precision", "fp32", "--device", "cpu", "-q", "-o", tmp_path / "s.h5")
+    out = cli("extract", data, "-b", "mobilenet_v3_small", "-w", weights, "--image-size", "16", "--workers", "0",
+              "--precision", "fp32", "--device", "cpu", "-q", "-o", tmp_path / "s.h5")
     assert out.exit_code == 0, out.output
     with open_store(tmp_path / "s.h5") as store:
         assert len(store) == 8 and store.config["weights"] == "file:model.pt"
-    fit = featx("fit-head", tmp_path / "s.h5", "-o", tmp_path / "head", "--grid", "1", "--no-plots")
+    fit = cli("fit-head", tmp_path / "s.h5", "-o", tmp_path / "head", "--grid", "1", "--no-plots")
     assert fit.exit_code == 0, fit.output
-    predicted = featx("predict", tmp_path / "head", data, "--json")
+    predicted = cli("predict", tmp_path / "head", data, "--json")
     assert predicted.exit_code == 0, predicted.output
     assert len(json.loads(predicted.stdout)) == 8
 
 
-def test_model_pt_as_weights_of_another_finetune(trained, tmp_path):
+def test_model_pt_as_weights_of_another_finetune(cli, trained, tmp_path):
     """The load report: every key matched; --freeze loaded: only the new head trains."""
     data, run, _ = trained
-    out = featx("finetune", data, "-w", run / "model.pt", "--freeze", "loaded", "--epochs", "1", "--augment", "none",
-                *FAST, "-o", tmp_path / "again")
+    out = cli("finetune", data, "-w", run / "model.pt", "--freeze", "loaded", "--epochs", "1", "--augment", "none",
+              *FAST, "-o", tmp_path / "again")
     assert out.exit_code == 0, out.output
     assert "weights model.pt: " in out.stderr and " 0 missing, 0 unexpected, 0 shape-mismatched" in out.stderr
     total = next(line for line in out.stderr.splitlines() if line.startswith("total"))
@@ -94,12 +92,12 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,needle", BAD, ids=[needle.split(":")[0].split()[0] for _, needle in BAD])
-def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, args, needle):
+def test_bad_input_is_one_line_and_exit_code_2(cli, trained, tmp_path, args, needle):
     data, run, _ = trained
     args = [a(tmp_path) if callable(a) else a for a in args]
     before = digest(run)
     opts = ("-w", "none", *FAST) if "-w" not in args else FAST
-    out = featx("finetune", data, *opts, *args, "--epochs", "2", "--overwrite", "-o", run)
+    out = cli("finetune", data, *opts, *args, "--epochs", "2", "--overwrite", "-o", run)
     assert out.exit_code == 2, out.output
     err = out.stderr.strip()
     assert err.startswith("featx: error: ") and "\n" not in err and needle in err, err
@@ -107,7 +105,7 @@ def test_bad_input_is_one_line_and_exit_code_2(trained, tmp_path, args, needle):
     assert digest(run) == before
 
 
-def test_resume_errors(trained, tmp_path):
+def test_resume_errors(cli, trained, tmp_path):
     data, run, _ = trained
     before = digest(run)
     for args, needle in (
@@ -120,37 +118,37 @@ def test_resume_errors(trained, tmp_path):
         ((), "give the run folder with -o RUN_DIR"),
         (("-o", run), "holds a run already"),
     ):
-        out = featx("finetune", data, "-w", "none", "--epochs", "2", *FAST, *args)
+        out = cli("finetune", data, "-w", "none", "--epochs", "2", *FAST, *args)
         err = out.stderr.strip()
         assert out.exit_code == 2 and err.startswith("featx: error: ") and "\n" not in err and needle in err, err
     assert digest(run) == before
 
 
-def test_resume_of_the_finished_run_as_json(trained):
+def test_resume_of_the_finished_run_as_json(cli, trained):
     data, run, _ = trained
-    out = featx("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "--resume", run, "--json")
+    out = cli("finetune", data, "-w", "none", "--epochs", "2", "--lr", "0.05", *FAST, "--resume", run, "--json")
     assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)
     assert result["epochs"] == 2 and [row["epoch"] for row in result["history"]] == [1, 2]
     assert result["run_dir"] == str(run) and not out.stderr
 
 
-def test_resume_alone_continues_with_what_the_run_recorded(trained, tmp_path):
+def test_resume_alone_continues_with_what_the_run_recorded(cli, trained, tmp_path):
     """`--resume RUN` without DATA or options: a complete run says so and trains nothing; --epochs above the
     recorded number extends it with the recorded data, backbone, weights and options; free options may differ."""
     _, run, _ = trained
     before = digest(run)
-    out = featx("finetune", "--resume", run, "--workers", "0", "--device", "cpu")
+    out = cli("finetune", "--resume", run, "--workers", "0", "--device", "cpu")
     assert out.exit_code == 0, out.output
     assert out.stdout.strip().startswith(f"{run}: complete already, nothing to train (2 of 2 epochs")
     assert "pass --epochs N above 2" in out.stdout and " epochs in " not in out.stdout and not out.stderr
     assert digest(run) == before and not [p for p in run.iterdir() if p.name.startswith(".featx")]
-    as_json = json.loads(featx("finetune", "--resume", run, "--json").stdout)
+    as_json = json.loads(cli("finetune", "--resume", run, "--json").stdout)
     assert as_json["trained_epochs"] == 0 and as_json["epochs"] == 2
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    out = featx("finetune", "--resume", copy, "--epochs", "3", "-q")
+    out = cli("finetune", "--resume", copy, "--epochs", "3", "-q")
     assert out.exit_code == 0, out.output
     assert f"extending {copy} from 2 to 3 epochs, after epoch 2" in out.stderr and "3 epochs in " in out.stdout
     config = json.loads((copy / "config.json").read_text())
@@ -160,44 +158,42 @@ def test_resume_alone_continues_with_what_the_run_recorded(trained, tmp_path):
     assert rows[:2] == [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_alone_with_a_moved_weights_file(trained, tmp_path):
+def test_resume_alone_with_a_moved_weights_file(cli, trained, tmp_path):
     """A run whose -w FILE moved: one line naming the file; -w with the same file elsewhere continues it."""
     data, run, _ = trained
     weights = tmp_path / "w.pt"
     shutil.copy(run / "model.pt", weights)
-    out = featx("finetune", data, "-w", weights, "--freeze", "loaded", "--epochs", "1", *FAST, "-o", tmp_path / "r")
+    out = cli("finetune", data, "-w", weights, "--freeze", "loaded", "--epochs", "1", *FAST, "-o", tmp_path / "r")
     assert out.exit_code == 0, out.output
     weights.rename(tmp_path / "moved.pt")
-    out = featx("finetune", "--resume", tmp_path / "r", "--epochs", "2")
+    out = cli("finetune", "--resume", tmp_path / "r", "--epochs", "2")
     assert out.exit_code == 2 and out.stderr.count("\n") == 1
     assert f"the run's weights file {weights} is gone; pass -w FILE with the same file" in out.stderr
-    out = featx("finetune", "--resume", tmp_path / "r", "--epochs", "2", "-w", tmp_path / "moved.pt", "-q")
+    out = cli("finetune", "--resume", tmp_path / "r", "--epochs", "2", "-w", tmp_path / "moved.pt", "-q")
     assert out.exit_code == 0, out.output
     assert "2 epochs in " in out.stdout
 
 
-def test_a_run_that_fails_before_its_first_epoch_leaves_nothing(trained, tmp_path):
+def test_a_run_that_fails_before_its_first_epoch_leaves_nothing(cli, trained, tmp_path):
     """The folders this call created are gone; a folder that existed keeps only what it held."""
     data, _, _ = trained
-    out = featx("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", tmp_path / "new" / "run")
+    out = cli("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", tmp_path / "new" / "run")
     assert out.exit_code == 2 and "--batch-size 50" in out.stderr
     assert not (tmp_path / "new").exists()
     kept = tmp_path / "mine"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    out = featx("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", kept)
+    out = cli("finetune", data, "-w", "none", *FAST, "--batch-size", "50", "-o", kept)
     assert out.exit_code == 2
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
-    out = featx("finetune", "-w", "none", *FAST, "-o", tmp_path / "r")
+    out = cli("finetune", "-w", "none", *FAST, "-o", tmp_path / "r")
     assert out.exit_code == 2 and "give DATA" in out.stderr and not (tmp_path / "r").exists()
 
 
 # ---- Ctrl-C on a real process ---------------------------------------------------------------------------------------
 
-def _interrupt(args, after: str) -> tuple[int, str]:
-    """Run `featx finetune ARGS`, send SIGINT once a stderr line contains `after`; (exit status, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "featx", "finetune", *map(str, args)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+def _interrupt(proc, after: str) -> tuple[int, str]:
+    """Send a started `featx` process SIGINT once a stderr line contains `after`; (exit status, stderr)."""
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -209,30 +205,31 @@ def _interrupt(args, after: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(trained, tmp_path):
+def test_ctrl_c_keeps_completed_epochs_and_resume_alone_continues(featx_run, trained, tmp_path):
     data, _, _ = trained
     run = tmp_path / "run"
     # a loader worker: Ctrl-C also reaches it, and no decoded image may be left behind
     options = [option if option != "0" else "1" for option in FAST]  # --workers 1
-    code, err = _interrupt([data, "-w", "none", "--epochs", "3", *options, "-o", run], after="Epoch 1/3")
+    code, err = _interrupt(featx_run("finetune", data, "-w", "none", "--epochs", "3", *options, "-o", run, wait=False),
+                           after="Epoch 1/3")
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (f"featx: interrupted: {run} keeps 1 completed epoch; continue with: "
                                             f"featx finetune --resume {run}")
     assert {p.name for p in run.iterdir()} == set(FILES)
-    resumed = subprocess.run([sys.executable, "-m", "featx", "finetune", "--resume", str(run), "--workers", "0", "-q"],
-                             capture_output=True, text=True, timeout=300)
+    resumed = featx_run("finetune", "--resume", run, "--workers", "0", "-q", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {run} after epoch 1/3" in resumed.stderr and "3 epochs in " in resumed.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and set(FILES) == {p.name for p in run.iterdir()}
 
 
 @pytest.mark.slow
-def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=24, size=(48, 48))
+def test_ctrl_c_before_the_first_epoch_leaves_no_run_folder(featx_run, image_folders, tmp_path):
+    data = image_folders(per_class=24, size=(48, 48))
     run = tmp_path / "runs" / "first"
     # the signal comes as the loader starts its worker: held back during the fork, then delivered
-    code, err = _interrupt([data, "-b", "resnet18", "-w", "none", "--image-size", "48", "--batch-size", "2",
-                            "--workers", "1", "--precision", "fp32", "--device", "cpu", "-q", "-o", run],
+    code, err = _interrupt(featx_run("finetune", data, "-b", "resnet18", "-w", "none", "--image-size", "48",
+                                     "--batch-size", "2", "--workers", "1", "--precision", "fp32", "--device", "cpu",
+                                     "-q", "-o", run, wait=False),
                            after="decoded-image cache")
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == f"featx: interrupted before the first epoch completed: nothing was kept in {run}"
