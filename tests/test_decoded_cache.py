@@ -15,10 +15,10 @@ from featx.preprocess import TransformSpec
 from featx.sources import content_key, load_source
 
 from imagegen import make_image, make_image_folder
+from options_support import FINETUNE
 
 SPEC = TransformSpec(resize=24, crop=20, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-FAST = dict(backbone="mobilenet_v3_small", weights="none", image_size=16, batch_size=3, workers=0,
-            precision="fp32", device="cpu", epochs=2)
+FAST = {**FINETUNE, "epochs": 2}
 
 
 @pytest.fixture(scope="module")
