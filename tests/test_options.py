@@ -7,7 +7,6 @@ import inspect
 
 import click
 import pytest
-from click.testing import CliRunner
 
 import featx
 from featx.advise_options import AdviseOptions
@@ -139,10 +138,9 @@ def test_the_command_line_spells_switches_repeated_options_and_arguments_as_type
         == "STORE, --no-plots, --plots"
 
 
-def test_the_command_line_names_the_flag_of_a_checked_combination(tmp_path):
+def test_the_command_line_names_the_flag_of_a_checked_combination(cli, tmp_path):
     (tmp_path / "data").mkdir()
-    result = CliRunner().invoke(main, ["extract", str(tmp_path / "data"), "-o", str(tmp_path / "s.h5"),
-                                       "--num-gpus-per-worker", "1"])
+    result = cli("extract", tmp_path / "data", "-o", tmp_path / "s.h5", "--num-gpus-per-worker", "1")
     assert result.exit_code == 2
     assert result.output.strip() == "featx: error: --num-gpus-per-worker: only with --engine ray"
 
@@ -185,12 +183,12 @@ def _a_split_without_rows(tmp_path):
 
 
 @pytest.mark.parametrize("case", [_export_into_a_full_folder, _a_weights_file_that_is_missing, _a_split_without_rows])
-def test_a_library_error_names_the_keyword_in_python_and_the_flag_on_the_command_line(tmp_path, case):
+def test_a_library_error_names_the_keyword_in_python_and_the_flag_on_the_command_line(cli, tmp_path, case):
     call, argv, (python, command_line) = case(tmp_path)
     with pytest.raises(OptionError) as err:
         call()
     assert str(err.value) == python
-    result = CliRunner().invoke(main, [str(arg) for arg in argv])
+    result = cli(*argv)
     assert result.exit_code == 2
     assert result.output == f"featx: error: {command_line}\n"
 
