@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,14 @@ import pytest
 from featx.keys import RACY_NS, STAT_FIELDS, StatIndex, file_keys, file_stat
 from featx.sources import load_source
 from featx.store import open_store
-from imagegen import make_image, make_image_folder
+from cli_support import featx as featx_process
+from imagegen import make_image
+from options_support import EXTRACT_ARGS
 
-FAST = ["-b", "resnet18", "-w", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json"]
+FAST = [*EXTRACT_ARGS, "--json"]
 # Runs the CLI in a fresh interpreter with featx.keys.content_key counting the files it reads and
 # featx.sources.decode_image the images it decodes (before featx.runner takes it), and prints the counts (and whether
-# torch was imported) after it.
+# torch was imported) after it. It runs as `python -c PROBE featx ARGS` (featx_process with it as the launcher).
 PROBE = (
     "import sys, json\n"
     "import featx.keys as keys, featx.sources as sources\n"
@@ -31,7 +32,7 @@ PROBE = (
     "keys.content_key = lambda path: read.append(path) or real(path)\n"
     "sources.decode_image = lambda path, **kw: decoded.append(path) or real_decode(path, **kw)\n"
     "from featx.cli import main\n"
-    "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+    "try:\n    main(sys.argv[2:])\nexcept SystemExit as e:\n    code = e.code\n"
     "print(json.dumps({'read': len(read), 'distinct': len(set(read)), 'decoded': len(decoded), "
     "'torch': 'torch' in sys.modules, 'code': code}))\n"
 )
@@ -39,18 +40,17 @@ PROBE = (
 
 def featx(*args) -> tuple[dict, dict, str]:
     """(the --json result, {files read, distinct files read, torch imported, exit code}, stderr) of `featx ARGS`."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = featx_process(*args, launcher=[sys.executable, "-c", PROBE], timeout=300,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     *body, probe = proc.stdout.strip().splitlines()
     text = "\n".join(body)
     return (json.loads(text) if text.startswith("{") else {}), json.loads(probe), proc.stderr
 
 
 @pytest.fixture
-def made(tmp_path):
+def made(image_folder, tmp_path):
     """A store of 6 images whose stats are old enough to be trusted (not 'racily clean')."""
-    data = make_image_folder(tmp_path / "data", per_class=3)
+    data = image_folder
     time.sleep(RACY_NS / 1e9 + 0.1)
     out = tmp_path / "s.h5"
     result, probe, err = featx("extract", data, "-o", out, *FAST)
@@ -153,8 +153,8 @@ def test_another_folder_of_the_same_files_is_read(made, tmp_path):
     assert (result["computed"], result["reused"], probe["read"]) == (0, 6, 6)
 
 
-def test_racily_clean_entries_are_not_trusted(tmp_path):
-    data = make_image_folder(tmp_path / "data", per_class=2)
+def test_racily_clean_entries_are_not_trusted(image_folders):
+    data = image_folders(per_class=2)
     source = load_source(str(data))
     first = file_keys(source, str(data))
     assert first.n_read == 4 and all(first.keys)
@@ -207,9 +207,9 @@ def test_a_read_only_store_answers_an_unchanged_rerun_without_recording(made):
 
 
 @pytest.fixture
-def failing(tmp_path):
+def failing(image_folder, tmp_path):
     """A store of 6 images and one undecodable file (text named .jpg), all old enough to be trusted."""
-    data = make_image_folder(tmp_path / "data", per_class=3)
+    data = image_folder
     bad = data / "bees" / "bad.jpg"
     bad.write_text("not an image")
     time.sleep(RACY_NS / 1e9 + 0.1)
