@@ -16,11 +16,12 @@ def invoke(*args, env: dict | None = None):
 
 
 def featx(*args, wait: bool = True, env: dict | None = None, launcher: list | None = None, cwd=None,
-          timeout: float = 600):
+          timeout: float = 600, stdout=subprocess.DEVNULL):
     """`python -m featx ARGS` as a process: run to completion (CompletedProcess, text output captured), or with
-    wait=False started (Popen, stderr piped). `env` adds variables; `launcher` replaces `python -m` (torchrun)."""
+    wait=False started (Popen, stderr piped, stdout to `stdout`: subprocess.PIPE to read it). `env` adds variables;
+    `launcher` replaces `python -m` (torchrun)."""
     cmd = [*(launcher or [sys.executable, "-m"]), "featx", *map(str, args)]
     env = {**os.environ, **(env or {})}
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)

@@ -57,8 +57,9 @@ def cli():
 
 @pytest.fixture(scope="session")
 def featx_run():
-    """`featx_run(*args, wait=True, env=None, launcher=None, cwd=None, timeout=600)`: the `featx` command as a
-    process with the test's environment (cli_support.featx); returns the CompletedProcess, text output captured."""
+    """`featx_run(*args, wait=True, env=None, launcher=None, cwd=None, timeout=600, stdout=DEVNULL)`: the `featx`
+    command as a process with the test's environment (cli_support.featx); returns the CompletedProcess, text output
+    captured, or with wait=False the started Popen."""
     return cli_support.featx
 
 

@@ -21,20 +21,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from featx.cli import main
 from imagegen import make_image_folder
 from maskgen import make_mask_folder
+from options_support import EXTRACT
 
 EXAMPLES = int(os.environ.get("FEATX_FUZZ_EXAMPLES", "15"))  # per command; raise it for a longer search
 ALLOWED_EXIT = {0, 1, 2, 130}
@@ -119,12 +118,11 @@ def build_world(root: Path) -> Path:
     (root / "notes.jpg").write_text("not an image either\n")
     (root / "empty.h5").write_bytes(b"")
     make_mask_folder(root / "masks", splits={"train": 4, "val": 2})
-    fast = dict(backbone="resnet18", weights="none", image_size=32, workers=0)
-    extract(root / "data", root / "store.h5", taps=["layer3", "flatten"], **fast)
+    extract(root / "data", root / "store.h5", taps=["layer3", "flatten"], **EXTRACT)
     fit_head(root / "store.h5", "flatten", root / "head", n_jobs=1, plots=False)
-    extract(root / "masks", root / "seg.h5", taps=["layer3"], pooling="none", **fast)
+    extract(root / "masks", root / "seg.h5", taps=["layer3"], pooling="none", **EXTRACT)
     fit_dense_probe(root / "seg.h5", root / "masks", root / "seghead", tap="layer3", binary=True, n_jobs=1)
-    finetune(root / "data", root / "run", epochs=1, batch_size=4, decode_cache="none", **fast)
+    finetune(root / "data", root / "run", epochs=1, decode_cache="none", **EXTRACT)
     (root / "heads").mkdir()
     (root / "ro").mkdir()
     (root / "ro").chmod(0o555)
@@ -245,10 +243,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_bl
 @pytest.mark.parametrize("name", COMMANDS)
 @FUZZ
 @given(data=st.data())
-def test_no_traceback_and_a_known_exit_code(world, no_serving, name, data):
+def test_no_traceback_and_a_known_exit_code(cli, world, no_serving, name, data):
     words = data.draw(command_lines(name), label="featx")
     with copy_of(world), time_limit(EXAMPLE_LIMIT_S):
-        result = CliRunner().invoke(main, words, prog_name="featx")
+        result = cli(*words)
     shown = f"featx {' '.join(map(repr, words))} -> exit {result.exit_code}\n{result.output[-3000:]}"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(shown) from result.exception
@@ -262,14 +260,13 @@ def test_no_traceback_and_a_known_exit_code(world, no_serving, name, data):
 @pytest.mark.parametrize("name", COMMANDS)
 @settings(FUZZ, max_examples=2)
 @given(data=st.data())
-def test_the_real_process_exits_the_same_way(world, name, data):
+def test_the_real_process_exits_the_same_way(featx_run, world, name, data):
     """A few drawn command lines as real `featx` processes: the interpreter's own exit path (signals, threads,
     buffered output) prints no traceback either. A server that came up is stopped with Ctrl-C."""
     words = data.draw(command_lines(name), label="featx")
-    env = {**os.environ, "FEATX_FUZZ_KEY": "s3cret", "FEATX_OFFLINE": "1"}
+    env = {"FEATX_FUZZ_KEY": "s3cret", "FEATX_OFFLINE": "1"}
     with copy_of(world) as folder:
-        proc = subprocess.Popen([sys.executable, "-m", "featx", *words], cwd=folder, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = featx_run(*words, wait=False, env=env, cwd=folder, stdout=subprocess.PIPE)
         try:
             out, err = proc.communicate(timeout=EXAMPLE_LIMIT_S if name != "serve" else 60)
         except subprocess.TimeoutExpired:
