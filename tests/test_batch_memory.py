@@ -20,7 +20,7 @@ from featx.options import flag_spelling
 from featx.layer_table import describe_layers
 from featx import memory
 from featx.cli import main
-from featx.memory import BatchMemory, available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
+from featx.memory import available_bytes, batch_memory, check_batch_memory, out_of_memory_as_error
 from options_support import EXTRACT
 
 CPU = torch.device("cpu")
