@@ -362,7 +362,8 @@ def test_dense_probe_bad_input(data, maps, tmp_path):
     pooled = tmp_path / "pooled.h5"
     featx.extract(data, pooled, backbone="resnet18", weights="none", taps=["layer2"], image_size=64, workers=0,
                   precision="fp32", device="cpu")
-    with pytest.raises(FeatxError, match=r"a segmentation head needs maps: featx extract --pooling none"):
+    with pytest.raises(FeatxError, match=r"a segmentation head needs maps: featx\.extract\(\.\.\., "
+                                          r"pooling='none'\) / `featx extract --pooling none`$"):
         fit_dense_probe(pooled, data, binary=True)
     other = make_mask_folder(tmp_path / "other", seed=7)
     with pytest.raises(FeatxError, match=r"no mask for train/images/p000\.png \(row 0 of"):
