@@ -107,7 +107,8 @@ def test_a_store_of_maps_is_refused(tmp_path):
     write_store(tmp_path / "maps.h5", config={"taps": ["layer3"]}, keys=[f"{i:064x}" for i in range(3)],
                 paths=["a", "b", "c"], labels=None, targets=None, splits=None, classes=[],
                 features={"layer3": np.ones((3, 2, 2, 2), dtype=np.float32)})
-    with pytest.raises(FeatxError, match="--pooling none"):
+    with pytest.raises(FeatxError, match=r"\(pooling 'none'\): search needs pooled rows; extract the tap with "
+                                         r"featx\.extract\(\.\.\., pooling='avg'\) / `featx extract --pooling avg`$"):
         neighbors(tmp_path / "maps.h5", ["a"])
 
 
