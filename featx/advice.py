@@ -245,7 +245,7 @@ def extract_measured(data, source, counts: dict, store: Path, take: int, seed: i
     with tempfile.TemporaryDirectory(prefix="featx-advise-") as tmp:
         spec = str(data) if take >= max(counts.values()) else str(_subset_csv(source, take, seed, Path(tmp)))
         part = "all images" if take >= max(counts.values()) else \
-            f"at most {take} images per class (what --budget-seconds {budget:.0f} affords)"
+            f"at most {take} images per class (what a budget of {budget:.0f} s affords)"
         log(f"extracting {part} at taps {', '.join(options['taps'])} into {store}")
         # the store holds exactly the images measured (the learning curves read all its rows): a subset's CSV is
         # another data each time, so earlier rows go (reported in the summary line)

@@ -295,7 +295,7 @@ def _unread_note(source: Source) -> str:
     (folder, reason), more = source.failed[0], len(source.failed) - 1
     others = f" and {more} more folder{'s' if more > 1 else ''}" if more else ""
     return (f"{Path(source.root, folder)}: {reason}{others}: left out, the store keeps the rows it has of them "
-            f"(--on-error fail stops instead)")
+            f"(on_error='fail' / --on-error fail stops instead)")
 
 
 def _choose(paths, runner: FeatureRunner, shard, decode, fits, workers, threads, batch_size, log) -> Choice:
@@ -303,7 +303,7 @@ def _choose(paths, runner: FeatureRunner, shard, decode, fits, workers, threads,
     the model runs on this process's CPU alone, the fixed defaults elsewhere; a measurement is told to `log`."""
     device = runner.runtime.device
     if device.type != "cpu" or decode == "gpu":
-        return defaults(workers, threads, batch_size, f"model on {device}" if device.type != "cpu" else "--decode gpu")
+        return defaults(workers, threads, batch_size, f"model on {device}" if device.type != "cpu" else "decode 'gpu'")
     if shard.is_split:
         return defaults(workers, threads, batch_size, f"{shard.name}: processes may share this machine")
     spec = runner.transform

@@ -99,7 +99,8 @@ def evaluate(head, data, *, masks=None, split: str | None = None, **options) -> 
     EvaluateOptions.of({**options, "masks": masks, "split": split})  # an OptionError for a value out of range
     if not _is_segment(head):
         if masks:
-            raise OptionError("{masks}: {path} is not a segmentation head (fit one with fit-head --task segment)",
+            raise OptionError("{masks}: {path} is not a segmentation head (fit one with featx.fit_head(..., "
+                              "task='segment') / `featx fit-head --task segment`)",
                               path=head)
         return evaluate_rows(head, data, split=split, **options)
     if not masks:

@@ -70,13 +70,13 @@ def layers(backbone: str | None = None, weights: str = "none", *, weights_match:
     are marked, and `include_all` lists every graph node. `weights` (a name, a file, or 'none') only matters for
     a file: its load report goes to `log` (a callable taking one line), and a file written by `featx finetune`
     names the backbone when `backbone` is None. Returns one LayerInfo per tap, in forward order."""
-    from .backbones import load_backbone
+    from .backbones import LIST_BACKBONES, load_backbone
     from .backbones.weights import looks_like_path
 
     LayersOptions.of(locals())  # an OptionError for a value the option does not take
     if backbone is None and (str(weights).lower() == "none" or not looks_like_path(str(weights))):
         raise OptionError("featx layers: give a {backbone} name (or {weights=$file} written by featx finetune, which "
-                          "records its backbone), or --list to see them all", file="model.pt")
+                          "records its backbone); {list} names them all", file="model.pt", list=LIST_BACKBONES)
     bb = load_backbone(backbone, weights, match=weights_match)
     if backbone is None and not bb.meta.get("backbone"):
         raise OptionError("featx layers: {weights=} records no backbone (it was not written by featx finetune): give "

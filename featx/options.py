@@ -27,8 +27,8 @@ from .errors import FeatxError
 SPEC = "featx.option"  # the key of a field's Spec in its metadata
 
 
-class OptionError(FeatxError):
-    """A bad value of one or more parameters. `template` names each as `{name}` (the parameter), `{name=}` (the
+class _Named:
+    """A message that names parameters: `template` names each as `{name}` (the parameter), `{name=}` (the
     parameter and the value in `values[name]`), `{name=$key}` (the parameter and the value in `values[key]`) or
     `{name=text}` (the parameter set to `text`, read as a Python literal where it is one: `{num_shards=4}`); the
     other fields are filled from `values` as str.format does, so a parameter with a value in `values[name]` is
@@ -38,12 +38,20 @@ class OptionError(FeatxError):
         self.template, self.values = template, values
         super().__init__(self.spelled(_keyword))
 
-    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver with its fields)
-        return _option_error, (self.template, self.values)
-
     def spelled(self, spell) -> str:
         """The message with each parameter written by `spell(name, value)` (value: the given one, or MISSING)."""
         return self.template.format_map(_Spelling(self.values, spell))
+
+
+class OptionError(_Named, FeatxError):
+    """A bad value of one or more parameters (the message names them as _Named says)."""
+
+    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver with its fields)
+        return _option_error, (self.template, self.values)
+
+
+class OptionWarning(_Named, UserWarning):
+    """A warning that names parameters as an OptionError does (the command line shows their flags)."""
 
 
 def _option_error(template: str, values: dict) -> OptionError:

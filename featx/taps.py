@@ -304,8 +304,14 @@ def _unknown_tap(graph: Graph, model: nn.Module, tap: str, name: str) -> OptionE
     close = difflib.get_close_matches(tap, dict.fromkeys(names), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     shown = ", ".join(rows[:MAX_LISTED]) + (", ..." if len(rows) > MAX_LISTED else "")
-    return OptionError("{%s=}: unknown tap for {label}{hint}; valid taps include {shown} (featx layers {label} --all "
-                       "lists all {n})" % name, **{name: tap}, label=label, hint=hint, shown=shown, n=len(graph.taps()))
+    return OptionError("{%s=}: unknown tap for {label}{hint}; valid taps include {shown} ({every} lists all {n})"
+                       % name, **{name: tap}, label=label, hint=hint, shown=shown, every=every_tap(label),
+                       n=len(graph.taps()))
+
+
+def every_tap(label: str) -> str:
+    """Where every tap of the backbone `label` is listed (for a hint)."""
+    return f"featx.layers({label!r}, include_all=True) / `featx layers {label} --all`"
 
 
 @dataclass(frozen=True)

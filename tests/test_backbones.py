@@ -91,8 +91,9 @@ def test_unknown_backbone_suggests_close_names():
         check_backbone("resnet5")
     msg = str(err.value)
     assert msg.startswith("unknown backbone 'resnet5': did you mean resnet50")
-    assert "featx layers --list" in msg and "\n" not in msg
-    with pytest.raises(FeatxError, match="unknown backbone 'nothing_like_it' \\(featx layers --list"):
+    assert msg.endswith(" (featx.backbones.list_backbones() / `featx layers --list` names them all)")
+    assert "\n" not in msg
+    with pytest.raises(FeatxError, match=r"^unknown backbone 'nothing_like_it' \(featx\.backbones\.list_backbones"):
         load_backbone("nothing_like_it", "none")
 
 

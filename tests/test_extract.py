@@ -264,7 +264,7 @@ def test_an_unreadable_subfolder_is_one_line_and_its_rows_stay(tmp_path, monkeyp
     lines = []
     result = extract(data, out, **FAST, log=lines.append)
     assert lines == [f"{data / 'bees'}: cannot read folder: Permission denied: left out, the store keeps the rows it "
-                     f"has of them (--on-error fail stops instead)"]
+                     f"has of them (on_error='fail' / --on-error fail stops instead)"]
     assert (result.n_computed, result.n_dropped) == (0, 0)
     with open_store(out) as store:
         assert sorted(store.keys) == keys

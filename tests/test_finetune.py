@@ -246,7 +246,8 @@ def test_a_finetune_from_a_probe_says_batch_norm_stays_fixed(probe, tmp_path, mo
     lines = []
     finetune(probe[0], tmp_path / "run", backbone="resnet18", weights="none", init_head=probe[2], epochs=1,
              batch_size=8, image_size=SIZE, workers=0, device="cpu", precision="fp32", log=lines.append)
-    assert "BatchNorm statistics stay fixed: the head starts from a probe (--train-bn updates them)" in lines
+    assert "BatchNorm statistics stay fixed: the head starts from a probe (train_bn=True / --train-bn updates " \
+        "them)" in lines
 
 
 def test_init_head_binary_probe_gives_its_probabilities(tmp_path, probe, image_folders):
@@ -497,11 +498,12 @@ def test_resume_equals_an_uninterrupted_run_across_unfreeze(data, clean_run, tmp
 def test_resume_with_other_settings_is_an_error(data, clean_run):
     run, _ = clean_run
     before = digest(run)
-    with pytest.raises(FeatxError, match=r"--resume .*lr 0\.05 there, 0\.1 now"):
+    with pytest.raises(OptionError, match=r"^output='.*': the run was recorded with other settings \(lr 0\.05 there, "
+                                          r"0\.1 now;.*\(another output, or overwrite=True\)$"):
         finetune(data, run, **{**UNFREEZE, "lr": 0.1}, resume=True)
-    with pytest.raises(FeatxError, match=r"--resume .*\(--decode exact there, fast now\)"):
+    with pytest.raises(FeatxError, match=r"^output=.*\(decode exact there, fast now\)"):
         finetune(data, run, **{**UNFREEZE, "decode": "fast"}, resume=True)
-    with pytest.raises(FeatxError, match=r"--resume .*freeze"):
+    with pytest.raises(FeatxError, match=r"^output=.*\(freeze "):
         finetune(data, run, **{**UNFREEZE, "freeze": "features.0"}, resume=True)
     assert digest(run) == before
 
@@ -531,7 +533,7 @@ def test_a_run_recorded_before_the_decode_mode_resumes_as_exact(data, clean_run,
     checkpoint = load_checkpoint(old / "checkpoint.pt")
     del checkpoint["config"]["decode"]
     torch.save(checkpoint, old / "checkpoint.pt")
-    with pytest.raises(FeatxError, match=r"\(--decode exact there, fast now\)"):
+    with pytest.raises(FeatxError, match=r"^output=.*\(decode exact there, fast now\)"):
         finetune(data, old, **{**UNFREEZE, "decode": "fast", "epochs": 3}, resume=True)
     result = finetune(**resume_arguments(old, {"epochs": 3, "workers": 0, "device": "cpu"}))
     assert result.trained_epochs == 1
@@ -615,10 +617,11 @@ def test_out_of_memory_names_a_batch_size_and_leaves_the_run_folder_alone(data, 
 
 def test_a_run_folder_needs_resume_or_overwrite(data, clean_run, tmp_path):
     run, _ = clean_run
-    with pytest.raises(FeatxError, match=r"-o .*holds a run already.*--resume.*--overwrite"):
+    with pytest.raises(OptionError, match=r"^output='.*': holds a run already .*; pass resume=True to continue it, or "
+                                          r"overwrite=True to start a new one$"):
         finetune(data, run, **UNFREEZE)
     finetune(data, run, **UNFREEZE, resume=True)  # the failed call left no lock behind
-    with pytest.raises(FeatxError, match=r"--resume .*: no such run folder"):
+    with pytest.raises(OptionError, match=r"^output='.*nothing': no such run folder to resume$"):
         finetune(data, tmp_path / "nothing", **UNFREEZE, resume=True)
 
 

@@ -110,13 +110,14 @@ def test_resume_errors(cli, trained, tmp_path):
     before = digest(run)
     for args, needle in (
         (("--resume", run, "--lr", "0.5"),
-         "the run was recorded with other settings (--lr 0.05 there, 0.5 now): leave those options out"),
+         f"--resume {run}: the run was recorded with other settings (--lr 0.05 there, 0.5 now): leave those out"),
         (("--resume", run, "--decode", "fast"), "other settings (--decode exact there, fast now): leave those"),
         (("--resume", run, "--epochs", "1"), "--epochs 1: the run in "),
-        (("--resume", tmp_path / "nothing"), "no such run folder"),
+        (("--resume", tmp_path / "nothing"), f"--resume {tmp_path / 'nothing'}: no such run folder to resume"),
         (("--resume", run, "-o", tmp_path / "other"), "give one run folder"),
         ((), "give the run folder with -o RUN_DIR"),
-        (("-o", run), "holds a run already"),
+        (("-o", run), f"-o {run}: holds a run already (checkpoint.pt); pass --resume {run} to continue it, or "
+                      "--overwrite to start"),
     ):
         out = cli("finetune", data, "-w", "none", "--epochs", "2", *FAST, *args)
         err = out.stderr.strip()
@@ -141,7 +142,7 @@ def test_resume_alone_continues_with_what_the_run_recorded(cli, trained, tmp_pat
     out = cli("finetune", "--resume", run, "--workers", "0", "--device", "cpu")
     assert out.exit_code == 0, out.output
     assert out.stdout.strip().startswith(f"{run}: complete already, nothing to train (2 of 2 epochs")
-    assert "pass --epochs N above 2" in out.stdout and " epochs in " not in out.stdout and not out.stderr
+    assert "give more than 2 epochs to train it further" in out.stdout and " epochs in " not in out.stdout and not out.stderr
     assert digest(run) == before and not [p for p in run.iterdir() if p.name.startswith(".featx")]
     as_json = json.loads(cli("finetune", "--resume", run, "--json").stdout)
     assert as_json["trained_epochs"] == 0 and as_json["epochs"] == 2
@@ -168,7 +169,8 @@ def test_resume_alone_with_a_moved_weights_file(cli, trained, tmp_path):
     weights.rename(tmp_path / "moved.pt")
     out = cli("finetune", "--resume", tmp_path / "r", "--epochs", "2")
     assert out.exit_code == 2 and out.stderr.count("\n") == 1
-    assert f"the run's weights file {weights} is gone; pass -w FILE with the same file" in out.stderr
+    assert f"--resume {tmp_path / 'r'}: the run's weights file {weights} is gone; pass -w FILE with the same file" \
+        in out.stderr
     out = cli("finetune", "--resume", tmp_path / "r", "--epochs", "2", "-w", tmp_path / "moved.pt", "-q")
     assert out.exit_code == 0, out.output
     assert "2 epochs in " in out.stdout

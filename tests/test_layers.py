@@ -104,7 +104,9 @@ def test_check_taps(resnet18):
         check_taps(resnet18, ["xyzzy"])
     msg = str(err.value)
     assert msg.startswith("taps='xyzzy': unknown tap for resnet18; valid taps include conv1, bn1")
-    assert "layer4" in msg and f"(featx layers resnet18 --all lists all {len(valid_taps(resnet18))})" in msg
+    every = (f"(featx.layers('resnet18', include_all=True) / `featx layers resnet18 --all` lists all "
+             f"{len(valid_taps(resnet18))})")
+    assert "layer4" in msg and every in msg
 
 
 @pytest.mark.parametrize("typo, close", [

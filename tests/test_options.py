@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 
 import click
 import pytest
@@ -19,7 +20,7 @@ from featx.heads.neighbor_options import NeighborsOptions
 from featx.heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
 from featx.layers_options import LayersOptions
 from featx.serve.options import ServeOptions
-from featx.options import SPEC, OptionError, flag_spelling
+from featx.options import SPEC, OptionError, OptionWarning, flag_spelling
 from heads_support import blob_store
 
 COMMANDS = {"extract": ExtractOptions, "fit-head": FitHeadOptions, "finetune": FinetuneOptions,
@@ -182,15 +183,73 @@ def _a_split_without_rows(tmp_path):
          f"--split test: no labelled rows in {store} (its splits: train, val; --split all scores every labelled row)")
 
 
-@pytest.mark.parametrize("case", [_export_into_a_full_folder, _a_weights_file_that_is_missing, _a_split_without_rows])
+def _a_run_folder_that_holds_a_run(tmp_path):
+    """--resume DIR stands for output=DIR and resume=True."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    return (lambda: featx.finetune("digits", run, backbone="resnet18", weights="none", device="cpu")), \
+        ["finetune", "digits", "-o", run, "-b", "resnet18", "-w", "none", "--device", "cpu"], \
+        (f"output='{run}': holds a run already (checkpoint.pt); pass resume=True to continue it, or overwrite=True "
+         "to start a new one",
+         f"-o {run}: holds a run already (checkpoint.pt); pass --resume {run} to continue it, or --overwrite to "
+         "start a new one")
+
+
+def _a_resumed_run_whose_weights_file_is_gone(tmp_path):
+    from featx.finetuning.resume import resume_arguments
+
+    run, gone = tmp_path / "run", tmp_path / "w.pt"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "digits", "backbone": "resnet18", "weights": f"file:{gone}",
+                                                 "weights_path": str(gone), "weights_sha256": "0123456789abcdef" * 4}))
+    gone_hint = f"the run's weights file {gone} is gone; pass %s with the same file (its sha256 must be " \
+                "0123456789abcdef...)"
+    return (lambda: resume_arguments(run, {})), ["finetune", "--resume", run], \
+        (f"run='{run}': " + gone_hint % "weights='FILE'", f"--resume {run}: " + gone_hint % "-w FILE")
+
+
+@pytest.mark.parametrize("case", [_export_into_a_full_folder, _a_weights_file_that_is_missing, _a_split_without_rows,
+                                  _a_run_folder_that_holds_a_run, _a_resumed_run_whose_weights_file_is_gone])
 def test_a_library_error_names_the_keyword_in_python_and_the_flag_on_the_command_line(cli, tmp_path, case):
-    call, argv, (python, command_line) = case(tmp_path)
+    _reads_as(cli, *case(tmp_path))
+
+
+def test_a_hint_names_the_keyword_in_python_and_the_flag_on_the_command_line(cli, tmp_path, monkeypatch):
+    import featx.heads.data
+
+    store = _blob_store(tmp_path / "s.h5")
+    monkeypatch.setattr(featx.heads.data, "available_memory", lambda: 2000)  # 72 rows x 8 float32: 2,304 bytes
+    too_big = f"{store}: tap 'avgpool' does not fit in memory (72 rows x 8 float32 features need 2,304 bytes, " \
+              "0.0 GB, 0.0 GB available): use %s, which streams the store in chunks"
+    _reads_as(cli, lambda: featx.fit_head(store, "avgpool", tmp_path / "head", plots=False, n_jobs=1),
+              ["fit-head", store, "-l", "avgpool", "-o", tmp_path / "head", "--no-plots"],
+              (too_big % "head='sgd'", too_big % "--head sgd"))
+
+
+def _reads_as(cli, call, argv, expected):
+    """`call` raises an OptionError reading as expected[0]; the command line `argv` exits 2 with expected[1]."""
+    python, command_line = expected
     with pytest.raises(OptionError) as err:
         call()
     assert str(err.value) == python
     result = cli(*argv)
     assert result.exit_code == 2
     assert result.output == f"featx: error: {command_line}\n"
+
+
+def test_a_warning_names_the_keyword_in_python_and_the_flag_on_the_command_line(tmp_path, monkeypatch):
+    from contextlib import ExitStack
+
+    from featx.heads import neighbors
+    from featx.store import open_store
+
+    monkeypatch.setattr(neighbors, "can_write_in", lambda folder: False)
+    with ExitStack() as stack, pytest.warns(OptionWarning) as caught:
+        neighbors._query_cache(stack.enter_context(open_store(_blob_store(tmp_path / "s.h5"))), None, stack)
+    said = f"{tmp_path} is read-only: the query images' features are not cached (pass %s to keep them)"
+    assert str(caught[0].message) == said % "query_store='FILE.h5'"
+    assert caught[0].message.spelled(flag_spelling(main.commands["neighbors"].params)) == said % "--query-store FILE.h5"
 
 
 def test_click_types_and_help_carry_the_choices_and_ranges():

@@ -140,7 +140,7 @@ def test_evaluate_scores_the_val_split_by_default_and_says_so(tmp_path):
     default = featx.evaluate(head, tmp_path / "s.h5")
     assert (default["split"], default["rows"]) == ("val", {"eval": 18})
     assert default["accuracy"] == head.metrics["accuracy"]
-    assert default["evaluated_on"] == "split 'val' (by default; --split all scores every labelled row)"
+    assert default["evaluated_on"] == "split 'val' (by default; split 'all' scores every labelled row)"
     every = featx.evaluate(head, tmp_path / "s.h5", split="all")
     assert (every["split"], every["rows"], every["evaluated_on"]) == ("all", {"eval": 90}, "all labelled rows")
     with pytest.raises(FeatxError, match=r"split='test': no labelled rows .*its splits: train, val; split='all'"):
@@ -158,7 +158,7 @@ def test_evaluate_scores_the_val_split_by_default_and_says_so(tmp_path):
 
     text = run("evaluate", tmp_path / "head", tmp_path / "s.h5")
     assert text.exit_code == 0 and text.output.splitlines()[0] == \
-        "evaluated  on split 'val' (by default; --split all scores every labelled row), 18 rows"
+        "evaluated  on split 'val' (by default; split 'all' scores every labelled row), 18 rows"
     as_json = json.loads(run("evaluate", tmp_path / "head", tmp_path / "s.h5", "--json").output)
     assert (as_json["split"], as_json["rows"]["eval"]) == ("val", 18)
 

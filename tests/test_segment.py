@@ -195,7 +195,7 @@ def test_pyramid_decoder_learns_masks_and_records_its_taps(tmp_path):
     assert config["tap"] == ["layer1", "layer2", "layer3", "layer4"] and config["decoder"] == "fpn:16"
     weights = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert weights["decoder.lateral.3.weight"].shape == (16, 512, 1, 1)
-    with pytest.raises(FeatxError, match=r"--resume .*tap"):
+    with pytest.raises(FeatxError, match=r'^output=.* \(tap \["layer1"'):
         featx.finetune(data, tmp_path / "run", binary=True, freeze="backbone", optimizer="adam", lr=3e-3,
                        **options, tap=["layer1", "layer2"], resume=True)
 
@@ -278,7 +278,7 @@ def test_resume_equals_an_uninterrupted_run(data, clean_run, tmp_path):
                             resume=True)
     for got, want in zip(result.history, clean.history):
         assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}
-    with pytest.raises(FeatxError, match=r"--resume .*decoder"):
+    with pytest.raises(FeatxError, match=r"^output=.* \(decoder conv:8 there, linear now\)"):
         featx.finetune(data, tmp_path / "run", binary=True, freeze="until:layer2", dice_weight=0.5,
                        **{**FAST, "decoder": "linear"}, resume=True)
 
@@ -362,7 +362,8 @@ def test_dense_probe_bad_input(data, maps, tmp_path):
     pooled = tmp_path / "pooled.h5"
     featx.extract(data, pooled, backbone="resnet18", weights="none", taps=["layer2"], image_size=64, workers=0,
                   precision="fp32", device="cpu")
-    with pytest.raises(FeatxError, match=r"a segmentation head needs maps: featx extract --pooling none"):
+    with pytest.raises(FeatxError, match=r"a segmentation head needs maps: featx\.extract\(\.\.\., "
+                                          r"pooling='none'\) / `featx extract --pooling none`$"):
         fit_dense_probe(pooled, data, binary=True)
     other = make_mask_folder(tmp_path / "other", seed=7)
     with pytest.raises(FeatxError, match=r"no mask for train/images/p000\.png \(row 0 of"):

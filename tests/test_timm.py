@@ -142,7 +142,7 @@ def test_pretrained_tag_missing_offline_names_the_file_and_folder(hf_cache):
         load_backbone(NAME, "DEFAULT")
     msg = str(err.value)
     assert "\n" not in msg and "weights timm/test_efficientnet r160_in1k are not in timm's Hugging Face cache" in msg
-    assert "https://huggingface.co/timm/test_efficientnet.r160_in1k" in msg and "-w path/to/model.safetensors" in msg
+    assert "https://huggingface.co/timm/test_efficientnet.r160_in1k" in msg and "and pass weights='path/to/model.safetensors'" in msg
     assert f"{hf_cache}/models--timm--test_efficientnet.r160_in1k/" in msg
 
 

@@ -5,7 +5,15 @@ timm is optional: it is imported only when a `timm/<name>` backbone is asked for
 """
 from __future__ import annotations
 
-from .factory import Backbone, check_backbone, check_complete, classifier_path, list_backbones, load_backbone
+from .factory import (
+    LIST_BACKBONES,
+    Backbone,
+    check_backbone,
+    check_complete,
+    classifier_path,
+    list_backbones,
+    load_backbone,
+)
 from .weights import (
     CHECKPOINT_KEYS,
     OFFLINE_ENV,
@@ -19,6 +27,7 @@ from .weights import (
 
 __all__ = [
     "CHECKPOINT_KEYS",
+    "LIST_BACKBONES",
     "OFFLINE_ENV",
     "WEIGHTS_MATCHES",
     "Backbone",

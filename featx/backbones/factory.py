@@ -61,6 +61,9 @@ def _source(name: str) -> tuple[ModuleType, str]:
     return importlib.import_module(SOURCES[prefix]), str(name)[len(prefix):]
 
 
+LIST_BACKBONES = "featx.backbones.list_backbones() / `featx layers --list`"  # a hint: where every name is
+
+
 def list_backbones() -> list[str]:
     """Every torchvision classification model name and, when timm is installed, every timm name (timm/...), sorted."""
     names = list(_source("")[0].names())
@@ -82,7 +85,7 @@ def check_backbone(name: str) -> None:
     tag = {"backbone": source.PREFIX + arch.partition(".")[0], "weights": arch.partition(".")[2]} \
         if source.PREFIX and "." in arch else {}
     raise OptionError("unknown backbone {name!r}" + hint + (" (a pretrained tag goes into the weights: {backbone=} "
-                      "{weights=})" if tag else "") + " (featx layers --list shows all)", name=name,
+                      "{weights=})" if tag else "") + f" ({LIST_BACKBONES} names them all)", name=name,
                       close=", ".join(close), **({"backbone": timm_name} if timm_name else tag))
 
 

@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from ..errors import FeatxError
 from ..options import OptionError
 from ..preprocess import INTERPOLATIONS, TransformSpec
 from .weights import is_offline, read_weights_file
@@ -104,19 +103,24 @@ def _cached_hf_file(cfg) -> str | None:
 
 
 def _hf_missing(cfg) -> str:
-    """What to do when the Hugging Face cache lacks the weights of a hub config."""
+    """What to do when the Hugging Face cache lacks the weights of a hub config: copy its cache folder, or download
+    its file (to pass as the weights)."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     repo = cfg.hf_hub_id.partition("@")[0]
-    filename = cfg.hf_hub_filename or HF_FILES[0]
     folder = f"{HF_HUB_CACHE}/models--{repo.replace('/', '--')}"
-    return (f"download {filename} from https://huggingface.co/{repo} and pass -w path/to/{filename}, or copy the "
-            f"hub cache folder {folder}/ from a machine that has it (huggingface-cli download {repo})")
+    return (f"copy the hub cache folder {folder}/ from a machine that has it (huggingface-cli download {repo}), or "
+            f"download {_hf_filename(cfg)} from https://huggingface.co/{repo}")
 
 
-def _offline_hf(what: str, cfg) -> FeatxError:
-    return FeatxError(f"weights {what} are not in timm's Hugging Face cache and cannot be downloaded (offline?): "
-                      f"{_hf_missing(cfg)}")
+def _hf_filename(cfg) -> str:
+    return cfg.hf_hub_filename or HF_FILES[0]
+
+
+def _offline_hf(what: str, cfg) -> OptionError:
+    return OptionError("weights {what} are not in timm's Hugging Face cache and cannot be downloaded (offline?): "
+                       "{missing} and pass {weights=$file}", what=what, missing=_hf_missing(cfg),
+                       file=f"path/to/{_hf_filename(cfg)}")
 
 
 def weights_catalog(name: str) -> dict:

@@ -14,6 +14,7 @@ from ..options import OptionError, flag_spelling
 
 INTERRUPTED = "interrupted"  # ctx.meta key: what Ctrl-C left, set by the running command (on_interrupt)
 RESUMABLE = "featx: interrupted (completed work is kept; run the same command again to resume)"
+SPELLING = "spelling"  # ctx.meta key: how the running command spells an OptionError's parameters (spell_with)
 # What Ctrl-C leaves behind, per command that keeps work (the others have written nothing: a head folder is written
 # whole or not at all); a command may say more with on_interrupt.
 LEFT_BY_INTERRUPT = {"extract": RESUMABLE, "predict": RESUMABLE, "advise": RESUMABLE, "neighbors": RESUMABLE}
@@ -48,7 +49,8 @@ class FeatxGroup(click.Group):
             return super().invoke(ctx)
         except OptionError as err:  # named by the keyword: the flag it came from
             command = self.commands.get(ctx.invoked_subcommand)
-            raise OneLineError(err.spelled(flag_spelling(command.params if command else ())), err.exit_code) from None
+            spell = ctx.meta.get(SPELLING) or flag_spelling(command.params if command else ())
+            raise OneLineError(err.spelled(spell), err.exit_code) from None
         except FeatxError as err:
             raise OneLineError(str(err), err.exit_code) from None
         except click.UsageError as err:
@@ -118,6 +120,12 @@ def check_writable(where: str, path: Path, expected: str) -> None:
 def on_interrupt(said) -> None:
     """What Ctrl-C prints for the running command: a line, or a function that gives it at that moment."""
     click.get_current_context().meta[INTERRUPTED] = said
+
+
+def spell_with(spell) -> None:
+    """Spell the running command's OptionErrors with `spell` (see featx.options.flag_spelling) instead of by its
+    flags alone: for a flag that stands for several parameters of the Python call."""
+    click.get_current_context().meta[SPELLING] = spell
 
 
 def echo_json(data) -> None:

@@ -1,7 +1,9 @@
 """CLI: `featx finetune` (a thin wrapper over featx.finetune)."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -9,7 +11,8 @@ from click.core import ParameterSource
 
 from ..errors import FeatxError
 from ..finetuning.options import FinetuneOptions
-from .common import echo_json, on_interrupt
+from ..options import flag_spelling
+from .common import echo_json, on_interrupt, spell_with
 
 
 @click.command("finetune")
@@ -37,6 +40,7 @@ def finetune_cmd(data, output, resume_dir, as_json, quiet, **params):
         raise FeatxError("featx finetune: give the run folder with -o RUN_DIR (or --resume RUN_DIR)")
     if not (data or resume_dir):
         raise FeatxError("featx finetune: give DATA (an ImageFolder, a CSV of path,label, or 'digits') and -o RUN_DIR")
+    spell_with(_spelling(resume_dir or output, bool(resume_dir)))
     log = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     arguments = dict(data=data, output=output, **options)
     if resume_dir:  # the run's record, and on top of it what was given on this command line
@@ -57,6 +61,19 @@ def finetune_cmd(data, output, resume_dir, as_json, quiet, **params):
         })
         return
     click.echo(result.summary())
+
+
+def _spelling(folder, resuming: bool):
+    """How this command names featx.finetune's parameters: `--resume DIR` stands for two of them, output=DIR and
+    resume=True (and for the run=DIR of featx.finetuning.resume), every other one by its flag."""
+    spell = flag_spelling(finetune_cmd.params)
+
+    def respell(name: str, value) -> str:
+        if value is not dataclasses.MISSING and (name in ("run", "resume") or name == "output" and resuming):
+            return f"--resume {shlex.quote(str(folder))}"
+        return spell(name, value)
+
+    return respell
 
 
 def _interrupted(run) -> str:

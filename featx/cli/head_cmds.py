@@ -8,6 +8,7 @@ import warnings
 import click
 
 from ..heads.options import EvaluateOptions, FitHeadOptions, PredictOptions
+from ..options import OptionWarning, flag_spelling
 from .common import PathParam, echo_json, warn
 
 FEATURES_FILE = PathParam("input", "a featx store (.h5) or an HDF5/NPZ feature file")
@@ -16,10 +17,12 @@ PREDICTIONS_FILE = PathParam("output", "a CSV or JSON file to write")
 
 @contextlib.contextmanager
 def _warnings_as_lines():
-    """Show Python warnings raised by the API as `featx: warning: ...` lines."""
+    """Show Python warnings raised by the API as `featx: warning: ...` lines (parameters named by their flags)."""
+    spell = flag_spelling(click.get_current_context().command.params)
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda message, *args, **kwargs: warn(str(message))
+        warnings.showwarning = lambda message, *args, **kwargs: warn(
+            message.spelled(spell) if isinstance(message, OptionWarning) else str(message))
         yield
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..backbones import load_backbone
 from ..choices import DEFAULT_DECODE
-from ..errors import FeatxError
 from ..memory import check_batch_memory, out_of_memory_as_error
 from ..options import OptionError
 from ..runtime import resolve_runtime
@@ -42,7 +41,7 @@ class FinetuneResult:
     seconds: float
     stopped_early: bool
     trained_epochs: int  # epochs this call trained (0: the run was complete already)
-    planned_epochs: int  # the run's --epochs
+    planned_epochs: int  # the run's epochs
     history: list[dict] = field(repr=False)
 
     def summary(self) -> str:
@@ -54,7 +53,7 @@ class FinetuneResult:
         early = " (stopped early)" if self.stopped_early else ""
         if not self.trained_epochs:
             further = "start a new run to train further" if self.stopped_early else \
-                f"pass --epochs N above {self.planned_epochs} to train it further"
+                f"give more than {self.planned_epochs} epochs to train it further"
             return (f"{self.run_dir}: complete already, nothing to train ({self.epochs} of {self.planned_epochs} "
                     f"epochs{early}, {best}: {self.run_dir}/model.pt); {further}")
         epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
@@ -220,24 +219,25 @@ def _decoded_cache(where, limit_mb: float, run: RunDir, task: Task, log) -> Deco
     return DecodedCache.open(where, limit_mb, log)
 
 
-# The option that sets each config field, where it is not the field's own name as an option.
-OPTION_OF = {"data": "DATA", "source": "DATA", "classes": "DATA", "n_train": "DATA", "n_val": "DATA",
-             "backbone": "-b", "weights": "-w", "weights_sha256": "-w", "classifier": "-b", "transform": "--image-size"}
+# The parameter that sets each config field, where it is not the field's own name.
+PARAMETER_OF = {"source": "data", "classes": "data", "n_train": "data", "n_val": "data", "weights_sha256": "weights",
+                "classifier": "backbone", "transform": "image_size"}
 
 
 def _check_resumable(checkpoint: dict, new: dict, path: Path) -> None:
-    """FeatxError when this call cannot continue the checkpoint's run: a setting differs (naming the options), or
+    """OptionError when this call cannot continue the checkpoint's run: a setting differs (naming the parameters), or
     fewer epochs than recorded are asked for. More epochs extend the run; PROVENANCE fields may differ."""
     old = {**ADDED_FIELDS, **checkpoint["config"]}
     differ = [key for key in {**old, **new} if key not in PROVENANCE and key != "epochs"
               and old.get(key) != new.get(key) and not _same_weights_file(key, old, new)]
     if differ:
-        shown = "; ".join(f"{OPTION_OF.get(key, '--' + key.replace('_', '-'))} {_short(old.get(key))} there, "
-                          f"{_short(new.get(key))} now" for key in differ[:4])
-        raise FeatxError(
-            f"--resume {path}: the run was recorded with other settings ({shown}): leave those options out to "
-            f"continue it as recorded ({path / 'config.json'}), or start a new run (another -o, or --overwrite)"
-        )
+        shown = "; ".join("{%s} {old%d} there, {new%d} now" % (PARAMETER_OF.get(key, key), i, i)
+                          for i, key in enumerate(differ[:4]))
+        raise OptionError("{output=$folder}: the run was recorded with other settings (%s): leave those out to continue it "
+                          "as recorded ({config}), or start a new run (another {output}, or {overwrite=True})" % shown,
+                          folder=str(path), config=path / "config.json",
+                          **{f"old{i}": _short(old.get(key)) for i, key in enumerate(differ[:4])},
+                          **{f"new{i}": _short(new.get(key)) for i, key in enumerate(differ[:4])})
     if new["epochs"] < old["epochs"]:
         raise OptionError("{epochs=%d}: the run in {path} was recorded with {old} epochs ({done} done): give {old} (or "
                           "leave {epochs} out) to continue it, or more to extend it" % new["epochs"], path=path,

@@ -109,7 +109,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise OptionError("{output=}: is a file, expected a run folder", output=str(self.path))
         if resume and not self.path.is_dir():
-            raise FeatxError(f"--resume {self.path}: no such run folder")
+            raise OptionError("{output=}: no such run folder to resume", output=str(self.path))
         missing = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -123,10 +123,9 @@ class RunDir:
             self._remove_stale_temporaries()
             has_checkpoint = (self / CHECKPOINT).is_file()
             if has_checkpoint and not resume and not overwrite:
-                raise FeatxError(
-                    f"-o {self.path}: holds a run already ({CHECKPOINT}); pass --resume {self.path} to continue it, "
-                    f"or --overwrite to start a new one"
-                )
+                raise OptionError("{output=}: holds a run already ({checkpoint}); pass {resume=True} to continue "
+                                  "it, or {overwrite=True} to start a new one", output=str(self.path),
+                                  checkpoint=CHECKPOINT)
             return load_checkpoint(self / CHECKPOINT) if resume and has_checkpoint else None
         except BaseException:
             self.release()  # a failed call must not keep the folder locked for the rest of this process

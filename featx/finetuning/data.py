@@ -53,7 +53,7 @@ def hold_out(train: list, val: list, val_split: float | None, held_out, noun: st
         held = held_out(fraction)
         val = [item for item, h in zip(train, held) if h]
         train = [item for item, h in zip(train, held) if not h]
-    return train, val, f"{fraction:.0%} of the training {noun} held out ({len(val)})" if val else "none (--val-split 0)"
+    return train, val, f"{fraction:.0%} of the training {noun} held out ({len(val)})" if val else "none (0% held out)"
 
 
 def split_items(source: Source, val_split: float | None, seed: int) -> Splits:

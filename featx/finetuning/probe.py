@@ -25,7 +25,8 @@ def probe_weights(head, classes: list[str], in_features: int) -> tuple[np.ndarra
                           kind=head.kind, task=head.task)
     if head.normalize not in FOLDABLE:
         raise OptionError("{init_head=}: the head normalizes rows with {normalize!r}, which no Linear layer can "
-                          "reproduce; fit the probe with --normalize standard or none", **where,
+                          "reproduce; fit the probe with featx.fit_head(..., normalize='standard') / "
+                          "`featx fit-head --normalize standard` (or 'none')", **where,
                           normalize=head.normalize)
     probe_classes = [str(c) for c in head.classes_]
     if probe_classes != list(classes):
@@ -66,7 +67,8 @@ def check_probe_features(head, bb, size: int) -> None:
     feeds = penultimate_node(bb.model)
     if not _same_rows(bb.model, head.tap, pooling, token_pool, feeds, size):
         raise OptionError("{init_head=}: fitted on tap {tap!r} with pooling {pooling}, which is not what feeds the "
-                          "classifier: fit the probe on a store extracted with -l {feeds}", **where, tap=head.tap,
+                          "classifier: fit the probe on a store extracted with featx.extract(..., taps={feeds!r}) / "
+                          "`featx extract -l {feeds}`", **where, tap=head.tap,
                           pooling=pooling, feeds=feeds)
 
 

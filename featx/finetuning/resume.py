@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import FeatxError
+from ..options import OptionError
 from .checkpoint import CONFIG
 
 SEGMENT_FIELDS = ("tap", "decoder", "binary", "num_classes", "dice_weight")
@@ -23,12 +24,12 @@ def recorded_config(run) -> dict:
     """RUN/config.json; FeatxError when the folder holds no run."""
     path = Path(run) / CONFIG
     if not Path(run).is_dir():
-        raise FeatxError(f"--resume {run}: no such run folder")
+        raise OptionError("{run=}: no such run folder to resume", run=str(run))
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FeatxError(f"--resume {run}: no run recorded there (no {CONFIG}); start one with featx finetune DATA "
-                         f"-o {run}") from None
+        raise OptionError("{run=}: no run recorded there to resume (no {config}); start a new run in it first",
+                          run=str(run), config=CONFIG) from None
     except (OSError, ValueError) as err:
         raise FeatxError(f"{path}: unreadable run record ({err})") from err
 
@@ -47,6 +48,7 @@ def resume_arguments(run, given: dict) -> dict:
         recorded.update(task="segment", **{name: config[name] for name in SEGMENT_FIELDS if name in config})
     weights_file = config.get("weights_path")
     if weights_file and "weights" not in given and not Path(weights_file).is_file():
-        raise FeatxError(f"--resume {run}: the run's weights file {weights_file} is gone; pass -w FILE with the same "
-                         f"file (its sha256 must be {str(config.get('weights_sha256'))[:16]}...)")
+        raise OptionError("{run=}: the run's weights file {file} is gone; pass {weights=FILE} with the same file (its "
+                          "sha256 must be {sha}...)", run=str(run), file=weights_file,
+                          sha=str(config.get("weights_sha256"))[:16])
     return {**recorded, **given, "output": str(run), "resume": True}

@@ -93,7 +93,7 @@ class Trainer:
         batch = self.batch
         if start <= self.epochs and batch_norm_fixed(batch, self.train_bn, self.from_probe):
             why = f"batch {batch} < {SMALL_BATCH} images" if batch < SMALL_BATCH else "the head starts from a probe"
-            self.log(f"BatchNorm statistics stay fixed: {why} (--train-bn updates them)")
+            self.log(f"BatchNorm statistics stay fixed: {why} (train_bn=True / --train-bn updates them)")
         for epoch in range(start, self.epochs + 1):
             if self.stopped_early:
                 self.log(f"early stop: no val accuracy gain in {self.early_stop} epochs (best: epoch {self.best['epoch']})")
@@ -104,7 +104,7 @@ class Trainer:
         unfrozen = self.unfreeze_at is not None and epoch >= self.unfreeze_at
         set_frozen(self.model, set() if unfrozen else self.frozen)
         if unfrozen and epoch == self.unfreeze_at:
-            self.log(f"epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (--unfreeze-at)")
+            self.log(f"epoch {epoch}: unfreezing {len(self.frozen)} parameter tensors (unfreeze_at / --unfreeze-at)")
         train_mode(self.model, self.train_bn, self.batch, self.from_probe)
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.train_loader.sampler.set_epoch(epoch)

@@ -73,25 +73,24 @@ class Rows:
                 filled += len(block)
         except MemoryError:
             out = None  # free what was allocated before saying so
-            raise FeatxError(self._memory_message(len(rows))) from None
+            raise self._memory_error(len(rows)) from None
         self.check_finite(out, rows)
         return out
 
     def check_fits_in_memory(self, n: int) -> None:
-        """Raise the one-line 'does not fit' FeatxError when n float32 rows need more than `available_memory()`:
+        """Raise the one-line 'does not fit' OptionError when n float32 rows need more than `available_memory()`:
         refused before allocating, since on Linux a large allocation succeeds and the kernel kills the process
         when the rows are written."""
         available = available_memory()
         if available is not None and n * self.n_features * np.dtype(np.float32).itemsize > available:
-            raise FeatxError(self._memory_message(n, available))
+            raise self._memory_error(n, available)
 
-    def _memory_message(self, n: int, available: int | None = None) -> str:
+    def _memory_error(self, n: int, available: int | None = None) -> OptionError:
         need = n * self.n_features * np.dtype(np.float32).itemsize
         free = f", {available / 1e9:.1f} GB available" if available is not None else ""
-        return (
-            f"{self.path}: tap {self.tap!r} does not fit in memory ({n} rows x {self.n_features} float32 features "
-            f"need {need:,} bytes, {need / 1e9:.1f} GB{free}): use --head sgd, which streams the store in chunks"
-        )
+        return OptionError("{rows}: use {head=sgd}, which streams the store in chunks",
+                           rows=f"{self.path}: tap {self.tap!r} does not fit in memory ({n} rows x {self.n_features} "
+                                f"float32 features need {need:,} bytes, {need / 1e9:.1f} GB{free})")
 
     def iter_chunks(self, rows=None, chunk_rows: int = 65536, seed: int | None = None, check: bool = True):
         """Yield (row indices, float32 block) over the selected rows, at most `chunk_rows` rows and CHUNK_BYTES at a
@@ -399,7 +398,7 @@ def evaluation_rows(labelled: np.ndarray, splits, split: str | None, where) -> t
     how = "all labelled rows" if chosen == ALL_ROWS else f"split {chosen!r}"
     if split is None:
         how += f" (no {' or '.join(DEFAULT_EVAL_SPLITS)} split)" if chosen == ALL_ROWS else \
-            f" (by default; --split {ALL_ROWS} scores every labelled row)"
+            f" (by default; split {ALL_ROWS!r} scores every labelled row)"
     return np.flatnonzero(selected), chosen, how
 
 
@@ -423,7 +422,7 @@ def train_eval_rows(rows: Rows, val_split: float = 0.2, seed: int = 0) -> tuple[
     if evaluate.any():
         return np.flatnonzero(train), np.flatnonzero(evaluate), "split 'val'"
     if val_split == 0:
-        return np.flatnonzero(train), np.empty(0, dtype=np.int64), "none (--val-split 0)"
+        return np.flatnonzero(train), np.empty(0, dtype=np.int64), "none (0% held out)"
     from ..sources import stratified_holdout
 
     candidates = np.flatnonzero(train)

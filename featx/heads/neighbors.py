@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatxError
-from ..options import OptionError
+from ..options import OptionError, OptionWarning
 from ..store import Store, open_store
 from . import search
 from .neighbor_options import MAX_PAIRS, NeighborsOptions
@@ -106,8 +106,8 @@ def neighbors(store, queries, *, k: int = 10, tap: str | None = None, query_stor
         exclude = np.array([q.row for q in resolved], dtype=np.int64)
         hits = search.top_k(Q, gallery_blocks(gallery, tap, chunk_rows), len(gallery), k, exclude)
         got = hits.rows.shape[1]
-        note = "" if got >= k else (f"-k {k}: {gallery.path} holds {len(gallery)} rows, so each query gets {got} "
-                                    "(k clamped to what the store holds)")
+        note = "" if got >= k else (f"{gallery.path} holds {len(gallery)} rows, so each query gets {got} of the {k} "
+                                    "neighbours asked for (k clamped to what the store holds)")
         records = [_record(gallery, q, hits.rows[i], hits.scores[i]) for i, q in enumerate(resolved)]
         return NeighborResult(str(gallery.path), tap, k, records, note)
 
@@ -137,8 +137,9 @@ def gallery_tap(gallery: Store, tap: str | None) -> str:
         tap = gallery.taps[0]
     shape = gallery.feature_shape(tap)  # a tap the store lacks is a FeatxError naming the ones it holds
     if len(shape) != 1:
-        raise FeatxError(f"tap {tap!r} of {gallery.path} holds maps of shape {shape} (--pooling none): search "
-                         "needs pooled rows; extract the tap with --pooling avg")
+        raise FeatxError(f"tap {tap!r} of {gallery.path} holds maps of shape {shape} (pooling 'none'): search needs "
+                         "pooled rows; extract the tap with featx.extract(..., pooling='avg') / "
+                         "`featx extract --pooling avg`")
     return tap
 
 
@@ -204,8 +205,9 @@ def _query_cache(gallery: Store, query_store, stack: ExitStack) -> tuple[Path, i
     default = gallery.path.with_name(f"{gallery.path.stem}.queries.h5")
     if can_write_in(default.parent) and (not default.exists() or os.access(default, os.W_OK)):
         return default, HEAD_CACHE_BYTES
-    warnings.warn(f"{default.parent} is read-only: the query images' features are not cached (pass --query-store "
-                  "FILE.h5 to keep them)", stacklevel=3)
+    warnings.warn(OptionWarning("{folder} is read-only: the query images' features are not cached (pass "
+                                "{query_store=$file} to keep them)", folder=default.parent, file="FILE.h5"),
+                  stacklevel=3)
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="featx-queries-"))
     return Path(folder) / "queries.h5", None
 

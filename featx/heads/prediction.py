@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FeatxError
-from ..options import OptionError
+from ..options import OptionError, OptionWarning
 from .data import open_rows
 from .model import Head
 from .persistence import load_head
@@ -116,8 +116,8 @@ def image_features(head: Head, data, store=None, weights=None, *, batch_size: in
     if store is not None or head.path is None or can_write_in(Path(head.path) / "cache"):
         yield _extract(head, data, store, batch_size, device, workers, progress, log, weights)
         return
-    warnings.warn(f"{head.path} is read-only: the images' features are not cached (pass --store FILE.h5 to keep "
-                  f"them)", stacklevel=3)
+    warnings.warn(OptionWarning("{head} is read-only: the images' features are not cached (pass {store=$file} to "
+                                "keep them)", head=head.path, file="FILE.h5"), stacklevel=3)
     with tempfile.TemporaryDirectory(prefix="featx-features-") as folder:
         yield _extract(head, data, Path(folder) / "features.h5", batch_size, device, workers, progress, None, weights)
 

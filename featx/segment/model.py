@@ -26,7 +26,8 @@ from torch import fx, nn
 from ..choices import DECODER_HELP
 from ..options import OptionError
 from ..layer_table import describe_layers
-from ..taps import Graph, channels_last_taps, check_taps, feature_extractor, reference_size, usual_rows
+from ..taps import (Graph, channels_last_taps, check_taps, every_tap, feature_extractor, model_label, reference_size,
+                    usual_rows)
 
 HEAD_NAME = "decoder"
 PYRAMID_STRIDES = (4, 8, 16, 32)  # the default taps of an fpn decoder: the last stage map of each of these strides
@@ -97,8 +98,8 @@ def default_tap(model: nn.Module) -> str:
     maps = [info.name for info in describe_layers(model) if info.usual == "stage" and len(info.shape) == 3
             and not info.channels_last and min(info.shape[1:]) > 1]
     if not maps:
-        raise OptionError("this backbone has no stage output that is a spatial map: choose one with {tap} "
-                          "(featx layers BACKBONE --all)")
+        raise OptionError("this backbone has no stage output that is a spatial map: choose one with {tap} ({every} "
+                          "lists them)", every=every_tap(model_label(model)))
     return maps[-1]
 
 
@@ -117,7 +118,8 @@ def pyramid_taps(model: nn.Module) -> list[str]:
     if len(taps) < 2:
         strides = "/".join(map(str, PYRAMID_STRIDES))
         raise OptionError("{decoder=fpn}: found {n} stage map(s) of stride {strides} in this backbone; name two or "
-                          "more with {tap} (featx layers BACKBONE --all)", n=len(taps), strides=strides)
+                          "more with {tap} ({every} lists them)", n=len(taps), strides=strides,
+                          every=every_tap(model_label(model)))
     return taps
 
 

@@ -48,7 +48,8 @@ def _map_tap(store, tap: str | None) -> tuple[str, tuple[int, ...]]:
     shape = tuple(store.feature_shape(tap))
     if len(shape) != 3:
         raise FeatxError(f"{store.path}: tap {tap} holds {shape} rows per image (pooling "
-                         f"{store.config.get('pooling')}); a segmentation head needs maps: featx extract --pooling none")
+                         f"{store.config.get('pooling')}); a segmentation head needs maps: "
+                         "featx.extract(..., pooling='none') / `featx extract --pooling none`")
     return tap, shape
 
 
@@ -303,7 +304,8 @@ def predict_dense(head, data, output, *, overlay=None, store=None, weights=None,
     head = head if hasattr(head, "segment") else load_segment_head(head)
     if is_feature_file(data):
         raise FeatxError(f"{data}: a segmentation head predicts on images (a folder, CSV or list), whose sizes the "
-                         f"masks take; for a store's rows use featx evaluate HEAD STORE --masks MASKS")
+                         f"masks take; for a store's rows use featx.evaluate(head, store, masks=...) / "
+                         f"`featx evaluate HEAD STORE --masks MASKS`")
     folders = [Path(output)] + ([Path(overlay)] if overlay is not None else [])
     for name, folder, what in zip(("output", "overlay"), folders, ("the mask PNGs", "the overlay pictures")):
         _check_writable(name, folder, what)

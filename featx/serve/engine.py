@@ -34,8 +34,9 @@ class Extractor:
         self.taps = list(config["taps"])
         decode = recorded_decode(config)
         if decode == "gpu":
-            raise FeatxError("a head on rows made with --decode gpu: featx serve decodes images on the CPU, whose "
-                             "pixels differ; fit the head on a store made with --decode exact")
+            raise FeatxError("a head on rows decoded on the GPU: featx serve decodes images on the CPU, whose pixels "
+                             "differ; fit the head on a store made with featx.extract(..., decode='exact') / "
+                             "`featx extract --decode exact`")
         self.runner = runner_from_config(config, device, weights, max_batch)
         self.decoder = CpuDecoder(self.runner.transform, decode)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000

@@ -53,8 +53,8 @@ def _load(source: Path, trust: bool) -> Head:
     folder = source if source.is_dir() else source.parent
     if not (folder / HEAD_FILE).exists() and (folder / RUN_MODEL).is_file() and (folder / RUN_CONFIG).is_file():
         raise FeatxError(f"HEAD_DIR {source}: a featx finetune run, not a head folder: featx serve serves the heads "
-                         f"of featx fit-head (the run's {RUN_MODEL} works as -w of featx extract, whose store "
-                         f"fit-head takes)")
+                         f"of featx fit-head (the run's {RUN_MODEL} works as the weights of featx.extract(..., "
+                         f"weights=...) / `featx extract -w`, whose store fit-head takes)")
     if is_segment_head(folder):
         from ..segment.probe import load_segment_head
 

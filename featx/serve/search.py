@@ -73,7 +73,8 @@ class SearchStore:
             if not len(store):
                 raise OptionError("{search=}: the store holds no rows to search", search=str(path))
             if not widths:
-                raise OptionError("{search=}: no tap of pooled rows (extract one with --pooling avg)", search=str(path))
+                raise OptionError("{search=}: no tap of pooled rows (extract one with featx.extract(..., pooling='avg') "
+                                  "/ `featx extract --pooling avg`)", search=str(path))
             return cls(path.stem, path, store.config, list(widths), store.keys, store.paths, store.labels,
                        store.classes, widths)
 
