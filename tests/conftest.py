@@ -1,5 +1,5 @@
 """Shared by every test: torch runs on one intra-op thread, measured pipeline costs stay in the session's folder,
-tests marked `cuda` skip without a CUDA device, and the fixtures that run featx (`cli`, `featx_run`) or make images
+featx subprocesses can be interrupted with Ctrl-C, tests marked `cuda` skip without a CUDA device, and the fixtures that run featx (`cli`, `featx_run`) or make images
 (`image_folder`, `image_folders`, `images`).
 
 Tiny tensors are fastest on one thread, and several times faster on a busy machine, where idle OpenMP threads spin
@@ -8,6 +8,7 @@ subprocesses bit for bit, and the thread count changes the order of float reduct
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def tuning_cache(tmp_path_factory):
     """The costs that `featx extract` measures (featx.tuning) are kept in a folder of the session, for its
     subprocesses too, and never in the user's cache."""
     os.environ["FEATX_CACHE_DIR"] = str(tmp_path_factory.mktemp("featx-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interruptible_children():
+    """A shell starts a background job with SIGINT ignored, and children inherit that: restore Python's own
+    handler, so that the featx processes of the Ctrl-C tests stop on SIGINT wherever pytest runs."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
