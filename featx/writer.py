@@ -195,8 +195,8 @@ class StoreWriter:
         try:
             old = open_store(self.output)
         except FeatxError as err:
-            raise FeatxError(f"{err}: featx.extract(..., overwrite=True) / `featx extract --overwrite` replaces it, "
-                             "or choose another store") from err
+            raise OptionError("{problem}: {overwrite=True} replaces it, or choose another store",
+                              problem=str(err)) from err
         with old:
             if old.config_key != self.config_key:
                 raise OptionError("{path} was made with another config ({old}); this run asks for ({new}): choose "
