@@ -212,7 +212,7 @@ def test_extract_onto_a_damaged_store_says_so_and_overwrite_replaces_it(tmp_path
     store = tmp_path / "s.h5"
     store.write_bytes(_mutate(good_store, [(_first_string_heap(good_store), b"\0" * 16)], None))
     refused = run_featx("extract", data, "-o", store, *FAST)
-    assert_one_line_error(refused, "damaged featx store", str(store), "`featx extract --overwrite` replaces it")
+    assert_one_line_error(refused, "damaged featx store", str(store), ": --overwrite replaces it")
     assert not store.with_name("s.h5.parts").exists()
     replaced = run_featx("extract", data, "-o", store, *FAST, "--overwrite")
     assert replaced.returncode == 0, replaced
