@@ -69,18 +69,16 @@ def _batches(loader: DataLoader):
     """iter(loader), with Ctrl-C held back while the loader starts its worker processes, then raised.
 
     A KeyboardInterrupt raised in the middle of that start is lost (Python drops one raised in its fork handlers)
-    or leaves a half-built iterator whose __del__ fails. Blocking SIGINT in this thread is not enough: the kernel
-    hands it to any thread that does not block it, and Python then raises it here all the same. So the handler
-    only notes the signal meanwhile; the workers inherit the block and are stopped by this process instead."""
+    or leaves a half-built iterator whose __del__ fails. Blocking SIGINT in this thread would not do: the kernel
+    hands it to any thread that does not block it, and Python raises it here all the same. So the handler only
+    notes the signal meanwhile; the workers inherit that handler and are stopped by this process instead."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)
     noted = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         batches = iter(loader)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         signal.signal(signal.SIGINT, previous)
     if noted:
         del batches  # a whole iterator: its workers are shut down
